@@ -1,0 +1,17 @@
+"""The `chatglm` command: thin Typer wrappers over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from chatglm.cli.convert import convert_cmd
+from chatglm.cli.run import run_cmd
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Convert ChatGLM / GLM checkpoints to GGUF and chat with them.")
+app.command("convert")(convert_cmd)
+app.command("run")(run_cmd)
+
+
+def main() -> None:
+    app()

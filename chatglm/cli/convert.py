@@ -1,0 +1,30 @@
+"""`chatglm convert`: a Hugging Face checkpoint folder to one GGUF file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from chatglm.cli.common import ByteProgress, handle_errors, setup_logging
+
+
+@handle_errors
+def convert_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Checkpoint folder (config.json, weights, tokenizer files).")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output .gguf path.")] = None,
+    outtype: Annotated[str, typer.Option("-t", "--type", help="Output type: f32, f16, bf16, q8_0, q4_0, q4_k_m, ...")]
+    = "f16",
+    imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix (llama.cpp format).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Quantization threads.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Convert a ChatGLM / GLM checkpoint to GGUF (no torch needed)."""
+    from chatglm.convert.pipeline import convert
+
+    setup_logging(verbose)
+    with ByteProgress("converting") as progress:
+        result = convert(model_dir, output, outtype, imatrix=imatrix, threads=threads, progress=progress)
+    typer.echo(f"wrote {result.path}: {result.family} ({result.arch}), {result.n_tensors} tensors, {result.qtype}, "
+               f"{result.nbytes / 2**20:.1f} MiB in {result.seconds:.1f}s")

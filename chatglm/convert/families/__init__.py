@@ -1,0 +1,3 @@
+"""Model families; importing this package registers every one of them."""
+
+from chatglm.convert.families import chatglm  # noqa: F401

@@ -1,0 +1,203 @@
+"""ChatGLM2-6B, ChatGLM3-6B (base, chat, 32k, 128k) and CodeGeeX2: llama.cpp's ``chatglm`` architecture.
+
+Layout (published modeling_chatglm.py): RMSNorm, fused query_key_value with bias (q heads, then the k and v groups),
+rotary over the first half of each head in consecutive pairs, SwiGLU with gate and up fused in dense_h_to_4h.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import gguf
+
+from chatglm.convert.family import Family, OutTensor, register
+from chatglm.convert.vocab_spm import (adds_dummy_prefix, build_spm_vocab, is_sentencepiece, load_sentencepiece,
+                                       write_spm_vocab)
+
+T = gguf.MODEL_TENSOR
+LAYER = "transformer.encoder.layers.{bid}."
+
+# GGUF tensor -> source tensor (without .weight/.bias) in the THUDM layout.
+TENSOR_MAP: dict[T, str] = {
+    T.TOKEN_EMBD: "transformer.embedding.word_embeddings",
+    T.OUTPUT_NORM: "transformer.encoder.final_layernorm",
+    T.OUTPUT: "transformer.output_layer",
+    T.ATTN_NORM: LAYER + "input_layernorm",
+    T.ATTN_QKV: LAYER + "self_attention.query_key_value",
+    T.ATTN_OUT: LAYER + "self_attention.dense",
+    T.FFN_NORM: LAYER + "post_attention_layernorm",
+    T.FFN_UP: LAYER + "mlp.dense_h_to_4h",
+    T.FFN_DOWN: LAYER + "mlp.dense_4h_to_h",
+}
+
+SPECIALS_CHATGLM2 = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
+ROLES = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+
+# config.json values that select model variants this graph does not implement.
+REQUIRED = {
+    "rmsnorm": True,
+    "apply_residual_connection_post_layernorm": False,
+    "post_layer_norm": True,
+    "add_bias_linear": False,
+    "original_rope": True,
+}
+
+
+@dataclass(frozen=True)
+class GLMHparams:
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    n_ctx: int
+    eps: float
+    rope_base: float
+    qkv_bias: bool
+
+
+def is_glm2_config(config: dict) -> bool:
+    """The ChatGLM2/3/GLM-4 (THUDM layout) config: model_type chatglm with the second-generation keys."""
+    archs = config.get("architectures") or []
+    return (
+        config.get("model_type") == "chatglm"
+        and any(a in ("ChatGLMModel", "ChatGLMForConditionalGeneration") for a in archs)
+        and "padded_vocab_size" in config
+        and "multi_query_attention" in config
+    )
+
+
+def detect_chat_format(ckpt) -> str:
+    """"chatglm3" when the tokenizer knows the role tokens, else "chatglm2" (ChatGLM2, CodeGeeX2).
+
+    Evidence, in order: a chat template in tokenizer_config.json, then the role tokens named in the tokenizer's own
+    source file (read as text; never imported or run).
+    """
+    template = ""
+    cfg_path = ckpt.dir / "tokenizer_config.json"
+    if cfg_path.is_file():
+        try:
+            template = str(json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template") or "")
+        except (OSError, ValueError, AttributeError):
+            template = ""
+    if "<|user|>" in template:
+        return "chatglm3"
+    source = ckpt.dir / "tokenization_chatglm.py"
+    if source.is_file():
+        try:
+            if "<|observation|>" in source.read_text(encoding="utf-8", errors="replace"):
+                return "chatglm3"
+        except OSError:
+            pass
+    return "chatglm2"
+
+
+@register
+class ChatGLM(Family):
+    name = "chatglm3"
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.CHATGLM]
+    ignored_sources = (r"transformer\.rotary_pos_emb\.inv_freq",)
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        for key, expected in REQUIRED.items():
+            self.cfg_require(key, expected, default=expected)
+        self.hp = self._hparams()
+        self.chat_format = detect_chat_format(ckpt)
+        self.name = self.chat_format  # chatglm2 covers CodeGeeX2 as well
+
+    @classmethod
+    def matches(cls, ckpt) -> bool:
+        return is_glm2_config(ckpt.config) and is_sentencepiece(ckpt.dir / "tokenizer.model")
+
+    def _hparams(self) -> GLMHparams:
+        n_embd = self.cfg_int("hidden_size")
+        n_head = self.cfg_int("num_attention_heads")
+        head_dim = self.cfg_int("kv_channels", default=n_embd // n_head)
+        mqa = bool(self.config.get("multi_query_attention", False))
+        n_head_kv = self.cfg_int("multi_query_group_num") if mqa else n_head
+        if n_head % n_head_kv:
+            raise self._bad(f"num_attention_heads ({n_head}) is not a multiple of multi_query_group_num ({n_head_kv})")
+        if head_dim % 4:
+            raise self._bad(f"kv_channels ({head_dim}) must be a multiple of 4 for rotary embeddings")
+        return GLMHparams(
+            n_layer=self.cfg_int("num_layers"),
+            n_embd=n_embd,
+            n_ff=self.cfg_int("ffn_hidden_size"),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=head_dim,
+            n_vocab=self.cfg_int("padded_vocab_size"),
+            n_ctx=self.cfg_int("seq_length"),
+            eps=self.cfg_float("layernorm_epsilon", default=1e-5),
+            rope_base=10000.0 * self.cfg_float("rope_ratio", default=1.0),
+            qkv_bias=bool(self.config.get("add_qkv_bias", True)),
+        )
+
+    def _bad(self, problem: str):
+        from chatglm.errors import InputError
+
+        return InputError(f"config.json: {problem}", self.config_path)
+
+    def write_metadata(self, w: gguf.GGUFWriter) -> None:
+        hp = self.hp
+        w.add_context_length(hp.n_ctx)
+        w.add_embedding_length(hp.n_embd)
+        w.add_feed_forward_length(hp.n_ff)
+        w.add_block_count(hp.n_layer)
+        w.add_head_count(hp.n_head)
+        w.add_head_count_kv(hp.n_head_kv)
+        if hp.head_dim * hp.n_head != hp.n_embd:
+            w.add_key_length(hp.head_dim)
+            w.add_value_length(hp.head_dim)
+        w.add_layer_norm_rms_eps(hp.eps)
+        w.add_rope_dimension_count(hp.head_dim // 2)
+        w.add_rope_freq_base(hp.rope_base)
+
+    def write_vocab(self, w: gguf.GGUFWriter) -> None:
+        path = self.ckpt.dir / "tokenizer.model"
+        sp = load_sentencepiece(path)
+        specials = SPECIALS_CHATGLM2 + (ROLES if self.chat_format == "chatglm3" else [])
+        vocab = build_spm_vocab(sp, specials, self.hp.n_vocab, path)
+        n = sp.vocab_size()
+        ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.unk_id()}
+        if self.chat_format == "chatglm3":
+            ids["eot"] = n + specials.index("<|user|>")
+            ids["eom"] = n + specials.index("<|observation|>")
+        write_spm_vocab(w, vocab, {k: v for k, v in ids.items() if v >= 0}, adds_dummy_prefix(sp))
+
+    def tensors(self) -> list[OutTensor]:
+        hp = self.hp
+        qkv_rows = (hp.n_head + 2 * hp.n_head_kv) * hp.head_dim
+        shapes: dict[T, tuple[int, ...]] = {
+            T.TOKEN_EMBD: (hp.n_vocab, hp.n_embd),
+            T.OUTPUT_NORM: (hp.n_embd,),
+            T.OUTPUT: (hp.n_vocab, hp.n_embd),
+            T.ATTN_NORM: (hp.n_embd,),
+            T.ATTN_QKV: (qkv_rows, hp.n_embd),
+            T.ATTN_OUT: (hp.n_embd, hp.n_head * hp.head_dim),
+            T.FFN_NORM: (hp.n_embd,),
+            T.FFN_UP: (2 * hp.n_ff, hp.n_embd),
+            T.FFN_DOWN: (hp.n_embd, hp.n_ff),
+        }
+        plan: list[OutTensor] = []
+        for kind in (T.TOKEN_EMBD,):
+            plan += self._out(kind, None, shapes[kind])
+        for bid in range(hp.n_layer):
+            for kind in (T.ATTN_NORM, T.ATTN_QKV, T.ATTN_OUT, T.FFN_NORM, T.FFN_UP, T.FFN_DOWN):
+                plan += self._out(kind, bid, shapes[kind], bias=kind is T.ATTN_QKV and hp.qkv_bias)
+        for kind in (T.OUTPUT_NORM, T.OUTPUT):
+            plan += self._out(kind, None, shapes[kind])
+        return plan
+
+    def _out(self, kind: T, bid: int | None, shape: tuple[int, ...], bias: bool = False) -> list[OutTensor]:
+        fmt = {} if bid is None else {"bid": bid}
+        name = gguf.TENSOR_NAMES[kind].format(**fmt)
+        source = TENSOR_MAP[kind].format(**fmt)
+        out = [OutTensor(f"{name}.weight", shape, (f"{source}.weight",))]
+        if bias:
+            out.append(OutTensor(f"{name}.bias", shape[:1], (f"{source}.bias",)))
+        return out

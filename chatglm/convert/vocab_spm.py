@@ -1,0 +1,101 @@
+"""SentencePiece tokenizers (ChatGLM-6B/2/3, CodeGeeX2) exported as a GGUF ``llama`` (SPM) vocabulary.
+
+Pieces keep their ids, scores and types; the family's special tokens follow at the ids the reference tokenizer gives
+them (right after the SentencePiece vocabulary), and unused rows up to the embedding size become ``[PAD{id}]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import gguf
+import sentencepiece as spm
+
+from chatglm.errors import InputError
+
+TT = gguf.TokenType
+
+
+def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
+    if not path.is_file():
+        raise InputError("tokenizer file not found", path)
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise InputError(f"not a SentencePiece model ({str(exc).splitlines()[0][:120]})", path) from None
+    if sp.vocab_size() <= 0:
+        raise InputError("SentencePiece model has an empty vocabulary", path)
+    return sp
+
+
+def is_sentencepiece(path: Path) -> bool:
+    """A cheap test of a tokenizer.model's format: a SentencePiece protobuf, not tiktoken's text lines."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return False
+    # tiktoken files are lines of "base64 rank"; a SentencePiece proto starts with field 1 (pieces, tag 0x0a).
+    return head[:1] == b"\x0a"
+
+
+@dataclass
+class SpmVocab:
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+
+
+def _piece_type(sp: spm.SentencePieceProcessor, i: int) -> int:
+    if sp.is_unknown(i):
+        return TT.UNKNOWN
+    if sp.is_control(i):
+        return TT.CONTROL
+    if sp.is_unused(i):
+        return TT.UNUSED
+    if sp.is_byte(i):
+        return TT.BYTE
+    return TT.NORMAL
+
+
+def build_spm_vocab(sp: spm.SentencePieceProcessor, specials: Sequence[str], n_vocab: int, path: Path) -> SpmVocab:
+    """Pieces, then ``specials`` at ids n_pieces.., then padding up to ``n_vocab`` (the embedding rows)."""
+    n_pieces = sp.vocab_size()
+    if n_pieces + len(specials) > n_vocab:
+        raise InputError(
+            f"tokenizer has {n_pieces} pieces + {len(specials)} special tokens, more than the model's "
+            f"{n_vocab} embedding rows", path)
+    tokens = [sp.id_to_piece(i) for i in range(n_pieces)]
+    scores = [sp.get_score(i) for i in range(n_pieces)]
+    types = [_piece_type(sp, i) for i in range(n_pieces)]
+    tokens += list(specials)
+    scores += [0.0] * len(specials)
+    types += [TT.CONTROL] * len(specials)
+    for i in range(len(tokens), n_vocab):
+        tokens.append(f"[PAD{i}]")
+        scores.append(0.0)
+        types.append(TT.UNUSED)
+    return SpmVocab(tokens, scores, types)
+
+
+def adds_dummy_prefix(sp: spm.SentencePieceProcessor) -> bool:
+    """Whether the model's normalizer prepends a space (``add_dummy_prefix``), read off its behaviour."""
+    pieces = sp.encode("a", out_type=str)
+    return bool(pieces) and pieces[0].startswith("\u2581")
+
+
+def write_spm_vocab(w: gguf.GGUFWriter, vocab: SpmVocab, special_ids: dict[str, int], space_prefix: bool) -> None:
+    """``special_ids`` maps gguf special-token kinds (bos, eos, unk, pad, eot, eom, ...) to ids."""
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab.tokens)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
+    for kind, token_id in special_ids.items():
+        w.add_uint32(f"tokenizer.ggml.{kind}_token_id", token_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(space_prefix)

@@ -1,0 +1,50 @@
+"""The bundled demo model: a toy ChatGLM3-architecture checkpoint, converted on first use into the user cache."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+from chatglm.errors import ChatGLMError
+
+log = logging.getLogger(__name__)
+DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
+
+
+def demo_dir() -> Path:
+    """models/demo of a source checkout (editable install), or the copy a wheel installs under share/."""
+    candidates = [
+        Path(__file__).resolve().parent.parent / "models" / "demo",
+        Path(sysconfig.get_path("data")) / "share" / "chatglm" / "demo",
+        Path(sys.prefix) / "share" / "chatglm" / "demo",
+    ]
+    for path in candidates:
+        if (path / "config.json").is_file():
+            return path
+    raise ChatGLMError("the bundled demo model is missing from this installation; give a model path")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("CHATGLM_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "chatglm" if not os.environ.get("CHATGLM_CACHE") else Path(base)
+
+
+def demo_gguf() -> Path:
+    """The demo model's GGUF, converted through the normal converter the first time (keyed by the files' hash)."""
+    source = demo_dir()
+    digest = hashlib.sha256()
+    for name in DEMO_FILES:
+        if (source / name).is_file():
+            digest.update((source / name).read_bytes())
+    target = cache_dir() / f"demo-{digest.hexdigest()[:12]}-f16.gguf"
+    if not target.is_file():
+        from chatglm.convert.pipeline import convert
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log.info("converting the demo model into %s", target)
+        convert(source, target, "f16")
+    return target

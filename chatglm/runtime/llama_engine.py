@@ -1,0 +1,146 @@
+"""The llama.cpp engine (GLM2/3/4 GGUFs) over llama-cpp-python's public low-level C API.
+
+Owns one llama_model, one llama_context and one llama_batch, freed deterministically by ``close``. The decode loop is
+the same one llama.cpp's own examples run: no Python work per token beyond filling one batch slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Optional, Sequence
+
+import numpy as np
+
+from chatglm.errors import Cancelled, ModelRuntimeError
+from chatglm.gguf_file import GGUFHeader
+from chatglm.runtime import llama_native as native
+from chatglm.runtime.engine import Engine, ModelInfo, ProgressFn
+
+log = logging.getLogger(__name__)
+
+LLAMA_ARCHES = ("chatglm", "glm4", "glm4moe")
+
+
+class LlamaEngine(Engine):
+    def __init__(self, header: GGUFHeader, info: ModelInfo, *, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
+                 n_batch: int = 512, flash_attn: Optional[bool] = None, kv_type: str = "f16",
+                 on_progress: Optional[ProgressFn] = None):
+        super().__init__()
+        ll = native.lib()
+        self._cancel_event: Optional[threading.Event] = None
+        self._model = native.load_model(header.path, n_gpu_layers=n_gpu_layers, on_progress=on_progress)
+        try:
+            self._ctx = native.new_context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                           flash_attn=flash_attn, kv_type=kv_type)
+        except BaseException:
+            ll.llama_model_free(self._model)
+            raise
+        self._abort_cb = native.ABORT_CALLBACK(self._should_abort)
+        ll.llama_set_abort_callback(self._ctx, self._abort_cb, None)
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self._mem = ll.llama_get_memory(self._ctx)
+        self.n_batch = n_batch
+        self._batch = ll.llama_batch_init(n_batch, 0, 1)
+        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        self._pieces: dict[int, bytes] = {}
+        self.info = native.complete_info(info, self._model, self._ctx)
+
+    def _should_abort(self, _data) -> bool:
+        event = self._cancel_event
+        return bool(event is not None and event.is_set())
+
+    # -- tokenizer --------------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return native.tokenize(self._vocab, text.encode("utf-8"))
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            if not 0 <= token < self._n_vocab:
+                raise ModelRuntimeError(f"token id {token} is outside the vocabulary (0..{self._n_vocab - 1})")
+            piece = self._pieces[token] = native.token_to_piece(self._vocab, token)
+        return piece
+
+    def is_eog(self, token: int) -> bool:
+        return token in self.info.eog
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    def _truncate(self, n_keep: int) -> None:
+        native.lib().llama_memory_seq_rm(self._mem, -1, n_keep, -1)
+        del self.tokens[n_keep:]
+
+    def _eval(self, tokens: Sequence[int], *, cancel: Optional[threading.Event] = None,
+              progress: Optional[ProgressFn] = None) -> None:
+        ll = native.lib()
+        for tok in tokens:
+            if not 0 <= tok < self._n_vocab:
+                raise ModelRuntimeError(f"token id {tok} is outside the vocabulary (0..{self._n_vocab - 1})")
+        total = len(tokens)
+        self._cancel_event = cancel
+        try:
+            for start in range(0, total, self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                native.fill_batch(self._batch, chunk, len(self.tokens), logits_last=start + len(chunk) == total)
+                rc = ll.llama_decode(self._ctx, self._batch)
+                if rc == 2 or (cancel is not None and cancel.is_set()):
+                    # llama.cpp keeps what it evaluated of an aborted batch only partly: drop the whole chunk.
+                    self._truncate(len(self.tokens))
+                    raise Cancelled("cancelled")
+                if rc != 0:
+                    self._truncate(len(self.tokens))
+                    raise ModelRuntimeError(f"llama_decode failed with code {rc}"
+                                            + (" (no room left in the KV cache)" if rc == 1 else ""))
+                self.tokens.extend(chunk)
+                self.n_evaluated += len(chunk)
+                if progress:
+                    progress(start + len(chunk), total)
+        finally:
+            self._cancel_event = None
+
+    def logits(self) -> np.ndarray:
+        ptr = native.lib().llama_get_logits_ith(self._ctx, -1)
+        if not ptr:
+            raise ModelRuntimeError("no logits available: nothing has been evaluated")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def all_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits of every position (evaluated from an empty cache, in batches)."""
+        ll = native.lib()
+        self.reset()
+        out = np.empty((len(tokens), self._n_vocab), dtype=np.float32)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = list(tokens[start:start + self.n_batch])
+            native.fill_batch(self._batch, chunk, len(self.tokens), logits_last=True, logits_all=True)
+            rc = ll.llama_decode(self._ctx, self._batch)
+            if rc != 0:
+                raise ModelRuntimeError(f"llama_decode failed with code {rc}")
+            for i in range(len(chunk)):
+                out[start + i] = np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
+            self.tokens.extend(chunk)
+            self.n_evaluated += len(chunk)
+        return out
+
+    def close(self) -> None:
+        ll = native.lib()
+        if getattr(self, "_batch", None) is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def supported(header: GGUFHeader) -> bool:
+    return header.arch in LLAMA_ARCHES

@@ -1,0 +1,162 @@
+"""Thin, checked helpers over llama-cpp-python's low-level bindings (``llama_cpp.llama_cpp``).
+
+Backend initialisation and log routing happen once per process; llama.cpp's log goes to the ``llama.cpp`` logger
+(debug level unless ``set_native_verbose(True)``), never straight to the terminal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from chatglm.errors import InputError, ModelRuntimeError
+from chatglm.runtime.engine import ModelInfo, ProgressFn
+
+native_log = logging.getLogger("llama.cpp")
+_verbose = False
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}
+KV_TYPES = {"f16": 1, "f32": 0, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7}
+
+
+def set_native_verbose(flag: bool) -> None:
+    """Show llama.cpp's own log at its real levels (``--verbose``); otherwise it is logged at debug level."""
+    global _verbose
+    _verbose = flag
+
+
+@functools.cache
+def lib():
+    import llama_cpp.llama_cpp as ll
+
+    ll.llama_backend_init()
+    cb = ll.llama_log_callback(_route_log)
+    ll.llama_log_set(cb, ctypes.c_void_p(0))
+    _keep.append(cb)
+    return ll
+
+
+_keep: list = []  # ctypes callbacks that native code holds pointers to
+ABORT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)
+
+
+def _route_log(level: int, text: bytes, _user) -> None:
+    message = text.decode("utf-8", errors="replace").rstrip("\n")
+    if message:
+        native_log.log(_LEVELS.get(level, logging.INFO) if _verbose else logging.DEBUG, "%s", message)
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyperthread siblings counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return max(1, (os.cpu_count() or 2) // 2)
+    seen = set()
+    for cpu in cpus:
+        try:
+            seen.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            seen.add(str(cpu))
+    return max(1, len(seen))
+
+
+def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressFn]):
+    ll = lib()
+    params = ll.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    params.use_mmap = True
+    if on_progress is not None:
+        def report(fraction: float, _user) -> bool:
+            on_progress(int(fraction * 1000), 1000)
+            return True
+
+        cb = ll.llama_progress_callback(report)
+        params.progress_callback = cb
+    model = ll.llama_model_load_from_file(os.fsencode(path), params)
+    if not model:
+        raise InputError("llama.cpp could not load this model (run with --verbose to see its log)", path)
+    return model
+
+
+def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: Optional[bool], kv_type: str):
+    ll = lib()
+    if kv_type not in KV_TYPES:
+        raise InputError(f"unknown KV cache type {kv_type!r}; choose from {', '.join(KV_TYPES)}")
+    params = ll.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = n_batch
+    params.n_ubatch = n_batch
+    params.n_seq_max = 1
+    params.n_threads = n_threads
+    params.n_threads_batch = n_threads
+    params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
+    params.type_k = KV_TYPES[kv_type]
+    params.type_v = KV_TYPES[kv_type]
+    params.no_perf = True
+    ctx = ll.llama_init_from_model(model, params)
+    if not ctx:
+        raise ModelRuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
+    return ctx
+
+
+def fill_batch(batch, tokens: Sequence[int], n_past: int, *, logits_last: bool, logits_all: bool = False) -> None:
+    n = len(tokens)
+    batch.n_tokens = n
+    for i, tok in enumerate(tokens):
+        batch.token[i] = tok
+        batch.pos[i] = n_past + i
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = logits_all
+    if logits_last and n:
+        batch.logits[n - 1] = True
+
+
+def tokenize(vocab, data: bytes) -> list[int]:
+    ll = lib()
+    capacity = len(data) + 8
+    buf = (ll.llama_token * capacity)()
+    n = ll.llama_tokenize(vocab, data, len(data), buf, capacity, False, False)
+    if n < 0:
+        capacity = -n
+        buf = (ll.llama_token * capacity)()
+        n = ll.llama_tokenize(vocab, data, len(data), buf, capacity, False, False)
+        if n < 0:
+            raise ModelRuntimeError("tokenization failed")
+    return list(buf[:n])
+
+
+def token_to_piece(vocab, token: int) -> bytes:
+    ll = lib()
+    size = 32
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = ll.llama_token_to_piece(vocab, token, buf, size, 0, False)
+        if n >= 0:
+            return buf.raw[:n]
+        size = -n
+
+
+def meta_str(model, key: str) -> Optional[str]:
+    ll = lib()
+    buf = ctypes.create_string_buffer(256)
+    n = ll.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+
+def complete_info(info: ModelInfo, model, ctx) -> ModelInfo:
+    ll = lib()
+    desc = ctypes.create_string_buffer(128)
+    ll.llama_model_desc(model, desc, len(desc))
+    vocab = ll.llama_model_get_vocab(model)
+    n_vocab = ll.llama_vocab_n_tokens(vocab)
+    eog = {t for t in info.special.values() if 0 <= t < n_vocab and ll.llama_vocab_is_eog(vocab, t)}
+    eog.add(ll.llama_vocab_eos(vocab))
+    return replace(info, n_ctx=ll.llama_n_ctx(ctx), n_ctx_train=ll.llama_model_n_ctx_train(model), n_vocab=n_vocab,
+                   n_params=ll.llama_model_n_params(model), size_bytes=ll.llama_model_size(model),
+                   description=desc.value.decode("utf-8", errors="replace"), eog=frozenset(t for t in eog if t >= 0))

@@ -1,0 +1,59 @@
+"""Chat messages and tool calls: the typed values the API, the CLI and the server exchange."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ROLES = ("system", "user", "assistant", "observation")
+ROLE_ALIASES = {"tool": "observation", "function": "observation"}
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: Any  # parsed JSON (usually a dict); never evaluated code
+
+
+@dataclass
+class Message:
+    role: str
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    metadata: str = ""  # ChatGLM3's text after the role token (a tool name, "interpreter", ...)
+    tools: Optional[list[dict]] = None  # on a system message: the tools the model may call
+    thinking: str = ""  # GLM-Z1 / GLM-4.5 <think> text, kept apart from the answer
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Message":
+        from chatglm.errors import InputError
+
+        if not isinstance(data, dict):
+            raise InputError(f"a message must be an object with 'role' and 'content', got {type(data).__name__}")
+        role = ROLE_ALIASES.get(str(data.get("role")), data.get("role"))
+        if role not in ROLES:
+            raise InputError(f"unknown message role {data.get('role')!r}; expected one of {', '.join(ROLES)}, tool")
+        content = data.get("content") or ""
+        if not isinstance(content, str):
+            raise InputError(f"message content must be a string, got {type(content).__name__}")
+        calls = [ToolCall(str(c.get("name", "")), c.get("arguments", {})) for c in data.get("tool_calls") or []
+                 if isinstance(c, dict)]
+        tools = data.get("tools")
+        return cls(role=role, content=content, tool_calls=calls, metadata=str(data.get("metadata") or ""),
+                   tools=tools if isinstance(tools, list) else None)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in self.tool_calls]
+        if self.metadata:
+            out["metadata"] = self.metadata
+        if self.tools is not None:
+            out["tools"] = self.tools
+        if self.thinking:
+            out["thinking"] = self.thinking
+        return out
+
+
+def as_messages(items) -> list[Message]:
+    return [m if isinstance(m, Message) else Message.from_dict(m) for m in items]

@@ -1,0 +1,1 @@
+"""Chat formats of the other families register here by importing their modules."""

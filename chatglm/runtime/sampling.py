@@ -1,0 +1,101 @@
+"""Token sampling over float32 logits: repeat penalty, temperature, top-k, top-p, seeded.
+
+Vectorised numpy on a candidate subset: the common case (a peaked distribution) never sorts the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Sequence
+
+import numpy as np
+
+from chatglm.errors import InputError
+
+CANDIDATES = 256  # sorted candidates tried before falling back to a full sort for top-p
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_p: float = 0.8
+    top_k: int = 0  # 0 = off
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: Optional[int] = None
+    max_tokens: Optional[int] = None  # None = until the context is full
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+            (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise InputError(problem)
+
+    def updated(self, **changes) -> "SamplingParams":
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise InputError(f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None or k in ("seed", "max_tokens")})
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0 or self.top_k == 1
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        p = self.params
+        if p.repeat_penalty != 1.0 and p.repeat_last_n and len(history):
+            logits = penalize(logits, history[-p.repeat_last_n:], p.repeat_penalty)
+        if p.greedy:
+            return int(np.argmax(logits))
+        return self._sample(logits)
+
+    def _sample(self, logits: np.ndarray) -> int:
+        p = self.params
+        n = logits.shape[0]
+        probs = _softmax(logits, p.temperature)
+        if 0 < p.top_k < n:  # top-k first, then top-p over the renormalised k (llama.cpp's order)
+            ids = _top(logits, p.top_k)
+        else:
+            ids = _top(logits, min(CANDIDATES, n))
+            if probs[ids].sum() < p.top_p:  # the nucleus reaches past the candidates: sort them all
+                ids = np.argsort(logits)[::-1]
+        cand = probs[ids] / probs[ids].sum() if 0 < p.top_k < n else probs[ids]
+        cut = int(np.searchsorted(np.cumsum(cand), p.top_p)) + 1
+        ids, cand = ids[:cut], cand[:cut]
+        return int(ids[self.rng.choice(len(ids), p=cand / cand.sum())])
+
+
+def _top(logits: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest logits, largest first."""
+    n = logits.shape[0]
+    ids = np.argpartition(logits, n - k)[n - k:] if k < n else np.arange(n)
+    return ids[np.argsort(logits[ids])[::-1]]
+
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = (logits.astype(np.float64) - float(np.max(logits))) / temperature
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def penalize(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
+    """llama.cpp's repeat penalty: divide positive logits of recent tokens by it, multiply negative ones."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    vals = out[ids]
+    out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
