@@ -14,11 +14,13 @@ import numpy as np
 
 from chatglm.convert.safetensors_file import SafetensorsFile
 from chatglm.convert.tensors import TensorInfo, TensorSource
+from chatglm.convert.torch_file import TorchFile
 from chatglm.errors import InputError
 
-# Index file name -> (single-file name, reader). Other formats (PyTorch .bin) register here too.
+# Index file name -> (single-file name, reader), in order of preference.
 WEIGHT_FORMATS: dict[str, tuple[str, Callable[[Path], TensorSource]]] = {
     "model.safetensors.index.json": ("model.safetensors", SafetensorsFile),
+    "pytorch_model.bin.index.json": ("pytorch_model.bin", TorchFile),
 }
 
 
@@ -108,6 +110,39 @@ class Checkpoint:
             source.close()
 
     def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CheckpointView:
+    """A checkpoint presented differently (dequantized, LoRA-merged) behind the same interface; delegates to ``base``.
+
+    Views override :meth:`names`, :meth:`info` and :meth:`load`; closing a view closes its base.
+    """
+
+    def __init__(self, base: "Checkpoint | CheckpointView"):
+        self.base = base
+        self.dir = base.dir
+        self.config = base.config
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.base.info(name)
+
+    def load(self, name: str) -> np.ndarray:
+        return self.base.load(name)
+
+    def file_of(self, name: str) -> Path:
+        return self.base.file_of(name)
+
+    def close(self) -> None:
+        self.base.close()
+
+    def __enter__(self) -> "CheckpointView":
         return self
 
     def __exit__(self, *exc: object) -> None:

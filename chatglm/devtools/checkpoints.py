@@ -321,9 +321,18 @@ def glm_config_from_published(cfg: Mapping[str, Any]) -> "GlmConfig":
     )
 
 
+#: The chat template later revisions of THUDM/chatglm3-6b ship in tokenizer_config.json (an approximation of the real
+#: token-level format; the converter only reads it as evidence that the tokenizer has the role tokens).
+CHATGLM3_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first %}[gMASK]sop{% endif %}<|{{ message['role'] }}|>\n"
+    " {{ message['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def published_tokenizer_config(name_or_path: str) -> dict[str, Any]:
-    """``tokenizer_config.json`` as shipped with ChatGLM2/3 (remote-code tokenizer; no chat template)."""
-    return {
+    """``tokenizer_config.json`` as shipped with ChatGLM2/3 (remote-code tokenizer; ChatGLM3 adds a chat template)."""
+    extra = {"chat_template": CHATGLM3_TEMPLATE} if "chatglm3" in name_or_path else {}
+    return {**extra, 
         "name_or_path": name_or_path,
         "remove_space": False,
         "do_lower_case": False,

@@ -83,7 +83,7 @@ def detect_chat_format(ckpt) -> str:
             template = str(json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template") or "")
         except (OSError, ValueError, AttributeError):
             template = ""
-    if "<|user|>" in template:
+    if "<|assistant|>" in template:
         return "chatglm3"
     source = ckpt.dir / "tokenization_chatglm.py"
     if source.is_file():
@@ -111,7 +111,9 @@ class ChatGLM(Family):
 
     @classmethod
     def matches(cls, ckpt) -> bool:
-        return is_glm2_config(ckpt.config) and is_sentencepiece(ckpt.dir / "tokenizer.model")
+        tokenizer = ckpt.dir / "tokenizer.model"
+        # A missing tokenizer is claimed here so the error names the file (write_vocab reports it).
+        return is_glm2_config(ckpt.config) and (not tokenizer.exists() or is_sentencepiece(tokenizer))
 
     def _hparams(self) -> GLMHparams:
         n_embd = self.cfg_int("hidden_size")
