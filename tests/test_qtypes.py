@@ -148,7 +148,7 @@ class Layout:
 def _imatrix_table(imatrix: dict[str, np.ndarray]) -> ctypes.Array:
     """llama_model_imatrix_data[], name-NULL terminated; the arrays must outlive the call."""
     table = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-    for slot, (name, values) in zip(table, imatrix.items()):
+    for slot, (name, values) in zip(table[:-1], imatrix.items(), strict=True):
         slot.name = name.encode()
         slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         slot.size = values.size

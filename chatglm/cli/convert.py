@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -18,6 +18,10 @@ def convert_cmd(
     = "f16",
     imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix (llama.cpp format).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Quantization threads.")] = None,
+    lora: Annotated[Optional[List[Path]], typer.Option("--lora", help="PEFT LoRA adapter folder to merge into the "
+                                                       "weights (repeatable).")] = None,
+    lora_scale: Annotated[Optional[List[float]], typer.Option("--lora-scale", help="Scale of the LoRA update: one "
+                                                              "for all adapters or one per --lora.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Convert a ChatGLM / GLM checkpoint to GGUF (no torch needed)."""
@@ -25,6 +29,7 @@ def convert_cmd(
 
     setup_logging(verbose)
     with ByteProgress("converting") as progress:
-        result = convert(model_dir, output, outtype, imatrix=imatrix, threads=threads, progress=progress)
+        result = convert(model_dir, output, outtype, imatrix=imatrix, threads=threads, progress=progress,
+                         lora=lora or (), lora_scale=lora_scale or 1.0)
     typer.echo(f"wrote {result.path}: {result.family} ({result.arch}), {result.n_tensors} tensors, {result.qtype}, "
                f"{result.nbytes / 2**20:.1f} MiB in {result.seconds:.1f}s")

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import handle_errors, setup_logging
-from chatglm.runtime.messages import Message
+from chatglm.cli.common import fail, handle_errors, setup_logging
+from chatglm.errors import InputError
 
 ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
 
@@ -20,6 +20,8 @@ def run_cmd(
     model: ModelArg = None,
     prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Answer this once and exit.")] = None,
     system: Annotated[Optional[str], typer.Option("-s", "--system", help="System message.")] = None,
+    tools: Annotated[Optional[Path], typer.Option("--tools", help="JSON file of tools the model may call "
+                                                   "(ChatGLM3 / GLM-4).")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temp", "--temperature")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k")] = None,
@@ -36,40 +38,87 @@ def run_cmd(
     import chatglm.runtime.model as api
 
     setup_logging(verbose)
+    utf8_console()
+    if as_json and prompt is None:
+        raise fail("--json needs -p PROMPT")
+    tool_list = read_tools(tools) if tools is not None else None
     sampling = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k,
                                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens).items()
                 if v is not None}
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers) as m:
         m.sampling = m.sampling.updated(**sampling)
-        history = [Message("system", system)] if system else []
+        if verbose:
+            typer.echo(f"[loaded {m.info.path.name} in {m.load_seconds:.2f} s]", err=True)
+        session = m.session(system, tools=tool_list)
         if prompt is not None:
-            one_shot(m, history + [Message("user", prompt)], as_json, verbose)
+            one_shot(session, prompt, as_json, verbose)
         else:
-            from chatglm.cli.repl import repl
+            from chatglm.cli.repl import Repl
 
-            repl(m, history, verbose=verbose)
+            Repl(session, verbose=verbose).run()
 
 
-def one_shot(m, messages: list[Message], as_json: bool, verbose: bool) -> None:
+def read_tools(path: Path) -> list[dict]:
+    """A tools file: a JSON list of tool descriptions (or an object with a "tools" list)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("not found", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read: {exc}", path) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", path) from None
+    if isinstance(data, dict) and isinstance(data.get("tools"), list):
+        data = data["tools"]
+    if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):
+        raise InputError("expected a JSON list of tool objects (each with a name, description and parameters)", path)
+    return data
+
+
+def utf8_console() -> None:
+    """Never crash on text the console cannot show; pipes and files get UTF-8 whatever the locale says."""
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is None:
+            continue
+        utf8 = (getattr(stream, "encoding", "") or "").lower().replace("_", "-") in ("utf-8", "utf8")
+        if not utf8 and not stream.isatty():
+            reconfigure(encoding="utf-8", errors="replace")
+        else:
+            reconfigure(errors="replace")
+
+
+def one_shot(session, prompt: str, as_json: bool, verbose: bool) -> None:
+    from chatglm.runtime.model import drain
+
+    m = session.model
     if as_json:
-        reply = m.chat(messages)
+        reply = drain(session.stream_chat(prompt))
         s = m.last_stats
-        typer.echo(json.dumps({"reply": reply.to_dict(), "finish_reason": s.finish_reason,
-                               "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens}},
-                              ensure_ascii=False))
+        typer.echo(json.dumps({
+            "reply": reply.to_dict(), "finish_reason": s.finish_reason,
+            "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens},
+            "timings": {"load_s": round(m.load_seconds, 4), "prefill_tokens_per_s": round(s.prefill_tps, 2),
+                        "decode_tokens_per_s": round(s.decode_tps, 2)},
+        }, ensure_ascii=False))
         return
-    for delta in m.stream_chat(messages):
+    for delta in session.stream_chat(prompt):
         sys.stdout.write(delta)
         sys.stdout.flush()
-    if m.last_reply.tool_calls:
-        for call in m.last_reply.tool_calls:
-            sys.stdout.write(f"[tool call] {call.name}({json.dumps(call.arguments, ensure_ascii=False)})")
+    for call in session.last_reply.tool_calls:
+        sys.stdout.write(format_tool_call(call))
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if verbose:
         print_stats(m)
 
 
+def format_tool_call(call) -> str:
+    args = call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments, ensure_ascii=False)
+    return f"[tool call] {call.name}({args})"
+
+
 def print_stats(m) -> None:
     s = m.last_stats
-    typer.echo(f"[prompt {s.prompt_tokens} tokens ({s.evaluated_tokens} evaluated) {s.prefill_tps:.1f} tok/s, "
-               f"reply {s.generated_tokens} tokens {s.decode_tps:.1f} tok/s, {s.finish_reason}]", err=True)
+    typer.echo(f"[prompt {s.prompt_tokens} tokens ({s.evaluated_tokens} evaluated, {s.prefill_tps:.1f} tok/s), "
+               f"reply {s.generated_tokens} tokens ({s.decode_tps:.1f} tok/s), {s.finish_reason}]", err=True)

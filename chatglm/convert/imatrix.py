@@ -35,6 +35,7 @@ KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
 _SUMS, _COUNTS = ".in_sum2", ".counts"
 _GGUF_MAGIC = b"GGUF"
+_MAX_NAME = 4096  # far beyond any tensor name; a larger length means the bytes are something else
 
 
 @dataclass
@@ -120,6 +121,8 @@ def _load_legacy(path: Path) -> ImportanceMatrix:
     entries: dict[str, np.ndarray] = {}
     for i in range(n_entries):
         name_len = cur.i32(f"entry {i} name length")
+        if not 0 < name_len <= _MAX_NAME:
+            raise InputError(f"not an imatrix file: entry {i} has a name length of {name_len}", path)
         name = cur.take(name_len, f"entry {i} name").decode("utf-8", errors="replace")
         ncall = cur.i32(f"{name} call count")
         n_values = cur.i32(f"{name} value count")

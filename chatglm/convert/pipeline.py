@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import gguf
 import numpy as np
@@ -16,6 +16,8 @@ from chatglm import __version__
 from chatglm.convert import qtypes
 from chatglm.convert.checkpoint import Checkpoint
 from chatglm.convert.family import Family, OutTensor, check_complete, detect
+from chatglm.convert.lora import merged, refuse_prefix_tuning
+from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError
 from chatglm.fsutil import atomic_path
 from chatglm.ggml import quants
@@ -55,12 +57,20 @@ def convert(
     imatrix: Optional[os.PathLike | str] = None,
     threads: Optional[int] = None,
     progress: Optional[Progress] = None,
+    lora: Sequence[os.PathLike | str] = (),
+    lora_scale: float | Sequence[float] = 1.0,
 ) -> ConvertResult:
-    """Convert a Hugging Face checkpoint folder to a GGUF file of the given type (or mixed recipe)."""
+    """Convert a Hugging Face checkpoint folder to a GGUF file of the given type (or mixed recipe).
+
+    THUDM int4/int8 checkpoints are dequantized on the fly; ``lora`` adapters (PEFT folders) are merged into the
+    weights, each scaled by ``lora_scale`` (one value for all, or one per adapter).
+    """
     start = time.perf_counter()
     recipe = qtypes.get_recipe(qtype)
     model_dir = Path(model_dir)
-    with Checkpoint(model_dir) as ckpt:
+    with Checkpoint(model_dir) as raw:
+        refuse_prefix_tuning(raw)
+        ckpt = merged(dequantized(raw), lora, lora_scale)
         family = detect(ckpt)
         plan = family.tensors()
         check_complete(family, plan)

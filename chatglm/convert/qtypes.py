@@ -12,9 +12,8 @@ Shapes are numpy order here: the last axis is the row (ggml's ne[0]), a leading 
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -78,7 +77,7 @@ def get_recipe(name: str, pure: bool = False) -> Recipe:
     recipe = RECIPES.get(name.strip().lower())
     if recipe is None:
         raise InputError(f"unknown output type {name!r}; valid types: {', '.join(RECIPES)}")
-    return Recipe(recipe.name, recipe.ftype, recipe.default, pure) if pure else recipe
+    return replace(recipe, pure=pure)
 
 
 def recipe_for_ftype(ftype: int) -> Optional[Recipe]:
@@ -131,7 +130,9 @@ class Category(Enum):
 C = Category
 
 # First match wins (tensor_get_category): exact names, then substrings in this order.
-_EXACT_CATEGORY = {"output.weight": C.OUTPUT, "token_embd.weight": C.TOKEN_EMBD, "per_layer_token_embd.weight": C.TOKEN_EMBD}
+_EXACT_CATEGORY = {
+    "output.weight": C.OUTPUT, "token_embd.weight": C.TOKEN_EMBD, "per_layer_token_embd.weight": C.TOKEN_EMBD,
+}
 _SUBSTRING_CATEGORY = [
     ("attn_qkv.weight", C.ATTENTION_QKV), ("attn_kv_b.weight", C.ATTENTION_KV_B), ("attn_v.weight", C.ATTENTION_V),
     ("attn_k.weight", C.ATTENTION_K), ("attn_q.weight", C.ATTENTION_Q), ("attn_output.weight", C.ATTENTION_OUTPUT),
@@ -352,10 +353,11 @@ def _mixed_type(c: _Ctx, cat: Category) -> QT:
         return QT.MXFP4 if len(c.shape) >= 3 and c.shape[-3] > 1 else QT.Q8_0
     if cat == C.TOKEN_EMBD:
         return _apply(_TOKEN_EMBD, c)
-    attn_v_cat = C.ATTENTION_V if cat in _ATTN_V_LIKE else cat
+    if cat in _ATTN_V_LIKE:  # attn_qkv and attn_kv_b follow the attn_v rules
+        cat = C.ATTENTION_V
     if c.ftype in _IQ2_FAMILY:
-        return _apply(_IQ2_RULES.get(attn_v_cat, []), c)
-    if attn_v_cat == C.ATTENTION_V:
+        return _apply(_IQ2_RULES.get(cat, []), c)
+    if cat == C.ATTENTION_V:
         return QT.Q8_0 if c.model.n_expert == 8 else _apply(_ATTN_V, c)
     return _apply(_RULES.get(cat, []), c)
 
@@ -384,7 +386,7 @@ def llama_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=key)
 
 
-def _counted_category(name: str, shape: Sequence[int], recipe: Recipe, tied: bool) -> Optional[Category]:
+def _counted_category(name: str, shape: Sequence[int], recipe: Recipe) -> Optional[Category]:
     """The counter a tensor advances when llama.cpp's recipe code reaches it, if any."""
     cat = category(name)
     if (recipe.pure or not recipe.quantized or recipe.ftype == F.MOSTLY_MXFP4_MOE
@@ -414,7 +416,7 @@ def plan_types(recipe: Recipe, tensors: Sequence[tuple[str, Sequence[int]]], mod
     counters: dict[Category, int] = {}
     plan: dict[str, QT] = {}
     for name in llama_order(shapes):
-        counted = _counted_category(name, shapes[name], recipe, tied)
+        counted = _counted_category(name, shapes[name], recipe)
         slot = Slot(counters.get(counted, 0) if counted else 0, n_attention_wv, tied, has_imatrix)
         plan[name] = choose_type(recipe, name, shapes[name], model, slot, sources.get(name, QT.F32))
         if counted:
@@ -430,10 +432,3 @@ def tensor_requires_imatrix(recipe: Recipe, name: str, qtype: QT) -> bool:
         return True
     return qtype == QT.Q2_K and recipe.ftype == F.MOSTLY_Q2_K_S
 
-
-def bits_per_weight(plan: dict[str, QT], shapes: dict[str, Sequence[int]]) -> float:
-    """Average bits per weight of a planned file (for the size estimate shown before converting)."""
-    n_bits = sum(math.prod(shapes[n][:-1]) * shapes[n][-1] // _block(t) * GGML_QUANT_SIZES[t][1] * 8
-                 for n, t in plan.items())
-    n_weights = sum(math.prod(shapes[n]) for n in plan)
-    return n_bits / n_weights if n_weights else 0.0

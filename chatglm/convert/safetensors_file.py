@@ -22,6 +22,10 @@ from chatglm.errors import InputError
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 
 
+class _Duplicate(Exception):
+    pass
+
+
 class SafetensorsFile(TensorSource):
     """Tensors of one safetensors file, read lazily through one read-only memory map."""
 
@@ -52,7 +56,9 @@ class SafetensorsFile(TensorSource):
 
     def _parse(self, raw: bytes, data_size: int) -> dict[str, TensorInfo]:
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=self._no_duplicates)
+        except _Duplicate as dup:
+            raise InputError(f"corrupt safetensors header: tensor {dup.args[0]!r} is listed twice", self.path) from None
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InputError(f"corrupt safetensors header: not valid JSON ({type(exc).__name__})", self.path) from None
         if not isinstance(header, dict):
@@ -63,6 +69,15 @@ class SafetensorsFile(TensorSource):
             if begin < end:
                 raise InputError(f"corrupt safetensors header: tensors {first!r} and {second!r} overlap", self.path)
         return infos
+
+    @staticmethod
+    def _no_duplicates(pairs: list) -> dict:
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise _Duplicate(key)
+            out[key] = value
+        return out
 
     def _entry(self, name: str, entry: object, data_size: int) -> TensorInfo:
         bad = f"corrupt safetensors header: tensor {name!r}"

@@ -11,6 +11,7 @@ import gguf
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.gguf_file import GGUFHeader, read_header
 from chatglm.runtime.engine import Engine, ModelInfo
+from chatglm.runtime.validate import check_transformer
 
 # GGUF architecture -> "module:class" of the engine that runs it.
 ENGINES = {
@@ -75,6 +76,8 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
     if target is None:
         raise UnsupportedModelError(
             f"GGUF architecture {header.arch!r} is not a GLM model this tool runs (known: {', '.join(ENGINES)})", path)
+    if target.endswith(":LlamaEngine"):
+        check_transformer(header)
     info = describe(header)
     if n_ctx is None:
         n_ctx = min(info.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)

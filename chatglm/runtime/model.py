@@ -1,7 +1,9 @@
 """The Python API: ``chatglm.load(path)`` gives a :class:`Model` that chats, streams and generates.
 
 Every family looks the same from here; the engine behind the model (llama.cpp or our GLM-1 graph) is chosen from the
-GGUF's architecture.
+GGUF's architecture. One model holds one KV cache, so it runs one generation at a time: a second call while one is
+running is refused with :class:`ModelBusyError` (never queued behind it, never interleaved with it). A reply stops
+within one token when its ``cancel`` event is set or :meth:`Model.stop` is called, from any thread.
 """
 
 from __future__ import annotations
@@ -11,18 +13,29 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Generator, Iterable, Iterator, Optional, Sequence, TypeVar, Union
 
-from chatglm.errors import InputError, ModelRuntimeError
+from chatglm.errors import Cancelled, InputError, ModelRuntimeError
 from chatglm.runtime.engine import Engine, ModelInfo
 from chatglm.runtime.loader import open_engine
-from chatglm.runtime.messages import Message, as_messages
+from chatglm.runtime.messages import Message, ToolCall, as_messages
 from chatglm.runtime.prompts import ChatFormat, get_format
 from chatglm.runtime.sampling import Sampler, SamplingParams
 
+if TYPE_CHECKING:  # pragma: no cover
+    from chatglm.runtime.session import ChatSession
+
 log = logging.getLogger(__name__)
+
+MessagesLike = Union[str, Message, dict, Iterable[Union[Message, dict]]]
+ProgressCallback = Callable[[int, int], None]
+T = TypeVar("T")
+
+
+class ModelBusyError(ModelRuntimeError):
+    """The model is already generating (one model runs one generation at a time)."""
 
 
 @dataclass
@@ -35,6 +48,10 @@ class GenerationStats:
     finish_reason: str = ""  # "stop", "length" or "cancelled"
 
     @property
+    def cached_tokens(self) -> int:
+        return self.prompt_tokens - self.evaluated_tokens
+
+    @property
     def prefill_tps(self) -> float:
         return self.evaluated_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
 
@@ -43,109 +60,239 @@ class GenerationStats:
         return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
-class Model:
-    """A loaded model. Calls are serialised on the engine's lock; ``cancel`` events stop a reply within a token."""
+@dataclass
+class Generation:
+    """One finished generation: the prompt ids, the ids produced (a stop token excluded), their text, the stats."""
 
-    def __init__(self, engine: Engine, chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None):
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    reply: Optional[Message] = None  # the parsed reply, for chat generations
+
+
+def as_conversation(messages: MessagesLike) -> list[Message]:
+    """A conversation from messages or dicts; a bare string or a single message is a one-message conversation."""
+    if isinstance(messages, str):
+        return [Message("user", messages)]
+    if isinstance(messages, (Message, dict)):
+        return as_messages([messages])
+    try:
+        items = list(messages)
+    except TypeError:
+        raise InputError(f"messages must be a list of messages, got {type(messages).__name__}") from None
+    return as_messages(items)
+
+
+def drain(stream: Generator[str, None, T]) -> T:
+    """Run a generation to its end and return what it returned."""
+    try:
+        while True:
+            next(stream)
+    except StopIteration as done:
+        return done.value
+
+
+class Model:
+    """A loaded model: ``chat`` / ``stream_chat`` for conversations, ``generate`` for plain text, ``session()``."""
+
+    def __init__(self, engine: Engine, chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
+                 load_seconds: float = 0.0):
         self.engine = engine
         self.format: ChatFormat = get_format(chat_format or engine.info.chat_format, engine.info.special)
-        self.stop_ids = set(engine.info.eog) | self.format.stop_ids()
+        self.stop_ids = frozenset(engine.info.eog) | frozenset(self.format.stop_ids())
         self.sampling = sampling or SamplingParams()
+        self.load_seconds = load_seconds
         self.last_stats = GenerationStats()
+        self.last_reply = Message("assistant", "")
+        self._active: Optional[threading.Event] = None  # the cancel event of the running generation
+        self._closed = False
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"<Model {i.description!r} family={i.family} format={self.format.name} n_ctx={i.n_ctx} path={i.path}>"
 
     @property
     def info(self) -> ModelInfo:
         return self.engine.info
 
+    @property
+    def busy(self) -> bool:
+        """True while a generation holds the model."""
+        return self.engine.lock.locked()
+
+    def stop(self) -> None:
+        """Stop the running generation (if any) within one token; safe to call from any thread."""
+        event = self._active
+        if event is not None:
+            event.set()
+
+    # -- tokens -----------------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS, special-token texts are not parsed)."""
+        self._check_open()
         return self.engine.tokenize(text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
+        self._check_open()
         return self.engine.detokenize(ids)
 
-    def prompt_ids(self, messages: Iterable[Message | dict]) -> list[int]:
-        return self.format.prompt_ids(as_messages(messages), self.engine)
+    def prompt_ids(self, messages: MessagesLike) -> list[int]:
+        """The conversation as the model sees it, ending with the prompt for the assistant's reply."""
+        self._check_open()
+        return self.format.prompt_ids(as_conversation(messages), self.engine)
 
     # -- chat -------------------------------------------------------------------------------------------------
-    def chat(self, messages: Iterable[Message | dict], *, cancel: Optional[threading.Event] = None,
-             **sampling) -> Message:
-        """The assistant's reply to a conversation."""
-        text = "".join(self._generate(self.prompt_ids(messages), self._params(sampling), cancel))
-        return self.format.parse_reply(text)
+    def chat(self, messages: MessagesLike, *, cancel: Optional[threading.Event] = None, **sampling) -> Message:
+        """The assistant's reply to a conversation (a list of messages or dicts, or one user string)."""
+        gen = drain(self.run(self.prompt_ids(messages), self._params(sampling), cancel, chat=True))
+        assert gen.reply is not None  # run(chat=True) always parses the reply
+        return gen.reply
 
-    def stream_chat(self, messages: Iterable[Message | dict], *, cancel: Optional[threading.Event] = None,
+    def stream_chat(self, messages: MessagesLike, *, cancel: Optional[threading.Event] = None,
                     **sampling) -> Iterator[str]:
-        """Yield the reply's visible text as it is generated; the parsed reply is ``last_reply`` afterwards."""
-        ids = self.prompt_ids(messages)
-        text, shown = "", ""
-        for piece in self._generate(ids, self._params(sampling), cancel):
-            text += piece
-            visible = self.format.visible(text).rstrip()  # trailing space may be stripped at the end: hold it
-            if visible.startswith(shown) and len(visible) > len(shown):
-                yield visible[len(shown):]
-                shown = visible
-        self.last_reply = self.format.parse_reply(text)
-        if self.last_reply.content.startswith(shown) and len(self.last_reply.content) > len(shown) \
-                and not self.last_reply.tool_calls:
-            yield self.last_reply.content[len(shown):]
+        """Yield the reply's visible text as it is generated; the parsed reply is ``last_reply`` afterwards.
 
-    def generate(self, prompt: str, *, cancel: Optional[threading.Event] = None, **sampling) -> str:
-        """Plain completion of ``prompt`` (no chat format, no special tokens added)."""
-        ids = self.engine.tokenize(prompt)
+        The conversation is checked now (errors are raised by this call, not by the first ``next``)."""
+        return self.stream_reply(self.prompt_ids(messages), self._params(sampling), cancel)
+
+    def generate(self, prompt: str | Sequence[int], *, cancel: Optional[threading.Event] = None, **sampling) -> str:
+        """Plain completion of ``prompt`` (text with no chat format and no special tokens added, or token ids)."""
+        return "".join(self.stream_generate(prompt, cancel=cancel, **sampling))
+
+    def stream_generate(self, prompt: str | Sequence[int], *, cancel: Optional[threading.Event] = None,
+                        **sampling) -> Iterator[str]:
+        """Yield the completion of ``prompt`` piece by piece (UTF-8 safe)."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise InputError("empty prompt")
-        return "".join(self._generate(ids, self._params(sampling), cancel))
+        return self.run(ids, self._params(sampling), cancel)
+
+    def session(self, system: Optional[str] = None, *, tools: Optional[list[dict]] = None,
+                **sampling) -> "ChatSession":
+        """A conversation that keeps its history and reuses the KV cache from turn to turn."""
+        from chatglm.runtime.session import ChatSession
+
+        return ChatSession(self, system=system, tools=tools, sampling=self._params(sampling))
 
     def _params(self, overrides: dict) -> SamplingParams:
         return self.sampling.updated(**overrides) if overrides else self.sampling
 
-    # -- the decode loop --------------------------------------------------------------------------------------
-    def _generate(self, ids: list[int], params: SamplingParams, cancel: Optional[threading.Event]) -> Iterator[str]:
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ModelRuntimeError("the model is closed")
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def stream_reply(self, ids: list[int], params: SamplingParams,
+                     cancel: Optional[threading.Event]) -> Generator[str, None, Generation]:
+        """Generate a chat reply after ``ids``: yield its visible text, return the :class:`Generation`."""
+        raw = self.run(ids, params, cancel, chat=True)
+        text = shown = ""
+        try:
+            while True:
+                text += next(raw)
+                visible = self.format.visible(text).rstrip()  # trailing space may be stripped at the end: hold it
+                if len(visible) > len(shown) and visible.startswith(shown):
+                    yield visible[len(shown):]
+                    shown = visible
+        except StopIteration as done:
+            gen: Generation = done.value
+        finally:
+            raw.close()
+        reply = gen.reply
+        if reply is not None and not reply.tool_calls and reply.content.startswith(shown) \
+                and len(reply.content) > len(shown):
+            yield reply.content[len(shown):]
+        return gen
+
+    def run(self, ids: list[int], params: SamplingParams, cancel: Optional[threading.Event] = None, *,
+            chat: bool = False) -> Generator[str, None, Generation]:
+        """The generation behind every method: yield raw text pieces after ``ids``, return the :class:`Generation`.
+
+        The model is taken when the generator starts and given back when it ends or is closed."""
+        self._check_open()
         engine = self.engine
         if not engine.lock.acquire(blocking=False):
-            raise ModelRuntimeError("the model is busy with another generation (calls on one model are serialised: "
-                                    "wait for it or cancel it)")
+            raise ModelBusyError("the model is busy with another generation (one model runs one generation at a "
+                                 "time: wait for it, stop it, or load a second model)")
+        event = cancel if cancel is not None else threading.Event()
+        self._active = event
         try:
-            yield from self._decode_loop(ids, params, cancel)
+            gen = yield from self._decode(ids, params, event)
+            if chat:
+                gen.reply = self.last_reply = self.format.parse_reply(gen.text)
+            return gen
         finally:
+            self._active = None
             engine.lock.release()
 
-    def _decode_loop(self, ids: list[int], params: SamplingParams, cancel) -> Iterator[str]:
-        engine, stats = self.engine, GenerationStats(prompt_tokens=len(ids))
+    def _decode(self, ids: list[int], params: SamplingParams,
+                cancel: threading.Event) -> Generator[str, None, Generation]:
+        engine, stop_ids = self.engine, self.stop_ids
+        stats = GenerationStats(prompt_tokens=len(ids))
+        gen = Generation(list(ids), stats=stats)
         self.last_stats = stats
         start = time.perf_counter()
-        stats.evaluated_tokens = engine.prefill(ids, cancel=cancel)
-        stats.prefill_seconds = time.perf_counter() - start
-        sampler = Sampler(params)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            stats.evaluated_tokens = engine.prefill(ids, cancel=cancel)
+        except Cancelled:
+            stats.finish_reason, stats.prefill_seconds = "cancelled", time.perf_counter() - start
+            return gen
+        started = time.perf_counter()
+        stats.prefill_seconds = started - start
         limit = engine.info.n_ctx - len(ids)
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
-        start = time.perf_counter()
-        stats.finish_reason = "length"
-        generated: list[int] = []
-        while len(generated) < limit:
-            if cancel is not None and cancel.is_set():
-                stats.finish_reason = "cancelled"
-                break
-            token = sampler(engine.logits(), engine.tokens)
-            if token in self.stop_ids:
-                stats.finish_reason = "stop"
-                break
-            generated.append(token)
-            text = decoder.decode(engine.token_bytes(token))
-            if len(generated) < limit:
-                engine.step(token)
-            stats.generated_tokens = len(generated)
-            stats.decode_seconds = time.perf_counter() - start
-            if text:
-                yield text
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
+        sample, token_bytes = Sampler(params), engine.token_bytes
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        out, pieces, reason = gen.tokens, [], "length"
+        try:
+            while len(out) < limit:
+                if cancel.is_set():
+                    reason = "cancelled"
+                    break
+                token = sample(engine.logits(), engine.tokens)
+                if token in stop_ids:
+                    reason = "stop"
+                    break
+                out.append(token)
+                text = decode(token_bytes(token))
+                if text:
+                    pieces.append(text)
+                    yield text
+                if len(out) < limit:
+                    try:
+                        engine.step(token)
+                    except Cancelled:
+                        reason = "cancelled"
+                        break
+            tail = decode(b"", final=True)
+            if tail:
+                pieces.append(tail)
+                yield tail
+        except GeneratorExit:
+            reason = "cancelled"
+            raise
+        finally:
+            stats.finish_reason, stats.generated_tokens = reason, len(out)
+            stats.decode_seconds = time.perf_counter() - started
+            gen.text = "".join(pieces)
+        return gen
 
-    def close(self) -> None:
-        self.engine.close()
+    # -- lifetime ---------------------------------------------------------------------------------------------
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop any running generation, wait for it to end, and free the model."""
+        if self._closed:
+            return
+        self.stop()
+        if not self.engine.lock.acquire(timeout=timeout):
+            raise ModelBusyError("cannot close the model: a generation is still holding it (close or exhaust its "
+                                 "stream first)")
+        try:
+            self._closed = True
+            self.engine.close()
+        finally:
+            self.engine.lock.release()
 
     def __enter__(self) -> "Model":
         return self
@@ -156,16 +303,30 @@ class Model:
 
 def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
          n_gpu_layers: int = 0, flash_attn: Optional[bool] = None, kv_type: str = "f16",
-         chat_format: Optional[str] = None, on_progress=None) -> Model:
-    """Load a GGUF (or, with no path, the bundled demo model) and return a :class:`Model`."""
+         chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
+         on_progress: Optional[ProgressCallback] = None) -> Model:
+    """Load a GGUF (or, with no path, the bundled demo model) and return a :class:`Model`.
+
+    ``n_ctx`` defaults to the model's training context capped at 4096; ``n_threads`` to the physical cores;
+    ``n_gpu_layers`` layers are offloaded (-1: all); ``on_progress(done, total)`` is called while loading.
+    """
     if path is None:
         from chatglm.demo import demo_gguf
 
         path = demo_gguf()
+    start = time.perf_counter()
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                          flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress)
     try:
-        return Model(engine, chat_format=chat_format)
+        model = Model(engine, chat_format=chat_format, sampling=sampling,
+                      load_seconds=time.perf_counter() - start)
     except BaseException:
         engine.close()
         raise
+    log.info("loaded %s (%s, %s format, n_ctx %d) in %.2f s", path, model.info.family, model.format.name,
+             model.info.n_ctx, model.load_seconds)
+    return model
+
+
+__all__ = ["Generation", "GenerationStats", "Message", "Model", "ModelBusyError", "SamplingParams", "ToolCall",
+           "as_conversation", "load"]

@@ -1,0 +1,3 @@
+from chatglm.cli.app import main
+
+main()

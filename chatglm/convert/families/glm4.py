@@ -1,0 +1,53 @@
+"""GLM-4-9B (base, chat, chat-1m) in the THUDM layout: llama.cpp's ``chatglm`` architecture with a tiktoken vocab.
+
+The weights and config.json are ChatGLM3's (``ChatGLMModel``, ``padded_vocab_size``, fused ``query_key_value``), so the
+tensor map and hyperparameters are :class:`~chatglm.convert.families.chatglm.ChatGLM`'s. What differs is the
+tokenizer: ``tokenizer.model`` holds tiktoken ranks instead of a SentencePiece model, and the special tokens
+(``<|endoftext|> [MASK] [gMASK] [sMASK] <sop> <eop> <|system|> <|user|> <|assistant|> <|observation|> ...``) are
+listed in ``tokenizer_config.json``. This family claims every second-generation GLM config whose tokenizer.model is
+not SentencePiece, so a tokenizer.model of neither format gets an error that says so.
+"""
+
+from __future__ import annotations
+
+import gguf
+
+from chatglm.convert.families.chatglm import ChatGLM, is_glm2_config
+from chatglm.convert.family import register
+from chatglm.convert.vocab_bpe import (build_tiktoken_vocab, glm_special_ids, is_tiktoken, require_specials,
+                                       write_bpe_vocab)
+from chatglm.convert.vocab_spm import is_sentencepiece
+from chatglm.errors import InputError
+
+GLM4_REQUIRED_SPECIALS = ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                          "<|observation|>")
+
+
+@register
+class GLM4(ChatGLM):
+    """glm-4-9b, glm-4-9b-chat, glm-4-9b-chat-1m (THUDM/zai-org remote-code layout)."""
+
+    name = "glm4"
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        path = ckpt.dir / "tokenizer.model"
+        if not path.is_file():
+            raise InputError("tokenizer file not found (GLM-4 ships tiktoken ranks as tokenizer.model)", path)
+        if not is_tiktoken(path):
+            raise InputError("tokenizer.model is neither a SentencePiece model nor tiktoken 'base64 rank' lines", path)
+        self.chat_format = "glm4"
+        self.name = "glm4"
+
+    @classmethod
+    def matches(cls, ckpt) -> bool:
+        return is_glm2_config(ckpt.config) and not is_sentencepiece(ckpt.dir / "tokenizer.model")
+
+    def write_vocab(self, w: gguf.GGUFWriter) -> None:
+        config_path = self.ckpt.dir / "tokenizer_config.json"
+        vocab = build_tiktoken_vocab(self.ckpt.dir / "tokenizer.model", config_path, self.hp.n_vocab)
+        require_specials(vocab, GLM4_REQUIRED_SPECIALS, config_path)
+        write_bpe_vocab(w, vocab, glm_special_ids(vocab))
+
+
+__all__ = ["GLM4", "is_tiktoken"]

@@ -1,0 +1,249 @@
+"""GLM checkpoints in the Hugging Face transformers layout (``model.layers.N.self_attn.q_proj`` ...).
+
+- ``GlmForCausalLM`` (glm-4-9b-chat-hf, glm-4-9b-hf, GLM-Edge 1.5B/4B chat): llama.cpp's ``chatglm`` architecture
+  with split q/k/v (llama.cpp accepts separate ``attn_q/k/v`` in place of the fused ``attn_qkv``).
+- ``Glm4ForCausalLM`` (GLM-4-9B/32B-0414, GLM-Z1): llama.cpp's ``glm4`` architecture, which adds a norm after
+  attention (``post_self_attn_layernorm``) and after the MLP (``post_mlp_layernorm``).
+
+Both rotate the first ``partial_rotary_factor`` of each head in consecutive pairs (llama.cpp rope type NORM), and both
+fuse gate and up as ``mlp.gate_up_proj`` (gate rows first), which is llama.cpp's ``ffn_up`` for SwiGLU unchanged.
+The tokenizer is ``tokenizer.json``. config.json may carry rope settings at the top level (published files) or in
+``rope_parameters`` (files saved by transformers 5); both are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import gguf
+
+from chatglm.convert.family import Family, OutTensor, register
+from chatglm.convert.vocab_bpe import (build_tokenizer_json_vocab, chat_template_of, glm_special_ids,
+                                       require_specials, write_bpe_vocab)
+from chatglm.errors import InputError, UnsupportedModelError
+
+T = gguf.MODEL_TENSOR
+HF_LAYER = "model.layers.{bid}."
+REQUIRED_SPECIALS = ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                     "<|observation|>")
+
+# GGUF tensor -> transformers source name (without .weight/.bias); shared by every HF-layout GLM.
+HF_TENSORS: dict[T, str] = {
+    T.TOKEN_EMBD: "model.embed_tokens",
+    T.OUTPUT_NORM: "model.norm",
+    T.OUTPUT: "lm_head",
+    T.ATTN_NORM: HF_LAYER + "input_layernorm",
+    T.ATTN_Q: HF_LAYER + "self_attn.q_proj",
+    T.ATTN_K: HF_LAYER + "self_attn.k_proj",
+    T.ATTN_V: HF_LAYER + "self_attn.v_proj",
+    T.ATTN_OUT: HF_LAYER + "self_attn.o_proj",
+}
+
+
+@dataclass(frozen=True)
+class HFHparams:
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    n_vocab: int
+    n_ctx: int
+    eps: float
+    rope_base: float
+    qkv_bias: bool
+    tied: bool
+
+
+def gguf_name(kind: T, bid: int | None = None) -> str:
+    return gguf.TENSOR_NAMES[kind].format(**({} if bid is None else {"bid": bid}))
+
+
+class HFGlmFamily(Family):
+    """Config, tokenizer and the attention/embedding tensors every HF-layout GLM shares."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    model_type: ClassVar[str] = ""
+    default_bias: ClassVar[bool] = True
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        act = self.config.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"config.json: hidden_act={act!r} is not supported (GLM uses 'silu')",
+                                        self.config_path)
+        self.hp = self.hparams()
+        self.chat_format = self.detect_chat_format(chat_template_of(ckpt.dir / "tokenizer_config.json"))
+
+    @classmethod
+    def matches(cls, ckpt) -> bool:
+        archs = ckpt.config.get("architectures") or []
+        return ckpt.config.get("model_type") == cls.model_type and any(a in cls.architectures for a in archs)
+
+    def detect_chat_format(self, template: str) -> str:
+        raise NotImplementedError
+
+    # -- config ---------------------------------------------------------------------------------------------------
+    def rope(self) -> tuple[float, float]:
+        """(rope_theta, partial_rotary_factor), from ``rope_parameters`` or the top-level keys."""
+        params = self.config.get("rope_parameters")
+        scaling = self.config.get("rope_scaling")
+        if isinstance(params, dict):
+            source = params
+            kind = params.get("rope_type", "default")
+        else:
+            source = self.config
+            kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) if scaling else "default"
+        if kind != "default":
+            raise UnsupportedModelError(f"config.json: rope type {kind!r} is not supported (only the default rope)",
+                                        self.config_path)
+        theta = source.get("rope_theta", 10000.0)
+        factor = source.get("partial_rotary_factor", 0.5)
+        for key, value in (("rope_theta", theta), ("partial_rotary_factor", factor)):
+            if type(value) not in (int, float) or not 0 < value <= (1 if key != "rope_theta" else float("inf")):
+                raise InputError(f"config.json: {key!r} must be a positive number (at most 1 for a factor), "
+                                 f"got {value!r}", self.config_path)
+        return float(theta), float(factor)
+
+    def hparams(self) -> HFHparams:
+        n_embd = self.cfg_int("hidden_size")
+        n_head = self.cfg_int("num_attention_heads")
+        n_head_kv = self.cfg_int("num_key_value_heads", default=n_head)
+        head_dim = self.cfg_int("head_dim", default=n_embd // n_head)
+        if n_head % n_head_kv:
+            raise self.bad(f"num_attention_heads ({n_head}) is not a multiple of num_key_value_heads ({n_head_kv})")
+        theta, factor = self.rope()
+        n_rot = int(head_dim * factor)
+        if n_rot < 2 or n_rot % 2:
+            raise self.bad(f"head_dim ({head_dim}) x partial_rotary_factor ({factor}) must be a positive even number")
+        return HFHparams(
+            n_layer=self.cfg_int("num_hidden_layers"), n_embd=n_embd, n_ff=self.cfg_int("intermediate_size"),
+            n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_rot=n_rot, n_vocab=self.cfg_int("vocab_size"),
+            n_ctx=self.cfg_int("max_position_embeddings", default=8192), eps=self.cfg_float("rms_norm_eps", 1e-5),
+            rope_base=theta, qkv_bias=bool(self.config.get("attention_bias", self.default_bias)),
+            tied=bool(self.config.get("tie_word_embeddings", False)),
+        )
+
+    def bad(self, problem: str) -> InputError:
+        return InputError(f"config.json: {problem}", self.config_path)
+
+    # -- GGUF -----------------------------------------------------------------------------------------------------
+    def write_metadata(self, w: gguf.GGUFWriter) -> None:
+        hp = self.hp
+        w.add_context_length(hp.n_ctx)
+        w.add_embedding_length(hp.n_embd)
+        w.add_feed_forward_length(hp.n_ff)
+        w.add_block_count(hp.n_layer)
+        w.add_head_count(hp.n_head)
+        w.add_head_count_kv(hp.n_head_kv)
+        if hp.head_dim * hp.n_head != hp.n_embd:
+            w.add_key_length(hp.head_dim)
+            w.add_value_length(hp.head_dim)
+        w.add_layer_norm_rms_eps(hp.eps)
+        w.add_rope_dimension_count(hp.n_rot)
+        w.add_rope_freq_base(hp.rope_base)
+
+    def write_vocab(self, w: gguf.GGUFWriter) -> None:
+        path = self.ckpt.dir / "tokenizer.json"
+        if not path.is_file():
+            raise InputError("tokenizer file not found (this layout ships tokenizer.json)", path)
+        vocab = build_tokenizer_json_vocab(path, self.hp.n_vocab)
+        require_specials(vocab, REQUIRED_SPECIALS, path)
+        write_bpe_vocab(w, vocab, glm_special_ids(vocab))
+
+    def out(self, kind: T, bid: int | None, shape: tuple[int, ...], source: str | None = None,
+            bias: bool = False) -> list[OutTensor]:
+        fmt = {} if bid is None else {"bid": bid}
+        src = (source or HF_TENSORS[kind]).format(**fmt)
+        tensors = [OutTensor(f"{gguf_name(kind, bid)}.weight", shape, (f"{src}.weight",))]
+        if bias:
+            tensors.append(OutTensor(f"{gguf_name(kind, bid)}.bias", shape[:1], (f"{src}.bias",)))
+        return tensors
+
+    def embedding_tensors(self) -> list[OutTensor]:
+        hp = self.hp
+        return self.out(T.TOKEN_EMBD, None, (hp.n_vocab, hp.n_embd))
+
+    def head_tensors(self) -> list[OutTensor]:
+        hp = self.hp
+        plan = self.out(T.OUTPUT_NORM, None, (hp.n_embd,))
+        if not hp.tied:
+            plan += self.out(T.OUTPUT, None, (hp.n_vocab, hp.n_embd))
+        return plan
+
+    def attention_tensors(self, bid: int) -> list[OutTensor]:
+        hp = self.hp
+        q_rows, kv_rows = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        plan = self.out(T.ATTN_NORM, bid, (hp.n_embd,))
+        plan += self.out(T.ATTN_Q, bid, (q_rows, hp.n_embd), bias=hp.qkv_bias)
+        plan += self.out(T.ATTN_K, bid, (kv_rows, hp.n_embd), bias=hp.qkv_bias)
+        plan += self.out(T.ATTN_V, bid, (kv_rows, hp.n_embd), bias=hp.qkv_bias)
+        plan += self.out(T.ATTN_OUT, bid, (hp.n_embd, q_rows))
+        return plan
+
+
+@register
+class GlmHF(HFGlmFamily):
+    """``GlmForCausalLM``: ChatGLM's graph in transformers' names (llama.cpp ``chatglm``)."""
+
+    name = "glm4-hf"
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.CHATGLM]
+    architectures = ("GlmForCausalLM",)
+    model_type = "glm"
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        hp = self.hp
+        if hp.head_dim * hp.n_head != hp.n_embd:
+            raise UnsupportedModelError(f"config.json: llama.cpp's chatglm graph needs num_attention_heads x head_dim "
+                                        f"= hidden_size ({hp.n_head} x {hp.head_dim} != {hp.n_embd})",
+                                        self.config_path)
+
+    def detect_chat_format(self, template: str) -> str:
+        """glm-4-9b-chat-hf keeps GLM-4's ``[gMASK]<sop>`` template; GLM-Edge's template has no prefix."""
+        if "<|user|>" in template and "[gMASK]" not in template:
+            self.name = "glm-edge"
+            return "glm-edge"
+        return "glm4"
+
+    def tensors(self) -> list[OutTensor]:
+        hp = self.hp
+        plan = self.embedding_tensors()
+        for bid in range(hp.n_layer):
+            plan += self.attention_tensors(bid)
+            plan += self.out(T.FFN_NORM, bid, (hp.n_embd,), HF_LAYER + "post_attention_layernorm")
+            plan += self.out(T.FFN_UP, bid, (2 * hp.n_ff, hp.n_embd), HF_LAYER + "mlp.gate_up_proj")
+            plan += self.out(T.FFN_DOWN, bid, (hp.n_embd, hp.n_ff), HF_LAYER + "mlp.down_proj")
+        return plan + self.head_tensors()
+
+
+@register
+class Glm4HF(HFGlmFamily):
+    """``Glm4ForCausalLM`` (GLM-4-0414, GLM-Z1): llama.cpp ``glm4``, with post-attention and post-MLP norms."""
+
+    name = "glm4-0414"
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GLM4]
+    architectures = ("Glm4ForCausalLM",)
+    model_type = "glm4"
+
+    def detect_chat_format(self, template: str) -> str:
+        """GLM-Z1's template opens the reply with ``<think>``; GLM-4-0414's does not."""
+        if "<|assistant|>\n<think>" in template:
+            self.name = "glm4-z1"
+            return "glm4-z1"
+        return "glm4-0414"
+
+    def tensors(self) -> list[OutTensor]:
+        hp = self.hp
+        plan = self.embedding_tensors()
+        for bid in range(hp.n_layer):
+            plan += self.attention_tensors(bid)
+            plan += self.out(T.ATTN_POST_NORM, bid, (hp.n_embd,), HF_LAYER + "post_self_attn_layernorm")
+            plan += self.out(T.FFN_NORM, bid, (hp.n_embd,), HF_LAYER + "post_attention_layernorm")
+            plan += self.out(T.FFN_UP, bid, (2 * hp.n_ff, hp.n_embd), HF_LAYER + "mlp.gate_up_proj")
+            plan += self.out(T.FFN_DOWN, bid, (hp.n_embd, hp.n_ff), HF_LAYER + "mlp.down_proj")
+            plan += self.out(T.FFN_POST_NORM, bid, (hp.n_embd,), HF_LAYER + "post_mlp_layernorm")
+        return plan + self.head_tensors()

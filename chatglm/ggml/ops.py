@@ -1,0 +1,563 @@
+"""ggml graph building, CPU backend, buffers and graph allocation through ctypes, every call checked first.
+
+A failing ``GGML_ASSERT`` aborts the whole process, so each builder here checks in Python what ggml would assert
+(shapes, strides, view bounds, types) and raises :class:`GGMLError` instead. Shapes are tracked on the Python side
+(:class:`Tensor`), in ggml order (``ne[0]`` is the row length), so checks cost no native call.
+
+Native objects are owned by small classes with ``close()``: :class:`Graph` (a no-alloc context and one graph),
+:class:`Backend` (the CPU backend), :class:`Buffer`, :class:`Allocator` (ggml-alloc's graph allocator).
+Functions are looked up with ``CDLL[name]`` so the declarations here never clash with other modules' on the same
+library handle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from chatglm.errors import ChatGLMError
+from chatglm.ggml import lib
+
+F32, F16, I32 = 0, 1, 26  # ggml_type ids used directly by graphs
+ROPE_NEOX = 2
+STATUS_ABORTED = 1
+MAX_DIMS = 4
+
+P, SZ, I64, F, I, B = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_bool
+ABORT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)
+
+
+class GGMLError(ChatGLMError):
+    """A ggml call was refused before reaching C (it would have aborted the process) or failed in C."""
+
+
+class InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", SZ), ("mem_buffer", P), ("no_alloc", B)]
+
+
+class TensorStruct(ctypes.Structure):
+    """``struct ggml_tensor`` (ggml.h); the layout is checked against ggml_tensor_overhead() on first use."""
+
+    _fields_ = [("type", I), ("buffer", P), ("ne", I64 * 4), ("nb", SZ * 4), ("op", I),
+                ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32), ("src", P * 10), ("view_src", P),
+                ("view_offs", SZ), ("data", P), ("name", ctypes.c_char * 64), ("extra", P), ("padding", ctypes.c_char * 8)]
+
+
+_OBJECT_SIZE = 32  # struct ggml_object, which precedes every tensor in a context
+
+# (library, name): (restype, argtypes)
+_BASE = {
+    "ggml_tensor_overhead": (SZ, []), "ggml_graph_overhead_custom": (SZ, [SZ, B]),
+    "ggml_init": (P, [InitParams]), "ggml_free": (None, [P]),
+    "ggml_type_size": (SZ, [I]), "ggml_blck_size": (I64, [I]), "ggml_type_name": (ctypes.c_char_p, [I]),
+    "ggml_nbytes": (SZ, [P]),
+    "ggml_new_tensor": (P, [P, I, I, ctypes.POINTER(I64)]), "ggml_set_name": (P, [P, ctypes.c_char_p]),
+    "ggml_set_input": (None, [P]), "ggml_set_output": (None, [P]),
+    "ggml_new_graph_custom": (P, [P, SZ, B]), "ggml_build_forward_expand": (None, [P, P]),
+    "ggml_graph_n_nodes": (I, [P]),
+    "ggml_get_rows": (P, [P, P, P]), "ggml_norm": (P, [P, P, F]), "ggml_add": (P, [P, P, P]),
+    "ggml_mul": (P, [P, P, P]), "ggml_scale": (P, [P, P, F]), "ggml_scale_bias": (P, [P, P, F, F]),
+    "ggml_sqr": (P, [P, P]), "ggml_tanh": (P, [P, P]), "ggml_mul_mat": (P, [P, P, P]),
+    "ggml_cont": (P, [P, P]), "ggml_cpy": (P, [P, P, P]), "ggml_permute": (P, [P, P, I, I, I, I]),
+    "ggml_reshape_4d": (P, [P, P, I64, I64, I64, I64]),
+    "ggml_view_4d": (P, [P, P, I64, I64, I64, I64, SZ, SZ, SZ, SZ]),
+    "ggml_soft_max_ext": (P, [P, P, P, F, F]),
+    "ggml_rope_ext": (P, [P, P, P, P, I, I, I, F, F, F, F, F, F]), "ggml_rope_set_offset": (P, [P, I]),
+    "ggml_backend_graph_compute": (I, [P, P]), "ggml_backend_free": (None, [P]),
+    "ggml_backend_get_device": (P, [P]), "ggml_backend_dev_supports_op": (B, [P, P]),
+    "ggml_backend_dev_backend_reg": (P, [P]), "ggml_backend_reg_get_proc_address": (P, [P, ctypes.c_char_p]),
+    "ggml_backend_cpu_buffer_type": (P, []), "ggml_backend_cpu_buffer_from_ptr": (P, [P, SZ]),
+    "ggml_backend_buft_alloc_buffer": (P, [P, SZ]), "ggml_backend_buft_name": (ctypes.c_char_p, [P]),
+    "ggml_backend_buffer_free": (None, [P]), "ggml_backend_buffer_get_size": (SZ, [P]),
+    "ggml_backend_buffer_clear": (None, [P, ctypes.c_uint8]),
+    "ggml_backend_alloc_ctx_tensors_from_buft": (P, [P, P]), "ggml_backend_tensor_alloc": (I, [P, P, P]),
+    "ggml_backend_tensor_set": (None, [P, P, SZ, SZ]), "ggml_backend_tensor_get": (None, [P, P, SZ, SZ]),
+    "ggml_gallocr_new": (P, [P]), "ggml_gallocr_free": (None, [P]), "ggml_gallocr_reserve": (B, [P, P]),
+    "ggml_gallocr_alloc_graph": (B, [P, P]), "ggml_gallocr_get_buffer_size": (SZ, [P, I]),
+}
+_CPU = {
+    "ggml_backend_cpu_init": (P, []), "ggml_backend_cpu_set_n_threads": (None, [P, I]),
+    "ggml_backend_cpu_set_abort_callback": (None, [P, ABORT_CALLBACK, P]),
+}
+
+
+class _Api:
+    """The functions above, declared once, as attributes."""
+
+    def __init__(self) -> None:
+        for handle, table in ((lib.base(), _BASE), (lib.cpu(), _CPU)):
+            for name, (restype, argtypes) in table.items():
+                fn = handle[name]
+                fn.restype, fn.argtypes = restype, argtypes
+                setattr(self, name.removeprefix("ggml_"), fn)
+
+
+@functools.cache
+def api() -> _Api:
+    a = _Api()
+    expected = a.tensor_overhead() - _OBJECT_SIZE
+    if ctypes.sizeof(TensorStruct) != expected:
+        raise GGMLError(f"struct ggml_tensor is {expected} bytes in this libggml, {ctypes.sizeof(TensorStruct)} here: "
+                        "the llama-cpp-python version does not match")
+    return a
+
+
+@functools.cache
+def type_traits(ggml_type: int) -> tuple[int, int]:
+    """(block size, bytes per block) of a ggml type."""
+    if not 0 <= ggml_type < 64 or not api().type_name(ggml_type):
+        raise GGMLError(f"unknown ggml type {ggml_type}")
+    return int(api().blck_size(ggml_type)), int(api().type_size(ggml_type))
+
+
+def type_name(ggml_type: int) -> str:
+    return (api().type_name(ggml_type) or b"?").decode()
+
+
+# ------------------------------------------------------------------------------------------------------- tensors
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """A ggml tensor handle with its shape and strides as ggml has them (4 dims, ggml order)."""
+
+    ptr: int
+    type: int
+    ne: tuple[int, int, int, int]
+    nb: tuple[int, int, int, int]
+    root_nbytes: int  # bytes of the storage this tensor (or view) lives in
+    offs: int = 0  # byte offset inside that storage
+
+    @property
+    def nbytes(self) -> int:
+        blck, _ = type_traits(self.type)
+        if any(n == 0 for n in self.ne):
+            return 0
+        size = self.ne[0] * self.nb[0] // blck
+        return size + sum((self.ne[i] - 1) * self.nb[i] for i in range(1, MAX_DIMS))
+
+    @property
+    def nelements(self) -> int:
+        return math.prod(self.ne)
+
+    def is_contiguous(self, first_free_dim: int = -1) -> bool:
+        """ggml_is_contiguous (``first_free_dim=-1``) and ggml_is_contiguous_1 (``first_free_dim=1``)."""
+        blck, size = type_traits(self.type)
+        if self.ne[0] != blck and self.nb[0] != size:
+            return False
+        next_nb = size * (self.ne[0] // blck)
+        for i in range(1, MAX_DIMS):
+            if i <= first_free_dim:
+                next_nb = self.ne[i] * self.nb[i]
+                continue
+            if self.ne[i] != 1 and self.nb[i] != next_nb:
+                return False
+            next_nb *= self.ne[i]
+        return True
+
+    def struct(self) -> TensorStruct:
+        return TensorStruct.from_address(self.ptr)
+
+
+def contiguous_strides(ggml_type: int, ne: Sequence[int]) -> tuple[int, int, int, int]:
+    blck, size = type_traits(ggml_type)
+    nb0 = size
+    nb1 = size * (ne[0] // blck)
+    return nb0, nb1, nb1 * ne[1], nb1 * ne[1] * ne[2]
+
+
+def _pad4(shape: Sequence[int]) -> tuple[int, int, int, int]:
+    if not 1 <= len(shape) <= MAX_DIMS or any(int(n) < 1 for n in shape):
+        raise GGMLError(f"invalid tensor shape {list(shape)}")
+    return tuple(int(n) for n in shape) + (1,) * (MAX_DIMS - len(shape))  # type: ignore[return-value]
+
+
+def _can_repeat(b: Tensor, a: Tensor) -> bool:
+    return all(x % y == 0 for x, y in zip(a.ne, b.ne))
+
+
+# ------------------------------------------------------------------------------------------------------- graphs
+class Graph:
+    """A no-alloc ggml context holding one compute graph and the tensors built for it.
+
+    Every builder checks its operands as ggml would and returns a :class:`Tensor`; ``expand(t)`` adds ``t`` and
+    what it depends on to the graph, in order.
+    """
+
+    def __init__(self, max_tensors: int, max_nodes: int):
+        """``max_nodes`` bounds nodes and leaves each: at least ``max_tensors`` plus the outside tensors used."""
+        a = api()
+        if max_nodes < max_tensors:
+            raise GGMLError("a graph needs room for at least as many nodes as it has tensors")
+        self.max_tensors, self.max_nodes = max_tensors, max_nodes
+        mem = a.tensor_overhead() * max_tensors + a.graph_overhead_custom(max_nodes, False)
+        self.ctx = a.init(InitParams(mem, None, True))
+        if not self.ctx:
+            raise GGMLError("ggml_init failed (out of memory)")
+        self.n_tensors = 0
+        self.graph = a.new_graph_custom(self.ctx, max_nodes, False)
+        self._n_nodes = 0
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            api().free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> "Graph":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------
+    def _made(self, ptr: Optional[int], ggml_type: int, ne: Sequence[int], nb: Optional[Sequence[int]] = None,
+              root: Optional[Tensor] = None, offs: int = 0) -> Tensor:
+        if not ptr:
+            raise GGMLError("ggml returned no tensor")
+        ne4 = _pad4(ne)
+        nb4 = tuple(nb) if nb is not None else contiguous_strides(ggml_type, ne4)
+        if root is None:
+            t = Tensor(ptr, ggml_type, ne4, nb4, 0, 0)  # type: ignore[arg-type]
+            return Tensor(ptr, ggml_type, ne4, nb4, t.nbytes, 0)  # type: ignore[arg-type]
+        return Tensor(ptr, ggml_type, ne4, nb4, root.root_nbytes, root.offs + offs)  # type: ignore[arg-type]
+
+    def _reserve(self, n: int = 1) -> None:
+        if self.n_tensors + n > self.max_tensors:
+            raise GGMLError(f"graph context full ({self.max_tensors} tensors): raise max_tensors")
+        self.n_tensors += n
+
+    def new(self, ggml_type: int, shape: Sequence[int], name: str = "") -> Tensor:
+        ne4 = _pad4(shape)
+        blck, _ = type_traits(ggml_type)
+        if ne4[0] % blck:
+            raise GGMLError(f"row length {ne4[0]} is not a multiple of {type_name(ggml_type)}'s block {blck}")
+        self._reserve()
+        n = len(shape)
+        ptr = api().new_tensor(self.ctx, ggml_type, n, (I64 * n)(*ne4[:n]))
+        if name:
+            api().set_name(ptr, name.encode()[:63])
+        return self._made(ptr, ggml_type, ne4)
+
+    def input(self, ggml_type: int, shape: Sequence[int], name: str) -> Tensor:
+        t = self.new(ggml_type, shape, name)
+        api().set_input(t.ptr)
+        return t
+
+    def output(self, t: Tensor) -> Tensor:
+        api().set_output(t.ptr)
+        return t
+
+    def expand(self, t: Tensor) -> None:
+        """Add ``t`` and its dependencies. Tensors of this context are at most ``max_tensors`` nodes; the caller
+        sized ``max_nodes`` for the outside ones (weights, cache)."""
+        api().build_forward_expand(self.graph, t.ptr)
+
+    @property
+    def n_nodes(self) -> int:
+        return int(api().graph_n_nodes(self.graph))
+
+    # -- element-wise -----------------------------------------------------------------------------------------
+    def _binary(self, fn: Callable, a: Tensor, b: Tensor, what: str) -> Tensor:
+        if not _can_repeat(b, a):
+            raise GGMLError(f"{what}: shape {list(b.ne)} does not broadcast to {list(a.ne)}")
+        if a.type != F32 or b.type != F32:
+            raise GGMLError(f"{what}: takes f32 tensors, not {type_name(a.type)}/{type_name(b.type)}")
+        self._reserve()
+        return self._made(fn(self.ctx, a.ptr, b.ptr), a.type, a.ne)
+
+    def add(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._binary(api().add, a, b, "add")
+
+    def mul(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._binary(api().mul, a, b, "mul")
+
+    def _unary(self, fn: Callable, a: Tensor, *args: float, what: str, rows_only: bool = True) -> Tensor:
+        ok = a.nb[0] == type_traits(a.type)[1] if rows_only else _is_padded_1d(a)
+        if not ok or a.type != F32:
+            raise GGMLError(f"{what}: needs an f32 tensor with contiguous rows")
+        self._reserve()
+        return self._made(fn(self.ctx, a.ptr, *args), a.type, a.ne)
+
+    def sqr(self, a: Tensor) -> Tensor:
+        return self._unary(api().sqr, a, what="sqr")
+
+    def tanh(self, a: Tensor) -> Tensor:
+        return self._unary(api().tanh, a, what="tanh")
+
+    def scale(self, a: Tensor, s: float) -> Tensor:
+        return self._unary(api().scale, a, s, what="scale", rows_only=False)
+
+    def scale_bias(self, a: Tensor, s: float, b: float) -> Tensor:
+        return self._unary(api().scale_bias, a, s, b, what="scale_bias", rows_only=False)
+
+    def norm(self, a: Tensor, eps: float) -> Tensor:
+        return self._unary(api().norm, a, eps, what="norm")
+
+    # -- matrix ops -------------------------------------------------------------------------------------------
+    def mul_mat(self, a: Tensor, b: Tensor) -> Tensor:
+        """(K, M, ...) x (K, N, ...) -> (M, N, ...): ``a``'s rows dotted with ``b``'s rows."""
+        if a.ne[0] != b.ne[0] or b.ne[2] % a.ne[2] or b.ne[3] % a.ne[3]:
+            raise GGMLError(f"mul_mat: shapes {list(a.ne)} and {list(b.ne)} do not multiply")
+        if a.nb[0] > a.nb[1]:
+            raise GGMLError("mul_mat: the first operand is transposed")
+        if b.nb[0] != type_traits(b.type)[1]:
+            raise GGMLError("mul_mat: the second operand's rows are not contiguous")
+        self._reserve()
+        return self._made(api().mul_mat(self.ctx, a.ptr, b.ptr), F32, (a.ne[1], b.ne[1], b.ne[2], b.ne[3]))
+
+    def get_rows(self, a: Tensor, ids: Tensor) -> Tensor:
+        """Rows ``ids`` (i32 vector) of the matrix ``a`` as f32 (ne0, len(ids))."""
+        if ids.type != I32 or ids.ne[1:] != (1, 1, 1) or a.ne[2:] != (1, 1):
+            raise GGMLError("get_rows: takes a matrix and an i32 vector of row ids")
+        self._reserve()
+        return self._made(api().get_rows(self.ctx, a.ptr, ids.ptr), F32, (a.ne[0], ids.ne[0]))
+
+    def soft_max(self, a: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+        """softmax(a * scale + mask) over rows; ``mask`` (f32/f16, contiguous) broadcasts over ne2/ne3."""
+        if not a.is_contiguous() or a.type != F32:
+            raise GGMLError("soft_max: needs a contiguous f32 tensor")
+        if mask is not None:
+            if mask.type not in (F32, F16) or not mask.is_contiguous():
+                raise GGMLError("soft_max: the mask must be a contiguous f32 or f16 tensor")
+            if mask.ne[0] != a.ne[0] or mask.ne[1] < a.ne[1] or a.ne[2] % mask.ne[2] or a.ne[3] % mask.ne[3]:
+                raise GGMLError(f"soft_max: mask {list(mask.ne)} does not fit scores {list(a.ne)}")
+        self._reserve()
+        return self._made(api().soft_max_ext(self.ctx, a.ptr, mask.ptr if mask else None, scale, 0.0), F32, a.ne)
+
+    def rope_neox(self, a: Tensor, pos: Tensor, n_dims: int, base: float, offset: int = 0) -> Tensor:
+        """Rotate dims [offset, offset + n_dims) of every row (rotate-half pairs i, i + n_dims/2) by ``pos``.
+
+        ``a``: (head_dim, n_head, T) f32, rows contiguous (may be a strided view); ``pos``: i32 (T,). The result is
+        contiguous; the dims outside the rotated range are copied.
+        """
+        if a.type != F32 or a.nb[0] != 4:
+            raise GGMLError("rope: needs f32 rows")
+        if pos.type != I32 or pos.ne[1:] != (1, 1, 1) or pos.ne[0] != a.ne[2]:
+            raise GGMLError(f"rope: positions {list(pos.ne)} do not match {a.ne[2]} tokens")
+        if n_dims <= 0 or n_dims % 2 or offset < 0 or offset % 2 or offset + n_dims > a.ne[0]:
+            raise GGMLError(f"rope: cannot rotate dims {offset}..{offset + n_dims} of rows of {a.ne[0]}")
+        self._reserve()
+        ptr = api().rope_ext(self.ctx, a.ptr, pos.ptr, None, n_dims, ROPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0)
+        if offset:
+            api().rope_set_offset(ptr, offset)
+        return self._made(ptr, F32, a.ne)
+
+    # -- layout -----------------------------------------------------------------------------------------------
+    def view(self, a: Tensor, ne: Sequence[int], nb: Sequence[int], offset: int) -> Tensor:
+        """A strided view of ``a``'s storage: ``nb`` gives the strides of dims 1.. in bytes, ``offset`` in bytes."""
+        ne4 = _pad4(ne)
+        if len(nb) != len(ne) - 1:
+            raise GGMLError(f"view: {len(ne)} dims need {len(ne) - 1} strides, got {len(nb)}")
+        strides = [a.nb[0], *nb]
+        while len(strides) < MAX_DIMS:
+            strides.append(strides[-1] * ne4[len(strides) - 1])
+        nb4 = tuple(int(s) for s in strides)
+        v = Tensor(0, a.type, ne4, nb4, a.root_nbytes, a.offs + offset)  # type: ignore[arg-type]
+        if offset < 0 or ne4[0] % type_traits(a.type)[0] or v.offs + v.nbytes > a.root_nbytes:
+            raise GGMLError(f"view {list(ne4)} at byte {v.offs} runs past its storage of {a.root_nbytes} bytes")
+        self._reserve()
+        ptr = api().view_4d(self.ctx, a.ptr, *ne4, *nb4[1:], offset)
+        return self._made(ptr, a.type, ne4, nb4, a, offset)
+
+    def reshape(self, a: Tensor, shape: Sequence[int]) -> Tensor:
+        ne4 = _pad4(shape)
+        if not a.is_contiguous() or math.prod(ne4) != a.nelements:
+            raise GGMLError(f"reshape: cannot view {list(a.ne)} as {list(ne4)}")
+        self._reserve()
+        return self._made(api().reshape_4d(self.ctx, a.ptr, *ne4), a.type, ne4, None, a, 0)
+
+    def permute(self, a: Tensor, *axes: int) -> Tensor:
+        """Dim i of ``a`` moves to position ``axes[i]`` (ggml_permute)."""
+        axes4 = tuple(axes) + tuple(range(len(axes), 4))
+        if sorted(axes4) != [0, 1, 2, 3]:
+            raise GGMLError(f"permute: {list(axes)} is not a permutation")
+        ne, nb = [0] * 4, [0] * 4
+        for i, ax in enumerate(axes4):
+            ne[ax], nb[ax] = a.ne[i], a.nb[i]
+        self._reserve()
+        return self._made(api().permute(self.ctx, a.ptr, *axes4), a.type, ne, nb, a, 0)
+
+    def cont(self, a: Tensor) -> Tensor:
+        self._reserve()
+        return self._made(api().cont(self.ctx, a.ptr), a.type, a.ne)
+
+    def cpy(self, src: Tensor, dst: Tensor) -> Tensor:
+        """Copy (and convert) ``src`` into ``dst``'s memory; the result must be expanded into the graph."""
+        if src.nelements != dst.nelements:
+            raise GGMLError(f"cpy: {list(src.ne)} into {list(dst.ne)}")
+        self._reserve()
+        return self._made(api().cpy(self.ctx, src.ptr, dst.ptr), dst.type, dst.ne, dst.nb, dst, 0)
+
+
+def _is_padded_1d(t: Tensor) -> bool:
+    return t.nb[0] == type_traits(t.type)[1] and t.nb[2] == t.nb[1] * t.ne[1] and t.nb[3] == t.nb[2] * t.ne[2]
+
+
+# ------------------------------------------------------------------------------------------------------- backend
+class Backend:
+    """ggml's CPU backend with a thread count and a cancel hook."""
+
+    def __init__(self, n_threads: int):
+        a = api()
+        self.ptr = a.backend_cpu_init()
+        if not self.ptr:
+            raise GGMLError("ggml_backend_cpu_init failed")
+        self.set_threads(n_threads)
+        self._should_abort: Callable[[], bool] = lambda: False
+        self._abort_cb = ABORT_CALLBACK(lambda _data: bool(self._should_abort()))
+        a.backend_cpu_set_abort_callback(self.ptr, self._abort_cb, None)
+
+    def set_threads(self, n_threads: int) -> None:
+        if n_threads < 1:
+            raise GGMLError(f"thread count must be positive, got {n_threads}")
+        api().backend_cpu_set_n_threads(self.ptr, n_threads)
+
+    def compute(self, graph: Graph, should_abort: Optional[Callable[[], bool]] = None) -> bool:
+        """Run the graph; False when ``should_abort`` stopped it."""
+        self._should_abort = should_abort or (lambda: False)
+        try:
+            status = api().backend_graph_compute(self.ptr, graph.graph)
+        finally:
+            self._should_abort = lambda: False
+        if status == STATUS_ABORTED:
+            return False
+        if status != 0:
+            raise GGMLError(f"graph compute failed with status {status}")
+        return True
+
+    def extra_buffer_types(self) -> list[int]:
+        """The CPU device's extra buffer types (e.g. CPU_REPACK: weights re-laid out for faster matmuls)."""
+        a = api()
+        reg = a.backend_dev_backend_reg(a.backend_get_device(self.ptr))
+        fn_ptr = a.backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+        if not fn_ptr:
+            return []
+        fn = ctypes.CFUNCTYPE(ctypes.POINTER(P), P)(fn_ptr)
+        arr = fn(a.backend_get_device(self.ptr))
+        out, i = [], 0
+        while arr and arr[i]:
+            out.append(int(arr[i]))
+            i += 1
+        return out
+
+    def supports_mul_mat_in(self, buft: int, weight: Tensor, n_cols: int = 8) -> bool:
+        """Whether a mul_mat by ``weight`` runs on the CPU device when ``weight`` lives in ``buft``.
+
+        Asked as llama.cpp asks it: a throw-away op over a copy of the weight's shape in an empty buffer of ``buft``.
+        """
+        a = api()
+        with Graph(4, 4) as g:
+            w = g.new(weight.type, weight.ne[:2])
+            op = g.mul_mat(w, g.new(F32, (weight.ne[0], n_cols)))
+            dummy = a.backend_buft_alloc_buffer(buft, 0)
+            if not dummy:
+                return False
+            w.struct().buffer = dummy
+            try:
+                return bool(a.backend_dev_supports_op(a.backend_get_device(self.ptr), op.ptr))
+            finally:
+                w.struct().buffer = None
+                a.backend_buffer_free(dummy)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            api().backend_free(self.ptr)
+            self.ptr = None
+
+
+def cpu_buffer_type() -> int:
+    return int(api().backend_cpu_buffer_type())
+
+
+def buffer_type_name(buft: int) -> str:
+    return (api().backend_buft_name(buft) or b"?").decode()
+
+
+class Buffer:
+    """A backend buffer: allocated for a context's tensors, or wrapping host memory (an mmap) without copying."""
+
+    def __init__(self, ptr: int, keep_alive: object = None):
+        if not ptr:
+            raise GGMLError("could not allocate a ggml buffer (out of memory?)")
+        self.ptr = ptr
+        self._keep = keep_alive
+
+    @classmethod
+    def for_tensors(cls, ctx_ptr: int, buft: int) -> "Buffer":
+        return cls(api().backend_alloc_ctx_tensors_from_buft(ctx_ptr, buft))
+
+    @classmethod
+    def from_host(cls, address: int, size: int, keep_alive: object) -> "Buffer":
+        if address % 32:
+            raise GGMLError("host memory for a ggml buffer must be 32-byte aligned")
+        return cls(api().backend_cpu_buffer_from_ptr(address, size), keep_alive)
+
+    @property
+    def size(self) -> int:
+        return int(api().backend_buffer_get_size(self.ptr))
+
+    def place(self, t: Tensor, address: int, base: int) -> None:
+        """Give tensor ``t`` the memory at ``address`` inside this buffer (which starts at ``base``)."""
+        if address < base or address + t.nbytes > base + self.size or address % 32:
+            raise GGMLError("tensor data outside its buffer or misaligned")
+        status = api().backend_tensor_alloc(self.ptr, t.ptr, address)
+        if status != 0:
+            raise GGMLError(f"ggml_backend_tensor_alloc failed with status {status}")
+
+    def clear(self) -> None:
+        api().backend_buffer_clear(self.ptr, 0)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            api().backend_buffer_free(self.ptr)
+            self.ptr = None
+        self._keep = None
+
+
+def tensor_set(t: Tensor, data: np.ndarray | memoryview | int, nbytes: Optional[int] = None) -> None:
+    """Copy host data (a C-contiguous array, or ``nbytes`` at an address) into all of ``t``."""
+    if isinstance(data, np.ndarray):
+        if not data.flags.c_contiguous:
+            raise GGMLError("tensor_set takes C-contiguous data")
+        address, nbytes = data.ctypes.data, data.nbytes
+    else:
+        address = int(data)  # type: ignore[arg-type]
+    if nbytes != t.nbytes or not t.is_contiguous():
+        raise GGMLError(f"tensor_set: {nbytes} bytes for a tensor of {t.nbytes}")
+    api().backend_tensor_set(t.ptr, address, 0, nbytes)
+
+
+def tensor_get(t: Tensor, out: np.ndarray) -> np.ndarray:
+    if not out.flags.c_contiguous or out.nbytes != t.nbytes or not t.is_contiguous():
+        raise GGMLError(f"tensor_get: {out.nbytes} bytes for a tensor of {t.nbytes}")
+    api().backend_tensor_get(t.ptr, out.ctypes.data, 0, out.nbytes)
+    return out
+
+
+class Allocator:
+    """ggml-alloc's graph allocator: one reusable buffer for every graph's intermediate tensors."""
+
+    def __init__(self, buft: int):
+        self.ptr = api().gallocr_new(buft)
+        if not self.ptr:
+            raise GGMLError("ggml_gallocr_new failed")
+
+    def reserve(self, graph: Graph) -> None:
+        if not api().gallocr_reserve(self.ptr, graph.graph):
+            raise GGMLError("could not reserve the compute buffer (out of memory?)")
+
+    def allocate(self, graph: Graph) -> None:
+        if not api().gallocr_alloc_graph(self.ptr, graph.graph):
+            raise GGMLError("could not allocate the compute graph (out of memory?)")
+
+    @property
+    def size(self) -> int:
+        return int(api().gallocr_get_buffer_size(self.ptr, 0))
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            api().gallocr_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,261 @@
+"""A conversation that keeps its history and the KV cache: each turn evaluates only the tokens it adds.
+
+After a reply, the cache holds the prompt plus the reply's tokens exactly as they were generated. The next turn's prompt
+is those tokens plus the ids the chat format puts after a reply (the end of the assistant turn, the new user message,
+the prompt for the next reply), so nothing already evaluated is evaluated again. Those ids are found generically, by
+comparing the format's prompt for the history with the prompt for the same history with the reply emptied; where a
+format does not split that cleanly (ChatGLM2's single-string rounds can merge a reply's last character with what
+follows), the turn falls back to the format's own prompt and the engine keeps the common prefix.
+
+When the conversation outgrows the context, the oldest whole rounds are dropped (system messages stay) and
+``on_truncate`` is called with the number of messages dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Generator, Optional, Sequence
+
+from chatglm.errors import ContextOverflowError, InputError, OutputError
+from chatglm.runtime.messages import Message
+from chatglm.runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:  # pragma: no cover
+    from chatglm.runtime.model import Generation, GenerationStats, MessagesLike, Model
+
+log = logging.getLogger(__name__)
+
+FILE_KIND = "chatglm-conversation"
+FILE_VERSION = 1
+TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
+
+
+def common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(1, n + 1):
+        if a[-i] != b[-i]:
+            return i - 1
+    return n
+
+
+def system_message(text: Optional[str], tools: Optional[list[dict]]) -> Optional[Message]:
+    """The system message for ``text`` and ``tools`` (ChatGLM3's tool preamble when only tools are given)."""
+    if tools is not None and not isinstance(tools, list):
+        raise InputError(f"tools must be a list of tool descriptions, got {type(tools).__name__}")
+    if tools:
+        return Message("system", text if text else TOOLS_SYSTEM, tools=list(tools))
+    return Message("system", text) if text else None
+
+
+@dataclass
+class _Cached:
+    """The tokens of the conversation through its last reply, as the model saw and generated them."""
+
+    tokens: list[int]
+    n_messages: int  # the history length those tokens stand for (the last message is the reply)
+
+
+class ChatSession:
+    """A chat with history. ``chat`` / ``stream_chat`` take the next user text (or messages) and return the reply."""
+
+    def __init__(self, model: "Model", *, system: Optional[str] = None, tools: Optional[list[dict]] = None,
+                 messages: Sequence[Message] = (), sampling: Optional[SamplingParams] = None,
+                 on_truncate: Optional[Callable[[int], None]] = None):
+        self.model = model
+        self.sampling = sampling or model.sampling
+        self.on_truncate = on_truncate
+        self.dropped_messages = 0  # dropped so far to fit the context
+        self.last_reply: Optional[Message] = None
+        self._messages: list[Message] = []
+        self._cached: Optional[_Cached] = None
+        self._lock = threading.Lock()
+        sys_msg = system_message(system, tools)
+        self.reset([sys_msg, *messages] if sys_msg else list(messages))
+
+    # -- state ------------------------------------------------------------------------------------------------
+    @property
+    def messages(self) -> list[Message]:
+        """A copy of the conversation so far."""
+        return list(self._messages)
+
+    @property
+    def system(self) -> Optional[Message]:
+        return next((m for m in self._messages if m.role == "system"), None)
+
+    @property
+    def tools(self) -> Optional[list[dict]]:
+        sys_msg = self.system
+        return sys_msg.tools if sys_msg is not None else None
+
+    @property
+    def last_stats(self) -> "GenerationStats":
+        return self.model.last_stats
+
+    @property
+    def tokens(self) -> list[int]:
+        """The conversation's tokens through the last reply as the model saw them (empty before the first)."""
+        return list(self._cached.tokens) if self._cached else []
+
+    def reset(self, messages: Sequence[Message]) -> None:
+        self._messages = list(messages)
+        self._cached = None
+
+    def clear(self) -> None:
+        """Start a new conversation, keeping the system message."""
+        sys_msg = self.system
+        self.reset([sys_msg] if sys_msg else [])
+
+    def set_system(self, text: Optional[str], tools: Optional[list[dict]] = None) -> None:
+        """Replace the system message (``None`` and no tools removes it); the rest of the history stays."""
+        sys_msg = system_message(text, tools)
+        rest = [m for m in self._messages if m.role != "system"]
+        self.reset([sys_msg, *rest] if sys_msg else rest)
+
+    # -- turns ------------------------------------------------------------------------------------------------
+    def chat(self, content: "MessagesLike", *, cancel: Optional[threading.Event] = None, **sampling) -> Message:
+        """Send a user message (or messages, e.g. an observation) and return the reply."""
+        from chatglm.runtime.model import drain
+
+        return drain(self.stream_chat(content, cancel=cancel, **sampling))
+
+    def stream_chat(self, content: "MessagesLike", *, cancel: Optional[threading.Event] = None,
+                    **sampling) -> Generator[str, None, Message]:
+        """Send a user message (or messages) and yield the reply's visible text; ``last_reply`` afterwards."""
+        from chatglm.runtime.model import as_conversation
+
+        new = as_conversation(content)
+        if not new:
+            raise InputError("nothing to send: give a message")
+        params = self.sampling.updated(**sampling) if sampling else self.sampling
+        ids, kept, dropped = self._prompt(new, params)  # checks the messages now, not at the first next()
+        return self._turn(ids, kept, new, dropped, params, cancel)
+
+    def _turn(self, ids: list[int], kept: list[Message], new: list[Message], dropped: int, params: SamplingParams,
+              cancel: Optional[threading.Event]) -> Generator[str, None, Message]:
+        if not self._lock.acquire(blocking=False):
+            from chatglm.runtime.model import ModelBusyError
+
+            raise ModelBusyError("this chat session is already answering (one turn at a time)")
+        try:
+            gen = yield from self.model.stream_reply(ids, params, cancel)
+            return self._commit(gen, kept, new, dropped)
+        finally:
+            self._lock.release()
+
+    def _commit(self, gen: "Generation", kept: list[Message], new: list[Message], dropped: int) -> Message:
+        """Record a finished turn (a reply cancelled before its first token leaves the conversation as it was)."""
+        reply = gen.reply or Message("assistant", "")
+        self.last_reply = reply
+        if gen.stats.finish_reason == "cancelled" and not gen.tokens:
+            return reply
+        if dropped:
+            self.dropped_messages += dropped
+            log.info("the conversation outgrew the context of %d tokens: dropped its %d oldest messages",
+                     self.model.info.n_ctx, dropped)
+            if self.on_truncate is not None:
+                self.on_truncate(dropped)
+        self._messages = kept + new + [reply]
+        self._cached = _Cached(gen.prompt + gen.tokens, len(self._messages))
+        return reply
+
+    # -- prompts ----------------------------------------------------------------------------------------------
+    def _prompt(self, new: list[Message], params: SamplingParams) -> tuple[list[int], list[Message], int]:
+        """The ids for this turn, the history they keep, and how many old messages were dropped to fit."""
+        n_ctx = self.model.info.n_ctx
+        room = min(params.max_tokens if params.max_tokens is not None else n_ctx // 4, n_ctx // 2)
+        tail = self._continuation(new)
+        if tail is not None and len(self._cached.tokens) + len(tail) + room <= n_ctx:
+            return self._cached.tokens + tail, list(self._messages), 0
+        kept = list(self._messages)
+        ids = self.model.prompt_ids(kept + new)
+        while len(ids) + room > n_ctx and drop_round(kept, keep_last=new[0].role == "observation"):
+            ids = self.model.prompt_ids(kept + new)
+        if len(ids) >= n_ctx:
+            raise ContextOverflowError(f"the message needs {len(ids)} tokens with the system prompt, more than the "
+                                       f"context of {n_ctx} tokens")
+        return ids, kept, len(self._messages) - len(kept)
+
+    def _continuation(self, new: list[Message]) -> Optional[list[int]]:
+        """The ids the format puts after the last reply to continue with ``new``, or None (see the module doc)."""
+        cached, history = self._cached, self._messages
+        if cached is None or cached.n_messages != len(history) or history[-1].role != "assistant":
+            return None
+        fmt, tok = self.model.format, self.model.engine
+        blank_reply = replace(history[-1], content="", tool_calls=[], thinking="")
+        try:
+            before = fmt.prompt_ids(history[:-1], tok)  # the previous turn's prompt, as the format writes it
+            full = fmt.prompt_ids(history + new, tok)
+            blank = fmt.prompt_ids(history[:-1] + [blank_reply] + new, tok)
+        except InputError:
+            return None
+        n = len(before)
+        if full[:n] != before or blank[:n] != before:
+            return None
+        k = min(common_suffix(full, blank), len(blank) - n)
+        head = blank[n:len(blank) - k]  # what opens the reply (its metadata line): generated by the model itself
+        if not k or full[n:n + len(head)] != head:
+            return None
+        return full[len(full) - k:]
+
+    # -- files ------------------------------------------------------------------------------------------------
+    def save(self, path: os.PathLike | str) -> None:
+        """Write the conversation as JSON (``{"kind": "chatglm-conversation", "version": 1, "messages": [...]}``)."""
+        data = {"kind": FILE_KIND, "version": FILE_VERSION, "model": self.model.info.description,
+                "messages": [m.to_dict() for m in self._messages]}
+        try:
+            Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write: {exc.strerror or exc}", path) from None
+
+    def load(self, path: os.PathLike | str) -> None:
+        """Replace the conversation with one saved by :meth:`save` (or a JSON list of messages)."""
+        self.reset(read_conversation(path))
+
+
+def drop_round(messages: list[Message], *, keep_last: bool = False) -> bool:
+    """Remove the oldest round (a user message and everything up to the next one); system messages stay."""
+    starts = [i for i, m in enumerate(messages) if m.role == "user"]
+    first = next((i for i, m in enumerate(messages) if m.role != "system"), None)
+    if first is None or (keep_last and len(starts) <= 1):
+        return False
+    end = next((i for i in starts if i > first), len(messages))
+    del messages[first:end]
+    return True
+
+
+def read_conversation(path: os.PathLike | str) -> list[Message]:
+    """Messages from a conversation file; every problem is an :class:`InputError` naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError("not found", path) from None
+    except UnicodeDecodeError:
+        raise InputError("not a UTF-8 text file", path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", path) from None
+    if isinstance(data, dict):
+        if data.get("kind") != FILE_KIND or not isinstance(data.get("messages"), list):
+            raise InputError(f"not a conversation file: expected an object with \"kind\": \"{FILE_KIND}\" and "
+                             "\"messages\", or a list of messages", path)
+        if data.get("version") != FILE_VERSION:
+            raise InputError(f"conversation file version {data.get('version')!r} is not supported "
+                             f"(this version reads {FILE_VERSION})", path)
+        data = data["messages"]
+    if not isinstance(data, list):
+        raise InputError("not a conversation file: expected a list of messages", path)
+    messages = []
+    for i, item in enumerate(data, 1):
+        try:
+            messages.append(Message.from_dict(item))
+        except InputError as exc:
+            raise InputError(f"message {i}: {exc.problem}", path) from None
+    return messages

@@ -1,0 +1,318 @@
+"""The ASGI application: OpenAI-compatible endpoints and the chat page over a pool of loaded models.
+
+``create_app(load_models, config)`` returns a FastAPI app. ``load_models`` runs on a background thread at startup and
+returns the model instances (one per ``--parallel`` slot); until it returns, ``/health`` and the generation endpoints
+answer 503. Each generation runs on a worker thread; the event loop only relays text, so a slow model never blocks
+``/health`` or the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.background import BackgroundTask
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from chatglm.server.errors import APIError, invalid
+from chatglm.server.mapping import (Outcome, chat_chunk, chat_completion, new_id, text_completion, to_messages,
+                                    tool_call_deltas, usage_chunk)
+from chatglm.server.pool import ModelPool
+from chatglm.server.schema import parse_chat, parse_completion
+from chatglm.server.worker import Generation, chat_job, completion_job
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this much, so the client sees the 413
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_id: str = "chatglm"
+    api_key: Optional[str] = None
+    cors_origin: Optional[str] = None
+    max_queue: int = 64  # requests waiting for an instance, besides those running
+    max_body_bytes: int = 4 << 20
+    on_load_failed: Optional[Callable[[BaseException], None]] = None
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def page_html() -> str:
+    return resources.files("chatglm.server").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request's JSON body; 413 past ``limit`` bytes, 400 when it is empty or not JSON."""
+    declared = request.headers.get("content-length", "")
+    too_big = declared.isdigit() and int(declared) > limit
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            too_big = True
+        if too_big and size > DRAIN_LIMIT:
+            break
+        if not too_big:
+            chunks.append(chunk)
+    if too_big:
+        raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
+                       code="request_too_large")
+    body = b"".join(chunks)
+    if not body.strip():
+        raise invalid("the request body is empty; send a JSON object")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise invalid(f"the request body is not valid JSON: {exc}") from None
+
+
+async def until_disconnect(request: Request, awaitable) -> Any:
+    """Await ``awaitable``; if the client disconnects first, cancel it and raise :class:`ClientGone`."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientGone()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Server:
+    """The state behind one app: config, pool, executor, the generations in flight."""
+
+    def __init__(self, load_models: Callable[[], Sequence[Any]], config: ServerConfig, parallel: int):
+        self.config, self.load_models = config, load_models
+        self.pool: ModelPool = ModelPool(config.max_queue)
+        self.executor = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="chatglm-gen")
+        self.active: set[Generation] = set()
+        self.started = time.time()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start_loading(self, loop: asyncio.AbstractEventLoop) -> threading.Thread:
+        def work() -> None:
+            try:
+                models = list(self.load_models())
+            except BaseException as exc:  # reported on /health and to the CLI; the server stays up to say so
+                log.error("loading the model failed: %s", exc)
+                loop.call_soon_threadsafe(self._load_failed, exc)
+                return
+            try:
+                loop.call_soon_threadsafe(self.pool.set_ready, models)
+            except RuntimeError:  # shut down while we were loading
+                close_all(models)
+
+        thread = threading.Thread(target=work, name="chatglm-load", daemon=True)
+        thread.start()
+        return thread
+
+    def _load_failed(self, exc: BaseException) -> None:
+        self.pool.set_failed(str(exc))
+        if self.config.on_load_failed is not None:
+            self.config.on_load_failed(exc)
+
+    def shutdown(self) -> None:
+        self.pool.close()
+        for gen in list(self.active):
+            gen.close()
+        self.executor.shutdown(wait=True)
+        close_all(self.pool.models)
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "invalid API key: send 'Authorization: Bearer <key>' with the server's --api-key",
+                           code="invalid_api_key")
+
+    async def respond(self, request: Request, gen: Generation, stream: bool,
+                      whole: Callable[[Outcome], dict], chunks: Callable[[Generation], AsyncIterator[dict]]):
+        self.active.add(gen)
+        streaming = False
+        try:
+            await until_disconnect(request, gen.start())
+            if stream:
+                streaming = True
+                return StreamingResponse(self._sse(gen, chunks), media_type="text/event-stream",
+                                         headers=SSE_HEADERS, background=BackgroundTask(self._end, gen))
+            return JSONResponse(whole(await until_disconnect(request, gen.outcome())))
+        except ClientGone:
+            log.info("client disconnected; generation cancelled")
+            return Response(status_code=499)
+        finally:
+            if not streaming:
+                self._end(gen)
+
+    async def _sse(self, gen: Generation, chunks: Callable[[Generation], AsyncIterator[dict]]) -> AsyncIterator[str]:
+        try:
+            async for obj in chunks(gen):
+                yield sse(obj)
+        except APIError as exc:
+            yield sse(exc.body())
+        finally:
+            self._end(gen)  # on a disconnect Starlette cancels us: the model stops before its next token
+        yield "data: [DONE]\n\n"
+
+    def _end(self, gen: Generation) -> None:
+        gen.close()
+        self.active.discard(gen)
+
+
+def close_all(models: Sequence[Any]) -> None:
+    for m in models:
+        close = getattr(m, "close", None)
+        if close is not None:
+            close()
+
+
+def create_app(load_models: Callable[[], Sequence[Any]], config: ServerConfig = ServerConfig(),
+               parallel: int = 1) -> FastAPI:
+    """The app serving the models ``load_models()`` returns (called once, on a thread, at startup)."""
+    server = Server(load_models, config, parallel)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        loader = server.start_loading(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            server.shutdown()
+            loader.join(timeout=0.1)
+
+    app = FastAPI(title="chatglm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    _install_error_handlers(app)
+    if config.cors_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=[config.cors_origin], allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    page = page_html()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = server.pool.status()
+        return JSONResponse(status, status_code=200 if status["status"] == "ok" else 503)
+
+    app.include_router(_v1_router(server), prefix="/v1")
+    return app
+
+
+def _v1_router(server: Server) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(server.authorize)])
+    model_id = server.config.model_id
+
+    def model_card() -> dict:
+        return {"id": model_id, "object": "model", "created": int(server.started), "owned_by": "chatglm"}
+
+    @router.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @router.get("/models/{name:path}")
+    async def model(name: str) -> dict:
+        if name != model_id:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
+                           code="model_not_found", param="model")
+        return model_card()
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_chat(await read_json(request, server.config.max_body_bytes))
+        gen = Generation(server.pool, server.executor, chat_job(to_messages(req), req.sampling_kwargs(), req.stops()))
+        rid = new_id("chatcmpl")
+        return await server.respond(request, gen, req.stream, lambda out: chat_completion(rid, model_id, out),
+                                    lambda g: chat_chunks(g, rid, model_id, req.include_usage()))
+
+    @router.post("/completions")
+    async def completions(request: Request):
+        req = parse_completion(await read_json(request, server.config.max_body_bytes))
+        gen = Generation(server.pool, server.executor, completion_job(req.prompt_text(), req.sampling_kwargs(),
+                                                                      req.stops()))
+        rid = new_id("cmpl")
+        return await server.respond(
+            request, gen, req.stream,
+            lambda out: text_completion(rid, model_id, out.content, out.finish_reason, out.usage()),
+            lambda g: completion_chunks(g, rid, model_id, req.include_usage()))
+
+    return router
+
+
+async def chat_chunks(gen: Generation, rid: str, model_id: str, include_usage: bool) -> AsyncIterator[dict]:
+    created = int(time.time())
+    yield chat_chunk(rid, model_id, {"role": "assistant", "content": ""}, created=created)
+    out = Outcome()
+    async for kind, value in gen.events():
+        if kind == "delta":
+            yield chat_chunk(rid, model_id, {"content": value}, created=created)
+        else:
+            out = value
+    if out.tool_calls:
+        yield chat_chunk(rid, model_id, {"tool_calls": tool_call_deltas(out.tool_calls)}, created=created)
+    yield chat_chunk(rid, model_id, {}, out.finish_reason, created=created)
+    if include_usage:
+        yield usage_chunk(rid, model_id, out, created=created)
+
+
+async def completion_chunks(gen: Generation, rid: str, model_id: str, include_usage: bool) -> AsyncIterator[dict]:
+    created = int(time.time())
+    out = Outcome()
+    async for kind, value in gen.events():
+        if kind == "delta":
+            yield text_completion(rid, model_id, value, None, created=created)
+        else:
+            out = value
+    yield text_completion(rid, model_id, "", out.finish_reason, out.usage() if include_usage else None,
+                          created=created)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), code=None).response()
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()

@@ -1,0 +1,150 @@
+"""OpenAI chat messages and tools in, GLM :class:`Message` values out, and replies back as OpenAI objects.
+
+- ``system`` and ``developer`` messages become system messages, ``user`` user messages.
+- ``tools`` (unless ``tool_choice`` is ``"none"``) become a system message carrying the function definitions in its
+  ``tools`` field, placed first, as ChatGLM3's published OpenAI demo does; the chat format renders them.
+- An assistant message's ``tool_calls`` become :class:`ToolCall` values with their JSON arguments parsed (kept as the
+  raw string when they are not JSON); ``tool`` (and legacy ``function``) messages become ``observation`` messages.
+- Replies: a tool call goes out with ``content: null`` and its arguments as a JSON string, ``finish_reason:
+  "tool_calls"``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from chatglm.runtime.messages import Message, ToolCall
+from chatglm.server.errors import invalid
+from chatglm.server.schema import ChatRequest, NamedToolChoice
+
+TOOLS_PREAMBLE = "Answer the following questions as best as you can. You have access to the following tools:"
+ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+            "tool": "observation", "function": "observation"}
+
+
+def to_messages(req: ChatRequest) -> list[Message]:
+    """The conversation of a chat request as GLM messages (raises a 400 APIError naming the bad message)."""
+    out: list[Message] = []
+    tools = offered_tools(req)
+    if tools:
+        out.append(Message("system", TOOLS_PREAMBLE, tools=tools))
+    for i, raw in enumerate(req.messages):
+        out.append(_message(raw, f"messages[{i}]"))
+    return out
+
+
+def offered_tools(req: ChatRequest) -> list[dict]:
+    if not req.tools or req.tool_choice == "none":
+        return []
+    functions = [t.function.model_dump(exclude_none=True) for t in req.tools]
+    if isinstance(req.tool_choice, NamedToolChoice):
+        wanted = req.tool_choice.function.name
+        functions = [f for f in functions if f["name"] == wanted]
+        if not functions:
+            raise invalid(f"tool_choice names the function {wanted!r}, which is not among the tools", "tool_choice")
+    return functions
+
+
+def _message(raw: dict, where: str) -> Message:
+    role = raw.get("role")
+    if role not in ROLE_MAP:
+        raise invalid(f"{where}.role: unknown role {role!r}; expected one of {', '.join(ROLE_MAP)}", where)
+    content = _text(raw.get("content"), where)
+    if role != "assistant" or not raw.get("tool_calls"):
+        return Message(ROLE_MAP[role], content)
+    calls = raw["tool_calls"]
+    if not isinstance(calls, list):
+        raise invalid(f"{where}.tool_calls must be a list", where)
+    return Message("assistant", content, tool_calls=[_tool_call(c, f"{where}.tool_calls[{j}]")
+                                                     for j, c in enumerate(calls)])
+
+
+def _text(content: Any, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise invalid(f"{where}.content: only text parts are supported, got {kind!r}", where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise invalid(f"{where}.content must be a string or a list of text parts", where)
+
+
+def _tool_call(call: Any, where: str) -> ToolCall:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise invalid(f"{where}: a tool call needs function.name and function.arguments", where)
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            pass  # kept as the raw string: the model wrote it so
+    return ToolCall(fn["name"], args)
+
+
+# -- replies ---------------------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """What one generation produced, ready to be written in either endpoint's shape."""
+
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def tool_calls_out(calls: list[ToolCall]) -> list[dict]:
+    return [{"id": new_id("call"), "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments if isinstance(c.arguments, str)
+                          else json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]
+
+
+def chat_completion(rid: str, model_id: str, out: Outcome) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": out.content}
+    if out.tool_calls:
+        message = {"role": "assistant", "content": out.content or None, "tool_calls": tool_calls_out(out.tool_calls)}
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "message": message, "finish_reason": out.finish_reason, "logprobs": None}],
+            "usage": out.usage()}
+
+
+def chat_chunk(rid: str, model_id: str, delta: dict, finish_reason: Optional[str] = None,
+               created: Optional[int] = None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created or int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def tool_call_deltas(calls: list[ToolCall]) -> list[dict]:
+    return [{"index": i, **c} for i, c in enumerate(tool_calls_out(calls))]
+
+
+def usage_chunk(rid: str, model_id: str, out: Outcome, created: Optional[int] = None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created or int(time.time()), "model": model_id,
+            "choices": [], "usage": out.usage()}
+
+
+def text_completion(rid: str, model_id: str, text: str, finish_reason: Optional[str],
+                    usage: Optional[dict] = None, created: Optional[int] = None) -> dict:
+    body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created or int(time.time()),
+                            "model": model_id, "choices": [{"index": 0, "text": text, "finish_reason": finish_reason,
+                                                            "logprobs": None}]}
+    if usage is not None:
+        body["usage"] = usage
+    return body
