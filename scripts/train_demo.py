@@ -67,9 +67,9 @@ CASES = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("models/demo"), help="output folder (default: models/demo)")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default: 1200)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, tokenizer and weights (default: 0)")
-    p.add_argument("--batch", type=int, default=32, help="dialogues per step (default: 32)")
+    p.add_argument("--batch", type=int, default=16, help="dialogues per step (default: 16)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     p.add_argument("--dialogues", type=int, default=6000, help="random dialogues generated (default: 6000)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
@@ -242,7 +242,7 @@ RoPE on half of each head (base 10000), qkv bias, RMSNorm.
 - seed {seed}, {steps} steps of AdamW (batch {batch} dialogues, peak lr {lr}, warmup + cosine), torch {torch_version}
   on CPU with {threads} threads; training took {train_s:.0f} s, whole script {total_s:.0f} s
 - mean training loss over the last 50 steps: {final_loss:.4f} (loss only on assistant tokens)
-- data: {n_dialogues} dialogues ({n_random} random + every `a+b` for a, b <= 12 in six phrasings), each an optional
+- data: {n_dialogues} dialogues ({n_random} random + every `a+b` for single-digit a, b in six phrasings), each an optional
   system message then 1-3 user/assistant turns, encoded token-exactly as ChatGLM3's `build_chat_input`:
   `[gMASK] sop`, then per message `<|role|>` + sp.encode(metadata + "\\n") + sp.encode(content), each assistant reply
   followed by `<|user|>` (where the published model stops)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import gguf
+import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
@@ -26,8 +27,6 @@ from chatglm.convert.imatrix import load_imatrix, n_values, write_legacy
 from chatglm.convert.qtypes import ModelInfo, Slot, get_recipe, plan_types
 from chatglm.errors import InputError
 from chatglm.ggml.quants import quantize
-
-llama_cpp = pytest.importorskip("llama_cpp")  # a pinned dependency; missing only in a broken install
 
 
 @dataclass(frozen=True)
@@ -363,6 +362,13 @@ def test_requantize_and_imatrix_predicates() -> None:
     assert not qtypes.tensor_requires_imatrix(q2k, "blk.0.ffn_up.weight", QT.Q2_K)
     assert qtypes.tensor_requires_imatrix(q2k, "blk.0.ffn_up.weight", QT.IQ2_XS)
     assert not qtypes.tensor_requires_imatrix(q2ks, "token_embd.weight", QT.IQ2_XS)
+    layout = TINY["chatglm"]
+    plan = plan_types(q2ks, layout.tensors(), layout.info())
+    needing = qtypes.tensors_needing_imatrix(q2ks, plan)
+    assert "blk.0.attn_output.weight" in needing and "output.weight" not in needing
+    assert "blk.0.attn_qkv.weight" not in needing  # q4_k at gqa 4
+    assert qtypes.tensors_needing_imatrix(get_recipe("q4_k_m"), plan_types(get_recipe("q4_k_m"), layout.tensors(),
+                                                                           layout.info())) == []
 
 
 def test_model_info_rejects_other_architectures() -> None:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import typer
 
+from chatglm.cli.bench import bench_cmd
 from chatglm.cli.convert import convert_cmd
+from chatglm.cli.info import info_cmd
+from chatglm.cli.perplexity import perplexity_cmd
 from chatglm.cli.run import run_cmd
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Convert ChatGLM / GLM checkpoints to GGUF and chat with them.")
 app.command("convert")(convert_cmd)
 app.command("run")(run_cmd)
+app.command("info")(info_cmd)
+app.command("bench")(bench_cmd)
+app.command("perplexity")(perplexity_cmd)
 
 
 def main() -> None:

@@ -1,48 +1,316 @@
-"""The interactive chat loop of `chatglm run`."""
+"""The interactive chat of `chatglm run`: streamed replies, commands, multi-line input, Ctrl-C to stop a reply.
+
+Replies go to stdout; notes, errors and statistics go to stderr. Ctrl-C while a reply streams stops it within a token
+and returns to the prompt (the SIGINT handler only sets the reply's cancel event); Ctrl-C at an empty prompt, Ctrl-D or
+/exit leaves.
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import typer
 
-from chatglm.errors import ChatGLMError
+from chatglm.errors import ChatGLMError, InputError
 from chatglm.runtime.messages import Message
+from chatglm.runtime.session import ChatSession
+
+PROMPT, MORE, OBSERVATION = ">>> ", "... ", "observation> "
+FENCE = '"""'
+HELP = f"""Commands:
+  /help                 this help
+  /clear                start a new conversation (the system message stays)
+  /system [TEXT]        set the system message (show it when no text is given)
+  /set [NAME VALUE]     change a setting: temperature, top_p, top_k, repeat_penalty, seed, max_tokens
+                        ("/set seed none" clears seed or max_tokens; no arguments shows the settings)
+  /show                 model information and current settings
+  /save FILE            write the conversation as JSON
+  /load FILE            replace the conversation with one saved by /save
+  /exit                 leave (also /quit, /bye, Ctrl-D, or Ctrl-C at an empty prompt)
+Input: {FENCE} starts and ends a multi-line message. Ctrl-C stops a reply."""
+SETTINGS: dict[str, type] = {"temperature": float, "top_p": float, "top_k": int, "repeat_penalty": float,
+                             "seed": int, "max_tokens": int}
+NULLABLE = ("seed", "max_tokens")
 
 
-def repl(m, history: list[Message], *, verbose: bool = False) -> None:
-    from chatglm.cli.run import print_stats
+class Leave(Exception):
+    """Raised by a command (or Ctrl-C / Ctrl-D at the prompt) to end the chat."""
 
-    typer.echo(f"{m.info.description} ({m.info.family}) — type /exit or Ctrl-D to quit, /clear to start over.",
-               err=True)
-    system = [msg for msg in history if msg.role == "system"]
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            typer.echo("", err=True)
+
+@contextmanager
+def interrupts_set(event: threading.Event) -> Iterator[None]:
+    """While inside, Ctrl-C (SIGINT) sets ``event`` instead of raising KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda _sig, _frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class LineEditor:
+    """``input()`` with GNU readline's line editing and a persistent history when the console has one."""
+
+    def __init__(self, history: Optional[Path] = None):
+        self.readline = None
+        self.history = history
+        if not sys.stdin.isatty():
             return
-        if not line.strip():
-            continue
-        if line.strip() in ("/exit", "/quit", "/bye"):
-            return
-        if line.strip() == "/clear":
-            history = list(system)
-            continue
-        history.append(Message("user", line))
         try:
-            for delta in m.stream_chat(history):
-                sys.stdout.write(delta)
-                sys.stdout.flush()
+            import readline
+        except ImportError:  # Windows without pyreadline3: plain input() still edits a line
+            return
+        self.readline = readline
+        readline.set_history_length(1000)
+        if history is not None and history.is_file():
+            try:
+                readline.read_history_file(str(history))
+            except OSError:
+                pass
+
+    def read(self, prompt: str) -> str:
+        return input(prompt)
+
+    def pending(self) -> str:
+        """The text typed on the line when Ctrl-C was pressed (readline only)."""
+        return self.readline.get_line_buffer() if self.readline is not None else ""
+
+    def save(self) -> None:
+        if self.readline is None or self.history is None:
+            return
+        try:
+            self.history.parent.mkdir(parents=True, exist_ok=True)
+            self.readline.write_history_file(str(self.history))
+        except OSError:
+            pass
+
+
+def out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def note(text: str) -> None:
+    typer.echo(text, err=True)
+
+
+class Repl:
+    def __init__(self, session: ChatSession, *, verbose: bool = False, editor: Optional[LineEditor] = None):
+        self.session = session
+        self.model = session.model
+        self.verbose = verbose
+        self.editor = editor or LineEditor(history_path())
+        self.session.on_truncate = self._truncated
+        self._told_truncation = False
+        self.commands: dict[str, Callable[[str], None]] = {
+            "/help": self.cmd_help, "/?": self.cmd_help, "/clear": self.cmd_clear, "/system": self.cmd_system,
+            "/set": self.cmd_set, "/show": self.cmd_show, "/save": self.cmd_save, "/load": self.cmd_load,
+            "/exit": self.cmd_exit, "/quit": self.cmd_exit, "/bye": self.cmd_exit,
+        }
+
+    def run(self) -> None:
+        info = self.model.info
+        note(f"{info.description} ({info.family}, {self.model.format.name} format, {info.n_ctx} tokens of context)"
+             " - /help for commands, Ctrl-D or /exit to quit.")
+        try:
+            while True:
+                text = self.read_message()
+                if not text.strip():
+                    continue
+                if text.startswith("/"):
+                    self.command(text.strip())
+                else:
+                    self.turn(Message("user", text))
+        except Leave:
+            pass
+        finally:
+            self.editor.save()
+
+    # -- input ------------------------------------------------------------------------------------------------
+    def read_message(self) -> str:
+        """One message: a line, or a block between triple quotes. Raises Leave on Ctrl-D / Ctrl-C at the prompt."""
+        line = self._read(PROMPT)
+        if not line.lstrip().startswith(FENCE):
+            return line
+        body = line.lstrip()[len(FENCE):]
+        lines = []
+        while not body.rstrip().endswith(FENCE):
+            lines.append(body)
+            try:
+                body = self.editor.read(MORE)
+            except KeyboardInterrupt:
+                out("\n")
+                return ""  # Ctrl-C abandons the block
+            except EOFError:
+                raise Leave from None
+        lines.append(body.rstrip()[:-len(FENCE)])
+        return "\n".join(lines).strip("\n")
+
+    def _read(self, prompt: str) -> str:
+        while True:
+            try:
+                return self.editor.read(prompt)
+            except EOFError:
+                out("\n")
+                raise Leave from None
+            except KeyboardInterrupt:
+                out("\n")
+                if not self.editor.pending().strip():
+                    raise Leave from None
+
+    # -- replies ----------------------------------------------------------------------------------------------
+    def turn(self, message: Optional[Message]) -> None:
+        """Send a message and stream the reply; a tool call asks for its observation and continues."""
+        while message is not None:
+            reply = self.reply(message)
+            if reply is None or not reply.tool_calls:
+                return
+            from chatglm.cli.run import format_tool_call
+
+            for call in reply.tool_calls:
+                note(format_tool_call(call))
+            if not self.session.tools or self.model.last_stats.finish_reason != "stop":
+                return
+            message = self.read_observation()
+
+    def reply(self, message: Message) -> Optional[Message]:
+        cancel = threading.Event()
+        wrote = False
+        try:
+            with interrupts_set(cancel):
+                for delta in self.session.stream_chat(message, cancel=cancel):
+                    out(delta)
+                    wrote = True
         except ChatGLMError as exc:
-            history.pop()
-            typer.echo(f"error: {exc}", err=True)
-            continue
-        except KeyboardInterrupt:
-            history.pop()
-            sys.stdout.write("\n")
-            continue
-        sys.stdout.write("\n")
-        history.append(m.last_reply)
-        if verbose:
-            print_stats(m)
+            if wrote:
+                out("\n")
+            note(f"error: {exc}")
+            return None
+        out("\n")
+        if self.verbose:
+            from chatglm.cli.run import print_stats
+
+            print_stats(self.model)
+        return self.session.last_reply
+
+    def read_observation(self) -> Optional[Message]:
+        """The tool's result, typed by the user (nothing is run here). Ctrl-C / Ctrl-D return to the prompt."""
+        try:
+            text = self.editor.read(OBSERVATION)
+        except (KeyboardInterrupt, EOFError):
+            out("\n")
+            return None
+        return Message("observation", text)
+
+    def _truncated(self, dropped: int) -> None:
+        if not self._told_truncation:
+            self._told_truncation = True
+            note(f"note: the conversation outgrew the context of {self.model.info.n_ctx} tokens; its oldest rounds "
+                 "are dropped to make room (the system message stays).")
+
+    # -- commands ---------------------------------------------------------------------------------------------
+    def command(self, line: str) -> None:
+        name, _, arg = line.partition(" ")
+        handler = self.commands.get(name.lower())
+        if handler is None:
+            note(f"error: unknown command {name}; /help lists the commands")
+            return
+        try:
+            handler(arg.strip())
+        except ChatGLMError as exc:
+            note(f"error: {exc}")
+
+    def cmd_help(self, _arg: str) -> None:
+        note(HELP)
+
+    def cmd_exit(self, _arg: str) -> None:
+        raise Leave
+
+    def cmd_clear(self, _arg: str) -> None:
+        self.session.clear()
+        note("started a new conversation")
+
+    def cmd_system(self, arg: str) -> None:
+        if not arg:
+            current = self.session.system
+            note(f"system: {current.content}" if current else "no system message (set one with /system TEXT)")
+            return
+        self.session.set_system(arg, self.session.tools)
+        note("system message set")
+
+    def cmd_set(self, arg: str) -> None:
+        name, _, value = arg.partition(" ")
+        if not name:
+            note(settings_line(self.session))
+            return
+        if name not in SETTINGS:
+            raise InputError(f"unknown setting {name!r}; settings: {', '.join(SETTINGS)}")
+        value = value.strip()
+        if not value:
+            raise InputError(f"/set {name} needs a value")
+        self.session.sampling = self.session.sampling.updated(**{name: parse_setting(name, value)})
+        note(f"{name} = {getattr(self.session.sampling, name)}")
+
+    def cmd_show(self, _arg: str) -> None:
+        info, fmt = self.model.info, self.model.format
+        system = self.session.system
+        lines = [
+            f"model       {info.description}",
+            f"file        {info.path} ({info.size_bytes / 2**20:.1f} MiB)",
+            f"family      {info.family} ({info.arch} architecture, {fmt.name} chat format)",
+            f"parameters  {info.n_params:,}",
+            f"context     {info.n_ctx} tokens (trained on {info.n_ctx_train}); this conversation uses "
+            f"{len(self.session.tokens)}",
+            f"messages    {len(self.session.messages)}",
+            f"system      {system.content if system else '(none)'}",
+            f"tools       {', '.join(str(t.get('name', '?')) for t in self.session.tools or []) or '(none)'}",
+            settings_line(self.session),
+        ]
+        out("\n".join(lines) + "\n")
+
+    def cmd_save(self, arg: str) -> None:
+        if not arg:
+            raise InputError("/save needs a file name")
+        self.session.save(Path(arg).expanduser())
+        note(f"saved {len(self.session.messages)} messages to {arg}")
+
+    def cmd_load(self, arg: str) -> None:
+        if not arg:
+            raise InputError("/load needs a file name")
+        self.session.load(Path(arg).expanduser())
+        note(f"loaded {len(self.session.messages)} messages from {arg}")
+
+
+def parse_setting(name: str, value: str):
+    if name in NULLABLE and value.lower() in ("none", "off", "default"):
+        return None
+    try:
+        return SETTINGS[name](value)
+    except ValueError:
+        kind = "an integer" if SETTINGS[name] is int else "a number"
+        raise InputError(f"/set {name} needs {kind}, got {value!r}") from None
+
+
+def settings_line(session: ChatSession) -> str:
+    p = session.sampling
+    return "settings    " + " ".join(f"{f.name}={getattr(p, f.name)}" for f in fields(p) if f.name in SETTINGS)
+
+
+def history_path() -> Optional[Path]:
+    from chatglm.demo import cache_dir
+
+    try:
+        return cache_dir() / "repl_history"
+    except (OSError, RuntimeError):  # no home directory
+        return None
+
+
+__all__ = ["HELP", "LineEditor", "Repl", "interrupts_set"]

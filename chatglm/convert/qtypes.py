@@ -432,3 +432,8 @@ def tensor_requires_imatrix(recipe: Recipe, name: str, qtype: QT) -> bool:
         return True
     return qtype == QT.Q2_K and recipe.ftype == F.MOSTLY_Q2_K_S
 
+
+
+def tensors_needing_imatrix(recipe: Recipe, plan: dict[str, QT]) -> list[str]:
+    """Tensors of a plan that llama.cpp would refuse to quantize without importance-matrix data for them."""
+    return [name for name, qtype in plan.items() if tensor_requires_imatrix(recipe, name, qtype)]

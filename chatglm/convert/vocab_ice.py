@@ -134,7 +134,7 @@ def with_pieces(proto: bytes, pieces: list[Piece], byte_fallback: bool | None = 
         if number == 2 and wire == 2 and byte_fallback is not None:
             value = bytes(value) + encode_field(35, 0, int(byte_fallback))  # type: ignore[arg-type]
         out += encode_field(number, wire, value)
-    out += b"".join(encode_piece(p) for p in pieces)
+    out += b"".join(encode_field(1, 2, encode_piece(p)) for p in pieces)
     return bytes(out)
 
 

@@ -65,8 +65,10 @@ FIXTURE_TEMPLATES = {
 
 
 def train_glm4_bpe(texts: Optional[Iterable[str]] = None, vocab_size: int = 1200,
-                   specials: Sequence[str] = GLM4_SPECIALS) -> "tokenizers.Tokenizer":
-    """A byte-level BPE with GLM-4's pre-tokenizer; ``specials`` are added after the learned tokens."""
+                   specials: Sequence[str] = GLM4_SPECIALS,
+                   user_defined: Sequence[str] = ()) -> "tokenizers.Tokenizer":
+    """A byte-level BPE with GLM-4's pre-tokenizer; ``specials`` (then ``user_defined``, added tokens that are not
+    special, as GLM-4.5's ``<think>``/``<tool_call>`` markers are assumed to be) follow the learned tokens."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from chatglm.devtools.corpus import training_texts
@@ -81,6 +83,7 @@ def train_glm4_bpe(texts: Optional[Iterable[str]] = None, vocab_size: int = 1200
                                   show_progress=False, min_frequency=2)
     tok.train_from_iterator(list(training_texts() if texts is None else texts), trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
     return tok
 
 
@@ -110,7 +113,7 @@ def tokenizer_config(tok: "tokenizers.Tokenizer", chat_template: Optional[str], 
     """``tokenizer_config.json`` with ``added_tokens_decoder`` as transformers writes it."""
     decoder = {
         str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                 "special": True}
+                 "special": t.special}
         for i, t in sorted(tok.get_added_tokens_decoder().items())
     }
     out: dict[str, Any] = {"added_tokens_decoder": decoder, "clean_up_tokenization_spaces": False,
@@ -231,6 +234,7 @@ def published_config(model, **extra: Any) -> dict[str, Any]:
     for key in ("dtype", "transformers_version", "output_router_logits"):
         cfg.pop(key, None)
     cfg["torch_dtype"] = "float32"
+    cfg["architectures"] = [type(model).__name__]
     cfg.update(extra)
     return cfg
 
@@ -285,3 +289,32 @@ def reference_logits(model, ids: Sequence[int]) -> np.ndarray:
     from chatglm.devtools.checkpoints import reference_logits as _reference
 
     return _reference(model, ids)
+
+
+#: fixture name -> (transformers model kind, layout, chat template key)
+LAYOUTS: dict[str, tuple[str, str, str]] = {
+    "glm4": ("glm", "thudm", "glm4"),
+    "glm4-hf": ("glm", "hf", "glm4"),
+    "glm-edge": ("glm", "hf", "glm-edge"),
+    "glm4-0414": ("glm4", "hf", "glm4-0414"),
+    "glm4-z1": ("glm4", "hf", "glm4-z1"),
+    "glm45": ("glm4_moe", "hf", "glm45"),
+}
+
+
+def build_checkpoint(layout: str, out_dir: str | Path, tok: "tokenizers.Tokenizer", *, seed: int = 0,
+                     extra_rows: int = 7, **overrides: Any):
+    """A tiny model for ``layout`` (a key of :data:`LAYOUTS`) saved under ``out_dir``; returns (model, folder).
+
+    The embedding has ``extra_rows`` more rows than the tokenizer has ids (padding, as in the published models).
+    GLM-4.5 checkpoints also get the next-token-prediction layer that conversion must leave out.
+    """
+    kind, where, template = LAYOUTS[layout]
+    model = tiny_model(kind, tok.get_vocab_size() + extra_rows, seed=seed, **overrides)
+    if where == "thudm":
+        return model, save_thudm_checkpoint(model, out_dir, tok, chat_template=FIXTURE_TEMPLATES[template])
+    extra = nextn_layer(model, seed + 1) if kind == "glm4_moe" else None
+    cfg = {"num_nextn_predict_layers": 1} if kind == "glm4_moe" else None
+    folder = save_hf_checkpoint(model, out_dir, tok, chat_template=FIXTURE_TEMPLATES[template], extra_tensors=extra,
+                                config_overrides=cfg)
+    return model, folder

@@ -15,8 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -120,9 +119,11 @@ def type_name(ggml_type: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- tensors
-@dataclass(frozen=True, slots=True)
-class Tensor:
-    """A ggml tensor handle with its shape and strides as ggml has them (4 dims, ggml order)."""
+class Tensor(NamedTuple):
+    """A ggml tensor handle with its shape and strides as ggml has them (4 dims, ggml order).
+
+    Kept on the Python side so that checks cost no native call (a graph has ~50 tensors per layer).
+    """
 
     ptr: int
     type: int
@@ -176,7 +177,8 @@ def _pad4(shape: Sequence[int]) -> tuple[int, int, int, int]:
 
 
 def _can_repeat(b: Tensor, a: Tensor) -> bool:
-    return all(x % y == 0 for x, y in zip(a.ne, b.ne))
+    x, y = a.ne, b.ne
+    return x[0] % y[0] == 0 and x[1] % y[1] == 0 and x[2] % y[2] == 0 and x[3] % y[3] == 0
 
 
 # ------------------------------------------------------------------------------------------------------- graphs
@@ -187,23 +189,23 @@ class Graph:
     what it depends on to the graph, in order.
     """
 
-    def __init__(self, max_tensors: int, max_nodes: int):
-        """``max_nodes`` bounds nodes and leaves each: at least ``max_tensors`` plus the outside tensors used."""
-        a = api()
-        if max_nodes < max_tensors:
+    def __init__(self, max_tensors: int, max_nodes: int = 0):
+        """``max_nodes`` bounds nodes and leaves each: at least ``max_tensors`` plus the outside tensors used.
+        With ``max_nodes=0`` the context only holds tensors (weights, a KV cache) and has no graph."""
+        a = self._a = api()
+        if max_nodes and max_nodes < max_tensors:
             raise GGMLError("a graph needs room for at least as many nodes as it has tensors")
         self.max_tensors, self.max_nodes = max_tensors, max_nodes
-        mem = a.tensor_overhead() * max_tensors + a.graph_overhead_custom(max_nodes, False)
+        mem = a.tensor_overhead() * max_tensors + (a.graph_overhead_custom(max_nodes, False) if max_nodes else 0)
         self.ctx = a.init(InitParams(mem, None, True))
         if not self.ctx:
             raise GGMLError("ggml_init failed (out of memory)")
         self.n_tensors = 0
-        self.graph = a.new_graph_custom(self.ctx, max_nodes, False)
-        self._n_nodes = 0
+        self.graph = a.new_graph_custom(self.ctx, max_nodes, False) if max_nodes else None
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
-            api().free(self.ctx)
+            self._a.free(self.ctx)
             self.ctx = None
 
     def __enter__(self) -> "Graph":
@@ -213,21 +215,25 @@ class Graph:
         self.close()
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
-    def _made(self, ptr: Optional[int], ggml_type: int, ne: Sequence[int], nb: Optional[Sequence[int]] = None,
+    def _made(self, ptr: Optional[int], ggml_type: int, ne4: tuple, nb4: Optional[tuple] = None,
               root: Optional[Tensor] = None, offs: int = 0) -> Tensor:
+        """The handle of a tensor ggml just made: ``ne4`` its 4-dim shape; ``nb4`` None for a contiguous tensor;
+        ``root`` the tensor whose storage a view shares, at ``offs`` bytes."""
         if not ptr:
             raise GGMLError("ggml returned no tensor")
-        ne4 = _pad4(ne)
-        nb4 = tuple(nb) if nb is not None else contiguous_strides(ggml_type, ne4)
+        if nb4 is None:
+            blck, size = type_traits(ggml_type)
+            row = size * (ne4[0] // blck)
+            nb4 = (size, row, row * ne4[1], row * ne4[1] * ne4[2])
         if root is None:
-            t = Tensor(ptr, ggml_type, ne4, nb4, 0, 0)  # type: ignore[arg-type]
-            return Tensor(ptr, ggml_type, ne4, nb4, t.nbytes, 0)  # type: ignore[arg-type]
-        return Tensor(ptr, ggml_type, ne4, nb4, root.root_nbytes, root.offs + offs)  # type: ignore[arg-type]
+            return Tensor(ptr, ggml_type, ne4, nb4, nb4[3] * ne4[3], 0)
+        return Tensor(ptr, ggml_type, ne4, nb4, root.root_nbytes, root.offs + offs)
 
-    def _reserve(self, n: int = 1) -> None:
-        if self.n_tensors + n > self.max_tensors:
+    def _reserve(self) -> None:
+        self.n_tensors += 1
+        if self.n_tensors > self.max_tensors:
+            self.n_tensors -= 1
             raise GGMLError(f"graph context full ({self.max_tensors} tensors): raise max_tensors")
-        self.n_tensors += n
 
     def new(self, ggml_type: int, shape: Sequence[int], name: str = "") -> Tensor:
         ne4 = _pad4(shape)
@@ -236,28 +242,30 @@ class Graph:
             raise GGMLError(f"row length {ne4[0]} is not a multiple of {type_name(ggml_type)}'s block {blck}")
         self._reserve()
         n = len(shape)
-        ptr = api().new_tensor(self.ctx, ggml_type, n, (I64 * n)(*ne4[:n]))
+        ptr = self._a.new_tensor(self.ctx, ggml_type, n, (I64 * n)(*ne4[:n]))
         if name:
-            api().set_name(ptr, name.encode()[:63])
+            self._a.set_name(ptr, name.encode()[:63])
         return self._made(ptr, ggml_type, ne4)
 
     def input(self, ggml_type: int, shape: Sequence[int], name: str) -> Tensor:
         t = self.new(ggml_type, shape, name)
-        api().set_input(t.ptr)
+        self._a.set_input(t.ptr)
         return t
 
     def output(self, t: Tensor) -> Tensor:
-        api().set_output(t.ptr)
+        self._a.set_output(t.ptr)
         return t
 
     def expand(self, t: Tensor) -> None:
         """Add ``t`` and its dependencies. Tensors of this context are at most ``max_tensors`` nodes; the caller
         sized ``max_nodes`` for the outside ones (weights, cache)."""
-        api().build_forward_expand(self.graph, t.ptr)
+        if self.graph is None:
+            raise GGMLError("this context has no graph")
+        self._a.build_forward_expand(self.graph, t.ptr)
 
     @property
     def n_nodes(self) -> int:
-        return int(api().graph_n_nodes(self.graph))
+        return int(self._a.graph_n_nodes(self.graph)) if self.graph is not None else 0
 
     # -- element-wise -----------------------------------------------------------------------------------------
     def _binary(self, fn: Callable, a: Tensor, b: Tensor, what: str) -> Tensor:
@@ -269,10 +277,10 @@ class Graph:
         return self._made(fn(self.ctx, a.ptr, b.ptr), a.type, a.ne)
 
     def add(self, a: Tensor, b: Tensor) -> Tensor:
-        return self._binary(api().add, a, b, "add")
+        return self._binary(self._a.add, a, b, "add")
 
     def mul(self, a: Tensor, b: Tensor) -> Tensor:
-        return self._binary(api().mul, a, b, "mul")
+        return self._binary(self._a.mul, a, b, "mul")
 
     def _unary(self, fn: Callable, a: Tensor, *args: float, what: str, rows_only: bool = True) -> Tensor:
         ok = a.nb[0] == type_traits(a.type)[1] if rows_only else _is_padded_1d(a)
@@ -282,19 +290,19 @@ class Graph:
         return self._made(fn(self.ctx, a.ptr, *args), a.type, a.ne)
 
     def sqr(self, a: Tensor) -> Tensor:
-        return self._unary(api().sqr, a, what="sqr")
+        return self._unary(self._a.sqr, a, what="sqr")
 
     def tanh(self, a: Tensor) -> Tensor:
-        return self._unary(api().tanh, a, what="tanh")
+        return self._unary(self._a.tanh, a, what="tanh")
 
     def scale(self, a: Tensor, s: float) -> Tensor:
-        return self._unary(api().scale, a, s, what="scale", rows_only=False)
+        return self._unary(self._a.scale, a, s, what="scale", rows_only=False)
 
     def scale_bias(self, a: Tensor, s: float, b: float) -> Tensor:
-        return self._unary(api().scale_bias, a, s, b, what="scale_bias", rows_only=False)
+        return self._unary(self._a.scale_bias, a, s, b, what="scale_bias", rows_only=False)
 
     def norm(self, a: Tensor, eps: float) -> Tensor:
-        return self._unary(api().norm, a, eps, what="norm")
+        return self._unary(self._a.norm, a, eps, what="norm")
 
     # -- matrix ops -------------------------------------------------------------------------------------------
     def mul_mat(self, a: Tensor, b: Tensor) -> Tensor:
@@ -306,14 +314,14 @@ class Graph:
         if b.nb[0] != type_traits(b.type)[1]:
             raise GGMLError("mul_mat: the second operand's rows are not contiguous")
         self._reserve()
-        return self._made(api().mul_mat(self.ctx, a.ptr, b.ptr), F32, (a.ne[1], b.ne[1], b.ne[2], b.ne[3]))
+        return self._made(self._a.mul_mat(self.ctx, a.ptr, b.ptr), F32, (a.ne[1], b.ne[1], b.ne[2], b.ne[3]))
 
     def get_rows(self, a: Tensor, ids: Tensor) -> Tensor:
         """Rows ``ids`` (i32 vector) of the matrix ``a`` as f32 (ne0, len(ids))."""
         if ids.type != I32 or ids.ne[1:] != (1, 1, 1) or a.ne[2:] != (1, 1):
             raise GGMLError("get_rows: takes a matrix and an i32 vector of row ids")
         self._reserve()
-        return self._made(api().get_rows(self.ctx, a.ptr, ids.ptr), F32, (a.ne[0], ids.ne[0]))
+        return self._made(self._a.get_rows(self.ctx, a.ptr, ids.ptr), F32, (a.ne[0], ids.ne[0], 1, 1))
 
     def soft_max(self, a: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
         """softmax(a * scale + mask) over rows; ``mask`` (f32/f16, contiguous) broadcasts over ne2/ne3."""
@@ -325,7 +333,7 @@ class Graph:
             if mask.ne[0] != a.ne[0] or mask.ne[1] < a.ne[1] or a.ne[2] % mask.ne[2] or a.ne[3] % mask.ne[3]:
                 raise GGMLError(f"soft_max: mask {list(mask.ne)} does not fit scores {list(a.ne)}")
         self._reserve()
-        return self._made(api().soft_max_ext(self.ctx, a.ptr, mask.ptr if mask else None, scale, 0.0), F32, a.ne)
+        return self._made(self._a.soft_max_ext(self.ctx, a.ptr, mask.ptr if mask else None, scale, 0.0), F32, a.ne)
 
     def rope_neox(self, a: Tensor, pos: Tensor, n_dims: int, base: float, offset: int = 0) -> Tensor:
         """Rotate dims [offset, offset + n_dims) of every row (rotate-half pairs i, i + n_dims/2) by ``pos``.
@@ -340,9 +348,9 @@ class Graph:
         if n_dims <= 0 or n_dims % 2 or offset < 0 or offset % 2 or offset + n_dims > a.ne[0]:
             raise GGMLError(f"rope: cannot rotate dims {offset}..{offset + n_dims} of rows of {a.ne[0]}")
         self._reserve()
-        ptr = api().rope_ext(self.ctx, a.ptr, pos.ptr, None, n_dims, ROPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0)
+        ptr = self._a.rope_ext(self.ctx, a.ptr, pos.ptr, None, n_dims, ROPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0)
         if offset:
-            api().rope_set_offset(ptr, offset)
+            self._a.rope_set_offset(ptr, offset)
         return self._made(ptr, F32, a.ne)
 
     # -- layout -----------------------------------------------------------------------------------------------
@@ -359,7 +367,7 @@ class Graph:
         if offset < 0 or ne4[0] % type_traits(a.type)[0] or v.offs + v.nbytes > a.root_nbytes:
             raise GGMLError(f"view {list(ne4)} at byte {v.offs} runs past its storage of {a.root_nbytes} bytes")
         self._reserve()
-        ptr = api().view_4d(self.ctx, a.ptr, *ne4, *nb4[1:], offset)
+        ptr = self._a.view_4d(self.ctx, a.ptr, *ne4, *nb4[1:], offset)
         return self._made(ptr, a.type, ne4, nb4, a, offset)
 
     def reshape(self, a: Tensor, shape: Sequence[int]) -> Tensor:
@@ -367,7 +375,7 @@ class Graph:
         if not a.is_contiguous() or math.prod(ne4) != a.nelements:
             raise GGMLError(f"reshape: cannot view {list(a.ne)} as {list(ne4)}")
         self._reserve()
-        return self._made(api().reshape_4d(self.ctx, a.ptr, *ne4), a.type, ne4, None, a, 0)
+        return self._made(self._a.reshape_4d(self.ctx, a.ptr, *ne4), a.type, ne4, None, a, 0)
 
     def permute(self, a: Tensor, *axes: int) -> Tensor:
         """Dim i of ``a`` moves to position ``axes[i]`` (ggml_permute)."""
@@ -378,18 +386,18 @@ class Graph:
         for i, ax in enumerate(axes4):
             ne[ax], nb[ax] = a.ne[i], a.nb[i]
         self._reserve()
-        return self._made(api().permute(self.ctx, a.ptr, *axes4), a.type, ne, nb, a, 0)
+        return self._made(self._a.permute(self.ctx, a.ptr, *axes4), a.type, tuple(ne), tuple(nb), a, 0)
 
     def cont(self, a: Tensor) -> Tensor:
         self._reserve()
-        return self._made(api().cont(self.ctx, a.ptr), a.type, a.ne)
+        return self._made(self._a.cont(self.ctx, a.ptr), a.type, a.ne)
 
     def cpy(self, src: Tensor, dst: Tensor) -> Tensor:
         """Copy (and convert) ``src`` into ``dst``'s memory; the result must be expanded into the graph."""
         if src.nelements != dst.nelements:
             raise GGMLError(f"cpy: {list(src.ne)} into {list(dst.ne)}")
         self._reserve()
-        return self._made(api().cpy(self.ctx, src.ptr, dst.ptr), dst.type, dst.ne, dst.nb, dst, 0)
+        return self._made(self._a.cpy(self.ctx, src.ptr, dst.ptr), dst.type, dst.ne, dst.nb, dst, 0)
 
 
 def _is_padded_1d(t: Tensor) -> bool:
@@ -443,15 +451,15 @@ class Backend:
             i += 1
         return out
 
-    def supports_mul_mat_in(self, buft: int, weight: Tensor, n_cols: int = 8) -> bool:
-        """Whether a mul_mat by ``weight`` runs on the CPU device when ``weight`` lives in ``buft``.
+    def supports_mul_mat_in(self, buft: int, ggml_type: int, ne: Sequence[int], n_cols: int = 8) -> bool:
+        """Whether a mul_mat by a (ne0, ne1) weight of ``ggml_type`` living in ``buft`` runs on the CPU device.
 
-        Asked as llama.cpp asks it: a throw-away op over a copy of the weight's shape in an empty buffer of ``buft``.
+        Asked as llama.cpp asks it: a throw-away op over such a weight in an empty buffer of ``buft``.
         """
         a = api()
         with Graph(4, 4) as g:
-            w = g.new(weight.type, weight.ne[:2])
-            op = g.mul_mat(w, g.new(F32, (weight.ne[0], n_cols)))
+            w = g.new(ggml_type, ne[:2])
+            op = g.mul_mat(w, g.new(F32, (ne[0], n_cols)))
             dummy = a.backend_buft_alloc_buffer(buft, 0)
             if not dummy:
                 return False

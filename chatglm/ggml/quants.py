@@ -192,16 +192,17 @@ def quantize(
 
     def run(span: tuple[int, int, int]) -> None:
         m, first, count = span
+        where = (f"expert {m} " if n_mats > 1 else "") + f"rows {first}..{first + count - 1}"
         src = rows[m, first:first + count]
         if not np.isfinite(src).all():
-            raise InputError(f"rows {first}..{first + count - 1} hold NaN or infinite values")
+            raise InputError(f"{where} hold NaN or infinite values")
         dst = out[m, first:first + count]
         weights = None if imat is None else imat[m].ctypes.data_as(_c_float_p)
         written = ggml.ggml_quantize_chunk(
             int(qtype), src.ctypes.data_as(_c_float_p), dst.ctypes.data, 0, count, n_cols, weights
         )
         if written != dst.nbytes or not ggml.ggml_validate_row_data(int(qtype), dst.ctypes.data, dst.nbytes):
-            raise InputError(f"rows {first}..{first + count - 1} do not fit in {qtype.name} (values out of range)")
+            raise InputError(f"{where} do not fit in {qtype.name} (values out of range)")
 
     spans = _chunks(n_mats, n_rows, n_cols)
     if threads <= 1 or len(spans) == 1:

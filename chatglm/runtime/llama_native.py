@@ -100,7 +100,8 @@ def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: 
     params.no_perf = True
     ctx = ll.llama_init_from_model(model, params)
     if not ctx:
-        raise ModelRuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
+        raise ModelRuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens "
+                                "(out of memory? run with --verbose to see its log)")
     return ctx
 
 

@@ -11,7 +11,8 @@ import gguf
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.gguf_file import GGUFHeader, read_header
 from chatglm.runtime.engine import Engine, ModelInfo
-from chatglm.runtime.validate import check_transformer
+from chatglm.runtime.memory import default_context
+from chatglm.runtime.validate import check_kv_type, check_transformer
 
 # GGUF architecture -> "module:class" of the engine that runs it.
 ENGINES = {
@@ -24,7 +25,6 @@ ENGINES = {
 SPECIAL_TEXTS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<sop>", "<eop>", "<|endoftext|>", "<|system|>",
                  "<|user|>", "<|assistant|>", "<|observation|>", "<think>", "</think>", "<|begin_of_image|>")
 DEFAULT_FORMAT = {"glm4": "glm4", "glm4moe": "glm4", "chatglm1": "chatglm1"}
-DEFAULT_CTX = 4096
 
 
 def special_tokens(header: GGUFHeader) -> dict[str, int]:
@@ -78,9 +78,10 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
             f"GGUF architecture {header.arch!r} is not a GLM model this tool runs (known: {', '.join(ENGINES)})", path)
     if target.endswith(":LlamaEngine"):
         check_transformer(header)
+        check_kv_type(header, kv_type)
     info = describe(header)
     if n_ctx is None:
-        n_ctx = min(info.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
+        n_ctx = default_context(header, kv_type)
     if n_ctx < 1:
         raise InputError(f"context size must be positive, got {n_ctx}")
     if n_threads is None:

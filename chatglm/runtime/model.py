@@ -150,11 +150,17 @@ class Model:
         return gen.reply
 
     def stream_chat(self, messages: MessagesLike, *, cancel: Optional[threading.Event] = None,
-                    **sampling) -> Iterator[str]:
+                    **sampling) -> Generator[str, None, Message]:
         """Yield the reply's visible text as it is generated; the parsed reply is ``last_reply`` afterwards.
 
-        The conversation is checked now (errors are raised by this call, not by the first ``next``)."""
-        return self.stream_reply(self.prompt_ids(messages), self._params(sampling), cancel)
+        The conversation is checked now (errors are raised by this call, not by the first ``next``); the model is
+        taken when iteration starts. The generator returns the reply (``chatglm.runtime.model.drain`` gives it)."""
+        return self._reply_of(self.stream_reply(self.prompt_ids(messages), self._params(sampling), cancel))
+
+    @staticmethod
+    def _reply_of(stream: Generator[str, None, Generation]) -> Generator[str, None, Message]:
+        gen = yield from stream
+        return gen.reply if gen.reply is not None else Message("assistant", gen.text)
 
     def generate(self, prompt: str | Sequence[int], *, cancel: Optional[threading.Event] = None, **sampling) -> str:
         """Plain completion of ``prompt`` (text with no chat format and no special tokens added, or token ids)."""

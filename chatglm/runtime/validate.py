@@ -60,3 +60,17 @@ def check_vocab(header: GGUFHeader, n_embd: int) -> int:
         raise InputError(f"GGUF token_embd.weight has shape {list(emb.shape)}, expected [{n_embd}, {n_vocab}]",
                          header.path)
     return n_vocab
+
+
+KV_BLOCK = {"f32": 1, "f16": 1, "bf16": 1, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32}
+
+
+def check_kv_type(header: GGUFHeader, kv_type: str) -> None:
+    """llama.cpp refuses a quantized KV cache whose block does not divide the head size: say so plainly."""
+    if kv_type not in KV_BLOCK:
+        raise InputError(f"unknown KV cache type {kv_type!r}; choose from {', '.join(KV_BLOCK)}")
+    n_head = header.arch_get("attention.head_count") or 1
+    head_dim = header.arch_get("attention.key_length") or (header.arch_get("embedding_length") or 0) // n_head
+    if head_dim % KV_BLOCK[kv_type]:
+        raise InputError(f"KV cache type {kv_type} needs a head size that is a multiple of {KV_BLOCK[kv_type]}; "
+                         f"this model's is {head_dim}", header.path)

@@ -204,7 +204,7 @@ class GlmHF(HFGlmFamily):
 
     def detect_chat_format(self, template: str) -> str:
         """glm-4-9b-chat-hf keeps GLM-4's ``[gMASK]<sop>`` template; GLM-Edge's template has no prefix."""
-        if "<|user|>" in template and "[gMASK]" not in template:
+        if template.strip() and "[gMASK]" not in template:
             self.name = "glm-edge"
             return "glm-edge"
         return "glm4"

@@ -1,0 +1,127 @@
+"""`chatglm serve`: an OpenAI-compatible API and a web chat page over one GGUF model (the demo model by default)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from chatglm.cli.common import handle_errors, setup_logging
+from chatglm.errors import ChatGLMError, InputError, ModelRuntimeError
+
+log = logging.getLogger(__name__)
+
+ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
+
+
+@handle_errors
+def serve_cmd(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="CHATGLM_API_KEY",
+                                                   help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
+    ctx: Annotated[Optional[int], typer.Option("-c", "--n-ctx", "--ctx", help="Context size in tokens.")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Model instances (requests at once).")] = 1,
+    queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests allowed to wait.")] = 64,
+    threads: Annotated[Optional[int], typer.Option("-t", "--threads", min=1, help="CPU threads per instance.")] = None,
+    n_gpu_layers: Annotated[int, typer.Option("-ngl", "--n-gpu-layers")] = 0,
+    cors_origin: Annotated[Optional[str], typer.Option("--cors-origin", help="Allow this one web origin.")] = None,
+    model_id: Annotated[Optional[str], typer.Option("--model-id", help="Name in /v1/models (file stem).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests and model loading.")] = False,
+) -> None:
+    """Serve a GGUF model over the OpenAI API, with a chat page at /."""
+    import uvicorn
+
+    from chatglm.server import ServerConfig, create_app
+
+    setup_logging(verbose)
+    path = resolve_model(model)
+    if threads is None:
+        from chatglm.runtime.llama_native import physical_cores
+
+        threads = max(1, physical_cores() // parallel)
+    failure: list[BaseException] = []
+    server_box: list[uvicorn.Server] = []
+
+    def load_failed(exc: BaseException) -> None:
+        failure.append(exc)
+        server_box[0].should_exit = True
+
+    config = ServerConfig(model_id=model_id or path.stem, api_key=api_key or None, cors_origin=cors_origin,
+                          max_queue=queue_size, on_load_failed=load_failed)
+    app = create_app(lambda: load_instances(path, parallel, ctx, threads, n_gpu_layers), config, parallel)
+    sock = listen(host, port)
+    warn_if_exposed(host, api_key)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
+                                           timeout_graceful_shutdown=5))
+    server_box.append(server)
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    typer.echo(f"chatglm: serving {path.name} at http://{shown}:{bound[1]}/ (OpenAI API under /v1)", err=True)
+    server.run(sockets=[sock])
+    if failure:
+        exc = failure[0]
+        raise exc if isinstance(exc, ChatGLMError) else ModelRuntimeError(f"loading the model failed: {exc}")
+
+
+def resolve_model(model: Optional[Path]) -> Path:
+    """The GGUF to serve, its header checked now so a wrong path fails before the server starts."""
+    from chatglm.gguf_file import read_header
+
+    if model is None:
+        from chatglm.demo import demo_gguf
+
+        model = demo_gguf()
+    if not model.is_file():
+        raise InputError("no such file", model)
+    read_header(model)
+    return model
+
+
+def load_instances(path: Path, parallel: int, n_ctx: Optional[int], threads: int, n_gpu_layers: int) -> list:
+    from chatglm.runtime.model import load
+
+    models = []
+    try:
+        for i in range(parallel):
+            log.info("loading instance %d of %d from %s", i + 1, parallel, path)
+            models.append(load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers))
+    except BaseException:
+        for m in models:
+            m.close()
+        raise
+    return models
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (a clear error when the address is taken or unknown)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InputError(f"cannot resolve the host {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def warn_if_exposed(host: str, api_key: Optional[str]) -> None:
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not api_key:
+        typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model",
+                   err=True)

@@ -1,0 +1,216 @@
+"""The GLM-1 engine: ChatGLM-6B GGUFs (``chatglm1``) evaluated by our own ggml graph on the CPU backend.
+
+The KV cache is ours (two ggml tensors per layer); prefill runs in chunks of ``n_batch`` tokens, except that the
+bidirectional context (every token before ``<sop>``) is always evaluated in one chunk, since each of its tokens
+attends to all others. Decode evaluates one token per graph. ggml-alloc reuses one compute buffer for all graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import numpy as np
+
+from chatglm.convert.families.chatglm1 import KEY_END, KEY_GMASK
+from chatglm.errors import Cancelled, ContextOverflowError, InputError, ModelRuntimeError
+from chatglm.ggml import ops
+from chatglm.gguf_file import GGUFHeader
+from chatglm.runtime.engine import Engine, ModelInfo, ProgressFn
+from chatglm.runtime.glm1 import graph as G
+from chatglm.runtime.glm1 import layout
+from chatglm.runtime.glm1.tokenizer import GLM1Tokenizer
+from chatglm.runtime.glm1.weights import ModelWeights, load_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalTiming:
+    """Where the last graph's time went (seconds): building it in Python, allocating, computing."""
+
+    n_tokens: int = 0
+    n_nodes: int = 0
+    build_s: float = 0.0
+    alloc_s: float = 0.0
+    compute_s: float = 0.0
+
+
+class GLM1Engine(Engine):
+    def __init__(self, header: GGUFHeader, info: ModelInfo, *, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
+                 flash_attn: Optional[bool] = None, kv_type: str = "f16", on_progress: Optional[ProgressFn] = None,
+                 n_batch: int = 512, repack: bool = True):
+        super().__init__()
+        self.cfg = G.GLM1Config.from_header(header)
+        _check_settings(self.cfg, n_ctx, n_batch, kv_type, n_gpu_layers, flash_attn, header)
+        self.tok = GLM1Tokenizer(header)
+        self.ids = _special_ids(header, self.cfg)
+        self.n_batch = n_batch
+        self._parts: list = []
+        try:
+            self.backend = self._own(ops.Backend(n_threads))
+            self.model: ModelWeights = self._own(load_weights(header, self.cfg, self.backend, repack, on_progress))
+            self.kv, kv_parts = _new_cache(self.cfg, n_ctx, G.KV_TYPES[kv_type])
+            self._parts += kv_parts
+            self.allocator = self._own(ops.Allocator(ops.cpu_buffer_type()))
+        except BaseException:
+            self.close()
+            raise
+        eog = {self.ids["eos"], int(header.get(KEY_END, self.ids["eos"]))}
+        self.info = replace(info, n_ctx=n_ctx, n_vocab=self.cfg.n_vocab, eog=frozenset(eog))
+        self._logits = np.zeros(self.cfg.n_vocab, dtype=np.float32)
+        self._has_logits = False
+        self.timing = EvalTiming()
+
+    def _own(self, part):
+        self._parts.append(part)
+        return part
+
+    # -- tokenizer --------------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.tok.token_bytes(token)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tok.decode(tokens)
+
+    # -- cache ------------------------------------------------------------------------------------------------
+    def reusable(self, tokens: Sequence[int]) -> int:
+        return layout.reusable_prefix(self.tokens, tokens, self.ids["layout"])
+
+    def _truncate(self, n_keep: int) -> None:
+        del self.tokens[n_keep:]
+        if n_keep == 0:
+            self._has_logits = False
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    def _eval(self, tokens: Sequence[int], *, cancel: Optional[threading.Event] = None,
+              progress: Optional[ProgressFn] = None, all_logits: bool = False) -> Optional[np.ndarray]:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ModelRuntimeError("nothing to evaluate")
+        bad = [t for t in tokens if not 0 <= t < self.cfg.n_vocab]
+        if bad:
+            raise ModelRuntimeError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.n_vocab - 1})")
+        full = self.tokens + tokens
+        if len(full) > self.kv.n_ctx:
+            raise ContextOverflowError(f"{len(full)} tokens do not fit the context of {self.kv.n_ctx} tokens")
+        ids = self.ids["layout"]
+        context = layout.context_length(full, ids)
+        start = 0 if context > len(self.tokens) else len(self.tokens)  # a grown context spoils every cached token
+        del self.tokens[start:]
+        pos, block_pos = layout.positions(full, ids)
+        rows = []
+        for first, last in self._chunks(start, len(full), context):
+            out = self._run(full, first, last, pos, block_pos, context, all_logits, cancel)
+            self.tokens = full[:last]
+            self.n_evaluated += last - first
+            if all_logits:
+                rows.append(out)
+            if progress:
+                progress(last - start, len(full) - start)
+        return np.concatenate(rows) if all_logits else None
+
+    def _chunks(self, start: int, end: int, context: int) -> list[tuple[int, int]]:
+        """[first, last) spans of at most n_batch tokens; the context (if any is left) in the first, whole."""
+        spans, first = [], start
+        if first < context:
+            spans.append((first, context))
+            first = context
+        spans += [(a, min(a + self.n_batch, end)) for a in range(first, end, self.n_batch)]
+        return spans
+
+    def _run(self, full: list[int], first: int, last: int, pos: np.ndarray, block_pos: np.ndarray, context: int,
+             all_logits: bool, cancel: Optional[threading.Event]) -> np.ndarray:
+        t0 = time.perf_counter()
+        fwd = G.build(self.cfg, self.model.weights, self.kv, first, last - first, all_logits)
+        try:
+            t1 = time.perf_counter()
+            self.allocator.allocate(fwd.graph)
+            inp = fwd.inputs
+            ops.tensor_set(inp.tokens, np.asarray(full[first:last], dtype=np.int32))
+            ops.tensor_set(inp.pos, np.ascontiguousarray(pos[first:last]))
+            ops.tensor_set(inp.block_pos, np.ascontiguousarray(block_pos[first:last]))
+            ops.tensor_set(inp.mask, layout.attention_mask(first, last, context))
+            t2 = time.perf_counter()
+            self._has_logits = False
+            if not self.backend.compute(fwd.graph, cancel.is_set if cancel is not None else None):
+                raise Cancelled("cancelled")
+            n_rows = fwd.logits.ne[1]
+            out = ops.tensor_get(fwd.logits, np.empty((n_rows, self.cfg.n_vocab), dtype=np.float32))
+            self._logits[:] = out[-1]
+            self._has_logits = True
+            self.timing = EvalTiming(last - first, fwd.graph.n_nodes, t1 - t0, t2 - t1, time.perf_counter() - t2)
+            return out
+        finally:
+            fwd.graph.close()
+
+    def logits(self) -> np.ndarray:
+        if not self._has_logits:
+            raise ModelRuntimeError("no logits available: nothing has been evaluated")
+        return self._logits
+
+    def all_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits of every position of ``tokens`` evaluated from an empty cache: (len(tokens), n_vocab)."""
+        tokens = list(tokens)
+        if not tokens:
+            raise ModelRuntimeError("empty prompt: nothing to evaluate")
+        self.reset()
+        return self._eval(tokens, all_logits=True)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for part in reversed(getattr(self, "_parts", [])):
+            part.close()
+        self._parts = []
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def _check_settings(cfg: G.GLM1Config, n_ctx: int, n_batch: int, kv_type: str, n_gpu_layers: int,
+                    flash_attn: Optional[bool], header: GGUFHeader) -> None:
+    if kv_type not in G.KV_TYPES:
+        raise InputError(f"the GLM-1 engine keeps its KV cache in {' or '.join(G.KV_TYPES)}, not {kv_type!r}")
+    if n_ctx < 1 or n_batch < 1:
+        raise InputError(f"context ({n_ctx}) and batch ({n_batch}) sizes must be positive")
+    if n_ctx > cfg.n_ctx_train:
+        log.warning("%s: context of %d tokens is longer than the %d ChatGLM-6B was trained on; positions past "
+                    "%d are untrained and output quality will drop", header.path, n_ctx, cfg.n_ctx_train,
+                    cfg.n_ctx_train)
+    if n_gpu_layers:
+        log.warning("the GLM-1 engine runs on the CPU; ignoring n_gpu_layers=%d", n_gpu_layers)
+    if flash_attn:
+        log.info("the GLM-1 engine has no flash attention; using the standard attention")
+
+
+def _special_ids(header: GGUFHeader, cfg: G.GLM1Config) -> dict:
+    ids = {}
+    for name, key in (("bos", "tokenizer.ggml.bos_token_id"), ("eos", "tokenizer.ggml.eos_token_id"),
+                      ("mask", "tokenizer.ggml.mask_token_id"), ("gmask", KEY_GMASK)):
+        value = header.get(key)
+        if type(value) is not int or not 0 <= value < cfg.n_vocab:
+            raise InputError(f"GGUF lacks a valid {key}", header.path)
+        ids[name] = value
+    ids["layout"] = layout.SpecialIds(bos=ids["bos"], mask=ids["mask"], gmask=ids["gmask"])
+    return ids
+
+
+def _new_cache(cfg: G.GLM1Config, n_ctx: int, kv_type: int) -> tuple[G.KVCache, list]:
+    ctx = ops.Graph(2 * cfg.n_layer)
+    try:
+        k = [ctx.new(kv_type, (cfg.head_dim, cfg.n_head, n_ctx), f"cache_k{il}") for il in range(cfg.n_layer)]
+        v = [ctx.new(kv_type, (n_ctx, cfg.head_dim, cfg.n_head), f"cache_v{il}") for il in range(cfg.n_layer)]
+        buf = ops.Buffer.for_tensors(ctx.ctx, ops.cpu_buffer_type())
+    except BaseException:
+        ctx.close()
+        raise
+    buf.clear()
+    return G.KVCache(k, v, n_ctx), [ctx, buf]

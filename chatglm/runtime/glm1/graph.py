@@ -1,0 +1,209 @@
+"""The ChatGLM-6B forward pass as a ggml graph: one function per block, shapes in ggml order (ne0 first).
+
+Semantics follow the published modeling_chatglm.py of THUDM/chatglm-6b (final release):
+
+- x = embed(ids); per layer: h = LN1(x); x = alpha * h + attn(h); h = LN2(x); x = alpha * h + mlp(h);
+  logits = lm_head(LN_f(x)). LayerNorms have biases; alpha = sqrt(2 * 28).
+- attn: query_key_value is laid out per head as [q | k | v] (head_dim each); the first half of every q/k head is
+  rotated (rotate-half, base 10000) by the position id, the second half by the block position id; scores scaled by
+  1/sqrt(head_dim); the context (tokens before <sop>) attends bidirectionally, later tokens causally.
+- mlp: dense_h_to_4h, exact tanh GELU, dense_4h_to_h, both with biases.
+
+Position ids, block position ids and the mask are computed on the host (:mod:`chatglm.runtime.glm1.layout`) and
+fed as inputs, so one builder serves prefill chunks and single-token decode steps alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from chatglm.errors import InputError
+from chatglm.ggml.ops import F16, F32, I32, Graph, Tensor
+
+GELU_C = math.sqrt(2.0 / math.pi)  # the published gelu_impl's 0.7978845608028654
+TENSORS_PER_LAYER = 64  # an upper bound on the tensors one layer's builders create (counted: 52)
+
+
+@dataclass(frozen=True)
+class GLM1Config:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    eps: float
+    rope_base: float
+    alpha: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def rot_dims(self) -> int:
+        """Dims rotated by each of the two position ids (half a head)."""
+        return self.head_dim // 2
+
+    @classmethod
+    def from_header(cls, header: Any) -> "GLM1Config":
+        """Hyperparameters from a ``chatglm1`` GGUF header, each checked (a bad value must not reach ggml)."""
+        def get(key: str, kind: type, minimum: float | None = 1) -> Any:
+            value = header.arch_get(key)
+            if value is None:
+                raise InputError(f"GGUF lacks chatglm1.{key}", header.path)
+            if kind is int and (type(value) is not int or value < (minimum or 0)):
+                raise InputError(f"chatglm1.{key} must be an integer >= {minimum}, got {value!r}", header.path)
+            if kind is float and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+                raise InputError(f"chatglm1.{key} must be a positive number, got {value!r}", header.path)
+            return kind(value)
+
+        n_embd, n_head = get("embedding_length", int), get("attention.head_count", int)
+        if n_embd % n_head or (n_embd // n_head) % 4:
+            raise InputError(f"head size {n_embd}/{n_head} must be a whole multiple of 4", header.path)
+        rot = get("rope.dimension_count", int)
+        if rot != n_embd // n_head // 2:
+            raise InputError(f"chatglm1.rope.dimension_count is {rot}, expected half the head size "
+                             f"({n_embd // n_head // 2})", header.path)
+        n_vocab = len(header.get("tokenizer.ggml.tokens") or [])
+        if n_vocab < 1:
+            raise InputError("GGUF has no tokenizer.ggml.tokens", header.path)
+        return cls(n_layer=get("block_count", int), n_embd=n_embd, n_head=n_head,
+                   n_ff=get("feed_forward_length", int), n_vocab=n_vocab, n_ctx_train=get("context_length", int),
+                   eps=get("attention.layer_norm_epsilon", float), rope_base=get("rope.freq_base", float),
+                   alpha=get("residual_scale", float))
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: Tensor  # (n_embd,)
+    attn_norm_b: Tensor
+    qkv: Tensor  # (n_embd, 3 * n_embd): per head [q | k | v]
+    qkv_b: Tensor  # (3 * n_embd,)
+    attn_out: Tensor  # (n_embd, n_embd)
+    attn_out_b: Tensor
+    ffn_norm: Tensor
+    ffn_norm_b: Tensor
+    ffn_up: Tensor  # (n_embd, n_ff)
+    ffn_up_b: Tensor  # (n_ff,)
+    ffn_down: Tensor  # (n_ff, n_embd)
+    ffn_down_b: Tensor
+
+
+@dataclass
+class Weights:
+    tok_embd: Tensor  # (n_embd, n_vocab)
+    layers: list[LayerWeights]
+    out_norm: Tensor
+    out_norm_b: Tensor
+    output: Tensor  # (n_embd, n_vocab); the embeddings when tied
+
+    def count(self) -> int:
+        return 5 + 12 * len(self.layers)
+
+
+@dataclass
+class KVCache:
+    """Per layer K as (head_dim, n_head, n_ctx) and V transposed as (n_ctx, head_dim, n_head), f16 or f32."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+    n_ctx: int
+
+
+@dataclass
+class Inputs:
+    tokens: Tensor  # i32 (T,)
+    pos: Tensor  # i32 (T,): position ids
+    block_pos: Tensor  # i32 (T,): block position ids
+    mask: Tensor  # f32 (n_kv, T): 0 where a query may attend, -inf elsewhere
+
+
+@dataclass
+class Forward:
+    graph: Graph
+    inputs: Inputs
+    logits: Tensor  # f32 (n_vocab, T) or (n_vocab, 1)
+
+
+# --------------------------------------------------------------------------------------------------------- blocks
+def layer_norm(g: Graph, x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    return g.add(g.mul(g.norm(x, eps), w), b)
+
+
+def gelu_tanh(g: Graph, x: Tensor) -> Tensor:
+    """0.5 * x * (1 + tanh(sqrt(2/pi) * x * (1 + 0.044715 * x^2))), from exact primitives (ggml_gelu is a table)."""
+    inner = g.mul(x, g.scale_bias(g.sqr(x), 0.044715, 1.0))
+    return g.mul(x, g.scale_bias(g.tanh(g.scale(inner, GELU_C)), 0.5, 0.5))
+
+
+def rope_2d(g: Graph, cfg: GLM1Config, x: Tensor, inp: Inputs) -> Tensor:
+    """(head_dim, n_head, T), maybe strided -> contiguous, first half rotated by pos, second by block_pos."""
+    x = g.rope_neox(x, inp.pos, cfg.rot_dims, cfg.rope_base)
+    return g.rope_neox(x, inp.block_pos, cfg.rot_dims, cfg.rope_base, offset=cfg.rot_dims)
+
+
+def attention(g: Graph, cfg: GLM1Config, w: LayerWeights, kv: KVCache, il: int, h: Tensor, inp: Inputs,
+              n_past: int) -> Tensor:
+    hd, nh, T = cfg.head_dim, cfg.n_head, h.ne[1]
+    n_kv = n_past + T
+    qkv = g.add(g.mul_mat(w.qkv, h), w.qkv_b)  # (3 * n_embd, T)
+    qkv = g.reshape(qkv, (3 * hd, nh, T))  # per head [q | k | v]
+    q, k, v = (g.view(qkv, (hd, nh, T), (qkv.nb[1], qkv.nb[2]), i * hd * qkv.nb[0]) for i in range(3))
+    q, k = rope_2d(g, cfg, q, inp), rope_2d(g, cfg, k, inp)  # (hd, nh, T)
+
+    kc, vc = kv.k[il], kv.v[il]
+    k_dst = g.view(kc, (hd, nh, T), (kc.nb[1], kc.nb[2]), n_past * kc.nb[2])
+    v_dst = g.view(vc, (T, hd, nh), (vc.nb[1], vc.nb[2]), n_past * vc.nb[0])
+    g.expand(g.cpy(k, k_dst))  # the cache writes come before the reads below in the node order
+    g.expand(g.cpy(g.permute(v, 1, 2, 0), v_dst))  # v as (T, hd, nh)
+
+    keys = g.view(kc, (hd, n_kv, nh), (kc.nb[2], kc.nb[1]), 0)  # (hd, n_kv, nh)
+    values = g.view(vc, (n_kv, hd, nh), (vc.nb[1], vc.nb[2]), 0)  # (n_kv, hd, nh)
+    scores = g.mul_mat(keys, g.permute(q, 0, 2, 1))  # (n_kv, T, nh)
+    probs = g.soft_max(scores, inp.mask, 1.0 / math.sqrt(hd))
+    ctx = g.mul_mat(values, probs)  # (hd, T, nh)
+    ctx = g.reshape(g.cont(g.permute(ctx, 0, 2, 1)), (cfg.n_embd, T))  # heads concatenated: (n_embd, T)
+    return g.add(g.mul_mat(w.attn_out, ctx), w.attn_out_b)
+
+
+def mlp(g: Graph, w: LayerWeights, h: Tensor) -> Tensor:
+    up = g.add(g.mul_mat(w.ffn_up, h), w.ffn_up_b)  # (n_ff, T)
+    return g.add(g.mul_mat(w.ffn_down, gelu_tanh(g, up)), w.ffn_down_b)  # (n_embd, T)
+
+
+def block(g: Graph, cfg: GLM1Config, w: LayerWeights, kv: KVCache, il: int, x: Tensor, inp: Inputs,
+          n_past: int) -> Tensor:
+    h = layer_norm(g, x, w.attn_norm, w.attn_norm_b, cfg.eps)
+    x = g.add(g.scale(h, cfg.alpha), attention(g, cfg, w, kv, il, h, inp, n_past))
+    h = layer_norm(g, x, w.ffn_norm, w.ffn_norm_b, cfg.eps)
+    return g.add(g.scale(h, cfg.alpha), mlp(g, w, h))
+
+
+def build(cfg: GLM1Config, weights: Weights, kv: KVCache, n_past: int, n_tokens: int, all_logits: bool) -> Forward:
+    """The graph evaluating ``n_tokens`` new tokens after ``n_past`` cached ones."""
+    if n_tokens < 1 or n_past < 0 or n_past + n_tokens > kv.n_ctx:
+        raise InputError(f"cannot evaluate {n_tokens} tokens after {n_past} in a context of {kv.n_ctx}")
+    max_tensors = TENSORS_PER_LAYER * (cfg.n_layer + 1)
+    g = Graph(max_tensors, max_tensors + weights.count() + 2 * cfg.n_layer)
+    try:
+        n_kv = n_past + n_tokens
+        inp = Inputs(g.input(I32, (n_tokens,), "tokens"), g.input(I32, (n_tokens,), "pos"),
+                     g.input(I32, (n_tokens,), "block_pos"), g.input(F32, (n_kv, n_tokens), "mask"))
+        x = g.get_rows(weights.tok_embd, inp.tokens)  # (n_embd, T)
+        for il, w in enumerate(weights.layers):
+            x = block(g, cfg, w, kv, il, x, inp, n_past)
+        if not all_logits:
+            x = g.view(x, (cfg.n_embd, 1), (x.nb[1],), (n_tokens - 1) * x.nb[1])  # the last token only
+        x = layer_norm(g, x, weights.out_norm, weights.out_norm_b, cfg.eps)
+        logits = g.output(g.mul_mat(weights.output, x))  # (n_vocab, T or 1)
+        g.expand(logits)
+        return Forward(g, inp, logits)
+    except BaseException:
+        g.close()
+        raise
+
+
+KV_TYPES = {"f16": F16, "f32": F32}

@@ -1,0 +1,93 @@
+"""Memory estimates before loading: weights + KV cache at a context size and KV type + compute buffers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import gguf
+
+from chatglm.gguf_file import GGUFHeader
+
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+            "q4_1": 20 / 32, "q4_0": 18 / 32}
+OVERHEAD = 64 * 2**20  # runtime, tokenizer tables, allocator slack
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    compute: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute + OVERHEAD
+
+
+def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
+    """KV-cache bytes per token of context: K and V of every layer's KV heads."""
+    n_layer = int(header.arch_get("block_count", 0))
+    n_embd = int(header.arch_get("embedding_length", 0))
+    n_head = int(header.arch_get("attention.head_count", 1)) or 1
+    n_head_kv = int(header.arch_get("attention.head_count_kv", n_head) or n_head)
+    head_k = int(header.arch_get("attention.key_length", n_embd // n_head))
+    head_v = int(header.arch_get("attention.value_length", head_k))
+    return n_layer * n_head_kv * (head_k + head_v) * KV_BYTES[kv_type]
+
+
+def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int = 512,
+             flash_attn: bool = True) -> MemoryEstimate:
+    weights = sum(t.nbytes for t in header.tensors.values())
+    n_embd = int(header.arch_get("embedding_length", 0))
+    n_ff = int(header.arch_get("feed_forward_length", 4 * n_embd))
+    n_head = int(header.arch_get("attention.head_count", 1)) or 1
+    n_vocab = len(header.get("tokenizer.ggml.tokens") or [])
+    # One micro-batch's activations (hidden, fused FFN, logits), plus the attention scores when they are
+    # materialised (no flash attention): the shape of llama.cpp's CPU compute buffer.
+    compute = n_batch * (n_vocab + 6 * n_embd + 3 * n_ff) * 4
+    if not flash_attn:
+        compute += n_batch * n_ctx * n_head * 4
+    return MemoryEstimate(weights, int(kv_per_token(header, kv_type) * n_ctx), compute)
+
+
+def available_memory() -> int:
+    """Physical memory that may be used (MemAvailable on Linux, total memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def default_context(header: GGUFHeader, kv_type: str = "f16", budget: float = 0.8, floor: int = 512) -> int:
+    """The trained context length, capped so that the whole estimate fits in ``budget`` of available memory."""
+    n_train = int(header.arch_get("context_length", 0) or 0) or 4096
+    room = budget * available_memory() - estimate(header, 0, kv_type).total
+    per_token = kv_per_token(header, kv_type) or 1.0
+    fits = int(room // per_token) if room > 0 else floor
+    n_ctx = max(min(n_train, fits), min(floor, n_train))
+    return n_ctx - n_ctx % 256 if n_ctx > 256 else n_ctx
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def type_summary(header: GGUFHeader) -> dict[str, int]:
+    """Tensor count per ggml type name."""
+    counts: dict[str, int] = {}
+    for t in header.tensors.values():
+        name = gguf.GGMLQuantizationType(t.ggml_type).name
+        counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -1,0 +1,83 @@
+"""Long context: rope_ratio carried into the GGUF, positions past 4,096 match transformers, KV types, flash attention,
+and the memory estimate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chatglm.convert.pipeline import convert
+from chatglm.gguf_file import read_header
+from chatglm.runtime.memory import estimate, kv_per_token
+from chatglm.runtime.model import load
+
+from conftest import make_tiny
+
+N = 4400  # past 4,096
+
+
+@pytest.fixture(scope="module")
+def long_tiny(workdir, sp_model):
+    tiny = make_tiny(workdir, sp_model, "chatglm3", seed=5, max_position_embeddings=8192,
+                     rope_theta=10000.0 * 50,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    path = convert(tiny.ckpt, workdir / "long.gguf", "f32").path
+    ids = list(np.random.default_rng(0).integers(3, 900, N))
+    return tiny, path, ids, tiny.logits(ids)
+
+
+def rel(got, ref):
+    return float(np.max(np.abs(got - ref).max(-1) / np.abs(ref).max(-1)))
+
+
+def test_rope_ratio_in_metadata(long_tiny):
+    tiny, path, _, _ = long_tiny
+    from conftest import read_json
+
+    assert read_json(tiny.ckpt / "config.json")["rope_ratio"] == 50
+    h = read_header(path)
+    assert h.arch_get("rope.freq_base") == pytest.approx(500000.0)
+    assert h.arch_get("context_length") == 8192
+
+
+@pytest.mark.parametrize("kv_type,flash,bound", [("f32", False, 1e-4), ("f16", True, 5e-3), ("q8_0", True, 5e-2)])
+def test_logits_past_4096(long_tiny, kv_type, flash, bound):
+    _, path, ids, ref = long_tiny
+    with load(path, n_ctx=N + 64, kv_type=kv_type, flash_attn=flash) as m:
+        got = m.engine.all_logits(ids)
+    assert rel(got[4096:], ref[4096:]) < bound
+
+
+def test_flash_attention_on_off_same_greedy_reply(long_tiny):
+    _, path, _, _ = long_tiny
+    replies = []
+    for flash in (False, True):
+        with load(path, n_ctx=1024, flash_attn=flash) as m:
+            replies.append(m.generate("你好，今天天气怎么样？", temperature=0, max_tokens=24))
+    assert replies[0] == replies[1] and replies[0]
+
+
+def test_memory_estimate(long_tiny):
+    _, path, _, _ = long_tiny
+    h = read_header(path)
+    cfg = (h.arch_get("block_count"), h.arch_get("attention.head_count_kv"),
+           h.arch_get("embedding_length") // h.arch_get("attention.head_count"))
+    assert kv_per_token(h, "f16") == cfg[0] * cfg[1] * cfg[2] * 2 * 2
+    small, big = estimate(h, 1024, "f16"), estimate(h, 4096, "q8_0")
+    assert small.weights == big.weights == sum(t.nbytes for t in h.tensors.values())
+    assert big.kv_cache == int(kv_per_token(h, "q8_0") * 4096)
+
+
+def test_prompt_longer_than_context_is_a_clear_error(glm3_gguf):
+    from chatglm.errors import ContextOverflowError
+
+    with load(glm3_gguf, n_ctx=64) as m:
+        with pytest.raises(ContextOverflowError, match=r"prompt of \d+ tokens does not fit the context of \d+ tokens"):
+            m.generate("你好 " * 200, max_tokens=1)
+
+
+def test_kv_type_that_does_not_divide_the_head_is_refused(glm3_gguf):
+    from chatglm.errors import InputError
+
+    with pytest.raises(InputError, match="multiple of 32"):
+        load(glm3_gguf, kv_type="q8_0")
