@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_cases(saved, enc)
     write_expected(out, args, results)
     command = "python scripts/train_demo.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    stats = dict(params=params, final_loss=final_loss, train_s=train_s, total_s=time.time() - t0, command=command,
-                 n_dialogues=len(dialogues), n_random=args.dialogues)  # fmt: skip
+    stats = {"params": params, "final_loss": final_loss, "train_s": train_s, "total_s": time.time() - t0, "command": command,
+                 "n_dialogues": len(dialogues), "n_random": args.dialogues}  # fmt: skip
     write_card(out, shape, args, stats, results)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.2f} MB) in {time.time() - t0:.0f} s; final loss {final_loss:.4f}")

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import pytest
 
@@ -24,6 +24,9 @@ from chatglm.runtime.engine import ModelInfo
 from chatglm.runtime.messages import Message, as_messages
 from chatglm.runtime.model import GenerationStats
 from chatglm.runtime.prompts import get_format
+
+if TYPE_CHECKING:  # pragma: no cover
+    import httpx
 
 SPECIAL_BASE = 1_000_000  # scripted-model special ids sit above every character code point
 STUB_SPECIAL = {t: SPECIAL_BASE + i for i, t in enumerate(
@@ -54,12 +57,13 @@ class ScriptedModel:
     """
 
     def __init__(self, replies: Sequence[str] = (), *, default: str = "\nHello from the scripted model.",
-                 n_ctx: int = 8192, token_delay: float = 0.0):
+                 n_ctx: int = 8192, token_delay: float = 0.0, gate: Optional[threading.Event] = None):
         self.format = get_format("chatglm3", STUB_SPECIAL)
         self.info = ModelInfo(path=Path("scripted.gguf"), arch="chatglm", family="chatglm3", chat_format="chatglm3",
                               n_ctx=n_ctx, n_ctx_train=n_ctx, n_vocab=SPECIAL_BASE + 16, n_params=0, size_bytes=0,
                               description="scripted", special=dict(STUB_SPECIAL))
         self.replies, self.default, self.token_delay = deque(replies), default, token_delay
+        self.gate = gate  # when given, every generation waits for it before its first token
         self.received: list[list[Message]] = []
         self.prompts: list[list[int]] = []
         self.sampling: list[dict] = []
@@ -116,6 +120,8 @@ class ScriptedModel:
             self.sampling.append(dict(sampling))
             self.finished.clear()
             self.started.set()
+            if self.gate is not None and not self.gate.wait(10):
+                raise TimeoutError("ScriptedModel's gate was never opened")
             yield from self._tokens(ids, sampling, cancel)
         finally:
             self._busy.release()
@@ -171,11 +177,9 @@ class LiveServer:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> dict:
-        import httpx
-
         deadline = time.monotonic() + timeout
         while True:
-            status = httpx.get(self.url + "/health", timeout=5)
+            status = http().get(self.url + "/health", timeout=5)
             if status.status_code == 200 or time.monotonic() > deadline:
                 return status.json()
             time.sleep(0.02)
@@ -199,22 +203,42 @@ def serve(models_or_loader, **config) -> LiveServer:
     return LiveServer(create_app(loader, ServerConfig(**{"model_id": "tiny", **config}), parallel))
 
 
+LLAMA_KEY = "test-key"
+
+
 @pytest.fixture(scope="module")
 def llama_server(glm3_gguf) -> Iterator[LiveServer]:
-    """The tiny random ChatGLM3 GGUF (conftest's ``glm3_gguf``) served through llama.cpp, context 256."""
+    """The tiny random ChatGLM3 GGUF (conftest's ``glm3_gguf``) served through llama.cpp: context 256, API key
+    :data:`LLAMA_KEY`, one thread (on two shared cores, more threads only add synchronisation cost)."""
     from chatglm.runtime.model import load
 
-    with serve(lambda: [load(glm3_gguf, n_ctx=256, n_threads=1)]) as live:
+    with serve(lambda: [load(glm3_gguf, n_ctx=256, n_threads=1)], api_key=LLAMA_KEY) as live:
         status = live.wait_ready()
         if status.get("status") != "ok":
             raise RuntimeError(f"the llama server did not become ready: {status}")
         yield live
 
 
+_CLIENTS: dict[str, Any] = {}
+
+
+def http() -> "httpx.Client":
+    """One shared plain-HTTP client (making one per call costs ~0.2 s of certificate loading)."""
+    import httpx
+
+    if "httpx" not in _CLIENTS:
+        _CLIENTS["httpx"] = httpx.Client(verify=False, timeout=15)
+    return _CLIENTS["httpx"]
+
+
 def openai_client(live: LiveServer, api_key: str = "unused", **kwargs):
+    """The official client pointed at ``live`` (no retries, so a failure shows at once)."""
     import openai
 
-    return openai.OpenAI(base_url=live.url + "/v1", api_key=api_key, max_retries=0, timeout=30, **kwargs)
+    if "openai" not in _CLIENTS:
+        _CLIENTS["openai"] = openai.DefaultHttpxClient(verify=False)
+    return openai.OpenAI(base_url=live.url + "/v1", api_key=api_key, max_retries=0, timeout=30,
+                         http_client=_CLIENTS["openai"], **kwargs)
 
 
 # -- headless Chromium over the DevTools protocol (pipe transport: no extra packages) ---------------------------

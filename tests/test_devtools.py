@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import sentencepiece
 import torch
 
@@ -163,7 +162,7 @@ def test_sharded_checkpoint_index_is_consistent(model, tok, tmp_path, family, dt
     for fname in files:
         with safe_open(str(out / fname), "pt") as f:
             assert list(f.keys()), fname
-            for key in f.keys():
+            for key in f:
                 tensor = f.get_tensor(key)
                 assert tensor.dtype == getattr(torch, dtype)
                 total += tensor.numel() * tensor.element_size()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import gguf
 import pytest
@@ -207,6 +206,3 @@ def test_added_token_beyond_the_embedding(tok, tmp_path):
     with pytest.raises(InputError, match=f"token id {n} does not fit the model's {n} embedding rows"):
         convert(folder, tmp_path / "out.gguf", "f32")
 
-
-def test_paths_exist():
-    assert Path(__file__).name.startswith("test_glm4")

@@ -225,3 +225,26 @@ def test_write_errors_are_one_line(glm3, tmp_path):
 def test_unwritable_destination(glm3, tmp_path):
     r = runner.invoke(app, ["convert", str(glm3.ckpt), "-o", str(tmp_path / "no-such-dir" / "x.gguf")])
     assert r.exit_code == 3 and r.output.count("\n") == 1 and "cannot write here" in r.output
+
+
+@pytest.mark.parametrize("key,value,problem", [
+    ("hidden_size", 0, "'hidden_size' must be an integer >= 1"),
+    ("num_attention_heads", "four", "'num_attention_heads' must be an integer"),
+    ("multi_query_group_num", 3, "not a multiple"),
+    ("padded_vocab_size", 100, "expected [100, 64] from config.json"),
+    ("seq_length", -5, "'seq_length' must be an integer >= 1"),
+    ("layernorm_epsilon", float("nan"), "'layernorm_epsilon' must be a positive number"),
+    ("rope_ratio", 0, "'rope_ratio' must be a positive number"),
+    ("rmsnorm", False, "rmsnorm=False is not supported"),
+])
+def test_config_values_are_checked(glm3, tmp_path, key, value, problem):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(glm3.ckpt, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["convert", str(folder), "-o", str(tmp_path / "x.gguf")])
+    assert r.exit_code == 2 and problem in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "x.gguf").exists()

@@ -162,9 +162,7 @@ def test_runtime_lora_gguf_gives_the_merged_logits(glm3, glm3_gguf, adapters, tm
 
     ref, base = reference_logits(ref_model, ids), reference_logits(glm3.model, ids)
     assert np.max(np.abs(base - ref).max(axis=-1) / np.abs(ref).max(axis=-1)) > 0.01
-    err = np.max(np.abs(got - ref).max(axis=-1) / np.abs(ref).max(axis=-1))
-    print("RUNTIME_LORA_ERR", err)
-    assert err < 1e-4
+    assert np.max(np.abs(got - ref).max(axis=-1) / np.abs(ref).max(axis=-1)) < 1e-5  # measured 6e-7
 
 
 def test_runtime_lora_gguf_refuses_what_it_cannot_express(glm3, tmp_path):

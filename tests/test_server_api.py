@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from fixtures_server import ScriptedModel, answer, openai_client, serve, tool_call_reply
+from fixtures_server import ScriptedModel, answer, http, openai_client, serve, tool_call_reply
 
 from chatglm.runtime.messages import ToolCall
 
@@ -25,7 +25,7 @@ LONG = answer(" ".join(f"w{i}" for i in range(400)))
 
 
 def post(live, body, **kwargs) -> httpx.Response:
-    return httpx.post(live.url + "/v1/chat/completions", json=body, timeout=10, **kwargs)
+    return http().post(live.url + "/v1/chat/completions", json=body, **kwargs)
 
 
 def user(text: str) -> list[dict]:
@@ -144,15 +144,14 @@ def test_an_unexpected_failure_is_a_500_and_the_server_keeps_serving():
 def test_disconnecting_cancels_the_generation_within_a_token():
     model = ScriptedModel([LONG], token_delay=0.02)
     with serve([model]) as live:
-        with httpx.Client(timeout=10) as client:
-            with client.stream("POST", live.url + "/v1/chat/completions",
-                               json={"messages": user("x"), "stream": True}) as response:
-                seen = 0
-                for line in response.iter_lines():
-                    seen += '"content"' in line
-                    if seen >= 4:
-                        break
-                closed_at = time.monotonic()
+        with http().stream("POST", live.url + "/v1/chat/completions",
+                           json={"messages": user("x"), "stream": True}) as response:
+            seen = 0
+            for line in response.iter_lines():
+                seen += '"content"' in line
+                if seen >= 4:
+                    break
+            closed_at = time.monotonic()  # leaving the block closes the connection mid-stream
         assert model.finished.wait(3)
         late = [t for t in model.token_times if t > closed_at]
         assert model.last_stats.finish_reason == "cancelled"
@@ -184,13 +183,16 @@ def test_a_full_queue_answers_429_and_then_drains():
 
 
 def test_requests_are_served_one_at_a_time_in_arrival_order():
-    model = ScriptedModel([answer("slow " * 10)] * 4, token_delay=0.01)
+    gate = threading.Event()
+    model = ScriptedModel([answer("slow " * 10)] * 4, token_delay=0.002, gate=gate)
     with serve([model]) as live:
         threads = []
         for i in range(4):
             threads.append(threading.Thread(target=post, args=(live, {"messages": user(f"q{i}")})))
             threads[-1].start()
             wait_until(lambda: live.state.pool.busy + live.state.pool.queued == i + 1)
+        assert live.state.pool.status()["queued"] == 3
+        gate.set()
         for t in threads:
             t.join(10)
     assert [m[-1].content for m in model.received] == ["q0", "q1", "q2", "q3"]  # ScriptedModel refuses overlap
@@ -219,7 +221,7 @@ def test_503_while_loading_then_ready():
         return [ScriptedModel()]
 
     with serve(slow_loader) as live:
-        health = httpx.get(live.url + "/health")
+        health = http().get(live.url + "/health")
         assert health.status_code == 503 and health.json()["status"] == "loading"
         busy = post(live, {"messages": user("x")})
         assert busy.status_code == 503 and busy.json()["error"]["code"] == "model_loading"
@@ -236,7 +238,7 @@ def test_a_failed_load_is_reported():
 
     with serve(broken, on_load_failed=failures.append) as live:
         wait_until(lambda: bool(failures))
-        health = httpx.get(live.url + "/health")
+        health = http().get(live.url + "/health")
         r = post(live, {"messages": user("x")})
     assert health.status_code == 503 and health.json() == {
         "status": "failed", "instances": 0, "busy": 0, "queued": 0, "max_queue": 64, "error": "cannot map the file"}
@@ -250,20 +252,20 @@ def test_api_key_guards_the_api_but_not_the_page_or_health():
         assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
         assert post(live, {"messages": user("x")}).status_code == 401
         assert openai_client(live, api_key="sekret").models.list().data[0].id == "tiny"
-        assert httpx.get(live.url + "/health").status_code == 200
-        assert httpx.get(live.url + "/").status_code == 200
+        assert http().get(live.url + "/health").status_code == 200
+        assert http().get(live.url + "/").status_code == 200
 
 
 def test_cors_is_off_by_default_and_one_origin_can_be_allowed():
     preflight = {"Origin": "http://app.test", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "content-type"}
     with serve([ScriptedModel()]) as live:
-        r = httpx.options(live.url + "/v1/chat/completions", headers=preflight)
+        r = http().options(live.url + "/v1/chat/completions", headers=preflight)
         assert "access-control-allow-origin" not in r.headers
-        r = httpx.get(live.url + "/v1/models", headers={"Origin": "http://app.test"})
+        r = http().get(live.url + "/v1/models", headers={"Origin": "http://app.test"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     with serve([ScriptedModel()], cors_origin="http://app.test") as live:
-        r = httpx.options(live.url + "/v1/chat/completions", headers=preflight)
+        r = http().options(live.url + "/v1/chat/completions", headers=preflight)
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.test"
-        other = httpx.options(live.url + "/v1/chat/completions", headers={**preflight, "Origin": "http://evil.test"})
+        other = http().options(live.url + "/v1/chat/completions", headers={**preflight, "Origin": "http://evil.test"})
         assert "access-control-allow-origin" not in other.headers

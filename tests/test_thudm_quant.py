@@ -135,9 +135,9 @@ def test_bad_quantized_checkpoints_are_refused(tmp_path):
         ({"x.weight": q, "x.weight_scale": scale}, {"quantization_bit": 3}, "quantization_bit must be 0, 4 or 8"),
     ]
     for k, (state, config, message) in enumerate(cases):
-        with Checkpoint(write_folder(tmp_path / str(k), state, config)) as raw:
-            with pytest.raises(InputError, match=message):
-                dequantized(raw)
+        with Checkpoint(write_folder(tmp_path / str(k), state, config)) as raw, pytest.raises(InputError,
+                                                                                              match=message):
+            dequantized(raw)
 
 
 def test_float_checkpoint_passes_through_unchanged(tmp_path):

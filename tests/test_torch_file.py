@@ -207,6 +207,12 @@ def test_storage_shorter_than_its_tensor_is_refused(tmp_path, good_bin):
         TorchFile(path)
 
 
+def test_expanded_view_larger_than_its_storage_is_refused(tmp_path):
+    torch.save({"e": torch.ones(1, 4).expand(1000, 4)}, tmp_path / "e.bin")  # stride (0, 1): 4000 elements from 4
+    with pytest.raises(InputError, match=r"tensor 'e' \(shape \[1000, 4\], stride \[0, 1\]\) has more elements"):
+        TorchFile(tmp_path / "e.bin")
+
+
 def test_legacy_torch_file_says_how_to_resave(tmp_path):
     path = tmp_path / "legacy.bin"
     torch.save({"a": torch.ones(3)}, path, _use_new_zipfile_serialization=False)

@@ -285,6 +285,9 @@ class TorchFile(TensorSource):
         if storage_bytes > entry_bytes or (numel and (last + 1) * itemsize > storage_bytes):
             raise InputError(f"{bad} (shape {list(t.shape)}, offset {t.offset}) runs past its storage "
                              f"{t.storage.key!r} ({entry_bytes} bytes)", self.path)
+        if numel * itemsize > storage_bytes:  # only overlapping (e.g. expanded, stride-0) views can do this
+            raise InputError(f"tensor {name!r} (shape {list(t.shape)}, stride {list(t.stride)}) has more elements "
+                             "than its storage holds (an expanded view); save a contiguous copy", self.path)
         return TensorInfo(name, t.dtype, t.shape, max(start, 0) + t.offset * itemsize, numel * itemsize)
 
     def infos(self) -> dict[str, TensorInfo]:

@@ -10,8 +10,8 @@ Development only (training data for the demo model and test references); the run
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 ROLES = ("system", "user", "assistant", "observation")
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,9 +56,9 @@ __all__ = [
     "reference_logits",
     "save_chatglm_checkpoint",
     "special_token_ids",
-    "train_sentencepiece",
     "tiny_glm_config",
     "tiny_glm_model",
+    "train_sentencepiece",
 ]
 
 PUBLISHED_REPO = {"chatglm2": "THUDM/chatglm2-6b", "chatglm3": "THUDM/chatglm3-6b"}
@@ -102,7 +103,7 @@ TINY_DEFAULTS: dict[str, Any] = {
 # --------------------------------------------------------------------------------------------------- model building
 
 
-def tiny_glm_config(**overrides: Any) -> "GlmConfig":
+def tiny_glm_config(**overrides: Any) -> GlmConfig:
     """A small ``GlmConfig`` (ChatGLM2/3 shape: partial rotary 0.5, qkv bias, GQA); ``rope_theta=`` is accepted."""
     from transformers import GlmConfig
 
@@ -115,7 +116,7 @@ def tiny_glm_config(**overrides: Any) -> "GlmConfig":
     return GlmConfig(**settings)
 
 
-def tiny_glm_model(seed: int = 0, **config: Any) -> "GlmForCausalLM":
+def tiny_glm_model(seed: int = 0, **config: Any) -> GlmForCausalLM:
     """A float32 ``GlmForCausalLM`` with every parameter drawn from a seeded generator.
 
     Scales keep activations O(1): linear weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1), qkv biases ~ N(0, 0.5^2),
@@ -132,7 +133,7 @@ def tiny_glm_model(seed: int = 0, **config: Any) -> "GlmForCausalLM":
     return model
 
 
-def _random_like(name: str, param: "torch.Tensor", gen: "torch.Generator") -> "torch.Tensor":
+def _random_like(name: str, param: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     import torch
 
     if name.endswith("norm.weight"):
@@ -145,7 +146,7 @@ def _random_like(name: str, param: "torch.Tensor", gen: "torch.Generator") -> "t
     return torch.randn(param.shape, generator=gen) / math.sqrt(fan_in)
 
 
-def reference_logits(model: "GlmForCausalLM", ids: Sequence[int] | np.ndarray) -> np.ndarray:
+def reference_logits(model: GlmForCausalLM, ids: Sequence[int] | np.ndarray) -> np.ndarray:
     """Float32 logits of every position, shape (T, vocab) for 1-D ``ids`` or (B, T, vocab) for 2-D."""
     import torch
 
@@ -158,7 +159,7 @@ def reference_logits(model: "GlmForCausalLM", ids: Sequence[int] | np.ndarray) -
 
 
 def greedy_generate(
-    model: "GlmForCausalLM", prompt: Sequence[int], stop_ids: Sequence[int], max_new_tokens: int = 64
+    model: GlmForCausalLM, prompt: Sequence[int], stop_ids: Sequence[int], max_new_tokens: int = 64
 ) -> list[int]:
     """Greedy continuation of ``prompt`` (full recompute per token: for tiny models); includes the stop id if hit."""
     import torch
@@ -177,7 +178,7 @@ def greedy_generate(
 # --------------------------------------------------------------------------------------------------- repacking
 
 
-def _rope_theta(config: "GlmConfig") -> float:
+def _rope_theta(config: GlmConfig) -> float:
     params = config.rope_parameters or {}
     return float(params.get("rope_theta", ROPE_BASE))
 
@@ -188,7 +189,7 @@ def inv_freq(kv_channels: int, rope_theta: float = ROPE_BASE) -> np.ndarray:
     return (1.0 / rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
 
 
-def to_published_state(model: "GlmForCausalLM") -> dict[str, "torch.Tensor"]:
+def to_published_state(model: GlmForCausalLM) -> dict[str, torch.Tensor]:
     """Repack a transformers state dict into published ChatGLM names, in the published key order."""
     import torch
 
@@ -215,7 +216,7 @@ def to_published_state(model: "GlmForCausalLM") -> dict[str, "torch.Tensor"]:
     return out
 
 
-def from_published_state(state: Mapping[str, "torch.Tensor"], config: "GlmConfig") -> dict[str, "torch.Tensor"]:
+def from_published_state(state: Mapping[str, torch.Tensor], config: GlmConfig) -> dict[str, torch.Tensor]:
     """Inverse of :func:`to_published_state`; raises ``KeyError`` listing unused or missing published keys."""
     hf: dict[str, Any] = {}
     used: set[str] = {"transformer.rotary_pos_emb.inv_freq"}
@@ -254,7 +255,7 @@ _AUTO_MAP = {
 }
 
 
-def published_config(config: "GlmConfig", family: str, dtype: str, name_or_path: str) -> dict[str, Any]:
+def published_config(config: GlmConfig, family: str, dtype: str, name_or_path: str) -> dict[str, Any]:
     """``config.json`` with every key of the published ChatGLM2/3 file, values taken from ``config``."""
     mqa = config.num_key_value_heads != config.num_attention_heads
     out: dict[str, Any] = {
@@ -303,7 +304,7 @@ def published_config(config: "GlmConfig", family: str, dtype: str, name_or_path:
     return out
 
 
-def glm_config_from_published(cfg: Mapping[str, Any]) -> "GlmConfig":
+def glm_config_from_published(cfg: Mapping[str, Any]) -> GlmConfig:
     """The ``GlmConfig`` that :func:`published_config` came from (for reloading a saved checkpoint)."""
     heads = cfg["num_attention_heads"]
     return tiny_glm_config(
@@ -329,10 +330,11 @@ CHATGLM3_TEMPLATE = (
 )
 
 
-def published_tokenizer_config(name_or_path: str) -> dict[str, Any]:
+def published_tokenizer_config(name_or_path: str, family: str) -> dict[str, Any]:
     """``tokenizer_config.json`` as shipped with ChatGLM2/3 (remote-code tokenizer; ChatGLM3 adds a chat template)."""
-    extra = {"chat_template": CHATGLM3_TEMPLATE} if "chatglm3" in name_or_path else {}
-    return {**extra, 
+    extra = {"chat_template": CHATGLM3_TEMPLATE} if family == "chatglm3" else {}
+    return {
+        **extra,
         "name_or_path": name_or_path,
         "remove_space": False,
         "do_lower_case": False,
@@ -346,7 +348,7 @@ def published_tokenizer_config(name_or_path: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- save / load
 
 
-def _check_savable(model: "GlmForCausalLM", tokenizer_model: Path, family: str, dtype: str, shards: int) -> None:
+def _check_savable(model: GlmForCausalLM, tokenizer_model: Path, family: str, dtype: str, shards: int) -> None:
     cfg = model.config
     if family not in SPECIAL_TOKENS:
         raise ValueError(f"family must be one of {sorted(SPECIAL_TOKENS)}, not {family!r}")
@@ -379,7 +381,7 @@ def _shard_groups(names: list[str], sizes: list[int], shards: int) -> list[list[
     return groups
 
 
-def _write_weights(state: Mapping[str, "torch.Tensor"], out_dir: Path, shards: int) -> list[str]:
+def _write_weights(state: Mapping[str, torch.Tensor], out_dir: Path, shards: int) -> list[str]:
     from safetensors.torch import save_file
 
     if shards == 1:
@@ -400,16 +402,16 @@ def _write_weights(state: Mapping[str, "torch.Tensor"], out_dir: Path, shards: i
 
 
 def save_chatglm_checkpoint(
-    model: "GlmForCausalLM",
+    model: GlmForCausalLM,
     out_dir: str | Path,
     tokenizer_model: str | Path,
     *,
     family: str = "chatglm3",
     dtype: str = "float32",
     shards: int = 1,
-    extra_config: Optional[Mapping[str, Any]] = None,
+    extra_config: Mapping[str, Any] | None = None,
     drop_config_keys: Sequence[str] = (),
-    name_or_path: Optional[str] = None,
+    name_or_path: str | None = None,
 ) -> Path:
     """Write ``model`` as a published ChatGLM2/3 folder: config.json, safetensors (+ index), tokenizer files.
 
@@ -432,13 +434,13 @@ def save_chatglm_checkpoint(
         cfg.pop(key, None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     (out / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())
-    tok_cfg = json.dumps(published_tokenizer_config(repo), indent=2, ensure_ascii=False)
+    tok_cfg = json.dumps(published_tokenizer_config(repo, family), indent=2, ensure_ascii=False)
     (out / "tokenizer_config.json").write_text(tok_cfg + "\n")
     log.info("wrote %s checkpoint (%s, %s) to %s", family, dtype, ", ".join(files), out)
     return out
 
 
-def read_published_state(folder: str | Path) -> dict[str, "torch.Tensor"]:
+def read_published_state(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a saved folder (single file or index + shards), in file order."""
     from safetensors.torch import load_file
 
@@ -453,7 +455,7 @@ def read_published_state(folder: str | Path) -> dict[str, "torch.Tensor"]:
     return state
 
 
-def load_chatglm_checkpoint(folder: str | Path) -> "GlmForCausalLM":
+def load_chatglm_checkpoint(folder: str | Path) -> GlmForCausalLM:
     """Reload a folder written by :func:`save_chatglm_checkpoint` into a float32 ``GlmForCausalLM`` (strict)."""
     import torch
     from transformers import GlmForCausalLM

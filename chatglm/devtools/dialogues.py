@@ -8,7 +8,7 @@ facts about this tool's commands), in Chinese and English. Deterministic for a g
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from chatglm.devtools.chatformat import Message
 
@@ -80,7 +80,7 @@ _COMMANDS = {
         "`chatglm bench` 测试模型处理提示词和生成文本的速度。",
     ),
 }
-_TOOL_EN = "This tool converts ChatGLM models to GGUF and chats with them. Its commands are convert, run, serve, info, quantize and bench."  # noqa: E501
+_TOOL_EN = "This tool converts ChatGLM models to GGUF and chats with them. Its commands are convert, run, serve, info, quantize and bench."
 _TOOL_ZH = "这个工具把 ChatGLM 模型转换成 GGUF 并和它们对话，命令有 convert、run、serve、info、quantize 和 bench。"
 
 
@@ -135,7 +135,12 @@ def dates(rng: random.Random) -> Exchange:
         (f"What day comes after {_WEEKDAYS_EN[i]}?", f"{_WEEKDAYS_EN[(i + 1) % 7]} comes after {_WEEKDAYS_EN[i]}."),
         (f"{_WEEKDAYS_ZH[i]}的后一天是星期几？", f"{_WEEKDAYS_ZH[i]}的后一天是{_WEEKDAYS_ZH[(i + 1) % 7]}。"),
         (f"What month comes after {_MONTHS_EN[m]}?", f"{_MONTHS_EN[(m + 1) % 12]} comes after {_MONTHS_EN[m]}."),
-        (f"How many days are in {_MONTHS_EN[m]}?", f"{_MONTHS_EN[m]} has {_MONTH_DAYS[m]} days (29 in February of a leap year)." if m == 1 else f"{_MONTHS_EN[m]} has {_MONTH_DAYS[m]} days."),  # noqa: E501
+        (
+            f"How many days are in {_MONTHS_EN[m]}?",
+            f"{_MONTHS_EN[m]} has {_MONTH_DAYS[m]} days (29 in February of a leap year)."
+            if m == 1
+            else f"{_MONTHS_EN[m]} has {_MONTH_DAYS[m]} days.",
+        ),
         (f"{m + 1}月有多少天？", f"{m + 1}月有{_MONTH_DAYS[m]}天。" if m != 1 else "2月有28天，闰年有29天。"),
         ("How many days are in a week?", "A week has 7 days."),
         ("一周有几天？", "一周有7天。"),

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 from chatglm.devtools.corpus import training_texts
 
@@ -54,7 +54,7 @@ def _split_lines(texts: Iterable[str]) -> list[str]:
 
 def train_sentencepiece(
     out_path: str | Path,
-    texts: Optional[Sequence[str]] = None,
+    texts: Sequence[str] | None = None,
     vocab_size: int = DEFAULT_SP_VOCAB,
     seed: int = 0,
     character_coverage: float = 1.0,

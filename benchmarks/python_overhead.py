@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""What the Python layer costs: our engine's pp/tg tokens/s against a bare llama-cpp-python decode loop.
+
+Same GGUF, same threads, same context settings, one process. The bare loop is written here against the low-level
+API only: a prepared ``llama_batch``, ``llama_decode`` and ``llama_synchronize`` (what llama-bench times), no Python
+sampling, no checks. Our side is ``chatglm.runtime.bench`` on an Engine (prefill / step / logits read), and, for
+decode, the user-facing ``Model.generate`` loop (sampling, stop checks, UTF-8 decoding) greedy and with the default
+sampler. Runs are interleaved (A B B A ...) so load drift on a shared machine hits both sides alike; the ratio is the
+median of per-repetition ratios. Target: engine/bare >= 0.97.
+
+    python benchmarks/python_overhead.py                          # ~1.3B ChatGLM3 shape, q4_0 (built and cached)
+    python benchmarks/python_overhead.py --gguf model.gguf -t 2 -p 512 -n 128 -r 5
+    python benchmarks/python_overhead.py --shape small            # tiny model: the per-token cost in microseconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import CACHE, CHATGLM3_1B, SMALL, build_gguf, machine  # noqa: E402
+
+from chatglm.runtime import llama_native as native  # noqa: E402
+from chatglm.runtime.bench import BenchSpec, random_tokens, time_decode, time_prefill  # noqa: E402
+from chatglm.runtime.model import Model  # noqa: E402
+
+
+class BareLoop:
+    """llama_model + llama_context + llama_batch, driven the way llama-bench drives them."""
+
+    def __init__(self, path: Path, *, n_ctx: int, n_batch: int, n_threads: int):
+        ll = self.ll = native.lib()
+        params = ll.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.model = ll.llama_model_load_from_file(os.fsencode(path), params)
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = n_ctx, n_batch, n_batch, 1
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        cparams.flash_attn_type = -1  # auto, as the engine's default
+        cparams.type_k = cparams.type_v = 1  # f16, as the engine's default
+        cparams.no_perf = True
+        self.ctx = ll.llama_init_from_model(self.model, cparams)
+        if not self.model or not self.ctx:
+            raise RuntimeError("llama.cpp could not load the model")
+        self.mem = ll.llama_get_memory(self.ctx)
+        self.batch = ll.llama_batch_init(n_batch, 0, 1)
+        self.n_batch = n_batch
+
+    def _fill(self, tokens: list[int], pos0: int) -> None:
+        b = self.batch
+        b.n_tokens = len(tokens)
+        for i, tok in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos0 + i, 1, False
+            b.seq_id[i][0] = 0
+        b.logits[len(tokens) - 1] = True
+
+    def prefill(self, tokens: list[int]) -> float:
+        ll = self.ll
+        ll.llama_memory_clear(self.mem, True)
+        chunks = [tokens[i:i + self.n_batch] for i in range(0, len(tokens), self.n_batch)]
+        self._fill(chunks[0], 0)
+        start = time.perf_counter()
+        for k, chunk in enumerate(chunks):
+            if k:
+                self._fill(chunk, k * self.n_batch)
+            if ll.llama_decode(self.ctx, self.batch) != 0:
+                raise RuntimeError("llama_decode failed")
+        ll.llama_synchronize(self.ctx)
+        return time.perf_counter() - start
+
+    def decode(self, tokens: list[int]) -> float:
+        ll, b, ctx = self.ll, self.batch, self.ctx
+        ll.llama_memory_clear(self.mem, True)
+        self._fill(tokens[:1], 0)
+        decode, sync = ll.llama_decode, ll.llama_synchronize
+        start = time.perf_counter()
+        for pos, tok in enumerate(tokens):
+            b.token[0], b.pos[0] = tok, pos
+            decode(ctx, b)
+            sync(ctx)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.ll.llama_batch_free(self.batch)
+        self.ll.llama_free(self.ctx)
+        self.ll.llama_model_free(self.model)
+
+
+def generate_seconds(model: Model, n_gen: int, temperature: float) -> float:
+    """Seconds of Model.generate's decode loop for ``n_gen`` steps (n_gen + 1 tokens sampled: the last sampled
+    token is never evaluated), after a short prompt."""
+    model.stop_ids = set()  # random weights: never stop early
+    model.engine.reset()
+    model.generate("Hello, 你好", temperature=temperature, max_tokens=n_gen + 1, seed=0)
+    if model.last_stats.generated_tokens != n_gen + 1:
+        raise RuntimeError(f"generated {model.last_stats.generated_tokens} tokens, expected {n_gen + 1}")
+    return model.last_stats.decode_seconds
+
+
+def interleaved(pairs: dict[str, tuple[Callable[[], float], Callable[[], float]]], reps: int) -> dict:
+    """Per test: seconds of ours and bare per repetition, alternating which side runs first."""
+    out = {name: ([], []) for name in pairs}
+    for rep in range(reps + 1):  # repetition 0 is the warm-up
+        for name, (ours, bare) in pairs.items():
+            order = [(0, ours), (1, bare)] if rep % 2 else [(1, bare), (0, ours)]
+            for side, fn in order:
+                seconds = fn()
+                if rep:
+                    out[name][side].append(seconds)
+        logging.info("repetition %d/%d done", rep, reps)
+    return out
+
+
+def report(results: dict, n_tokens: dict[str, int]) -> str:
+    head = f"| {'test':<22} | {'ours t/s':>10} | {'bare t/s':>10} | {'ours/bare':>9} | {'Δ µs/token':>10} |"
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for name, (ours, bare) in results.items():
+        n = n_tokens[name]
+        ratio = statistics.median(b / o for o, b in zip(ours, bare))  # tokens/s ratio = inverse time ratio
+        delta_us = (statistics.median(ours) - statistics.median(bare)) / n * 1e6
+        lines.append(f"| {name:<22} | {n / statistics.median(ours):>10.2f} | {n / statistics.median(bare):>10.2f} | "
+                     f"{ratio:>9.4f} | {delta_us:>10.1f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gguf", type=Path, help="measure this GGUF instead of a synthetic one")
+    p.add_argument("--shape", choices=("1.3b", "small"), default="1.3b")
+    p.add_argument("--type", default="q4_0")
+    p.add_argument("-p", "--n-prompt", type=int, default=512)
+    p.add_argument("-n", "--n-gen", type=int, default=128)
+    p.add_argument("-r", "--repetitions", type=int, default=5)
+    p.add_argument("-t", "--threads", type=int, default=native.physical_cores())
+    p.add_argument("--no-generate", action="store_true", help="skip the Model.generate rows")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    shape = CHATGLM3_1B if args.shape == "1.3b" else SMALL["chatglm3-6b"]
+    path = args.gguf or build_gguf(shape, args.type, CACHE / "overhead")
+    n_ctx = args.n_prompt + args.n_gen + 8
+    from chatglm.runtime.loader import open_engine
+
+    engine = open_engine(path, n_ctx=n_ctx, n_threads=args.threads)
+    model = Model(engine)
+    bare = BareLoop(path, n_ctx=n_ctx, n_batch=engine.n_batch, n_threads=args.threads)
+    rng = np.random.default_rng(BenchSpec().seed)
+    prompt = random_tokens(engine.info, args.n_prompt, rng)
+    gen = random_tokens(engine.info, args.n_gen, rng)
+    pp, tg = f"pp{args.n_prompt}", f"tg{args.n_gen}"
+    pairs = {pp: (lambda: time_prefill(engine, prompt), lambda: bare.prefill(prompt)),
+             tg: (lambda: time_decode(engine, [], gen), lambda: bare.decode(gen))}
+    n_tokens = {pp: args.n_prompt, tg: args.n_gen}
+    if not args.no_generate:
+        for label, temp in (("greedy", 0.0), ("sampled", 0.8)):
+            name = f"{tg} Model.generate {label}"
+            pairs[name] = (lambda t=temp: generate_seconds(model, args.n_gen, t),
+                           lambda: bare.decode(gen))
+            n_tokens[name] = args.n_gen
+    results = interleaved(pairs, args.repetitions)
+    print(f"{path.name} ({engine.info.description}); {machine()}; threads {args.threads}; "
+          f"{args.repetitions} interleaved repetitions after one warm-up; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    print(report(results, n_tokens))
+    bare.close()
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
