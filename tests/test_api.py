@@ -6,13 +6,17 @@ import json
 import threading
 import time
 
+from dataclasses import replace
+
 import pytest
 from fixtures_chat import EOS, ToyEngine, toy_model
 
 import chatglm
 from chatglm.errors import ContextOverflowError, InputError, ModelRuntimeError
 from chatglm.runtime.messages import Message, ToolCall
+from chatglm.runtime.engine import common_prefix
 from chatglm.runtime.model import Model, ModelBusyError, drain
+from chatglm.runtime.prompts import ChatGLM3Format
 from chatglm.runtime.session import ChatSession, read_conversation
 
 
@@ -127,6 +131,36 @@ def test_session_turn_evaluates_only_new_tokens_and_matches_a_fresh_run():
     assert fresh.chat(s.messages[:-1]) == second  # the whole conversation from an empty cache
     assert [msg.role for msg in s.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert s.messages[2] == first
+
+
+def test_session_continuation_with_a_single_string_format():
+    m = Model(ToyEngine(reply_len=None), chat_format="chatglm2")  # "[Round N]\n\n问：...\n\n答：" as one string
+    s = m.session()
+    s.chat("hello", max_tokens=5)
+    cached = s.tokens
+    s.chat("again", max_tokens=5)
+    tail = m.engine.tokenize("\n\n[Round 2]\n\n问：again\n\n答：")
+    assert s.tokens[:m.last_stats.prompt_tokens] == cached + tail
+    assert m.last_stats.evaluated_tokens == len(tail) + 1  # + the reply's last token, cut by max_tokens
+
+
+class UpperHistory(ChatGLM3Format):
+    """A format that writes past replies differently from how they were generated (as GLM-4.5 drops thinking)."""
+
+    def message_ids(self, m, tok):
+        return super().message_ids(replace(m, content=m.content.upper()) if m.role == "assistant" else m, tok)
+
+
+def test_session_uses_the_format_prompt_when_it_rewrites_replies():
+    m = toy_model(reply_len=5)
+    m.format = UpperHistory(m.info.special)
+    s = m.session()
+    s.chat("hello")
+    cached = list(m.engine.tokens)
+    s.chat("again")
+    prompt = s.tokens[:m.last_stats.prompt_tokens]
+    assert prompt == m.prompt_ids(s.messages[:-1])
+    assert m.last_stats.evaluated_tokens == len(prompt) - common_prefix(cached, prompt)
 
 
 def test_session_observation_after_a_tool_call():

@@ -63,7 +63,7 @@ def test_logits_match_transformers(layout, tok, converted):
     model, _, path = converted[layout]
     seq = prompt(tok)
     ref = reference_logits(model, seq)
-    with open_engine(path, n_ctx=128, kv_type="f32", flash_attn=False) as engine:
+    with open_engine(path, n_ctx=128, n_threads=1, kv_type="f32", flash_attn=False) as engine:
         assert engine.info.chat_format == EXPECTED[layout][2]
         assert engine.tokenize(TEXT) == seq[3:-1]
         prefill = engine.all_logits(seq)
@@ -73,7 +73,7 @@ def test_logits_match_transformers(layout, tok, converted):
         for i, token in enumerate(seq[-4:]):  # decode: one token at a time on the cache
             engine.step(token)
             assert relative(engine.logits(), ref[len(seq) - 4 + i]) < 1e-5
-    with open_engine(path, n_ctx=128) as engine:  # default runtime settings: f16 KV cache rounds K and V
+    with open_engine(path, n_ctx=128, n_threads=1) as engine:  # default runtime settings: f16 KV cache rounds K and V
         assert relative(engine.all_logits(seq), ref) < 3e-3
 
 

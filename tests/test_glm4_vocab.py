@@ -43,7 +43,7 @@ def engines(tok, tmp_path_factory):
     for layout in ("glm4", "glm4-hf"):
         _, folder = build_checkpoint(layout, root / layout, tok)
         result = convert(folder, root / f"{layout}.gguf", "f32")
-        out[layout] = (folder, open_engine(result.path, n_ctx=64))
+        out[layout] = (folder, open_engine(result.path, n_ctx=64, n_threads=1))
     yield out
     for _, engine in out.values():
         engine.close()

@@ -248,3 +248,50 @@ def test_config_values_are_checked(glm3, tmp_path, key, value, problem):
     r = runner.invoke(app, ["convert", str(folder), "-o", str(tmp_path / "x.gguf")])
     assert r.exit_code == 2 and problem in r.output and r.output.count("\n") == 1, r.output
     assert not (tmp_path / "x.gguf").exists()
+
+
+def zip_checkpoint(path, pkl: bytes, storages: dict, compress_pkl=False, compress_data=False):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pkl, zipfile.ZIP_DEFLATED if compress_pkl else zipfile.ZIP_STORED)
+        for key, blob in storages.items():
+            zf.writestr(f"archive/data/{key}", blob, zipfile.ZIP_DEFLATED if compress_data else zipfile.ZIP_STORED)
+
+
+def test_zip_bombs_are_never_inflated(tmp_path):
+    import torch
+    from chatglm.convert.torch_file import TorchFile
+
+    good = tmp_path / "good.bin"
+    torch.save({"w": torch.zeros(4)}, good)
+    import zipfile
+
+    with zipfile.ZipFile(good) as zf:
+        pkl = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+    bomb = tmp_path / "storage-bomb.bin"
+    zip_checkpoint(bomb, pkl, {"0": b"\0" * (64 << 20)}, compress_data=True)  # 64 MB of zeros in ~64 KB
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(InputError, match="compressed, which PyTorch never writes"):
+        TorchFile(bomb)
+    pkl_bomb = tmp_path / "pickle-bomb.bin"
+    zip_checkpoint(pkl_bomb, pkl + b"\0" * (32 << 20), {}, compress_pkl=True)
+    with pytest.raises(InputError, match="data.pkl is"):
+        TorchFile(pkl_bomb)
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.eval", "subprocess.Popen"])
+def test_pickles_with_forbidden_globals(tmp_path, payload):
+    import pickle
+
+    from chatglm.convert.torch_file import TorchFile
+
+    module, name = payload.split(".")
+    marker = tmp_path / "ran"
+    pkl = (b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n"
+           + pickle.dumps((f"touch {marker}",), protocol=2)[2:-1] + b"R.")
+    bad = tmp_path / "evil.bin"
+    zip_checkpoint(bad, pkl, {})
+    with pytest.raises(InputError, match="refusing to load") as err:
+        TorchFile(bad)
+    assert name in str(err.value) and not marker.exists()

@@ -75,15 +75,15 @@ def test_token_by_token_streaming_and_stop_strings_on_llama(glm3_gguf):
     with serve(lambda: [load(glm3_gguf, n_ctx=256, n_threads=1, chat_format="chatglm2")]) as live:
         live.wait_ready()
         client = openai_client(live)
-        chunks = list(client.chat.completions.create(messages=user("hello"), stream=True, **GREEDY))
+        chunks = list(client.chat.completions.create(messages=user("hi"), stream=True, **GREEDY))
         text = content_of(chunks)
         deltas = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
         assert len(deltas) >= 8 and text == client.chat.completions.create(
-            messages=user("hello"), **GREEDY).choices[0].message.content
+            messages=user("hi"), **GREEDY).choices[0].message.content
         stop = text[len(text) // 2:len(text) // 2 + 2]
-        cut = client.chat.completions.create(messages=user("hello"), stop=[stop], **GREEDY).choices[0]
+        cut = client.chat.completions.create(messages=user("hi"), stop=[stop], **GREEDY).choices[0]
         assert cut.message.content == text[:text.index(stop)] and cut.finish_reason == "stop"
-        streamed = list(client.chat.completions.create(messages=user("hello"), stop=stop, stream=True, **GREEDY))
+        streamed = list(client.chat.completions.create(messages=user("hi"), stop=stop, stream=True, **GREEDY))
         assert content_of(streamed) == cut.message.content and streamed[-1].choices[0].finish_reason == "stop"
 
 

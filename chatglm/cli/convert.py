@@ -18,10 +18,10 @@ def convert_cmd(
     = "f16",
     imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix (llama.cpp format).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Quantization threads.")] = None,
-    lora: Annotated[Optional[List[Path]], typer.Option("--lora", metavar="DIR", help="PEFT LoRA adapter folder to merge into the "
-                                                       "weights (repeatable).")] = None,
-    lora_scale: Annotated[Optional[List[float]], typer.Option("--lora-scale", metavar="X", help="Scale of the LoRA update: one "
-                                                              "for all adapters or one per --lora.")] = None,
+    lora: Annotated[Optional[List[Path]], typer.Option(
+        "--lora", metavar="DIR", help="PEFT LoRA adapter folder to merge into the weights (repeatable).")] = None,
+    lora_scale: Annotated[Optional[List[float]], typer.Option(
+        "--lora-scale", metavar="X", help="Scale of the LoRA update: one for all adapters or one per --lora.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Convert a ChatGLM / GLM checkpoint to GGUF (no torch needed)."""

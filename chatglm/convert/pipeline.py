@@ -103,9 +103,18 @@ def _plan_types(family: Family, plan: list[OutTensor], recipe: qtypes.Recipe, ha
 
 
 def load_imatrix(path: os.PathLike | str, plan: list[OutTensor]) -> dict[str, np.ndarray]:
-    from chatglm.convert.imatrix import read_imatrix
+    """Per-tensor importance for the quantizer, checked against this model's tensors."""
+    from chatglm.convert.imatrix import load_imatrix as read
 
-    return read_imatrix(Path(path), {t.name: t.shape for t in plan})
+    matrix = read(path)
+    shapes = {t.name: t.shape for t in plan}
+    matrix.check_model(shapes)
+    out = {}
+    for name, shape in shapes.items():
+        values = matrix.for_tensor(name, shape)
+        if values is not None:
+            out[name] = values.reshape(shape[0], shape[-1]) if len(shape) == 3 else values.reshape(shape[-1])
+    return out
 
 
 def _write_header(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Recipe, planned: list[_Planned]) -> None:

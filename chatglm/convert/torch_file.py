@@ -28,7 +28,7 @@ from chatglm.errors import InputError
 
 log = logging.getLogger(__name__)
 
-MAX_PICKLE = 256 * 1024 * 1024  # a state dict's pickle is kilobytes; refuse absurd ones before reading them
+MAX_PICKLE = 16 * 1024 * 1024  # a state dict's pickle is kilobytes; refuse absurd ones before reading them
 LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version .. sizes), name length, extra length
 RESAVE = ("re-save it in the zip format with torch >= 1.6, e.g. python -c \"import torch; "
           "torch.save(torch.load('{path}', weights_only=True), '{path}')\"")
@@ -187,7 +187,6 @@ class TorchFile(TensorSource):
         self._tensors: dict[str, _Tensor] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._entries: dict[str, tuple[int, int]] = {}  # storage key -> (data offset in the file, byte size)
-        self._copies: dict[str, bytes] = {}  # compressed entries (never written by torch), read once
         try:
             with open(self.path, "rb") as fh:
                 head = fh.read(512)
@@ -246,10 +245,9 @@ class TorchFile(TensorSource):
                 continue
             key = info.filename[len(prefix) + 5 :]
             if info.compress_type != zipfile.ZIP_STORED:
-                log.debug("%s: storage %s is compressed; reading it into memory", self.path, key)
-                self._copies[key] = zf.read(info)
-                self._entries[key] = (-1, len(self._copies[key]))
-                continue
+                # torch.save never compresses storages; inflating one could be a zip bomb, so it is never read.
+                raise InputError(f"storage {key} is compressed, which PyTorch never writes; re-save the checkpoint "
+                                 "with torch.save", self.path)
             fh.seek(info.header_offset)
             signature, name_len, extra_len = LOCAL_HEADER.unpack(fh.read(LOCAL_HEADER.size))
             start = info.header_offset + LOCAL_HEADER.size + name_len + extra_len
@@ -300,12 +298,9 @@ class TorchFile(TensorSource):
         if math.prod(t.shape) == 0:
             return np.zeros(t.shape, dtype=dtype)
         start, entry_bytes = self._entries[t.storage.key]
-        if start < 0:
-            buffer, start = self._copies[t.storage.key], 0
-        elif self._mmap is None:
+        if self._mmap is None:
             raise InputError("file is closed", self.path)
-        else:
-            buffer = self._mmap
+        buffer = self._mmap
         count = entry_bytes // dtype.itemsize
         storage = np.frombuffer(buffer, dtype=dtype, count=count, offset=start)
         strides = tuple(s * dtype.itemsize for s in t.stride)
@@ -314,4 +309,3 @@ class TorchFile(TensorSource):
     def close(self) -> None:
         # Views handed out keep the map alive through the buffer protocol; dropping our reference is enough.
         self._mmap = None
-        self._copies = {}

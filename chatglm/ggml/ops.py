@@ -356,19 +356,21 @@ class Graph:
     # -- layout -----------------------------------------------------------------------------------------------
     def view(self, a: Tensor, ne: Sequence[int], nb: Sequence[int], offset: int) -> Tensor:
         """A strided view of ``a``'s storage: ``nb`` gives the strides of dims 1.. in bytes, ``offset`` in bytes."""
-        ne4 = _pad4(ne)
-        if len(nb) != len(ne) - 1:
-            raise GGMLError(f"view: {len(ne)} dims need {len(ne) - 1} strides, got {len(nb)}")
-        strides = [a.nb[0], *nb]
-        while len(strides) < MAX_DIMS:
-            strides.append(strides[-1] * ne4[len(strides) - 1])
-        nb4 = tuple(int(s) for s in strides)
-        v = Tensor(0, a.type, ne4, nb4, a.root_nbytes, a.offs + offset)  # type: ignore[arg-type]
-        if offset < 0 or ne4[0] % type_traits(a.type)[0] or v.offs + v.nbytes > a.root_nbytes:
-            raise GGMLError(f"view {list(ne4)} at byte {v.offs} runs past its storage of {a.root_nbytes} bytes")
+        n = len(ne)
+        if not 1 <= n <= MAX_DIMS or len(nb) != n - 1 or min(ne) < 1 or offset < 0:
+            raise GGMLError(f"view: bad shape {list(ne)} / strides {list(nb)} / offset {offset}")
+        ne4 = (*ne, 1, 1, 1)[:4]
+        nb4 = [a.nb[0], *nb]
+        while len(nb4) < MAX_DIMS:
+            nb4.append(nb4[-1] * ne4[len(nb4) - 1])
+        blck, _ = type_traits(a.type)
+        extent = ne4[0] * nb4[0] // blck + (ne4[1] - 1) * nb4[1] + (ne4[2] - 1) * nb4[2] + (ne4[3] - 1) * nb4[3]
+        start = a.offs + offset
+        if ne4[0] % blck or start + extent > a.root_nbytes:
+            raise GGMLError(f"view {list(ne4)} at byte {start} runs past its storage of {a.root_nbytes} bytes")
         self._reserve()
-        ptr = self._a.view_4d(self.ctx, a.ptr, *ne4, *nb4[1:], offset)
-        return self._made(ptr, a.type, ne4, nb4, a, offset)
+        ptr = self._a.view_4d(self.ctx, a.ptr, *ne4, nb4[1], nb4[2], nb4[3], offset)
+        return self._made(ptr, a.type, ne4, tuple(nb4), a, offset)
 
     def reshape(self, a: Tensor, shape: Sequence[int]) -> Tensor:
         ne4 = _pad4(shape)

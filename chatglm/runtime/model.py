@@ -276,7 +276,7 @@ class Model:
             if tail:
                 pieces.append(tail)
                 yield tail
-        except GeneratorExit:
+        except (GeneratorExit, KeyboardInterrupt):  # the consumer stopped iterating, or Ctrl-C
             reason = "cancelled"
             raise
         finally:

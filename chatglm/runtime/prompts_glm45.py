@@ -2,7 +2,7 @@
 
 What the published chat template renders (with transformers' ``trim_blocks``/``lstrip_blocks``):
 
-- ``[gMASK]<sop>``; if any tools: ``<|system|>`` + a fixed English tool preamble listing each tool as compact JSON
+- ``[gMASK]<sop>``; if any tools: ``<|system|>\\n`` + a fixed English tool preamble listing each tool as compact JSON
   between ``<tools>`` lines, and the XML call format;
 - system ``<|system|>\\n{content}``; user ``<|user|>\\n{content}``;
 - assistant ``<|assistant|>`` + ``\\n<think>{reasoning}</think>`` for turns after the last user message that carry
@@ -29,7 +29,7 @@ from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.prompts import Tokenizer, check_roles, register
 from chatglm.runtime.prompts_glm4 import GLMFormat, Piece, ROLES
 
-TOOLS_PREAMBLE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+TOOLS_PREAMBLE = ("\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                   "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
 CALL_FORMAT = ("</tools>\n\nFor each function call, output the function name and arguments within the following "
                "XML format:\n<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n"

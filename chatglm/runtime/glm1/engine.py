@@ -19,6 +19,7 @@ from chatglm.convert.families.chatglm1 import KEY_END, KEY_GMASK
 from chatglm.errors import Cancelled, ContextOverflowError, InputError, ModelRuntimeError
 from chatglm.ggml import ops
 from chatglm.gguf_file import GGUFHeader
+from chatglm.runtime import llama_native as native
 from chatglm.runtime.engine import Engine, ModelInfo, ProgressFn
 from chatglm.runtime.glm1 import graph as G
 from chatglm.runtime.glm1 import layout
@@ -44,6 +45,7 @@ class GLM1Engine(Engine):
                  flash_attn: Optional[bool] = None, kv_type: str = "f16", on_progress: Optional[ProgressFn] = None,
                  n_batch: int = 512, repack: bool = True):
         super().__init__()
+        native.lib()  # routes ggml's own log (e.g. weight repacking) to the "llama.cpp" logger
         self.cfg = G.GLM1Config.from_header(header)
         _check_settings(self.cfg, n_ctx, n_batch, kv_type, n_gpu_layers, flash_attn, header)
         self.tok = GLM1Tokenizer(header)

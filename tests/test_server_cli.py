@@ -1,0 +1,93 @@
+"""`chatglm serve` as a command: it serves a GGUF until Ctrl-C, and a bad model path or a taken port is one line and
+exit code 2 before anything starts."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import typer
+from fixtures_server import http
+from typer.testing import CliRunner
+
+from chatglm.cli.serve import serve_cmd
+
+RUN_SERVE = "import typer; from chatglm.cli.serve import serve_cmd; typer.run(serve_cmd)"
+
+
+@pytest.fixture
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(serve_cmd)
+    return app
+
+
+def test_missing_model_is_exit_2(cli, tmp_path):
+    result = CliRunner().invoke(cli, [str(tmp_path / "none.gguf")])
+    assert result.exit_code == 2 and "none.gguf: no such file" in result.output
+
+
+def test_a_file_that_is_not_gguf_is_exit_2(cli, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"PK\x03\x04 definitely not a gguf" * 4)
+    result = CliRunner().invoke(cli, [str(bad)])
+    assert result.exit_code == 2 and "bad.gguf" in result.output and "GGUF" in result.output
+
+
+def test_a_taken_port_is_exit_2(cli, glm3_gguf):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, [str(glm3_gguf), "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+
+
+def read_url(proc: subprocess.Popen, timeout: float) -> str:
+    """The address the server prints on stderr."""
+    found: list[str] = []
+
+    def scan() -> None:
+        for line in proc.stderr:
+            match = re.search(r"at (http://127\.0\.0\.1:\d+)/", line)
+            if match:
+                found.append(match.group(1))
+                return
+
+    reader = threading.Thread(target=scan, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not found:
+        raise AssertionError("the server printed no address")
+    return found[0]
+
+
+def test_serve_answers_on_a_free_port_and_stops_on_ctrl_c(glm3_gguf):
+    env = {**os.environ, "CHATGLM_API_KEY": "k"}
+    proc = subprocess.Popen([sys.executable, "-c", RUN_SERVE, str(glm3_gguf), "--port", "0", "--n-ctx", "128",
+                             "--threads", "1", "--model-id", "tiny-cli"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = read_url(proc, 60)
+        deadline = time.monotonic() + 30
+        while http().get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.05)
+        r = http().post(url + "/v1/chat/completions", headers={"Authorization": "Bearer k"},
+                        json={"model": "tiny-cli", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["model"] == "tiny-cli"
+        assert http().post(url + "/v1/chat/completions", json={"messages": []}).status_code == 401
+        assert "<title>chatglm</title>" in http().get(url + "/").text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)

@@ -1,0 +1,89 @@
+"""The built-in chat page in headless Chromium: it loads from the server alone, streams a reply, Stop cancels the
+generation on the server, New conversation clears it, and it works against the llama.cpp model with an API key.
+
+Skipped (with the reason) only when no Chromium binary exists; `.ci/run` installs Debian's ``chromium``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fixtures_server import LLAMA_KEY, ScriptedModel, answer, chromium, http, llama_server, serve  # noqa: F401
+
+from chatglm.server.app import page_html
+
+LONG = answer(" ".join(f"w{i}" for i in range(400)))
+
+
+def js_str(text: str) -> str:
+    return repr(text)  # a Python repr of plain text is a valid JavaScript string literal
+
+
+def type_and_send(browser, text: str) -> None:
+    browser.eval(f"document.getElementById('input').value = {js_str(text)};"
+                 "document.getElementById('send').click(); true")
+
+
+def test_the_page_needs_nothing_from_outside():
+    html = page_html()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "import " not in html and "@import" not in html
+    assert re.search(r"<script>", html) and "fetch(\"/v1/chat/completions\"" in html
+
+
+def test_page_streams_a_reply_and_stop_cancels_it(chromium):  # noqa: F811
+    model = ScriptedModel([LONG], token_delay=0.02)
+    with serve([model]) as live:
+        live.wait_ready()
+        chromium.open(live.url + "/")
+        chromium.wait_for("document.getElementById('status').textContent === 'ready'")
+        assert chromium.eval("document.getElementById('model').textContent") == "tiny"
+        chromium.eval("document.getElementById('system').value = 'Be brief.';"
+                      "const t = document.getElementById('temperature'); t.value = '0.3';"
+                      "t.dispatchEvent(new Event('input')); true")
+        type_and_send(chromium, "你好")
+        chromium.wait_for("document.body.dataset.state === 'streaming' && "
+                          "(document.querySelector('.msg.assistant') || {}).textContent.split(' ').length >= 3")
+        partial = chromium.eval("document.querySelector('.msg.assistant').textContent")
+        assert partial.startswith("w0 w1") and chromium.eval("document.getElementById('stop').disabled") is False
+        chromium.eval("document.getElementById('stop').click(); true")
+        chromium.wait_for("document.body.dataset.state === 'idle'")
+        assert chromium.eval("document.getElementById('status').textContent") == "stopped"
+        shown = chromium.eval("document.querySelector('.msg.assistant').textContent")
+        assert shown.endswith("[stopped]") and "w399" not in shown
+        assert model.finished.wait(3) and model.last_stats.finish_reason == "cancelled"
+        assert model.last_stats.generated_tokens < 400
+        sent = model.received[0]
+        assert [(m.role, m.content) for m in sent] == [("system", "Be brief."), ("user", "你好")]
+        assert model.sampling[0]["temperature"] == 0.3
+        resources = chromium.eval("performance.getEntriesByType('resource').map(e => e.name)")
+        assert all(name.startswith(live.url) for name in resources), resources
+
+
+def test_page_full_reply_history_and_reset_against_llama(chromium, llama_server):  # noqa: F811
+    chromium.open(llama_server.url + "/")
+    chromium.wait_for("document.getElementById('status').textContent === 'ready'")
+    assert chromium.eval("document.getElementById('model').textContent") == "…"  # /v1/models needs the key
+    chromium.eval(f"document.getElementById('api-key').value = {js_str(LLAMA_KEY)};"
+                  "document.getElementById('max-tokens').value = '8'; true")
+    for turn in ("你好", "再见"):
+        type_and_send(chromium, turn)
+        chromium.wait_for("document.body.dataset.state === 'idle' && "
+                          "document.getElementById('status').textContent === 'ready'")
+    assert chromium.eval("document.querySelectorAll('.msg.user').length") == 2
+    assert chromium.eval("document.querySelectorAll('.msg.assistant').length") == 2
+    assert chromium.eval("document.querySelectorAll('.msg.error').length") == 0
+    chromium.eval("document.getElementById('reset').click(); true")
+    assert chromium.eval("document.querySelectorAll('.msg').length") == 0
+    assert chromium.eval("document.getElementById('empty') !== null")
+
+
+def test_page_shows_an_error_from_the_server(chromium, llama_server):  # noqa: F811
+    chromium.open(llama_server.url + "/")
+    chromium.wait_for("document.getElementById('status').textContent === 'ready'")
+    chromium.eval("document.getElementById('api-key').value = 'wrong'; true")
+    type_and_send(chromium, "hi")
+    chromium.wait_for("document.getElementById('status').textContent === 'error'")
+    error = chromium.eval("document.querySelector('.msg.error').textContent")
+    assert error.startswith("Error: invalid API key")
+    assert http().get(llama_server.url + "/health").json()["busy"] == 0
