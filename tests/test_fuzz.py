@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
-from targets import gguf, safetensors  # noqa: E402
+from targets import gguf, safetensors, torch_pickle  # noqa: E402
 
-FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ = settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 _ST_HEADER = json.dumps({"a": {"dtype": "F16", "shape": [2, 3], "data_offsets": [0, 12]},
                          "b": {"dtype": "BF16", "shape": [1], "data_offsets": [12, 14]}}).encode()
@@ -58,3 +58,24 @@ GGUF_SEED = gguf_seed()
 @given(st.one_of(st.binary(max_size=256).map(lambda b: b"GGUF\x03\x00\x00\x00" + b), mutate(GGUF_SEED)))
 def test_gguf_validator_never_crashes(data):
     gguf(data)
+
+
+def pickle_seed() -> bytes:
+    import io
+    import zipfile
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(8, dtype=torch.float32), "h": torch.ones(2, 2, dtype=torch.float16)}, buf)
+    with zipfile.ZipFile(buf) as zf:
+        return zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+
+
+PICKLE_SEED = pickle_seed()
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=128), mutate(PICKLE_SEED)))
+def test_pickle_reader_never_crashes(data):
+    torch_pickle(data)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -119,6 +121,13 @@ def test_one_shot_json_and_tools(chat_gguf, tmp_path):
     assert set(data["timings"]) == {"load_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
 
 
+def test_one_shot_verbose_shows_speed(chat_gguf):
+    r = invoke("run", chat_gguf, "-p", "hi", "-n", "3", "--temp", "0", "-t", "1", "--verbose")
+    assert r.exit_code == 0, r.output
+    assert re.search(r"\[loaded \S+ in [0-9.]+ s\]", r.stderr)
+    assert re.search(r"\[prompt \d+ tokens \(\d+ evaluated, [0-9.]+ tok/s\), reply 3 tokens \([0-9.]+ tok/s\)", r.stderr)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--json"], "error: --json needs -p PROMPT"),
     (["--tools", "{missing}"], "error: {missing}: not found"),
@@ -152,6 +161,7 @@ def test_terminal_conversation(chat_gguf, tmp_path):
     (tmp_path / "bad.json").write_text('{"kind": "chatglm-conversation", "version": 1, "messages": [{"role": "x"}]}')
     c = spawn(["-m", "chatglm.cli", "run", str(chat_gguf), "--ctx", "256", "-n", "24", "--temp", "0", "-t", "1"],
               tmp_path)
+    c.logfile_read = transcript = io.StringIO()
     c.expect("/help for commands")
     c.expect(">>> ")
     c.sendline("你好，世界")
@@ -167,7 +177,7 @@ def test_terminal_conversation(chat_gguf, tmp_path):
     c.sendline("/load bad.json")
     c.expect("bad.json: message 1: unknown message role 'x'")
     c.expect(">>> ")
-    for i in range(6):  # 256 tokens hold about four rounds: the oldest go, with one note
+    for i in range(8):  # 256 tokens hold about five rounds: the oldest go, with one note
         c.sendline(f"round {i}: tell me something about the number {i}")
         c.expect(">>> ")
     c.sendline("/show")
@@ -177,8 +187,8 @@ def test_terminal_conversation(chat_gguf, tmp_path):
     c.expect(pexpect.EOF)
     c.close()
     assert c.exitstatus == 0
-    transcript = (tmp_path / "conv.json").read_text(encoding="utf-8")
-    messages = json.loads(transcript)["messages"]
+    assert transcript.getvalue().count("outgrew the context of 256 tokens") == 1
+    messages = json.loads((tmp_path / "conv.json").read_text(encoding="utf-8"))["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["你好，世界", "first line\nsecond line"]
 
 

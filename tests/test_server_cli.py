@@ -50,23 +50,32 @@ def test_a_taken_port_is_exit_2(cli, glm3_gguf):
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
 
 
-def read_url(proc: subprocess.Popen, timeout: float) -> str:
-    """The address the server prints on stderr."""
-    found: list[str] = []
+class StderrReader:
+    """Drains a child's stderr on a thread (so it never blocks on a full pipe) and finds the printed address."""
 
-    def scan() -> None:
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self.url = ""
+        self.found = threading.Event()
+        self.thread = threading.Thread(target=self._drain, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _drain(self, proc: subprocess.Popen) -> None:
         for line in proc.stderr:
+            self.lines.append(line)
             match = re.search(r"at (http://127\.0\.0\.1:\d+)/", line)
-            if match:
-                found.append(match.group(1))
-                return
+            if match and not self.url:
+                self.url = match.group(1)
+                self.found.set()
 
-    reader = threading.Thread(target=scan, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not found:
-        raise AssertionError("the server printed no address")
-    return found[0]
+    def wait_url(self, timeout: float) -> str:
+        if not self.found.wait(timeout):
+            raise AssertionError("the server printed no address: " + "".join(self.lines))
+        return self.url
+
+    def text(self) -> str:
+        self.thread.join(5)
+        return "".join(self.lines)
 
 
 def test_serve_answers_on_a_free_port_and_stops_on_ctrl_c(glm3_gguf):
@@ -75,7 +84,8 @@ def test_serve_answers_on_a_free_port_and_stops_on_ctrl_c(glm3_gguf):
                              "--threads", "1", "--model-id", "tiny-cli"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        url = read_url(proc, 60)
+        stderr = StderrReader(proc)
+        url = stderr.wait_url(60)
         deadline = time.monotonic() + 30
         while http().get(url + "/health").status_code != 200:
             assert time.monotonic() < deadline, "the model did not load"
@@ -87,6 +97,7 @@ def test_serve_answers_on_a_free_port_and_stops_on_ctrl_c(glm3_gguf):
         assert "<title>chatglm</title>" in http().get(url + "/").text
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0
+        assert "server stopped" in stderr.text() and "error" not in stderr.text()
     finally:
         if proc.poll() is None:
             proc.kill()

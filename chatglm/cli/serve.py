@@ -63,7 +63,11 @@ def serve_cmd(
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     typer.echo(f"chatglm: serving {path.name} at http://{shown}:{bound[1]}/ (OpenAI API under /v1)", err=True)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: stopping is the normal way out
+        pass
+    typer.echo("chatglm: server stopped", err=True)
     if failure:
         exc = failure[0]
         raise exc if isinstance(exc, ChatGLMError) else ModelRuntimeError(f"loading the model failed: {exc}")

@@ -411,6 +411,8 @@ class Backend:
     """ggml's CPU backend with a thread count and a cancel hook."""
 
     def __init__(self, n_threads: int):
+        if n_threads < 1:
+            raise GGMLError(f"thread count must be positive, got {n_threads}")
         a = api()
         self.ptr = a.backend_cpu_init()
         if not self.ptr:

@@ -41,4 +41,22 @@ def gguf(data: bytes) -> None:
         pass
 
 
-TARGETS = {"safetensors": safetensors, "gguf": gguf}
+def torch_pickle(data: bytes) -> None:
+    """A PyTorch zip checkpoint whose data.pkl is the fuzzed bytes, with one 64-byte storage."""
+    import zipfile
+
+    from chatglm.convert.torch_file import TorchFile
+
+    path = _DIR / "x.bin"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", data)
+        zf.writestr("archive/data/0", bytes(64))
+    try:
+        reader = TorchFile(path)
+        for name in reader.infos():
+            reader.load(name)
+    except InputError:
+        pass
+
+
+TARGETS = {"safetensors": safetensors, "gguf": gguf, "pickle": torch_pickle}

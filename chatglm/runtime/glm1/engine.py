@@ -47,7 +47,7 @@ class GLM1Engine(Engine):
         super().__init__()
         native.lib()  # routes ggml's own log (e.g. weight repacking) to the "llama.cpp" logger
         self.cfg = G.GLM1Config.from_header(header)
-        _check_settings(self.cfg, n_ctx, n_batch, kv_type, n_gpu_layers, flash_attn, header)
+        _check_settings(self.cfg, n_ctx, n_batch, n_threads, kv_type, n_gpu_layers, flash_attn, header)
         self.tok = GLM1Tokenizer(header)
         self.ids = _special_ids(header, self.cfg)
         self.n_batch = n_batch
@@ -177,12 +177,12 @@ class GLM1Engine(Engine):
             pass
 
 
-def _check_settings(cfg: G.GLM1Config, n_ctx: int, n_batch: int, kv_type: str, n_gpu_layers: int,
+def _check_settings(cfg: G.GLM1Config, n_ctx: int, n_batch: int, n_threads: int, kv_type: str, n_gpu_layers: int,
                     flash_attn: Optional[bool], header: GGUFHeader) -> None:
     if kv_type not in G.KV_TYPES:
         raise InputError(f"the GLM-1 engine keeps its KV cache in {' or '.join(G.KV_TYPES)}, not {kv_type!r}")
-    if n_ctx < 1 or n_batch < 1:
-        raise InputError(f"context ({n_ctx}) and batch ({n_batch}) sizes must be positive")
+    if n_ctx < 1 or n_batch < 1 or n_threads < 1:
+        raise InputError(f"context ({n_ctx}), batch ({n_batch}) and thread ({n_threads}) counts must be positive")
     if n_ctx > cfg.n_ctx_train:
         log.warning("%s: context of %d tokens is longer than the %d ChatGLM-6B was trained on; positions past "
                     "%d are untrained and output quality will drop", header.path, n_ctx, cfg.n_ctx_train,
