@@ -16,6 +16,7 @@ median of per-repetition ratios. Target: engine/bare >= 0.97.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import statistics
@@ -54,6 +55,8 @@ class BareLoop:
         self.mem = ll.llama_get_memory(self.ctx)
         self.batch = ll.llama_batch_init(n_batch, 0, 1)
         self.n_batch = n_batch
+        self._noop_abort = native.ABORT_CALLBACK(lambda _data: False)
+        self._no_abort = ctypes.cast(None, native.ABORT_CALLBACK)
 
     def _fill(self, tokens: list[int], pos0: int) -> None:
         b = self.batch
@@ -77,8 +80,11 @@ class BareLoop:
         ll.llama_synchronize(self.ctx)
         return time.perf_counter() - start
 
-    def decode(self, tokens: list[int]) -> float:
+    def decode(self, tokens: list[int], abort_callback: bool = False) -> float:
+        """Seconds for one decode per token; ``abort_callback``: with a no-op Python abort callback installed (ggml
+        calls it after every graph node), as the engine installs one to make prefill cancellable."""
         ll, b, ctx = self.ll, self.batch, self.ctx
+        ll.llama_set_abort_callback(ctx, self._noop_abort if abort_callback else self._no_abort, None)
         ll.llama_memory_clear(self.mem, True)
         self._fill(tokens[:1], 0)
         decode, sync = ll.llama_decode, ll.llama_synchronize
@@ -150,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.getLogger("gguf").setLevel(logging.WARNING)
     args = parse_args(argv)
     shape = CHATGLM3_1B if args.shape == "1.3b" else SMALL["chatglm3-6b"]
-    path = args.gguf or build_gguf(shape, args.type, CACHE / "overhead")
+    path = args.gguf or build_gguf(shape, args.type, CACHE / ("overhead" if args.shape == "1.3b" else "small"))
     n_ctx = args.n_prompt + args.n_gen + 8
     from chatglm.runtime.loader import open_engine
 
@@ -164,6 +170,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     pairs = {pp: (lambda: time_prefill(engine, prompt), lambda: bare.prefill(prompt)),
              tg: (lambda: time_decode(engine, [], gen), lambda: bare.decode(gen))}
     n_tokens = {pp: args.n_prompt, tg: args.n_gen}
+    cb = f"{tg} bare+abort callback"
+    pairs[cb] = (lambda: bare.decode(gen, abort_callback=True), lambda: bare.decode(gen))
+    n_tokens[cb] = args.n_gen
     if not args.no_generate:
         for label, temp in (("greedy", 0.0), ("sampled", 0.8)):
             name = f"{tg} Model.generate {label}"

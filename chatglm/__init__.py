@@ -32,7 +32,9 @@ _EXPORTS = {
     "ContextOverflowError": "chatglm.errors",
     "Cancelled": "chatglm.errors",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["Cancelled", "ChatGLMError", "ChatSession", "ContextOverflowError", "GenerationStats", "InputError", "Message",
+           "Model", "ModelBusyError", "ModelInfo", "ModelRuntimeError", "OutputError", "SamplingParams", "ToolCall",
+           "UnsupportedModelError", "__version__", "load"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from chatglm.errors import (Cancelled, ChatGLMError, ContextOverflowError, InputError, ModelRuntimeError,

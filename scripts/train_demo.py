@@ -173,6 +173,13 @@ def train(model, examples, args: argparse.Namespace) -> float:
     return sum(recent) / len(recent)
 
 
+def min_margin(model, prompt: list[int], out: list[int]) -> float:
+    """Smallest gap between the top two logits over the generated positions (how robust the greedy path is)."""
+    logits = ck.reference_logits(model, prompt + out)[len(prompt) - 1 : -1]  # (len(out), V)
+    top2 = torch.from_numpy(logits).topk(2, dim=-1).values  # (len(out), 2)
+    return float((top2[:, 0] - top2[:, 1]).min())
+
+
 def run_cases(model, enc: ChatEncoder) -> list[dict]:
     results = []
     for case in CASES:
@@ -186,6 +193,7 @@ def run_cases(model, enc: ChatEncoder) -> list[dict]:
                 "prompt_ids": prompt,
                 "generated_ids": out,
                 "reply": enc.decode_reply(out),
+                "min_top2_logit_gap": round(min_margin(model, prompt, out), 3),
             }
         )
         print(f"  [{case.name}] {case.query!r} -> {results[-1]['reply']!r}")
@@ -272,7 +280,8 @@ def write_expected(out: Path, args: argparse.Namespace, results: list[dict]) -> 
     doc = {
         "version": 1,
         "about": "Greedy ChatGLM3-format replies of this model, computed with transformers GlmForCausalLM in float32 "
-        "from the saved weights. generated_ids end with the stop id (<|user|>). Regenerate with the command in "
+        "from the saved weights. generated_ids end with the stop id (<|user|>); min_top2_logit_gap is the smallest "
+        "difference between the best and second-best logit along the greedy path. Regenerate with the command in "
         "README.md.",
         "seed": args.seed,
         "steps": args.steps,

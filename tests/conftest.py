@@ -69,7 +69,7 @@ def glm3_model(glm3_gguf):
 
     # f32 KV cache and no flash attention (llama.cpp's CPU flash attention rounds Q·K through f16): with f32 weights
     # nothing then rounds below float32 precision.
-    with load(glm3_gguf, n_ctx=512, n_threads=2, kv_type="f32", flash_attn=False) as m:
+    with load(glm3_gguf, n_ctx=512, n_threads=1, kv_type="f32", flash_attn=False) as m:
         yield m
 
 

@@ -108,7 +108,10 @@ class ScriptedModel:
         return self.last_reply
 
     def generate(self, prompt: str, *, cancel=None, **sampling) -> str:
-        return "".join(self._run(self.tokenize(prompt), sampling, cancel))
+        return "".join(self.stream_generate(prompt, cancel=cancel, **sampling))
+
+    def stream_generate(self, prompt: str, *, cancel=None, **sampling) -> Iterator[str]:
+        return self._run(self.tokenize(prompt), sampling, cancel)
 
     def _run(self, ids: list[int], sampling: dict, cancel: Optional[threading.Event]) -> Iterator[str]:
         unknown = set(sampling) - SAMPLING_KEYS

@@ -24,7 +24,7 @@ def test_public_names():
     for name in ("load", "Model", "ChatSession", "Message", "ToolCall", "SamplingParams", "InputError",
                  "ModelBusyError", "ChatGLMError", "Cancelled"):
         assert getattr(chatglm, name) is not None
-    assert chatglm.__version__
+    assert chatglm.__version__ and set(chatglm.__all__) == {*chatglm._EXPORTS, "__version__"}
     with pytest.raises(AttributeError, match="no attribute 'lod'"):
         chatglm.lod  # noqa: B018
 
@@ -217,10 +217,24 @@ def test_session_clear_system_and_roundtrip(tmp_path):
     assert json.loads(path.read_text(encoding="utf-8"))["messages"][1] == {"role": "user", "content": "你好"}
 
 
+def test_conversation_the_format_cannot_continue(tmp_path):
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps([{"role": "user", "content": "a"}, {"role": "observation", "content": "b"}]))
+    s = Model(ToyEngine(), chat_format="chatglm2").session()
+    s.chat("hi", max_tokens=2)
+    before = s.messages
+    with pytest.raises(InputError) as err:
+        s.load(path)
+    assert str(err.value) == (f"{path}: this conversation does not fit the chatglm2 chat format: the chatglm2 chat "
+                              "format has no 'observation' role (allowed: system, user, assistant)")
+    assert s.messages == before
+
+
 @pytest.mark.parametrize("text, problem", [
     ("{not json", "not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2"),
     ('{"kind": "other"}', "not a conversation file"),
-    ('{"kind": "chatglm-conversation", "version": 9, "messages": []}', "conversation file version 9 is not supported (this version reads 1)"),
+    ('{"kind": "chatglm-conversation", "version": 9, "messages": []}',
+     "conversation file version 9 is not supported (this version reads 1)"),
     ('"text"', "not a conversation file: expected a list of messages"),
     ('[{"role": "user", "content": "a"}, {"role": "wizard"}]', "message 2: unknown message role 'wizard'"),
 ])
@@ -300,6 +314,15 @@ def test_concurrent_calls_are_refused_not_interleaved():
     thread.join(5)
     assert "error" not in result and len(result["value"].content) == 59
     assert not m.busy and m.chat("now", max_tokens=3).content
+
+
+def test_a_stream_started_late_sees_the_conversation_as_it_is_then():
+    s = toy_model().session()
+    late = s.stream_chat("second")
+    s.chat("first")
+    "".join(late)
+    assert [m.content for m in s.messages if m.role == "user"] == ["first", "second"]
+    assert s.last_stats.cached_tokens > 0  # and the cache carried on from the first turn
 
 
 def test_abandoned_stream_releases_the_model():

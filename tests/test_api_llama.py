@@ -11,7 +11,6 @@ from fixtures_chat import chat_gguf, chat_model  # noqa: F401  (fixtures)
 
 import chatglm
 from chatglm.errors import InputError, UnsupportedModelError
-from chatglm.runtime.engine import common_prefix
 from chatglm.runtime.messages import Message
 from chatglm.runtime.model import drain
 from chatglm.runtime.sampling import SamplingParams

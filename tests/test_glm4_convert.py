@@ -123,8 +123,8 @@ def _rewrite_config(folder, **changes):
 
 @pytest.mark.parametrize("changes, message", [
     ({"num_experts_per_tok": 9}, "inconsistent expert counts: num_experts_per_tok=9 > n_routed_experts=8"),
-    ({"n_routed_experts": 6}, "inconsistent expert counts: layer 1 has experts 0..7 .8 of them., config.json says "
-                              "n_routed_experts=6"),
+    ({"n_routed_experts": 6}, ("inconsistent expert counts: layer 1 has experts 0..7 .8 of them., config.json "
+                               "says n_routed_experts=6")),
     ({"num_local_experts": 4}, "inconsistent expert counts: n_routed_experts=8, num_local_experts=4"),
 ])
 def test_moe_inconsistent_expert_counts(tok, tmp_path, changes, message):
@@ -151,7 +151,7 @@ def test_grouped_routing_is_refused(tok, tmp_path):
 
 def test_rope_parameters_style_config_converts(tok, tmp_path):
     """Files saved by transformers 5 carry rope settings in rope_parameters; both styles give the same GGUF keys."""
-    model, folder = build_checkpoint("glm4-0414", tmp_path / "ck", tok, rope_theta=20000.0)
+    _, folder = build_checkpoint("glm4-0414", tmp_path / "ck", tok, rope_theta=20000.0)
     path = folder / "config.json"
     cfg = json.loads(path.read_text())
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta"),
@@ -163,3 +163,12 @@ def test_rope_parameters_style_config_converts(tok, tmp_path):
     path.write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="rope type 'yarn' is not supported"):
         convert(folder, tmp_path / "out2.gguf", "f32")
+
+
+def test_tied_embeddings_use_the_token_embedding_as_output(tok, tmp_path):
+    model, folder = build_checkpoint("glm4-hf", tmp_path / "ck", tok, seed=7, tie_word_embeddings=True)
+    header = read_header(convert(folder, tmp_path / "out.gguf", "f32").path)
+    assert "output.weight" not in header.tensors
+    seq = prompt(tok)
+    with open_engine(header.path, n_ctx=64, n_threads=1, kv_type="f32", flash_attn=False) as engine:
+        assert relative(engine.all_logits(seq), reference_logits(model, seq)) < 1e-5

@@ -12,8 +12,7 @@ import re
 import pytest
 
 from chatglm.convert.pipeline import convert
-from chatglm.devtools.glm4 import (GLM45_EXTRA_SPECIALS, build_checkpoint, special_ids, tiktoken_encoding,
-                                   train_glm4_bpe)
+from chatglm.devtools.glm4 import GLM45_EXTRA_SPECIALS, build_checkpoint, special_ids, tiktoken_encoding, train_glm4_bpe
 from chatglm.errors import InputError
 from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.model import load

@@ -13,10 +13,9 @@ import gguf
 import pytest
 
 from chatglm.convert.pipeline import convert
-from chatglm.convert.vocab_bpe import (GLM4_PATTERN, is_tiktoken, merges_from_ranks, read_tiktoken, spell)
+from chatglm.convert.vocab_bpe import GLM4_PATTERN, is_tiktoken, merges_from_ranks, read_tiktoken, spell
 from chatglm.devtools.corpus import bilingual_corpus
-from chatglm.devtools.glm4 import (GLM45_EXTRA_SPECIALS, build_checkpoint, special_ids, tiktoken_encoding,
-                                   train_glm4_bpe)
+from chatglm.devtools.glm4 import GLM45_EXTRA_SPECIALS, build_checkpoint, special_ids, tiktoken_encoding, train_glm4_bpe
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.gguf_file import read_header
 from chatglm.runtime.loader import open_engine
@@ -65,7 +64,7 @@ def test_merges_replay_tiktoken_ranks():
 def test_spelling_is_gpt2_byte_level():
     assert spell(b" \n\t") == "ĠĊĉ"
     assert spell("你".encode()) == "ä½ł"
-    assert len(set(spell(bytes([b])) for b in range(256))) == 256
+    assert len({spell(bytes([b])) for b in range(256)}) == 256
 
 
 def test_tiktoken_parity(tok, engines):
@@ -101,8 +100,7 @@ def test_control_token_text_in_content_stays_text(tok, engines):
 def test_special_tokens_are_control_and_end_generation(tok, engines):
     ids = special_ids(tok)
     for layout in ("glm4", "glm4-hf"):
-        folder, engine = engines[layout]
-        info = engine.info
+        info = engines[layout][1].info
         assert {ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]} <= info.eog
         assert ids["<|assistant|>"] not in info.eog
         assert info.special["[gMASK]"] == ids["[gMASK]"] and info.special["<sop>"] == ids["<sop>"]
@@ -110,7 +108,7 @@ def test_special_tokens_are_control_and_end_generation(tok, engines):
         types = header.array("tokenizer.ggml.token_type")
         assert int(types[ids["<|user|>"]]) == gguf.TokenType.CONTROL
         assert header.kv["tokenizer.ggml.tokens"][-1] == f"[PAD{len(types) - 1}]"
-        assert engine.token_bytes(ids["<|user|>"]) == b""
+        assert engines[layout][1].token_bytes(ids["<|user|>"]) == b""
     header = read_header(engines["glm4"][1].info.path)
     assert header.kv["tokenizer.ggml.pre"] == "glm4"  # tiktoken emits a pre-token found in the vocab whole
     assert header.kv["tokenizer.ggml.eot_token_id"] == ids["<|user|>"]

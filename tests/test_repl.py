@@ -125,7 +125,15 @@ def test_one_shot_verbose_shows_speed(chat_gguf):
     r = invoke("run", chat_gguf, "-p", "hi", "-n", "3", "--temp", "0", "-t", "1", "--verbose")
     assert r.exit_code == 0, r.output
     assert re.search(r"\[loaded \S+ in [0-9.]+ s\]", r.stderr)
-    assert re.search(r"\[prompt \d+ tokens \(\d+ evaluated, [0-9.]+ tok/s\), reply 3 tokens \([0-9.]+ tok/s\)", r.stderr)
+    speed = r"\[prompt \d+ tokens \(\d+ evaluated, [0-9.]+ tok/s\), reply 3 tokens \([0-9.]+ tok/s\)"
+    assert re.search(speed, r.stderr)
+
+
+def test_piped_input_gets_replies_without_prompts(chat_gguf):
+    r = runner.invoke(app, ["run", str(chat_gguf), "-n", "3", "--temp", "0", "-t", "1"],
+                      input="hi\n/set top_k 5\nthanks\n")
+    assert r.exit_code == 0, r.output
+    assert ">>>" not in r.stdout and r.stdout.endswith("\n") and "top_k = 5" in r.stderr
 
 
 @pytest.mark.parametrize("args, message", [

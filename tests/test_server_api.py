@@ -7,6 +7,7 @@ fixed text parsed by the real ChatGLM3 chat format. The live llama.cpp path is i
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -116,6 +117,20 @@ def test_max_tokens_and_sampling_reach_the_model_and_length_is_reported():
     assert model.sampling[0] == {"max_tokens": 5, "temperature": 0.3, "top_p": 0.5, "seed": 11}
 
 
+def test_completions_stream_piece_by_piece_and_honour_stop():
+    model = ScriptedModel(["one two three four five", "one two three four five"])
+    with serve([model]) as live:
+        client = openai_client(live)
+        chunks = list(client.completions.create(model="tiny", prompt="count:", stream=True,
+                                                stream_options={"include_usage": True}))
+        assert [c.choices[0].text for c in chunks] == ["one", " two", " three", " four", " five", ""]
+        assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].usage.completion_tokens == 5
+        cut = client.completions.create(model="tiny", prompt="count:", stop=[" four"])
+        assert cut.choices[0].text == "one two three" and cut.choices[0].finish_reason == "stop"
+        assert cut.usage.prompt_tokens == len("count:")
+    assert model.last_stats.finish_reason == "cancelled"
+
+
 def test_a_prompt_error_is_a_400_even_for_a_stream():
     with serve([ScriptedModel()]) as live:
         body = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "stream": True}
@@ -160,6 +175,25 @@ def test_disconnecting_cancels_the_generation_within_a_token():
         assert post(live, {"messages": user("next")}).status_code == 200
 
 
+def test_a_client_that_leaves_the_queue_is_never_served():
+    gate = threading.Event()
+    model = ScriptedModel([answer("first"), answer("second")], gate=gate)
+    with serve([model]) as live:
+        running = threading.Thread(target=post, args=(live, {"messages": user("running")}))
+        running.start()
+        assert model.started.wait(5)
+        body = json.dumps({"messages": user("leaves"), "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", live.port)) as raw:
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_until(lambda: live.state.pool.queued == 1)
+        wait_until(lambda: live.state.pool.queued == 0)
+        gate.set()
+        running.join(10)
+        assert post(live, {"messages": user("after")}).json()["choices"][0]["message"]["content"] == "second"
+    assert [m[-1].content for m in model.received] == ["running", "after"]
+
+
 def test_a_full_queue_answers_429_and_then_drains():
     model = ScriptedModel([LONG], token_delay=0.01)
     with serve([model], max_queue=1) as live:
@@ -190,7 +224,7 @@ def test_requests_are_served_one_at_a_time_in_arrival_order():
         for i in range(4):
             threads.append(threading.Thread(target=post, args=(live, {"messages": user(f"q{i}")})))
             threads[-1].start()
-            wait_until(lambda: live.state.pool.busy + live.state.pool.queued == i + 1)
+            wait_until(lambda n=i + 1: live.state.pool.busy + live.state.pool.queued == n)
         assert live.state.pool.status()["queued"] == 3
         gate.set()
         for t in threads:

@@ -50,6 +50,20 @@ def test_a_taken_port_is_exit_2(cli, glm3_gguf):
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
 
 
+def test_a_model_that_fails_to_load_stops_the_server_with_its_error(cli, tmp_path):
+    import gguf
+
+    path = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")  # a valid GGUF of an architecture we do not run
+    writer.add_context_length(128)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = CliRunner().invoke(cli, [str(path), "--port", "0"])
+    assert result.exit_code == 2 and "architecture 'llama' is not a GLM model" in result.output
+
+
 class StderrReader:
     """Drains a child's stderr on a thread (so it never blocks on a full pipe) and finds the printed address."""
 

@@ -102,6 +102,7 @@ def test_completions_plain_and_streamed(client):
     chunks = list(client.completions.create(model="tiny", prompt="def f(x):", max_tokens=10, temperature=0,
                                             stream=True))
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert len([c for c in chunks if c.choices[0].text]) >= min(2, whole.usage.completion_tokens)  # piece by piece
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 

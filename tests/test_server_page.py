@@ -64,8 +64,9 @@ def test_page_full_reply_history_and_reset_against_llama(chromium, llama_server)
     chromium.open(llama_server.url + "/")
     chromium.wait_for("document.getElementById('status').textContent === 'ready'")
     assert chromium.eval("document.getElementById('model').textContent") == "…"  # /v1/models needs the key
-    chromium.eval(f"document.getElementById('api-key').value = {js_str(LLAMA_KEY)};"
-                  "document.getElementById('max-tokens').value = '8'; true")
+    chromium.eval(f"const key = document.getElementById('api-key'); key.value = {js_str(LLAMA_KEY)};"
+                  "key.dispatchEvent(new Event('change')); document.getElementById('max-tokens').value = '8'; true")
+    chromium.wait_for("document.getElementById('model').textContent === 'tiny'")
     for turn in ("你好", "再见"):
         type_and_send(chromium, turn)
         chromium.wait_for("document.body.dataset.state === 'idle' && "

@@ -97,7 +97,8 @@ def test_tools_become_a_leading_system_message_unless_tool_choice_is_none():
     assert msgs[0].tools == [WEATHER["function"], {"name": "get_time"}]
     assert msgs[1].role == "user"
     assert to_messages(chat(tools=[WEATHER], tool_choice="none"))[0].role == "user"
-    named = to_messages(chat(tools=[WEATHER, CLOCK], tool_choice={"type": "function", "function": {"name": "get_time"}}))
+    only_clock = {"type": "function", "function": {"name": "get_time"}}
+    named = to_messages(chat(tools=[WEATHER, CLOCK], tool_choice=only_clock))
     assert named[0].tools == [{"name": "get_time"}]
     err = error_of(to_messages, chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}))
     assert err.param == "tool_choice"

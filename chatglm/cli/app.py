@@ -8,6 +8,7 @@ from chatglm.cli.bench import bench_cmd
 from chatglm.cli.convert import convert_cmd
 from chatglm.cli.info import info_cmd
 from chatglm.cli.perplexity import perplexity_cmd
+from chatglm.cli.quantize import quantize_cmd
 from chatglm.cli.run import run_cmd
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -17,6 +18,7 @@ app.command("run")(run_cmd)
 app.command("info")(info_cmd)
 app.command("bench")(bench_cmd)
 app.command("perplexity")(perplexity_cmd)
+app.command("quantize")(quantize_cmd)
 
 
 def main() -> None:

@@ -37,13 +37,14 @@ def bench_cmd(
     """Measure prompt (pp) and generation (tg) tokens/s: median and spread over repetitions."""
     from chatglm.runtime.bench import BenchSpec, check_spec, peak_rss_bytes, run_bench
     from chatglm.runtime.loader import open_engine
+    from chatglm.runtime.perplexity import CAUSAL_PREFIX
 
     setup_logging(verbose)
     spec = BenchSpec(n_prompt=tuple(n_prompt or (512,)), n_gen=tuple(n_gen or (128,)), repetitions=repetitions,
                      warmup=warmup, seed=seed)
     check_spec(spec, ctx)
-    if ctx is None:
-        ctx = max(max(spec.n_prompt) + max(spec.n_gen), 1)
+    if ctx is None:  # room for the longest test and the generation prefix some families need
+        ctx = max(spec.n_prompt) + max(spec.n_gen) + max((len(p) for p in CAUSAL_PREFIX.values()), default=0)
     if not model.is_file():
         raise InputError("file not found", model)
     progress = _Progress(enabled=sys.stderr.isatty() and not verbose)

@@ -62,7 +62,8 @@ class LineEditor:
     def __init__(self, history: Optional[Path] = None):
         self.readline = None
         self.history = history
-        if not sys.stdin.isatty():
+        self.interactive = sys.stdin.isatty()
+        if not self.interactive:  # piped input: one message a line, no prompts in the output
             return
         try:
             import readline
@@ -77,7 +78,7 @@ class LineEditor:
                 pass
 
     def read(self, prompt: str) -> str:
-        return input(prompt)
+        return input(prompt if self.interactive else "")
 
     def pending(self) -> str:
         """The text typed on the line when Ctrl-C was pressed (readline only)."""

@@ -99,8 +99,12 @@ class Checkpoint:
         return self._where[name].infos()[name]
 
     def load(self, name: str) -> np.ndarray:
-        """One tensor as float32 (a fresh array; the files stay mapped, never read whole)."""
+        """One tensor as float32 (a fresh array; only its bytes are read)."""
         return self._where[name].load(name)
+
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (first axis) of one tensor as float32: a large tensor streamed a block at a time."""
+        return self._where[name].load_rows(name, start, stop)
 
     def file_of(self, name: str) -> Path:
         return Path(self._where[name].path)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
 
 import gguf
 import numpy as np
 
 from chatglm import __version__
 from chatglm.convert import qtypes
-from chatglm.convert.checkpoint import Checkpoint
-from chatglm.convert.family import Family, OutTensor, check_complete, detect
+from chatglm.convert.checkpoint import Checkpoint, CheckpointView
+from chatglm.convert.family import Family, OutTensor, _identity, check_complete, detect
 from chatglm.convert.lora import merged, refuse_prefix_tuning
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError
@@ -78,18 +79,15 @@ def convert(
         importance = load_imatrix(imatrix, plan) if imatrix is not None else None
         planned = _plan_types(family, plan, recipe, has_imatrix=importance is not None)
         dest = Path(out) if out is not None else default_output(model_dir, qtype)
+        total = sum(p.nbytes for p in planned)
         with atomic_path(dest) as tmp:
             writer = gguf.GGUFWriter(tmp, family.arch)
             _write_header(writer, family, recipe, planned)
-            total = sum(p.nbytes for p in planned)
-            done = 0
-            for p in planned:
-                data = _materialize(ckpt, p, importance, threads)
-                writer.write_tensor_data(data)
-                done += p.nbytes
-                if progress:
-                    progress(done, total, p.tensor.name)
             writer.close()
+            with open(tmp, "r+b") as fh:
+                section = DataSection(fh, writer.data_alignment, total, progress)
+                for p in planned:
+                    section.write(p.tensor.name, p.nbytes, _encoded_blocks(ckpt, p, importance, threads or 2))
     seconds = time.perf_counter() - start
     log.info("wrote %s: %d tensors, %d bytes in %.1fs", dest, len(planned), total, seconds)
     return ConvertResult(dest, family.name, family.arch, recipe.name, len(planned), dest.stat().st_size, seconds)
@@ -104,10 +102,15 @@ def _plan_types(family: Family, plan: list[OutTensor], recipe: qtypes.Recipe, ha
 
 def load_imatrix(path: os.PathLike | str, plan: list[OutTensor]) -> dict[str, np.ndarray]:
     """Per-tensor importance for the quantizer, checked against this model's tensors."""
+    return importance_for(path, {t.name: t.shape for t in plan})
+
+
+def importance_for(path: os.PathLike | str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The importance matrix at ``path`` as the quantizer takes it, for the tensors of numpy ``shapes``: (cols,)
+    values for a matrix, (n_expert, cols) for expert tensors. InputError when it belongs to another model."""
     from chatglm.convert.imatrix import load_imatrix as read
 
     matrix = read(path)
-    shapes = {t.name: t.shape for t in plan}
     matrix.check_model(shapes)
     out = {}
     for name, shape in shapes.items():
@@ -144,14 +147,92 @@ def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix, threads:
     return quants.quantize(rows, qtype, imatrix=imatrix, threads=threads)
 
 
-def _materialize(ckpt: Checkpoint, p: _Planned, importance, threads) -> np.ndarray:
+# float32 elements a streamed tensor holds at a time (64 MiB): the largest ChatGLM3-6B tensor is 1 GiB in float32.
+STREAM_ELEMENTS = 1 << 24
+
+
+def row_blocks(shape: Sequence[int], max_elements: int = STREAM_ELEMENTS) -> list[tuple[int, int, int]]:
+    """(matrix, first row, stop row) blocks of whole rows covering a tensor of numpy ``shape``, each of at most
+    ``max_elements`` elements (or one row) and never crossing a matrix (expert) boundary. A 1-D tensor is one row."""
+    if len(shape) < 2:
+        return [(0, 0, 1)]
+    n_mats, n_rows, n_cols = math.prod(shape[:-2]), shape[-2], shape[-1]
+    step = max(1, max_elements // max(1, n_cols))
+    return [(m, r, min(r + step, n_rows)) for m in range(n_mats) for r in range(0, n_rows, step)]
+
+
+def encode_rows(rows: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix, threads: int, first: int = 0) -> np.ndarray:
+    """:func:`encode` of a block of rows that starts at row ``first`` of its tensor; a NaN or infinity is reported
+    with its row number in the tensor."""
+    try:
+        return encode(rows, qtype, imatrix, threads)
+    except InputError as exc:
+        bad = np.flatnonzero(~np.isfinite(rows.reshape(-1, rows.shape[-1])).all(axis=1))
+        problem = f"row {first + bad[0]} holds NaN or infinite values" if bad.size else exc.problem
+        raise InputError(problem) from None
+
+
+class DataSection:
+    """Writes the tensor data after a header written (and closed) by ``gguf.GGUFWriter``, one block at a time.
+
+    The layout is GGUFWriter's: every tensor starts at a multiple of ``alignment`` and is padded with zeros to one.
+    """
+
+    def __init__(self, fh: BinaryIO, alignment: int, total: int, progress: Optional[Progress] = None):
+        self.fh, self.alignment, self.total, self.progress = fh, alignment, total, progress
+        self.done = 0
+        fh.seek(0, os.SEEK_END)
+
+    def _pad(self) -> None:
+        pos = self.fh.tell()
+        self.fh.write(bytes(gguf.GGUFWriter.ggml_pad(pos, self.alignment) - pos))
+
+    def write(self, name: str, nbytes: int, blocks: Iterable[np.ndarray]) -> None:
+        """One tensor of ``nbytes`` bytes, given as consecutive blocks of its data."""
+        self._pad()
+        written = 0
+        for block in blocks:
+            self.fh.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+            written += block.nbytes
+            self.done += block.nbytes
+            if self.progress:
+                self.progress(self.done, self.total, name)
+        if written != nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes, planned {nbytes}")
+        self._pad()
+
+
+def _streams(ckpt: Checkpoint | CheckpointView, t: OutTensor) -> bool:
+    """Whether a tensor is copied from one source matrix, so it can be read and encoded a block of rows at a time."""
+    return isinstance(ckpt, Checkpoint) and len(t.sources) == 1 and t.build is _identity and len(t.shape) == 2
+
+
+def _encoded_blocks(ckpt: Checkpoint | CheckpointView, p: _Planned, importance, threads: int) -> Iterator[np.ndarray]:
+    """The planned tensor in its file encoding, as consecutive blocks of rows (one block unless it streams)."""
+    t, source = p.tensor, p.tensor.sources[0]
+    imatrix = importance.get(t.name) if importance else None
+    if not _streams(ckpt, t):
+        yield _materialize(ckpt, p, imatrix, threads)
+        return
+    if tuple(ckpt.info(source).shape) != t.shape:
+        raise InputError(f"tensor {source!r} has shape {list(ckpt.info(source).shape)}, expected {list(t.shape)}",
+                         ckpt.file_of(source))
+    for _, first, stop in row_blocks(t.shape):
+        rows = np.ascontiguousarray(ckpt.load_rows(source, first, stop), dtype=np.float32)  # (stop - first, cols)
+        try:
+            yield encode_rows(rows, p.qtype, imatrix, threads, first)
+        except InputError as exc:
+            raise InputError(f"tensor {source!r}: {exc.problem}", ckpt.file_of(source)) from None
+
+
+def _materialize(ckpt: Checkpoint | CheckpointView, p: _Planned, imatrix, threads: int) -> np.ndarray:
     t = p.tensor
     data = np.ascontiguousarray(t.build([ckpt.load(s) for s in t.sources]), dtype=np.float32)
     if data.shape != t.shape:
         raise InputError(f"tensor {t.name} built with shape {list(data.shape)}, expected {list(t.shape)}",
                          ckpt.file_of(t.sources[0]))
     try:
-        out = encode(data, p.qtype, importance.get(t.name) if importance else None, threads or 2)
+        out = encode(data, p.qtype, imatrix, threads)
     except InputError as exc:
         raise InputError(f"tensor {t.sources[0]!r}: {exc.problem}", ckpt.file_of(t.sources[0])) from None
     if out.nbytes != p.nbytes:

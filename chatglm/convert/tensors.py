@@ -41,7 +41,9 @@ class TensorInfo:
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """bfloat16 bits (uint16) to float32: the upper half of the float32 pattern, exactly."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+    wide = raw.astype(np.uint32)
+    wide <<= 16  # in place: one float32-sized array, not two
+    return wide.view(np.float32)
 
 
 def to_array(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -63,9 +65,18 @@ class TensorSource(ABC):
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes as an array of the stored dtype (bf16 as uint16), without copying when possible."""
 
+    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the first axis in the stored dtype. Readers that can read part of a tensor
+        override this so that streaming a large tensor never holds all of it."""
+        return self.raw(name)[start:stop]
+
     def load(self, name: str) -> np.ndarray:
         """The tensor as float32 (integer tensors keep their dtype)."""
         return to_array(self.raw(name), self.infos()[name].dtype)
+
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the first axis as float32 (integer tensors keep their dtype)."""
+        return to_array(self.raw_rows(name, start, stop), self.infos()[name].dtype)
 
     def close(self) -> None:
         pass

@@ -20,7 +20,9 @@ import base64
 import binascii
 import functools
 import json
+import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -30,6 +32,7 @@ import gguf
 from chatglm.errors import InputError, UnsupportedModelError
 
 TT = gguf.TokenType
+log = logging.getLogger(__name__)
 
 # The pre-tokenizer regex of every GLM-4 tokenizer (tiktoken pat_str / tokenizer.json Split pattern).
 GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -174,7 +177,11 @@ def build_tiktoken_vocab(model_path: Path, config_path: Path, n_vocab: int) -> B
     tokens = [""] * len(ranks)
     for token, rank in ranks.items():
         tokens[rank] = spell(token)
-    vocab = BpeVocab(tokens, [TT.NORMAL] * len(tokens), merges_from_ranks(ranks), PRE_WHOLE_WORDS)
+    start = time.perf_counter()
+    merges = merges_from_ranks(ranks)
+    log.info("recovered %d merges from %d tiktoken ranks in %.1fs", len(merges), len(ranks),
+             time.perf_counter() - start)
+    vocab = BpeVocab(tokens, [TT.NORMAL] * len(tokens), merges, PRE_WHOLE_WORDS)
     _add_tokens(vocab, added_tokens_from_config(config_path), n_vocab, config_path)
     return vocab
 
@@ -238,8 +245,10 @@ def _check_pipeline(data: dict[str, Any], path: Path) -> None:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     splits = [s for s in steps if s.get("type") == "Split"]
     levels = [s for s in steps if s.get("type") == "ByteLevel"]
-    pattern = (splits[0].get("pattern") or {}).get("Regex") if len(splits) == 1 else None
-    if len(steps) != 2 or pattern != GLM4_PATTERN or len(levels) != 1:
+    split = splits[0] if len(splits) == 1 else {}
+    pattern = (split.get("pattern") or {}).get("Regex")
+    isolated = split.get("behavior", "Isolated") == "Isolated" and not split.get("invert", False)
+    if len(steps) != 2 or pattern != GLM4_PATTERN or not isolated or len(levels) != 1:
         raise UnsupportedModelError("tokenizer.json's pre-tokenizer is not GLM-4's (a Split on the GLM-4 regex, "
                                     "then ByteLevel)", path)
     if levels[0].get("add_prefix_space") or levels[0].get("use_regex", True):

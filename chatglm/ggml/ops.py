@@ -61,7 +61,7 @@ _BASE = {
     "ggml_graph_n_nodes": (I, [P]),
     "ggml_get_rows": (P, [P, P, P]), "ggml_norm": (P, [P, P, F]), "ggml_add": (P, [P, P, P]),
     "ggml_mul": (P, [P, P, P]), "ggml_scale": (P, [P, P, F]), "ggml_scale_bias": (P, [P, P, F, F]),
-    "ggml_sqr": (P, [P, P]), "ggml_tanh": (P, [P, P]), "ggml_mul_mat": (P, [P, P, P]),
+    "ggml_sqr": (P, [P, P]), "ggml_tanh": (P, [P, P]), "ggml_sigmoid": (P, [P, P]), "ggml_mul_mat": (P, [P, P, P]),
     "ggml_cont": (P, [P, P]), "ggml_cpy": (P, [P, P, P]), "ggml_permute": (P, [P, P, I, I, I, I]),
     "ggml_reshape_4d": (P, [P, P, I64, I64, I64, I64]),
     "ggml_view_4d": (P, [P, P, I64, I64, I64, I64, SZ, SZ, SZ, SZ]),
@@ -294,6 +294,9 @@ class Graph:
 
     def tanh(self, a: Tensor) -> Tensor:
         return self._unary(self._a.tanh, a, what="tanh")
+
+    def sigmoid(self, a: Tensor) -> Tensor:
+        return self._unary(self._a.sigmoid, a, what="sigmoid")
 
     def scale(self, a: Tensor, s: float) -> Tensor:
         return self._unary(self._a.scale, a, s, what="scale", rows_only=False)

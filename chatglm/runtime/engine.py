@@ -10,11 +10,12 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
 from chatglm.errors import ContextOverflowError, ModelRuntimeError
+from chatglm.runtime.sampling import Sampler, SamplingParams
 
 ProgressFn = Callable[[int, int], None]  # (tokens done, tokens total)
 
@@ -33,6 +34,25 @@ class ModelInfo:
     description: str
     special: dict[str, int] = field(default_factory=dict)  # token text -> id, for the family's special tokens
     eog: frozenset[int] = frozenset()  # end-of-generation ids
+
+
+class TokenSampler(Protocol):
+    def __call__(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class NumpySampler:
+    """Samples from the engine's last logits with :class:`Sampler` (any engine that exposes its logits)."""
+
+    def __init__(self, engine: "Engine", params: SamplingParams):
+        self.engine, self.sample = engine, Sampler(params)
+
+    def __call__(self) -> int:
+        return self.sample(self.engine.logits(), self.engine.tokens)
+
+    def close(self) -> None:
+        pass
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -112,6 +132,10 @@ class Engine(ABC):
     def all_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits of every position of ``tokens`` evaluated from an empty cache: (len(tokens), n_vocab)."""
         raise NotImplementedError
+
+    def sampler(self, params: SamplingParams) -> "TokenSampler":
+        """A sampler for one generation: called with no arguments after each evaluation, returns the next token."""
+        return NumpySampler(self, params)
 
     @abstractmethod
     def close(self) -> None: ...

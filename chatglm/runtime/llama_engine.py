@@ -100,6 +100,9 @@ class LlamaEngine(Engine):
         finally:
             self._cancel_event = None
 
+    def sampler(self, params) -> native.NativeSampler:
+        return native.NativeSampler(self._ctx, self._vocab, self._n_vocab, params, self.tokens)
+
     def logits(self) -> np.ndarray:
         ptr = native.lib().llama_get_logits_ith(self._ctx, -1)
         if not ptr:

@@ -161,3 +161,45 @@ def complete_info(info: ModelInfo, model, ctx) -> ModelInfo:
     return replace(info, n_ctx=ll.llama_n_ctx(ctx), n_ctx_train=ll.llama_model_n_ctx_train(model), n_vocab=n_vocab,
                    n_params=ll.llama_model_n_params(model), size_bytes=ll.llama_model_size(model),
                    description=desc.value.decode("utf-8", errors="replace"), eog=frozenset(t for t in eog if t >= 0))
+
+
+class NativeSampler:
+    """llama.cpp's own sampler chain (penalties, top-k, top-p, temperature, seeded draw), run in C.
+
+    The repeat penalty sees the last ``repeat_last_n`` tokens already in the cache, prompt included, like the
+    numpy sampler does.
+    """
+
+    def __init__(self, ctx, vocab, n_vocab: int, params, history: Sequence[int]):
+        ll = lib()
+        self._ctx = ctx
+        self._chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if not self._chain:
+            raise ModelRuntimeError("llama.cpp could not create a sampler")
+        links = []
+        if params.repeat_penalty != 1.0 and params.repeat_last_n:
+            links.append(ll.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty,
+                                                         0.0, 0.0))
+        if params.greedy:
+            links.append(ll.llama_sampler_init_greedy())
+        else:
+            if params.top_k:
+                links.append(ll.llama_sampler_init_top_k(params.top_k))
+            links.append(ll.llama_sampler_init_top_p(params.top_p, 1))
+            links.append(ll.llama_sampler_init_temp(params.temperature))
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+            links.append(ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        for link in links:
+            ll.llama_sampler_chain_add(self._chain, link)
+        if params.repeat_penalty != 1.0:
+            for token in history[-params.repeat_last_n:] if params.repeat_last_n else ():
+                ll.llama_sampler_accept(self._chain, token)
+
+    def __call__(self) -> int:
+        # Samples from the last output's logits and records the token (for the repeat penalty).
+        return lib().llama_sampler_sample(self._chain, self._ctx, -1)
+
+    def close(self) -> None:
+        if self._chain:
+            lib().llama_sampler_free(self._chain)
+            self._chain = None

@@ -22,7 +22,7 @@ from chatglm.runtime.engine import Engine, ModelInfo
 from chatglm.runtime.loader import open_engine
 from chatglm.runtime.messages import Message, ToolCall, as_messages
 from chatglm.runtime.prompts import ChatFormat, get_format
-from chatglm.runtime.sampling import Sampler, SamplingParams
+from chatglm.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
     from chatglm.runtime.session import ChatSession
@@ -249,7 +249,7 @@ class Model:
         limit = engine.info.n_ctx - len(ids)
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
-        sample, token_bytes = Sampler(params), engine.token_bytes
+        sample, token_bytes = engine.sampler(params), engine.token_bytes
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         out, pieces, reason = gen.tokens, [], "length"
         try:
@@ -257,7 +257,7 @@ class Model:
                 if cancel.is_set():
                     reason = "cancelled"
                     break
-                token = sample(engine.logits(), engine.tokens)
+                token = sample()
                 if token in stop_ids:
                     reason = "stop"
                     break
@@ -280,6 +280,7 @@ class Model:
             reason = "cancelled"
             raise
         finally:
+            sample.close()
             stats.finish_reason, stats.generated_tokens = reason, len(out)
             stats.decode_seconds = time.perf_counter() - started
             gen.text = "".join(pieces)

@@ -148,8 +148,11 @@ class ChatGLM3Format(ChatFormat):
 
 
 def render_tool_call(call: ToolCall) -> str:
-    """ChatGLM3's tool-call text: a fenced ``tool_call(k=v, ...)`` with Python literal arguments."""
+    """ChatGLM3's tool-call text: a fenced ``tool_call(k=v, ...)`` with Python literal arguments, or, for the code
+    interpreter (``interpreter`` with ``{"code": ...}``), the fenced code itself."""
     args = call.arguments if isinstance(call.arguments, dict) else {}
+    if call.name == "interpreter" and isinstance(args.get("code"), str):
+        return f"```python\n{args['code']}\n```"
     inner = ", ".join(f"{k}={v!r}" for k, v in args.items())
     return f"```python\ntool_call({inner})\n```"
 
@@ -161,10 +164,12 @@ def parse_tool_call(name: str, content: str) -> ToolCall | None:
     body = content.strip()
     if body.startswith("```"):
         body = "\n".join(body.split("\n")[1:-1]) if body.count("\n") >= 2 else body.strip("`")
+    if name == "interpreter":  # the code interpreter's "call" is the code itself, whatever it parses as
+        return ToolCall(name, {"code": body})
     try:
         node = ast.parse(body.strip(), mode="eval").body
-    except SyntaxError:
-        return ToolCall(name, body) if name != "interpreter" else ToolCall(name, {"code": body})
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: null bytes
+        return ToolCall(name, body)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
         try:
             return ToolCall(name, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg})

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from chatglm.errors import InputError
 from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.prompts import Tokenizer, check_roles, register
-from chatglm.runtime.prompts_glm4 import GLMFormat, Piece, ROLES
+from chatglm.runtime.prompts_glm4 import ROLES, GLMFormat, Piece
 
 TOOLS_PREAMBLE = ("\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                   "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
@@ -77,7 +77,7 @@ class GLM45Format(GLMFormat):
     def assistant_pieces(self, m: Message, after_last_user: bool) -> list[Piece]:
         reasoning, content = m.thinking, m.content
         if not reasoning and "</think>" in content:
-            head, _, tail = content.partition("</think>")
+            head = content.partition("</think>")[0]
             reasoning = head.rstrip("\n").split("<think>")[-1].lstrip("\n")
             content = content.split("</think>")[-1].lstrip("\n")
         text = f"\n<think>{reasoning.strip()}</think>" if after_last_user and reasoning else "\n<think></think>"
@@ -125,7 +125,7 @@ class GLM45Format(GLMFormat):
         stripped = text.lstrip()
         if stripped and "<think>".startswith(stripped):
             return ""  # the thinking marker is still arriving
-        thinking, rest, complete = self.split_thinking(text)
+        _, rest, complete = self.split_thinking(text)
         if not complete:
             return ""
         shown = rest.split("<tool_call>")[0]

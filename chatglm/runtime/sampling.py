@@ -12,7 +12,7 @@ import numpy as np
 
 from chatglm.errors import InputError
 
-CANDIDATES = 256  # sorted candidates tried before falling back to a full sort for top-p
+CANDIDATES = (256, 4096, 32768)  # sorted candidate widths tried, in turn, before sorting the whole vocabulary
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,11 @@ class Sampler:
         probs = _softmax(logits, p.temperature)
         if 0 < p.top_k < n:  # top-k first, then top-p over the renormalised k (llama.cpp's order)
             ids = _top(logits, p.top_k)
-        else:
-            ids = _top(logits, min(CANDIDATES, n))
-            if probs[ids].sum() < p.top_p:  # the nucleus reaches past the candidates: sort them all
-                ids = np.argsort(logits)[::-1]
+        else:  # widen the sorted candidates until they hold the nucleus (a peaked distribution stops at once)
+            for width in (*(w for w in CANDIDATES if w < n), n):
+                ids = _top(logits, width)
+                if probs[ids].sum() >= p.top_p:
+                    break
         cand = probs[ids] / probs[ids].sum() if 0 < p.top_k < n else probs[ids]
         cut = int(np.searchsorted(np.cumsum(cand), p.top_p)) + 1
         ids, cand = ids[:cut], cand[:cut]
@@ -87,9 +88,9 @@ def _top(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = (logits.astype(np.float64) - float(np.max(logits))) / temperature
-    e = np.exp(z)
-    return e / e.sum()
+    """Probabilities at ``temperature``: float32 exponentials (SIMD-fast), normalised with a float64 sum."""
+    e = np.exp((logits - np.max(logits)) * np.float32(1.0 / temperature), dtype=np.float32)
+    return e / np.float32(e.sum(dtype=np.float64))
 
 
 def penalize(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:

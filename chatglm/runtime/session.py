@@ -75,6 +75,7 @@ class ChatSession:
         self.last_reply: Optional[Message] = None
         self._messages: list[Message] = []
         self._cached: Optional[_Cached] = None
+        self._version = 0  # bumped by every change of the conversation
         self._lock = threading.Lock()
         sys_msg = system_message(system, tools)
         self.reset([sys_msg, *messages] if sys_msg else list(messages))
@@ -106,6 +107,7 @@ class ChatSession:
     def reset(self, messages: Sequence[Message]) -> None:
         self._messages = list(messages)
         self._cached = None
+        self._version += 1
 
     def clear(self) -> None:
         """Start a new conversation, keeping the system message."""
@@ -134,16 +136,19 @@ class ChatSession:
         if not new:
             raise InputError("nothing to send: give a message")
         params = self.sampling.updated(**sampling) if sampling else self.sampling
-        ids, kept, dropped = self._prompt(new, params)  # checks the messages now, not at the first next()
-        return self._turn(ids, kept, new, dropped, params, cancel)
+        prompt = self._prompt(new, params)  # checks the messages now, not at the first next()
+        return self._turn(new, params, cancel, self._version, prompt)
 
-    def _turn(self, ids: list[int], kept: list[Message], new: list[Message], dropped: int, params: SamplingParams,
-              cancel: Optional[threading.Event]) -> Generator[str, None, Message]:
+    def _turn(self, new: list[Message], params: SamplingParams, cancel: Optional[threading.Event], version: int,
+              prompt: tuple[list[int], list[Message], int]) -> Generator[str, None, Message]:
         if not self._lock.acquire(blocking=False):
             from chatglm.runtime.model import ModelBusyError
 
             raise ModelBusyError("this chat session is already answering (one turn at a time)")
         try:
+            if version != self._version:  # the conversation moved on between the call and the first next()
+                prompt = self._prompt(new, params)
+            ids, kept, dropped = prompt
             gen = yield from self.model.stream_reply(ids, params, cancel)
             return self._commit(gen, kept, new, dropped)
         finally:
@@ -163,6 +168,7 @@ class ChatSession:
                 self.on_truncate(dropped)
         self._messages = kept + new + [reply]
         self._cached = _Cached(gen.prompt + gen.tokens, len(self._messages), len(gen.tokens))
+        self._version += 1
         return reply
 
     # -- prompts ----------------------------------------------------------------------------------------------
@@ -219,8 +225,17 @@ class ChatSession:
             raise OutputError(f"cannot write: {exc.strerror or exc}", path) from None
 
     def load(self, path: os.PathLike | str) -> None:
-        """Replace the conversation with one saved by :meth:`save` (or a JSON list of messages)."""
-        self.reset(read_conversation(path))
+        """Replace the conversation with one saved by :meth:`save` (or a JSON list of messages).
+
+        The messages must be ones this model's chat format can continue with a user message."""
+        messages = read_conversation(path)
+        if messages:
+            try:
+                self.model.prompt_ids(messages + [Message("user", "")])
+            except InputError as exc:
+                raise InputError(f"this conversation does not fit the {self.model.format.name} chat format: "
+                                 f"{exc.problem}", path) from None
+        self.reset(messages)
 
 
 def drop_round(messages: list[Message], *, keep_last: bool = False) -> bool:

@@ -21,15 +21,23 @@ from importlib import resources
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from chatglm.server.errors import APIError, invalid
-from chatglm.server.mapping import (Outcome, chat_chunk, chat_completion, new_id, text_completion, to_messages,
-                                    tool_call_deltas, usage_chunk)
-from chatglm.server.pool import ModelPool
+from chatglm.server.mapping import (
+    Outcome,
+    chat_chunk,
+    chat_completion,
+    new_id,
+    text_completion,
+    to_messages,
+    tool_call_deltas,
+    usage_chunk,
+)
+from chatglm.server.pool import CLOSED, ModelPool
 from chatglm.server.schema import parse_chat, parse_completion
 from chatglm.server.worker import Generation, chat_job, completion_job
 
@@ -125,18 +133,24 @@ class Server:
         def work() -> None:
             try:
                 models = list(self.load_models())
-            except BaseException as exc:  # reported on /health and to the CLI; the server stays up to say so
+            except Exception as exc:  # reported on /health and to the CLI; the server stays up to say so
                 log.error("loading the model failed: %s", exc)
                 loop.call_soon_threadsafe(self._load_failed, exc)
                 return
             try:
-                loop.call_soon_threadsafe(self.pool.set_ready, models)
-            except RuntimeError:  # shut down while we were loading
+                loop.call_soon_threadsafe(self._loaded, models)
+            except RuntimeError:  # the event loop is gone: shut down while we were loading
                 close_all(models)
 
         thread = threading.Thread(target=work, name="chatglm-load", daemon=True)
         thread.start()
         return thread
+
+    def _loaded(self, models: list[Any]) -> None:
+        if self.pool.state == CLOSED:
+            close_all(models)
+        else:
+            self.pool.set_ready(models)
 
     def _load_failed(self, exc: BaseException) -> None:
         self.pool.set_failed(str(exc))

@@ -1,8 +1,9 @@
 """OpenAI chat messages and tools in, GLM :class:`Message` values out, and replies back as OpenAI objects.
 
 - ``system`` and ``developer`` messages become system messages, ``user`` user messages.
-- ``tools`` (unless ``tool_choice`` is ``"none"``) become a system message carrying the function definitions in its
-  ``tools`` field, placed first, as ChatGLM3's published OpenAI demo does; the chat format renders them.
+- ``tools`` (unless ``tool_choice`` is ``"none"``) become a system message carrying the function definitions
+  (``name``, ``description``, ``parameters``: the library's tool shape) in its ``tools`` field, placed first, as
+  ChatGLM3's published OpenAI demo does and as ``Model.session(tools=...)`` builds it; the chat format renders them.
 - An assistant message's ``tool_calls`` become :class:`ToolCall` values with their JSON arguments parsed (kept as the
   raw string when they are not JSON); ``tool`` (and legacy ``function``) messages become ``observation`` messages.
 - Replies: a tool call goes out with ``content: null`` and its arguments as a JSON string, ``finish_reason:
@@ -18,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from chatglm.runtime.messages import Message, ToolCall
+from chatglm.runtime.session import TOOLS_SYSTEM
 from chatglm.server.errors import invalid
 from chatglm.server.schema import ChatRequest, NamedToolChoice
 
-TOOLS_PREAMBLE = "Answer the following questions as best as you can. You have access to the following tools:"
+TOOLS_PREAMBLE = TOOLS_SYSTEM  # the library's tool system text (ChatGLM3's published preamble), as sessions use
 ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
             "tool": "observation", "function": "observation"}
 

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence
 
 from chatglm.errors import ChatGLMError
 from chatglm.runtime.messages import Message
@@ -169,15 +169,6 @@ def chat_job(messages: list[Message], sampling: dict, stops: Sequence[str]) -> J
     return job
 
 
-def completion_pieces(model: Any, prompt: str, cancel: threading.Event, sampling: dict) -> Iterator[str]:
-    """The completion's text as it is generated (in one piece where the model has no ``stream_generate``)."""
-    stream = getattr(model, "stream_generate", None)
-    if stream is not None:
-        yield from stream(prompt, cancel=cancel, **sampling)
-    else:
-        yield model.generate(prompt, cancel=cancel, **sampling)
-
-
 def completion_job(prompt: str, sampling: dict, stops: Sequence[str]) -> Job:
     def job(model: Any, gen: Generation) -> Outcome:
         n_prompt = len(model.tokenize(prompt))
@@ -186,7 +177,7 @@ def completion_job(prompt: str, sampling: dict, stops: Sequence[str]) -> Job:
         _check_prompt(n_prompt, model.info.n_ctx)
         gen.ready(n_prompt)
         scan = StopScanner(stops)
-        _relay(completion_pieces(model, prompt, gen.cancel, sampling), scan, gen)
+        _relay(model.stream_generate(prompt, cancel=gen.cancel, **sampling), scan, gen)
         stats = model.last_stats
         return Outcome(scan.text, [], _finish(scan, stats.finish_reason), stats.prompt_tokens,
                        stats.generated_tokens)

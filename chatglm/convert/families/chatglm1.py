@@ -129,11 +129,7 @@ class ChatGLM1(Family):
     def _special_ids(self) -> dict[str, int]:
         """Ids the tokenizer gives; config.json's ids must agree (they changed between releases)."""
         v = self.vocab
-        ids = {"bos": v.id_of("<sop>"), "eos": v.id_of("<eop>"), "mask": v.id_of("[MASK]"),
-               "gmask": v.id_of("[gMASK]")}
-        for name, text in (("end", "</s>"), ("unk", "<unk>")):
-            found = [i for i, p in enumerate(v.pieces) if p.text == text or (name == "unk" and p.type == UNKNOWN)]
-            ids[name] = found[0] + v.image_tokens if found else ids["eos"]
+        ids = ice_special_ids(v, self.config.get("pad_token_id"))
         if v.n_tokens > self.hp.n_vocab:
             raise InputError(f"{TOKENIZER_FILE} gives {v.n_tokens} token ids ({v.image_tokens} image tokens + "
                              f"{len(v.pieces)} pieces), more than vocab_size {self.hp.n_vocab}: check "
@@ -144,8 +140,6 @@ class ChatGLM1(Family):
                 raise InputError(f"config.json: {key}={self.config[key]!r} but {TOKENIZER_FILE} with "
                                  f"{v.image_tokens} image tokens gives {ids[name]}; the tokenizer and weights come "
                                  "from different releases", self.config_path)
-        pad = self.config.get("pad_token_id")
-        ids["pad"] = pad if type(pad) is int and 0 <= pad < self.hp.n_vocab else ids["unk"]
         return ids
 
     # -- metadata ---------------------------------------------------------------------------------------------
@@ -163,34 +157,7 @@ class ChatGLM1(Family):
         w.add_residual_scale(math.sqrt(2 * PUBLISHED_NUM_LAYERS))
 
     def write_vocab(self, w: gguf.GGUFWriter) -> None:
-        v, n_vocab = self.vocab, self.hp.n_vocab
-        tokens = [f"<image_{i}>" for i in range(v.image_tokens)] + [p.text for p in v.pieces]
-        scores = [0.0] * v.image_tokens + [p.score for p in v.pieces]
-        types = [gguf.TokenType.UNUSED] * v.image_tokens + [_GGUF_TYPE.get(p.type, gguf.TokenType.NORMAL)
-                                                            for p in v.pieces]
-        for text in SPECIAL_PIECES:  # control tokens, whatever the piece type, so tools find them by text
-            types[v.id_of(text)] = gguf.TokenType.CONTROL
-        tokens += [f"[PAD{i}]" for i in range(len(tokens), n_vocab)]
-        scores += [0.0] * (n_vocab - len(scores))
-        types += [gguf.TokenType.UNUSED] * (n_vocab - len(types))
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre(ARCH)
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        ids = self.ids
-        w.add_bos_token_id(ids["bos"])
-        w.add_eos_token_id(ids["eos"])
-        w.add_unk_token_id(ids["unk"])
-        w.add_pad_token_id(ids["pad"])
-        w.add_mask_token_id(ids["mask"])
-        w.add_uint32(KEY_GMASK, ids["gmask"])
-        w.add_uint32(KEY_END, ids["end"])
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
-        w.add_uint32(KEY_IMAGE_TOKENS, v.image_tokens)
-        w.add_uint32(KEY_MAX_BLANK, MAX_BLANK)
-        w.add_array(KEY_SPM_MODEL, v.proto)
+        write_ice_vocab(w, self.vocab, self.hp.n_vocab, self.ids)
 
     # -- tensors ----------------------------------------------------------------------------------------------
     def tensors(self) -> list[OutTensor]:
@@ -218,3 +185,44 @@ class ChatGLM1(Family):
         if bias:
             out.append(OutTensor(f"{name}.bias", shape[:1], (f"{source}.bias",)))
         return out
+
+
+def ice_special_ids(vocab: IceVocab, pad: Any = None) -> dict[str, int]:
+    """bos/eos/mask/gmask/end/unk/pad ids of an ice vocabulary (pad: config.json's pad_token_id when valid)."""
+    ids = {"bos": vocab.id_of("<sop>"), "eos": vocab.id_of("<eop>"), "mask": vocab.id_of("[MASK]"),
+           "gmask": vocab.id_of("[gMASK]")}
+    for name, text in (("end", "</s>"), ("unk", "<unk>")):
+        found = [i for i, p in enumerate(vocab.pieces) if p.text == text or (name == "unk" and p.type == UNKNOWN)]
+        ids[name] = found[0] + vocab.image_tokens if found else ids["eos"]
+    ids["pad"] = pad if type(pad) is int and 0 <= pad < vocab.n_tokens else ids["unk"]
+    return ids
+
+
+def write_ice_vocab(w: gguf.GGUFWriter, v: IceVocab, n_vocab: int, ids: dict[str, int]) -> None:
+    """The vocabulary (image tokens, pieces, padding up to the embedding rows), special ids and the model itself."""
+    tokens = [f"<image_{i}>" for i in range(v.image_tokens)] + [p.text for p in v.pieces]
+    scores = [0.0] * v.image_tokens + [p.score for p in v.pieces]
+    types = [gguf.TokenType.UNUSED] * v.image_tokens + [_GGUF_TYPE.get(p.type, gguf.TokenType.NORMAL)
+                                                        for p in v.pieces]
+    for text in SPECIAL_PIECES:  # control tokens, whatever the piece type, so tools find them by text
+        types[v.id_of(text)] = gguf.TokenType.CONTROL
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), n_vocab)]
+    scores += [0.0] * (n_vocab - len(scores))
+    types += [gguf.TokenType.UNUSED] * (n_vocab - len(types))
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre(ARCH)
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(ids["bos"])
+    w.add_eos_token_id(ids["eos"])
+    w.add_unk_token_id(ids["unk"])
+    w.add_pad_token_id(ids["pad"])
+    w.add_mask_token_id(ids["mask"])
+    w.add_uint32(KEY_GMASK, ids["gmask"])
+    w.add_uint32(KEY_END, ids["end"])
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_uint32(KEY_IMAGE_TOKENS, v.image_tokens)
+    w.add_uint32(KEY_MAX_BLANK, MAX_BLANK)
+    w.add_array(KEY_SPM_MODEL, v.proto)

@@ -14,8 +14,13 @@ import gguf
 
 from chatglm.convert.families.chatglm import ChatGLM, is_glm2_config
 from chatglm.convert.family import register
-from chatglm.convert.vocab_bpe import (build_tiktoken_vocab, glm_special_ids, is_tiktoken, require_specials,
-                                       write_bpe_vocab)
+from chatglm.convert.vocab_bpe import (
+    build_tiktoken_vocab,
+    glm_special_ids,
+    is_tiktoken,
+    require_specials,
+    write_bpe_vocab,
+)
 from chatglm.convert.vocab_spm import is_sentencepiece
 from chatglm.errors import InputError
 
@@ -33,7 +38,8 @@ class GLM4(ChatGLM):
         super().__init__(ckpt)
         path = ckpt.dir / "tokenizer.model"
         if not path.is_file():
-            raise InputError("tokenizer file not found (GLM-4 ships tiktoken ranks as tokenizer.model)", path)
+            raise InputError("tokenizer file not found (ChatGLM2/3 keep a SentencePiece model here, GLM-4 "
+                             "tiktoken ranks)", path)
         if not is_tiktoken(path):
             raise InputError("tokenizer.model is neither a SentencePiece model nor tiktoken 'base64 rank' lines", path)
         self.chat_format = "glm4"

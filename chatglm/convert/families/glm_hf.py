@@ -19,8 +19,13 @@ from typing import ClassVar
 import gguf
 
 from chatglm.convert.family import Family, OutTensor, register
-from chatglm.convert.vocab_bpe import (build_tokenizer_json_vocab, chat_template_of, glm_special_ids,
-                                       require_specials, write_bpe_vocab)
+from chatglm.convert.vocab_bpe import (
+    build_tokenizer_json_vocab,
+    chat_template_of,
+    glm_special_ids,
+    require_specials,
+    write_bpe_vocab,
+)
 from chatglm.errors import InputError, UnsupportedModelError
 
 T = gguf.MODEL_TENSOR

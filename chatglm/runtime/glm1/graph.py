@@ -134,35 +134,34 @@ def layer_norm(g: Graph, x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
 
 
 def gelu_tanh(g: Graph, x: Tensor) -> Tensor:
-    """0.5 * x * (1 + tanh(sqrt(2/pi) * x * (1 + 0.044715 * x^2))), from exact primitives (ggml_gelu is a table)."""
-    inner = g.mul(x, g.scale_bias(g.sqr(x), 0.044715, 1.0))
-    return g.mul(x, g.scale_bias(g.tanh(g.scale(inner, GELU_C)), 0.5, 0.5))
-
-
-def rope_2d(g: Graph, cfg: GLM1Config, x: Tensor, inp: Inputs) -> Tensor:
-    """(head_dim, n_head, T), maybe strided -> contiguous, first half rotated by pos, second by block_pos."""
-    x = g.rope_neox(x, inp.pos, cfg.rot_dims, cfg.rope_base)
-    return g.rope_neox(x, inp.block_pos, cfg.rot_dims, cfg.rope_base, offset=cfg.rot_dims)
+    """0.5 x (1 + tanh(c x (1 + 0.044715 x^2))) = x sigmoid(2c x (1 + 0.044715 x^2)), c = sqrt(2/pi): exact ops
+    (ggml_gelu reads an f16 table), 5 of them."""
+    z = g.mul(x, g.scale_bias(g.sqr(x), 2 * GELU_C * 0.044715, 2 * GELU_C))
+    return g.mul(x, g.sigmoid(z))
 
 
 def attention(g: Graph, cfg: GLM1Config, w: LayerWeights, kv: KVCache, il: int, h: Tensor, inp: Inputs,
               n_past: int) -> Tensor:
     hd, nh, T = cfg.head_dim, cfg.n_head, h.ne[1]
-    n_kv = n_past + T
-    qkv = g.add(g.mul_mat(w.qkv, h), w.qkv_b)  # (3 * n_embd, T)
-    qkv = g.reshape(qkv, (3 * hd, nh, T))  # per head [q | k | v]
-    q, k, v = (g.view(qkv, (hd, nh, T), (qkv.nb[1], qkv.nb[2]), i * hd * qkv.nb[0]) for i in range(3))
-    q, k = rope_2d(g, cfg, q, inp), rope_2d(g, cfg, k, inp)  # (hd, nh, T)
+    n_kv, rot, es = n_past + T, cfg.rot_dims, 4
+    qkv = g.add(g.mul_mat(w.qkv, h), w.qkv_b)  # (3 * n_embd, T): per head [q | k | v]
+    # q and k of every head as one (hd, 2, T, nh) view: both rotated by two ops, first half by the position id,
+    # second half by the block position id.
+    qk = g.view(qkv, (hd, 2, T, nh), (hd * es, qkv.nb[1], 3 * hd * es), 0)
+    qk = g.rope_neox(g.rope_neox(qk, inp.pos, rot, cfg.rope_base), inp.block_pos, rot, cfg.rope_base, offset=rot)
+    q = g.view(qk, (hd, T, nh), (qk.nb[2], qk.nb[3]), 0)  # (hd, T, nh)
+    k = g.view(qk, (hd, T, nh), (qk.nb[2], qk.nb[3]), hd * es)
+    v = g.view(qkv, (hd, nh, T), (3 * hd * es, qkv.nb[1]), 2 * hd * es)  # (hd, nh, T)
 
     kc, vc = kv.k[il], kv.v[il]
     k_dst = g.view(kc, (hd, nh, T), (kc.nb[1], kc.nb[2]), n_past * kc.nb[2])
     v_dst = g.view(vc, (T, hd, nh), (vc.nb[1], vc.nb[2]), n_past * vc.nb[0])
-    g.expand(g.cpy(k, k_dst))  # the cache writes come before the reads below in the node order
+    g.expand(g.cpy(g.permute(k, 0, 2, 1), k_dst))  # the cache writes come before the reads below in node order
     g.expand(g.cpy(g.permute(v, 1, 2, 0), v_dst))  # v as (T, hd, nh)
 
     keys = g.view(kc, (hd, n_kv, nh), (kc.nb[2], kc.nb[1]), 0)  # (hd, n_kv, nh)
     values = g.view(vc, (n_kv, hd, nh), (vc.nb[1], vc.nb[2]), 0)  # (n_kv, hd, nh)
-    scores = g.mul_mat(keys, g.permute(q, 0, 2, 1))  # (n_kv, T, nh)
+    scores = g.mul_mat(keys, q)  # (n_kv, T, nh)
     probs = g.soft_max(scores, inp.mask, 1.0 / math.sqrt(hd))
     ctx = g.mul_mat(values, probs)  # (hd, T, nh)
     ctx = g.reshape(g.cont(g.permute(ctx, 0, 2, 1)), (cfg.n_embd, T))  # heads concatenated: (n_embd, T)

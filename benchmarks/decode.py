@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""GLM-1 decode speed: our ggml engine on a ChatGLM-6B-shaped GGUF against llama.cpp on a ChatGLM2-6B-shaped one.
+
+Both models have ~6.2B parameters (ChatGLM2/3-6B: GQA with 2 KV groups, SwiGLU 13696, vocab 65024; ChatGLM-6B:
+full multi-head attention, GELU 16384, vocab 130528). Synthetic weights in the real shapes are built by
+``bench_models.py`` (cached under ``benchmarks/.cache/``), then both engines are loaded in this process and measured
+alternately (A B B A ...), so load drift on a shared machine hits both alike: pp = prefill of N random tokens into an
+empty cache, tg = M single-token steps. For GLM-1 the prompt is context + ``[gMASK] <sop>`` (all bidirectional, one
+graph) and each step's graph-build time is recorded. Targets (issue 6): GLM-1 tg >= 0.9x llama.cpp's; graph build
+< 5% of a decode step.
+
+    python benchmarks/decode.py                              # real shapes, q4_0 and q8_0, pp128 tg32, 3 repetitions
+    python benchmarks/decode.py --shape small -r 2           # seconds: tiny widths, same code paths
+    python benchmarks/decode.py --types q4_0 --hidden 2048 --layers 8 --json out.json   # custom sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import CACHE, REAL, SMALL, Shape, build_gguf, machine, size  # noqa: E402
+
+from chatglm.runtime.bench import peak_rss_bytes, random_tokens  # noqa: E402
+from chatglm.runtime.loader import open_engine  # noqa: E402
+from chatglm.runtime.perplexity import causal_prefix  # noqa: E402
+
+log = logging.getLogger("decode")
+
+
+def shapes(args: argparse.Namespace) -> tuple[Shape, Shape]:
+    """(GLM-1 shape, ChatGLM2 shape), with any size overrides applied to both."""
+    base = SMALL if args.shape == "small" else REAL
+    glm1, glm2 = base["chatglm-6b"], dataclasses.replace(base["chatglm3-6b"], name=base["chatglm3-6b"].name)
+    over = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers), ("heads", args.heads)) if v}
+    if not over:
+        return glm1, glm2
+    tag = "-".join(f"{k}{v}" for k, v in sorted(over.items()))
+    return (dataclasses.replace(glm1, name=f"{glm1.name}-{tag}", **over),
+            dataclasses.replace(glm2, name=f"{glm2.name}-{tag}", **over))
+
+
+def timed_prefill(engine, tokens: list[int]) -> float:
+    engine.reset()
+    start = time.perf_counter()
+    engine.prefill(tokens)
+    engine.logits()
+    return time.perf_counter() - start
+
+
+def timed_decode(engine, prefix: list[int], tokens: list[int]) -> tuple[float, float]:
+    """(seconds for the steps, seconds of them spent building graphs; 0 for llama.cpp)."""
+    engine.reset()
+    if prefix:
+        engine.prefill(prefix)
+    timing = getattr(engine, "timing", None)
+    build = 0.0
+    start = time.perf_counter()
+    for tok in tokens:
+        engine.step(tok)
+        engine.logits()
+        if timing is not None:
+            build += engine.timing.build_s
+    return time.perf_counter() - start, build
+
+
+@dataclasses.dataclass
+class Samples:
+    pp_s: list[float] = dataclasses.field(default_factory=list)
+    tg_s: list[float] = dataclasses.field(default_factory=list)
+    build_s: list[float] = dataclasses.field(default_factory=list)
+
+
+def measure_pair(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
+    """Both engines loaded, warmed up, then measured alternately."""
+    import numpy as np
+
+    engines = {k: open_engine(p, n_ctx=args.ctx, n_threads=args.threads, kv_type="f16") for k, p in paths.items()}
+    try:
+        rng = np.random.default_rng(1234)
+        plan = {}
+        for name, e in engines.items():
+            prefix = causal_prefix(e.info)
+            plan[name] = (random_tokens(e.info, args.n_prompt - len(prefix), rng) + prefix, prefix,
+                          random_tokens(e.info, args.n_gen, rng))
+        samples = {name: Samples() for name in engines}
+        for name, e in engines.items():  # warm-up: every weight page touched, buffers allocated
+            timed_prefill(e, plan[name][0])
+            timed_decode(e, plan[name][1], plan[name][2][:2])
+        order = list(engines)
+        for rep in range(args.repetitions):
+            for name in order if rep % 2 == 0 else order[::-1]:
+                e, (prompt, prefix, gen) = engines[name], plan[name]
+                samples[name].pp_s.append(timed_prefill(e, prompt))
+                tg, build = timed_decode(e, prefix, gen)
+                samples[name].tg_s.append(tg)
+                samples[name].build_s.append(build)
+                log.info("%s rep %d: pp %.2f t/s, tg %.2f t/s", name, rep + 1, args.n_prompt / samples[name].pp_s[-1],
+                         args.n_gen / tg)
+        nodes = getattr(engines["glm1"], "timing", None)
+        return {name: summary(s, args, engines[name], nodes if name == "glm1" else None)
+                for name, s in samples.items()}
+    finally:
+        for e in engines.values():
+            e.close()
+
+
+def summary(s: Samples, args: argparse.Namespace, engine, timing) -> dict[str, Any]:
+    pp = [args.n_prompt / x for x in s.pp_s]
+    tg = [args.n_gen / x for x in s.tg_s]
+    out = {"pp_tps": statistics.median(pp), "tg_tps": statistics.median(tg), "pp_samples": pp, "tg_samples": tg,
+           "size_bytes": engine.info.size_bytes, "engine": type(engine).__name__}
+    if timing is not None:
+        out["build_fraction"] = statistics.median(b / t for b, t in zip(s.build_s, s.tg_s))
+        out["build_ms_per_step"] = 1e3 * statistics.median(s.build_s) / args.n_gen
+        out["nodes_per_step"] = timing.n_nodes
+        out["repacked_tensors"] = engine.model.repacked
+    return out
+
+
+def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    head = ["type", "model (engine)", "size", f"pp{args.n_prompt} t/s", f"tg{args.n_gen} t/s", "tg vs llama.cpp",
+            "graph build / step"]
+    lines = []
+    for r in rows:
+        g1, g2 = r["glm1"], r["glm2"]
+        lines.append([r["type"], f"{r['names'][1]} (llama.cpp)", size(g2["size_bytes"]), f"{g2['pp_tps']:.2f}",
+                      f"{g2['tg_tps']:.2f}", "1.00", "-"])
+        lines.append([r["type"], f"{r['names'][0]} (GLM-1 ggml)", size(g1["size_bytes"]), f"{g1['pp_tps']:.2f}",
+                      f"{g1['tg_tps']:.2f}", f"{g1['tg_tps'] / g2['tg_tps']:.2f}",
+                      f"{100 * g1['build_fraction']:.1f}% ({g1['build_ms_per_step']:.1f} ms, "
+                      f"{g1['nodes_per_step']} nodes)"])
+    widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in lines])
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=("real", "small"), default="real")
+    p.add_argument("--hidden", type=int, default=0, help="override the hidden size of both shapes")
+    p.add_argument("--layers", type=int, default=0, help="override the layer count of both shapes")
+    p.add_argument("--heads", type=int, default=0, help="override the head count of both shapes")
+    p.add_argument("--types", default="q4_0,q8_0", help="comma-separated GGUF types")
+    p.add_argument("-p", "--n-prompt", type=int, default=128)
+    p.add_argument("-n", "--n-gen", type=int, default=32)
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("-c", "--ctx", type=int, default=512)
+    p.add_argument("--json", type=Path, help="also write the results to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    glm1, glm2 = shapes(args)
+    rows = []
+    for qtype in args.types.split(","):
+        paths = {"glm1": build_gguf(glm1, qtype, CACHE / args.shape), "glm2": build_gguf(glm2, qtype, CACHE / args.shape)}
+        log.info("measuring %s: %s vs %s", qtype, paths["glm1"].name, paths["glm2"].name)
+        rows.append({"type": qtype, "names": [glm1.name, glm2.name], **measure_pair(paths, args)})
+    print(f"{machine()}; threads {args.threads}; ctx {args.ctx}; f16 KV cache; {args.repetitions} repetitions "
+          f"(median); peak RSS {size(peak_rss_bytes())}\n")
+    print(table(rows, args))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=str), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
