@@ -23,8 +23,10 @@ ENGINES = {
 }
 # Special tokens the chat formats use, looked up by text among the vocab's control tokens.
 SPECIAL_TEXTS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<sop>", "<eop>", "<|endoftext|>", "<|system|>",
-                 "<|user|>", "<|assistant|>", "<|observation|>", "<think>", "</think>", "<|begin_of_image|>")
-DEFAULT_FORMAT = {"glm4": "glm4", "glm4moe": "glm4", "chatglm1": "chatglm1"}
+                 "<|user|>", "<|assistant|>", "<|observation|>", "<think>", "</think>", "<|begin_of_image|>",
+                 "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
+                 "<tool_response>", "</tool_response>", "/nothink")
+DEFAULT_FORMAT = {"glm4": "glm4-0414", "glm4moe": "glm45", "chatglm1": "chatglm1"}
 
 
 def special_tokens(header: GGUFHeader) -> dict[str, int]:

@@ -39,8 +39,9 @@ class Message:
         calls = [ToolCall(str(c.get("name", "")), c.get("arguments", {})) for c in data.get("tool_calls") or []
                  if isinstance(c, dict)]
         tools = data.get("tools")
+        thinking = data.get("thinking") or data.get("reasoning_content") or ""
         return cls(role=role, content=content, tool_calls=calls, metadata=str(data.get("metadata") or ""),
-                   tools=tools if isinstance(tools, list) else None)
+                   tools=tools if isinstance(tools, list) else None, thinking=str(thinking))
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"role": self.role, "content": self.content}

@@ -101,6 +101,9 @@ class Model:
         self.engine = engine
         self.format: ChatFormat = get_format(chat_format or engine.info.chat_format, engine.info.special)
         self.stop_ids = frozenset(engine.info.eog) | frozenset(self.format.stop_ids())
+        # Special tokens whose text a format must see in the reply (GLM-4.5's tool-call markers), by id.
+        self.kept_special = {engine.info.special[t]: t.encode() for t in getattr(self.format, "keep_special_text", ())
+                             if t in engine.info.special}
         self.sampling = sampling or SamplingParams()
         self.load_seconds = load_seconds
         self.last_stats = GenerationStats()
@@ -249,7 +252,7 @@ class Model:
         limit = engine.info.n_ctx - len(ids)
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
-        sample, token_bytes = engine.sampler(params), engine.token_bytes
+        sample, token_bytes, kept = engine.sampler(params), engine.token_bytes, self.kept_special
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         out, pieces, reason = gen.tokens, [], "length"
         try:
@@ -262,7 +265,7 @@ class Model:
                     reason = "stop"
                     break
                 out.append(token)
-                text = decode(token_bytes(token))
+                text = decode(kept.get(token) or token_bytes(token))
                 if text:
                     pieces.append(text)
                     yield text

@@ -47,7 +47,9 @@ class GLM4(ChatGLM):
 
     @classmethod
     def matches(cls, ckpt) -> bool:
-        return is_glm2_config(ckpt.config) and not is_sentencepiece(ckpt.dir / "tokenizer.model")
+        tokenizer = ckpt.dir / "tokenizer.model"
+        # A missing tokenizer.model is left to the ChatGLM2/3 family, whose error names the file.
+        return is_glm2_config(ckpt.config) and tokenizer.exists() and not is_sentencepiece(tokenizer)
 
     def write_vocab(self, w: gguf.GGUFWriter) -> None:
         config_path = self.ckpt.dir / "tokenizer_config.json"
