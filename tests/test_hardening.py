@@ -39,6 +39,8 @@ SAFETENSORS_CASES = {
     "json-array": safetensors_bytes([1, 2]),  # type: ignore[arg-type]
     "entry-not-object": safetensors_bytes({"w": 3}),
     "unknown-dtype": safetensors_bytes({"w": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 2]}}, b"\0\0"),
+    "dtype-is-a-list": safetensors_bytes({"w": {"dtype": [2, 3], "shape": [1], "data_offsets": [0, 4]}},
+                                         b"\0" * 4),  # found by atheris
     "no-dtype": safetensors_bytes({"w": {"shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
     "negative-dim": safetensors_bytes({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
     "float-dim": safetensors_bytes({"w": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, b"\0" * 4),

@@ -94,7 +94,7 @@ class SafetensorsFile(TensorSource):
         if not isinstance(entry, dict):
             raise InputError(f"{bad} is not an object", self.path)
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InputError(f"{bad} has unsupported dtype {dtype!r}", self.path)
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise InputError(f"{bad} has an invalid shape {shape!r}", self.path)

@@ -165,7 +165,7 @@ class Server:
         close_all(self.pool.models)
 
     # -- requests -----------------------------------------------------------------------------------------------
-    def authorize(self, request: Request) -> None:
+    async def authorize(self, request: Request) -> None:
         key = self.config.api_key
         if key is None:
             return
