@@ -10,12 +10,14 @@ from chatglm.cli.info import info_cmd
 from chatglm.cli.perplexity import perplexity_cmd
 from chatglm.cli.quantize import quantize_cmd
 from chatglm.cli.run import run_cmd
+from chatglm.cli.serve import serve_cmd
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Convert ChatGLM / GLM checkpoints to GGUF and chat with them.")
 app.command("convert")(convert_cmd)
 app.command("run")(run_cmd)
 app.command("info")(info_cmd)
+app.command("serve")(serve_cmd)
 app.command("bench")(bench_cmd)
 app.command("perplexity")(perplexity_cmd)
 app.command("quantize")(quantize_cmd)
