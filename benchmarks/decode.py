@@ -105,9 +105,13 @@ def measure_pair(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, 
                 samples[name].build_s.append(build)
                 log.info("%s rep %d: pp %.2f t/s, tg %.2f t/s", name, rep + 1, args.n_prompt / samples[name].pp_s[-1],
                          args.n_gen / tg)
-        nodes = getattr(engines["glm1"], "timing", None)
-        return {name: summary(s, args, engines[name], nodes if name == "glm1" else None)
-                for name, s in samples.items()}
+        timing = getattr(engines["glm1"], "timing", None)
+        out = {name: summary(s, args, engines[name], timing if name == "glm1" else None)
+               for name, s in samples.items()}
+        # Per-repetition ratios (both engines ran back to back): robust to load drift on a shared machine.
+        out["tg_ratio"] = statistics.median(b / a for a, b in zip(samples["glm1"].tg_s, samples["glm2"].tg_s))
+        out["pp_ratio"] = statistics.median(b / a for a, b in zip(samples["glm1"].pp_s, samples["glm2"].pp_s))
+        return out
     finally:
         for e in engines.values():
             e.close()
@@ -127,17 +131,17 @@ def summary(s: Samples, args: argparse.Namespace, engine, timing) -> dict[str, A
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    head = ["type", "model (engine)", "size", f"pp{args.n_prompt} t/s", f"tg{args.n_gen} t/s", "tg vs llama.cpp",
-            "graph build / step"]
+    head = ["type", "model (engine)", "size", f"pp{args.n_prompt} t/s", f"tg{args.n_gen} t/s",
+            "pp / tg vs llama.cpp", "graph build / step"]
     lines = []
     for r in rows:
         g1, g2 = r["glm1"], r["glm2"]
         lines.append([r["type"], f"{r['names'][1]} (llama.cpp)", size(g2["size_bytes"]), f"{g2['pp_tps']:.2f}",
-                      f"{g2['tg_tps']:.2f}", "1.00", "-"])
+                      f"{g2['tg_tps']:.2f}", "1 / 1", "-"])
         lines.append([r["type"], f"{r['names'][0]} (GLM-1 ggml)", size(g1["size_bytes"]), f"{g1['pp_tps']:.2f}",
-                      f"{g1['tg_tps']:.2f}", f"{g1['tg_tps'] / g2['tg_tps']:.2f}",
-                      f"{100 * g1['build_fraction']:.1f}% ({g1['build_ms_per_step']:.1f} ms, "
-                      f"{g1['nodes_per_step']} nodes)"])
+                      f"{g1['tg_tps']:.2f}", f"{r['pp_ratio']:.2f} / {r['tg_ratio']:.2f}",
+                      (f"{100 * g1['build_fraction']:.1f}% ({g1['build_ms_per_step']:.1f} ms, "
+                       f"{g1['nodes_per_step']} nodes)")])
     widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in lines])
@@ -170,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.info("measuring %s: %s vs %s", qtype, paths["glm1"].name, paths["glm2"].name)
         rows.append({"type": qtype, "names": [glm1.name, glm2.name], **measure_pair(paths, args)})
     print(f"{machine()}; threads {args.threads}; ctx {args.ctx}; f16 KV cache; {args.repetitions} repetitions "
-          f"(median); peak RSS {size(peak_rss_bytes())}\n")
+          f"(t/s: median; ratios: median of per-repetition ratios); peak RSS {size(peak_rss_bytes())}\n")
     print(table(rows, args))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str), encoding="utf-8")

@@ -6,17 +6,18 @@ from __future__ import annotations
 import numpy as np
 
 from chatglm.ggml import ops
+from chatglm.ggml.backend import Allocator, Backend, cpu_buffer_type, tensor_get, tensor_set
 
 
 def run(g: ops.Graph, out: ops.Tensor, inputs: dict, shape) -> np.ndarray:
     g.expand(out)
-    backend, alloc = ops.Backend(1), ops.Allocator(ops.cpu_buffer_type())
+    backend, alloc = Backend(1), Allocator(cpu_buffer_type())
     try:
         alloc.allocate(g)
         for t, value in inputs.items():
-            ops.tensor_set(t, value)
+            tensor_set(t, value)
         assert backend.compute(g)
-        return ops.tensor_get(out, np.empty(shape, dtype=np.float32))
+        return tensor_get(out, np.empty(shape, dtype=np.float32))
     finally:
         alloc.close()
         backend.close()

@@ -31,6 +31,9 @@ def run_cmd(
     ctx: Annotated[Optional[int], typer.Option("-c", "--ctx", help="Context size in tokens.")] = None,
     threads: Annotated[Optional[int], typer.Option("-t", "--threads")] = None,
     n_gpu_layers: Annotated[int, typer.Option("-ngl", "--n-gpu-layers")] = 0,
+    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0, f32, ...")] = "f16",
+    flash_attn: Annotated[Optional[bool], typer.Option("--flash-attn/--no-flash-attn",
+                                                       help="Flash attention (default: llama.cpp decides).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With -p: print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show load time and tokens/s.")] = False,
 ) -> None:
@@ -45,8 +48,14 @@ def run_cmd(
     sampling = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k,
                                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens).items()
                 if v is not None}
-    with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers) as m:
+    if verbose:
+        model = model or demo_path()
+        print_estimate(model, ctx, kv_type, flash_attn)
+    with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
+                  flash_attn=flash_attn) as m:
         m.sampling = m.sampling.updated(**sampling)
+        if sys.stderr.isatty():
+            m.prefill_progress = show_prefill
         if verbose:
             typer.echo(f"[loaded {m.info.path.name} in {m.load_seconds:.2f} s]", err=True)
         session = m.session(system, tools=tool_list)
@@ -56,6 +65,32 @@ def run_cmd(
             from chatglm.cli.repl import Repl
 
             Repl(session, verbose=verbose).run()
+
+
+def show_prefill(done: int, total: int) -> None:
+    """A one-line progress display while a long prompt is evaluated (terminal only)."""
+    if total >= 1024:
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\r[prompt {done}/{total} tokens]{end}")
+        sys.stderr.flush()
+
+
+def demo_path() -> Path:
+    from chatglm.demo import demo_gguf
+
+    return demo_gguf()
+
+
+def print_estimate(path: Path, n_ctx: Optional[int], kv_type: str, flash_attn: Optional[bool]) -> None:
+    """The memory the model will take, before it is loaded (``--verbose``)."""
+    from chatglm.gguf_file import read_header
+    from chatglm.runtime.memory import default_context, estimate, human
+
+    header = read_header(path)
+    ctx = n_ctx or default_context(header, kv_type)
+    mem = estimate(header, ctx, kv_type, flash_attn=flash_attn is not False)
+    typer.echo(f"[memory: about {human(mem.total)} at {ctx} tokens: weights {human(mem.weights)}, "
+               f"{kv_type} KV cache {human(mem.kv_cache)}, compute {human(mem.compute)}]", err=True)
 
 
 def read_tools(path: Path) -> list[dict]:

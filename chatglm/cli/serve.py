@@ -30,6 +30,9 @@ def serve_cmd(
     queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests allowed to wait.")] = 64,
     threads: Annotated[Optional[int], typer.Option("-t", "--threads", min=1, help="CPU threads per instance.")] = None,
     n_gpu_layers: Annotated[int, typer.Option("-ngl", "--n-gpu-layers")] = 0,
+    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0, f32, ...")] = "f16",
+    flash_attn: Annotated[Optional[bool], typer.Option("--flash-attn/--no-flash-attn",
+                                                       help="Flash attention (default: llama.cpp decides).")] = None,
     cors_origin: Annotated[Optional[str], typer.Option("--cors-origin", help="Allow this one web origin.")] = None,
     model_id: Annotated[Optional[str], typer.Option("--model-id", help="Name in /v1/models (file stem).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests and model loading.")] = False,
@@ -54,7 +57,7 @@ def serve_cmd(
 
     config = ServerConfig(model_id=model_id or path.stem, api_key=api_key or None, cors_origin=cors_origin,
                           max_queue=queue_size, on_load_failed=load_failed)
-    app = create_app(lambda: load_instances(path, parallel, ctx, threads, n_gpu_layers), config, parallel)
+    app = create_app(lambda: load_instances(path, parallel, ctx, threads, n_gpu_layers, kv_type, flash_attn), config, parallel)
     sock = listen(host, port)
     warn_if_exposed(host, api_key)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
@@ -87,14 +90,16 @@ def resolve_model(model: Optional[Path]) -> Path:
     return model
 
 
-def load_instances(path: Path, parallel: int, n_ctx: Optional[int], threads: int, n_gpu_layers: int) -> list:
+def load_instances(path: Path, parallel: int, n_ctx: Optional[int], threads: int, n_gpu_layers: int,
+                   kv_type: str = "f16", flash_attn: Optional[bool] = None) -> list:
     from chatglm.runtime.model import load
 
     models = []
     try:
         for i in range(parallel):
             log.info("loading instance %d of %d from %s", i + 1, parallel, path)
-            models.append(load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers))
+            models.append(load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
+                               flash_attn=flash_attn))
     except BaseException:
         for m in models:
             m.close()

@@ -18,8 +18,19 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from chatglm.convert.vocab_ice import (BYTE, CONTROL, MAX_BLANK, NEWLINE_PIECE, SPECIAL_PIECES, TAB_PIECE,
-                                       USER_DEFINED, Piece, blank_piece, pieces_of, with_pieces)
+from chatglm.convert.vocab_ice import (
+    BYTE,
+    CONTROL,
+    MAX_BLANK,
+    NEWLINE_PIECE,
+    SPECIAL_PIECES,
+    TAB_PIECE,
+    USER_DEFINED,
+    Piece,
+    blank_piece,
+    pieces_of,
+    with_pieces,
+)
 
 TINY_CONFIG: dict[str, Any] = {
     "architectures": ["ChatGLMModel"],

@@ -1,13 +1,12 @@
-"""ggml graph building, CPU backend, buffers and graph allocation through ctypes, every call checked first.
+"""The ggml functions the GLM-1 engine calls (argtypes and restype for each), and graph building, every call checked.
 
 A failing ``GGML_ASSERT`` aborts the whole process, so each builder here checks in Python what ggml would assert
 (shapes, strides, view bounds, types) and raises :class:`GGMLError` instead. Shapes are tracked on the Python side
 (:class:`Tensor`), in ggml order (``ne[0]`` is the row length), so checks cost no native call.
 
-Native objects are owned by small classes with ``close()``: :class:`Graph` (a no-alloc context and one graph),
-:class:`Backend` (the CPU backend), :class:`Buffer`, :class:`Allocator` (ggml-alloc's graph allocator).
-Functions are looked up with ``CDLL[name]`` so the declarations here never clash with other modules' on the same
-library handle.
+:class:`Graph` owns a no-alloc ggml context and one graph; the CPU backend, buffers and ggml-alloc's allocator are
+owned by :mod:`chatglm.ggml.backend`. Functions are looked up with ``CDLL[name]`` so the declarations here never
+clash with other modules' on the same library handle.
 """
 
 from __future__ import annotations
@@ -17,18 +16,17 @@ import functools
 import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
-import numpy as np
+from gguf import GGMLQuantizationType
 
 from chatglm.errors import ChatGLMError
 from chatglm.ggml import lib
 
 F32, F16, I32 = 0, 1, 26  # ggml_type ids used directly by graphs
 ROPE_NEOX = 2
-STATUS_ABORTED = 1
 MAX_DIMS = 4
 
 P, SZ, I64, F, I, B = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_bool
-ABORT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)
+ABORT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)  # ggml_abort_callback
 
 
 class GGMLError(ChatGLMError):
@@ -54,7 +52,6 @@ _BASE = {
     "ggml_tensor_overhead": (SZ, []), "ggml_graph_overhead_custom": (SZ, [SZ, B]),
     "ggml_init": (P, [InitParams]), "ggml_free": (None, [P]),
     "ggml_type_size": (SZ, [I]), "ggml_blck_size": (I64, [I]), "ggml_type_name": (ctypes.c_char_p, [I]),
-    "ggml_nbytes": (SZ, [P]),
     "ggml_new_tensor": (P, [P, I, I, ctypes.POINTER(I64)]), "ggml_set_name": (P, [P, ctypes.c_char_p]),
     "ggml_set_input": (None, [P]), "ggml_set_output": (None, [P]),
     "ggml_new_graph_custom": (P, [P, SZ, B]), "ggml_build_forward_expand": (None, [P, P]),
@@ -76,7 +73,7 @@ _BASE = {
     "ggml_backend_buffer_clear": (None, [P, ctypes.c_uint8]),
     "ggml_backend_alloc_ctx_tensors_from_buft": (P, [P, P]), "ggml_backend_tensor_alloc": (I, [P, P, P]),
     "ggml_backend_tensor_set": (None, [P, P, SZ, SZ]), "ggml_backend_tensor_get": (None, [P, P, SZ, SZ]),
-    "ggml_gallocr_new": (P, [P]), "ggml_gallocr_free": (None, [P]), "ggml_gallocr_reserve": (B, [P, P]),
+    "ggml_gallocr_new": (P, [P]), "ggml_gallocr_free": (None, [P]),
     "ggml_gallocr_alloc_graph": (B, [P, P]), "ggml_gallocr_get_buffer_size": (SZ, [P, I]),
 }
 _CPU = {
@@ -106,10 +103,13 @@ def api() -> _Api:
     return a
 
 
+_KNOWN_TYPES = frozenset(int(t) for t in GGMLQuantizationType)  # ggml_type_name reads past its table otherwise
+
+
 @functools.cache
 def type_traits(ggml_type: int) -> tuple[int, int]:
     """(block size, bytes per block) of a ggml type."""
-    if not 0 <= ggml_type < 64 or not api().type_name(ggml_type):
+    if ggml_type not in _KNOWN_TYPES or not api().type_name(ggml_type) or api().blck_size(ggml_type) <= 0:
         raise GGMLError(f"unknown ggml type {ggml_type}")
     return int(api().blck_size(ggml_type)), int(api().type_size(ggml_type))
 
@@ -161,13 +161,6 @@ class Tensor(NamedTuple):
 
     def struct(self) -> TensorStruct:
         return TensorStruct.from_address(self.ptr)
-
-
-def contiguous_strides(ggml_type: int, ne: Sequence[int]) -> tuple[int, int, int, int]:
-    blck, size = type_traits(ggml_type)
-    nb0 = size
-    nb1 = size * (ne[0] // blck)
-    return nb0, nb1, nb1 * ne[1], nb1 * ne[1] * ne[2]
 
 
 def _pad4(shape: Sequence[int]) -> tuple[int, int, int, int]:
@@ -407,172 +400,3 @@ class Graph:
 
 def _is_padded_1d(t: Tensor) -> bool:
     return t.nb[0] == type_traits(t.type)[1] and t.nb[2] == t.nb[1] * t.ne[1] and t.nb[3] == t.nb[2] * t.ne[2]
-
-
-# ------------------------------------------------------------------------------------------------------- backend
-class Backend:
-    """ggml's CPU backend with a thread count and a cancel hook."""
-
-    def __init__(self, n_threads: int):
-        if n_threads < 1:
-            raise GGMLError(f"thread count must be positive, got {n_threads}")
-        a = api()
-        self.ptr = a.backend_cpu_init()
-        if not self.ptr:
-            raise GGMLError("ggml_backend_cpu_init failed")
-        self.set_threads(n_threads)
-        self._should_abort: Callable[[], bool] = lambda: False
-        self._abort_cb = ABORT_CALLBACK(lambda _data: bool(self._should_abort()))
-        a.backend_cpu_set_abort_callback(self.ptr, self._abort_cb, None)
-
-    def set_threads(self, n_threads: int) -> None:
-        if n_threads < 1:
-            raise GGMLError(f"thread count must be positive, got {n_threads}")
-        api().backend_cpu_set_n_threads(self.ptr, n_threads)
-
-    def compute(self, graph: Graph, should_abort: Optional[Callable[[], bool]] = None) -> bool:
-        """Run the graph; False when ``should_abort`` stopped it."""
-        self._should_abort = should_abort or (lambda: False)
-        try:
-            status = api().backend_graph_compute(self.ptr, graph.graph)
-        finally:
-            self._should_abort = lambda: False
-        if status == STATUS_ABORTED:
-            return False
-        if status != 0:
-            raise GGMLError(f"graph compute failed with status {status}")
-        return True
-
-    def extra_buffer_types(self) -> list[int]:
-        """The CPU device's extra buffer types (e.g. CPU_REPACK: weights re-laid out for faster matmuls)."""
-        a = api()
-        reg = a.backend_dev_backend_reg(a.backend_get_device(self.ptr))
-        fn_ptr = a.backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
-        if not fn_ptr:
-            return []
-        fn = ctypes.CFUNCTYPE(ctypes.POINTER(P), P)(fn_ptr)
-        arr = fn(a.backend_get_device(self.ptr))
-        out, i = [], 0
-        while arr and arr[i]:
-            out.append(int(arr[i]))
-            i += 1
-        return out
-
-    def supports_mul_mat_in(self, buft: int, ggml_type: int, ne: Sequence[int], n_cols: int = 8) -> bool:
-        """Whether a mul_mat by a (ne0, ne1) weight of ``ggml_type`` living in ``buft`` runs on the CPU device.
-
-        Asked as llama.cpp asks it: a throw-away op over such a weight in an empty buffer of ``buft``.
-        """
-        a = api()
-        with Graph(4, 4) as g:
-            w = g.new(ggml_type, ne[:2])
-            op = g.mul_mat(w, g.new(F32, (ne[0], n_cols)))
-            dummy = a.backend_buft_alloc_buffer(buft, 0)
-            if not dummy:
-                return False
-            w.struct().buffer = dummy
-            try:
-                return bool(a.backend_dev_supports_op(a.backend_get_device(self.ptr), op.ptr))
-            finally:
-                w.struct().buffer = None
-                a.backend_buffer_free(dummy)
-
-    def close(self) -> None:
-        if getattr(self, "ptr", None):
-            api().backend_free(self.ptr)
-            self.ptr = None
-
-
-def cpu_buffer_type() -> int:
-    return int(api().backend_cpu_buffer_type())
-
-
-def buffer_type_name(buft: int) -> str:
-    return (api().backend_buft_name(buft) or b"?").decode()
-
-
-class Buffer:
-    """A backend buffer: allocated for a context's tensors, or wrapping host memory (an mmap) without copying."""
-
-    def __init__(self, ptr: int, keep_alive: object = None):
-        if not ptr:
-            raise GGMLError("could not allocate a ggml buffer (out of memory?)")
-        self.ptr = ptr
-        self._keep = keep_alive
-
-    @classmethod
-    def for_tensors(cls, ctx_ptr: int, buft: int) -> "Buffer":
-        return cls(api().backend_alloc_ctx_tensors_from_buft(ctx_ptr, buft))
-
-    @classmethod
-    def from_host(cls, address: int, size: int, keep_alive: object) -> "Buffer":
-        if address % 32:
-            raise GGMLError("host memory for a ggml buffer must be 32-byte aligned")
-        return cls(api().backend_cpu_buffer_from_ptr(address, size), keep_alive)
-
-    @property
-    def size(self) -> int:
-        return int(api().backend_buffer_get_size(self.ptr))
-
-    def place(self, t: Tensor, address: int, base: int) -> None:
-        """Give tensor ``t`` the memory at ``address`` inside this buffer (which starts at ``base``)."""
-        if address < base or address + t.nbytes > base + self.size or address % 32:
-            raise GGMLError("tensor data outside its buffer or misaligned")
-        status = api().backend_tensor_alloc(self.ptr, t.ptr, address)
-        if status != 0:
-            raise GGMLError(f"ggml_backend_tensor_alloc failed with status {status}")
-
-    def clear(self) -> None:
-        api().backend_buffer_clear(self.ptr, 0)
-
-    def close(self) -> None:
-        if getattr(self, "ptr", None):
-            api().backend_buffer_free(self.ptr)
-            self.ptr = None
-        self._keep = None
-
-
-def tensor_set(t: Tensor, data: np.ndarray | memoryview | int, nbytes: Optional[int] = None) -> None:
-    """Copy host data (a C-contiguous array, or ``nbytes`` at an address) into all of ``t``."""
-    if isinstance(data, np.ndarray):
-        if not data.flags.c_contiguous:
-            raise GGMLError("tensor_set takes C-contiguous data")
-        address, nbytes = data.ctypes.data, data.nbytes
-    else:
-        address = int(data)  # type: ignore[arg-type]
-    if nbytes != t.nbytes or not t.is_contiguous():
-        raise GGMLError(f"tensor_set: {nbytes} bytes for a tensor of {t.nbytes}")
-    api().backend_tensor_set(t.ptr, address, 0, nbytes)
-
-
-def tensor_get(t: Tensor, out: np.ndarray) -> np.ndarray:
-    if not out.flags.c_contiguous or out.nbytes != t.nbytes or not t.is_contiguous():
-        raise GGMLError(f"tensor_get: {out.nbytes} bytes for a tensor of {t.nbytes}")
-    api().backend_tensor_get(t.ptr, out.ctypes.data, 0, out.nbytes)
-    return out
-
-
-class Allocator:
-    """ggml-alloc's graph allocator: one reusable buffer for every graph's intermediate tensors."""
-
-    def __init__(self, buft: int):
-        self.ptr = api().gallocr_new(buft)
-        if not self.ptr:
-            raise GGMLError("ggml_gallocr_new failed")
-
-    def reserve(self, graph: Graph) -> None:
-        if not api().gallocr_reserve(self.ptr, graph.graph):
-            raise GGMLError("could not reserve the compute buffer (out of memory?)")
-
-    def allocate(self, graph: Graph) -> None:
-        if not api().gallocr_alloc_graph(self.ptr, graph.graph):
-            raise GGMLError("could not allocate the compute graph (out of memory?)")
-
-    @property
-    def size(self) -> int:
-        return int(api().gallocr_get_buffer_size(self.ptr, 0))
-
-    def close(self) -> None:
-        if getattr(self, "ptr", None):
-            api().gallocr_free(self.ptr)
-            self.ptr = None

@@ -101,6 +101,7 @@ class Model:
         self.engine = engine
         self.format: ChatFormat = get_format(chat_format or engine.info.chat_format, engine.info.special)
         self.stop_ids = frozenset(engine.info.eog) | frozenset(self.format.stop_ids())
+        self.prefill_progress: Optional[Callable[[int, int], None]] = None  # (done, total) while a prompt runs
         # Special tokens whose text a format must see in the reply (GLM-4.5's tool-call markers), by id.
         self.kept_special = {engine.info.special[t]: t.encode() for t in getattr(self.format, "keep_special_text", ())
                              if t in engine.info.special}
@@ -243,7 +244,7 @@ class Model:
         self.last_stats = stats
         start = time.perf_counter()
         try:
-            stats.evaluated_tokens = engine.prefill(ids, cancel=cancel)
+            stats.evaluated_tokens = engine.prefill(ids, cancel=cancel, progress=self.prefill_progress)
         except Cancelled:
             stats.finish_reason, stats.prefill_seconds = "cancelled", time.perf_counter() - start
             return gen

@@ -17,8 +17,19 @@ from typing import Any
 import gguf
 
 from chatglm.convert.family import Family, OutTensor, register
-from chatglm.convert.vocab_ice import (BYTE, CONTROL, DEFAULT_IMAGE_TOKENS, MAX_BLANK, NORMAL, SPECIAL_PIECES, UNKNOWN,
-                                       UNUSED, USER_DEFINED, IceVocab, load_ice_vocab)
+from chatglm.convert.vocab_ice import (
+    BYTE,
+    CONTROL,
+    DEFAULT_IMAGE_TOKENS,
+    MAX_BLANK,
+    NORMAL,
+    SPECIAL_PIECES,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+    IceVocab,
+    load_ice_vocab,
+)
 from chatglm.errors import InputError, UnsupportedModelError
 
 T = gguf.MODEL_TENSOR

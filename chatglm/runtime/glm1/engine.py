@@ -17,7 +17,8 @@ import numpy as np
 
 from chatglm.convert.families.chatglm1 import KEY_END, KEY_GMASK
 from chatglm.errors import Cancelled, ContextOverflowError, InputError, ModelRuntimeError
-from chatglm.ggml import ops
+from chatglm.ggml.backend import Allocator, Backend, Buffer, cpu_buffer_type, tensor_get, tensor_set
+from chatglm.ggml.ops import Graph
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime import llama_native as native
 from chatglm.runtime.engine import Engine, ModelInfo, ProgressFn
@@ -53,11 +54,11 @@ class GLM1Engine(Engine):
         self.n_batch = n_batch
         self._parts: list = []
         try:
-            self.backend = self._own(ops.Backend(n_threads))
+            self.backend = self._own(Backend(n_threads))
             self.model: ModelWeights = self._own(load_weights(header, self.cfg, self.backend, repack, on_progress))
             self.kv, kv_parts = _new_cache(self.cfg, n_ctx, G.KV_TYPES[kv_type])
             self._parts += kv_parts
-            self.allocator = self._own(ops.Allocator(ops.cpu_buffer_type()))
+            self.allocator = self._own(Allocator(cpu_buffer_type()))
         except BaseException:
             self.close()
             raise
@@ -135,16 +136,16 @@ class GLM1Engine(Engine):
             t1 = time.perf_counter()
             self.allocator.allocate(fwd.graph)
             inp = fwd.inputs
-            ops.tensor_set(inp.tokens, np.asarray(full[first:last], dtype=np.int32))
-            ops.tensor_set(inp.pos, np.ascontiguousarray(pos[first:last]))
-            ops.tensor_set(inp.block_pos, np.ascontiguousarray(block_pos[first:last]))
-            ops.tensor_set(inp.mask, layout.attention_mask(first, last, context))
+            tensor_set(inp.tokens, np.asarray(full[first:last], dtype=np.int32))
+            tensor_set(inp.pos, np.ascontiguousarray(pos[first:last]))
+            tensor_set(inp.block_pos, np.ascontiguousarray(block_pos[first:last]))
+            tensor_set(inp.mask, layout.attention_mask(first, last, context))
             t2 = time.perf_counter()
             self._has_logits = False
             if not self.backend.compute(fwd.graph, cancel.is_set if cancel is not None else None):
                 raise Cancelled("cancelled")
             n_rows = fwd.logits.ne[1]
-            out = ops.tensor_get(fwd.logits, np.empty((n_rows, self.cfg.n_vocab), dtype=np.float32))
+            out = tensor_get(fwd.logits, np.empty((n_rows, self.cfg.n_vocab), dtype=np.float32))
             self._logits[:] = out[-1]
             self._has_logits = True
             self.timing = EvalTiming(last - first, fwd.graph.n_nodes, t1 - t0, t2 - t1, time.perf_counter() - t2)
@@ -206,11 +207,11 @@ def _special_ids(header: GGUFHeader, cfg: G.GLM1Config) -> dict:
 
 
 def _new_cache(cfg: G.GLM1Config, n_ctx: int, kv_type: int) -> tuple[G.KVCache, list]:
-    ctx = ops.Graph(2 * cfg.n_layer)
+    ctx = Graph(2 * cfg.n_layer)
     try:
         k = [ctx.new(kv_type, (cfg.head_dim, cfg.n_head, n_ctx), f"cache_k{il}") for il in range(cfg.n_layer)]
         v = [ctx.new(kv_type, (n_ctx, cfg.head_dim, cfg.n_head), f"cache_v{il}") for il in range(cfg.n_layer)]
-        buf = ops.Buffer.for_tensors(ctx.ctx, ops.cpu_buffer_type())
+        buf = Buffer.for_tensors(ctx.ctx, cpu_buffer_type())
     except BaseException:
         ctx.close()
         raise

@@ -17,7 +17,8 @@ import numpy as np
 
 from chatglm.errors import InputError
 from chatglm.ggml import ops
-from chatglm.ggml.ops import F32, Buffer, Graph, Tensor
+from chatglm.ggml.backend import Backend, Buffer, cpu_buffer_type, tensor_set
+from chatglm.ggml.ops import F32, Graph, Tensor
 from chatglm.gguf_file import GGUFHeader, TensorEntry
 from chatglm.runtime.glm1.graph import GLM1Config, LayerWeights, Weights
 
@@ -94,7 +95,7 @@ class _Mapping:
         self._fh.close()
 
 
-def load_weights(header: GGUFHeader, cfg: GLM1Config, backend: ops.Backend, repack: bool = True,
+def load_weights(header: GGUFHeader, cfg: GLM1Config, backend: Backend, repack: bool = True,
                  on_progress: Optional[Callable[[int, int], None]] = None) -> ModelWeights:
     shapes = check_tensors(header, cfg)
     parts: list = []
@@ -110,7 +111,7 @@ def load_weights(header: GGUFHeader, cfg: GLM1Config, backend: ops.Backend, repa
     return ModelWeights(weights, n_repacked, parts)
 
 
-def _place(header: GGUFHeader, shapes: dict, backend: ops.Backend, mapping: _Mapping, parts: list, repack: bool,
+def _place(header: GGUFHeader, shapes: dict, backend: Backend, mapping: _Mapping, parts: list, repack: bool,
            on_progress) -> tuple[dict[str, Tensor], int]:
     """Create every tensor in the context of its home (mapped file, f32 copy, repack buffer) and give it memory."""
     entries = {n: header.tensors[n] for n in shapes}
@@ -133,7 +134,7 @@ def _place(header: GGUFHeader, shapes: dict, backend: ops.Backend, mapping: _Map
             for n, t in made.items():
                 host.place(t, mapping.base + header.data_offset + entries[n].offset, mapping.base)
         else:
-            buf = Buffer.for_tensors(ctx.ctx, ops.cpu_buffer_type() if kind == "small" else buft)
+            buf = Buffer.for_tensors(ctx.ctx, cpu_buffer_type() if kind == "small" else buft)
             parts.append(buf)
             for i, (n, t) in enumerate(made.items()):
                 _fill(t, entries[n], mapping, header)
@@ -148,9 +149,9 @@ def _fill(t: Tensor, e: TensorEntry, mapping: _Mapping, header: GGUFHeader) -> N
     if len(e.shape) == 1:  # norms and biases: converted to f32
         raw = np.frombuffer(mapping.mm, dtype=SMALL_TYPES[e.ggml_type], count=e.shape[0], offset=start)
         values = (raw.astype(np.uint32) << 16).view(np.float32) if raw.dtype == np.uint16 else raw
-        ops.tensor_set(t, np.ascontiguousarray(values, dtype=np.float32))
+        tensor_set(t, np.ascontiguousarray(values, dtype=np.float32))
     else:
-        ops.tensor_set(t, mapping.base + start, e.nbytes)
+        tensor_set(t, mapping.base + start, e.nbytes)
 
 
 def _assemble(cfg: GLM1Config, tensors: dict[str, Tensor]) -> Weights:
