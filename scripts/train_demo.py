@@ -67,10 +67,10 @@ CASES = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("models/demo"), help="output folder (default: models/demo)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default: 1200)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, tokenizer and weights (default: 0)")
     p.add_argument("--batch", type=int, default=16, help="dialogues per step (default: 16)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
     p.add_argument("--dialogues", type=int, default=6000, help="random dialogues generated (default: 6000)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")

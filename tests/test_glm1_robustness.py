@@ -79,7 +79,7 @@ def test_wrong_tensor_shape(glm1_gguf, tmp_path):
 
 
 def test_bad_settings(glm1_gguf, caplog):
-    with pytest.raises(InputError, match="KV cache in f16 or f32"):
+    with pytest.raises(InputError, match="KV cache in f16 or f32 or bf16"):
         open_engine(glm1_gguf, n_ctx=16, n_threads=1, kv_type="q8_0")
     with pytest.raises(InputError, match="thread .0. counts must be positive"):
         open_engine(glm1_gguf, n_ctx=16, n_threads=0)

@@ -151,13 +151,14 @@ def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix, threads:
 STREAM_ELEMENTS = 1 << 24
 
 
-def row_blocks(shape: Sequence[int], max_elements: int = STREAM_ELEMENTS) -> list[tuple[int, int, int]]:
+def row_blocks(shape: Sequence[int], max_elements: Optional[int] = None) -> list[tuple[int, int, int]]:
     """(matrix, first row, stop row) blocks of whole rows covering a tensor of numpy ``shape``, each of at most
-    ``max_elements`` elements (or one row) and never crossing a matrix (expert) boundary. A 1-D tensor is one row."""
+    ``max_elements`` (default :data:`STREAM_ELEMENTS`) elements or one row, never crossing a matrix (expert)
+    boundary. A 1-D tensor is one row."""
     if len(shape) < 2:
         return [(0, 0, 1)]
     n_mats, n_rows, n_cols = math.prod(shape[:-2]), shape[-2], shape[-1]
-    step = max(1, max_elements // max(1, n_cols))
+    step = max(1, (max_elements or STREAM_ELEMENTS) // max(1, n_cols))
     return [(m, r, min(r + step, n_rows)) for m in range(n_mats) for r in range(0, n_rows, step)]
 
 

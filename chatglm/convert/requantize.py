@@ -158,9 +158,8 @@ def _check_requantize(planned: list[_Planned], allow: bool, path: Path) -> None:
                          "which loses more than quantizing the original weights; convert from the checkpoint or an "
                          "f32/f16/bf16 GGUF, or pass --allow-requantize", path)
     for qtype in sorted({p.source for p in lossy}):
-        block, type_size = GGML_QUANT_SIZES[qtype]
-        try:
-            gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+        try:  # one block of zeros: gguf raises NotImplementedError for types it cannot decode
+            gguf.quants.dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
         except NotImplementedError:
             raise InputError(f"cannot requantize {qtype.name} tensors: gguf has no decoder for them", path) from None
 

@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType
 from chatglm.errors import ChatGLMError
 from chatglm.ggml import lib
 
-F32, F16, I32 = 0, 1, 26  # ggml_type ids used directly by graphs
+F32, F16, I32, BF16 = 0, 1, 26, 30  # ggml_type ids used directly by graphs
 ROPE_NEOX = 2
 MAX_DIMS = 4
 

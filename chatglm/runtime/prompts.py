@@ -76,6 +76,24 @@ def check_roles(messages: Sequence[Message], allowed: Sequence[str], fmt: str) -
         raise InputError("the conversation must end with a user (or observation) message")
 
 
+def rounds_of(messages: Sequence[Message], model: str = "ChatGLM-6B") -> tuple[list[tuple[str, str]], str]:
+    """(past (query, reply) rounds, the new query) of a user/assistant conversation ([Round N] formats)."""
+    rounds, pending = [], None
+    for m in messages:
+        if m.role == "user":
+            if pending is not None:
+                raise InputError(f"two user messages in a row: {model} needs user/assistant rounds")
+            pending = m.content
+        else:
+            if pending is None:
+                raise InputError("an assistant message must follow a user message")
+            rounds.append((pending, m.content))
+            pending = None
+    if pending is None:
+        raise InputError("the conversation must end with a user message")
+    return rounds, pending
+
+
 @register
 class ChatGLM2Format(ChatFormat):
     """ChatGLM2-6B: ``[gMASK] sop`` + the text "[Round N]\\n\\n问：...\\n\\n答：..." tokenized as one string."""
@@ -86,18 +104,7 @@ class ChatGLM2Format(ChatFormat):
     def prompt_ids(self, messages: Sequence[Message], tok: Tokenizer) -> list[int]:
         check_roles(messages, ("system", "user", "assistant"), self.name)
         system = "".join(m.content + "\n\n" for m in messages if m.role == "system")
-        turns = [m for m in messages if m.role != "system"]
-        rounds, pending = [], None
-        for m in turns:
-            if m.role == "user":
-                if pending is not None:
-                    raise InputError("two user messages in a row: ChatGLM2 needs user/assistant rounds")
-                pending = m.content
-            else:
-                if pending is None:
-                    raise InputError("an assistant message must follow a user message")
-                rounds.append((pending, m.content))
-                pending = None
+        rounds, pending = rounds_of([m for m in messages if m.role != "system"], "ChatGLM2")
         text = system + "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(rounds, 1))
         text += f"[Round {len(rounds) + 1}]\n\n问：{pending}\n\n答："
         return [self.sp("[gMASK]"), self.sp("sop")] + tok.tokenize(text)

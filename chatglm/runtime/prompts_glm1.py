@@ -16,31 +16,12 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from chatglm.errors import InputError
 from chatglm.runtime.messages import Message
-from chatglm.runtime.prompts import ChatFormat, Tokenizer, check_roles, register
+from chatglm.runtime.prompts import ChatFormat, Tokenizer, check_roles, register, rounds_of
 
 TRAINING_TIME = "[[训练时间]]"
 PUNCTUATION = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
 _CJK = "\u4e00-\u9fff"
-
-
-def rounds_of(messages: Sequence[Message]) -> tuple[list[tuple[str, str]], str]:
-    """(past (query, reply) rounds, the new query) of a user/assistant conversation."""
-    rounds, pending = [], None
-    for m in messages:
-        if m.role == "user":
-            if pending is not None:
-                raise InputError("two user messages in a row: ChatGLM-6B needs user/assistant rounds")
-            pending = m.content
-        else:
-            if pending is None:
-                raise InputError("an assistant message must follow a user message")
-            rounds.append((pending, m.content))
-            pending = None
-    if pending is None:
-        raise InputError("the conversation must end with a user message")
-    return rounds, pending
 
 
 def build_prompt(query: str, history: Sequence[tuple[str, str]]) -> str:

@@ -10,7 +10,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import zipfile
+
 from chatglm.convert.safetensors_file import SafetensorsFile
+from chatglm.convert.torch_file import TorchFile
 from chatglm.errors import InputError
 from chatglm.gguf_file import read_header
 
@@ -43,10 +46,6 @@ def gguf(data: bytes) -> None:
 
 def torch_pickle(data: bytes) -> None:
     """A PyTorch zip checkpoint whose data.pkl is the fuzzed bytes, with one 64-byte storage."""
-    import zipfile
-
-    from chatglm.convert.torch_file import TorchFile
-
     path = _DIR / "x.bin"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", data)

@@ -59,6 +59,22 @@ class GLMHparams:
     qkv_bias: bool
 
 
+def write_hparams(w: gguf.GGUFWriter, hp, n_rot: int) -> None:
+    """The hyperparameters llama.cpp's GLM architectures read (RMSNorm, GQA, partial rotary of ``n_rot`` dims)."""
+    w.add_context_length(hp.n_ctx)
+    w.add_embedding_length(hp.n_embd)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_block_count(hp.n_layer)
+    w.add_head_count(hp.n_head)
+    w.add_head_count_kv(hp.n_head_kv)
+    if hp.head_dim * hp.n_head != hp.n_embd:
+        w.add_key_length(hp.head_dim)
+        w.add_value_length(hp.head_dim)
+    w.add_layer_norm_rms_eps(hp.eps)
+    w.add_rope_dimension_count(n_rot)
+    w.add_rope_freq_base(hp.rope_base)
+
+
 def is_glm2_config(config: dict) -> bool:
     """The ChatGLM2/3/GLM-4 (THUDM layout) config: model_type chatglm with the second-generation keys."""
     archs = config.get("architectures") or []
@@ -145,19 +161,7 @@ class ChatGLM(Family):
         return InputError(f"config.json: {problem}", self.config_path)
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
-        hp = self.hp
-        w.add_context_length(hp.n_ctx)
-        w.add_embedding_length(hp.n_embd)
-        w.add_feed_forward_length(hp.n_ff)
-        w.add_block_count(hp.n_layer)
-        w.add_head_count(hp.n_head)
-        w.add_head_count_kv(hp.n_head_kv)
-        if hp.head_dim * hp.n_head != hp.n_embd:
-            w.add_key_length(hp.head_dim)
-            w.add_value_length(hp.head_dim)
-        w.add_layer_norm_rms_eps(hp.eps)
-        w.add_rope_dimension_count(hp.head_dim // 2)
-        w.add_rope_freq_base(hp.rope_base)
+        write_hparams(w, self.hp, n_rot=self.hp.head_dim // 2)
 
     def write_vocab(self, w: gguf.GGUFWriter) -> None:
         path = self.ckpt.dir / "tokenizer.model"

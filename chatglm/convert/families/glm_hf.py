@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import gguf
 
+from chatglm.convert.families.chatglm import write_hparams
 from chatglm.convert.family import Family, OutTensor, register
 from chatglm.convert.vocab_bpe import (
     build_tokenizer_json_vocab,
@@ -137,19 +138,7 @@ class HFGlmFamily(Family):
 
     # -- GGUF -----------------------------------------------------------------------------------------------------
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
-        hp = self.hp
-        w.add_context_length(hp.n_ctx)
-        w.add_embedding_length(hp.n_embd)
-        w.add_feed_forward_length(hp.n_ff)
-        w.add_block_count(hp.n_layer)
-        w.add_head_count(hp.n_head)
-        w.add_head_count_kv(hp.n_head_kv)
-        if hp.head_dim * hp.n_head != hp.n_embd:
-            w.add_key_length(hp.head_dim)
-            w.add_value_length(hp.head_dim)
-        w.add_layer_norm_rms_eps(hp.eps)
-        w.add_rope_dimension_count(hp.n_rot)
-        w.add_rope_freq_base(hp.rope_base)
+        write_hparams(w, self.hp, n_rot=self.hp.n_rot)
 
     def write_vocab(self, w: gguf.GGUFWriter) -> None:
         path = self.ckpt.dir / "tokenizer.json"

@@ -50,7 +50,8 @@ class GLM1Engine(Engine):
         self.cfg = G.GLM1Config.from_header(header)
         _check_settings(self.cfg, n_ctx, n_batch, n_threads, kv_type, n_gpu_layers, flash_attn, header)
         self.tok = GLM1Tokenizer(header)
-        self.ids = _special_ids(header, self.cfg)
+        self.ids = _special_ids(header, self.cfg)  # bos (<sop>), eos (<eop>), mask, gmask, end (</s>)
+        self.layout_ids = layout.SpecialIds(bos=self.ids["bos"], mask=self.ids["mask"], gmask=self.ids["gmask"])
         self.n_batch = n_batch
         self._parts: list = []
         try:
@@ -62,8 +63,8 @@ class GLM1Engine(Engine):
         except BaseException:
             self.close()
             raise
-        eog = {self.ids["eos"], int(header.get(KEY_END, self.ids["eos"]))}
-        self.info = replace(info, n_ctx=n_ctx, n_vocab=self.cfg.n_vocab, eog=frozenset(eog))
+        eog = frozenset({self.ids["eos"], self.ids["end"]})
+        self.info = replace(info, n_ctx=n_ctx, n_vocab=self.cfg.n_vocab, eog=eog)
         self._logits = np.zeros(self.cfg.n_vocab, dtype=np.float32)
         self._has_logits = False
         self.timing = EvalTiming()
@@ -84,7 +85,7 @@ class GLM1Engine(Engine):
 
     # -- cache ------------------------------------------------------------------------------------------------
     def reusable(self, tokens: Sequence[int]) -> int:
-        return layout.reusable_prefix(self.tokens, tokens, self.ids["layout"])
+        return layout.reusable_prefix(self.tokens, tokens, self.layout_ids)
 
     def _truncate(self, n_keep: int) -> None:
         del self.tokens[n_keep:]
@@ -103,7 +104,7 @@ class GLM1Engine(Engine):
         full = self.tokens + tokens
         if len(full) > self.kv.n_ctx:
             raise ContextOverflowError(f"{len(full)} tokens do not fit the context of {self.kv.n_ctx} tokens")
-        ids = self.ids["layout"]
+        ids = self.layout_ids
         context = layout.context_length(full, ids)
         start = 0 if context > len(self.tokens) else len(self.tokens)  # a grown context spoils every cached token
         del self.tokens[start:]
@@ -194,15 +195,14 @@ def _check_settings(cfg: G.GLM1Config, n_ctx: int, n_batch: int, n_threads: int,
         log.info("the GLM-1 engine has no flash attention; using the standard attention")
 
 
-def _special_ids(header: GGUFHeader, cfg: G.GLM1Config) -> dict:
+def _special_ids(header: GGUFHeader, cfg: G.GLM1Config) -> dict[str, int]:
     ids = {}
     for name, key in (("bos", "tokenizer.ggml.bos_token_id"), ("eos", "tokenizer.ggml.eos_token_id"),
-                      ("mask", "tokenizer.ggml.mask_token_id"), ("gmask", KEY_GMASK)):
-        value = header.get(key)
+                      ("mask", "tokenizer.ggml.mask_token_id"), ("gmask", KEY_GMASK), ("end", KEY_END)):
+        value = header.get(key, ids.get("eos") if name == "end" else None)
         if type(value) is not int or not 0 <= value < cfg.n_vocab:
             raise InputError(f"GGUF lacks a valid {key}", header.path)
         ids[name] = value
-    ids["layout"] = layout.SpecialIds(bos=ids["bos"], mask=ids["mask"], gmask=ids["gmask"])
     return ids
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatglm.errors import InputError
-from chatglm.ggml.ops import F16, F32, I32, Graph, Tensor
+from chatglm.ggml.ops import BF16, F16, F32, I32, Graph, Tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)  # the published gelu_impl's 0.7978845608028654
 TENSORS_PER_LAYER = 64  # an upper bound on the tensors one layer's builders create (counted: 52)
@@ -106,7 +106,7 @@ class Weights:
 
 @dataclass
 class KVCache:
-    """Per layer K as (head_dim, n_head, n_ctx) and V transposed as (n_ctx, head_dim, n_head), f16 or f32."""
+    """Per layer K as (head_dim, n_head, n_ctx) and V transposed as (n_ctx, head_dim, n_head), f16/bf16/f32."""
 
     k: list[Tensor]
     v: list[Tensor]
@@ -205,4 +205,4 @@ def build(cfg: GLM1Config, weights: Weights, kv: KVCache, n_past: int, n_tokens:
         raise
 
 
-KV_TYPES = {"f16": F16, "f32": F32}
+KV_TYPES = {"f16": F16, "f32": F32, "bf16": BF16}
