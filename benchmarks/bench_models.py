@@ -212,7 +212,7 @@ def bench_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
            "-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", str(args.repetitions), "--json"]
     if args.threads:
         cmd += ["-t", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]}
     return json.loads(proc.stdout)
@@ -230,7 +230,7 @@ def table(rows: list[dict[str, Any]], n_prompt: int, n_gen: int) -> str:
         lines.append([r["model"], r["type"], size(rep["model"]["size_bytes"]), tps.get(f"pp{n_prompt}", "-"),
                       tps.get(f"tg{n_gen}", "-"), size(rep["peak_rss_bytes"])])
     widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in lines])
 
 

@@ -109,8 +109,9 @@ def measure_pair(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, 
         out = {name: summary(s, args, engines[name], timing if name == "glm1" else None)
                for name, s in samples.items()}
         # Per-repetition ratios (both engines ran back to back): robust to load drift on a shared machine.
-        out["tg_ratio"] = statistics.median(b / a for a, b in zip(samples["glm1"].tg_s, samples["glm2"].tg_s))
-        out["pp_ratio"] = statistics.median(b / a for a, b in zip(samples["glm1"].pp_s, samples["glm2"].pp_s))
+        g1, g2 = samples["glm1"], samples["glm2"]
+        out["tg_ratio"] = statistics.median(b / a for a, b in zip(g1.tg_s, g2.tg_s, strict=True))
+        out["pp_ratio"] = statistics.median(b / a for a, b in zip(g1.pp_s, g2.pp_s, strict=True))
         return out
     finally:
         for e in engines.values():
@@ -123,7 +124,7 @@ def summary(s: Samples, args: argparse.Namespace, engine, timing) -> dict[str, A
     out = {"pp_tps": statistics.median(pp), "tg_tps": statistics.median(tg), "pp_samples": pp, "tg_samples": tg,
            "size_bytes": engine.info.size_bytes, "engine": type(engine).__name__}
     if timing is not None:
-        out["build_fraction"] = statistics.median(b / t for b, t in zip(s.build_s, s.tg_s))
+        out["build_fraction"] = statistics.median(b / t for b, t in zip(s.build_s, s.tg_s, strict=True))
         out["build_ms_per_step"] = 1e3 * statistics.median(s.build_s) / args.n_gen
         out["nodes_per_step"] = timing.n_nodes
         out["repacked_tensors"] = engine.model.repacked
@@ -143,7 +144,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                       (f"{100 * g1['build_fraction']:.1f}% ({g1['build_ms_per_step']:.1f} ms, "
                        f"{g1['nodes_per_step']} nodes)")])
     widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in lines])
 
 
@@ -170,7 +171,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     glm1, glm2 = shapes(args)
     rows = []
     for qtype in args.types.split(","):
-        paths = {"glm1": build_gguf(glm1, qtype, CACHE / args.shape), "glm2": build_gguf(glm2, qtype, CACHE / args.shape)}
+        cache = CACHE / args.shape
+        paths = {"glm1": build_gguf(glm1, qtype, cache), "glm2": build_gguf(glm2, qtype, cache)}
         log.info("measuring %s: %s vs %s", qtype, paths["glm1"].name, paths["glm2"].name)
         rows.append({"type": qtype, "names": [glm1.name, glm2.name], **measure_pair(paths, args)})
     print(f"{machine()}; threads {args.threads}; ctx {args.ctx}; f16 KV cache; {args.repetitions} repetitions "

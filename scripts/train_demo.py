@@ -248,7 +248,7 @@ RoPE on half of each head (base 10000), qkv bias, RMSNorm.
 ```
 
 - seed {seed}, {steps} steps of AdamW (batch {batch} dialogues, peak lr {lr}, warmup + cosine), torch {torch_version}
-  on CPU with {threads} threads; training took {train_s:.0f} s, whole script {total_s:.0f} s
+  on CPU, `torch.set_num_threads({threads})`; training took {train_s:.0f} s, whole script {total_s:.0f} s
 - mean training loss over the last 50 steps: {final_loss:.4f} (loss only on assistant tokens)
 - data: {n_dialogues} dialogues ({n_random} random + every `a+b` for single-digit a, b in six phrasings), each an optional
   system message then 1-3 user/assistant turns, encoded token-exactly as ChatGLM3's `build_chat_input`:
@@ -260,14 +260,38 @@ Greedy replies of the saved model (transformers, float32 compute on the {dtype} 
 
 {replies}
 
+Single-digit arithmetic over the whole table, greedy, English phrasing ("What is a+b?" etc.): {arithmetic}.
+Anything outside the training topics gets a confident but meaningless reply.
+
 Regenerating with the same command and library versions reproduces these files; other torch versions may differ in the
 last bits and so in the weights (the tests compare replies, not bytes).
 """
 
 
+def _history_note(history: list[dict]) -> str:
+    if not history:
+        return ""
+    return " (after " + ", ".join(f"{m['role']}: `{m['content']}`" for m in history) + ")"
+
+
+def arithmetic_accuracy(model, enc: ChatEncoder) -> str:
+    """Exact-reply accuracy of +, - and * over single-digit operands (the card's honesty line)."""
+    tables = {
+        "addition": [(f"What is {a}+{b}?", f"{a} + {b} = {a + b}.") for a in range(10) for b in range(10)],
+        "subtraction": [(f"What is {a}-{b}?", f"{a} - {b} = {a - b}.") for a in range(10) for b in range(a + 1)],
+        "multiplication": [(f"What is {a}*{b}?", f"{a} × {b} = {a * b}.") for a in range(10) for b in range(10)],
+    }
+    parts = []
+    for name, pairs in tables.items():
+        ok = sum(
+            enc.decode_reply(ck.greedy_generate(model, enc.prompt([], q), enc.stop_ids(), 16)) == r for q, r in pairs
+        )
+        parts.append(f"{name} {ok}/{len(pairs)}")
+    return ", ".join(parts)
+
+
 def write_card(out: Path, shape: Shape, args: argparse.Namespace, stats: dict, results: list[dict]) -> None:
-    replies = "\n".join(f"- `{r['query']}`" + (" (after history)" if r["history"] else "") + f" → {r['reply']}"
-                        for r in results)  # fmt: skip
+    replies = "\n".join(f"- `{r['query']}`{_history_note(r['history'])} → {r['reply']}" for r in results)
     text = MODEL_CARD.format(
         **vars(shape), **stats, head_dim=shape.hidden // shape.heads, dtype=args.dtype, seed=args.seed,
         steps=args.steps, batch=args.batch, lr=args.lr, threads=args.threads, torch_version=torch.__version__,
@@ -317,8 +341,18 @@ def main(argv: list[str] | None = None) -> int:
     results = run_cases(saved, enc)
     write_expected(out, args, results)
     command = "python scripts/train_demo.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    stats = {"params": params, "final_loss": final_loss, "train_s": train_s, "total_s": time.time() - t0, "command": command,
-                 "n_dialogues": len(dialogues), "n_random": args.dialogues}  # fmt: skip
+    arithmetic = arithmetic_accuracy(saved, enc)
+    print(f"arithmetic: {arithmetic}")
+    stats = {
+        "params": params,
+        "final_loss": final_loss,
+        "train_s": train_s,
+        "total_s": time.time() - t0,
+        "command": command,
+        "n_dialogues": len(dialogues),
+        "n_random": args.dialogues,
+        "arithmetic": arithmetic,
+    }
     write_card(out, shape, args, stats, results)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.2f} MB) in {time.time() - t0:.0f} s; final loss {final_loss:.4f}")

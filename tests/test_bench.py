@@ -77,8 +77,8 @@ def test_table_output(glm3_gguf):
 
 @pytest.mark.parametrize("args,message", [
     (["-r", 0], "repetitions must be at least 1, got 0"),
-    (["-p", 600, "-c", 256], "a prompt of 600 tokens is longer than the context of 256 tokens "
-                             "(raise --ctx or lower --n-prompt)"),
+    (["-p", 600, "-c", 256], ("a prompt of 600 tokens is longer than the context of 256 tokens "
+                              "(raise --ctx or lower --n-prompt)")),
     (["-p", 0, "-n", 0], "nothing to measure: every prompt and generation length is 0"),
     (["-n", -5], "prompt and generation lengths must not be negative, got [512, -5]"),
 ])

@@ -297,3 +297,13 @@ def test_pickles_with_forbidden_globals(tmp_path, payload):
     with pytest.raises(InputError, match="refusing to load") as err:
         TorchFile(bad)
     assert name in str(err.value) and not marker.exists()
+
+
+def test_pickle_memo_bomb_is_refused_without_allocating(tmp_path):
+    """A LONG_BINPUT with a huge index would make CPython's unpickler allocate gigabytes (found by atheris)."""
+    from chatglm.convert.torch_file import TorchFile
+
+    bomb = tmp_path / "memo.bin"
+    zip_checkpoint(bomb, b"\x80\x02}q\x00(X\x01\x00\x00\x00wr\x00\x00\x00\x48K\x01u.", {})
+    with pytest.raises(InputError, match="memo index"):
+        TorchFile(bomb)

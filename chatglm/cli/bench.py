@@ -74,7 +74,8 @@ def bench_report(engine, results, *, threads: int, n_gpu_layers: int, kv_type: s
         "engine": type(engine).__name__,
         "settings": {"threads": threads, "n_ctx": info.n_ctx, "n_gpu_layers": n_gpu_layers, "kv_type": kv_type,
                      "flash_attn": flash_attn},
-        "system": {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()},
+        "system": {"machine": platform.machine(), "processor": platform.processor(),
+                   "python": platform.python_version()},
         "peak_rss_bytes": peak_rss,
         "results": [r.to_dict() for r in results],
     }
@@ -91,7 +92,7 @@ def render_table(report: dict) -> str:
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
 
     rule = "| " + " | ".join(("-" * (w - 1) + ":") if i in right else "-" * w for i, w in enumerate(widths)) + " |"
     footer = f"peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB"

@@ -15,6 +15,7 @@ import math
 import mmap
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -164,8 +165,23 @@ class _StateDictUnpickler(pickle.Unpickler):
         return _Storage(key, kind.dtype, numel)
 
 
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+def check_memo_indices(data: bytes) -> None:
+    """Refuse memo indices past the pickle's own length before unpickling: CPython's unpickler sizes its memo table
+    by the largest index, so one crafted LONG_BINPUT would make it allocate gigabytes (found by fuzzing)."""
+    limit = len(data) + 16  # a real pickle has fewer memo entries than bytes
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in _MEMO_OPS and int(arg) > limit:
+            raise pickle.UnpicklingError(f"memo index {arg} is larger than the pickle itself")
+        if op.name == "STOP":
+            return
+
+
 def unpickle_state_dict(data: bytes) -> Any:
     """The object in ``data`` with tensors as stand-ins; raises :class:`RefusedGlobal` for any other global."""
+    check_memo_indices(data)
     return _StateDictUnpickler(io.BytesIO(data)).load()
 
 

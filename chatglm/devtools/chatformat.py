@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from chatglm.devtools.sptrain import SPECIAL_TOKENS
+
 ROLES = ("system", "user", "assistant", "observation")
 
 
@@ -31,8 +33,7 @@ class ChatEncoder:
 
         self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
         n = self.sp.vocab_size()
-        names = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop") + tuple(f"<|{r}|>" for r in ROLES)
-        self.special = {name: n + i for i, name in enumerate(names)}
+        self.special = {name: n + i for i, name in enumerate(SPECIAL_TOKENS["chatglm3"])}
         self.eos = self.sp.eos_id()
 
     def prefix(self) -> list[int]:

@@ -25,7 +25,7 @@ F32, F16, I32, BF16 = 0, 1, 26, 30  # ggml_type ids used directly by graphs
 ROPE_NEOX = 2
 MAX_DIMS = 4
 
-P, SZ, I64, F, I, B = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_bool
+P, SZ, I64, F, INT, B = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_bool
 ABORT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)  # ggml_abort_callback
 
 
@@ -40,9 +40,10 @@ class InitParams(ctypes.Structure):
 class TensorStruct(ctypes.Structure):
     """``struct ggml_tensor`` (ggml.h); the layout is checked against ggml_tensor_overhead() on first use."""
 
-    _fields_ = [("type", I), ("buffer", P), ("ne", I64 * 4), ("nb", SZ * 4), ("op", I),
+    _fields_ = [("type", INT), ("buffer", P), ("ne", I64 * 4), ("nb", SZ * 4), ("op", INT),
                 ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32), ("src", P * 10), ("view_src", P),
-                ("view_offs", SZ), ("data", P), ("name", ctypes.c_char * 64), ("extra", P), ("padding", ctypes.c_char * 8)]
+                ("view_offs", SZ), ("data", P), ("name", ctypes.c_char * 64), ("extra", P),
+                ("padding", ctypes.c_char * 8)]
 
 
 _OBJECT_SIZE = 32  # struct ggml_object, which precedes every tensor in a context
@@ -51,33 +52,33 @@ _OBJECT_SIZE = 32  # struct ggml_object, which precedes every tensor in a contex
 _BASE = {
     "ggml_tensor_overhead": (SZ, []), "ggml_graph_overhead_custom": (SZ, [SZ, B]),
     "ggml_init": (P, [InitParams]), "ggml_free": (None, [P]),
-    "ggml_type_size": (SZ, [I]), "ggml_blck_size": (I64, [I]), "ggml_type_name": (ctypes.c_char_p, [I]),
-    "ggml_new_tensor": (P, [P, I, I, ctypes.POINTER(I64)]), "ggml_set_name": (P, [P, ctypes.c_char_p]),
+    "ggml_type_size": (SZ, [INT]), "ggml_blck_size": (I64, [INT]), "ggml_type_name": (ctypes.c_char_p, [INT]),
+    "ggml_new_tensor": (P, [P, INT, INT, ctypes.POINTER(I64)]), "ggml_set_name": (P, [P, ctypes.c_char_p]),
     "ggml_set_input": (None, [P]), "ggml_set_output": (None, [P]),
     "ggml_new_graph_custom": (P, [P, SZ, B]), "ggml_build_forward_expand": (None, [P, P]),
-    "ggml_graph_n_nodes": (I, [P]),
+    "ggml_graph_n_nodes": (INT, [P]),
     "ggml_get_rows": (P, [P, P, P]), "ggml_norm": (P, [P, P, F]), "ggml_add": (P, [P, P, P]),
     "ggml_mul": (P, [P, P, P]), "ggml_scale": (P, [P, P, F]), "ggml_scale_bias": (P, [P, P, F, F]),
     "ggml_sqr": (P, [P, P]), "ggml_tanh": (P, [P, P]), "ggml_sigmoid": (P, [P, P]), "ggml_mul_mat": (P, [P, P, P]),
-    "ggml_cont": (P, [P, P]), "ggml_cpy": (P, [P, P, P]), "ggml_permute": (P, [P, P, I, I, I, I]),
+    "ggml_cont": (P, [P, P]), "ggml_cpy": (P, [P, P, P]), "ggml_permute": (P, [P, P, INT, INT, INT, INT]),
     "ggml_reshape_4d": (P, [P, P, I64, I64, I64, I64]),
     "ggml_view_4d": (P, [P, P, I64, I64, I64, I64, SZ, SZ, SZ, SZ]),
     "ggml_soft_max_ext": (P, [P, P, P, F, F]),
-    "ggml_rope_ext": (P, [P, P, P, P, I, I, I, F, F, F, F, F, F]), "ggml_rope_set_offset": (P, [P, I]),
-    "ggml_backend_graph_compute": (I, [P, P]), "ggml_backend_free": (None, [P]),
+    "ggml_rope_ext": (P, [P, P, P, P, INT, INT, INT, F, F, F, F, F, F]), "ggml_rope_set_offset": (P, [P, INT]),
+    "ggml_backend_graph_compute": (INT, [P, P]), "ggml_backend_free": (None, [P]),
     "ggml_backend_get_device": (P, [P]), "ggml_backend_dev_supports_op": (B, [P, P]),
     "ggml_backend_dev_backend_reg": (P, [P]), "ggml_backend_reg_get_proc_address": (P, [P, ctypes.c_char_p]),
     "ggml_backend_cpu_buffer_type": (P, []), "ggml_backend_cpu_buffer_from_ptr": (P, [P, SZ]),
     "ggml_backend_buft_alloc_buffer": (P, [P, SZ]), "ggml_backend_buft_name": (ctypes.c_char_p, [P]),
     "ggml_backend_buffer_free": (None, [P]), "ggml_backend_buffer_get_size": (SZ, [P]),
     "ggml_backend_buffer_clear": (None, [P, ctypes.c_uint8]),
-    "ggml_backend_alloc_ctx_tensors_from_buft": (P, [P, P]), "ggml_backend_tensor_alloc": (I, [P, P, P]),
+    "ggml_backend_alloc_ctx_tensors_from_buft": (P, [P, P]), "ggml_backend_tensor_alloc": (INT, [P, P, P]),
     "ggml_backend_tensor_set": (None, [P, P, SZ, SZ]), "ggml_backend_tensor_get": (None, [P, P, SZ, SZ]),
     "ggml_gallocr_new": (P, [P]), "ggml_gallocr_free": (None, [P]),
-    "ggml_gallocr_alloc_graph": (B, [P, P]), "ggml_gallocr_get_buffer_size": (SZ, [P, I]),
+    "ggml_gallocr_alloc_graph": (B, [P, P]), "ggml_gallocr_get_buffer_size": (SZ, [P, INT]),
 }
 _CPU = {
-    "ggml_backend_cpu_init": (P, []), "ggml_backend_cpu_set_n_threads": (None, [P, I]),
+    "ggml_backend_cpu_init": (P, []), "ggml_backend_cpu_set_n_threads": (None, [P, INT]),
     "ggml_backend_cpu_set_abort_callback": (None, [P, ABORT_CALLBACK, P]),
 }
 

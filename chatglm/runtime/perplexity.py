@@ -116,7 +116,7 @@ class PerplexityResult:
         return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "n_tokens": self.n_tokens,
                 "n_scored": self.n_scored, "n_windows": len(self.scored), "window": self.window,
                 "stride": self.stride, "seconds": self.seconds,
-                "window_perplexities": [math.exp(s / n) for s, n in zip(self.nll_sums, self.scored)]}
+                "window_perplexities": [math.exp(s / n) for s, n in zip(self.nll_sums, self.scored, strict=True)]}
 
 
 def score_window(engine: Engine, tokens: Sequence[int], win: Window, prefix: Sequence[int]) -> float:

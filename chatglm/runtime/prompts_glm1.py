@@ -35,8 +35,8 @@ def process_response(text: str) -> str:
     text = text.strip().replace(TRAINING_TIME, "2023年")
     for ascii_mark, wide in PUNCTUATION.items():
         mark = re.escape(ascii_mark)
-        text = re.sub(f"([{_CJK}]){mark}", lambda m: m.group(1) + wide, text)
-        text = re.sub(f"{mark}([{_CJK}])", lambda m: wide + m.group(1), text)
+        text = re.sub(f"([{_CJK}]){mark}", f"\\g<1>{wide}", text)
+        text = re.sub(f"{mark}([{_CJK}])", f"{wide}\\g<1>", text)
     return text
 
 

@@ -23,7 +23,7 @@ from chatglm.errors import InputError
 from chatglm.ggml.ops import BF16, F16, F32, I32, Graph, Tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)  # the published gelu_impl's 0.7978845608028654
-TENSORS_PER_LAYER = 64  # an upper bound on the tensors one layer's builders create (counted: 52)
+TENSORS_PER_LAYER = 64  # an upper bound on the tensors one layer's builders create (43 today)
 
 
 @dataclass(frozen=True)
