@@ -260,7 +260,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("-t", "--threads", type=int, default=0, help="default: chatglm bench's (physical cores)")
     p.add_argument("--build-only", action="store_true", help="build the GGUFs, measure nothing")
-    p.add_argument("--no-cache", action="store_true", help="delete each GGUF once measured (real shapes: 3-10 GB each)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="delete each GGUF this run built once it is measured (real shapes: 3-10 GB each)")
     p.add_argument("--json", type=Path, help="also write every report to this file")
     return p.parse_args(argv)
 
@@ -277,6 +278,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = []
     for name in args.models.split(","):
         for qtype in args.types.split(","):
+            cached = (CACHE / args.shape / f"{name}-{qtype}.gguf").is_file()
             try:
                 path = build_gguf(shapes[name], qtype, CACHE / args.shape)
             except Exception as exc:  # a family or engine not available yet: one row says so
@@ -287,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             log.info("measuring %s", path.name)
             rows.append({"model": name, "type": qtype, "report": bench_child(path, args)})
-            if args.no_cache:
+            if args.no_cache and not cached:
                 path.unlink()
     if args.build_only:
         return 0

@@ -112,6 +112,73 @@ def generate_seconds(model: Model, n_gen: int, temperature: float) -> float:
     return model.last_stats.decode_seconds
 
 
+def python_cost_us(fn: Callable[[], float], n: int) -> float:
+    """Microseconds per token of ``fn`` with ``llama_decode`` replaced by a no-op: what the Python layer itself
+    costs per token (the logits read then returns the last real step's logits)."""
+    ll = native.lib()
+    real = ll.llama_decode
+    ll.llama_decode = lambda _ctx, _batch: 0
+    try:
+        fn()
+        return statistics.median(fn() for _ in range(5)) / n * 1e6
+    finally:
+        ll.llama_decode = real
+
+
+def callback_nodes(bare: "BareLoop") -> int:
+    """How often ggml calls an abort callback during one single-token decode (once per graph node)."""
+    calls = [0]
+
+    def count(_data) -> bool:
+        calls[0] += 1
+        return False
+
+    counter = native.ABORT_CALLBACK(count)
+    bare.ll.llama_set_abort_callback(bare.ctx, counter, None)
+    bare.ll.llama_memory_clear(bare.mem, True)
+    bare._fill([1], 0)
+    bare.ll.llama_decode(bare.ctx, bare.batch)
+    bare.ll.llama_set_abort_callback(bare.ctx, bare._no_abort, None)
+    return calls[0]
+
+
+def callback_call_us(n: int = 200_000) -> float:
+    """Microseconds per call of a no-op Python callback called from C (libc qsort's comparator, all elements equal
+    so every call returns at once): the price of one abort-callback check."""
+    libc = ctypes.CDLL(None)
+    cmp_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+    calls = [0]
+
+    def counting(_a, _b) -> int:
+        calls[0] += 1
+        return 0
+
+    libc.qsort.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, cmp_type]
+    libc.qsort.restype = None
+    data = (ctypes.c_int * n)()
+    libc.qsort(data, n, ctypes.sizeof(ctypes.c_int), cmp_type(counting))  # count the comparisons once
+    noop = cmp_type(lambda _a, _b: 0)
+    start = time.perf_counter()
+    libc.qsort(data, n, ctypes.sizeof(ctypes.c_int), noop)
+    return (time.perf_counter() - start) / calls[0] * 1e6
+
+
+def cost_report(engine, model: Model, bare: "BareLoop", gen: list[int], bare_tpt_us: float) -> str:
+    """The Python layer's cost per token measured without the noise of the decode itself."""
+    n = len(gen)
+    rows = [("bare loop (batch slot + llama_decode + sync calls)", python_cost_us(lambda: bare.decode(gen), n)),
+            ("engine step + logits read", python_cost_us(lambda: time_decode(engine, [], gen), n)),
+            ("Model.generate greedy (whole loop)", python_cost_us(lambda: generate_seconds(model, n, 0.0), n)),
+            ("Model.generate sampled t=0.8", python_cost_us(lambda: generate_seconds(model, n, 0.8), n))]
+    nodes, per_call = callback_nodes(bare), callback_call_us()
+    rows.append((f"abort callback: {nodes} nodes x {per_call:.2f} us", nodes * per_call))
+    engine_total = rows[1][1] - rows[0][1] + rows[-1][1]
+    lines = [f"Python cost per token, llama_decode stubbed out (bare decode: {bare_tpt_us:.0f} us/token):", ""]
+    lines += [f"  {label:<52} {us:9.1f} us" for label, us in rows]
+    lines += ["", f"  engine tg vs bare, expected from these costs: {bare_tpt_us / (bare_tpt_us + engine_total):.4f}"]
+    return "\n".join(lines)
+
+
 def interleaved(pairs: dict[str, tuple[Callable[[], float], Callable[[], float]]], reps: int) -> dict:
     """Per test: seconds of ours and bare per repetition, alternating which side runs first."""
     out = {name: ([], []) for name in pairs}
@@ -187,6 +254,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{args.repetitions} interleaved repetitions after one warm-up; load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print(report(results, n_tokens))
+    print()
+    print(cost_report(engine, model, bare, gen, statistics.median(results[tg][1]) / args.n_gen * 1e6))
     bare.close()
     engine.close()
     return 0

@@ -80,7 +80,9 @@ def test_generate_and_tokens():
     assert m.tokenize("ab") == [97, 98] and m.detokenize([97, 98]) == "ab"
     out = m.generate("abc", max_tokens=4)
     assert len(out) == 4 and out.isalpha()
-    assert m.generate([97, 98, 99], max_tokens=4) == out  # ids or text, same prompt
+    ids = m.format.completion_ids("abc", m.engine)  # the published tokenizer's framing: [gMASK] sop + text
+    assert ids == [m.info.special["[gMASK]"], m.info.special["sop"], 97, 98, 99]
+    assert m.generate(ids, max_tokens=4) == out  # ids or text, same prompt
     assert "".join(m.stream_generate("abc", max_tokens=4)) == out
     assert m.info.n_ctx == 256 and m.info.family == "chatglm3"
 

@@ -56,7 +56,7 @@ def test_stateless_chat_reuses_the_common_prefix(chat_model):
 def test_stream_generate_text_ids_and_cancel(chat_model):
     m = chat_model
     text = m.generate("今天天气", max_tokens=8)
-    assert "".join(m.stream_generate(m.tokenize("今天天气"), max_tokens=8)) == text
+    assert "".join(m.stream_generate(m.format.completion_ids("今天天气", m.engine), max_tokens=8)) == text
     assert m.detokenize(m.tokenize("hello 世界")) .strip() == "hello 世界"
     cancel = threading.Event()
     cancel.set()  # llama.cpp's abort callback stops the prompt's evaluation at once

@@ -46,7 +46,9 @@ def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int 
     # One micro-batch's activations (hidden, fused FFN, logits), plus the attention scores when they are
     # materialised (no flash attention): the shape of llama.cpp's CPU compute buffer.
     compute = n_batch * (n_vocab + 6 * n_embd + 3 * n_ff) * 4
-    if not flash_attn:
+    if header.arch == "chatglm1":  # its bidirectional context is one chunk: T x T scores per head
+        compute += n_head * n_ctx * n_ctx * 4
+    elif not flash_attn:
         compute += n_batch * n_ctx * n_head * 4
     return MemoryEstimate(weights, int(kv_per_token(header, kv_type) * n_ctx), compute)
 

@@ -167,13 +167,15 @@ class Model:
         return gen.reply if gen.reply is not None else Message("assistant", gen.text)
 
     def generate(self, prompt: str | Sequence[int], *, cancel: Optional[threading.Event] = None, **sampling) -> str:
-        """Plain completion of ``prompt`` (text with no chat format and no special tokens added, or token ids)."""
+        """Plain completion of ``prompt``: text with no chat roles, framed by the special tokens the published tokenizer
+        adds to any text (``[gMASK] sop`` before it for ChatGLM2/3/GLM-4, ``[gMASK] <sop>`` after it for ChatGLM-6B),
+        or token ids taken as they are."""
         return "".join(self.stream_generate(prompt, cancel=cancel, **sampling))
 
     def stream_generate(self, prompt: str | Sequence[int], *, cancel: Optional[threading.Event] = None,
                         **sampling) -> Iterator[str]:
         """Yield the completion of ``prompt`` piece by piece (UTF-8 safe)."""
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids = self.format.completion_ids(prompt, self.engine) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise InputError("empty prompt")
         return self.run(ids, self._params(sampling), cancel)

@@ -41,6 +41,17 @@ class ChatFormat(ABC):
     def prompt_ids(self, messages: Sequence[Message], tok: Tokenizer) -> list[int]:
         """Ids of the whole conversation, ending with the prompt for the assistant's next reply."""
 
+    # Special tokens the published tokenizer puts around any encoded text (tokenizer(text), add_special_tokens=True).
+    completion_prefix: ClassVar[tuple[str, ...]] = ()
+    completion_suffix: ClassVar[tuple[str, ...]] = ()
+
+    def completion_ids(self, text: str, tok: Tokenizer) -> list[int]:
+        """Plain text as the published model takes it for completion: its special prefix/suffix, no chat roles."""
+        pre = [self.special[t] for t in self.completion_prefix if t in self.special]
+        post = [self.special[t] for t in self.completion_suffix if t in self.special]
+        body = tok.tokenize(text)
+        return pre + body + post if body else []
+
     def parse_reply(self, text: str) -> Message:
         """The generated text (special tokens removed) as an assistant message."""
         return Message("assistant", text.strip())
@@ -100,6 +111,7 @@ class ChatGLM2Format(ChatFormat):
 
     name = "chatglm2"
     required_tokens = ("[gMASK]", "sop")
+    completion_prefix = ("[gMASK]", "sop")
 
     def prompt_ids(self, messages: Sequence[Message], tok: Tokenizer) -> list[int]:
         check_roles(messages, ("system", "user", "assistant"), self.name)
@@ -123,6 +135,7 @@ class ChatGLM3Format(ChatFormat):
 
     name = "chatglm3"
     required_tokens = ("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+    completion_prefix = ("[gMASK]", "sop")
     stop_tokens = ("<|user|>", "<|observation|>")
 
     def message_ids(self, m: Message, tok: Tokenizer) -> list[int]:

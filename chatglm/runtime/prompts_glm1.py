@@ -44,6 +44,7 @@ def process_response(text: str) -> str:
 class ChatGLM1Format(ChatFormat):
     name = "chatglm1"
     required_tokens = ("[gMASK]", "<sop>", "<eop>")
+    completion_suffix = ("[gMASK]", "<sop>")  # the model generates only after <sop>
     stop_tokens = ("<eop>",)
 
     def prompt_ids(self, messages: Sequence[Message], tok: Tokenizer) -> list[int]:

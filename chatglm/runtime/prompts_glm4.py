@@ -73,6 +73,7 @@ class GLMFormat(ChatFormat):
     """Shared machinery: pieces → ids, and the GLM-4 reply grammar."""
 
     required_tokens = GLM4_SPECIALS
+    completion_prefix = ("[gMASK]", "<sop>")
     stop_tokens = GLM4_STOPS
     thinks = False  # the prompt ends inside <think>: the reply starts with thinking
 
