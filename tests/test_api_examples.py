@@ -1,4 +1,4 @@
-"""The API documentation and the examples run: docs/api.md's Python block, examples/stream_chat.py, and
+"""The API documentation and the examples run: the README's Python API block, examples/stream_chat.py, and
 examples/tk_chat.py against a stand-in tkinter (the examples' own code, with ``chatglm.load`` giving a toy model)."""
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ def toy_load(monkeypatch):
 
 
 def test_docs_python_block_runs(toy_load, tmp_path, monkeypatch, capsys):
-    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 1
     monkeypatch.chdir(tmp_path)
-    exec(compile(blocks[0], "docs/api.md", "exec"), {})
+    exec(compile(blocks[0], "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert out.startswith("chatglm3 256\n") and "tokens/s" in out
     saved = json.loads((tmp_path / "conversation.json").read_text(encoding="utf-8"))

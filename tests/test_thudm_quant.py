@@ -21,6 +21,7 @@ from chatglm.convert.pipeline import convert
 from chatglm.convert.thudm_quant import dequantized, unpack_int4
 from chatglm.devtools.checkpoints import read_published_state
 from chatglm.errors import InputError
+from fixtures_glm1 import glm1_dir, ice_model  # noqa: F401  (fixtures)
 
 QUANTIZED = re.compile(r".*\.(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)\.weight")
 
@@ -144,3 +145,21 @@ def test_float_checkpoint_passes_through_unchanged(tmp_path):
     folder = write_folder(tmp_path / "f", {"x.weight": torch.ones(2, 2)}, {"quantization_bit": 4})
     with Checkpoint(folder) as raw:
         assert dequantized(raw) is raw
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_chatglm_6b_converts_like_its_dequantized_floats(glm1_dir, ice_model, tmp_path, bits):
+    """chatglm-6b-int4 / -int8: the ChatGLM-6B family converts THUDM's packed weights through the dequantized view."""
+    from chatglm.devtools.glm1 import save_glm1_checkpoint, tiny_glm1_checkpoint
+
+    _, config, weights = tiny_glm1_checkpoint(glm1_dir / f"int{bits}-src", ice_model, seed=2)
+    state = {k: torch.from_numpy(v.astype(np.float16)) for k, v in weights.items()}
+    packed, floats = quantized_twin(state, bits)
+    quant_dir = save_glm1_checkpoint(tmp_path / "q" / "m", ice_model, {**config, "quantization_bit": bits}, weights)
+    (quant_dir / "model.safetensors").unlink()
+    save_file({k: v.contiguous() for k, v in packed.items()}, str(quant_dir / "model.safetensors"))
+    float_dir = save_glm1_checkpoint(tmp_path / "f" / "m", ice_model, config,
+                                     {k: v.numpy() for k, v in floats.items()})
+    a = convert(quant_dir, tmp_path / "from-int.gguf", "f16")
+    b = convert(float_dir, tmp_path / "from-float.gguf", "f16")
+    assert a.family == "chatglm1" and a.path.read_bytes() == b.path.read_bytes()

@@ -96,6 +96,8 @@ class DequantizedCheckpoint(CheckpointView):
         self.bits = bits
         self.quantized = quantized
         self._scales = {q.scale for q in quantized.values()}
+        # What families see is a float checkpoint: the quantization setting no longer describes these weights.
+        self.config = {k: v for k, v in base.config.items() if k != "quantization_bit"}
 
     def names(self) -> list[str]:
         return [n for n in self.base.names() if n not in self._scales]
