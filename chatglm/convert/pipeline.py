@@ -120,15 +120,21 @@ def importance_for(path: os.PathLike | str, shapes: dict[str, tuple[int, ...]]) 
     return out
 
 
-def _write_header(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Recipe, planned: list[_Planned]) -> None:
-    w.add_name(family.ckpt.dir.resolve().name)
+def write_model_metadata(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Recipe, name: str,
+                         converter: str = "") -> None:
+    """Every key-value pair of a converted file: general keys, ours (glm.*), the family's hparams and tokenizer."""
+    w.add_name(name)
     w.add_file_type(recipe.ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_string("glm.family", family.name)
     w.add_string("glm.chat_format", getattr(family, "chat_format", family.name))
-    w.add_string("glm.converter", f"chatglm {__version__}")
+    w.add_string("glm.converter", f"chatglm {__version__}" + (f" {converter}" if converter else ""))
     family.write_metadata(w)
     family.write_vocab(w)
+
+
+def _write_header(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Recipe, planned: list[_Planned]) -> None:
+    write_model_metadata(w, family, recipe, family.ckpt.dir.resolve().name)
     for p in planned:
         # The shape is given in elements (not bytes), so the dtype argument only has to differ from uint8.
         w.add_tensor_info(p.tensor.name, p.tensor.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
