@@ -32,6 +32,11 @@ class OutTensor:
     sources: tuple[str, ...]
     build: Callable[[Sequence[np.ndarray]], np.ndarray] = field(default=_identity, repr=False)
 
+    @property
+    def is_copy(self) -> bool:
+        """Copied unchanged from exactly one source tensor."""
+        return len(self.sources) == 1 and self.build is _identity
+
 
 class Family(ABC):
     """One checkpoint layout → one GGUF architecture."""
@@ -64,7 +69,7 @@ class Family(ABC):
     def check_shapes(self, plan: list[OutTensor]) -> None:
         """Source shapes agree with config.json. The default covers tensors copied unchanged from one source."""
         for t in plan:
-            if len(t.sources) == 1 and t.build is _identity:
+            if t.is_copy:
                 check_shape(self, t.sources[0], t.shape)
 
     # -- config helpers -------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 
 from chatglm import __version__
 from chatglm.convert.checkpoint import Checkpoint
-from chatglm.convert.family import Family, _identity, detect
+from chatglm.convert.family import Family, detect
 from chatglm.convert.lora import Adapter, MergedCheckpoint, open_adapter, refuse_prefix_tuning
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError, UnsupportedModelError
@@ -37,7 +37,7 @@ MERGE_INSTEAD = "merge it into the weights instead (chatglm convert --lora)"
 
 def adapted_names(family: Family, adapter: Adapter) -> dict[str, str]:
     """Base weight name -> GGUF tensor name, for every weight the adapter changes (each must map one to one)."""
-    direct = {t.sources[0]: t.name for t in family.tensors() if len(t.sources) == 1 and t.build is _identity}
+    direct = {t.sources[0]: t.name for t in family.tensors() if t.is_copy}
     names: dict[str, str] = {}
     for weight in adapter.pairs:
         if weight not in direct:

@@ -16,7 +16,7 @@ import numpy as np
 from chatglm import __version__
 from chatglm.convert import qtypes
 from chatglm.convert.checkpoint import Checkpoint, CheckpointView
-from chatglm.convert.family import Family, OutTensor, _identity, check_complete, detect
+from chatglm.convert.family import Family, OutTensor, check_complete, detect
 from chatglm.convert.lora import merged, refuse_prefix_tuning
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError
@@ -211,7 +211,7 @@ class DataSection:
 
 def _streams(ckpt: Checkpoint | CheckpointView, t: OutTensor) -> bool:
     """Whether a tensor is copied from one source matrix, so it can be read and encoded a block of rows at a time."""
-    return isinstance(ckpt, Checkpoint) and len(t.sources) == 1 and t.build is _identity and len(t.shape) == 2
+    return isinstance(ckpt, Checkpoint) and t.is_copy and len(t.shape) == 2
 
 
 def _encoded_blocks(ckpt: Checkpoint | CheckpointView, p: _Planned, importance, threads: int) -> Iterator[np.ndarray]:
