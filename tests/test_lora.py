@@ -269,3 +269,30 @@ def test_ptuning_checkpoints_are_refused_with_the_reason(glm3, tmp_path):
     with pytest.raises(UnsupportedModelError, match="found tensor 'transformer.prefix_encoder.embedding.weight'"):
         convert(only, tmp_path / "x.gguf", "f16")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_run_lora_through_our_engine_gives_the_merged_logits(glm3, glm3_gguf, adapters, tmp_path):
+    """`chatglm lora` writes the adapter; `chatglm.load(..., lora=...)` runs it: the merged model's logits."""
+    from typer.testing import CliRunner
+
+    from chatglm.cli.app import app
+    from chatglm.devtools.checkpoints import reference_logits
+    from chatglm.runtime.model import load
+
+    root, _, two = adapters
+    out = tmp_path / "two.gguf"
+    r = CliRunner().invoke(app, ["lora", str(glm3.ckpt), str(root / "two"), "-o", str(out), "-t", "f32"])
+    assert r.exit_code == 0 and out.is_file(), r.output
+    ids = [glm3.special["[gMASK]"], glm3.special["sop"]] + list(range(100, 130))
+    with load(glm3_gguf, n_ctx=128, n_threads=1, kv_type="f32", flash_attn=False, lora=[(out, 0.5)]) as m:
+        got = m.engine.all_logits(ids)
+    ref_model = glm3.model
+    for module, pair in two.items():
+        scaling = (3 if module.endswith("dense_h_to_4h") else 6) / math.sqrt(2)
+        ref_model = merged_reference(ref_model, {module: pair}, 0.5 * scaling)
+    ref = reference_logits(ref_model, ids)
+    assert np.max(np.abs(got - ref).max(axis=-1) / np.abs(ref).max(axis=-1)) < 1e-5
+    r = CliRunner().invoke(app, ["run", str(glm3_gguf), "--lora", str(out), "-p", "hi", "-n", "3", "--temp", "0"])
+    assert r.exit_code == 0, r.output
+    bad = CliRunner().invoke(app, ["run", str(glm3_gguf), "--lora", str(glm3_gguf), "-p", "hi", "-n", "1"])
+    assert bad.exit_code == 2 and "not a LoRA adapter GGUF" in bad.output

@@ -7,6 +7,7 @@ import typer
 from chatglm.cli.bench import bench_cmd
 from chatglm.cli.convert import convert_cmd
 from chatglm.cli.info import info_cmd
+from chatglm.cli.lora import lora_cmd
 from chatglm.cli.perplexity import perplexity_cmd
 from chatglm.cli.quantize import quantize_cmd
 from chatglm.cli.run import run_cmd
@@ -21,6 +22,7 @@ app.command("serve")(serve_cmd)
 app.command("bench")(bench_cmd)
 app.command("perplexity")(perplexity_cmd)
 app.command("quantize")(quantize_cmd)
+app.command("lora")(lora_cmd)
 
 
 def main() -> None:

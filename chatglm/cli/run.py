@@ -34,6 +34,9 @@ def run_cmd(
     kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0, f32, ...")] = "f16",
     flash_attn: Annotated[Optional[bool], typer.Option("--flash-attn/--no-flash-attn",
                                                        help="Flash attention (default: llama.cpp decides).")] = None,
+    lora: Annotated[Optional[list[Path]], typer.Option("--lora", help="LoRA adapter GGUF (`chatglm lora`); "
+                                                       "repeatable.")] = None,
+    lora_scale: Annotated[float, typer.Option("--lora-scale", help="Scale of every --lora adapter.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="With -p: print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show load time and tokens/s.")] = False,
 ) -> None:
@@ -52,7 +55,7 @@ def run_cmd(
         model = model or demo_path()
         print_estimate(model, ctx, kv_type, flash_attn)
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
-                  flash_attn=flash_attn) as m:
+                  flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()]) as m:
         m.sampling = m.sampling.updated(**sampling)
         if sys.stderr.isatty():
             m.prefill_progress = show_prefill

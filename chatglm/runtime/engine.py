@@ -133,6 +133,14 @@ class Engine(ABC):
         """Logits of every position of ``tokens`` evaluated from an empty cache: (len(tokens), n_vocab)."""
         raise NotImplementedError
 
+    def apply_lora(self, adapters: Sequence[tuple[Path, float]]) -> None:
+        """Run with LoRA adapter GGUFs (``chatglm lora`` writes them) at the given scales."""
+        if adapters:
+            from chatglm.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"LoRA adapters at run time need the llama.cpp engine; {self.info.arch} "
+                                        "models take them merged at conversion (chatglm convert --lora)")
+
     def sampler(self, params: SamplingParams) -> "TokenSampler":
         """A sampler for one generation: called with no arguments after each evaluation, returns the next token."""
         return NumpySampler(self, params)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -44,6 +45,7 @@ class LlamaEngine(Engine):
         self._batch = ll.llama_batch_init(n_batch, 0, 1)
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self._pieces: dict[int, bytes] = {}
+        self._loras: list = []
         self.info = native.complete_info(info, self._model, self._ctx)
 
     def _should_abort(self, _data) -> bool:
@@ -100,6 +102,13 @@ class LlamaEngine(Engine):
         finally:
             self._cancel_event = None
 
+    def apply_lora(self, adapters) -> None:
+        if not adapters:
+            return
+        for path, _ in adapters:
+            self._loras.append(native.load_lora(self._model, Path(path), self.info.arch))
+        native.set_loras(self._ctx, self._loras, [float(scale) for _, scale in adapters])
+
     def sampler(self, params) -> native.NativeSampler:
         return native.NativeSampler(self._ctx, self._vocab, self._n_vocab, params, self.tokens)
 
@@ -131,6 +140,9 @@ class LlamaEngine(Engine):
         if getattr(self, "_batch", None) is not None:
             ll.llama_batch_free(self._batch)
             self._batch = None
+        for adapter in getattr(self, "_loras", ()):
+            ll.llama_adapter_lora_free(adapter)
+        self._loras = []
         if getattr(self, "_ctx", None):
             ll.llama_free(self._ctx)
             self._ctx = None

@@ -203,3 +203,30 @@ class NativeSampler:
         if self._chain:
             lib().llama_sampler_free(self._chain)
             self._chain = None
+
+
+def load_lora(model, path: Path, arch: str):
+    """A llama.cpp LoRA adapter GGUF for ``model``, checked by us first."""
+    from chatglm.gguf_file import read_header
+
+    header = read_header(path)
+    if header.get("general.type") != "adapter" or header.get("adapter.type") != "lora":
+        raise InputError("not a LoRA adapter GGUF (write one with `chatglm lora`)", path)
+    if header.arch != arch:
+        raise InputError(f"adapter for a {header.arch!r} model, but this model is {arch!r}", path)
+    ll = lib()
+    adapter = ll.llama_adapter_lora_init(model, os.fsencode(path))
+    if not adapter:
+        raise InputError("llama.cpp could not load this adapter for this model (tensor names or shapes differ; "
+                         "run with --verbose to see its log)", path)
+    return adapter
+
+
+def set_loras(ctx, adapters: Sequence, scales: Sequence[float]) -> None:
+    """Make exactly these adapters active on the context, each at its scale."""
+    ll = lib()
+    n = len(adapters)
+    rc = ll.llama_set_adapters_lora(ctx, (ll.llama_adapter_lora_p_ctypes * n)(*adapters), n,
+                                    (ctypes.c_float * n)(*scales))
+    if rc != 0:
+        raise ModelRuntimeError(f"llama.cpp could not attach the LoRA adapters (code {rc})")
