@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Generator, Optional, Sequence
 
-from chatglm.errors import ContextOverflowError, InputError, OutputError
+from chatglm.errors import ContextOverflowError, InputError
+from chatglm.fsutil import atomic_output
 from chatglm.runtime.messages import Message
 from chatglm.runtime.sampling import SamplingParams
 
@@ -219,10 +220,8 @@ class ChatSession:
         """Write the conversation as JSON (``{"kind": "chatglm-conversation", "version": 1, "messages": [...]}``)."""
         data = {"kind": FILE_KIND, "version": FILE_VERSION, "model": self.model.info.description,
                 "messages": [m.to_dict() for m in self._messages]}
-        try:
-            Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        except OSError as exc:
-            raise OutputError(f"cannot write: {exc.strerror or exc}", path) from None
+        with atomic_output(path) as fh:  # a temporary file renamed at the end: never a half-written save
+            fh.write((json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
 
     def load(self, path: os.PathLike | str) -> None:
         """Replace the conversation with one saved by :meth:`save` (or a JSON list of messages).
