@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from chatglm.errors import OutputError
+from chatglm.errors import InputError, OutputError
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -61,3 +61,19 @@ def atomic_output(dest: os.PathLike | str, mode: str = "wb") -> Iterator[BinaryI
     with atomic_path(dest) as tmp:
         with open(tmp, mode) as fh:
             yield fh
+
+
+def read_text(path: os.PathLike | str) -> str:
+    """A user-given UTF-8 file's text; every problem is one InputError naming the file."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError("file not found", path) from None
+    except IsADirectoryError:
+        raise InputError("is a directory, not a file", path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read the file ({describe_os_error(exc)})", path) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text (byte {exc.start})", path) from None

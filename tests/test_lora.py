@@ -229,7 +229,7 @@ def test_broken_adapter_files_are_refused(glm3, tmp_path):
               str(tmp_path / "emb" / "adapter_model.safetensors"))
     (tmp_path / "empty").mkdir()
     cases = [("half", "has no lora_B tensor"), ("emb", "LoRA on embedding layers is not supported"),
-             ("empty", "adapter_config.json: not found"), ("missing", "LoRA adapter: not found")]
+             ("empty", "adapter_config.json: file not found"), ("missing", "LoRA adapter: not found")]
     with Checkpoint(glm3.ckpt) as ck:
         for name, message in cases:
             with pytest.raises(InputError, match=message):

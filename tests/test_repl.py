@@ -138,7 +138,7 @@ def test_piped_input_gets_replies_without_prompts(chat_gguf):
 
 @pytest.mark.parametrize("args, message", [
     (["--json"], "error: --json needs -p PROMPT"),
-    (["--tools", "{missing}"], "error: {missing}: not found"),
+    (["--tools", "{missing}"], "error: {missing}: file not found"),
     (["--tools", "{notlist}"], "error: {notlist}: expected a JSON list of tool objects"),
 ])
 def test_run_bad_options(chat_gguf, tmp_path, args, message):

@@ -98,12 +98,10 @@ def print_estimate(path: Path, n_ctx: Optional[int], kv_type: str, flash_attn: O
 
 def read_tools(path: Path) -> list[dict]:
     """A tools file: a JSON list of tool descriptions (or an object with a "tools" list)."""
+    from chatglm.fsutil import read_text
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("not found", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read: {exc}", path) from None
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", path) from None
     if isinstance(data, dict) and isinstance(data.get("tools"), list):

@@ -16,6 +16,7 @@ from chatglm.convert.safetensors_file import SafetensorsFile
 from chatglm.convert.tensors import TensorInfo, TensorSource
 from chatglm.convert.torch_file import TorchFile
 from chatglm.errors import InputError
+from chatglm.fsutil import read_text
 
 # Index file name -> (single-file name, reader), in order of preference.
 WEIGHT_FORMATS: dict[str, tuple[str, Callable[[Path], TensorSource]]] = {
@@ -25,12 +26,7 @@ WEIGHT_FORMATS: dict[str, tuple[str, Callable[[Path], TensorSource]]] = {
 
 
 def read_json(path: Path, what: str = "JSON") -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError("not found", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {what}: {getattr(exc, 'strerror', None) or exc}", path) from None
+    text = read_text(path)
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:

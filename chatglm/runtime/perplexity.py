@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from chatglm.fsutil import read_text as read_text_file
 from chatglm.errors import Cancelled, InputError, ModelRuntimeError
 from chatglm.runtime.engine import Engine, ModelInfo
 
@@ -162,18 +163,7 @@ def perplexity(engine: Engine, tokens: Sequence[int], *, window: int, stride: in
 
 def read_text(path: Path) -> str:
     """The text of a UTF-8 file; InputError when it is missing, unreadable, not UTF-8 or empty."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError("file not found", path) from None
-    except IsADirectoryError:
-        raise InputError("is a directory, not a text file", path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read the file ({exc.strerror})", path) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 text (byte {exc.start})", path) from None
+    text = read_text_file(path)
     if not text.strip():
         raise InputError("the file is empty: there is no text to score", path)
     return text

@@ -19,11 +19,10 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Generator, Optional, Sequence
 
 from chatglm.errors import ContextOverflowError, InputError
-from chatglm.fsutil import atomic_output
+from chatglm.fsutil import atomic_output, read_text
 from chatglm.runtime.messages import Message
 from chatglm.runtime.sampling import SamplingParams
 
@@ -250,14 +249,7 @@ def drop_round(messages: list[Message], *, keep_last: bool = False) -> bool:
 
 def read_conversation(path: os.PathLike | str) -> list[Message]:
     """Messages from a conversation file; every problem is an :class:`InputError` naming the file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError("not found", path) from None
-    except UnicodeDecodeError:
-        raise InputError("not a UTF-8 text file", path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
