@@ -48,6 +48,51 @@ def test_logits_past_4096(long_tiny, kv_type, flash, bound):
     assert rel(got[4096:], ref[4096:]) < bound
 
 
+@pytest.fixture(scope="module")
+def interpolated_glm2(workdir, sp_model):
+    """ChatGLM2-6B-32K's kind of rope_ratio: its modeling code divides the positions (base stays 10000)."""
+    tiny = make_tiny(workdir, sp_model, "chatglm2", seed=6, max_position_embeddings=4096, rope_linear=4.0,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    return tiny, convert(tiny.ckpt, workdir / "glm2-32k.gguf", "f32").path
+
+
+def test_chatglm2_rope_ratio_is_linear_interpolation(interpolated_glm2):
+    tiny, path = interpolated_glm2
+    from conftest import read_json
+
+    assert read_json(tiny.ckpt / "config.json")["rope_ratio"] == 4
+    h = read_header(path)
+    assert h.arch_get("rope.freq_base") == pytest.approx(10000.0)
+    assert h.arch_get("rope.scaling.type") == "linear" and h.arch_get("rope.scaling.factor") == pytest.approx(4.0)
+    from chatglm.cli.info import describe_file, rope_text
+
+    assert rope_text(describe_file(path, None, "f16")["rope"]) == ", rope base 10000, linear position scaling ×4"
+    ids = list(np.random.default_rng(1).integers(3, 900, 1500))
+    with load(path, n_ctx=1536, kv_type="f32", flash_attn=False) as m:
+        got = m.engine.all_logits(ids)
+    assert rel(got, tiny.logits(ids)) < 1e-4
+
+
+@pytest.mark.parametrize("code,divides", [
+    ("        base = base * self.rope_ratio\n", False),   # ChatGLM3-6B-32K / 128K
+    ("        seq_idx = torch.arange(seq_len, dtype=dtype, device=device) / self.rope_ratio\n", True),  # ChatGLM2-32K
+    ("", True),  # no modeling code: the ChatGLM2 tokenizer decides
+])
+def test_rope_ratio_reading_follows_the_checkpoints_modeling_code(interpolated_glm2, tmp_path, code, divides):
+    import shutil
+
+    tiny, _ = interpolated_glm2
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny.ckpt, ckpt)
+    if code:
+        (ckpt / "modeling_chatglm.py").write_text("class RotaryEmbedding:\n    def forward_impl(self):\n" + code)
+    h = read_header(convert(ckpt, tmp_path / "m.gguf", "f32").path)
+    if divides:
+        assert h.arch_get("rope.scaling.factor") == pytest.approx(4.0) and h.arch_get("rope.freq_base") == 10000.0
+    else:
+        assert h.arch_get("rope.scaling.factor") is None and h.arch_get("rope.freq_base") == pytest.approx(40000.0)
+
+
 def test_flash_attention_on_off_same_greedy_reply(long_tiny):
     _, path, _, _ = long_tiny
     replies = []

@@ -35,6 +35,8 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         "file_type": gguf.LlamaFileType(file_type).name if isinstance(file_type, int) and file_type in
         {f.value for f in gguf.LlamaFileType} else file_type,
         "context_length": info.n_ctx_train, "tensor_types": classes,
+        "rope": {"freq_base": header.arch_get("rope.freq_base"), "scaling": header.arch_get("rope.scaling.type"),
+                 "factor": header.arch_get("rope.scaling.factor")},
         "tokenizer": {"model": header.get("tokenizer.ggml.model"), "tokens": info.n_vocab,
                       "pre": header.get("tokenizer.ggml.pre")},
         "special_tokens": info.special,
@@ -43,6 +45,13 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         "memory": {"n_ctx": ctx, "kv_type": kv_type, "weights": mem.weights, "kv_cache": mem.kv_cache,
                    "compute": mem.compute, "total": mem.total},
     }
+
+
+def rope_text(rope: dict) -> str:
+    text = f", rope base {rope['freq_base']:g}" if rope.get("freq_base") else ""
+    if rope.get("scaling") and rope["scaling"] != "none" and rope.get("factor"):
+        text += f", {rope['scaling']} position scaling ×{rope['factor']:g}"
+    return text
 
 
 def count(n: int) -> str:
@@ -68,7 +77,7 @@ def info_cmd(
         f"{d['path']}",
         f"  architecture   {d['architecture']} (family {d['family']}, chat format {d['chat_format']})",
         f"  parameters     {count(d['parameters'])}    file {human(d['file_size'])}    type {d['file_type']}",
-        f"  context        {d['context_length']} tokens trained",
+        f"  context        {d['context_length']} tokens trained{rope_text(d['rope'])}",
         f"  tokenizer      {d['tokenizer']['model']} ({d['tokenizer']['pre']}), {d['tokenizer']['tokens']} tokens",
         "  special        " + ", ".join(f"{k}={v}" for k, v in d["special_tokens"].items()),
         "  ids            " + ", ".join(f"{k}={v}" for k, v in d["special_ids"].items()),

@@ -104,15 +104,19 @@ TINY_DEFAULTS: dict[str, Any] = {
 
 
 def tiny_glm_config(**overrides: Any) -> GlmConfig:
-    """A small ``GlmConfig`` (ChatGLM2/3 shape: partial rotary 0.5, qkv bias, GQA); ``rope_theta=`` is accepted."""
+    """A small ``GlmConfig`` (ChatGLM2/3 shape: partial rotary 0.5, qkv bias, GQA); ``rope_theta=`` and
+    ``rope_linear=`` (linear position interpolation) are accepted."""
     from transformers import GlmConfig
 
-    unknown = set(overrides) - set(TINY_DEFAULTS) - {"rope_theta"}
+    unknown = set(overrides) - set(TINY_DEFAULTS) - {"rope_theta", "rope_linear"}
     if unknown:
         raise TypeError(f"tiny_glm_config: unknown settings {sorted(unknown)}")
     settings = {**TINY_DEFAULTS, **overrides}
     theta = float(settings.pop("rope_theta", ROPE_BASE))
+    linear = float(settings.pop("rope_linear", 1.0))  # positions divided by this (ChatGLM2-6B-32K's rope_ratio)
     settings["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": 0.5}
+    if linear != 1.0:
+        settings["rope_parameters"].update(rope_type="linear", factor=linear)
     return GlmConfig(**settings)
 
 
@@ -181,6 +185,11 @@ def greedy_generate(
 def _rope_theta(config: GlmConfig) -> float:
     params = config.rope_parameters or {}
     return float(params.get("rope_theta", ROPE_BASE))
+
+
+def _rope_linear(config: GlmConfig) -> float:
+    params = config.rope_parameters or {}
+    return float(params.get("factor", 1.0)) if params.get("rope_type") == "linear" else 1.0
 
 
 def inv_freq(kv_channels: int, rope_theta: float = ROPE_BASE) -> np.ndarray:
@@ -298,15 +307,24 @@ def published_config(config: GlmConfig, family: str, dtype: str, name_or_path: s
         "use_cache": True,
         "vocab_size": config.vocab_size,
     }
-    theta = _rope_theta(config)
-    if theta != ROPE_BASE:  # chatglm3-6b-32k and later publish rope_ratio; the base models omit it
+    theta, linear = _rope_theta(config), _rope_linear(config)
+    if theta != ROPE_BASE and linear != 1.0:
+        raise ValueError("rope_ratio is either a base multiplier or a position divisor, not both")
+    if linear != 1.0:  # ChatGLM2-6B-32K: its modeling code divides the positions by rope_ratio
+        if family != "chatglm2":
+            raise ValueError("only ChatGLM2's modeling code reads rope_ratio as a position divisor")
+        out["rope_ratio"] = linear
+    if theta != ROPE_BASE:  # chatglm3-6b-32k and later multiply the base by rope_ratio; the base models omit it
+        if family == "chatglm2":
+            raise ValueError("ChatGLM2's modeling code reads rope_ratio as a position divisor, not a base multiplier")
         out["rope_ratio"] = theta / ROPE_BASE
     return out
 
 
-def glm_config_from_published(cfg: Mapping[str, Any]) -> GlmConfig:
+def glm_config_from_published(cfg: Mapping[str, Any], family: str = "chatglm3") -> GlmConfig:
     """The ``GlmConfig`` that :func:`published_config` came from (for reloading a saved checkpoint)."""
     heads = cfg["num_attention_heads"]
+    ratio = float(cfg.get("rope_ratio", 1.0))
     return tiny_glm_config(
         vocab_size=cfg["padded_vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -318,7 +336,7 @@ def glm_config_from_published(cfg: Mapping[str, Any]) -> GlmConfig:
         max_position_embeddings=cfg["seq_length"],
         rms_norm_eps=cfg["layernorm_epsilon"],
         attention_bias=cfg["add_qkv_bias"],
-        rope_theta=ROPE_BASE * float(cfg.get("rope_ratio", 1.0)),
+        **({"rope_linear": ratio} if family == "chatglm2" else {"rope_theta": ROPE_BASE * ratio}),
     )
 
 
@@ -455,13 +473,14 @@ def read_published_state(folder: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_chatglm_checkpoint(folder: str | Path) -> GlmForCausalLM:
-    """Reload a folder written by :func:`save_chatglm_checkpoint` into a float32 ``GlmForCausalLM`` (strict)."""
+def load_chatglm_checkpoint(folder: str | Path, family: str = "chatglm3") -> GlmForCausalLM:
+    """Reload a folder written by :func:`save_chatglm_checkpoint` into a float32 ``GlmForCausalLM`` (strict);
+    ``family`` says how its ``rope_ratio`` is read (ChatGLM2: a position divisor)."""
     import torch
     from transformers import GlmForCausalLM
 
     folder = Path(folder)
-    config = glm_config_from_published(json.loads((folder / "config.json").read_text()))
+    config = glm_config_from_published(json.loads((folder / "config.json").read_text()), family)
     state = read_published_state(folder)
     model = GlmForCausalLM(config).to(torch.float32).eval()
     hf = from_published_state(state, config)

@@ -16,6 +16,7 @@ import numpy as np
 from chatglm.errors import Cancelled, ModelRuntimeError
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime import llama_native as native
+from chatglm.runtime import pages
 from chatglm.runtime.engine import Engine, ModelInfo, ProgressFn
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,11 @@ class LlamaEngine(Engine):
         super().__init__()
         ll = native.lib()
         self._cancel_event: Optional[threading.Event] = None
-        self._model = native.load_model(header.path, n_gpu_layers=n_gpu_layers, on_progress=on_progress)
+        self._model, repacked = native.load_model(header.path, n_gpu_layers=n_gpu_layers, on_progress=on_progress)
+        # the repacked weights' source pages would otherwise stay resident beside their copies
+        self.released_bytes = pages.release_mapped_ranges(
+            header.path, [(header.data_offset + header.tensors[n].offset, header.tensors[n].nbytes)
+                          for n in repacked if n in header.tensors])
         try:
             self._ctx = native.new_context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                                            flash_attn=flash_attn, kv_type=kv_type)

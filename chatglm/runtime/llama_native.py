@@ -10,6 +10,7 @@ import ctypes
 import functools
 import logging
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -44,8 +45,15 @@ _keep: list = []  # ctypes callbacks that native code holds pointers to
 ABORT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)
 
 
+_load_lock = threading.Lock()
+_repacked: Optional[list[str]] = None  # names llama.cpp reports repacking while a model loads
+_REPACK_LINE = "repack: repack tensor "
+
+
 def _route_log(level: int, text: bytes, _user) -> None:
     message = text.decode("utf-8", errors="replace").rstrip("\n")
+    if _repacked is not None and message.startswith(_REPACK_LINE):
+        _repacked.append(message[len(_REPACK_LINE):].split(" ", 1)[0])
     if message:
         native_log.log(_LEVELS.get(level, logging.INFO) if _verbose else logging.DEBUG, "%s", message)
 
@@ -66,10 +74,13 @@ def physical_cores() -> int:
 
 
 def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressFn]):
+    """Load (memory-mapped) and return ``(model, repacked)``: the names of the weights llama.cpp copied into its CPU
+    repack buffer, whose mapped pages the caller may release (``runtime/pages.py``)."""
+    global _repacked
     ll = lib()
     params = ll.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
-    params.use_mmap = True
+    params.load_mode = 1  # LLAMA_LOAD_MODE_MMAP
     if on_progress is not None:
         def report(fraction: float, _user) -> bool:
             on_progress(int(fraction * 1000), 1000)
@@ -77,10 +88,16 @@ def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressF
 
         cb = ll.llama_progress_callback(report)
         params.progress_callback = cb
-    model = ll.llama_model_load_from_file(os.fsencode(path), params)
+    with _load_lock:
+        _repacked = []
+        try:
+            model = ll.llama_model_load_from_file(os.fsencode(path), params)
+            repacked = _repacked
+        finally:
+            _repacked = None
     if not model:
         raise InputError("llama.cpp could not load this model (run with --verbose to see its log)", path)
-    return model
+    return model, repacked
 
 
 def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: Optional[bool], kv_type: str):

@@ -38,18 +38,29 @@ def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
 
 def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int = 512,
              flash_attn: bool = True) -> MemoryEstimate:
+    """What the process will hold resident at this context: every weight once (on the CPU the repacked copies
+    replace their mapped source pages, see ``runtime/pages.py``), the whole KV cache (llama.cpp clears it when the
+    context is made), and the compute buffer llama.cpp's graph allocator reserves for one micro-batch."""
     weights = sum(t.nbytes for t in header.tensors.values())
     n_embd = int(header.arch_get("embedding_length", 0))
-    n_ff = int(header.arch_get("feed_forward_length", 4 * n_embd))
     n_head = int(header.arch_get("attention.head_count", 1)) or 1
     n_vocab = len(header.get("tokenizer.ggml.tokens") or [])
-    # One micro-batch's activations (hidden, fused FFN, logits), plus the attention scores when they are
-    # materialised (no flash attention): the shape of llama.cpp's CPU compute buffer.
-    compute = n_batch * (n_vocab + 6 * n_embd + 3 * n_ff) * 4
-    if header.arch == "chatglm1":  # its bidirectional context is one chunk: T x T scores per head
-        compute += n_head * n_ctx * n_ctx * 4
-    elif not flash_attn:
-        compute += n_batch * n_ctx * n_head * 4
+    if n_ctx > 256:
+        n_ctx = -(-n_ctx // 256) * 256  # llama.cpp pads the context to a multiple of 256
+    n_ub = min(n_batch, n_ctx) if n_ctx else n_batch
+    n_ff = int(header.arch_get("feed_forward_length", 4 * n_embd))
+    hidden = 3 * n_ub * n_embd * 4  # the residual stream and the few hidden-state tensors alive beside it
+    if header.arch == "chatglm1":  # our graph: one micro-batch's activations, and T x T scores per head
+        compute = n_ub * (n_vocab + 6 * n_embd + 3 * n_ff) * 4 + n_head * n_ctx * n_ctx * 4
+    else:
+        # The peak of llama.cpp's graph allocator for a micro-batch (it reserves with every logit requested):
+        # either the logits, or, inside a layer, the attention mask (f16 with flash attention) beside the larger
+        # of the FFN's activations (fused gate and up, then their product) and, without flash attention, the f32
+        # scores of every head.
+        mask = n_ub * n_ctx * (2 if flash_attn else 4)
+        scores = 0 if flash_attn else n_head * n_ctx * n_ub * 4
+        compute = max(n_ub * n_vocab * 4, mask + max(3 * n_ub * n_ff * 4, scores)) + hidden
+        compute += n_vocab * 4  # the output buffer: one row of logits
     return MemoryEstimate(weights, int(kv_per_token(header, kv_type) * n_ctx), compute)
 
 

@@ -7,6 +7,7 @@ rotary over the first half of each head in consecutive pairs, SwiGLU with gate a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import gguf
@@ -57,6 +58,7 @@ class GLMHparams:
     eps: float
     rope_base: float
     qkv_bias: bool
+    rope_scale: float = 1.0  # linear position interpolation: positions are divided by this (ChatGLM2-6B-32K)
 
 
 def write_hparams(w: gguf.GGUFWriter, hp, n_rot: int) -> None:
@@ -73,6 +75,10 @@ def write_hparams(w: gguf.GGUFWriter, hp, n_rot: int) -> None:
     w.add_layer_norm_rms_eps(hp.eps)
     w.add_rope_dimension_count(n_rot)
     w.add_rope_freq_base(hp.rope_base)
+    scale = getattr(hp, "rope_scale", 1.0)
+    if scale != 1.0:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(scale)
 
 
 def is_glm2_config(config: dict) -> bool:
@@ -121,9 +127,9 @@ class ChatGLM(Family):
         super().__init__(ckpt)
         for key, expected in REQUIRED.items():
             self.cfg_require(key, expected, default=expected)
-        self.hp = self._hparams()
         self.chat_format = detect_chat_format(ckpt)
         self.name = self.chat_format  # chatglm2 covers CodeGeeX2 as well
+        self.hp = self._hparams()
 
     @classmethod
     def matches(cls, ckpt) -> bool:
@@ -141,6 +147,8 @@ class ChatGLM(Family):
             raise self._bad(f"num_attention_heads ({n_head}) is not a multiple of multi_query_group_num ({n_head_kv})")
         if head_dim % 4:
             raise self._bad(f"kv_channels ({head_dim}) must be a multiple of 4 for rotary embeddings")
+        ratio = self.cfg_float("rope_ratio", default=1.0)
+        interpolate = ratio != 1.0 and self.rope_ratio_divides_positions()
         return GLMHparams(
             n_layer=self.cfg_int("num_layers"),
             n_embd=n_embd,
@@ -151,9 +159,27 @@ class ChatGLM(Family):
             n_vocab=self.cfg_int("padded_vocab_size"),
             n_ctx=self.cfg_int("seq_length"),
             eps=self.cfg_float("layernorm_epsilon", default=1e-5),
-            rope_base=10000.0 * self.cfg_float("rope_ratio", default=1.0),
+            rope_base=10000.0 * (1.0 if interpolate else ratio),
             qkv_bias=bool(self.config.get("add_qkv_bias", True)),
+            rope_scale=ratio if interpolate else 1.0,
         )
+
+    def rope_ratio_divides_positions(self) -> bool:
+        """How this checkpoint's ``rope_ratio`` works. ChatGLM2-6B-32K's modeling code divides the positions by it
+        (linear interpolation, base 10000); ChatGLM3-6B-32K/128K and GLM-4 multiply the rope base by it. The
+        checkpoint's own modeling_chatglm.py decides when present (read as text, never run); otherwise the
+        generation does (ChatGLM2 tokenizer: positions; ChatGLM3: base)."""
+        source = self.ckpt.dir / "modeling_chatglm.py"
+        if source.is_file():
+            try:
+                code = source.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                code = ""
+            if re.search(r"base\s*=\s*base\s*\*\s*self\.rope_ratio", code):
+                return False
+            if re.search(r"\)\s*/\s*self\.rope_ratio", code):
+                return True
+        return self.chat_format == "chatglm2"
 
     def _bad(self, problem: str):
         from chatglm.errors import InputError

@@ -45,6 +45,9 @@ class GLM4(ChatGLM):
         self.chat_format = "glm4"
         self.name = "glm4"
 
+    def rope_ratio_divides_positions(self) -> bool:
+        return False  # GLM-4's modeling code scales the rope base (glm-4-9b-chat: 500, -1m: 10000)
+
     @classmethod
     def matches(cls, ckpt) -> bool:
         tokenizer = ckpt.dir / "tokenizer.model"

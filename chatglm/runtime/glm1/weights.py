@@ -21,6 +21,7 @@ from chatglm.ggml.backend import Backend, Buffer, cpu_buffer_type, tensor_set
 from chatglm.ggml.ops import F32, Graph, Tensor
 from chatglm.gguf_file import GGUFHeader, TensorEntry
 from chatglm.runtime.glm1.graph import GLM1Config, LayerWeights, Weights
+from chatglm.runtime.pages import release_mmap_range
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,10 @@ def _place(header: GGUFHeader, shapes: dict, backend: Backend, mapping: _Mapping
             parts.append(buf)
             for i, (n, t) in enumerate(made.items()):
                 _fill(t, entries[n], mapping, header)
-                if on_progress and kind == "fast":
-                    on_progress(i + 1, len(made))
+                if kind == "fast":  # the copy is what runs; its mapped source need not stay resident
+                    release_mmap_range(mapping.mm, header.data_offset + entries[n].offset, entries[n].nbytes)
+                    if on_progress:
+                        on_progress(i + 1, len(made))
     log.debug("GLM-1 weights: %d mapped, %d repacked, %d small", len(mapped), len(fast), len(small))
     return tensors, len(fast)
 
