@@ -32,9 +32,9 @@ from typing import Any, Optional
 import gguf
 import numpy as np
 
-from chatglm import __version__
 from chatglm.convert import qtypes
 from chatglm.convert.family import Family, detect
+from chatglm.convert.pipeline import write_model_metadata
 from chatglm.fsutil import atomic_path
 from chatglm.ggml import quants
 
@@ -184,14 +184,8 @@ def build_gguf(shape: Shape, qtype: str, out_dir: Path, *, threads: int = 2, see
     start = time.perf_counter()
     with atomic_path(dest) as tmp:
         w = gguf.GGUFWriter(tmp, family.arch)
-        w.add_name(f"synthetic {shape.name}")
-        w.add_file_type(recipe.ftype)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_string("glm.family", family.name)
-        w.add_string("glm.chat_format", getattr(family, "chat_format", family.name))
-        w.add_string("glm.converter", f"chatglm {__version__} benchmarks/bench_models.py (synthetic weights)")
-        family.write_metadata(w)
-        family.write_vocab(w)
+        write_model_metadata(w, family, recipe, f"synthetic {shape.name}",
+                             "benchmarks/bench_models.py (synthetic weights)")
         for t in plan:
             qt = types[t.name]
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), quants.tensor_nbytes(qt, t.shape), raw_dtype=qt)

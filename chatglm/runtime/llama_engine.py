@@ -31,11 +31,13 @@ class LlamaEngine(Engine):
         super().__init__()
         ll = native.lib()
         self._cancel_event: Optional[threading.Event] = None
-        self._model, repacked = native.load_model(header.path, n_gpu_layers=n_gpu_layers, on_progress=on_progress)
         # the repacked weights' source pages would otherwise stay resident beside their copies
-        self.released_bytes = pages.release_mapped_ranges(
-            header.path, [(header.data_offset + header.tensors[n].offset, header.tensors[n].nbytes)
-                          for n in repacked if n in header.tensors])
+        releaser = pages.TensorPageReleaser(header)
+        self._model = native.load_model(header.path, n_gpu_layers=n_gpu_layers, on_progress=on_progress,
+                                        on_repacked=releaser)
+        self.released_bytes = releaser.released
+        if releaser.released:
+            log.debug("released %.1f MiB of mapped pages held by repacked copies", releaser.released / 2**20)
         try:
             self._ctx = native.new_context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                                            flash_attn=flash_attn, kv_type=kv_type)

@@ -13,7 +13,7 @@ import os
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from chatglm.errors import InputError, ModelRuntimeError
 from chatglm.runtime.engine import ModelInfo, ProgressFn
@@ -73,31 +73,43 @@ def physical_cores() -> int:
     return max(1, len(seen))
 
 
-def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressFn]):
-    """Load (memory-mapped) and return ``(model, repacked)``: the names of the weights llama.cpp copied into its CPU
-    repack buffer, whose mapped pages the caller may release (``runtime/pages.py``)."""
+def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressFn],
+               on_repacked: Optional[Callable[[list[str]], None]] = None):
+    """Load (memory-mapped) and return the model. ``on_repacked`` is called, during the load and at its end, with the
+    names of the weights llama.cpp has finished copying into its CPU repack buffer since the last call, so that their
+    mapped source pages can be released (``runtime/pages.py``) before the next ones are copied."""
     global _repacked
     ll = lib()
     params = ll.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
     params.load_mode = 1  # LLAMA_LOAD_MODE_MMAP
-    if on_progress is not None:
-        def report(fraction: float, _user) -> bool:
-            on_progress(int(fraction * 1000), 1000)
-            return True
+    done = [0]  # how many of the reported names were handed to on_repacked
 
-        cb = ll.llama_progress_callback(report)
-        params.progress_callback = cb
+    def hand_over(upto: int) -> None:
+        if on_repacked is not None and _repacked is not None and upto > done[0]:
+            on_repacked(_repacked[done[0]:upto])
+            done[0] = upto
+
+    def report(fraction: float, _user) -> bool:
+        # called before each tensor is loaded: every name reported so far is a finished copy
+        hand_over(len(_repacked) if _repacked is not None else 0)
+        if on_progress is not None:
+            on_progress(int(fraction * 1000), 1000)
+        return True
+
+    cb = ll.llama_progress_callback(report)
+    params.progress_callback = cb
     with _load_lock:
         _repacked = []
         try:
             model = ll.llama_model_load_from_file(os.fsencode(path), params)
-            repacked = _repacked
+            if model:
+                hand_over(len(_repacked))
         finally:
             _repacked = None
     if not model:
         raise InputError("llama.cpp could not load this model (run with --verbose to see its log)", path)
-    return model, repacked
+    return model
 
 
 def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: Optional[bool], kv_type: str):

@@ -47,17 +47,16 @@ def file_mappings(path: os.PathLike | str, maps_text: Optional[str] = None) -> l
     return found
 
 
-def release_mapped_ranges(path: os.PathLike | str, ranges: Iterable[tuple[int, int]]) -> int:
+def release_mapped_ranges(path: os.PathLike | str, ranges: Iterable[tuple[int, int]],
+                          maps: Optional[list[tuple[int, int, int]]] = None) -> int:
     """Drop this process's resident pages of the file ranges ``(offset, length)`` of ``path`` wherever it is mapped
     (by any library in the process). Returns the bytes released; 0 where this is not supported."""
     if not sys.platform.startswith("linux"):
         return 0
-    maps = file_mappings(path)
+    maps = file_mappings(path) if maps is None else maps
     if not maps:
         return 0
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    madvise.restype = ctypes.c_int
+    madvise = _libc_madvise()
     released = 0
     for offset, length in ranges:
         for lo, hi, file_off in maps:
@@ -67,9 +66,33 @@ def release_mapped_ranges(path: os.PathLike | str, ranges: Iterable[tuple[int, i
             pages = inner_pages(a, b - a) if b > a else None
             if pages and madvise(pages[0], pages[1], _MADV_DONTNEED) == 0:
                 released += pages[1]
-    if released:
-        log.debug("released %.1f MiB of mapped model pages held by repacked copies", released / 2**20)
     return released
+
+
+def _libc_madvise():
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+class TensorPageReleaser:
+    """Releases the mapped pages of named tensors of a GGUF as their copies are made (call it with the names done so
+    far, as often as wanted), so that the copies never sit beside their source: the peak stays near the file size."""
+
+    def __init__(self, header) -> None:
+        self.header = header
+        self.released = 0
+        self._maps: Optional[list[tuple[int, int, int]]] = None
+
+    def __call__(self, names: Iterable[str]) -> None:
+        tensors = self.header.tensors
+        ranges = [(self.header.data_offset + tensors[n].offset, tensors[n].nbytes) for n in names if n in tensors]
+        if not ranges or not sys.platform.startswith("linux"):
+            return
+        if not self._maps:
+            self._maps = file_mappings(self.header.path)
+        self.released += release_mapped_ranges(self.header.path, ranges, self._maps)
 
 
 def release_mmap_range(mm: mmap.mmap, offset: int, length: int) -> int:
