@@ -15,7 +15,8 @@ Two ways to measure prefill:
   N - 512. A micro-batch's cost is linear in its depth (attention reads every cached token), so the whole prefill
   time is the sum over all N/512 micro-batches, interpolated between the timed depths. By default 4K is measured
   both ways, as a check of the method. Peak RSS is real either way: the cache is full and the
-  last micro-batch runs at the deepest position, with the largest attention buffers.
+  last micro-batch runs at the deepest position, with the largest attention buffers; it is the largest resident size
+  sampled after each timed evaluation (the script's own buffers for synthesizing states are freed by then).
 
     python benchmarks/long_context.py                      # 4K (full and sampled), 16K, 32K (sampled); 2 threads
     python benchmarks/long_context.py --lengths 8192 --method both
@@ -124,10 +125,12 @@ def child(path: str, n: int, kv: str, fa: bool, threads: int, method: str) -> di
     with load(path, n_ctx=n, kv_type=kv, flash_attn=fa, n_threads=threads) as m:
         eng, ll = m.engine, native.lib()
         ids = [int(x) for x in np.random.default_rng(0).integers(100, eng.info.n_vocab - 100, n)]
+        peak = 0
         if method in ("full", "both"):
             start = time.perf_counter()
             eng.prefill(ids)
             result["full_tps"] = n / (time.perf_counter() - start)
+            peak = max(peak, vm_rss())
         if method in ("sampled", "both"):
             eng.reset()
             eng.prefill(ids[:SEED_CELLS])
@@ -139,16 +142,29 @@ def child(path: str, n: int, kv: str, fa: bool, threads: int, method: str) -> di
             for d in depths:
                 eng.reset()
                 if d:
-                    set_state(ll, eng._ctx, synth_state(seed, d))
+                    set_state(ll, eng._ctx, synth_state(seed, d))  # its buffers are freed again on return
                 eng.tokens = ids[:d]
                 start = time.perf_counter()
                 eng._eval(ids[d:d + CHUNK])
                 times.append(time.perf_counter() - start)
+                peak = max(peak, vm_rss())
             # every micro-batch's time, linear between the timed depths
             total = float(np.interp(np.arange(0, n, CHUNK), depths, times).sum())
             result.update(sampled_tps=n / total, depths=depths, chunk_seconds=times)
-    result["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["rss"] = peak
+    result["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # includes this script's buffers
     return result
+
+
+def vm_rss() -> int:
+    """This process's resident memory now. Sampled after each timed evaluation: the KV cache and llama.cpp's
+    compute buffer stay allocated, so the sample after the deepest micro-batch is the engine's peak, without the
+    transient buffers this script makes to synthesize KV states (which ``ru_maxrss`` would count)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def run(path: Path, n: int, kv: str, fa: str, threads: int, method: str) -> dict:
@@ -157,6 +173,14 @@ def run(path: Path, n: int, kv: str, fa: str, threads: int, method: str) -> dict
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def row_text(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['tokens']} | {r['kv']} | {r['flash']} | error: {r['error']} |"
+    tps = " / ".join(f"{r[k]:.1f}" for k in ("full_tps", "sampled_tps") if k in r)
+    return (f"| {r['tokens']} | {r['kv']} | {r['flash']} | {tps} | {r['method']} | {size(r['rss'])} | "
+            f"{size(r['estimate'])} | {r['estimate'] / r['rss']:.2f} |")
 
 
 def main() -> int:
@@ -170,23 +194,29 @@ def main() -> int:
     ap.add_argument("--method", choices=("auto", "full", "sampled", "both"), default="auto",
                     help="auto: both up to 4K tokens (the check), sampled beyond")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="print the table of an earlier --json file, with the memory estimate of the code now")
     args = ap.parse_args()
     path = build_gguf(SHAPE, "q4_0", CACHE / "long")
-    rows = []
+    head = ["tokens", "KV", "flash", "prefill t/s (full / sampled)", "method", "peak RSS", "estimate", "est/RSS"]
     print(f"{SHAPE.name} q4_0 ({size(path.stat().st_size)}), {args.threads} threads; {machine()}\n")
-    head = ["tokens", "KV", "flash", "prefill t/s", "method", "peak RSS", "estimate", "est/RSS"]
     print("| " + " | ".join(head) + " |\n|" + "|".join("---" for _ in head) + "|", flush=True)
+    if args.report:
+        from chatglm.gguf_file import read_header
+        from chatglm.runtime.memory import estimate
+
+        header = read_header(path)
+        for r in json.loads(args.report.read_text()):
+            r["estimate"] = estimate(header, r["tokens"], r["kv"], flash_attn=r["flash"] == "on").total
+            print(row_text(r))
+        return 0
+    rows = []
     for n in (int(x) for x in args.lengths.split(",")):
         method = args.method if args.method != "auto" else ("both" if n <= 4096 else "sampled")
         for kv, fa in CONFIGS:
             r = {"tokens": n, "kv": kv, "flash": fa, "method": method, **run(path, n, kv, fa, args.threads, method)}
             rows.append(r)
-            if "error" in r:
-                print(f"| {n} | {kv} | {fa} | error: {r['error']} |", flush=True)
-                continue
-            tps = " / ".join(f"{r[k]:.1f}" for k in ("full_tps", "sampled_tps") if k in r)
-            print(f"| {n} | {kv} | {fa} | {tps} | {method} | {size(r['rss'])} | {size(r['estimate'])} | "
-                  f"{r['estimate'] / r['rss']:.2f} |", flush=True)
+            print(row_text(r), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0 if all("error" not in r for r in rows) else 1

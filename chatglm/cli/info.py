@@ -43,7 +43,7 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         "special_ids": {k.removeprefix("tokenizer.ggml.").removesuffix("_token_id"): v for k, v in header.kv.items()
                         if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")},
         "memory": {"n_ctx": ctx, "kv_type": kv_type, "weights": mem.weights, "kv_cache": mem.kv_cache,
-                   "compute": mem.compute, "total": mem.total},
+                   "compute": mem.buffers, "total": mem.total},
     }
 
 

@@ -93,7 +93,7 @@ def print_estimate(path: Path, n_ctx: Optional[int], kv_type: str, flash_attn: O
     ctx = n_ctx or default_context(header, kv_type)
     mem = estimate(header, ctx, kv_type, flash_attn=flash_attn is not False)
     typer.echo(f"[memory: about {human(mem.total)} at {ctx} tokens: weights {human(mem.weights)}, "
-               f"{kv_type} KV cache {human(mem.kv_cache)}, compute {human(mem.compute)}]", err=True)
+               f"{kv_type} KV cache {human(mem.kv_cache)}, compute {human(mem.buffers)}]", err=True)
 
 
 def read_tools(path: Path) -> list[dict]:

@@ -18,11 +18,16 @@ OVERHEAD = 64 * 2**20  # runtime, tokenizer tables, allocator slack
 class MemoryEstimate:
     weights: int
     kv_cache: int
-    compute: int
+    compute: int  # the graph allocator's buffer (llama.cpp logs it as the compute buffer)
+    work: int = 0  # the CPU backend's scratch for converted matrix operands
+
+    @property
+    def buffers(self) -> int:
+        return self.compute + self.work
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute + OVERHEAD
+        return self.weights + self.kv_cache + self.buffers + OVERHEAD
 
 
 def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
@@ -61,7 +66,10 @@ def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int 
         scores = 0 if flash_attn else n_head * n_ctx * n_ub * 4
         compute = max(n_ub * n_vocab * 4, mask + max(3 * n_ub * n_ff * 4, scores)) + hidden
         compute += n_vocab * 4  # the output buffer: one row of logits
-    return MemoryEstimate(weights, int(kv_per_token(header, kv_type) * n_ctx), compute)
+    # Without flash attention the CPU backend converts the attention weights to f16 for the product with the
+    # (f16) V cache, in a scratch buffer of its own.
+    work = 0 if flash_attn or header.arch == "chatglm1" else n_head * n_ctx * n_ub * 2
+    return MemoryEstimate(weights, int(kv_per_token(header, kv_type) * n_ctx), compute, work)
 
 
 def available_memory() -> int:
