@@ -63,16 +63,23 @@ def atomic_output(dest: os.PathLike | str, mode: str = "wb") -> Iterator[BinaryI
             yield fh
 
 
-def read_text(path: os.PathLike | str) -> str:
-    """A user-given UTF-8 file's text; every problem is one InputError naming the file."""
+@contextlib.contextmanager
+def reading(path: os.PathLike | str) -> Iterator[None]:
+    """Reading a user-given file: an OSError inside becomes one InputError naming the file."""
     try:
-        data = Path(path).read_bytes()
+        yield
     except FileNotFoundError:
         raise InputError("file not found", path) from None
     except IsADirectoryError:
         raise InputError("is a directory, not a file", path) from None
     except OSError as exc:
         raise InputError(f"cannot read the file ({describe_os_error(exc)})", path) from None
+
+
+def read_text(path: os.PathLike | str) -> str:
+    """A user-given UTF-8 file's text; every problem is one InputError naming the file."""
+    with reading(path):
+        data = Path(path).read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

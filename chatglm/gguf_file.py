@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 
 from chatglm.errors import InputError
+from chatglm.fsutil import reading
 
 MAGIC = b"GGUF"
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -169,19 +170,12 @@ def tensor_nbytes(shape: tuple[int, ...], ggml_type: int, name: str, cur: _Curso
 def read_header(path: os.PathLike | str) -> GGUFHeader:
     """Parse and validate a GGUF file's header, tensor table and data layout (the data itself is not read)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 24:
-                raise InputError("not a GGUF file: too short" if size else "empty file", path)
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _parse(_Cursor(buf, path), size)
-    except IsADirectoryError:
-        raise InputError("is a directory, not a GGUF file", path) from None
-    except FileNotFoundError:
-        raise InputError("not found", path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
+    with reading(path), open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 24:
+            raise InputError("not a GGUF file: too short" if size else "empty file", path)
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _parse(_Cursor(buf, path), size)
 
 
 def _parse(cur: _Cursor, size: int) -> GGUFHeader:

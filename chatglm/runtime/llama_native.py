@@ -83,16 +83,17 @@ def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressF
     params = ll.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
     params.load_mode = 1  # LLAMA_LOAD_MODE_MMAP
-    done = [0]  # how many of the reported names were handed to on_repacked
+    handed = 0  # how many of the reported names were given to on_repacked
 
-    def hand_over(upto: int) -> None:
-        if on_repacked is not None and _repacked is not None and upto > done[0]:
-            on_repacked(_repacked[done[0]:upto])
-            done[0] = upto
+    def hand_over() -> None:
+        nonlocal handed
+        if on_repacked is not None and len(_repacked) > handed:
+            on_repacked(_repacked[handed:])
+            handed = len(_repacked)
 
     def report(fraction: float, _user) -> bool:
-        # called before each tensor is loaded: every name reported so far is a finished copy
-        hand_over(len(_repacked) if _repacked is not None else 0)
+        # called (only while loading) before each tensor: every name reported so far is a finished copy
+        hand_over()
         if on_progress is not None:
             on_progress(int(fraction * 1000), 1000)
         return True
@@ -104,7 +105,7 @@ def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressF
         try:
             model = ll.llama_model_load_from_file(os.fsencode(path), params)
             if model:
-                hand_over(len(_repacked))
+                hand_over()
         finally:
             _repacked = None
     if not model:

@@ -88,7 +88,7 @@ class TensorPageReleaser:
     def __call__(self, names: Iterable[str]) -> None:
         tensors = self.header.tensors
         ranges = [(self.header.data_offset + tensors[n].offset, tensors[n].nbytes) for n in names if n in tensors]
-        if not ranges or not sys.platform.startswith("linux"):
+        if not ranges:
             return
         if not self._maps:
             self._maps = file_mappings(self.header.path)

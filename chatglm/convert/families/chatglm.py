@@ -107,14 +107,16 @@ def detect_chat_format(ckpt) -> str:
             template = ""
     if "<|assistant|>" in template:
         return "chatglm3"
-    source = ckpt.dir / "tokenization_chatglm.py"
-    if source.is_file():
-        try:
-            if "<|observation|>" in source.read_text(encoding="utf-8", errors="replace"):
-                return "chatglm3"
-        except OSError:
-            pass
-    return "chatglm2"
+    return "chatglm3" if "<|observation|>" in checkpoint_source(ckpt, "tokenization_chatglm.py") else "chatglm2"
+
+
+def checkpoint_source(ckpt, name: str) -> str:
+    """The text of one of the checkpoint's Python files (evidence only: never imported or run); "" if absent."""
+    source = ckpt.dir / name
+    try:
+        return source.read_text(encoding="utf-8", errors="replace") if source.is_file() else ""
+    except OSError:
+        return ""
 
 
 @register
@@ -169,16 +171,11 @@ class ChatGLM(Family):
         (linear interpolation, base 10000); ChatGLM3-6B-32K/128K and GLM-4 multiply the rope base by it. The
         checkpoint's own modeling_chatglm.py decides when present (read as text, never run); otherwise the
         generation does (ChatGLM2 tokenizer: positions; ChatGLM3: base)."""
-        source = self.ckpt.dir / "modeling_chatglm.py"
-        if source.is_file():
-            try:
-                code = source.read_text(encoding="utf-8", errors="replace")
-            except OSError:
-                code = ""
-            if re.search(r"base\s*=\s*base\s*\*\s*self\.rope_ratio", code):
-                return False
-            if re.search(r"\)\s*/\s*self\.rope_ratio", code):
-                return True
+        code = checkpoint_source(self.ckpt, "modeling_chatglm.py")
+        if re.search(r"base\s*=\s*base\s*\*\s*self\.rope_ratio", code):
+            return False
+        if re.search(r"\)\s*/\s*self\.rope_ratio", code):
+            return True
         return self.chat_format == "chatglm2"
 
     def _bad(self, problem: str):
