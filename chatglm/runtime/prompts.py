@@ -9,8 +9,9 @@ joined string gives different ids.
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Protocol, Sequence
+from typing import Callable, ClassVar, Optional, Protocol, Sequence
 
 from chatglm.errors import InputError
 from chatglm.runtime.messages import Message, ToolCall
@@ -153,18 +154,44 @@ class ChatGLM3Format(ChatFormat):
         return ids + [self.sp("<|assistant|>")]
 
     def parse_reply(self, text: str) -> Message:
-        metadata, _, content = text.partition("\n") if "\n" in text else ("", "", text)
-        if not metadata.strip():
+        metadata, content = reply_parts(text)
+        if metadata is None:
             return Message("assistant", content.strip())
-        call = parse_tool_call(metadata.strip(), content)
-        return Message("assistant", content.strip(), tool_calls=[call] if call else [], metadata=metadata.strip())
+        call = parse_tool_call(metadata, content)
+        return Message("assistant", content.strip(), tool_calls=[call] if call else [], metadata=metadata)
 
     def visible(self, text: str) -> str:
-        # The first line is metadata: empty for a plain answer, a tool name for a tool call (shown once parsed).
-        if "\n" not in text:
-            return ""
-        metadata, _, content = text.partition("\n")
-        return content.lstrip() if not metadata.strip() else ""
+        # Only what may still become a tool call's metadata line (a name, then the call) is held back.
+        return "" if may_become_call(text) else reply_parts(text)[1].lstrip()
+
+
+NAME = re.compile(r"[A-Za-z_][\w.\-]*")  # a tool name (or ``interpreter``): the metadata line of a tool call
+CALL_OPENINGS = ("```", "tool_call(")  # how ChatGLM3 writes a call after its name line
+
+
+def is_name(line: str) -> bool:
+    return bool(NAME.fullmatch(line.strip()))
+
+
+def reply_parts(text: str) -> tuple[Optional[str], str]:
+    """(tool name, call text) for a ChatGLM3 tool call; (None, answer) otherwise, the empty metadata line removed.
+
+    A tool call is a name line followed by a fenced block or ``tool_call(...)``; any other first line is text."""
+    first, newline, rest = text.partition("\n")
+    if newline and not first.strip():
+        return None, rest
+    if newline and is_name(first) and rest.lstrip().startswith(CALL_OPENINGS):
+        return first.strip(), rest
+    return None, text
+
+
+def may_become_call(text: str) -> bool:
+    """Whether the reply so far is a prefix of a metadata line (blank or a name) or of a name line and a call."""
+    first, newline, rest = text.partition("\n")
+    if not newline:
+        return not first.strip() or is_name(first)
+    opening = rest.lstrip()
+    return is_name(first) and any(c.startswith(opening) or opening.startswith(c) for c in CALL_OPENINGS)
 
 
 def render_tool_call(call: ToolCall) -> str:

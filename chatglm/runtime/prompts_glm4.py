@@ -17,12 +17,11 @@ templates); they must match byte for byte.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Optional, Sequence, Union
 
 from chatglm.errors import InputError
 from chatglm.runtime.messages import Message, ToolCall
-from chatglm.runtime.prompts import ChatFormat, Tokenizer, check_roles, register
+from chatglm.runtime.prompts import ChatFormat, Tokenizer, check_roles, is_name, register
 
 Piece = Union[int, str]  # a special-token id, or text to tokenize
 
@@ -38,7 +37,6 @@ Z1_TOOL_HEADER = ("你是一个名为 ChatGLM 的人工智能助手。你是基�
                   "你的任务是针对用户的问题和要求提供适当的答复和支持。")
 TOOLS_TITLE = "# 可用工具"
 TOOL_FOOTER = "在调用上述函数时，请使用 Json 格式表示调用的参数。"
-_NAME = re.compile(r"[A-Za-z_][\w.\-]*")
 
 
 def tool_function(tool: Any) -> dict:
@@ -126,29 +124,33 @@ class GLMFormat(ChatFormat):
         return msg
 
     def visible(self, text: str) -> str:
+        if opens_with_partial(text, "<think>"):
+            return ""  # the thinking marker is still arriving
         thinking, rest, complete = self.split_thinking(text)
         if not complete:
             return ""
         return visible_answer(rest.lstrip("\n") if thinking or self.thinks else rest)
 
 
-def _is_name(line: str) -> bool:
-    return bool(_NAME.fullmatch(line.strip()))
+def opens_with_partial(text: str, marker: str) -> bool:
+    """Whether ``text`` (leading whitespace aside) is a non-empty proper prefix of ``marker``."""
+    head = text.lstrip()
+    return bool(head) and len(head) < len(marker) and marker.startswith(head)
 
 
 def _call_candidate(text: str) -> bool:
     """Whether ``text`` may still turn out to be ``name\\n{json}`` (so nothing of it may be shown yet)."""
     first, newline, rest = text.partition("\n")
     if not newline:
-        return not first.strip() or _is_name(first)
+        return not first.strip() or is_name(first)
     stripped = rest.lstrip()
-    return _is_name(first) and (not stripped or stripped.startswith("{"))
+    return is_name(first) and (not stripped or stripped.startswith("{"))
 
 
 def parse_call_or_answer(text: str) -> Message:
     """``name\\n{json}`` → a tool call; ``\\nanswer`` (or anything else) → an answer."""
     first, newline, rest = text.partition("\n")
-    if newline and _is_name(first):
+    if newline and is_name(first):
         try:
             arguments = json.loads(rest.strip())
         except (ValueError, RecursionError):

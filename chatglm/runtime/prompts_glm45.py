@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from chatglm.errors import InputError
 from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.prompts import Tokenizer, check_roles, register
-from chatglm.runtime.prompts_glm4 import ROLES, GLMFormat, Piece
+from chatglm.runtime.prompts_glm4 import ROLES, GLMFormat, Piece, opens_with_partial
 
 TOOLS_PREAMBLE = ("\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                   "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
@@ -122,15 +122,18 @@ class GLM45Format(GLMFormat):
         return Message("assistant", content, tool_calls=calls, thinking=thinking)
 
     def visible(self, text: str) -> str:
-        stripped = text.lstrip()
-        if stripped and "<think>".startswith(stripped):
+        if opens_with_partial(text, "<think>"):
             return ""  # the thinking marker is still arriving
         _, rest, complete = self.split_thinking(text)
         if not complete:
             return ""
         shown = rest.split("<tool_call>")[0]
-        for n in range(len("<tool_call>") - 1, 0, -1):  # hold back a marker that has only partly arrived
-            if shown.endswith("<tool_call>"[:n]):
-                shown = shown[:-n]
-                break
-        return shown.lstrip()
+        return shown[:len(shown) - partial_suffix(shown, "<tool_call>")].lstrip()
+
+
+def partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of ``text`` that is a proper prefix of ``marker`` (it may still become one)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
