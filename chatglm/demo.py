@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
-import sysconfig
 from pathlib import Path
 
 from chatglm.errors import ChatGLMError
@@ -16,16 +14,13 @@ DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_
 
 
 def demo_dir() -> Path:
-    """models/demo of a source checkout (editable install), or the copy a wheel installs under share/."""
-    candidates = [
-        Path(__file__).resolve().parent.parent / "models" / "demo",
-        Path(sysconfig.get_path("data")) / "share" / "chatglm" / "demo",
-        Path(sys.prefix) / "share" / "chatglm" / "demo",
-    ]
-    for path in candidates:
-        if (path / "config.json").is_file():
-            return path
-    raise ChatGLMError("the bundled demo model is missing from this installation; give a model path")
+    """The demo checkpoint, shipped inside the package (``chatglm/models/demo``) by every kind of install."""
+    path = Path(__file__).resolve().parent / "models" / "demo"
+    missing = [name for name in DEMO_FILES if not (path / name).is_file()]
+    if missing:
+        raise ChatGLMError(f"the bundled demo model is incomplete in this installation ({path} lacks "
+                           f"{', '.join(missing)}); reinstall chatglm or give a model path")
+    return path
 
 
 def cache_dir() -> Path:

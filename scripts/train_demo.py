@@ -6,7 +6,7 @@ train a transformers GlmForCausalLM on token-exact ChatGLM3 chat sequences (CPU,
 ChatGLM3 layout (chatglm.devtools.checkpoints) -> reload the saved files, check greedy replies, write expected.json and
 the model card.
 
-    python scripts/train_demo.py --out models/demo
+    python scripts/train_demo.py --out chatglm/models/demo
 
 Needs torch, transformers, sentencepiece and safetensors (the ``test`` extra). Printing is this script's output.
 """
@@ -66,7 +66,8 @@ CASES = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("models/demo"), help="output folder (default: models/demo)")
+    p.add_argument("--out", type=Path, default=Path("chatglm/models/demo"),
+                   help="output folder (default: chatglm/models/demo)")
     p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default: 1200)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, tokenizer and weights (default: 0)")
     p.add_argument("--batch", type=int, default=16, help="dialogues per step (default: 16)")

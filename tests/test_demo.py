@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from chatglm.cli.app import app
+from chatglm.demo import demo_dir
 from chatglm.runtime.messages import Message
 
-EXPECTED = json.loads((Path(__file__).parent.parent / "models" / "demo" / "expected.json").read_text("utf-8"))
+EXPECTED = json.loads((demo_dir() / "expected.json").read_text("utf-8"))
 
 
 @pytest.fixture(scope="module")

@@ -212,7 +212,7 @@ def test_vocab_too_small_for_specials_is_rejected(tok, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bundled demo model
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEMO = Path(__file__).resolve().parents[1] / "chatglm" / "models" / "demo"
 
 
 @pytest.fixture(scope="module")
