@@ -238,7 +238,7 @@ def test_conversation_the_format_cannot_continue(tmp_path):
     ('{"kind": "chatglm-conversation", "version": 9, "messages": []}',
      "conversation file version 9 is not supported (this version reads 1)"),
     ('"text"', "not a conversation file: expected a list of messages"),
-    ('[{"role": "user", "content": "a"}, {"role": "wizard"}]', "message 2: unknown message role 'wizard'"),
+    ('[{"role": "user", "content": "a"}, {"role": "wizard"}]', "messages[1].role: unknown role 'wizard'"),
 ])
 def test_malformed_conversation_files(tmp_path, text, problem):
     path = tmp_path / "bad.json"

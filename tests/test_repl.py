@@ -139,7 +139,7 @@ def test_piped_input_gets_replies_without_prompts(chat_gguf):
 @pytest.mark.parametrize("args, message", [
     (["--json"], "error: --json needs -p PROMPT"),
     (["--tools", "{missing}"], "error: {missing}: file not found"),
-    (["--tools", "{notlist}"], "error: {notlist}: expected a JSON list of tool objects"),
+    (["--tools", "{notlist}"], "error: {notlist}: expected a list of tools"),
 ])
 def test_run_bad_options(chat_gguf, tmp_path, args, message):
     notlist = tmp_path / "tools.json"
@@ -183,7 +183,7 @@ def test_terminal_conversation(chat_gguf, tmp_path):
     c.sendline("/save conv.json")
     c.expect("saved 4 messages")
     c.sendline("/load bad.json")
-    c.expect("bad.json: message 1: unknown message role 'x'")
+    c.expect(r"bad.json: messages\[0\].role: unknown role 'x'")
     c.expect(">>> ")
     for i in range(8):  # 256 tokens hold about five rounds: the oldest go, with one note
         c.sendline(f"round {i}: tell me something about the number {i}")

@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 import typer
 
 from chatglm.cli.common import fail, handle_errors, setup_logging
-from chatglm.errors import InputError
 
 ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
 
@@ -47,6 +46,8 @@ def run_cmd(
     utf8_console()
     if as_json and prompt is None:
         raise fail("--json needs -p PROMPT")
+    from chatglm.runtime.chatfiles import read_tools
+
     tool_list = read_tools(tools) if tools is not None else None
     sampling = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k,
                                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens).items()
@@ -94,21 +95,6 @@ def print_estimate(path: Path, n_ctx: Optional[int], kv_type: str, flash_attn: O
     mem = estimate(header, ctx, kv_type, flash_attn=flash_attn is not False)
     typer.echo(f"[memory: about {human(mem.total)} at {ctx} tokens: weights {human(mem.weights)}, "
                f"{kv_type} KV cache {human(mem.kv_cache)}, compute {human(mem.buffers)}]", err=True)
-
-
-def read_tools(path: Path) -> list[dict]:
-    """A tools file: a JSON list of tool descriptions (or an object with a "tools" list)."""
-    from chatglm.fsutil import read_text
-
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", path) from None
-    if isinstance(data, dict) and isinstance(data.get("tools"), list):
-        data = data["tools"]
-    if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):
-        raise InputError("expected a JSON list of tool objects (each with a name, description and parameters)", path)
-    return data
 
 
 def utf8_console() -> None:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Generator, Optional, Sequence
 
 from chatglm.errors import ContextOverflowError, InputError
-from chatglm.fsutil import atomic_output, read_text
+from chatglm.fsutil import atomic_output
+from chatglm.runtime.chatfiles import FILE_KIND, FILE_VERSION, read_conversation
 from chatglm.runtime.messages import Message
 from chatglm.runtime.sampling import SamplingParams
 
@@ -31,8 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-FILE_KIND = "chatglm-conversation"
-FILE_VERSION = 1
 TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 
 
@@ -245,29 +244,3 @@ def drop_round(messages: list[Message], *, keep_last: bool = False) -> bool:
     end = next((i for i in starts if i > first), len(messages))
     del messages[first:end]
     return True
-
-
-def read_conversation(path: os.PathLike | str) -> list[Message]:
-    """Messages from a conversation file; every problem is an :class:`InputError` naming the file."""
-    text = read_text(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", path) from None
-    if isinstance(data, dict):
-        if data.get("kind") != FILE_KIND or not isinstance(data.get("messages"), list):
-            raise InputError(f"not a conversation file: expected an object with \"kind\": \"{FILE_KIND}\" and "
-                             "\"messages\", or a list of messages", path)
-        if data.get("version") != FILE_VERSION:
-            raise InputError(f"conversation file version {data.get('version')!r} is not supported "
-                             f"(this version reads {FILE_VERSION})", path)
-        data = data["messages"]
-    if not isinstance(data, list):
-        raise InputError("not a conversation file: expected a list of messages", path)
-    messages = []
-    for i, item in enumerate(data, 1):
-        try:
-            messages.append(Message.from_dict(item))
-        except InputError as exc:
-            raise InputError(f"message {i}: {exc.problem}", path) from None
-    return messages
