@@ -25,11 +25,23 @@ def _lib_dir() -> Path:
 def _open(stem: str) -> ctypes.CDLL:
     directory = _lib_dir()
     names = [f"lib{stem}{_EXT}", f"{stem}{_EXT}"]
-    for name in names:
-        path = directory / name
+    for path in [*_held(directory, f"lib{stem}{_EXT}"), *(directory / name for name in names)]:
         if path.exists():
             return ctypes.CDLL(str(path), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
     raise ChatGLMError(f"llama-cpp-python ships no {names[0]} in {directory}; reinstall llama-cpp-python")
+
+
+def _held(directory: Path, name: str) -> list[Path]:
+    """The file of ``name`` (or of its versioned names, ``.so.0``) that the process already maps: libllama loads
+    libggml by its SONAME, and a wheel may ship ``libggml-base.so`` and ``libggml-base.so.0`` as two copies, not
+    links; opening the other copy would load a second ggml with its own state (its log would bypass our routing)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux: nothing to match
+        return []
+    fields = (line.split(maxsplit=5) for line in maps.splitlines())
+    held = {Path(f[5]) for f in fields if len(f) == 6 and f[5].startswith("/")}
+    return sorted(p for p in held if p.parent == directory and (p.name == name or p.name.startswith(name + ".")))
 
 
 @functools.cache

@@ -57,6 +57,8 @@ class GLM1Engine(Engine):
         try:
             self.backend = self._own(Backend(n_threads))
             self.model: ModelWeights = self._own(load_weights(header, self.cfg, self.backend, repack, on_progress))
+            if self.model.repacked:  # ggml logs each one at debug level; one line here for --verbose
+                log.info("%s: %d weight matrices repacked for this CPU's kernels", header.path, self.model.repacked)
             self.kv, kv_parts = _new_cache(self.cfg, n_ctx, G.KV_TYPES[kv_type])
             self._parts += kv_parts
             self.allocator = self._own(Allocator(cpu_buffer_type()))
