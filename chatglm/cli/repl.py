@@ -111,6 +111,7 @@ class Repl:
         self.editor = editor or LineEditor(history_path())
         self.session.on_truncate = self._truncated
         self._told_truncation = False
+        self._dropped = 0  # messages dropped to fit the context during the current reply
         self.commands: dict[str, Callable[[str], None]] = {
             "/help": self.cmd_help, "/?": self.cmd_help, "/clear": self.cmd_clear, "/system": self.cmd_system,
             "/set": self.cmd_set, "/show": self.cmd_show, "/save": self.cmd_save, "/load": self.cmd_load,
@@ -185,6 +186,7 @@ class Repl:
     def reply(self, message: Message) -> Optional[Message]:
         cancel = threading.Event()
         wrote = False
+        self._dropped = 0
         try:
             with interrupts_set(cancel):
                 for delta in self.session.stream_chat(message, cancel=cancel):
@@ -196,11 +198,23 @@ class Repl:
             note(f"error: {exc}")
             return None
         out("\n")
+        self.tell_context()
         if self.verbose:
             from chatglm.cli.run import print_stats
 
             print_stats(self.model)
         return self.session.last_reply
+
+    def tell_context(self) -> None:
+        """The context notes of the last reply, each on its own line after it (dropped rounds: once a chat)."""
+        from chatglm.cli.run import context_notes
+
+        dropped, self._dropped = self._dropped, 0
+        if self._told_truncation:
+            dropped = 0
+        self._told_truncation = self._told_truncation or bool(dropped)
+        for text in context_notes(self.model, dropped):
+            note(f"note: {text}")
 
     def read_observation(self) -> Optional[Message]:
         """The tool's result, typed by the user (nothing is run here). Ctrl-C / Ctrl-D return to the prompt."""
@@ -212,10 +226,7 @@ class Repl:
         return Message("observation", text)
 
     def _truncated(self, dropped: int) -> None:
-        if not self._told_truncation:
-            self._told_truncation = True
-            note(f"note: the conversation outgrew the context of {self.model.info.n_ctx} tokens; its oldest rounds "
-                 "are dropped to make room (the system message stays).")
+        self._dropped += dropped  # told after the reply's own line ends (tell_context)
 
     # -- commands ---------------------------------------------------------------------------------------------
     def command(self, line: str) -> None:

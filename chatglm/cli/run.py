@@ -114,6 +114,8 @@ def one_shot(session, prompt: str, as_json: bool, verbose: bool) -> None:
     from chatglm.runtime.model import drain
 
     m = session.model
+    dropped: list[int] = []
+    session.on_truncate = dropped.append
     if as_json:
         reply = drain(session.stream_chat(prompt))
         s = m.last_stats
@@ -122,6 +124,7 @@ def one_shot(session, prompt: str, as_json: bool, verbose: bool) -> None:
             "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens},
             "timings": {"load_s": round(m.load_seconds, 4), "prefill_tokens_per_s": round(s.prefill_tps, 2),
                         "decode_tokens_per_s": round(s.decode_tps, 2)},
+            "notes": context_notes(m, sum(dropped)),
         }, ensure_ascii=False))
         return
     for delta in session.stream_chat(prompt):
@@ -131,8 +134,24 @@ def one_shot(session, prompt: str, as_json: bool, verbose: bool) -> None:
         sys.stdout.write(format_tool_call(call))
     sys.stdout.write("\n")
     sys.stdout.flush()
+    for text in context_notes(m, sum(dropped)):
+        typer.echo(f"note: {text}", err=True)
     if verbose:
         print_stats(m)
+
+
+def context_notes(m, dropped: int) -> list[str]:
+    """What the user should know about the context after a reply: old messages dropped, a reply cut off by it.
+
+    Notes go to stderr on their own line after the reply (or to ``notes`` in --json), never into the reply."""
+    n_ctx, s = m.info.n_ctx, m.last_stats
+    notes = []
+    if dropped:
+        notes.append(f"the conversation outgrew the context of {n_ctx} tokens; its {dropped} oldest messages were "
+                     "dropped to make room (the system message stays)")
+    if s.finish_reason == "length" and s.prompt_tokens + s.generated_tokens >= n_ctx:
+        notes.append(f"the reply was cut off at the end of the context of {n_ctx} tokens (--ctx gives more)")
+    return notes
 
 
 def format_tool_call(call) -> str:
