@@ -179,7 +179,7 @@ def test_glm45_holds_only_the_partial_tool_call_marker():
     pieces = ["\n", "<think></think>", "\n", "我来", "查一下", "。", "\n", "<tool", "_call>", "get_weather\n",
               "<arg_key>city</arg_key>\n<arg_value>北京</arg_value>\n", "</tool_call>"]
     shown, end, reply = stream("glm45", pieces, GLM4)
-    assert shown == ["", "", "", "我来", "我来查一下", "我来查一下。", "我来查一下。", "我来查一下。", *["我来查一下。"] * 4]
+    assert shown == ["", "", "", "我来", "我来查一下", *["我来查一下。"] * 7]
     assert end == "我来查一下。" and reply.tool_calls == [ToolCall("get_weather", {"city": "北京"})]
 
 

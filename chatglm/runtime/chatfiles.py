@@ -1,4 +1,4 @@
-"""The user's chat files: conversations (``/save`` / ``/load``) and tool lists (``run --tools``), checked field by field.
+"""The user's chat files, conversations (``/save``, ``/load``) and tool lists (``run --tools``), checked by field.
 
 Every problem is one :class:`InputError` naming the file and the field, as a path into the JSON value
 (``messages[2].role: expected a string, got a list``), before any of it reaches a chat format.
