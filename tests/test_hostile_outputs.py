@@ -92,6 +92,23 @@ def test_quantize_never_writes_over_its_source(gguf_copy, tmp_path, how):
     assert no_partials(tmp_path) == []
 
 
+def test_quantize_never_writes_over_its_imatrix(gguf_copy, tmp_path):
+    imatrix = tmp_path / "imatrix.dat"
+    imatrix.write_bytes(b"refused before it is read")
+    before = digest([gguf_copy, imatrix])
+    r = cli(["quantize", gguf_copy, imatrix, "q4_k_m", "--imatrix", imatrix])
+    assert_refused(r, imatrix, problem=SAME, sources=before)
+
+
+def test_a_conversation_is_never_saved_over_the_model(glm3_model, tmp_path):
+    session = glm3_model.session()
+    model = Path(glm3_model.info.path)
+    before = digest([model])
+    with pytest.raises(InputError, match=SAME):
+        session.save(model)
+    assert digest([model]) == before and no_partials(model.parent) == []
+
+
 def test_lora_never_writes_over_its_adapter(glm3, ckpt, tmp_path):
     from test_lora import module_shapes, pick, write_adapter
 
