@@ -66,7 +66,8 @@ def check_destination(dest: os.PathLike | str, sources: Iterable[os.PathLike | s
         raise InputError(f"the output path exists and is {kind}, not a regular file; give a file path", dest)
     same = _same_file(dest, (st.st_dev, st.st_ino), sources)
     if same is not None:
-        raise InputError(f"is the same file as the input {same}: writing it would destroy that input", dest)
+        which = "an input" if os.path.abspath(same) == os.path.abspath(dest) else f"the input {same}"
+        raise InputError(f"is the same file as {which}: writing it would destroy that input", dest)
 
 
 def _same_file(dest: os.PathLike | str, key: tuple[int, int],
@@ -148,7 +149,8 @@ class _Temporary:
         self.fd = self._open_unnamed() if USE_UNNAMED else None
         if self.fd is None:
             self.fd, self.name = self._open_named()
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: nobody else holds it
+        with contextlib.suppress(OSError):  # a fresh file, so nobody holds it; without locks only the age check is left
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     @property
     def path(self) -> Path:
@@ -221,6 +223,7 @@ def atomic_path(dest: os.PathLike | str, sources: Iterable[os.PathLike | str | N
         raise OutputError(f"cannot write here: {describe_os_error(exc)}", dest) from None
     try:
         yield temp.path
+        check_destination(dest, sources)  # again: a long run gives time for something else to appear there
         temp.commit()
     except OSError as exc:
         raise OutputError(f"write failed: {describe_os_error(exc)}", dest) from None
