@@ -1,13 +1,18 @@
-"""Atomic file output: write to a temporary file beside the destination, fsync, rename."""
+"""User files: atomic output (a temporary file beside the destination, fsynced and renamed) and checked reading."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import logging
 import os
-import tempfile
+import re
+import secrets
+import stat
+import time
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 from chatglm.errors import InputError, OutputError
 
@@ -27,38 +32,210 @@ def describe_os_error(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-@contextlib.contextmanager
-def atomic_path(dest: os.PathLike | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; on success it is fsynced and renamed to ``dest``.
+# -- writing: one way for every output file -------------------------------------------------------------------
+#
+# The data goes to an unnamed file (O_TMPFILE) in the destination's folder, linked to a hidden name and renamed over
+# the destination once complete and fsynced: a process killed before the end leaves nothing to see. Where the file
+# system has no O_TMPFILE the temporary file is named from the start (``.NAME.xxxxxxxx.partial``); the next write
+# to the same destination removes such partials once their writer is gone (its lock on the file is released when the
+# process dies, even by SIGKILL). Files follow the umask (created 0666 & ~umask), like any file the user writes.
 
-    On any failure (an exception, Ctrl-C) the temporary file is removed and ``dest`` is untouched. The temporary
-    name starts with a dot and ends in ``.partial`` so a SIGKILLed run leaves nothing that looks like an output.
+PARTIAL_SUFFIX = ".partial"
+_TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # tempfile.mkstemp's alphabet: older partials match too
+_TOKEN_LEN = 8
+_STARTED = time.time()  # partials younger than this process are never removed by it
+USE_UNNAMED = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+_NO_UNNAMED = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)  # the kernel or the file system lacks O_TMPFILE
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+_SOURCE_DEPTH = 2  # folders given as sources are searched this deep (a checkpoint folder and one level below)
+
+log = logging.getLogger(__name__)
+
+
+def check_destination(dest: os.PathLike | str, sources: Iterable[os.PathLike | str | None] = ()) -> None:
+    """Refuse, before anything is written, a destination that exists and is not a regular file (a folder, a device,
+    a FIFO: renaming over it would replace it) or that is the same file (device and inode: hard and symbolic links
+    included) as one of ``sources`` (files, or folders searched for their files)."""
+    try:
+        st = os.stat(dest)
+    except OSError:
+        return  # nothing there (or its folder is unusable, which creating the temporary file reports)
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(st.st_mode)), "a special file")
+        raise InputError(f"the output path exists and is {kind}, not a regular file; give a file path", dest)
+    same = _same_file(dest, (st.st_dev, st.st_ino), sources)
+    if same is not None:
+        which = "an input" if os.path.abspath(same) == os.path.abspath(dest) else f"the input {same}"
+        raise InputError(f"is the same file as {which}: writing it would destroy that input", dest)
+
+
+def _same_file(dest: os.PathLike | str, key: tuple[int, int],
+               sources: Iterable[os.PathLike | str | None]) -> Optional[str]:
+    """The first source file with inode ``key``, named by another path than ``dest`` where there is one."""
+    found = [path for source in sources if source is not None
+             for path in _files_of(os.fspath(source), _SOURCE_DEPTH) if _inode(path) == key]
+    others = [p for p in found if os.path.abspath(p) != os.path.abspath(dest)]
+    return (others or found or [None])[0]
+
+
+def _inode(path: str) -> Optional[tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _files_of(path: str, depth: int) -> Iterator[str]:
+    """``path`` itself, and when it is a folder its entries ``depth`` levels down (symlinked folders not entered)."""
+    yield path
+    if depth <= 0 or os.path.islink(path) or not os.path.isdir(path):
+        return
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        yield from _files_of(entry.path, depth - 1)
+
+
+def _partial_name(dest: Path) -> Path:
+    token = "".join(secrets.choice(_TOKEN_CHARS) for _ in range(_TOKEN_LEN))
+    return dest.with_name(f".{dest.name}.{token}{PARTIAL_SUFFIX}")
+
+
+def remove_stale_partials(dest: os.PathLike | str) -> list[Path]:
+    """Remove this tool's abandoned temporary files for ``dest``: our exact naming, regular files of this user
+    older than this process, whose writer no longer holds its lock. Returns what was removed."""
+    dest = Path(dest)
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.[{_TOKEN_CHARS}]{{{_TOKEN_LEN}}}{re.escape(PARTIAL_SUFFIX)}")
+    try:
+        names = [e.name for e in os.scandir(dest.parent) if pattern.fullmatch(e.name)]
+    except OSError:
+        return []
+    removed = [dest.parent / n for n in names if _remove_if_abandoned(dest.parent / n)]
+    for path in removed:
+        log.info("removed %s, left by an interrupted run", path)
+    return removed
+
+
+def _remove_if_abandoned(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mtime >= _STARTED:
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer runs
+        if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class _Temporary:
+    """The file being written: an open, locked descriptor, and the hidden name it has (none while unnamed)."""
+
+    def __init__(self, dest: Path):
+        self.dest = dest
+        self.name: Optional[Path] = None
+        self.fd = self._open_unnamed() if USE_UNNAMED else None
+        if self.fd is None:
+            self.fd, self.name = self._open_named()
+        with contextlib.suppress(OSError):  # a fresh file, so nobody holds it; without locks only the age check is left
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    @property
+    def path(self) -> Path:
+        """A path to open the file by (``/proc/self/fd/N`` while it has no name)."""
+        return self.name if self.name is not None else Path(f"/proc/self/fd/{self.fd}")
+
+    def _open_unnamed(self) -> Optional[int]:
+        try:
+            return os.open(self.dest.parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            if exc.errno in _NO_UNNAMED:
+                return None
+            raise
+
+    def _open_named(self) -> tuple[int, Path]:
+        for _ in range(100):
+            name = _partial_name(self.dest)
+            try:
+                return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), name
+            except FileExistsError:
+                continue
+        raise FileExistsError(errno.EEXIST, "no free temporary name")
+
+    def commit(self) -> None:
+        """fsync, give the file its hidden name if it has none, and rename it over the destination."""
+        os.fsync(self.fd)
+        folder = os.open(self.dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            while self.name is None:
+                self.name = self._link(folder)
+            os.replace(self.name, self.dest)
+            self.name = None
+            with contextlib.suppress(OSError):
+                os.fsync(folder)  # the rename itself is durable too
+        finally:
+            os.close(folder)
+
+    def _link(self, folder: int) -> Optional[Path]:
+        """Name the unnamed file (linkat with AT_SYMLINK_FOLLOW through /proc, which needs no privilege; a folder
+        descriptor makes os.link call linkat rather than link, which would link the /proc entry itself)."""
+        name = _partial_name(self.dest)
+        try:
+            os.link(f"/proc/self/fd/{self.fd}", name.name, dst_dir_fd=folder, follow_symlinks=True)
+        except FileExistsError:
+            return None
+        return name
+
+    def discard(self) -> None:
+        if self.name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.name)
+            self.name = None
+        os.close(self.fd)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: os.PathLike | str, sources: Iterable[os.PathLike | str | None] = ()) -> Iterator[Path]:
+    """Yield a path to write ``dest``'s new content to; on success it is fsynced and renamed to ``dest``.
+
+    Before anything is written, :func:`check_destination` refuses a destination that is not a regular file or is the
+    same file as one of ``sources``, and this tool's abandoned partials of ``dest`` are removed. On any failure (an
+    exception, Ctrl-C, SIGKILL) ``dest`` is untouched and nothing is left beside it.
     """
     dest = Path(dest)
-    directory = dest.parent
+    check_destination(dest, sources)
+    remove_stale_partials(dest)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=directory)
-        os.close(fd)
+        temp = _Temporary(dest)
     except OSError as exc:
         raise OutputError(f"cannot write here: {describe_os_error(exc)}", dest) from None
-    tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
+        yield temp.path
+        check_destination(dest, sources)  # again: a long run gives time for something else to appear there
+        temp.commit()
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"write failed: {describe_os_error(exc)}", dest) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        temp.discard()
 
 
 @contextlib.contextmanager
-def atomic_output(dest: os.PathLike | str, mode: str = "wb") -> Iterator[BinaryIO]:
+def atomic_output(dest: os.PathLike | str, mode: str = "wb",
+                  sources: Iterable[os.PathLike | str | None] = ()) -> Iterator[BinaryIO]:
     """Like :func:`atomic_path`, but yields an open file object."""
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, sources) as tmp:
         with open(tmp, mode) as fh:
             yield fh
 

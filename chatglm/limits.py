@@ -9,3 +9,10 @@ from __future__ import annotations
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS (llama-hparams.h): per-layer arrays are std::array of this size
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS (llama-hparams.h): GGML_ASSERT(n_expert <= LLAMA_MAX_EXPERTS)
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # LLAMA_ROPE_SCALING_TYPES (llama-model.cpp)
+
+# -- command-line ranges (the outputs/CLI engineer's block) ------------------------------------------------------
+MAX_THREADS = 512  # GGML_MAX_N_THREADS (ggml.h): thread pools are sized by it
+MAX_CONTEXT = 1 << 24  # 16M tokens, 16x the longest GLM context (GLM-4-9B-chat-1m); llama.cpp keeps n_ctx in uint32
+MAX_GPU_LAYERS = 1 << 20  # -ngl above a model's layer count means "all" (llama.cpp clamps it)
+MAX_SEED = (1 << 32) - 1  # llama.cpp seeds are uint32
+MAX_LORA_SCALE = 1000.0  # a LoRA update scaled past this overflows f16 weights long before

@@ -76,11 +76,11 @@ def test_table_output(glm3_gguf):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["-r", 0], "repetitions must be at least 1, got 0"),
+    (["-r", 0], "--repetitions: must be between 1 and 1000, got 0"),
     (["-p", 600, "-c", 256], ("a prompt of 600 tokens is longer than the context of 256 tokens "
                               "(raise --ctx or lower --n-prompt)")),
     (["-p", 0, "-n", 0], "nothing to measure: every prompt and generation length is 0"),
-    (["-n", -5], "prompt and generation lengths must not be negative, got [512, -5]"),
+    (["-n", -5], "--n-gen: must be between 0 and 16777216, got -5"),
 ])
 def test_bad_settings(glm3_gguf, args, message):
     r = invoke("bench", glm3_gguf, *args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from chatglm.cli.bench import bench_cmd
+from chatglm.cli.common import OneLineErrors
 from chatglm.cli.convert import convert_cmd
 from chatglm.cli.info import info_cmd
 from chatglm.cli.lora import lora_cmd
@@ -13,7 +14,7 @@ from chatglm.cli.quantize import quantize_cmd
 from chatglm.cli.run import run_cmd
 from chatglm.cli.serve import serve_cmd
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Convert ChatGLM / GLM checkpoints to GGUF and chat with them.")
 app.command("convert")(convert_cmd)
 app.command("run")(run_cmd)

@@ -10,29 +10,32 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import handle_errors, setup_logging
+from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, Threads, Verbose, handle_errors, number,
+                               setup_logging)
 from chatglm.errors import InputError
+from chatglm.limits import MAX_CONTEXT, MAX_SEED
+
+REPETITIONS = 1000  # most timed runs per test
 
 
 @handle_errors
 def bench_cmd(
     model: Annotated[Path, typer.Argument(help="A .gguf file.")],
-    n_prompt: Annotated[Optional[list[int]], typer.Option(
-        "-p", "--n-prompt", help="Prompt length of a pp test (repeat for several; 0 skips pp).")] = None,
-    n_gen: Annotated[Optional[list[int]], typer.Option(
-        "-n", "--n-gen", help="Tokens of a tg test (repeat for several; 0 skips tg).")] = None,
-    repetitions: Annotated[int, typer.Option("-r", "--repetitions", help="Timed runs per test.")] = 5,
-    threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="Default: physical cores.")] = None,
-    ctx: Annotated[Optional[int], typer.Option(
-        "-c", "--ctx", help="Context size (default: longest prompt + longest generation).")] = None,
-    n_gpu_layers: Annotated[int, typer.Option("-ngl", "--n-gpu-layers")] = 0,
-    flash_attn: Annotated[Optional[bool], typer.Option(
-        "--flash-attn/--no-flash-attn", help="Default: llama.cpp decides.")] = None,
-    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type.")] = "f16",
+    n_prompt: Annotated[Optional[list[int]], number(
+        ("-p", "--n-prompt"), "Prompt length of a pp test (repeat for several; 0 skips pp).", 0, MAX_CONTEXT)] = None,
+    n_gen: Annotated[Optional[list[int]], number(
+        ("-n", "--n-gen"), "Tokens of a tg test (repeat for several; 0 skips tg).", 0, MAX_CONTEXT)] = None,
+    repetitions: Annotated[int, number(("-r", "--repetitions"), "Timed runs per test.", 1, REPETITIONS)] = 5,
+    threads: Threads = None,
+    ctx: Annotated[Optional[int], number(
+        ("-c", "--ctx"), "Context size (default: longest prompt + longest generation).", 1, MAX_CONTEXT)] = None,
+    n_gpu_layers: GpuLayers = 0,
+    flash_attn: FlashAttn = None,
+    kv_type: KVTypeOpt = "f16",
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="One untimed run of each test first.")] = True,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random tokens.")] = 1234,
+    seed: Annotated[int, number(("--seed",), "Seed of the random tokens.", 0, MAX_SEED)] = 1234,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Measure prompt (pp) and generation (tg) tokens/s: median and spread over repetitions."""
     from chatglm.runtime.bench import BenchSpec, check_spec, peak_rss_bytes, run_bench

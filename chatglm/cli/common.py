@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
+import math
 import os
 import sys
-from typing import Callable, Optional
+from typing import Annotated, Any, Callable, Iterable, Optional
 
 import typer
+from typer.core import TyperGroup
 
+from chatglm import limits
 from chatglm.errors import ChatGLMError
 
 DEBUG_ENV = "CHATGLM_DEBUG"
@@ -43,6 +47,154 @@ def handle_errors(func: Callable) -> Callable:
             raise fail("out of memory", 1) from None
 
     return wrapper
+
+
+try:  # Typer >= 0.2x has its own copy of Click, whose errors derive from TyperException
+    from typer import TyperException as _UsageBase
+except ImportError:  # pragma: no cover - older Typer on Click
+    from click import ClickException as _UsageBase
+
+
+class OneLineErrors(TyperGroup):
+    """The command group: a bad option value or usage is one ``error:`` line and exit 2, like every other error
+    (instead of Click's usage box)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _UsageBase as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `chatglm`: the help, as before
+                if exc.format_message().strip():
+                    typer.echo(exc.format_message(), err=True)
+            else:
+                typer.echo(f"error: {usage_problem(exc)}", err=True)
+            rv = exc.exit_code
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def usage_problem(exc: Exception) -> str:
+    """The message on one line, led by the option it is about: ``--threads: must be ...``."""
+    param = getattr(exc, "param", None)
+    if isinstance(exc, typer.BadParameter) and param is not None and getattr(exc, "message", ""):
+        text = f"{param_name(param)}: {exc.message.removeprefix('Value error, ')}"  # pydantic's prefix on a choice
+    else:
+        text = exc.format_message()
+    return " ".join(text.split()).rstrip(".")
+
+
+def param_name(param: Any) -> str:
+    """An option by its (first) long name, ``--threads``; an argument by its metavar, ``QTYPE``."""
+    if getattr(param, "param_type_name", "") != "option":
+        return str(param.name).upper()
+    opts = list(getattr(param, "opts", None) or [param.name])
+    return next((o for o in opts if o.startswith("--")), opts[0])
+
+
+# -- shared option types: each option declared once, with its choices or range -----------------------------------
+#
+# Choices are str Enums (Typer lists them in --help and refuses others); a callback hands the command the plain
+# string. Ranges are checked by a callback that names the range and the value; floats must also be finite.
+
+def str_choices(name: str, values: Iterable[str]) -> type[enum.Enum]:
+    """A ``str`` Enum whose members are ``values`` (for an option's choices)."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+def _plain(value: Any) -> Any:
+    """An Enum member (or a list of them) as the plain string(s) the library takes."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _in_range(lo: float | None, hi: float | None) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None:
+                continue
+            if not math.isfinite(v):
+                raise typer.BadParameter(f"must be a finite number, got {v}")
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise typer.BadParameter(f"must be {_range_text(lo, hi)}, got {_num(v)}")
+        return value
+
+    return check
+
+
+def _range_text(lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f"between {_num(lo)} and {_num(hi)}"
+    return f"at least {_num(lo)}" if lo is not None else f"at most {_num(hi)}"
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def non_empty(value: Optional[str]) -> Optional[str]:
+    """A text option given as "" (an empty --api-key would silently mean no key at all) is refused."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("must not be empty")
+    return value
+
+
+def choice(names: tuple[str, ...], choices: type[enum.Enum], help: str, argument: bool = False) -> Any:
+    """An option (or argument) taking one of ``choices``, case-insensitive, given to the command as a string."""
+    if argument:
+        return typer.Argument(help=help, case_sensitive=False, callback=_plain, show_default=False)
+    return typer.Option(*names, help=help, case_sensitive=False, callback=_plain)
+
+
+def number(names: tuple[str, ...], help: str, lo: float | None = None, hi: float | None = None) -> Any:
+    """A numeric option in [lo, hi], finite (checked here rather than by Typer's min/max: the message then says
+    the range and the value given, and nan is refused too); --help shows the range."""
+    return typer.Option(*names, help=f"{help} ({_range_text(lo, hi)})", callback=_in_range(lo, hi))
+
+
+def _kv_types() -> list[str]:
+    from chatglm.runtime.validate import KV_BLOCK
+
+    return list(KV_BLOCK)
+
+
+def _out_types() -> list[str]:
+    from chatglm.convert.qtypes import RECIPES
+
+    return list(RECIPES)
+
+
+def _lora_types() -> list[str]:
+    from chatglm.convert.lora_gguf import OUT_TYPES
+
+    return list(OUT_TYPES)
+
+
+KVType = str_choices("KVType", _kv_types())
+OutType = str_choices("OutType", _out_types())
+LoraType = str_choices("LoraType", _lora_types())
+
+KVTypeOpt = Annotated[KVType, choice(("--kv-type",), KVType, "KV cache type.")]
+OutTypeOpt = Annotated[OutType, choice(("-t", "--type"), OutType, "Output type or llama.cpp mixed recipe.")]
+OutTypeArg = Annotated[OutType, choice((), OutType, "Output type or llama.cpp mixed recipe.", argument=True)]
+LoraTypeOpt = Annotated[LoraType, choice(("-t", "--type"), LoraType, "Adapter tensor type.")]
+Threads = Annotated[Optional[int], number(("-t", "--threads"), "CPU threads (default: physical cores).",
+                                          1, limits.MAX_THREADS)]
+QuantThreads = Annotated[Optional[int], number(("--threads",), "Quantization threads.", 1, limits.MAX_THREADS)]
+Context = Annotated[Optional[int], number(("-c", "--ctx"), "Context size in tokens.", 1, limits.MAX_CONTEXT)]
+GpuLayers = Annotated[int, number(("-ngl", "--n-gpu-layers"), "Layers offloaded to a GPU (-1: all).", -1,
+                                  limits.MAX_GPU_LAYERS)]
+FlashAttn = Annotated[Optional[bool], typer.Option("--flash-attn/--no-flash-attn",
+                                                   help="Flash attention (default: llama.cpp decides).")]
+Seed = Annotated[Optional[int], number(("--seed",), "Random seed.", 0, limits.MAX_SEED)]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
+LoraScales = Annotated[Optional[list[float]], number(
+    ("--lora-scale",), "Scale of the LoRA update: one for all adapters or one per --lora.", -limits.MAX_LORA_SCALE,
+    limits.MAX_LORA_SCALE)]
 
 
 def setup_logging(verbose: bool) -> None:

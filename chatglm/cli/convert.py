@@ -7,22 +7,21 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from chatglm.cli.common import ByteProgress, handle_errors, setup_logging
+from chatglm.cli.common import (ByteProgress, LoraScales, OutTypeOpt, QuantThreads, Verbose, handle_errors,
+                               setup_logging)
 
 
 @handle_errors
 def convert_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint folder (config.json, weights, tokenizer files).")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output .gguf path.")] = None,
-    outtype: Annotated[str, typer.Option("-t", "--type", help="Output type: f32, f16, bf16, q8_0, q4_0, q4_k_m, ...")]
-    = "f16",
+    outtype: OutTypeOpt = "f16",
     imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix (llama.cpp format).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Quantization threads.")] = None,
+    threads: QuantThreads = None,
     lora: Annotated[Optional[List[Path]], typer.Option(
         "--lora", metavar="DIR", help="PEFT LoRA adapter folder to merge into the weights (repeatable).")] = None,
-    lora_scale: Annotated[Optional[List[float]], typer.Option(
-        "--lora-scale", metavar="X", help="Scale of the LoRA update: one for all adapters or one per --lora.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    lora_scale: LoraScales = None,
+    verbose: Verbose = False,
 ) -> None:
     """Convert a ChatGLM / GLM checkpoint to GGUF (no torch needed)."""
     from chatglm.convert.pipeline import convert

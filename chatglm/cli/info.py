@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import gguf
 import typer
 
-from chatglm.cli.common import handle_errors
+from chatglm.cli.common import KVTypeOpt, handle_errors, number
+from chatglm.limits import MAX_CONTEXT
 
 
 def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
@@ -61,8 +62,9 @@ def count(n: int) -> str:
 @handle_errors
 def info_cmd(
     model: Annotated[Path, typer.Argument(help="A .gguf file.")],
-    ctx: Annotated[Optional[int], typer.Option("-c", "--ctx", help="Context size for the memory estimate.")] = None,
-    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type for the estimate.")] = "f16",
+    ctx: Annotated[Optional[int], number(("-c", "--ctx"), "Context size for the memory estimate.", 1,
+                                         MAX_CONTEXT)] = None,
+    kv_type: KVTypeOpt = "f16",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show a GGUF's architecture, sizes, tensor types, tokenizer and memory needs."""

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import handle_errors, setup_logging
+from chatglm.cli.common import LoraTypeOpt, Verbose, handle_errors, setup_logging
 
 
 @handle_errors
@@ -15,8 +15,8 @@ def lora_cmd(
     model_dir: Annotated[Path, typer.Argument(help="The base checkpoint folder the adapter was trained on.")],
     adapter_dir: Annotated[Path, typer.Argument(help="PEFT adapter folder (adapter_config.json + weights).")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output adapter .gguf.")] = None,
-    outtype: Annotated[str, typer.Option("-t", "--type", help="f32, f16 or bf16.")] = "f16",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    outtype: LoraTypeOpt = "f16",
+    verbose: Verbose = False,
 ) -> None:
     """Write a LoRA adapter GGUF for `chatglm run --lora` (or merge it with `chatglm convert --lora`)."""
     from chatglm.convert.lora_gguf import write_lora_gguf

@@ -5,26 +5,26 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from chatglm.cli.common import handle_errors, setup_logging
+from chatglm.cli.common import FlashAttn, GpuLayers, KVTypeOpt, Threads, handle_errors, number, setup_logging
 from chatglm.errors import InputError
+from chatglm.limits import MAX_CONTEXT
 
 
 @handle_errors
 def perplexity_cmd(
     model: Annotated[Path, typer.Argument(help="A .gguf file.")],
     text_file: Annotated[Path, typer.Argument(help="A UTF-8 text file (scored as plain text).")],
-    window: Annotated[int, typer.Option("-w", "--window", "-l", "--max-length",
-                                        help="Tokens per window (the context each window is scored in).")] = 1024,
-    stride: Annotated[int, typer.Option("-s", "--stride", help="Tokens between window starts.")] = 512,
-    threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="Default: physical cores.")] = None,
-    n_gpu_layers: Annotated[int, typer.Option("-ngl", "--n-gpu-layers")] = 0,
-    flash_attn: Annotated[Optional[bool], typer.Option(
-        "--flash-attn/--no-flash-attn", help="Default: llama.cpp decides.")] = None,
-    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type.")] = "f16",
+    window: Annotated[int, number(("-w", "--window", "-l", "--max-length"),
+                                  "Tokens per window (the context each window is scored in).", 2, MAX_CONTEXT)] = 1024,
+    stride: Annotated[int, number(("-s", "--stride"), "Tokens between window starts.", 1, MAX_CONTEXT)] = 512,
+    threads: Threads = None,
+    n_gpu_layers: GpuLayers = 0,
+    flash_attn: FlashAttn = None,
+    kv_type: KVTypeOpt = "f16",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every window's perplexity.")] = False,
 ) -> None:

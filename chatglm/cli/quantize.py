@@ -7,20 +7,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import ByteProgress, handle_errors, setup_logging
+from chatglm.cli.common import ByteProgress, OutTypeArg, QuantThreads, Verbose, handle_errors, setup_logging
 
 
 @handle_errors
 def quantize_cmd(
     source: Annotated[Path, typer.Argument(help="Input .gguf (f32, f16 or bf16 weights).")],
     output: Annotated[Path, typer.Argument(help="Output .gguf path.")],
-    qtype: Annotated[str, typer.Argument(help="Output type: q8_0, q6_k, q4_k_m, q4_0, iq4_nl, f16, ...")],
+    qtype: OutTypeArg,
     imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix (llama.cpp format).")] = None,
     allow_requantize: Annotated[bool, typer.Option(
         "--allow-requantize", help="Re-encode tensors that are already quantized (loses more than quantizing the "
         "original weights).")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Quantization threads.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    threads: QuantThreads = None,
+    verbose: Verbose = False,
 ) -> None:
     """Quantize a GGUF file (an f32/f16/bf16 one, as `chatglm convert` writes) to another type or recipe."""
     from chatglm.convert.requantize import quantize_gguf

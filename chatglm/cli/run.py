@@ -9,9 +9,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import fail, handle_errors, setup_logging
+from chatglm.cli.common import (Context, FlashAttn, GpuLayers, KVTypeOpt, Seed, Threads, fail, handle_errors, number,
+                               setup_logging)
+from chatglm.limits import MAX_CONTEXT, MAX_LORA_SCALE
 
 ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
+
+MAX_TEMPERATURE = 100.0  # past this every token is about equally likely
+MAX_REPEAT_PENALTY = 100.0
 
 
 @handle_errors
@@ -21,21 +26,25 @@ def run_cmd(
     system: Annotated[Optional[str], typer.Option("-s", "--system", help="System message.")] = None,
     tools: Annotated[Optional[Path], typer.Option("--tools", help="JSON file of tools the model may call "
                                                    "(ChatGLM3 / GLM-4).")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temp", "--temperature")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k")] = None,
-    repeat_penalty: Annotated[Optional[float], typer.Option("--repeat-penalty")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option("-n", "--max-tokens")] = None,
-    ctx: Annotated[Optional[int], typer.Option("-c", "--ctx", help="Context size in tokens.")] = None,
-    threads: Annotated[Optional[int], typer.Option("-t", "--threads")] = None,
-    n_gpu_layers: Annotated[int, typer.Option("-ngl", "--n-gpu-layers")] = 0,
-    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0, f32, ...")] = "f16",
-    flash_attn: Annotated[Optional[bool], typer.Option("--flash-attn/--no-flash-attn",
-                                                       help="Flash attention (default: llama.cpp decides).")] = None,
+    temperature: Annotated[Optional[float], number(("--temp", "--temperature"), "Sampling temperature (0: greedy).",
+                                                   0, MAX_TEMPERATURE)] = None,
+    top_p: Annotated[Optional[float], number(("--top-p",), "Nucleus sampling: keep this much probability mass.",
+                                             0, 1)] = None,
+    top_k: Annotated[Optional[int], number(("--top-k",), "Keep the k likeliest tokens (0: all).", 0, 2**31 - 1)] = None,
+    repeat_penalty: Annotated[Optional[float], number(("--repeat-penalty",), "Penalty of repeated tokens (1: none).",
+                                                      0, MAX_REPEAT_PENALTY)] = None,
+    seed: Seed = None,
+    max_tokens: Annotated[Optional[int], number(("-n", "--max-tokens"), "Most tokens in a reply.", 0,
+                                                MAX_CONTEXT)] = None,
+    ctx: Context = None,
+    threads: Threads = None,
+    n_gpu_layers: GpuLayers = 0,
+    kv_type: KVTypeOpt = "f16",
+    flash_attn: FlashAttn = None,
     lora: Annotated[Optional[list[Path]], typer.Option("--lora", help="LoRA adapter GGUF (`chatglm lora`); "
                                                        "repeatable.")] = None,
-    lora_scale: Annotated[float, typer.Option("--lora-scale", help="Scale of every --lora adapter.")] = 1.0,
+    lora_scale: Annotated[float, number(("--lora-scale",), "Scale of every --lora adapter.", -MAX_LORA_SCALE,
+                                        MAX_LORA_SCALE)] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="With -p: print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show load time and tokens/s.")] = False,
 ) -> None:

@@ -10,10 +10,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import handle_errors, setup_logging
+from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, Threads, handle_errors, non_empty, number,
+                               setup_logging)
 from chatglm.errors import ChatGLMError, InputError, ModelRuntimeError
+from chatglm.limits import MAX_CONTEXT
 
 log = logging.getLogger(__name__)
+
+MAX_PARALLEL = 64  # model instances, each a full copy of the weights
+MAX_QUEUE = 100_000
 
 ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
 
@@ -21,20 +26,23 @@ ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bund
 @handle_errors
 def serve_cmd(
     model: ModelArg = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="CHATGLM_API_KEY",
+    host: Annotated[str, typer.Option("--host", callback=non_empty,  # "" would listen on every interface
+                                      help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, number(("--port",), "Port; 0 picks a free one.", 0, 65535)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="CHATGLM_API_KEY", callback=non_empty,
                                                    help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
-    ctx: Annotated[Optional[int], typer.Option("-c", "--n-ctx", "--ctx", help="Context size in tokens.")] = None,
-    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Model instances (requests at once).")] = 1,
-    queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests allowed to wait.")] = 64,
-    threads: Annotated[Optional[int], typer.Option("-t", "--threads", min=1, help="CPU threads per instance.")] = None,
-    n_gpu_layers: Annotated[int, typer.Option("-ngl", "--n-gpu-layers")] = 0,
-    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0, f32, ...")] = "f16",
-    flash_attn: Annotated[Optional[bool], typer.Option("--flash-attn/--no-flash-attn",
-                                                       help="Flash attention (default: llama.cpp decides).")] = None,
-    cors_origin: Annotated[Optional[str], typer.Option("--cors-origin", help="Allow this one web origin.")] = None,
-    model_id: Annotated[Optional[str], typer.Option("--model-id", help="Name in /v1/models (file stem).")] = None,
+    ctx: Annotated[Optional[int], number(("-c", "--n-ctx", "--ctx"), "Context size in tokens.", 1,
+                                         MAX_CONTEXT)] = None,
+    parallel: Annotated[int, number(("--parallel",), "Model instances (requests at once).", 1, MAX_PARALLEL)] = 1,
+    queue_size: Annotated[int, number(("--queue-size",), "Requests allowed to wait.", 0, MAX_QUEUE)] = 64,
+    threads: Threads = None,
+    n_gpu_layers: GpuLayers = 0,
+    kv_type: KVTypeOpt = "f16",
+    flash_attn: FlashAttn = None,
+    cors_origin: Annotated[Optional[str], typer.Option("--cors-origin", callback=non_empty,
+                                                       help="Allow this one web origin.")] = None,
+    model_id: Annotated[Optional[str], typer.Option("--model-id", callback=non_empty,
+                                                    help="Name in /v1/models (file stem).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests and model loading.")] = False,
 ) -> None:
     """Serve a GGUF model over the OpenAI API, with a chat page at /."""

@@ -72,7 +72,7 @@ def write_lora_gguf(model_dir: os.PathLike | str, adapter_dir: os.PathLike | str
             _check_exportable(family, adapter)
             MergedCheckpoint(base, [adapter], [1.0])  # presence and shape checks against the base model
             names = adapted_names(family, adapter)
-            with atomic_path(dest) as tmp:
+            with atomic_path(dest, sources=[model_dir, adapter_dir]) as tmp:  # never over one of the inputs
                 _write(tmp, family.arch, adapter, names, OUT_TYPES[outtype])
         finally:
             adapter.close()

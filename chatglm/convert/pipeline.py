@@ -80,7 +80,7 @@ def convert(
         planned = _plan_types(family, plan, recipe, has_imatrix=importance is not None)
         dest = Path(out) if out is not None else default_output(model_dir, qtype)
         total = sum(p.nbytes for p in planned)
-        with atomic_path(dest) as tmp:
+        with atomic_path(dest, sources=[model_dir, imatrix, *lora]) as tmp:  # never over one of the inputs
             writer = gguf.GGUFWriter(tmp, family.arch)
             _write_header(writer, family, recipe, planned)
             writer.close()

@@ -30,7 +30,7 @@ from chatglm.convert import qtypes
 from chatglm.convert.pipeline import DataSection, Progress, encode_rows, importance_for, row_blocks
 from chatglm.convert.tensors import bf16_to_f32
 from chatglm.errors import InputError
-from chatglm.fsutil import atomic_path
+from chatglm.fsutil import atomic_path, check_destination
 from chatglm.gguf_file import GGUFHeader, TensorEntry, read_header
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def quantize_gguf(
     start = time.perf_counter()
     recipe = qtypes.get_recipe(qtype)
     src, dest = Path(src), Path(dest)
+    check_destination(dest, [src, imatrix])  # before any work: never over the file being requantized
     header = read_header(src)
     shapes = {name: numpy_shape(e) for name, e in header.tensors.items()}
     importance = importance_for(imatrix, shapes) if imatrix is not None else None
@@ -88,7 +89,7 @@ def quantize_gguf(
     _check_requantize(planned, allow_requantize, src)
     _check_imatrix_coverage(recipe, planned, importance or {}, src)
     total = sum(p.nbytes for p in planned)
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, sources=[src, imatrix]) as tmp:
         alignment = _write_header(tmp, header, recipe, planned)
         with open(src, "rb") as fin, open(tmp, "r+b") as fout:
             section = DataSection(fout, alignment, total, progress)

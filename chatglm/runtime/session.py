@@ -218,7 +218,7 @@ class ChatSession:
         """Write the conversation as JSON (``{"kind": "chatglm-conversation", "version": 1, "messages": [...]}``)."""
         data = {"kind": FILE_KIND, "version": FILE_VERSION, "model": self.model.info.description,
                 "messages": [m.to_dict() for m in self._messages]}
-        with atomic_output(path) as fh:  # a temporary file renamed at the end: never a half-written save
+        with atomic_output(path, sources=[self.model.info.path]) as fh:  # renamed at the end; never over the model
             fh.write((json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
 
     def load(self, path: os.PathLike | str) -> None:
