@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,6 +15,8 @@ from chatglm.cli.common import handle_errors, setup_logging
 from chatglm.errors import ChatGLMError, InputError
 
 log = logging.getLogger(__name__)
+
+HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")  # a DNS name, an IPv4 or [IPv6]
 
 ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
 
@@ -82,7 +85,7 @@ def allowed_hosts(host: str, api_key: Optional[str], extra: list[str]) -> Option
     names = []
     for given in extra:
         name = host_name(given)
-        if not name:
+        if not name or not HOST_NAME.fullmatch(name):
             raise InputError(f"--allow-host {given!r}: not a host name (give a name such as myhost.local)")
         names.append(name)
     if api_key or not is_loopback(host):

@@ -3,8 +3,9 @@
 ``create_app(load_models, config)`` returns a FastAPI app. ``load_models`` is either the model instances (one per
 ``--parallel`` slot), already loaded, or a function that runs on a background thread at startup and returns them;
 until it returns, ``/health`` and the generation endpoints answer 503. Every POST body passes
-:func:`chatglm.server.body.parse_request`; with ``allowed_hosts`` set, requests for other Host names get a 403. Each generation runs on a worker thread; the event loop only relays text, so a slow model never blocks
-``/health`` or the queue.
+:func:`chatglm.server.body.parse_request`; with ``allowed_hosts`` set, requests for other Host names get a 403.
+Each generation runs on a worker thread; the event loop only relays text, so a slow model never blocks ``/health``
+or the queue.
 """
 
 from __future__ import annotations
