@@ -20,7 +20,7 @@ import pytest
 from fixtures_server import LiveServer, ScriptedModel, raw_http10, raw_request, serve
 from hostile import assert_refused, cli, digest
 
-from chatglm.cli.serve import allowed_hosts
+from chatglm.cli.serve import allowed_hosts, bind
 from chatglm.errors import InputError
 from chatglm.server import ServerConfig, create_app
 from chatglm.server.body import parse_request
@@ -341,15 +341,26 @@ def not_glm_gguf(path):
 def test_a_load_error_is_one_line_exit_2_and_nothing_was_announced(tmp_path):
     path = not_glm_gguf(tmp_path / "llama.gguf")
     sources = digest([path])
-    outcome = cli(["serve", path, "--port", "0"], isolated=True, timeout=60)
+    outcome = cli(["serve", path, "--port", "0"])
     assert_refused(outcome, path, code=2, problem="not a GLM model", sources=sources)
     assert "serving" not in outcome.text
+
+
+def test_the_port_is_bound_but_nobody_answers_until_the_model_is_loaded():
+    import socket
+
+    sock = bind("127.0.0.1", 0)  # what serve holds while it loads: a taken port fails early, a client is refused
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(sock.getsockname(), timeout=5).close()
+    finally:
+        sock.close()
 
 
 @pytest.mark.parametrize("args, problem", [(["--allow-host", "a b"], "--allow-host 'a b': not a host name"),
                                            (["--allow-host", ""], "not a host name")])
 def test_a_bad_allow_host_is_one_line_exit_2(tmp_path, args, problem):
-    outcome = cli(["serve", not_glm_gguf(tmp_path / "m.gguf"), "--port", "0", *args], isolated=True, timeout=60)
+    outcome = cli(["serve", not_glm_gguf(tmp_path / "m.gguf"), "--port", "0", *args])
     assert_refused(outcome, "--allow-host", code=2, problem=problem)
     assert "serving" not in outcome.text
 

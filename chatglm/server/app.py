@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
             "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PARSE_INLINE_BYTES = 64 << 10
 DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this much, so the client sees the 413
 
 
@@ -96,7 +97,10 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def read_request(request: Request, route: str, limit: int) -> ParsedRequest:
     """The validated request of a POST to ``route`` (every check of :func:`chatglm.server.body.parse_request`)."""
     body = await read_body(request, limit)
-    return parse_request(body, request.headers.get("content-type", ""), route, limit)
+    args = (body, request.headers.get("content-type", ""), route, limit)
+    if len(body) > PARSE_INLINE_BYTES:  # a big body is parsed on a thread, so /health and streams go on meanwhile
+        return await asyncio.to_thread(parse_request, *args)
+    return parse_request(*args)
 
 
 async def until_disconnect(request: Request, awaitable) -> Any:
@@ -282,7 +286,7 @@ def _v1_router(server: Server) -> APIRouter:
     @router.get("/models/{name:path}")
     async def model(name: str) -> dict:
         if name != model_id:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
+            raise APIError(404, f"the model {name[:100]!r} does not exist; this server serves {model_id!r}",
                            code="model_not_found", param="model")
         return model_card()
 

@@ -49,6 +49,8 @@ class HostGuard:
         if host_name(header) in self.allowed:
             return await self.app(scope, receive, send)
         log.warning("refused a request for Host %r (DNS rebinding?)", header[:100])
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
         shown = ", ".join(sorted(self.allowed))
         await APIError(403, f"the Host header {header[:100]!r} is not allowed: this server answers only {shown}; "
                             "start it with --allow-host NAME to allow another name",
