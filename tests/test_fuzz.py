@@ -185,3 +185,34 @@ def test_server_answers_4xx_never_500(data):
 def test_every_target_is_fuzzed_here():
     tested = {name for name in targets.TARGETS if f'"{name}"' in Path(__file__).read_text()}
     assert tested == set(targets.TARGETS)
+
+
+# -------------------------------------------------------------------------------------------------- benchmarks/fuzz.py
+
+
+def _bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz.py"
+    spec = importlib.util.spec_from_file_location("bench_fuzz", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_names_each_way_a_child_stops():
+    bench = _bench()
+    artifact = bench.CACHE / "findings" / "gguf" / "timeout-abc"
+    err = f"==1== ERROR: libFuzzer: timeout after 10 seconds\nartifact_prefix=x; Test unit written to {artifact}\n"
+    assert bench._stopped(err, 70) == ("hang: one execution ran past the time limit "
+                                       "(benchmarks/.cache/fuzz/findings/gguf/timeout-abc)")
+    assert bench._stopped("==2== ERROR: libFuzzer: deadly signal\n", 1).startswith("crash: the process was killed")
+    row = bench.Row("gguf", seconds=10, fuzz_seconds=8, executions=800, cov=5, ft=7, findings=["hang: x (f)"])
+    assert "| gguf | 10 | 800 | 100 | 5 | 7 | hang: x (f) |" in bench.table([row])
+
+
+def test_benchmark_without_atheris_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "atheris", None)
+    assert _bench().main(["--seconds", "5"]) == 2
+    assert "pip install atheris" in capsys.readouterr().err

@@ -7,7 +7,8 @@ on its path is imported, and instrumented, before fuzzing starts), then libFuzze
 the target is a finding: its input is saved under ``--findings`` (``<kind>-<sha1>`` plus a ``.txt`` one-line
 summary with the traceback), once per distinct place it was raised, and fuzzing goes on. Hangs (``-timeout``),
 memory blow-ups (``-rss_limit_mb``) and signals stop the process; libFuzzer saves those inputs itself
-(``-artifact_prefix``). ``--stats`` receives {"executions", "findings"} as JSON about twice a second.
+(``-artifact_prefix``). ``--stats`` receives {"executions", "seconds" (of fuzzing), "findings"} as JSON about twice a
+second.
 benchmarks/fuzz.py drives this script for every target.
 """
 
@@ -53,8 +54,11 @@ class Recorder:
     def __init__(self, run, stats: Path | None, findings: Path | None):
         self.run, self.stats, self.findings = run, stats, findings
         self.executions, self.seen, self.last_write = 0, set(), 0.0
+        self.started: float | None = None  # the first execution (start-up and seed replay not counted)
 
     def __call__(self, data: bytes) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
         self.executions += 1
         self.write_stats()
         try:
@@ -88,7 +92,9 @@ class Recorder:
             return
         self.last_write = now
         tmp = self.stats.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"executions": self.executions, "findings": len(self.seen)}))
+        seconds = now - self.started if self.started is not None else 0.0
+        tmp.write_text(json.dumps({"executions": self.executions, "seconds": round(seconds, 3),
+                                   "findings": len(self.seen)}))
         os.replace(tmp, self.stats)
 
 

@@ -12,15 +12,18 @@ a seed built by tests/fuzz/seeds.py.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import seeds as seedlib
 from chatglm.errors import InputError
@@ -28,6 +31,7 @@ from chatglm.errors import InputError
 logging.getLogger("chatglm").setLevel(logging.ERROR)  # refusals are expected by the million: keep stderr quiet
 
 _DIR = Path(tempfile.mkdtemp(prefix="chatglm-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+atexit.register(shutil.rmtree, _DIR, True)
 
 
 class Finding(Exception):
@@ -208,8 +212,6 @@ ice_model = FolderTarget("ice_text.model", ("glm1",))
 @functools.cache
 def _server():
     """A TestClient on the real app serving the tests' scripted ChatGLM3 model, ready, with a loopback Host."""
-    import sys
-
     from fastapi.testclient import TestClient
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -223,8 +225,6 @@ def _server():
     for _ in range(500):
         if client.get("/health").status_code == 200:
             break
-        import time
-
         time.sleep(0.01)
     return client, model
 
@@ -251,12 +251,11 @@ def server(data: bytes) -> None:
 
 
 def close() -> None:
-    """Stop the server target's app (if it was started) and remove scratch files."""
+    """Stop the server target's app if it was started (scratch files go at exit)."""
     if _server.cache_info().currsize:
         client, _ = _server()
         client.__exit__(None, None, None)
         _server.cache_clear()
-    shutil.rmtree(_DIR, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- registry
