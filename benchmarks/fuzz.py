@@ -80,7 +80,7 @@ def prepare(names: list[str]) -> None:
     targets.close()
 
 
-def _child(name: str, seconds: int, args: argparse.Namespace) -> subprocess.Popen:
+def _child(name: str, seconds: int, args: argparse.Namespace, log) -> subprocess.Popen:
     import targets
 
     findings = CACHE / "findings" / name
@@ -89,8 +89,7 @@ def _child(name: str, seconds: int, args: argparse.Namespace) -> subprocess.Pope
            "--findings", str(findings), str(CACHE / "corpus" / name), f"-max_total_time={seconds}",
            f"-timeout={args.exec_timeout}", f"-rss_limit_mb={args.rss_limit_mb}", f"-artifact_prefix={findings}/",
            "-print_final_stats=1"] + ([f"-max_len={JSON_MAX_LEN}"] if targets.TARGETS[name].json else [])
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            errors="replace")
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=log)
 
 
 def _stats(name: str) -> dict:
@@ -104,24 +103,31 @@ def fuzz_target(name: str, args: argparse.Namespace) -> Row:
     """Run one target for ``args.seconds``, restarting it after a hang, memory blow-up or crash."""
     row = Row(name)
     start = time.monotonic()
-    findings_dir = CACHE / "findings" / name
-    before = {p.name for p in findings_dir.glob("*")} if findings_dir.exists() else set()
     while (left := args.seconds - (time.monotonic() - start)) > 3 and row.starts < args.max_starts:
         (CACHE / f"{name}.stats.json").unlink(missing_ok=True)
-        proc = _child(name, int(left), args)
-        _, err = proc.communicate()
+        log_path = CACHE / f"{name}.log"  # libFuzzer's stderr, kept on disk: long runs write a lot of it
+        with open(log_path, "wb") as log:
+            code = _child(name, int(left), args, log).wait()
+        err = _tail(log_path)
         row.starts += 1
         stats, executed = _stats(name), EXECUTED.findall(err)
         row.executions += max(int(stats.get("executions", 0)), int(executed[-1]) if executed else 0)
         row.fuzz_seconds += float(stats.get("seconds", 0.0))
+        row.findings += [f for f in stats.get("findings", []) if f not in row.findings]
         found = STATUS.findall(err)
         if found:
             row.cov, row.ft = max(row.cov, int(found[-1][1])), max(row.ft, int(found[-1][2]))
-        if proc.returncode != 0:
-            row.findings.append(_stopped(err, proc.returncode))
+        if code != 0:
+            row.findings.append(_stopped(err, code))
     row.seconds = time.monotonic() - start
-    row.findings += _exception_findings(findings_dir, before)
     return row
+
+
+def _tail(path: Path, size: int = 1 << 20) -> str:
+    """The last ``size`` bytes of a log, as text."""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, fh.seek(0, os.SEEK_END) - size))
+        return fh.read().decode("utf-8", "replace")
 
 
 def _stopped(err: str, code: int) -> str:
@@ -130,15 +136,6 @@ def _stopped(err: str, code: int) -> str:
     where = Path(artifact[-1]).relative_to(ROOT) if artifact and Path(artifact[-1]).is_absolute() else "?"
     last = [ln for ln in err.splitlines() if ln and not ln.startswith(("==", "MS:", "SUMMARY", "INFO", "#", "0x"))]
     return f"{cause}{': ' + last[-1][:120] if last and cause.startswith('exception') else ''} ({where})"
-
-
-def _exception_findings(folder: Path, before: set[str]) -> list[str]:
-    out = []
-    for txt in sorted(folder.glob("exception-*.txt")) if folder.exists() else []:
-        if txt.name not in before:
-            summary = txt.read_text(encoding="utf-8").splitlines()[0]
-            out.append(f"{summary} ({txt.with_suffix('').relative_to(ROOT)})")
-    return out
 
 
 def table(rows: list[Row]) -> str:

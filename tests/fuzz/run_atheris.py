@@ -7,8 +7,8 @@ on its path is imported, and instrumented, before fuzzing starts), then libFuzze
 the target is a finding: its input is saved under ``--findings`` (``<kind>-<sha1>`` plus a ``.txt`` one-line
 summary with the traceback), once per distinct place it was raised, and fuzzing goes on. Hangs (``-timeout``),
 memory blow-ups (``-rss_limit_mb``) and signals stop the process; libFuzzer saves those inputs itself
-(``-artifact_prefix``). ``--stats`` receives {"executions", "seconds" (of fuzzing), "findings"} as JSON about twice a
-second.
+(``-artifact_prefix``). ``--stats`` receives {"executions", "seconds" (of fuzzing), "findings" (one line each)} as
+JSON about twice a second.
 benchmarks/fuzz.py drives this script for every target.
 """
 
@@ -54,6 +54,7 @@ class Recorder:
     def __init__(self, run, stats: Path | None, findings: Path | None):
         self.run, self.stats, self.findings = run, stats, findings
         self.executions, self.seen, self.last_write = 0, set(), 0.0
+        self.found: list[str] = []  # "summary (input file)" per distinct finding
         self.started: float | None = None  # the first execution (start-up and seed replay not counted)
 
     def __call__(self, data: bytes) -> None:
@@ -78,12 +79,14 @@ class Recorder:
         self.seen.add(key)
         summary = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''} (at {where})"
         print(f"FINDING {summary}", file=sys.stderr, flush=True)
+        saved = "not saved"
         if self.findings is not None:
             self.findings.mkdir(parents=True, exist_ok=True)
-            name = f"exception-{hashlib.sha1(data).hexdigest()}"
-            (self.findings / name).write_bytes(data)
+            saved = str(self.findings / f"exception-{hashlib.sha1(data).hexdigest()}")
+            Path(saved).write_bytes(data)
             text = "".join(traceback.format_exception(exc))
-            (self.findings / f"{name}.txt").write_text(f"{summary}\n\n{text}", encoding="utf-8")
+            Path(saved + ".txt").write_text(f"{summary}\n\n{text}", encoding="utf-8")
+        self.found.append(f"{summary} ({_short(saved)})")
         self.write_stats(force=True)
 
     def write_stats(self, force: bool = False) -> None:
@@ -94,7 +97,7 @@ class Recorder:
         tmp = self.stats.with_suffix(".tmp")
         seconds = now - self.started if self.started is not None else 0.0
         tmp.write_text(json.dumps({"executions": self.executions, "seconds": round(seconds, 3),
-                                   "findings": len(self.seen)}))
+                                   "findings": self.found}))
         os.replace(tmp, self.stats)
 
 
