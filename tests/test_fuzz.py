@@ -134,6 +134,12 @@ def test_gguf_validator_never_crashes(data):
     run("gguf_validate", data)
 
 
+@fuzz(200)
+@given(st.one_of(st.binary(max_size=128), mutated("imatrix")))
+def test_imatrix_reader_never_crashes(data):
+    run("imatrix", data)
+
+
 # -------------------------------------------------------------------------------------------------- checkpoint folders
 
 
@@ -153,6 +159,12 @@ def test_tokenizer_config_json_never_crashes(data):
 @given(st.one_of(json_mutated("tokenizer_json"), mutated("tokenizer_json")))
 def test_tokenizer_json_never_crashes(data):
     run("tokenizer_json", data)
+
+
+@fuzz(60)
+@given(st.one_of(json_mutated("adapter_config_json"), mutated("adapter_config_json")))
+def test_adapter_config_json_never_crashes(data):
+    run("adapter_config_json", data)
 
 
 @fuzz(50)

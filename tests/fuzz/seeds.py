@@ -3,9 +3,9 @@
 Everything is generated (no stored binaries) and small, so a fuzzer spends its time in the parsers rather than in
 copying bytes: SentencePiece and BPE vocabularies of a few hundred tokens, two-layer models of width 32.
 
-``build(root)`` writes every seed under ``root`` once (a ``.complete`` marker says it is done) and returns a
-:class:`Seeds`; later calls with the same folder reuse it, so atheris children started by benchmarks/fuzz.py share
-one copy (``CHATGLM_FUZZ_SEEDS`` names it).
+``build(root)`` writes every seed under ``root`` once (a ``.complete`` marker holding a hash of this file says it is
+done, and by which recipe) and returns a :class:`Seeds`; later calls with the same folder reuse it, so atheris
+children started by benchmarks/fuzz.py share one copy (``CHATGLM_FUZZ_SEEDS`` names it).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -23,7 +24,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"  # the marker's content; the default folder's name also carries a hash of this file
 SEEDS_ENV = "CHATGLM_FUZZ_SEEDS"
 
 # English-only training text: few distinct characters keep the vocabularies (and the seeds) small.
@@ -49,24 +49,30 @@ class Seeds:
         return (self.root / name).read_bytes()
 
 
+def stamp() -> str:
+    """A hash of this file: seeds made by another version of the recipe are rebuilt."""
+    return hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
 def default_root() -> Path:
     given = os.environ.get(SEEDS_ENV)
     if given:
         return Path(given)
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    stamp = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]  # a changed recipe gets fresh seeds
-    return Path(tempfile.gettempdir() if base is None else base) / f"chatglm-fuzz-seeds-{stamp}-{os.getuid()}"
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return Path(base) / f"chatglm-fuzz-seeds-{stamp()}-{os.getuid()}"
 
 
 def build(root: Path | None = None) -> Seeds:
     root = Path(root or default_root())
     marker = root / ".complete"
-    if marker.is_file() and marker.read_text() == VERSION:
+    if marker.is_file() and marker.read_text() == stamp():
         return Seeds(root)
+    if root.exists():
+        shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     _checkpoints(root)
     _files(root)
-    marker.write_text(VERSION)
+    marker.write_text(stamp())
     log.info("fuzz seeds written to %s", root)
     return Seeds(root)
 
@@ -81,11 +87,37 @@ def _checkpoints(root: Path) -> None:
     sp = train_sentencepiece(root / "sp.model", TEXT, vocab_size=320)
     model = tiny_glm_model(vocab_size=sp_vocab_size(sp) + 12, **SMALL)
     save_chatglm_checkpoint(model, root / "glm3", sp, family="chatglm3")
+    _adapter(root / "glm3-lora", root / "glm3")
     tok = glm4.train_glm4_bpe(TEXT, vocab_size=300)
     glm4.build_checkpoint("glm4", root / "glm4", tok, **SMALL)
     glm4.build_checkpoint("glm4-hf", root / "glm4-hf", tok, **SMALL)
     glm4.build_checkpoint("glm45", root / "glm45", tok, **{**SMALL, "num_hidden_layers": 3})
     _glm1(root)
+
+
+def _adapter(out: Path, base: Path) -> None:
+    """A PEFT LoRA adapter for ``base`` (rank 2 on two kinds of matrix in every layer), with a regex target list."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from chatglm.convert.checkpoint import Checkpoint
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    with Checkpoint(base) as ckpt:
+        for name in ckpt.names():
+            if name.endswith(("query_key_value.weight", "dense_4h_to_h.weight")):
+                n_out, n_in = ckpt.info(name).shape
+                module = "base_model.model." + name.removesuffix(".weight")
+                tensors[f"{module}.lora_A.weight"] = rng.normal(0, 0.2, (2, n_in)).astype(np.float32)
+                tensors[f"{module}.lora_B.weight"] = rng.normal(0, 0.2, (n_out, 2)).astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "bias": "none",
+           "target_modules": ".*(query_key_value|dense_4h_to_h)", "fan_in_fan_out": False,
+           "base_model_name_or_path": "THUDM/chatglm3-6b", "use_rslora": False,
+           "alpha_pattern": {"encoder.layers.1.mlp.dense_4h_to_h": 3}, "rank_pattern": {}}
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def _glm1(root: Path) -> None:
@@ -107,6 +139,7 @@ def _files(root: Path) -> None:
     (root / "data.pkl").write_bytes(pickle_of(torch_zip()))
     (root / "x.safetensors").write_bytes(safetensors_file())
     (root / "header.gguf").write_bytes(small_gguf())
+    _imatrices(root, model_shapes(root / "glm3.gguf"))
     for i, body in enumerate(chat_bodies()):
         (root / f"request-{i}.json").write_bytes(body)
 
@@ -147,6 +180,36 @@ def small_gguf() -> bytes:
         w.write_tensors_to_file()
         w.close()
         return path.read_bytes()
+
+
+def model_shapes(gguf_path: Path) -> dict[str, tuple[int, ...]]:
+    """numpy shapes of a GGUF's matrices (what an importance matrix is checked against)."""
+    from chatglm.gguf_file import read_header
+
+    return {n: tuple(reversed(t.shape)) for n, t in read_header(gguf_path).tensors.items() if len(t.shape) >= 2}
+
+
+def _imatrices(root: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The same importance matrix in llama.cpp's legacy ``.dat`` format and in its GGUF format."""
+    import gguf as g
+    import numpy as np
+
+    from chatglm.convert.imatrix import n_values, write_legacy
+
+    entries = {n: (2, np.linspace(0.5, 1.5, n_values(s), dtype=np.float32)) for n, s in shapes.items()}
+    write_legacy(root / "imatrix.dat", entries, chunk_count=2, dataset="calib.txt")
+    w = g.GGUFWriter(root / "imatrix.gguf", arch="imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["calib.txt"])
+    w.add_uint32("imatrix.chunk_count", 2)
+    w.add_uint32("imatrix.chunk_size", 512)
+    for name, (ncall, values) in entries.items():
+        w.add_tensor(f"{name}.in_sum2", (values * ncall).reshape(1, -1))
+        w.add_tensor(f"{name}.counts", np.full((1, 1), ncall, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def chat_bodies() -> list[bytes]:

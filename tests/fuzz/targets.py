@@ -151,6 +151,18 @@ def _validate_glm1(header) -> None:
     weights.check_tensors(header, cfg)
 
 
+def imatrix(data: bytes) -> None:
+    """An importance matrix (either format) read and checked against the ChatGLM3 seed's tensors, as convert does."""
+    from chatglm.convert.pipeline import importance_for
+
+    _refused(lambda: importance_for(_file("imatrix", data), _imatrix_shapes()))
+
+
+@functools.cache
+def _imatrix_shapes() -> dict[str, tuple[int, ...]]:
+    return seedlib.model_shapes(seeds().root / "glm3.gguf")
+
+
 # --------------------------------------------------------------------------------------------- checkpoint folders
 
 
@@ -169,31 +181,35 @@ def _workspace(folder: str, fuzzed: str) -> Path:
     return work
 
 
-def convert_folder(folder: str, fuzzed: str, data: bytes) -> None:
-    """``chatglm convert`` of seed ``folder`` whose file ``fuzzed`` holds ``data``, to f32 in a scratch file."""
+def convert_folder(folder: str, fuzzed: str, data: bytes, base: str | None = None) -> None:
+    """``chatglm convert`` of seed ``folder`` whose file ``fuzzed`` holds ``data``, to f32 in a scratch file; with
+    ``base``, ``folder`` is a LoRA adapter merged into the seed checkpoint ``base``."""
     from chatglm.convert.pipeline import convert
 
     work = _workspace(folder, fuzzed)
     (work / fuzzed).write_bytes(data)
     out = _DIR / f"out-{folder}"
     out.mkdir(exist_ok=True)
+    model, lora = (work, ()) if base is None else (seeds().folder(base), (work,))
     try:
-        _refused(lambda: convert(work, out / "model.gguf", "f32"))
+        _refused(lambda: convert(model, out / "model.gguf", "f32", lora=lora))
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 @dataclass(frozen=True)
 class FolderTarget:
-    """Fuzzes one file of a checkpoint folder; the first byte of the input chooses among ``folders``."""
+    """Fuzzes one file of a checkpoint folder; the first byte of the input chooses among ``folders``. With ``base``,
+    the folders are LoRA adapters merged into that seed checkpoint."""
 
     fuzzed: str
     folders: tuple[str, ...]
+    base: str | None = None
 
     def __call__(self, data: bytes) -> None:
         if not data:
             return
-        convert_folder(self.folders[data[0] % len(self.folders)], self.fuzzed, data[1:])
+        convert_folder(self.folders[data[0] % len(self.folders)], self.fuzzed, data[1:], self.base)
 
     def seed_inputs(self) -> list[bytes]:
         return [bytes([i]) + (seeds().folder(f) / self.fuzzed).read_bytes() for i, f in enumerate(self.folders)]
@@ -205,6 +221,7 @@ tokenizer_json = FolderTarget("tokenizer.json", ("glm4-hf", "glm45"))
 spm_model = FolderTarget("tokenizer.model", ("glm3",))
 tiktoken = FolderTarget("tokenizer.model", ("glm4",))
 ice_model = FolderTarget("ice_text.model", ("glm1",))
+adapter_config_json = FolderTarget("adapter_config.json", ("glm3-lora",), base="glm3")
 
 
 # --------------------------------------------------------------------------------------------- server
@@ -284,6 +301,7 @@ TARGETS: dict[str, Target] = {
     "gguf": Target(gguf, _seed_files("header.gguf", "glm3.gguf"), "GGUF header reader (read_header, arrays)"),
     "gguf_validate": Target(gguf_validate, _seed_files("glm3.gguf", "glm4-hf.gguf", "glm45.gguf", "glm1.gguf"),
                             "everything run/info does before a native call"),
+    "imatrix": Target(imatrix, _seed_files("imatrix.dat", "imatrix.gguf"), "importance matrices (.dat and GGUF)"),
     "pickle": Target(torch_pickle, _seed_files("data.pkl"), "the safe unpickler (data.pkl of a zip checkpoint)"),
     "torch_zip": Target(torch_zip, _seed_files("torch.bin"), "a whole .bin: zip container and pickle"),
     "config_json": Target(config_json, config_json.seed_inputs, "config.json through detection and conversion",
@@ -292,6 +310,9 @@ TARGETS: dict[str, Target] = {
                                     "tokenizer_config.json through conversion", json=True),
     "tokenizer_json": Target(tokenizer_json, tokenizer_json.seed_inputs, "tokenizer.json (BPE vocab builder)",
                              json=True),
+    "adapter_config_json": Target(adapter_config_json, adapter_config_json.seed_inputs,
+                                  "a LoRA adapter_config.json (target_modules regex, patterns) merged by convert",
+                                  json=True),
     "spm_model": Target(spm_model, spm_model.seed_inputs, "SentencePiece tokenizer.model (SPM vocab builder)"),
     "tiktoken": Target(tiktoken, tiktoken.seed_inputs, "tiktoken tokenizer.model (merges recovery)"),
     "ice_model": Target(ice_model, ice_model.seed_inputs, "ChatGLM-6B ice_text.model (GLM-1 vocab builder)"),
