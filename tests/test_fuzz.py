@@ -185,6 +185,21 @@ def test_ice_model_never_crashes(data):
     run("ice_model", data)
 
 
+# -------------------------------------------------------------------------------------------------- chat files, replies
+
+
+@fuzz(150)
+@given(st.one_of(json_mutated("chat_files"), mutated("chat_files")))
+def test_conversation_and_tools_files_never_crash(data):
+    run("chat_files", data)
+
+
+@fuzz(300)
+@given(st.one_of(st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")), mutated("reply")))
+def test_reply_parsers_never_crash(data):
+    run("reply", data)
+
+
 # -------------------------------------------------------------------------------------------------- server
 
 

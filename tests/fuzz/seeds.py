@@ -140,6 +140,7 @@ def _files(root: Path) -> None:
     (root / "x.safetensors").write_bytes(safetensors_file())
     (root / "header.gguf").write_bytes(small_gguf())
     _imatrices(root, model_shapes(root / "glm3.gguf"))
+    _chat(root)
     for i, body in enumerate(chat_bodies()):
         (root / f"request-{i}.json").write_bytes(body)
 
@@ -210,6 +211,29 @@ def _imatrices(root: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+TOOLS = [{"name": "get_weather", "description": "the weather in a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+REPLIES = [  # what the formats generate: plain text, ChatGLM3 and GLM-4 tool calls, GLM-4.5 thinking and tool calls
+    "\nHello! How can I help?",
+    "get_weather\n```python\ntool_call(city='Paris')\n```",
+    "get_weather\n{\"city\": \"Paris\"}",
+    "<think>the user wants weather</think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+    "<arg_value>Paris</arg_value>\n</tool_call>",
+]
+
+
+def _chat(root: Path) -> None:
+    """A saved conversation (the REPL's /save format) and a tools file."""
+    messages = [{"role": "system", "content": "be brief", "tools": TOOLS}, {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "", "metadata": "get_weather",
+                 "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]},
+                {"role": "observation", "content": "{\"temperature\": 21}"},
+                {"role": "assistant", "content": "It is 21 degrees.", "thinking": "easy"}]
+    conversation = {"kind": "chatglm-conversation", "version": 1, "model": "tiny", "messages": messages}
+    (root / "conversation.json").write_text(json.dumps(conversation), encoding="utf-8")
+    (root / "tools.json").write_text(json.dumps({"tools": TOOLS}), encoding="utf-8")
 
 
 def chat_bodies() -> list[bytes]:

@@ -224,6 +224,54 @@ ice_model = FolderTarget("ice_text.model", ("glm1",))
 adapter_config_json = FolderTarget("adapter_config.json", ("glm3-lora",), base="glm3")
 
 
+# --------------------------------------------------------------------------------------------- chat files, replies
+
+
+class CodePoints:
+    """A tokenizer for prompt building without a model: one id per character."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+@functools.cache
+def _formats() -> list:
+    """Every registered chat format, with every special token a format may need at ids above the code points."""
+    from chatglm.runtime import prompts, prompts_glm1, prompts_glm4, prompts_glm45  # noqa: F401 (registration)
+    from chatglm.runtime.loader import SPECIAL_TEXTS
+
+    special = {t: 0x110000 + i for i, t in enumerate(SPECIAL_TEXTS)}
+    return [prompts.get_format(name, special) for name in sorted(prompts.FORMATS)]
+
+
+def _chat_file(kind: int, path: Path) -> None:
+    from chatglm.cli.run import read_tools
+    from chatglm.runtime.messages import Message
+    from chatglm.runtime.session import read_conversation, system_message
+
+    if kind % 2 == 0:
+        messages = read_conversation(path) + [Message("user", "hi")]
+    else:
+        messages = [m for m in (system_message(None, read_tools(path)), Message("user", "hi")) if m is not None]
+    for fmt in _formats():
+        _refused(lambda: fmt.prompt_ids(messages, CodePoints()))
+
+
+def chat_files(data: bytes) -> None:
+    """A conversation file (REPL ``/load``; first byte even) or a tools file (``--tools``; odd), then the prompt of
+    every chat format built from it."""
+    if data:
+        _refused(lambda: _chat_file(data[0], _file("chat.json", data[1:])))
+
+
+def reply(data: bytes) -> None:
+    """Generated text (a model can emit anything) through every chat format's reply parser and visible-text filter."""
+    text = data.decode("utf-8", "replace")
+    for fmt in _formats():
+        _refused(lambda: (fmt.parse_reply(text), fmt.visible(text)))
+
+
 # --------------------------------------------------------------------------------------------- server
 
 
@@ -296,6 +344,10 @@ def _server_seeds() -> list[bytes]:
     return [bytes([0]) + b for b in bodies[:-1]] + [bytes([1]) + bodies[-1]]
 
 
+def _chat_seeds() -> list[bytes]:
+    return [bytes([0]) + seeds().file("conversation.json"), bytes([1]) + seeds().file("tools.json")]
+
+
 TARGETS: dict[str, Target] = {
     "safetensors": Target(safetensors, _seed_files("x.safetensors"), "safetensors header and tensor loads"),
     "gguf": Target(gguf, _seed_files("header.gguf", "glm3.gguf"), "GGUF header reader (read_header, arrays)"),
@@ -316,5 +368,8 @@ TARGETS: dict[str, Target] = {
     "spm_model": Target(spm_model, spm_model.seed_inputs, "SentencePiece tokenizer.model (SPM vocab builder)"),
     "tiktoken": Target(tiktoken, tiktoken.seed_inputs, "tiktoken tokenizer.model (merges recovery)"),
     "ice_model": Target(ice_model, ice_model.seed_inputs, "ChatGLM-6B ice_text.model (GLM-1 vocab builder)"),
+    "chat_files": Target(chat_files, _chat_seeds, "conversation and tools files through every chat format",
+                         json=True),
+    "reply": Target(reply, lambda: [r.encode("utf-8") for r in seedlib.REPLIES], "generated text through every chat format's reply parser"),
     "server": Target(server, _server_seeds, "HTTP request bodies of the OpenAI endpoints", json=True),
 }
