@@ -31,7 +31,29 @@ from chatglm.errors import InputError
 # Refusals (and, in the server, logged 500s) come by the million: the targets report what matters themselves.
 logging.getLogger("chatglm").setLevel(logging.CRITICAL)
 
-_DIR = Path(tempfile.mkdtemp(prefix="chatglm-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+def _scratch() -> Path:
+    """This process's scratch folder, in memory where possible. atheris leaves through ``_exit`` (no atexit), so the
+    folders of processes that are gone are removed here."""
+    parent = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()) / f"chatglm-fuzz-{os.getuid()}"
+    parent.mkdir(exist_ok=True)
+    for old in parent.iterdir():
+        pid = old.name.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_DIR = _scratch()
 atexit.register(shutil.rmtree, _DIR, True)
 
 
