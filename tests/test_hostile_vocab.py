@@ -231,7 +231,8 @@ def test_sentencepiece_missing_one_byte_piece(glm3, tmp_path):
     model = folder / "tokenizer.model"
     index = next(i for i, p in enumerate(pieces_of(model.read_bytes())) if p.text == "<0xC3>")
     edit_pieces(model, renamed(index, "<0xC3>?", 1))
-    refused(folder, tmp_path, model, "not a SentencePiece model (INTERNAL: there are not 256 byte pieces", isolated=True)
+    refused(folder, tmp_path, model, "not a SentencePiece model (INTERNAL: there are not 256 byte pieces",
+            isolated=True)
 
 
 # ------------------------------------------------------------------------------- 3. quadratic merging

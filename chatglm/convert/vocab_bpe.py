@@ -29,8 +29,8 @@ from typing import Any, Mapping, Optional
 
 import gguf
 
-from chatglm.convert.vocab_common import (check_token_length, check_token_texts, json_field, json_kind, json_object, short,
-                                          unique_name)
+from chatglm.convert.vocab_common import (check_token_length, check_token_texts, json_field, json_kind, json_object,
+                                          short, unique_name)
 from chatglm.errors import InputError, UnsupportedModelError
 
 TT = gguf.TokenType
@@ -316,7 +316,8 @@ def build_tokenizer_json_vocab(path: Path, n_vocab: int) -> BpeVocab:
         raise UnsupportedModelError("tokenizer.json is not a BPE tokenizer", path)
     _check_pipeline(data, path)
     tokens = _json_vocab(json_field(model, "vocab", dict, path, "model."), path)
-    pre = PRE_WHOLE_WORDS if json_field(model, "ignore_merges", bool, path, "model.", default=False) else PRE_MERGES_ONLY
+    whole_words = json_field(model, "ignore_merges", bool, path, "model.", default=False)
+    pre = PRE_WHOLE_WORDS if whole_words else PRE_MERGES_ONLY
     merges = _json_merges(json_field(model, "merges", list, path, "model."), tokens, path)
     vocab = BpeVocab(tokens, [TT.NORMAL] * len(tokens), merges, pre)
     _add_tokens(vocab, _json_added_tokens(data, path), n_vocab, path)
