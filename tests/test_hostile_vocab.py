@@ -541,3 +541,35 @@ def test_real_chatglm6b_decode_matches_sentencepiece():
                       if tok.sp.decode(tok.sp.encode(tok.preprocess(line))) == tok.preprocess(line)]
     assert len(sp_round_trips) > len(bilingual_corpus()) // 2
     assert [line for line in sp_round_trips if tok.decode(tok.encode(line)) != line] == []
+
+
+# ------------------------------------------------------------------------------- GGUF files made elsewhere
+def patched_gguf(src: Path, dest: Path, old: str, new: str) -> Path:
+    """``src`` with one token text replaced by another of the same length (a length-prefixed GGUF string)."""
+    import struct
+
+    raw = src.read_bytes()
+    old_b, new_b = old.encode(), new.encode()
+    assert len(old_b) == len(new_b)
+    key = struct.pack("<Q", len(old_b)) + old_b
+    assert raw.count(key) == 1, old
+    dest.write_bytes(raw.replace(key, struct.pack("<Q", len(new_b)) + new_b))
+    return dest
+
+
+def test_gguf_with_a_repeated_token_text_is_refused(glm3_gguf, tmp_path):
+    tokens = token_list(glm3_gguf)
+    a, b = len(tokens) - 2, len(tokens) - 1
+    path = patched_gguf(glm3_gguf, tmp_path / "dup.gguf", tokens[b], tokens[a])
+    before = digest([path])
+    outcome = cli(["run", path, "-p", "hi", "-n", "1"], isolated=True)
+    assert_refused(outcome, path, code=2, problem=f"has the text {tokens[a]!r} twice (ids {a} and {b})",
+                   sources=before)
+
+
+def test_gguf_without_a_byte_token_is_refused(glm3_gguf, tmp_path):
+    path = patched_gguf(glm3_gguf, tmp_path / "nobyte.gguf", "<0xF0>", "<0xf0>")
+    before = digest([path])
+    outcome = cli(["run", path, "-p", "\U00020001", "-n", "1"], isolated=True)  # aborted llama.cpp before
+    assert_refused(outcome, path, code=2, problem="lacks 1 of the 256 byte tokens <0x00>..<0xFF> (first <0xF0>)",
+                   sources=before)

@@ -13,7 +13,7 @@ from typing import Sequence
 import gguf
 import sentencepiece as spm
 
-from chatglm.convert.vocab_common import check_token_texts, pad_tokens
+from chatglm.convert.vocab_common import byte_piece, check_token_texts, missing_byte_pieces, pad_tokens
 from chatglm.errors import InputError
 
 TT = gguf.TokenType
@@ -99,10 +99,6 @@ def _check_specials_are_new(pieces: Sequence[str], specials: Sequence[str], path
                              "twice", path)
 
 
-def byte_piece(b: int) -> str:
-    return f"<0x{b:02X}>"
-
-
 def _check_byte_pieces(pieces: Sequence[str], path: Path) -> None:
     """Refuse a model without the 256 byte pieces: llama.cpp's SPM tokenizer spells any text outside the vocabulary
     as byte tokens (``<0xNN>``, else the one-byte piece) and throws std::out_of_range when one is missing.
@@ -111,8 +107,7 @@ def _check_byte_pieces(pieces: Sequence[str], path: Path) -> None:
     (230 in ChatGLM2/3) cannot hold 256. Every published GLM SentencePiece model (ChatGLM-6B, ChatGLM2/3, CodeGeeX2)
     has byte_fallback and all 256 pieces.
     """
-    have = set(pieces)
-    missing = [b for b in range(256) if byte_piece(b) not in have and not (0 < b < 0x80 and chr(b) in have)]
+    missing = missing_byte_pieces(pieces)
     if missing:
         raise InputError(f"the SentencePiece model lacks {len(missing)} of the 256 byte pieces <0x00>..<0xFF> "
                          f"(first {byte_piece(missing[0])}); llama.cpp's tokenizer needs them (train with "
