@@ -460,14 +460,15 @@ def test_chatglm1_tokenizer_config(glm1, tmp_path, text, problem):
 
 
 # ------------------------------------------------------------------------------- 5. decode of the real tokenizers
+SMALL = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
+         "head_dim": 8, "num_hidden_layers": 1}  # the real vocabularies are large: keep the rest tiny
 def _real_spm_engine(name: str, tmp_path: Path):
     from chatglm.convert.pipeline import convert
     from chatglm.devtools.checkpoints import save_chatglm_checkpoint, sp_vocab_size, tiny_glm_model
     from chatglm.runtime.loader import open_engine
 
     model_file = TOKENIZERS / name / "tokenizer.model"
-    model = tiny_glm_model(vocab_size=sp_vocab_size(model_file) + 16, hidden_size=32, intermediate_size=64,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_hidden_layers=1)
+    model = tiny_glm_model(vocab_size=sp_vocab_size(model_file) + 16, **SMALL)
     ckpt = save_chatglm_checkpoint(model, tmp_path / name, model_file, family="chatglm2", dtype="float16")
     return model_file, open_engine(convert(ckpt, tmp_path / f"{name}.gguf", "f16").path, n_ctx=32, n_threads=1)
 
@@ -500,12 +501,13 @@ def test_real_glm4_tokenizer_round_trips(bpe_tok, tmp_path):
 
     specials = json.loads((TOKENIZERS / "glm-4-9b-chat" / "special_tokens.json").read_text())
     n_vocab = max(specials.values()) + 1
-    _, folder = build_checkpoint("glm4", tmp_path / "glm4", bpe_tok, extra_rows=n_vocab - bpe_tok.get_vocab_size())
+    _, folder = build_checkpoint("glm4", tmp_path / "glm4", bpe_tok, extra_rows=n_vocab - bpe_tok.get_vocab_size(),
+                                 **SMALL)
     shutil.copy(TOKENIZERS / "glm-4-9b-chat" / "tokenizer.model", folder / "tokenizer.model")
     edit_json(folder / "tokenizer_config.json", lambda d: d.update(added_tokens_decoder={
         str(i): {"content": t, "special": True} for t, i in specials.items()}))
     start = time.perf_counter()
-    path = convert(folder, tmp_path / "glm4.gguf", "f32").path
+    path = convert(folder, tmp_path / "glm4.gguf", "f16").path
     assert time.perf_counter() - start < 60
     enc = tiktoken_encoding(folder / "tokenizer.model")
     with open_engine(path, n_ctx=32, n_threads=1) as engine:
