@@ -6,13 +6,13 @@ rotary over the first half of each head in consecutive pairs, SwiGLU with gate a
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 import gguf
 
 from chatglm.convert.family import Family, OutTensor, register
+from chatglm.convert.vocab_bpe import chat_template_of
 from chatglm.convert.vocab_spm import (adds_dummy_prefix, build_spm_vocab, is_sentencepiece, load_sentencepiece,
                                        write_spm_vocab)
 
@@ -98,13 +98,7 @@ def detect_chat_format(ckpt) -> str:
     Evidence, in order: a chat template in tokenizer_config.json, then the role tokens named in the tokenizer's own
     source file (read as text; never imported or run).
     """
-    template = ""
-    cfg_path = ckpt.dir / "tokenizer_config.json"
-    if cfg_path.is_file():
-        try:
-            template = str(json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template") or "")
-        except (OSError, ValueError, AttributeError):
-            template = ""
+    template = chat_template_of(ckpt.dir / "tokenizer_config.json")
     if "<|assistant|>" in template:
         return "chatglm3"
     return "chatglm3" if "<|observation|>" in checkpoint_source(ckpt, "tokenization_chatglm.py") else "chatglm2"

@@ -9,14 +9,15 @@ and residuals ``alpha * LN(x) + sublayer(LN(x))`` with ``alpha = sqrt(2 * 28)``:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import gguf
 
+from chatglm.convert.checkpoint import read_json
 from chatglm.convert.family import Family, OutTensor, register
+from chatglm.convert.vocab_common import json_object, pad_tokens, unique_name
 from chatglm.convert.vocab_ice import (
     BYTE,
     CONTROL,
@@ -129,10 +130,8 @@ class ChatGLM1(Family):
         path = self.ckpt.dir / "tokenizer_config.json"
         if not path.is_file():
             return DEFAULT_IMAGE_TOKENS
-        try:
-            value: Any = json.loads(path.read_text(encoding="utf-8")).get("num_image_tokens", DEFAULT_IMAGE_TOKENS)
-        except (OSError, ValueError, AttributeError) as exc:
-            raise InputError(f"cannot read tokenizer_config.json: {exc}", path) from None
+        cfg = json_object(read_json(path, "tokenizer_config.json"), "tokenizer_config.json", path)
+        value: Any = cfg.get("num_image_tokens", DEFAULT_IMAGE_TOKENS)
         if type(value) is not int or value < 0:
             raise InputError(f"num_image_tokens must be a non-negative integer, got {value!r}", path)
         return value
@@ -209,15 +208,26 @@ def ice_special_ids(vocab: IceVocab, pad: Any = None) -> dict[str, int]:
     return ids
 
 
+def _image_placeholders(v: IceVocab) -> list[str]:
+    """``<image_N>`` for the ids below the pieces. The published tokenizer never produces them from text (its ids come
+    from sp.encode, shifted past them), so one whose name a piece already has gets a free variant instead."""
+    taken = {p.text for p in v.pieces}
+    names = []
+    for i in range(v.image_tokens):
+        names.append(unique_name(f"<image_{i}>", taken))
+        taken.add(names[-1])
+    return names
+
+
 def write_ice_vocab(w: gguf.GGUFWriter, v: IceVocab, n_vocab: int, ids: dict[str, int]) -> None:
     """The vocabulary (image tokens, pieces, padding up to the embedding rows), special ids and the model itself."""
-    tokens = [f"<image_{i}>" for i in range(v.image_tokens)] + [p.text for p in v.pieces]
+    tokens = _image_placeholders(v) + [p.text for p in v.pieces]
     scores = [0.0] * v.image_tokens + [p.score for p in v.pieces]
     types = [gguf.TokenType.UNUSED] * v.image_tokens + [_GGUF_TYPE.get(p.type, gguf.TokenType.NORMAL)
                                                         for p in v.pieces]
     for text in SPECIAL_PIECES:  # control tokens, whatever the piece type, so tools find them by text
         types[v.id_of(text)] = gguf.TokenType.CONTROL
-    tokens += [f"[PAD{i}]" for i in range(len(tokens), n_vocab)]
+    pad_tokens(tokens, n_vocab)
     scores += [0.0] * (n_vocab - len(scores))
     types += [gguf.TokenType.UNUSED] * (n_vocab - len(types))
     w.add_tokenizer_model("llama")
