@@ -98,12 +98,9 @@ def print_estimate(path: Path, n_ctx: Optional[int], kv_type: str, flash_attn: O
 
 def read_tools(path: Path) -> list[dict]:
     """A tools file: a JSON list of tool descriptions (or an object with a "tools" list)."""
-    from chatglm.fsutil import read_text
+    from chatglm.fsutil import read_json
 
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", path) from None
+    data = read_json(path)
     if isinstance(data, dict) and isinstance(data.get("tools"), list):
         data = data["tools"]
     if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):

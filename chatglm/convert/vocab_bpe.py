@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import json
 import logging
 import re
 import time
@@ -30,6 +29,7 @@ from typing import Any, Mapping, Optional
 import gguf
 
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.fsutil import open_regular, read_bytes, read_json
 
 TT = gguf.TokenType
 log = logging.getLogger(__name__)
@@ -77,9 +77,9 @@ class BpeVocab:
 def is_tiktoken(path: Path) -> bool:
     """A cheap format test: the first lines of ``path`` are ``base64 rank`` pairs."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(4096)
-    except OSError:
+    except (OSError, InputError):
         return False
     lines = head.split(b"\n")[:-1] if len(head) == 4096 else head.split(b"\n")
     lines = [line.rstrip(b"\r") for line in lines if line.strip()]
@@ -89,7 +89,7 @@ def is_tiktoken(path: Path) -> bool:
 def read_tiktoken(path: Path) -> dict[bytes, int]:
     """Token bytes -> rank. Ranks must be unique and cover 0..n-1 (they are the token ids)."""
     try:
-        data = path.read_bytes()
+        data = read_bytes(path, missing="tokenizer file not found")
     except FileNotFoundError:
         raise InputError("tokenizer file not found", path) from None
     except OSError as exc:
@@ -319,8 +319,8 @@ def chat_template_of(config_path: Path) -> str:
         except (OSError, UnicodeDecodeError):
             return ""
     try:
-        cfg = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        cfg = read_json(config_path)
+    except InputError:
         return ""
     template = cfg.get("chat_template") if isinstance(cfg, dict) else None
     return template if isinstance(template, str) else ""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Generator, Optional, Sequence
 
 from chatglm.errors import ContextOverflowError, InputError
-from chatglm.fsutil import atomic_output, read_text
+from chatglm.fsutil import atomic_output, read_json
 from chatglm.runtime.messages import Message
 from chatglm.runtime.sampling import SamplingParams
 
@@ -249,11 +249,7 @@ def drop_round(messages: list[Message], *, keep_last: bool = False) -> bool:
 
 def read_conversation(path: os.PathLike | str) -> list[Message]:
     """Messages from a conversation file; every problem is an :class:`InputError` naming the file."""
-    text = read_text(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", path) from None
+    data = read_json(path)
     if isinstance(data, dict):
         if data.get("kind") != FILE_KIND or not isinstance(data.get("messages"), list):
             raise InputError(f"not a conversation file: expected an object with \"kind\": \"{FILE_KIND}\" and "

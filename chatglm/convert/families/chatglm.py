@@ -6,13 +6,14 @@ rotary over the first half of each head in consecutive pairs, SwiGLU with gate a
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 import gguf
 
 from chatglm.convert.family import Family, OutTensor, register
+from chatglm.errors import InputError
+from chatglm.fsutil import read_json
 from chatglm.convert.vocab_spm import (adds_dummy_prefix, build_spm_vocab, is_sentencepiece, load_sentencepiece,
                                        write_spm_vocab)
 
@@ -102,8 +103,8 @@ def detect_chat_format(ckpt) -> str:
     cfg_path = ckpt.dir / "tokenizer_config.json"
     if cfg_path.is_file():
         try:
-            template = str(json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template") or "")
-        except (OSError, ValueError, AttributeError):
+            template = str(read_json(cfg_path).get("chat_template") or "")
+        except (InputError, AttributeError):
             template = ""
     if "<|assistant|>" in template:
         return "chatglm3"

@@ -9,7 +9,6 @@ and residuals ``alpha * LN(x) + sublayer(LN(x))`` with ``alpha = sqrt(2 * 28)``:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from chatglm.convert.vocab_ice import (
     load_ice_vocab,
 )
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.fsutil import read_json
 
 T = gguf.MODEL_TENSOR
 ARCH = "chatglm1"
@@ -130,8 +130,8 @@ class ChatGLM1(Family):
         if not path.is_file():
             return DEFAULT_IMAGE_TOKENS
         try:
-            value: Any = json.loads(path.read_text(encoding="utf-8")).get("num_image_tokens", DEFAULT_IMAGE_TOKENS)
-        except (OSError, ValueError, AttributeError) as exc:
+            value: Any = read_json(path, what="tokenizer_config.json").get("num_image_tokens", DEFAULT_IMAGE_TOKENS)
+        except AttributeError as exc:
             raise InputError(f"cannot read tokenizer_config.json: {exc}", path) from None
         if type(value) is not int or value < 0:
             raise InputError(f"num_image_tokens must be a non-negative integer, got {value!r}", path)
