@@ -72,7 +72,7 @@ def atomic_output(dest: os.PathLike | str, mode: str = "wb") -> Iterator[BinaryI
 # The one way user files are read: checked to be regular files before they are opened (a FIFO never blocks), every
 # OSError mapped to one InputError naming the file, JSON bounded in size and depth before it is parsed.
 
-MAX_JSON_BYTES = 256 * 1024 * 1024  # the largest published tokenizer.json is tens of megabytes
+MAX_JSON_BYTES = 64 * 1024 * 1024  # the largest published tokenizer.json is about 20 MB
 MAX_JSON_DEPTH = 100  # published configs and tokenizers nest under 10 levels; tools schemas a few more
 MAX_INT_DIGITS = 100  # no count, id or size in a published file has more digits
 

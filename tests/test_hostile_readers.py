@@ -227,6 +227,13 @@ def test_stand_ins_are_fresh_even_for_an_unpickler_without_the_scan(tmp_path, ki
     assert all(first[k] is not second[k] for k in first)
 
 
+def test_build_cannot_replace_the_methods_the_reader_calls(tmp_path):
+    """BUILD on an OrderedDict may set attributes (state dicts carry _metadata), even one named "items"."""
+    od = glob("collections", "OrderedDict") + EMPTY_TUPLE + REDUCE
+    pkl = PROTO + od + EMPTY_DICT + text("items") + glob("torch._utils", "_rebuild_tensor_v2") + SETITEM + BUILD + STOP
+    assert TorchFile(torch_zip(tmp_path / "items.bin", pkl)).infos() == {}
+
+
 # ------------------------------------------------------------------------------------------ 4. broken zips
 
 END = struct.Struct("<4s4H2LH")
@@ -445,6 +452,16 @@ def test_deep_json_in_checkpoint_files(tmp_path, where):
         write(folder / where, NESTED)
         what = "index"
     convert_refused(folder, tmp_path, folder / where, f"not valid {what}: nested more than 100 levels deep")
+
+
+def test_deep_tokenizer_files(tmp_path):
+    from chatglm.convert.vocab_bpe import added_tokens_from_config, build_tokenizer_json_vocab
+
+    for name, read in [("tokenizer.json", lambda p: build_tokenizer_json_vocab(p, 100)),
+                       ("tokenizer_config.json", added_tokens_from_config)]:
+        path = write(tmp_path / name, '{"model": ' + NESTED + "}")
+        with pytest.raises(InputError, match=f"{name}: not valid {name}: nested more than 100 levels deep"):
+            read(path)
 
 
 def test_deep_safetensors_header_directly(tmp_path):

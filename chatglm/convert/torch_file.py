@@ -284,7 +284,7 @@ class TorchFile(TensorSource):
         if not isinstance(state, dict):
             raise InputError(f"not a state dict: data.pkl holds a {type(state).__name__}, not a dict of tensors",
                              self.path)
-        for name, tensor in state.items():
+        for name, tensor in dict.items(state):  # not state.items: a BUILD may have set an attribute "items"
             if not isinstance(name, str) or not isinstance(tensor, _Tensor):
                 raise InputError(f"not a plain state dict: entry {name!r} is a {type(tensor).__name__}, "
                                  "not a tensor", self.path)
