@@ -12,6 +12,7 @@ and rules out cycles. Anything a plain state dict never needs is refused by opco
 from __future__ import annotations
 
 import pickletools
+import warnings
 from typing import Any, Callable, Collection, Iterator, Optional
 
 MAX_DEPTH = 64  # a torch state dict nests about 8 levels (dict, tensor, its arguments, the storage's id, ...)
@@ -240,10 +241,12 @@ def scan_pickle(data: bytes, allowed: Collection[tuple[str, str]]) -> None:
     state dict never does, and ``ValueError`` for bytes that are not a pickle at all.
     """
     scan = _Scan(data, allowed)
-    for name, arg in _opcodes(data):
-        if name == "STOP":
-            if len(scan.stack) != 1 or scan.marks:
-                raise PickleRefused("is malformed: the stack does not hold exactly one object at its end")
-            return
-        scan.step(name, arg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pickletools decoding a STRING with a bad escape
+        for name, arg in _opcodes(data):
+            if name == "STOP":
+                if len(scan.stack) != 1 or scan.marks:
+                    raise PickleRefused("is malformed: the stack does not hold exactly one object at its end")
+                return
+            scan.step(name, arg)
     raise PickleRefused("is malformed: it has no STOP opcode")
