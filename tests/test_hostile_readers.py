@@ -386,6 +386,15 @@ def test_broken_zip_members(tmp_path, make, problem):
     convert_refused(folder, tmp_path, folder / "pytorch_model.bin", problem)
 
 
+def test_names_from_the_archive_cannot_break_the_line(tmp_path):
+    path = tmp_path / "names.bin"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", state_dict(NONE))
+        zf.writestr("archive/data/0\nerror: forged", b"\0" * 4, zipfile.ZIP_DEFLATED)
+    folder = folder_with(tmp_path, "pytorch_model.bin", path.read_bytes())
+    convert_refused(folder, tmp_path, folder / "pytorch_model.bin", "storage 0\\nerror: forged is compressed")
+
+
 def test_every_truncation_of_a_checkpoint_is_one_line(tmp_path, good_raw):
     for n in range(0, len(good_raw), max(1, len(good_raw) // 97)):
         path = tmp_path / "cut.bin"

@@ -218,8 +218,15 @@ class TorchFile(TensorSource):
         self._infos: dict[str, TensorInfo] = {}
         self._entries: dict[str, tuple[int, int]] = {}  # storage key -> (data offset in the file, byte size)
         with open_regular(self.path) as fh, reading(self.path):
-            head = fh.read(512)
             size = os.fstat(fh.fileno()).st_size
+            state = self._open_zip(fh, size)
+            self._collect(state)
+            self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def _open_zip(self, fh, size: int) -> Any:
+        """The unpickled state dict, with every storage entry located; the zip is checked before it is trusted."""
+        head = fh.read(512)
+        try:
             torch_zip.check_directory(fh, size, self.path)
             if not zipfile.is_zipfile(fh):
                 self._not_zip(head)
@@ -227,8 +234,9 @@ class TorchFile(TensorSource):
                 spans = torch_zip.check_members(zf, fh, size, self.path)
                 prefix, state = self._read_pickle(zf)
                 self._index_storages(zf, prefix, spans)
-            self._collect(state)
-            self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+                return state
+        except torch_zip.READ_ERRORS as exc:  # whatever the checks above did not foresee
+            raise InputError(f"{torch_zip.CORRUPT}damaged zip archive ({torch_zip.describe(exc)})", self.path) from None
 
     def _not_zip(self, head: bytes) -> None:
         legacy = _legacy_problem(head)
@@ -256,9 +264,9 @@ class TorchFile(TensorSource):
         try:
             return prefix, unpickle_state_dict(data)
         except RefusedGlobal as exc:
-            raise InputError(f"refusing to load: data.pkl calls {exc}, which a plain state dict of tensors never "
-                             "needs (only tensors, storages and OrderedDict are allowed; nothing was executed)",
-                             self.path) from None
+            raise InputError(f"refusing to load: data.pkl calls {torch_zip.printable(str(exc))}, which a plain state "
+                             "dict of tensors never needs (only tensors, storages and OrderedDict are allowed; nothing "
+                             "was executed)", self.path) from None
         except PickleRefused as exc:
             raise InputError(f"refusing to load: data.pkl {exc}", self.path) from None
         except UnsupportedTensor as exc:
@@ -266,7 +274,7 @@ class TorchFile(TensorSource):
         except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError, EOFError,
                 RecursionError, MemoryError, UnicodeDecodeError, OverflowError) as exc:
             raise InputError(f"corrupt PyTorch checkpoint: data.pkl cannot be read as a state dict "
-                             f"({type(exc).__name__}: {str(exc)[:200]})", self.path) from None
+                             f"({torch_zip.describe(exc)})", self.path) from None
 
     def _index_storages(self, zf: zipfile.ZipFile, prefix: str, spans: dict[str, tuple[int, int]]) -> None:
         """Where each ``<archive>/data/<key>`` entry's bytes lie in the file (checked by :mod:`torch_zip`)."""
@@ -276,8 +284,8 @@ class TorchFile(TensorSource):
             key = info.filename[len(prefix) + 5 :]
             if info.compress_type != zipfile.ZIP_STORED:
                 # torch.save never compresses storages; inflating one could be a zip bomb, so it is never read.
-                raise InputError(f"storage {key} is compressed, which PyTorch never writes; re-save the checkpoint "
-                                 "with torch.save", self.path)
+                raise InputError(f"storage {torch_zip.printable(key)} is compressed, which PyTorch never writes; "
+                                 "re-save the checkpoint with torch.save", self.path)
             self._entries[key] = spans[info.filename]
 
     def _collect(self, state: Any) -> None:

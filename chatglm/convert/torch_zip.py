@@ -29,6 +29,12 @@ READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, s
                NotImplementedError, RuntimeError, OverflowError, UnicodeDecodeError)
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """A name from the file as it may appear in a one-line message: control characters escaped, length bounded."""
+    shown = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
 def _read_at(fh: BinaryIO, offset: int, n: int) -> bytes:
     fh.seek(offset)
     return fh.read(n)
@@ -72,15 +78,15 @@ def open_archive(fh: BinaryIO, path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(fh)
     except READ_ERRORS as exc:
-        raise InputError(CORRUPT + f"damaged zip archive ({_describe(exc)})", path) from None
+        raise InputError(CORRUPT + f"damaged zip archive ({describe(exc)})", path) from None
     except OSError as exc:
         if exc.errno == errno.EINVAL:  # a seek to an offset the archive made up
             raise InputError(CORRUPT + "damaged zip archive (an offset points outside the file)", path) from None
         raise
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0][:120] if str(exc) else ""
+def describe(exc: BaseException) -> str:
+    text = printable(str(exc), 120)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -93,7 +99,7 @@ def _local_name(info: zipfile.ZipInfo) -> bytes:
 
 def _data_span(fh: BinaryIO, info: zipfile.ZipInfo, size: int, path) -> tuple[int, int]:
     """Where one member's data lies in the file, checked against its local header and the file's size."""
-    name = info.filename
+    name = printable(info.filename)
     if info.header_offset + LOCAL.size > size:
         raise InputError(CORRUPT + f"member {name} lies outside the file (truncated download?)", path)
     header = LOCAL.unpack(_read_at(fh, info.header_offset, LOCAL.size))
@@ -115,32 +121,33 @@ def check_members(zf: zipfile.ZipFile, fh: BinaryIO, size: int, path) -> dict[st
     """Each member's name -> (data offset, data bytes), after checking the members one by one and together."""
     spans: dict[str, tuple[int, int]] = {}
     for info in zf.infolist():
+        name = printable(info.filename)
         if info.filename in spans:
-            raise InputError(CORRUPT + f"the zip archive holds member {info.filename} twice", path)
+            raise InputError(CORRUPT + f"the zip archive holds member {name} twice", path)
         if info.flag_bits & 0x1:
-            raise InputError(f"member {info.filename} is encrypted, which PyTorch never writes", path)
+            raise InputError(f"member {name} is encrypted, which PyTorch never writes", path)
         if info.compress_type not in METHODS:
-            raise InputError(f"member {info.filename} is compressed with zip method {info.compress_type}, which "
-                             "PyTorch never writes", path)
+            raise InputError(f"member {name} is compressed with zip method {info.compress_type}, which PyTorch never "
+                             "writes", path)
         spans[info.filename] = _data_span(fh, info, size, path)
     by_start = sorted((zf.getinfo(name).header_offset, start + n, name) for name, (start, n) in spans.items())
     for (_, end, first), (begin, _, second) in zip(by_start, by_start[1:]):
         if begin < end:
-            raise InputError(CORRUPT + f"members {first} and {second} overlap in the zip archive", path)
+            raise InputError(CORRUPT + f"members {printable(first)} and {printable(second)} overlap in the zip "
+                                       "archive", path)
     return spans
 
 
 def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, path) -> bytes:
     """A member's bytes (decompressed and CRC-checked), refused beyond ``limit`` bytes before and while reading."""
+    name = printable(info.filename)
     if info.file_size > limit:
-        raise InputError(CORRUPT + f"{info.filename} is {info.file_size} bytes, more than the {limit} it can be",
-                         path)
+        raise InputError(CORRUPT + f"{name} is {info.file_size} bytes, more than the {limit} it can be", path)
     try:
         with zf.open(info) as member:
             data = member.read(limit + 1)
     except READ_ERRORS as exc:
-        raise InputError(CORRUPT + f"{info.filename} cannot be read from the zip archive ({_describe(exc)})",
-                         path) from None
+        raise InputError(CORRUPT + f"{name} cannot be read from the zip archive ({describe(exc)})", path) from None
     if len(data) > limit:
-        raise InputError(CORRUPT + f"{info.filename} holds more than the {limit} bytes it can be", path)
+        raise InputError(CORRUPT + f"{name} holds more than the {limit} bytes it can be", path)
     return data
