@@ -183,6 +183,17 @@ def json_depth(text: str) -> int:
     return int(np.cumsum(moves).max()) if moves.size else 0
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_surrogates(value: Any) -> None:
+    """Refuse a string holding a lone UTF-16 surrogate (``"\\ud800"``): it is no text, and encoding it fails later."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _Refused(f"a string holds a lone UTF-16 surrogate (\\u{ord(exc.object[exc.start]):04x})") from None
+
+
 def _constant(name: str) -> Any:
     raise _Refused(f"{name} is not a JSON number")
 
@@ -212,8 +223,11 @@ def parse_json(text: str | bytes, path: os.PathLike | str, *, what: str = "JSON"
     if json_depth(text) > max_depth:
         raise InputError(f"not valid {what}: nested more than {max_depth} levels deep", path)
     try:
-        return json.loads(text, parse_constant=_constant, parse_float=_number, parse_int=_integer,
-                          object_pairs_hook=object_pairs_hook)
+        value = json.loads(text, parse_constant=_constant, parse_float=_number, parse_int=_integer,
+                           object_pairs_hook=object_pairs_hook)
+        if _SURROGATE_ESCAPE.search(text):  # rare: only then is every string checked (the depth is bounded)
+            _check_surrogates(value)
+        return value
     except json.JSONDecodeError as exc:
         raise InputError(f"not valid {what}: {exc.msg} at line {exc.lineno} column {exc.colno}", path) from None
     except _Refused as exc:

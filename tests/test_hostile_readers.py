@@ -418,6 +418,7 @@ JSON_CASES = {  # text -> problem
     "overflow": ('{"a": 1e999}', "number 1e999 is out of range"),
     "huge-int": ('{"a": ' + "9" * 5000 + "}", "an integer of 5000 digits is out of range"),
     "not-utf8": (b'{"a": "\xff"}', "not UTF-8 text (byte 7)"),
+    "lone-surrogate": ('{"a": "x\\udc80"}', "a string holds a lone UTF-16 surrogate (\\udc80)"),
 }
 
 
@@ -492,6 +493,9 @@ def test_deep_tools_file_and_conversation(tmp_path):
     from chatglm.cli.run import read_tools
     from chatglm.runtime.session import read_conversation
 
+    lone = write(tmp_path / "lone.json", '[{"role": "user", "content": "\\ud800"}]')
+    with pytest.raises(InputError, match="lone.json: not valid JSON: a string holds a lone UTF-16 surrogate"):
+        read_conversation(lone)
     deep = write(tmp_path / "deep.json", '{"tools": ' + NESTED + "}")
     for reader in (read_tools, read_conversation):
         with pytest.raises(InputError, match="deep.json: not valid JSON: nested more than 100 levels deep"):
