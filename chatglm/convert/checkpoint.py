@@ -5,7 +5,6 @@ Weight readers are chosen by file format; families never see which one was used.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +15,7 @@ from chatglm.convert.safetensors_file import SafetensorsFile
 from chatglm.convert.tensors import TensorInfo, TensorSource
 from chatglm.convert.torch_file import TorchFile
 from chatglm.errors import InputError
-from chatglm.fsutil import read_text
+from chatglm import fsutil
 
 # Index file name -> (single-file name, reader), in order of preference.
 WEIGHT_FORMATS: dict[str, tuple[str, Callable[[Path], TensorSource]]] = {
@@ -26,11 +25,7 @@ WEIGHT_FORMATS: dict[str, tuple[str, Callable[[Path], TensorSource]]] = {
 
 
 def read_json(path: Path, what: str = "JSON") -> Any:
-    text = read_text(path)
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise InputError(f"not valid {what}: {exc}", path) from None
+    return fsutil.read_json(path, what=what)
 
 
 class Checkpoint:

@@ -27,6 +27,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
 from chatglm.errors import InputError
+from chatglm.fsutil import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def load_imatrix(path: Path | str) -> ImportanceMatrix:
     """Reads either format (told apart by the GGUF magic); InputError on a malformed file."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
+        with open_regular(path, missing="cannot read imatrix: no such file") as f:
             magic = f.read(4)
     except OSError as e:
         raise InputError(f"cannot read imatrix: {e.strerror}", path) from e

@@ -32,6 +32,7 @@ import gguf
 from chatglm.convert.vocab_common import (check_token_length, check_token_texts, json_field, json_kind, json_object,
                                           short, unique_name)
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.fsutil import open_regular
 
 TT = gguf.TokenType
 log = logging.getLogger(__name__)
@@ -84,9 +85,9 @@ class BpeVocab:
 def is_tiktoken(path: Path) -> bool:
     """A cheap format test: the first lines of ``path`` are ``base64 rank`` pairs."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(4096)
-    except OSError:
+    except (OSError, InputError):
         return False
     lines = head.split(b"\n")[:-1] if len(head) == 4096 else head.split(b"\n")
     lines = [line.rstrip(b"\r") for line in lines if line.strip()]
@@ -120,7 +121,7 @@ def read_tiktoken(path: Path) -> dict[bytes, int]:
 
 def _read_bounded(path: Path, limit: int) -> bytes:
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path, missing="tokenizer file not found") as fh:
             data = fh.read(limit + 1)
     except FileNotFoundError:
         raise InputError("tokenizer file not found", path) from None

@@ -24,6 +24,7 @@ from typing import Iterator
 
 from chatglm.convert.vocab_common import first_duplicate, short
 from chatglm.errors import InputError
+from chatglm.fsutil import read_bytes
 
 SPECIAL_PIECES = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
 MAX_BLANK = 80
@@ -142,7 +143,7 @@ def with_pieces(proto: bytes, pieces: list[Piece], byte_fallback: bool | None = 
 # ------------------------------------------------------------------------------------------------------ ice vocab
 def load_pieces(path: Path) -> tuple[bytes, list[Piece]]:
     try:
-        proto = path.read_bytes()
+        proto = read_bytes(path, missing="tokenizer file not found (ChatGLM-6B ships ice_text.model)")
     except FileNotFoundError:
         raise InputError("tokenizer file not found (ChatGLM-6B ships ice_text.model)", path) from None
     except OSError as exc:

@@ -15,13 +15,13 @@ import sentencepiece as spm
 
 from chatglm.convert.vocab_common import byte_piece, check_token_texts, missing_byte_pieces, pad_tokens
 from chatglm.errors import InputError
+from chatglm.fsutil import check_regular, open_regular
 
 TT = gguf.TokenType
 
 
 def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
-    if not path.is_file():
-        raise InputError("tokenizer file not found", path)
+    check_regular(path, missing="tokenizer file not found")
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(str(path))
@@ -35,9 +35,9 @@ def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
 def is_sentencepiece(path: Path) -> bool:
     """A cheap test of a tokenizer.model's format: a SentencePiece protobuf, not tiktoken's text lines."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(64)
-    except OSError:
+    except (OSError, InputError):
         return False
     # tiktoken files are lines of "base64 rank"; a SentencePiece proto starts with field 1 (pieces, tag 0x0a).
     return head[:1] == b"\x0a"
