@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 
 from chatglm import __version__
+from chatglm.convert.checked_writer import CheckedWriter
 from chatglm.convert.checkpoint import Checkpoint
 from chatglm.convert.family import Family, detect
 from chatglm.convert.lora import Adapter, MergedCheckpoint, open_adapter, refuse_prefix_tuning
@@ -81,7 +82,7 @@ def write_lora_gguf(model_dir: os.PathLike | str, adapter_dir: os.PathLike | str
 
 
 def _write(path: Path, arch: str, adapter: Adapter, names: dict[str, str], dtype: type) -> None:
-    w = gguf.GGUFWriter(path, arch)
+    w = CheckedWriter(path, arch, adapter.path / "adapter_config.json")
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_name(adapter.path.resolve().name)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")

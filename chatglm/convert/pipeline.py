@@ -15,6 +15,7 @@ import numpy as np
 
 from chatglm import __version__
 from chatglm.convert import qtypes
+from chatglm.convert.checked_writer import CheckedWriter
 from chatglm.convert.checkpoint import Checkpoint, CheckpointView
 from chatglm.convert.family import Family, OutTensor, check_complete, detect
 from chatglm.convert.lora import merged, refuse_prefix_tuning
@@ -81,7 +82,7 @@ def convert(
         dest = Path(out) if out is not None else default_output(model_dir, qtype)
         total = sum(p.nbytes for p in planned)
         with atomic_path(dest) as tmp:
-            writer = gguf.GGUFWriter(tmp, family.arch)
+            writer = CheckedWriter(tmp, family.arch, family.config_path)
             _write_header(writer, family, recipe, planned)
             writer.close()
             with open(tmp, "r+b") as fh:

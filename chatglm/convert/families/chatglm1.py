@@ -31,6 +31,7 @@ from chatglm.convert.vocab_ice import (
     load_ice_vocab,
 )
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.limits import MAX_NORM_EPS
 
 T = gguf.MODEL_TENSOR
 ARCH = "chatglm1"
@@ -114,15 +115,22 @@ class ChatGLM1(Family):
         return is_glm1_config(ckpt.config)
 
     def _hparams(self) -> GLM1Hparams:
-        n_embd, n_head = self.cfg_int("hidden_size"), self.cfg_int("num_attention_heads")
+        n_embd = self.cfg_int("hidden_size")
+        n_head = self.cfg_int("num_attention_heads", maximum=n_embd)
         if n_embd % n_head or (n_embd // n_head) % 4:
             raise InputError(f"config.json: hidden_size {n_embd} / num_attention_heads {n_head} must give a head "
                              "size that is a multiple of 4 (two rotary halves)", self.config_path)
+        embedding = f"{TENSOR_MAP[T.TOKEN_EMBD]}.weight"
+        self.check_rows("hidden_size", n_embd, embedding, 1, "columns")
+        n_layer = self.cfg_int("num_layers")
+        self.check_layers("num_layers", n_layer, r"transformer\.layers\.(\d+)\.")
+        n_vocab = self.cfg_int("vocab_size")
+        self.check_rows("vocab_size", n_vocab, embedding, 0, "rows")
         return GLM1Hparams(
-            n_layer=self.cfg_int("num_layers"), n_embd=n_embd,
+            n_layer=n_layer, n_embd=n_embd,
             n_ff=self.cfg_int("inner_hidden_size", default=4 * n_embd), n_head=n_head,
-            n_vocab=self.cfg_int("vocab_size"), n_ctx=self.cfg_int("max_sequence_length", default=2048),
-            eps=self.cfg_float("layernorm_epsilon", default=1e-5),
+            n_vocab=n_vocab, n_ctx=self.cfg_int("max_sequence_length", default=2048),
+            eps=self.cfg_float("layernorm_epsilon", default=1e-5, maximum=MAX_NORM_EPS),
         )
 
     def _image_tokens(self) -> int:
