@@ -212,20 +212,22 @@ def test_adapter_config_fields_of_the_wrong_type(glm3, tmp_path, adapter, change
 
 CATASTROPHIC = ["(a+)+$", "(a*)*b", "(a|aa)+$", "(a|a?)+$", "(.*a){12}", "(\\w+\\.)*query_key_value",
                 "(?:x+x+)+y", ".*.*.*.*.*x", "(a)\\1", "(?P<n>a)(?P=n)", "a" * 1001]
+ISOLATED = ("(a+)+$", "(a|aa)+$")  # these two once hung the process: run in a child with a timeout
 
 
-@pytest.mark.parametrize("pattern", CATASTROPHIC)
+@pytest.mark.parametrize("pattern", CATASTROPHIC, ids=[p[:20] for p in CATASTROPHIC])
 def test_catastrophic_target_modules_patterns_are_refused_fast(glm3, tmp_path, adapter, pattern):
     set_adapter(adapter, target_modules=pattern)
     dest = tmp_path / "out.gguf"
     sources = digest([glm3.ckpt, adapter])
     start = time.perf_counter()
-    outcome = cli(["convert", glm3.ckpt, "-o", dest, "-t", "f32", "--lora", adapter], isolated=True, timeout=30)
+    outcome = cli(["convert", glm3.ckpt, "-o", dest, "-t", "f32", "--lora", adapter], isolated=pattern in ISOLATED,
+                  timeout=30)
     assert_refused(outcome, "adapter_config.json", problem="target_modules: pattern", dest=dest, sources=sources)
     assert time.perf_counter() - start < 20  # a child process start included; the check itself is instant
 
 
-@pytest.mark.parametrize("pattern", CATASTROPHIC)
+@pytest.mark.parametrize("pattern", CATASTROPHIC[::3], ids=[p[:20] for p in CATASTROPHIC[::3]])
 def test_rank_pattern_keys_are_checked_too(glm3, tmp_path, adapter, pattern):
     set_adapter(adapter, rank_pattern={pattern: 4})
     dest = tmp_path / "out.gguf"
@@ -316,7 +318,8 @@ def test_hostile_imatrix_gguf(glm3, tmp_path, case):
     bad.write_bytes(make())
     dest = tmp_path / "out.gguf"
     sources = digest([glm3.ckpt, bad])
-    outcome = cli(["convert", glm3.ckpt, "-o", dest, "-t", "q8_0", "--imatrix", bad], isolated=True, timeout=60)
+    isolated = case in ("tensor count 2**60", "array of 2**60 strings")  # gguf-py's reader once ran away on these
+    outcome = cli(["convert", glm3.ckpt, "-o", dest, "-t", "q8_0", "--imatrix", bad], isolated=isolated, timeout=60)
     assert_refused(outcome, bad, problem=problem, dest=dest, sources=sources)
 
 
