@@ -21,6 +21,7 @@ from chatglm.convert.checked_writer import CheckedWriter, value_problem
 from chatglm.convert.imatrix import write_legacy
 from chatglm.convert.safe_regex import compile_pattern
 from chatglm.errors import InputError
+from fixtures_glm1 import glm1, glm1_dir, ice_model  # noqa: F401  (fixtures)
 from tests.hostile import assert_refused, cli, digest
 from tests.test_lora import module_shapes, pick, write_adapter
 
@@ -367,3 +368,70 @@ def test_valid_legacy_imatrix_still_reads(tmp_path):
     write_legacy(path, {"blk.0.attn_qkv.weight": (2, np.full(64, 4.0, dtype=np.float32))}, 3, "wiki")
     matrix = load_imatrix(path)
     assert math.isclose(float(matrix.entries["blk.0.attn_qkv.weight"][0]), 2.0)
+
+
+# ----------------------------------------------------------------------------------------------- GLM-4 families
+
+
+@pytest.fixture(scope="module")
+def glm4_folders(tmp_path_factory):
+    from chatglm.devtools.glm4 import build_checkpoint, train_glm4_bpe
+
+    tok = train_glm4_bpe()
+    root = tmp_path_factory.mktemp("hostile-glm4")
+    return {layout: build_checkpoint(layout, root / layout, tok)[1] for layout in ("glm45", "glm4-0414")}
+
+
+@pytest.mark.parametrize("layout, key, value, problem", [
+    ("glm45", "num_hidden_layers", 10**9, "'num_hidden_layers' is 1000000000 (+ 'num_nextn_predict_layers' 1) but "
+                                          "the checkpoint holds 4 layers"),
+    ("glm45", "num_nextn_predict_layers", 10**9, "(+ 'num_nextn_predict_layers' 1000000000) but the checkpoint "
+                                                 "holds 4 layers"),
+    ("glm45", "n_routed_experts", 2000, "'n_routed_experts' is 2000, more than 1,024"),
+    ("glm45", "n_routed_experts", 100, "'n_routed_experts' is 100 but the checkpoint holds 8 experts per layer"),
+    ("glm45", "num_experts_per_tok", 0, "'num_experts_per_tok' must be an integer >= 1, got 0"),
+    ("glm45", "num_experts_per_tok", 9, "num_experts_per_tok=9 > n_routed_experts=8"),
+    ("glm45", "n_group", True, "grouped expert routing (n_group=True)"),
+    ("glm45", "norm_topk_prob", "yes", "'norm_topk_prob' must be true or false"),
+    ("glm45", "first_k_dense_replace", 3, "first_k_dense_replace=3 leaves no expert layer of 3"),
+    ("glm45", "rope_scaling", {"rope_type": "banana", "factor": 4.0}, "rope type 'banana' is not supported"),
+    ("glm45", "rope_scaling", {"type": ["yarn"]}, "rope type ['yarn'] is not supported"),
+    ("glm4-0414", "rope_theta", 1e40, "'rope_theta' must be a positive number (at most 3.40282e+38), got 1e+40"),
+    ("glm4-0414", "partial_rotary_factor", 2, "'partial_rotary_factor' must be a positive number (at most 1)"),
+    ("glm4-0414", "num_key_value_heads", 64, "'num_key_value_heads' is 64, more than 4"),
+    ("glm4-0414", "vocab_size", 2**33, "'vocab_size' is 8589934592, more than 4,294,967,295"),
+    ("glm4-0414", "vocab_size", 10**6, "'vocab_size' is 1000000 but the checkpoint's model.embed_tokens.weight has"),
+    ("glm4-0414", "rms_norm_eps", -1e-5, "'rms_norm_eps' must be a positive number"),
+    ("glm4-0414", "tie_word_embeddings", "false", "'tie_word_embeddings' must be true or false"),
+])
+def test_glm4_family_configs(glm4_folders, tmp_path, layout, key, value, problem):
+    refused_convert(edited(glm4_folders[layout], tmp_path, **{key: value}), tmp_path, problem)
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("num_layers", 10**9, "'num_layers' is 1000000000 but the checkpoint holds 28 layers"),
+    ("vocab_size", 2**32, "'vocab_size' is 4294967296, more than 4,294,967,295"),
+    ("hidden_size", 128, "'hidden_size' is 128 but the checkpoint's transformer.word_embeddings.weight has 64 "
+                         "columns"),
+    ("layernorm_epsilon", 2.0, "'layernorm_epsilon' is 2.0, more than 1"),
+    ("position_encoding_2d", 1, "position_encoding_2d=1 is not supported"),
+    ("eos_token_id", "eop", "'eos_token_id' must be a token id"),
+])
+def test_chatglm1_configs(glm1, tmp_path, key, value, problem):
+    refused_convert(edited(glm1.ckpt, tmp_path, **{key: value}), tmp_path, problem)
+
+
+def test_more_layers_than_llama_cpp_allows(glm3, tmp_path):
+    """A checkpoint that really holds 600 layers (one tiny tensor each) is refused before anything else is read."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        if (glm3.ckpt / name).exists():
+            shutil.copy(glm3.ckpt / name, folder / name)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_layers": 600}))
+    tensors = {f"transformer.encoder.layers.{i}.input_layernorm.weight": np.ones(1, np.float32) for i in range(600)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    refused_convert(folder, tmp_path, "'num_layers' is 600, more than llama.cpp's limit of 512 layers")

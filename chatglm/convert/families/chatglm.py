@@ -117,7 +117,7 @@ def detect_chat_format(ckpt) -> str:
     if cfg_path.is_file():
         try:
             template = str(json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template") or "")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             template = ""
     if "<|assistant|>" in template:
         return "chatglm3"

@@ -139,7 +139,7 @@ class ChatGLM1(Family):
             return DEFAULT_IMAGE_TOKENS
         try:
             value: Any = json.loads(path.read_text(encoding="utf-8")).get("num_image_tokens", DEFAULT_IMAGE_TOKENS)
-        except (OSError, ValueError, AttributeError) as exc:
+        except (OSError, ValueError, AttributeError, RecursionError) as exc:
             raise InputError(f"cannot read tokenizer_config.json: {exc}", path) from None
         if type(value) is not int or value < 0:
             raise InputError(f"num_image_tokens must be a non-negative integer, got {value!r}", path)
