@@ -435,3 +435,11 @@ def test_more_layers_than_llama_cpp_allows(glm3, tmp_path):
     tensors = {f"transformer.encoder.layers.{i}.input_layernorm.weight": np.ones(1, np.float32) for i in range(600)}
     save_file(tensors, str(folder / "model.safetensors"))
     refused_convert(folder, tmp_path, "'num_layers' is 600, more than llama.cpp's limit of 512 layers")
+
+
+def test_undecodable_folder_name_becomes_valid_utf8_for_general_name(tmp_path):
+    import os
+
+    from chatglm.convert.pipeline import display_name
+
+    assert display_name(Path(os.fsdecode(bytes(tmp_path) + b"/ck\xff"))) == "ck\ufffd"

@@ -25,6 +25,7 @@ from chatglm.convert.checked_writer import CheckedWriter
 from chatglm.convert.checkpoint import Checkpoint
 from chatglm.convert.family import Family, detect
 from chatglm.convert.lora import Adapter, MergedCheckpoint, open_adapter, refuse_prefix_tuning
+from chatglm.convert.pipeline import display_name
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.fsutil import atomic_path
@@ -84,7 +85,7 @@ def write_lora_gguf(model_dir: os.PathLike | str, adapter_dir: os.PathLike | str
 def _write(path: Path, arch: str, adapter: Adapter, names: dict[str, str], dtype: type) -> None:
     w = CheckedWriter(path, arch, adapter.path / "adapter_config.json")
     w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_name(adapter.path.resolve().name)
+    w.add_name(display_name(adapter.path))
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0: llama.cpp scales by the user's scale alone
     w.add_string("glm.converter", f"chatglm {__version__}")

@@ -121,6 +121,11 @@ def importance_for(path: os.PathLike | str, shapes: dict[str, tuple[int, ...]]) 
     return out
 
 
+def display_name(folder: Path) -> str:
+    """The folder's name as valid UTF-8 for general.name (undecodable bytes in a file name become U+FFFD)."""
+    return os.fsencode(folder.resolve().name).decode("utf-8", errors="replace")
+
+
 def write_model_metadata(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Recipe, name: str,
                          converter: str = "") -> None:
     """Every key-value pair of a converted file: general keys, ours (glm.*), the family's hparams and tokenizer."""
@@ -135,7 +140,7 @@ def write_model_metadata(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Reci
 
 
 def _write_header(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Recipe, planned: list[_Planned]) -> None:
-    write_model_metadata(w, family, recipe, family.ckpt.dir.resolve().name)
+    write_model_metadata(w, family, recipe, display_name(family.ckpt.dir))
     for p in planned:
         # The shape is given in elements (not bytes), so the dtype argument only has to differ from uint8.
         w.add_tensor_info(p.tensor.name, p.tensor.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
