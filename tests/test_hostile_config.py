@@ -443,3 +443,19 @@ def test_undecodable_folder_name_becomes_valid_utf8_for_general_name(tmp_path):
     from chatglm.convert.pipeline import display_name
 
     assert display_name(Path(os.fsdecode(bytes(tmp_path) + b"/ck\xff"))) == "ck\ufffd"
+
+
+def test_lora_scaling_past_float32(glm3, tmp_path, adapter):
+    set_adapter(adapter, lora_alpha=1e40)
+    dest = tmp_path / "out.gguf"
+    outcome = cli(["convert", glm3.ckpt, "-o", dest, "-t", "f32", "--lora", adapter])
+    assert_refused(outcome, "adapter_config.json", problem="gives a scaling of 2.5e+39, more than a float32 holds",
+                   dest=dest)
+
+
+def test_runtime_adapter_that_overflows_f16(glm3, tmp_path, adapter):
+    set_adapter(adapter, lora_alpha=1e30)
+    dest = tmp_path / "a.gguf"
+    outcome = cli(["lora", glm3.ckpt, adapter, "-o", dest, "-t", "f16"])
+    assert_refused(outcome, "adapter_model.safetensors", problem="(times the adapter's scaling) holds NaN or values "
+                   "too large for float16", dest=dest)

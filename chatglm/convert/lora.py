@@ -28,6 +28,7 @@ from chatglm.convert.safetensors_file import SafetensorsFile
 from chatglm.convert.tensors import TensorInfo, TensorSource
 from chatglm.convert.torch_file import TorchFile
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.limits import FLOAT32_MAX
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,9 @@ def _pair(adapter: Adapter, module: str, ab: dict[str, str]) -> LoraPair:
     alpha = _pattern_value(adapter.config.get("alpha_pattern"), module,
                            _cfg_number(adapter.config, "lora_alpha", cfg_path, default=8), "alpha_pattern", cfg_path)
     scaling = alpha / math.sqrt(rank) if adapter.config.get("use_rslora") else alpha / rank
+    if scaling > FLOAT32_MAX:
+        raise InputError(f"module {module!r}: lora_alpha {alpha:g} gives a scaling of {scaling:g}, more than a "
+                         "float32 holds", cfg_path)
     return LoraPair(module, ab["A"], ab["B"], rank, float(scaling))
 
 

@@ -92,9 +92,15 @@ def _write(path: Path, arch: str, adapter: Adapter, names: dict[str, str], dtype
     for weight, name in sorted(names.items(), key=lambda item: item[1]):
         pair = adapter.pairs[weight]
         a = adapter.source.load(pair.a)  # (r, in)
-        b = adapter.source.load(pair.b) * np.float32(pair.scaling)  # (out, r), PEFT's scaling folded in
-        w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=dtype))
-        w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, dtype=dtype))
+        with np.errstate(over="ignore", invalid="ignore"):
+            b = adapter.source.load(pair.b) * np.float32(pair.scaling)  # (out, r), PEFT's scaling folded in
+            a, b = np.ascontiguousarray(a, dtype=dtype), np.ascontiguousarray(b, dtype=dtype)
+        for half, data in (("lora_A", a), ("lora_B", b)):
+            if not np.isfinite(data).all():
+                raise InputError(f"module {pair.module!r}: {half} (times the adapter's scaling) holds NaN or values "
+                                 f"too large for {np.dtype(dtype).name}", adapter.source.path)
+        w.add_tensor(f"{name}.lora_a", a)
+        w.add_tensor(f"{name}.lora_b", b)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
