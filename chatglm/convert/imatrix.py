@@ -134,7 +134,8 @@ def _load_legacy(path: Path) -> ImportanceMatrix:
         if n_values < 1:
             raise InputError(f"imatrix entry {name} has {n_values} values", path)
         sums = np.frombuffer(cur.take(4 * n_values, f"{name} values"), dtype="<f4").astype(np.float32)
-        values = sums / np.float32(ncall) if ncall > 0 else sums  # llama-quantize's normalisation
+        with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN are refused just below, without a warning
+            values = sums / np.float32(ncall) if ncall > 0 else sums  # llama-quantize's normalisation
         entries[name] = _check_values(path, name, values)
     chunk_count, datasets = 0, []
     if not cur.at_end():
