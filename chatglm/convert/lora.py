@@ -94,7 +94,7 @@ def _pattern_value(patterns: Any, module: str, default: float, key: str, path: P
     if patterns is None:
         return default
     for pattern, value in patterns.items():
-        if compile_pattern(pattern, key, path) and re.match(rf"(.*\.)?({pattern})$", module):
+        if compile_pattern(pattern, key, path, template=r"(.*\.)?({p})$").match(module):
             if (integer and type(value) is not int) or value <= 0:
                 raise InputError(f"{key}: the value for {pattern!r} must be a positive "
                                  f"{'integer' if integer else 'number'}, got {value!r}", path)

@@ -17,6 +17,7 @@ most about MAX_NAME ** MAX_UNBOUNDED steps (milliseconds).
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -123,8 +124,9 @@ def _problem(pattern: str) -> Optional[str]:
     return None
 
 
-def compile_pattern(pattern: str, key: str, path: Path) -> re.Pattern:
-    """``pattern`` compiled, once it is known to match in bounded time; InputError naming ``key`` otherwise."""
+def compile_pattern(pattern: str, key: str, path: Path, template: str = "{p}") -> re.Pattern:
+    """``template`` with ``pattern`` in place of ``{p}``, compiled once ``pattern`` is known to match in bounded
+    time (the template adds at most one unbounded quantifier); InputError naming ``key`` otherwise."""
     try:
         problem = _problem(pattern)
     except ValueError as exc:
@@ -132,7 +134,10 @@ def compile_pattern(pattern: str, key: str, path: Path) -> re.Pattern:
     if problem:
         raise InputError(f"{key}: pattern {pattern[:60]!r} {problem}; list the module names instead", path)
     try:
-        return re.compile(pattern)
+        with warnings.catch_warnings():  # "possible nested set" FutureWarnings are not the user's concern here
+            warnings.simplefilter("ignore")
+            re.compile(pattern)
+            return re.compile(template.replace("{p}", pattern))
     except (re.error, RecursionError, OverflowError) as exc:
         raise InputError(f"{key}: invalid pattern {pattern[:60]!r} ({exc})", path) from None
 
