@@ -140,16 +140,11 @@ class Family(ABC):
     def check_rows(self, key: str, value: int, source: str, axis: int, what: str) -> None:
         """A declared size no larger than the dimension ``axis`` of tensor ``source`` (when the checkpoint has it;
         a smaller one is reported by the shape check with both shapes)."""
-        if source not in self._names():
+        if source not in set(self.ckpt.names()):
             return
         shape = self.ckpt.info(source).shape
         if len(shape) > axis and value > shape[axis]:
             raise self.bad(f"{key!r} is {value} but the checkpoint's {source} has {shape[axis]} {what}")
-
-    def _names(self) -> set[str]:
-        if getattr(self, "_name_set", None) is None:
-            self._name_set = set(self.ckpt.names())
-        return self._name_set
 
 
 FAMILIES: list[type[Family]] = []
