@@ -115,12 +115,12 @@ class Family(ABC):
         value = self.config.get(key, default)
         if type(value) is not type(expected) or value != expected:
             raise UnsupportedModelError(
-                f"config.json: {key}={_shown(value)} is not supported (this converter handles {key}={expected!r})",
+                f"{key}={_shown(value)} is not supported (this converter handles {key}={expected!r})",
                 self.config_path,
             )
 
     def bad(self, problem: str) -> InputError:
-        return InputError(f"config.json: {problem}", self.config_path)
+        return InputError(problem, self.config_path)
 
     # -- declared counts against what the files hold (before anything proportional to them is built) -----------
     def held_indices(self, pattern: str) -> set[int]:

@@ -91,7 +91,7 @@ def refuse_rope_scaling(family: Family) -> None:
         return
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ("default", None):
-        raise UnsupportedModelError(f"config.json: rope_scaling type {shown(kind)} is not supported (this "
+        raise UnsupportedModelError(f"rope_scaling type {shown(kind)} is not supported (this "
                                     "converter writes rope_ratio scaling only)", family.config_path)
 
 

@@ -101,10 +101,10 @@ class ChatGLM1(Family):
         self.cfg_require("position_encoding_2d", True)
         if self.config.get("quantization_bit", 0) not in (0, None):
             raise UnsupportedModelError(
-                f"config.json: quantization_bit={self.config['quantization_bit']!r}: this is a pre-quantized "
+                f"quantization_bit={self.config['quantization_bit']!r}: this is a pre-quantized "
                 "ChatGLM-6B (int4/int8); convert the original float16 THUDM/chatglm-6b instead", self.config_path)
         if self.config.get("pre_seq_len") is not None:
-            raise UnsupportedModelError("config.json: pre_seq_len is set (a P-tuning prefix model); merge or drop "
+            raise UnsupportedModelError("pre_seq_len is set (a P-tuning prefix model); merge or drop "
                                         "the prefix encoder first", self.config_path)
         self.hp = self._hparams()
         self.vocab = load_ice_vocab(ckpt.dir / TOKENIZER_FILE, self._image_tokens())
@@ -118,7 +118,7 @@ class ChatGLM1(Family):
         n_embd = self.cfg_int("hidden_size")
         n_head = self.cfg_int("num_attention_heads", maximum=n_embd)
         if n_embd % n_head or (n_embd // n_head) % 4:
-            raise InputError(f"config.json: hidden_size {n_embd} / num_attention_heads {n_head} must give a head "
+            raise InputError(f"hidden_size {n_embd} / num_attention_heads {n_head} must give a head "
                              "size that is a multiple of 4 (two rotary halves)", self.config_path)
         embedding = f"{TENSOR_MAP[T.TOKEN_EMBD]}.weight"
         self.check_rows("hidden_size", n_embd, embedding, 1, "columns")
@@ -156,7 +156,7 @@ class ChatGLM1(Family):
         for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("mask_token_id", "mask"),
                           ("gmask_token_id", "gmask")):
             if key in self.config and self.config[key] != ids[name]:
-                raise InputError(f"config.json: {key}={self.config[key]!r} but {TOKENIZER_FILE} with "
+                raise InputError(f"{key}={self.config[key]!r} but {TOKENIZER_FILE} with "
                                  f"{v.image_tokens} image tokens gives {ids[name]}; the tokenizer and weights come "
                                  "from different releases", self.config_path)
         return ids

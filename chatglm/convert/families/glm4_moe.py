@@ -91,7 +91,7 @@ class Glm4Moe(HFGlmFamily):
             raise self.bad(f"num_nextn_predict_layers={n_nextn} is not below num_hidden_layers={base.n_layer}")
         for key in ("n_group", "topk_group"):
             if self.config.get(key, 1) != 1 or type(self.config.get(key, 1)) is not int:
-                raise UnsupportedModelError(f"config.json: grouped expert routing ({key}={self.config[key]!r}) is not "
+                raise UnsupportedModelError(f"grouped expert routing ({key}={self.config[key]!r}) is not "
                                             "supported (GLM-4.5 uses 1)", self.config_path)
         return MoeHparams(
             base=base, n_expert=n_expert, n_expert_used=used,

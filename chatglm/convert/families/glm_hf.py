@@ -81,7 +81,7 @@ class HFGlmFamily(Family):
         super().__init__(ckpt)
         act = self.config.get("hidden_act", "silu")
         if act != "silu":
-            raise UnsupportedModelError(f"config.json: hidden_act={act!r} is not supported (GLM uses 'silu')",
+            raise UnsupportedModelError(f"hidden_act={act!r} is not supported (GLM uses 'silu')",
                                         self.config_path)
         self.hp = self.hparams()
         self.chat_format = self.detect_chat_format(chat_template_of(ckpt.dir / "tokenizer_config.json"))
@@ -102,7 +102,7 @@ class HFGlmFamily(Family):
         key, source = ("rope_parameters", params) if params is not None else ("rope_scaling", scaling)
         kind = "default" if source is None else source.get("rope_type", source.get("type", "default"))
         if kind != "default":
-            raise UnsupportedModelError(f"config.json: rope type {shown(kind)} is not supported (only the default "
+            raise UnsupportedModelError(f"rope type {shown(kind)} is not supported (only the default "
                                         f"rope; in {key})", self.config_path)
         values = params if params is not None else self.config
         theta = values.get("rope_theta", 10000.0)
@@ -200,7 +200,7 @@ class GlmHF(HFGlmFamily):
         super().__init__(ckpt)
         hp = self.hp
         if hp.head_dim * hp.n_head != hp.n_embd:
-            raise UnsupportedModelError(f"config.json: llama.cpp's chatglm graph needs num_attention_heads x head_dim "
+            raise UnsupportedModelError(f"llama.cpp's chatglm graph needs num_attention_heads x head_dim "
                                         f"= hidden_size ({hp.n_head} x {hp.head_dim} != {hp.n_embd})",
                                         self.config_path)
 
