@@ -37,7 +37,7 @@ def _is_str_list(value: Any) -> bool:
 
 
 def _is_token_id(value: Any) -> bool:
-    return _is_int(value) and value >= 0
+    return _is_int(value) and value >= -1  # -1: "none", as some configs write pad_token_id
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -66,7 +66,7 @@ KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "int?": (_or_null(_is_int), "an integer or null"),
     "number": (is_number, "a finite number"),
     "number?": (_or_null(is_number), "a finite number or null"),
-    "ids?": (_or_null(_is_token_ids), "a token id (an integer >= 0), a list of them, or null"),
+    "ids?": (_or_null(_is_token_ids), "a token id (an integer >= -1), a list of them, or null"),
     "object?": (_or_null(lambda v: type(v) is dict), "an object or null"),
     "numbers-by-pattern?": (_or_null(is_number_map), "an object of module pattern -> number, or null"),
     "ints?": (_or_null(lambda v: _is_int(v) or (type(v) is list and all(_is_int(i) for i in v))),
