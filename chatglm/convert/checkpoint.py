@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from chatglm.convert.config_types import CONFIG_FIELDS, GENERATION_FIELDS, check_types
 from chatglm.convert.safetensors_file import SafetensorsFile
 from chatglm.convert.tensors import TensorInfo, TensorSource
 from chatglm.convert.torch_file import TorchFile
@@ -38,6 +39,13 @@ class Checkpoint:
         self.config: dict[str, Any] = read_json(self.dir / "config.json", "config.json")
         if not isinstance(self.config, dict):
             raise InputError("config.json is not a JSON object", self.dir / "config.json")
+        check_types(self.config, CONFIG_FIELDS, self.dir / "config.json")
+        generation = self.dir / "generation_config.json"
+        if generation.is_file():
+            settings = read_json(generation, "generation_config.json")
+            if not isinstance(settings, dict):
+                raise InputError("not a JSON object", generation)
+            check_types(settings, GENERATION_FIELDS, generation)
         self._files: list[TensorSource] = []
         self._where: dict[str, TensorSource] = {}
         self._open_weights()

@@ -32,6 +32,7 @@ from chatglm.convert.vocab_ice import (
     load_ice_vocab,
 )
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.limits import MAX_NORM_EPS
 
 T = gguf.MODEL_TENSOR
 ARCH = "chatglm1"
@@ -101,10 +102,10 @@ class ChatGLM1(Family):
         self.cfg_require("position_encoding_2d", True)
         if self.config.get("quantization_bit", 0) not in (0, None):
             raise UnsupportedModelError(
-                f"config.json: quantization_bit={self.config['quantization_bit']!r}: this is a pre-quantized "
+                f"quantization_bit={self.config['quantization_bit']!r}: this is a pre-quantized "
                 "ChatGLM-6B (int4/int8); convert the original float16 THUDM/chatglm-6b instead", self.config_path)
         if self.config.get("pre_seq_len") is not None:
-            raise UnsupportedModelError("config.json: pre_seq_len is set (a P-tuning prefix model); merge or drop "
+            raise UnsupportedModelError("pre_seq_len is set (a P-tuning prefix model); merge or drop "
                                         "the prefix encoder first", self.config_path)
         self.hp = self._hparams()
         self.vocab = load_ice_vocab(ckpt.dir / TOKENIZER_FILE, self._image_tokens())
@@ -115,15 +116,22 @@ class ChatGLM1(Family):
         return is_glm1_config(ckpt.config)
 
     def _hparams(self) -> GLM1Hparams:
-        n_embd, n_head = self.cfg_int("hidden_size"), self.cfg_int("num_attention_heads")
+        n_embd = self.cfg_int("hidden_size")
+        n_head = self.cfg_int("num_attention_heads", maximum=n_embd)
         if n_embd % n_head or (n_embd // n_head) % 4:
-            raise InputError(f"config.json: hidden_size {n_embd} / num_attention_heads {n_head} must give a head "
+            raise InputError(f"hidden_size {n_embd} / num_attention_heads {n_head} must give a head "
                              "size that is a multiple of 4 (two rotary halves)", self.config_path)
+        embedding = f"{TENSOR_MAP[T.TOKEN_EMBD]}.weight"
+        self.check_rows("hidden_size", n_embd, embedding, 1, "columns")
+        n_layer = self.cfg_int("num_layers")
+        self.check_layers("num_layers", n_layer, r"transformer\.layers\.(\d+)\.")
+        n_vocab = self.cfg_int("vocab_size")
+        self.check_rows("vocab_size", n_vocab, embedding, 0, "rows")
         return GLM1Hparams(
-            n_layer=self.cfg_int("num_layers"), n_embd=n_embd,
+            n_layer=n_layer, n_embd=n_embd,
             n_ff=self.cfg_int("inner_hidden_size", default=4 * n_embd), n_head=n_head,
-            n_vocab=self.cfg_int("vocab_size"), n_ctx=self.cfg_int("max_sequence_length", default=2048),
-            eps=self.cfg_float("layernorm_epsilon", default=1e-5),
+            n_vocab=n_vocab, n_ctx=self.cfg_int("max_sequence_length", default=2048),
+            eps=self.cfg_float("layernorm_epsilon", default=1e-5, maximum=MAX_NORM_EPS),
         )
 
     def _image_tokens(self) -> int:
@@ -147,7 +155,7 @@ class ChatGLM1(Family):
         for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("mask_token_id", "mask"),
                           ("gmask_token_id", "gmask")):
             if key in self.config and self.config[key] != ids[name]:
-                raise InputError(f"config.json: {key}={self.config[key]!r} but {TOKENIZER_FILE} with "
+                raise InputError(f"{key}={self.config[key]!r} but {TOKENIZER_FILE} with "
                                  f"{v.image_tokens} image tokens gives {ids[name]}; the tokenizer and weights come "
                                  "from different releases", self.config_path)
         return ids
