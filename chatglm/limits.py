@@ -9,3 +9,11 @@ from __future__ import annotations
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS (llama-hparams.h): per-layer arrays are std::array of this size
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS (llama-hparams.h): GGML_ASSERT(n_expert <= LLAMA_MAX_EXPERTS)
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # LLAMA_ROPE_SCALING_TYPES (llama-model.cpp)
+
+# -- runtime (GGUF validation, contexts): read from llama-context.cpp / llama-vocab.cpp ------------------------------
+MAX_CONTEXT = 2**31 - 256  # cparams.n_ctx is a uint32 padded up to 256 (GGML_PAD) and positions are int32 (llama_pos)
+MAX_TENSORS = 1 << 16  # our bound on a GGUF's tensor table (GLM-4.5 355B has ~1,800; 512 layers x 64 would fit)
+MAX_KEYS = 1 << 16  # our bound on a GGUF's metadata keys (real files have ~40)
+MAX_THREADS = 512  # GGML_MAX_N_THREADS (ggml.h)
+VOCAB_MODELS = ("llama", "gpt2")  # tokenizer.ggml.model values of GLM GGUFs: SentencePiece (SPM) and byte-level BPE
+EMPTY_TOKEN = "[EMPTY_{}]"  # llama-vocab.cpp renames an empty token text to this before indexing texts
