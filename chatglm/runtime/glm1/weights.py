@@ -50,6 +50,11 @@ def expected_shapes(cfg: GLM1Config) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensors(header: GGUFHeader, cfg: GLM1Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor the graph reads is there with its shape; the table is built only once the declared block count
+    is one the file's tensors can hold (so a block_count of 10**9 costs nothing)."""
+    if cfg.n_layer * len(LAYER_FIELDS) > len(header.tensors):
+        raise InputError(f"GGUF declares block_count {cfg.n_layer} but holds only {len(header.tensors)} tensors "
+                         f"({len(LAYER_FIELDS)} per block are needed)", header.path)
     shapes = expected_shapes(cfg)
     if "output.weight" not in header.tensors:
         del shapes["output.weight"]
