@@ -94,7 +94,7 @@ def count(n: int) -> str:
 def text_lines(d: dict) -> list[str]:
     from chatglm.runtime.memory import human
 
-    kind = "" if d["type"] == "model" else f", a {d['type']}"
+    kind = "" if d["type"] == "model" else f" ({d['type']})"
     fmt = f" (family {d['family']}, chat format {d['chat_format']})" if d["runnable"] else kind
     lines = [
         f"{d['path']}",

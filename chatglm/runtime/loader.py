@@ -130,8 +130,8 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
     validate(header)
     target = ENGINES[header.arch]
     if target.endswith(":LlamaEngine"):
-        check_kv_head(header, kv_type)
         flash_attn, note = resolve_flash_attn(kv_type, flash_attn)
+        check_kv_head(header, kv_type)
         log.info("%s", note)
     if n_ctx is None:
         n_ctx = default_context(header, kv_type)
