@@ -17,3 +17,6 @@ MAX_KEYS = 1 << 16  # our bound on a GGUF's metadata keys (real files have ~40)
 MAX_THREADS = 512  # GGML_MAX_N_THREADS (ggml.h)
 VOCAB_MODELS = ("llama", "gpt2")  # tokenizer.ggml.model values of GLM GGUFs: SentencePiece (SPM) and byte-level BPE
 EMPTY_TOKEN = "[EMPTY_{}]"  # llama-vocab.cpp renames an empty token text to this before indexing texts
+# ggml types a weight matrix may not have: integer and f64 types and the activation-only Q8_1/Q8_K have no CPU matmul
+WEIGHT_TYPES_REFUSED = {9: "Q8_1", 15: "Q8_K", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
+VECTOR_TYPE = 0  # F32: ggml's CPU binary ops (norm weights, biases) take no f16/bf16/quantized second operand

@@ -121,8 +121,8 @@ def write_gguf(path: Path, kv: dict[str, Any], shapes: dict[str, tuple[int, ...]
             writer.add_array(key, value)
         else:
             writer.add_key_value(key, value, _vtype(value))
-    for name, shape in shapes.items():
-        writer.add_tensor(name, np.zeros(shape[::-1], dtype=np.float32))  # numpy order is ggml's reversed
+    for name, shape in shapes.items():  # a shape (ggml order) for f32 zeros, or the array itself
+        writer.add_tensor(name, shape if isinstance(shape, np.ndarray) else np.zeros(shape[::-1], dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -148,7 +148,7 @@ def put(**changes: Any) -> Callable[[dict, dict], None]:
     return edit
 
 
-def shape(name: str, new: tuple[int, ...] | None) -> Callable[[dict, dict], None]:
+def shape(name: str, new: tuple[int, ...] | np.ndarray | None) -> Callable[[dict, dict], None]:
     def edit(_kv: dict, shapes: dict) -> None:
         if new is None:
             del shapes[name]
@@ -249,6 +249,11 @@ CASES: dict[str, tuple[Callable, Callable, str]] = {
     "shape-experts": (glm4moe_model, shape("blk.1.ffn_gate_exps.weight", (E, FF_EXP, 3)), "blk.1.ffn_gate_exps.weight has shape [16, 8, 3], expected [16, 8, 4]"),
     "shape-shexp": (glm4moe_model, shape("blk.1.ffn_up_shexp.weight", (E, 9)), "blk.1.ffn_up_shexp.weight has shape [16, 9]"),
     "shape-moe-attn-out": (glm4moe_model, shape("blk.0.attn_output.weight", (E, 8)), "blk.0.attn_output.weight has shape [16, 8]"),
+    "norm-f16": (chatglm_model, shape("blk.0.attn_norm.weight", np.zeros(E, np.float16)),
+                 "tensor blk.0.attn_norm.weight is f16; llama.cpp adds and multiplies 1-D tensors (norms, biases) only as f32"),
+    "bias-f16": (glm4moe_model, shape("blk.1.exp_probs_b.bias", np.zeros(N_EXPERT, np.float16)), "exp_probs_b.bias is f16"),
+    "matrix-i32": (chatglm_model, shape("blk.0.ffn_down.weight", np.zeros((E, FF), np.int32)),
+                   "tensor blk.0.ffn_down.weight has type I32, which ggml cannot use as a weight"),
     "missing-norm": (chatglm_model, shape("blk.1.attn_norm.weight", None), "lacks tensor(s) blk.1.attn_norm.weight"),
     "missing-router": (glm4moe_model, shape("blk.1.ffn_gate_inp.weight", None), "lacks tensor(s) blk.1.ffn_gate_inp.weight"),
     "extra-tensor": (chatglm_model, shape("blk.7.ffn_up.weight", (E, 2 * FF)), "has tensor blk.7.ffn_up.weight, which a chatglm model"),

@@ -204,6 +204,24 @@ def check_tensors(header: GGUFHeader, hp: HParams) -> None:
         if tuple(entry.shape) != spec[0]:
             raise _fail(header, f"tensor {name} has shape {list(entry.shape)}, expected {list(spec[0])} from the "
                                 "hyperparameters")
+        check_weight_type(header, name, entry.ggml_type, len(entry.shape))
+
+
+def check_weight_type(header: GGUFHeader, name: str, ggml_type: int, n_dims: int) -> None:
+    """Types ggml's CPU ops cannot take: a 1-D tensor (norm, bias) other than f32 aborts in its binary ops, an
+    integer matrix in its matmul."""
+    if n_dims == 1 and ggml_type != limits.VECTOR_TYPE:
+        raise _fail(header, f"tensor {name} is {_type_name(ggml_type)}; llama.cpp adds and multiplies 1-D tensors "
+                            "(norms, biases) only as f32")
+    if ggml_type in limits.WEIGHT_TYPES_REFUSED:
+        raise _fail(header, f"tensor {name} has type {limits.WEIGHT_TYPES_REFUSED[ggml_type]}, which ggml cannot "
+                            "use as a weight")
+
+
+def _type_name(ggml_type: int) -> str:
+    import gguf
+
+    return gguf.GGMLQuantizationType(ggml_type).name.lower()
 
 
 def _vocab_size(header: GGUFHeader) -> int:

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import gguf
 import numpy as np
 
+from chatglm import limits
 from chatglm.errors import InputError
 from chatglm.ggml import ops
 from chatglm.ggml.backend import Backend, Buffer, cpu_buffer_type, tensor_set
@@ -70,6 +71,9 @@ def check_tensors(header: GGUFHeader, cfg: GLM1Config) -> dict[str, tuple[int, .
         if len(shape) == 1 and entry.ggml_type not in SMALL_TYPES:
             raise InputError(f"tensor {name} is {ops.type_name(entry.ggml_type)}; 1-D tensors must be f32/f16/bf16",
                              header.path)
+        if len(shape) > 1 and entry.ggml_type in limits.WEIGHT_TYPES_REFUSED:
+            raise InputError(f"tensor {name} has type {limits.WEIGHT_TYPES_REFUSED[entry.ggml_type]}, which ggml "
+                             "cannot use as a weight", header.path)
         ops.type_traits(entry.ggml_type)  # a type this libggml knows
     return shapes
 
