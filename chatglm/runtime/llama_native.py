@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from chatglm import limits
 from chatglm.errors import InputError, ModelRuntimeError
 from chatglm.runtime.engine import ModelInfo, ProgressFn
 from chatglm.runtime.memory import params_text
@@ -249,6 +250,9 @@ def load_lora(model, path: Path, arch: str):
         raise InputError("not a LoRA adapter GGUF (write one with `chatglm lora`)", path)
     if header.arch != arch:
         raise InputError(f"adapter for a {header.arch!r} model, but this model is {arch!r}", path)
+    for entry in header.tensors.values():  # llama.cpp checks names and shapes itself (and throws); not types
+        if len(entry.shape) != 2 or entry.ggml_type in limits.WEIGHT_TYPES_REFUSED:
+            raise InputError(f"adapter tensor {entry.name} must be a matrix of a float or quantized type", path)
     ll = lib()
     adapter = ll.llama_adapter_lora_init(model, os.fsencode(path))
     if not adapter:
