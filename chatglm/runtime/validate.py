@@ -322,8 +322,8 @@ def _check_spm_bytes(header: GGUFHeader, texts: set[str]) -> None:
     one-character text) with .at(), which throws std::out_of_range, uncaught, for a byte the vocabulary lacks."""
     missing = [b for b in range(256) if f"<0x{b:02X}>" not in texts and not (0 < b < 128 and chr(b) in texts)]
     if missing:
-        raise _fail(header, f"SentencePiece vocabulary lacks byte piece(s) {', '.join(f'<0x{b:02X}>' for b in missing[:4])}"
-                            + (" ..." if len(missing) > 4 else "") + f" ({len(missing)} of 256 missing)")
+        pieces = ", ".join(f"<0x{b:02X}>" for b in missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise _fail(header, f"SentencePiece vocabulary lacks byte piece(s) {pieces} ({len(missing)} of 256 missing)")
 
 
 def check_kv_type(kv_type: Any) -> str:
