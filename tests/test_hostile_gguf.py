@@ -90,6 +90,32 @@ def glm4moe_model() -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     return kv, shapes
 
 
+def glm4_model() -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """A valid glm4 (GLM-4-0414) GGUF: the chatglm base renamed, with GLM-4's extra post-norms."""
+    kv, shapes = chatglm_model()
+    kv = {k.replace("chatglm.", "glm4.", 1): v for k, v in kv.items()}
+    kv["general.architecture"] = "glm4"
+    for il in range(L):
+        p = f"blk.{il}."
+        shapes.update({f"{p}attn_output.weight": (HD * H, E), f"{p}post_attention_norm.weight": (E,),
+                       f"{p}post_ffw_norm.weight": (E,)})
+    return kv, shapes
+
+
+def with_mtp(full: bool) -> Callable[[dict, dict], None]:
+    """glm4moe with one NextN/MTP block after the trunk: its tensors all there (full) or left out (trunk only)."""
+    def edit(kv: dict, shapes: dict) -> None:
+        kv["glm4moe.block_count"], kv["glm4moe.nextn_predict_layers"] = L + 1, 1
+        if full:
+            p, v = f"blk.{L}.", len(BPE_TOKENS)
+            shapes.update({n.replace(f"blk.{L - 1}.", p): s for n, s in list(shapes.items())
+                           if n.startswith(f"blk.{L - 1}.")})
+            shapes.update({f"{p}nextn.eh_proj.weight": (2 * E, E), f"{p}nextn.enorm.weight": (E,),
+                           f"{p}nextn.hnorm.weight": (E,), f"{p}nextn.embed_tokens.weight": (E, v),
+                           f"{p}nextn.shared_head_head.weight": (E, v), f"{p}nextn.shared_head_norm.weight": (E,)})
+    return edit
+
+
 def chatglm1_model() -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """Only the metadata of a chatglm1 file (our own engine) and its embedding: enough to reach the block check."""
     v, a = len(SPM_TOKENS), "chatglm1"
@@ -155,6 +181,13 @@ def shape(name: str, new: tuple[int, ...] | np.ndarray | None) -> Callable[[dict
             del shapes[name]
         else:
             shapes[name] = new
+    return edit
+
+
+def both(*edits: Callable[[dict, dict], None]) -> Callable[[dict, dict], None]:
+    def edit(kv: dict, shapes: dict) -> None:
+        for one in edits:
+            one(kv, shapes)
     return edit
 
 
@@ -274,6 +307,14 @@ CASES: dict[str, tuple[Callable, Callable, str]] = {
         "exp_probs_b.bias is f16"),
     "matrix-i32": (chatglm_model, shape("blk.0.ffn_down.weight", np.zeros((E, FF), np.int32)),
                    "tensor blk.0.ffn_down.weight has type I32, which ggml cannot use as a weight"),
+    "glm4-post-norm": (glm4_model, shape("blk.1.post_ffw_norm.weight", None),
+        "lacks tensor(s) blk.1.post_ffw_norm.weight"),
+    "glm4-attn-out": (glm4_model, shape("blk.0.attn_output.weight", (E, E + 1)),
+        "blk.0.attn_output.weight has shape [16, 17], expected [16, 16]"),
+    "mtp-eh-proj": (glm4moe_model, both(with_mtp(True), shape("blk.2.nextn.eh_proj.weight", (E, E))),
+        "tensor blk.2.nextn.eh_proj.weight has shape [16, 16], expected [32, 16]"),
+    "mtp-router-missing": (glm4moe_model, both(with_mtp(True), shape("blk.2.ffn_gate_inp.weight", None)),
+        "lacks tensor(s) blk.2.ffn_gate_inp.weight"),
     "missing-norm": (chatglm_model, shape("blk.1.attn_norm.weight", None), "lacks tensor(s) blk.1.attn_norm.weight"),
     "missing-router": (glm4moe_model, shape("blk.1.ffn_gate_inp.weight", None),
         "lacks tensor(s) blk.1.ffn_gate_inp.weight"),
@@ -320,12 +361,15 @@ def test_valid_bases_load_in_llama_cpp(tmp_path):
     """The synthetic bases pass validation and llama.cpp's own loader: the shapes above are the ones it creates."""
     from chatglm.runtime.loader import open_engine
 
-    for name, base in (("chatglm", chatglm_model), ("glm4moe", glm4moe_model)):
-        path = crafted(tmp_path, name, base, lambda kv, s: None)
+    nothing = lambda kv, s: None  # noqa: E731
+    for name, base, edit in (("chatglm", chatglm_model, nothing), ("glm4", glm4_model, nothing),
+                             ("glm4moe", glm4moe_model, nothing), ("mtp", glm4moe_model, with_mtp(True)),
+                             ("trunk-only", glm4moe_model, with_mtp(False))):
+        path = crafted(tmp_path, name, base, edit)
         r = cli(["info", path])
-        assert r.code == 0 and "not runnable" not in r.out, r.text
+        assert r.code == 0 and "not runnable" not in r.out, (name, r.text)
         with open_engine(path, n_ctx=256, n_threads=1) as engine:
-            assert engine.info.n_vocab == len(SPM_TOKENS if name == "chatglm" else BPE_TOKENS)
+            assert engine.info.n_vocab == len(BPE_TOKENS if "moe" in base.__name__ else SPM_TOKENS)
 
 
 def test_corpus_refused_by_info_run_and_bench(tmp_path):
