@@ -20,3 +20,6 @@ EMPTY_TOKEN = "[EMPTY_{}]"  # llama-vocab.cpp renames an empty token text to thi
 # ggml types a weight matrix may not have: integer and f64 types and the activation-only Q8_1/Q8_K have no CPU matmul
 WEIGHT_TYPES_REFUSED = {9: "Q8_1", 15: "Q8_K", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
 VECTOR_TYPE = 0  # F32: ggml's CPU binary ops (norm weights, biases) take no f16/bf16/quantized second operand
+EXPERT_GATING_FUNCS = range(5)  # llama_expert_gating_func_type: another value is GGML_ABORT in build_moe_ffn
+# general.name substrings for which llama-vocab.cpp .at()s fixed token texts (its per-model attribute quirks)
+NAME_QUIRKS = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}

@@ -289,6 +289,7 @@ CASES: dict[str, tuple[Callable, Callable, str]] = {
         "has no experts but expert_used_count 2"),
     "experts-shared-missing": (glm4moe_model, put(glm4moe__expert_shared_count=None),
         "lacks glm4moe.expert_shared_count"),
+    "experts-gating": (glm4moe_model, put(glm4moe__expert_gating_func=7), "expert_gating_func must be an integer in 0..4"),
     # tensors that disagree with the hyperparameters
     "shape-ffn-up": (chatglm_model, shape("blk.1.ffn_up.weight", (E, FF)),
         "tensor blk.1.ffn_up.weight has shape [16, 24], expected [16, 48]"),
@@ -342,6 +343,10 @@ CASES: dict[str, tuple[Callable, Callable, str]] = {
         "token_type must be a numeric array"),
     "scores-short": (chatglm_model, put(tokenizer__ggml__scores=[0.0] * 3), "has 3 token scores for 264 tokens"),
     "tokens-numbers": (chatglm_model, put(tokenizer__ggml__tokens=list(range(264))), "has no tokenizer"),
+    "add-bos-no-id": (glm4moe_model, put(tokenizer__ggml__add_bos_token=True),
+        "sets tokenizer.ggml.add_bos_token but names no tokenizer.ggml.bos_token_id"),
+    "name-quirk": (glm4moe_model, put(general__name="GLM-Phi3-mix"),
+        "general.name 'glm-phi3-mix' makes llama.cpp look up token(s) </s>, <unk>, <s>"),
     "eos-outside": (chatglm_model, put(tokenizer__ggml__eos_token_id=10**6),
         "eos_token_id = 1000000 is outside the vocabulary"),
     # our own engine's GGUF: a declared block count the file cannot hold

@@ -173,6 +173,8 @@ def _experts(header: GGUFHeader, n_layer: int, n_ff: int) -> dict[str, int]:
         if n_expert:
             raise _fail(header, f"has expert_count {n_expert}, but {header.arch} models have no experts")
         return {}
+    # an unknown gating function is a GGML_ABORT at the first decode
+    _int(header, "expert_gating_func", minimum=0, maximum=len(limits.EXPERT_GATING_FUNCS) - 1)
     shared = _int(header, "expert_shared_count", required=True, minimum=0, maximum=n_expert)
     ff_exp = _layer_int(header, "expert_feed_forward_length", n_layer, required=True)
     dense = _int(header, "leading_dense_block_count", minimum=0, maximum=n_layer)
@@ -252,6 +254,8 @@ def check_vocab(header: GGUFHeader, n_embd: int) -> int:
         merges = header.get("tokenizer.ggml.merges")
         if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
             raise _fail(header, "has a BPE tokenizer (gpt2) but no tokenizer.ggml.merges array of strings")
+    _check_added_specials(header, model)
+    _check_name_quirks(header, texts)
     if header.get("tokenizer.ggml.precompiled_charsmap") is not None:
         raise _fail(header, "has a tokenizer.ggml.precompiled_charsmap, which GLM tokenizers never use")
     for key, value in header.kv.items():
@@ -324,6 +328,26 @@ def _check_spm_bytes(header: GGUFHeader, texts: set[str]) -> None:
     if missing:
         pieces = ", ".join(f"<0x{b:02X}>" for b in missing[:4]) + (" ..." if len(missing) > 4 else "")
         raise _fail(header, f"SentencePiece vocabulary lacks byte piece(s) {pieces} ({len(missing)} of 256 missing)")
+
+
+def _check_added_specials(header: GGUFHeader, model: str) -> None:
+    """Tokenizing with specials GGML_ASSERTs that the bos/eos/sep it must add exists."""
+    defaults = {"llama": {"bos", "eos"}, "gpt2": {"eos"}}[model]  # llama-vocab.cpp's default ids per model
+    for name in ("bos", "eos", "sep"):
+        if header.get(f"tokenizer.ggml.add_{name}_token") is True and name not in defaults \
+                and header.get(f"tokenizer.ggml.{name}_token_id") is None:
+            raise _fail(header, f"sets tokenizer.ggml.add_{name}_token but names no tokenizer.ggml.{name}_token_id")
+
+
+def _check_name_quirks(header: GGUFHeader, texts: set[str]) -> None:
+    """For some general.name values llama.cpp looks up fixed token texts with .at() (throws when absent)."""
+    name = header.get("general.name")
+    name = name.lower() if isinstance(name, str) else ""
+    for keys, needed in limits.NAME_QUIRKS.items():
+        missing = [t for t in needed if t not in texts]
+        if any(k in name for k in keys) and missing:
+            raise _fail(header, f"general.name {name!r} makes llama.cpp look up token(s) {', '.join(missing)}, "
+                                "which this vocabulary lacks; rename the model")
 
 
 def check_kv_type(kv_type: Any) -> str:
