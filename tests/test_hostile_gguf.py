@@ -289,7 +289,8 @@ CASES: dict[str, tuple[Callable, Callable, str]] = {
         "has no experts but expert_used_count 2"),
     "experts-shared-missing": (glm4moe_model, put(glm4moe__expert_shared_count=None),
         "lacks glm4moe.expert_shared_count"),
-    "experts-gating": (glm4moe_model, put(glm4moe__expert_gating_func=7), "expert_gating_func must be an integer in 0..4"),
+    "experts-gating": (glm4moe_model, put(glm4moe__expert_gating_func=7),
+        "expert_gating_func must be an integer in 0..4"),
     # tensors that disagree with the hyperparameters
     "shape-ffn-up": (chatglm_model, shape("blk.1.ffn_up.weight", (E, FF)),
         "tensor blk.1.ffn_up.weight has shape [16, 24], expected [16, 48]"),
