@@ -28,8 +28,15 @@ from typing import Callable
 import seeds as seedlib
 from chatglm.errors import InputError
 
-# Refusals (and, in the server, logged 500s) come by the million: the targets report what matters themselves.
-logging.getLogger("chatglm").setLevel(logging.CRITICAL)
+
+def silence_logs() -> int:
+    """Refusals (and, in the server, logged 500s) come by the million: the targets report what matters themselves.
+    Returns the level it replaced, for a caller that restores it (the test suite)."""
+    logger = logging.getLogger("chatglm")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    return previous
+
 
 def _scratch() -> Path:
     """This process's scratch folder, in memory where possible. atheris leaves through ``_exit`` (no atexit), so the
@@ -268,9 +275,10 @@ def _formats() -> list:
 
 
 def _chat_file(kind: int, path: Path) -> None:
-    from chatglm.cli.run import read_tools
+    from chatglm.runtime.chatfiles import read_tools
     from chatglm.runtime.messages import Message
-    from chatglm.runtime.session import read_conversation, system_message
+    from chatglm.runtime.chatfiles import read_conversation
+    from chatglm.runtime.session import system_message
 
     if kind % 2 == 0:
         messages = read_conversation(path) + [Message("user", "hi")]
