@@ -149,35 +149,15 @@ def gguf_validate(data: bytes) -> None:
 
 def validate_gguf(path: Path) -> None:
     from chatglm.cli.info import describe_file
-    from chatglm.errors import UnsupportedModelError
     from chatglm.gguf_file import read_header
     from chatglm.runtime import loader
     from chatglm.runtime.memory import default_context
 
     header = read_header(path)
-    if header.arch not in loader.ENGINES:
-        raise UnsupportedModelError("not a GLM model this tool runs", path)
-    if header.arch == "chatglm1":
-        _validate_glm1(header)
-    else:
-        from chatglm.runtime.validate import check_kv_type, check_transformer
-
-        check_transformer(header)
-        check_kv_type(header, "f16")
+    loader.validate(header)  # the one validation step before any engine (GLM-1's included)
     loader.describe(header)
     default_context(header, "f16")
     describe_file(path, None, "f16")  # what `chatglm info` shows
-
-
-def _validate_glm1(header) -> None:
-    from chatglm.runtime.glm1 import engine, graph, weights
-    from chatglm.runtime.glm1.tokenizer import GLM1Tokenizer
-
-    cfg = graph.GLM1Config.from_header(header)
-    engine._check_settings(cfg, 64, 512, 1, "f16", 0, None, header)
-    GLM1Tokenizer(header)
-    engine._special_ids(header, cfg)
-    weights.check_tensors(header, cfg)
 
 
 def imatrix(data: bytes) -> None:
