@@ -198,8 +198,12 @@ class LiveServer:
 
 
 def serve(models_or_loader, **config) -> LiveServer:
-    """A :class:`LiveServer` over the given models (or a loader function) with ``ServerConfig(**config)``."""
+    """A :class:`LiveServer` over the given models (or a loader function) with ``ServerConfig(**config)``; the Host
+    check is on (loopback names only) unless ``allowed_hosts`` says otherwise, as ``chatglm serve`` runs keyless."""
     from chatglm.server import ServerConfig, create_app
+    from chatglm.server.guard import LOOPBACK_HOSTS
+
+    config.setdefault("allowed_hosts", LOOPBACK_HOSTS)
 
     loader = models_or_loader if callable(models_or_loader) else (lambda: list(models_or_loader))
     parallel = 1 if callable(models_or_loader) else len(models_or_loader)
@@ -389,3 +393,45 @@ def chromium() -> Iterator[Chromium]:
         yield browser
     finally:
         browser.close()
+
+
+# -- raw HTTP: bytes as given, Host and Content-Type set by hand -------------------------------------------------
+class RawReply:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def raw_request(port: int, method: str, path: str, body: bytes = b"", headers: Optional[dict[str, str]] = None,
+                host: Optional[str] = "127.0.0.1", timeout: float = 15) -> RawReply:
+    """One request on a fresh connection with exactly these headers (``host`` None: no Host header at all)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
+        if (body or method == "POST") and "Transfer-Encoding" not in (headers or {}):
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body or None)
+        reply = conn.getresponse()
+        return RawReply(reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read())
+    finally:
+        conn.close()
+
+
+def raw_http10(port: int, request: bytes, timeout: float = 15) -> bytes:
+    """Send ``request`` (an HTTP/1.0 request, headers and all) and return the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)

@@ -184,7 +184,7 @@ def test_a_client_that_leaves_the_queue_is_never_served():
         assert model.started.wait(5)
         body = json.dumps({"messages": user("leaves"), "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", live.port)) as raw:
-            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             wait_until(lambda: live.state.pool.queued == 1)
         wait_until(lambda: live.state.pool.queued == 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,13 +13,14 @@ import typer
 
 from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, Threads, handle_errors, non_empty, number,
                                setup_logging)
-from chatglm.errors import ChatGLMError, InputError, ModelRuntimeError
+from chatglm.errors import ChatGLMError, InputError
 from chatglm.limits import MAX_CONTEXT
 
 log = logging.getLogger(__name__)
 
 MAX_PARALLEL = 64  # model instances, each a full copy of the weights
 MAX_QUEUE = 100_000
+HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")  # a DNS name, an IPv4 or [IPv6]
 
 ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
 
@@ -44,6 +46,9 @@ def serve_cmd(
     model_id: Annotated[Optional[str], typer.Option("--model-id", callback=non_empty,
                                                     help="Name in /v1/models (file stem).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests and model loading.")] = False,
+    allow_host: Annotated[Optional[list[str]], typer.Option(
+        "--allow-host", help="Also answer requests for this Host name (repeatable; loopback without a key "
+                             "answers only localhost, 127.0.0.1 and [::1]).")] = None,
 ) -> None:
     """Serve a GGUF model over the OpenAI API, with a chat page at /."""
     import uvicorn
@@ -52,25 +57,23 @@ def serve_cmd(
 
     setup_logging(verbose)
     path = resolve_model(model)
+    hosts = allowed_hosts(host, api_key, allow_host or [])
     if threads is None:
         from chatglm.runtime.llama_native import physical_cores
 
         threads = max(1, physical_cores() // parallel)
-    failure: list[BaseException] = []
-    server_box: list[uvicorn.Server] = []
-
-    def load_failed(exc: BaseException) -> None:
-        failure.append(exc)
-        server_box[0].should_exit = True
-
+    sock = bind(host, port)  # bound, not listening: a taken port fails before the load, and nothing answers yet
+    try:
+        models = load_instances(path, parallel, ctx, threads, n_gpu_layers, kv_type, flash_attn)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
     config = ServerConfig(model_id=model_id or path.stem, api_key=api_key or None, cors_origin=cors_origin,
-                          max_queue=queue_size, on_load_failed=load_failed)
-    app = create_app(lambda: load_instances(path, parallel, ctx, threads, n_gpu_layers, kv_type, flash_attn), config, parallel)
-    sock = listen(host, port)
+                          max_queue=queue_size, allowed_hosts=hosts)
+    server = uvicorn.Server(uvicorn.Config(create_app(models, config, parallel), log_level="info" if verbose
+                                           else "warning", access_log=verbose, timeout_graceful_shutdown=5))
     warn_if_exposed(host, api_key)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
-                                           timeout_graceful_shutdown=5))
-    server_box.append(server)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     typer.echo(f"chatglm: serving {path.name} at http://{shown}:{bound[1]}/ (OpenAI API under /v1)", err=True)
@@ -79,9 +82,24 @@ def serve_cmd(
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: stopping is the normal way out
         pass
     typer.echo("chatglm: server stopped", err=True)
-    if failure:
-        exc = failure[0]
-        raise exc if isinstance(exc, ChatGLMError) else ModelRuntimeError(f"loading the model failed: {exc}")
+
+
+def allowed_hosts(host: str, api_key: Optional[str], extra: list[str]) -> Optional[tuple[str, ...]]:
+    """The Host names a server bound to ``host`` answers: on loopback without a key, only loopback names and
+    ``extra`` (against DNS rebinding); None (any Host) when bound elsewhere or guarded by an API key."""
+    from chatglm.server.guard import LOOPBACK_HOSTS, host_name
+
+    names = []
+    for given in extra:
+        name = host_name(given)
+        if not name or not HOST_NAME.fullmatch(name):
+            raise InputError(f"--allow-host {given!r}: not a host name (give a name such as myhost.local)")
+        names.append(name)
+    if api_key or not is_loopback(host):
+        if names:
+            log.info("--allow-host is not needed: the Host header is checked only on loopback without --api-key")
+        return None
+    return LOOPBACK_HOSTS + tuple(names)
 
 
 def resolve_model(model: Optional[Path]) -> Path:
@@ -93,7 +111,7 @@ def resolve_model(model: Optional[Path]) -> Path:
 
         model = demo_gguf()
     if not model.is_file():
-        raise InputError("no such file", model)
+        raise InputError("not a regular file" if model.exists() else "no such file", model)
     read_header(model)
     return model
 
@@ -108,15 +126,24 @@ def load_instances(path: Path, parallel: int, n_ctx: Optional[int], threads: int
             log.info("loading instance %d of %d from %s", i + 1, parallel, path)
             models.append(load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
                                flash_attn=flash_attn))
+    except Exception as exc:
+        close_all(models)
+        if isinstance(exc, ChatGLMError):
+            raise
+        raise InputError(f"cannot load the model: {type(exc).__name__}: {exc}", path) from exc
     except BaseException:
-        for m in models:
-            m.close()
+        close_all(models)
         raise
     return models
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` (a clear error when the address is taken or unknown)."""
+def close_all(models: list) -> None:
+    for m in models:
+        m.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, not yet listening (a clear error when the address is taken or unknown)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -126,7 +153,6 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(128)
     except OSError as exc:
         sock.close()
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
@@ -134,11 +160,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def warn_if_exposed(host: str, api_key: Optional[str]) -> None:
+def is_loopback(host: str) -> bool:
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not api_key:
+        return host.lower().rstrip(".") == "localhost"
+
+
+def warn_if_exposed(host: str, api_key: Optional[str]) -> None:
+    if not is_loopback(host) and not api_key:
         typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model",
                    err=True)

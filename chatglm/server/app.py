@@ -1,9 +1,11 @@
 """The ASGI application: OpenAI-compatible endpoints and the chat page over a pool of loaded models.
 
-``create_app(load_models, config)`` returns a FastAPI app. ``load_models`` runs on a background thread at startup and
-returns the model instances (one per ``--parallel`` slot); until it returns, ``/health`` and the generation endpoints
-answer 503. Each generation runs on a worker thread; the event loop only relays text, so a slow model never blocks
-``/health`` or the queue.
+``create_app(load_models, config)`` returns a FastAPI app. ``load_models`` is either the model instances (one per
+``--parallel`` slot), already loaded, or a function that runs on a background thread at startup and returns them;
+until it returns, ``/health`` and the generation endpoints answer 503. Every POST body passes
+:func:`chatglm.server.body.parse_request`; with ``allowed_hosts`` set, requests for other Host names get a 403.
+Each generation runs on a worker thread; the event loop only relays text, so a slow model never blocks ``/health``
+or the queue.
 """
 
 from __future__ import annotations
@@ -26,19 +28,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from chatglm.server.errors import APIError, invalid
+from chatglm.server.body import MAX_BODY_BYTES, ParsedRequest, check_content_type, parse_request, too_large
+from chatglm.server.errors import APIError, internal
+from chatglm.server.guard import CatchAll, HostGuard
 from chatglm.server.mapping import (
     Outcome,
     chat_chunk,
     chat_completion,
     new_id,
     text_completion,
-    to_messages,
     tool_call_deltas,
     usage_chunk,
 )
 from chatglm.server.pool import CLOSED, ModelPool
-from chatglm.server.schema import parse_chat, parse_completion
 from chatglm.server.worker import Generation, chat_job, completion_job
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
             "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PARSE_INLINE_BYTES = 64 << 10
 DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this much, so the client sees the 413
 
 
@@ -55,8 +58,9 @@ class ServerConfig:
     api_key: Optional[str] = None
     cors_origin: Optional[str] = None
     max_queue: int = 64  # requests waiting for an instance, besides those running
-    max_body_bytes: int = 4 << 20
+    max_body_bytes: int = MAX_BODY_BYTES
     on_load_failed: Optional[Callable[[BaseException], None]] = None
+    allowed_hosts: Optional[tuple[str, ...]] = None  # Host names answered (any port); None: no Host check
 
 
 class ClientGone(Exception):
@@ -71,8 +75,9 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON body; 413 past ``limit`` bytes, 400 when it is empty or not JSON."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's raw body after its Content-Type is checked (415); 413 past ``limit`` bytes."""
+    check_content_type(request.headers.get("content-type", ""))
     declared = request.headers.get("content-length", "")
     too_big = declared.isdigit() and int(declared) > limit
     chunks, size = [], 0
@@ -85,15 +90,17 @@ async def read_json(request: Request, limit: int) -> Any:
         if not too_big:
             chunks.append(chunk)
     if too_big:
-        raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
-                       code="request_too_large")
-    body = b"".join(chunks)
-    if not body.strip():
-        raise invalid("the request body is empty; send a JSON object")
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise invalid(f"the request body is not valid JSON: {exc}") from None
+        raise too_large(limit)
+    return b"".join(chunks)
+
+
+async def read_request(request: Request, route: str, limit: int) -> ParsedRequest:
+    """The validated request of a POST to ``route`` (every check of :func:`chatglm.server.body.parse_request`)."""
+    body = await read_body(request, limit)
+    args = (body, request.headers.get("content-type", ""), route, limit)
+    if len(body) > PARSE_INLINE_BYTES:  # a big body is parsed on a thread, so /health and streams go on meanwhile
+        return await asyncio.to_thread(parse_request, *args)
+    return parse_request(*args)
 
 
 async def until_disconnect(request: Request, awaitable) -> Any:
@@ -121,7 +128,8 @@ async def _disconnected(request: Request) -> None:
 class Server:
     """The state behind one app: config, pool, executor, the generations in flight."""
 
-    def __init__(self, load_models: Callable[[], Sequence[Any]], config: ServerConfig, parallel: int):
+    def __init__(self, load_models: Callable[[], Sequence[Any]] | Sequence[Any], config: ServerConfig,
+                 parallel: int):
         self.config, self.load_models = config, load_models
         self.pool: ModelPool = ModelPool(config.max_queue)
         self.executor = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="chatglm-gen")
@@ -129,6 +137,13 @@ class Server:
         self.started = time.time()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> Optional[threading.Thread]:
+        """Ready at once with models loaded beforehand; otherwise start loading them on a thread."""
+        if not callable(self.load_models):
+            self.pool.set_ready(list(self.load_models))
+            return None
+        return self.start_loading(loop)
+
     def start_loading(self, loop: asyncio.AbstractEventLoop) -> threading.Thread:
         def work() -> None:
             try:
@@ -198,6 +213,9 @@ class Server:
                 yield sse(obj)
         except APIError as exc:
             yield sse(exc.body())
+        except Exception as exc:  # a bug mid-stream: the client gets an error event and a clean end
+            log.error("streaming failed: %s: %s", type(exc).__name__, exc)
+            yield sse(internal().body())
         finally:
             self._end(gen)  # on a disconnect Starlette cancels us: the model stops before its next token
         yield "data: [DONE]\n\n"
@@ -214,19 +232,21 @@ def close_all(models: Sequence[Any]) -> None:
             close()
 
 
-def create_app(load_models: Callable[[], Sequence[Any]], config: ServerConfig = ServerConfig(),
+def create_app(load_models: Callable[[], Sequence[Any]] | Sequence[Any], config: ServerConfig = ServerConfig(),
                parallel: int = 1) -> FastAPI:
-    """The app serving the models ``load_models()`` returns (called once, on a thread, at startup)."""
+    """The app serving the models ``load_models()`` returns (called once, on a thread, at startup), or the models
+    given (already loaded: the app is ready from its first request)."""
     server = Server(load_models, config, parallel)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        loader = server.start_loading(asyncio.get_running_loop())
+        loader = server.start(asyncio.get_running_loop())
         try:
             yield
         finally:
             server.shutdown()
-            loader.join(timeout=0.1)
+            if loader is not None:
+                loader.join(timeout=0.1)
 
     app = FastAPI(title="chatglm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -234,6 +254,9 @@ def create_app(load_models: Callable[[], Sequence[Any]], config: ServerConfig = 
     if config.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=[config.cors_origin], allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
+    if config.allowed_hosts is not None:
+        app.add_middleware(HostGuard, allowed=config.allowed_hosts)
+    app.add_middleware(CatchAll)  # added last: the outermost of ours, so it also covers the two above
     page = page_html()
 
     @app.get("/", include_in_schema=False)
@@ -263,21 +286,22 @@ def _v1_router(server: Server) -> APIRouter:
     @router.get("/models/{name:path}")
     async def model(name: str) -> dict:
         if name != model_id:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
+            raise APIError(404, f"the model {name[:100]!r} does not exist; this server serves {model_id!r}",
                            code="model_not_found", param="model")
         return model_card()
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat(await read_json(request, server.config.max_body_bytes))
-        gen = Generation(server.pool, server.executor, chat_job(to_messages(req), req.sampling_kwargs(), req.stops()))
+        parsed = await read_request(request, "/v1/chat/completions", server.config.max_body_bytes)
+        req = parsed.request
+        gen = Generation(server.pool, server.executor, chat_job(parsed.messages, req.sampling_kwargs(), req.stops()))
         rid = new_id("chatcmpl")
         return await server.respond(request, gen, req.stream, lambda out: chat_completion(rid, model_id, out),
                                     lambda g: chat_chunks(g, rid, model_id, req.include_usage()))
 
     @router.post("/completions")
     async def completions(request: Request):
-        req = parse_completion(await read_json(request, server.config.max_body_bytes))
+        req = (await read_request(request, "/v1/completions", server.config.max_body_bytes)).request
         gen = Generation(server.pool, server.executor, completion_job(req.prompt_text(), req.sampling_kwargs(),
                                                                       req.stops()))
         rid = new_id("cmpl")
@@ -325,8 +349,3 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return APIError(exc.status_code, str(exc.detail), code=None).response()
-
-    @app.exception_handler(Exception)
-    async def internal(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()

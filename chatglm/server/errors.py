@@ -12,9 +12,12 @@ from chatglm.errors import ChatGLMError, ContextOverflowError, InputError
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
+    403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
+    421: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
@@ -52,6 +55,11 @@ def from_library(exc: ChatGLMError) -> APIError:
     if isinstance(exc, InputError):
         return APIError(400, exc.problem, param="messages")
     return APIError(500, str(exc), code="generation_failed")
+
+
+def internal() -> APIError:
+    """The answer to a bug: generic (details stay in the server's log, never in a response)."""
+    return APIError(500, "internal server error; the server's log has the details", code="internal_error")
 
 
 def context_overflow(n_prompt: int, n_ctx: int) -> APIError:

@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.session import TOOLS_SYSTEM
-from chatglm.server.errors import invalid
+from chatglm.server import strictjson
+from chatglm.server.errors import APIError, invalid
 from chatglm.server.schema import ChatRequest, NamedToolChoice
 
 TOOLS_PREAMBLE = TOOLS_SYSTEM  # the library's tool system text (ChatGLM3's published preamble), as sessions use
@@ -53,8 +54,11 @@ def offered_tools(req: ChatRequest) -> list[dict]:
 
 def _message(raw: dict, where: str) -> Message:
     role = raw.get("role")
+    if not isinstance(role, str):
+        raise invalid(f"{where}.role must be a string, one of {', '.join(ROLE_MAP)}; got {type(role).__name__}",
+                      f"{where}.role")
     if role not in ROLE_MAP:
-        raise invalid(f"{where}.role: unknown role {role!r}; expected one of {', '.join(ROLE_MAP)}", where)
+        raise invalid(f"{where}.role: unknown role {role[:64]!r}; expected one of {', '.join(ROLE_MAP)}", where)
     content = _text(raw.get("content"), where)
     if role != "assistant" or not raw.get("tool_calls"):
         return Message(ROLE_MAP[role], content)
@@ -86,9 +90,12 @@ def _tool_call(call: Any, where: str) -> ToolCall:
     args = fn.get("arguments", "{}")
     if isinstance(args, str):
         try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
+            args = strictjson.loads(args, f"{where}.function.arguments") if args.strip() else {}
+        except APIError:
             pass  # kept as the raw string: the model wrote it so
+    elif not isinstance(args, dict):
+        raise invalid(f"{where}.function.arguments must be a JSON string or an object, not {type(args).__name__}",
+                      where)
     return ToolCall(fn["name"], args)
 
 

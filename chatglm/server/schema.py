@@ -16,10 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from chatglm.server.errors import APIError, invalid
 
 MAX_STOPS = 4
+MAX_STOP_CHARS = 512  # a stop string is held back while it might match: its length bounds the work per token
+MAX_MESSAGES = 10_000
+MAX_TOOLS = 256
+MAX_TOKENS = (1 << 31) - 1  # llama.cpp counts tokens in int32; any context is far smaller
+MAX_TOP_K = (1 << 31) - 1  # llama_sampler_init_top_k takes an int32
+MAX_SEED = (1 << 64) - 1  # the native sampler uses the low 32 bits, numpy's generator any unsigned value
+MAX_PENALTY = 1e6
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class FunctionDef(_Lenient):
@@ -52,10 +59,10 @@ class Sampling(_Lenient):
     model: Optional[str] = None
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    top_k: Optional[int] = Field(default=None, ge=0)
-    repeat_penalty: Optional[float] = Field(default=None, gt=0)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    seed: Optional[int] = None
+    top_k: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_K)
+    repeat_penalty: Optional[float] = Field(default=None, gt=0, le=MAX_PENALTY)
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS)
+    seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -67,6 +74,8 @@ class Sampling(_Lenient):
         stops = [value] if isinstance(value, str) else value
         if stops is not None and (len(stops) > MAX_STOPS or any(not s for s in stops)):
             raise ValueError(f"give at most {MAX_STOPS} non-empty stop strings")
+        if stops is not None and any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters long")
         return value
 
     def stops(self) -> list[str]:
@@ -84,9 +93,9 @@ class Sampling(_Lenient):
 
 
 class ChatRequest(Sampling):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    tools: Optional[list[ToolDef]] = None
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS)
+    tools: Optional[list[ToolDef]] = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     logprobs: Optional[bool] = None
     response_format: Optional[dict[str, Any]] = None

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence
 
 from chatglm.errors import ChatGLMError
 from chatglm.runtime.messages import Message
-from chatglm.server.errors import APIError, context_overflow, from_library, invalid
+from chatglm.server.errors import APIError, context_overflow, from_library, internal, invalid
 from chatglm.server.mapping import Outcome
 from chatglm.server.pool import ModelPool
 
@@ -127,9 +127,9 @@ class Generation:
             self._emit("error", exc)
         except ChatGLMError as exc:
             self._emit("error", from_library(exc))
-        except Exception as exc:  # a bug: keep serving, tell the client, keep the traceback in the log
+        except Exception:  # a bug: keep serving, tell the client (generically), keep the traceback in the log
             log.exception("generation failed")
-            self._emit("error", APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
+            self._emit("error", internal())
 
 
 # -- jobs ------------------------------------------------------------------------------------------------------
