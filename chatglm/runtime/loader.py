@@ -8,31 +8,25 @@ from typing import Optional
 
 import gguf
 
+from chatglm import families
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.families.descriptor import ENGINE_GLM1, ENGINE_LLAMA
 from chatglm.gguf_file import GGUFHeader, read_header
 from chatglm.runtime.engine import Engine, ModelInfo
 from chatglm.runtime.memory import default_context
 from chatglm.runtime.validate import check_kv_type, check_transformer
 
-# GGUF architecture -> "module:class" of the engine that runs it.
+# Engine (a family descriptor's ``engine``) -> "module:class" of the engine that runs it.
 ENGINES = {
-    "chatglm": "chatglm.runtime.llama_engine:LlamaEngine",
-    "glm4": "chatglm.runtime.llama_engine:LlamaEngine",
-    "glm4moe": "chatglm.runtime.llama_engine:LlamaEngine",
-    "chatglm1": "chatglm.runtime.glm1.engine:GLM1Engine",
+    ENGINE_LLAMA: "chatglm.runtime.llama_engine:LlamaEngine",
+    ENGINE_GLM1: "chatglm.runtime.glm1.engine:GLM1Engine",
 }
-# Special tokens the chat formats use, looked up by text among the vocab's control tokens.
-SPECIAL_TEXTS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<sop>", "<eop>", "<|endoftext|>", "<|system|>",
-                 "<|user|>", "<|assistant|>", "<|observation|>", "<think>", "</think>", "<|begin_of_image|>",
-                 "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
-                 "<tool_response>", "</tool_response>", "/nothink")
-DEFAULT_FORMAT = {"glm4": "glm4-0414", "glm4moe": "glm45", "chatglm1": "chatglm1"}
 
 
 def special_tokens(header: GGUFHeader) -> dict[str, int]:
     tokens = header.kv.get("tokenizer.ggml.tokens") or []
     types = header.array("tokenizer.ggml.token_type")
-    wanted = set(SPECIAL_TEXTS)
+    wanted = families.special_tokens()  # the control tokens some chat format looks up by text
     found: dict[str, int] = {}
     for i, text in enumerate(tokens):
         if text in wanted and (len(types) <= i or int(types[i]) in (gguf.TokenType.CONTROL,
@@ -42,14 +36,15 @@ def special_tokens(header: GGUFHeader) -> dict[str, int]:
 
 
 def chat_format_of(header: GGUFHeader, special: dict[str, int]) -> str:
+    """The GGUF's glm.chat_format; for files that name none, the best guess of the families of its arch."""
     fmt = header.get("glm.chat_format")
     if isinstance(fmt, str) and fmt:
         return fmt
-    if header.arch in DEFAULT_FORMAT:
-        return DEFAULT_FORMAT[header.arch]
-    if "<|endoftext|>" in special and "<|user|>" in special:
-        return "glm4"
-    return "chatglm3" if "<|user|>" in special else "chatglm2"
+    guess = families.guess_format(header.arch, special)
+    if guess is None:
+        raise UnsupportedModelError(f"GGUF architecture {header.arch!r}: no chat format fits its vocabulary",
+                                    header.path)
+    return guess
 
 
 def describe(header: GGUFHeader, n_ctx: int = 0) -> ModelInfo:
@@ -74,13 +69,14 @@ def _count(shape) -> int:
 def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
                 flash_attn: Optional[bool] = None, kv_type: str = "f16", on_progress=None) -> Engine:
     header = read_header(path)
-    target = ENGINES.get(header.arch)
-    if target is None:
-        raise UnsupportedModelError(
-            f"GGUF architecture {header.arch!r} is not a GLM model this tool runs (known: {', '.join(ENGINES)})", path)
-    if target.endswith(":LlamaEngine"):
+    engine = families.arch_value(header.arch, "engine")
+    if engine is None:
+        raise UnsupportedModelError(f"GGUF architecture {header.arch!r} is not a GLM model this tool runs "
+                                    f"(known: {', '.join(families.archs())})", path)
+    if engine == ENGINE_LLAMA:
         check_transformer(header)
         check_kv_type(header, kv_type)
+    target = ENGINES[engine]
     info = describe(header)
     if n_ctx is None:
         n_ctx = default_context(header, kv_type)
