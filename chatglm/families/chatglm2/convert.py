@@ -7,13 +7,18 @@ rotary over the first half of each head in consecutive pairs, SwiGLU with gate a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import gguf
 
+from chatglm.convert.checkpoint import read_json
+from chatglm.convert.config_types import shown
 from chatglm.convert.family import Family, OutTensor
 from chatglm.convert.glm_hparams import write_hparams
+from chatglm.convert.vocab_bpe import chat_template_of
+from chatglm.convert.vocab_common import json_object
+from chatglm.errors import UnsupportedModelError
+from chatglm.limits import FLOAT32_MAX, MAX_NORM_EPS, UINT32_MAX
 from chatglm.convert.vocab_spm import (adds_dummy_prefix, build_spm_vocab, is_sentencepiece, load_sentencepiece,
                                        write_spm_vocab)
 from chatglm.families.chatglm2 import FAMILY
@@ -65,30 +70,40 @@ class GLMHparams:
     rope_scale: float = 1.0  # linear position interpolation: positions are divided by this (ChatGLM2-6B-32K)
 
 
+def refuse_rope_scaling(family: Family) -> None:
+    """These checkpoints scale rope through ``rope_ratio``; a ``rope_scaling`` object asks for something else."""
+    scaling = family.config.get("rope_scaling")
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", None):
+        raise UnsupportedModelError(f"rope_scaling type {shown(kind)} is not supported (this "
+                                    "converter writes rope_ratio scaling only)", family.config_path)
+
+
 def detect_chat_format(ckpt) -> str:
     """ChatGLM3 when the tokenizer files know its role tokens, else ChatGLM2 (ChatGLM2, CodeGeeX2).
 
     Both generations ship the same SentencePiece model and config.json keys; ChatGLM3's tokenizer_config.json names
     the role tokens, in its chat template or among its added tokens. The checkpoint's Python files are never read.
     """
-    cfg_path = ckpt.dir / "tokenizer_config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    except (OSError, ValueError):
-        cfg = {}
-    return CHATGLM3 if isinstance(cfg, dict) and names_role_tokens(cfg) else CHATGLM2
+    path = ckpt.dir / "tokenizer_config.json"
+    if "<|assistant|>" in chat_template_of(path):
+        return CHATGLM3
+    if not path.exists():
+        return CHATGLM2
+    cfg = json_object(read_json(path, "tokenizer_config.json"), "tokenizer_config.json", path)
+    return CHATGLM3 if "<|observation|>" in added_token_texts(cfg) else CHATGLM2
 
 
-def names_role_tokens(tokenizer_config: dict) -> bool:
-    """Whether tokenizer_config.json's chat template, added tokens or additional special tokens name ChatGLM3's."""
-    template = tokenizer_config.get("chat_template")
-    if isinstance(template, str) and "<|assistant|>" in template:
-        return True
+def added_token_texts(tokenizer_config: dict) -> list[str]:
+    """The texts of tokenizer_config.json's ``added_tokens_decoder`` and ``additional_special_tokens``."""
     added = tokenizer_config.get("added_tokens_decoder")
     texts = [t.get("content") for t in added.values() if isinstance(t, dict)] if isinstance(added, dict) else []
     extra = tokenizer_config.get("additional_special_tokens")
-    texts += extra if isinstance(extra, list) else []
-    return "<|observation|>" in texts
+    for t in extra if isinstance(extra, list) else []:
+        texts.append(t.get("content") if isinstance(t, dict) else t)
+    return [t for t in texts if isinstance(t, str)]
 
 
 class ChatGLM(Family):
@@ -112,28 +127,40 @@ class ChatGLM(Family):
 
     def _hparams(self) -> GLMHparams:
         n_embd = self.cfg_int("hidden_size")
-        n_head = self.cfg_int("num_attention_heads")
+        self.check_rows("hidden_size", n_embd, f"{TENSOR_MAP[T.TOKEN_EMBD]}.weight", 1, "columns")
+        n_head = self.cfg_int("num_attention_heads", maximum=n_embd)
         head_dim = self.cfg_int("kv_channels", default=n_embd // n_head)
-        mqa = bool(self.config.get("multi_query_attention", False))
+        mqa = self.cfg_bool("multi_query_attention", False)
         n_head_kv = self.cfg_int("multi_query_group_num") if mqa else n_head
         if n_head % n_head_kv:
-            raise self._bad(f"num_attention_heads ({n_head}) is not a multiple of multi_query_group_num ({n_head_kv})")
+            raise self.bad(f"num_attention_heads ({n_head}) is not a multiple of multi_query_group_num ({n_head_kv})")
         if head_dim % 4:
-            raise self._bad(f"kv_channels ({head_dim}) must be a multiple of 4 for rotary embeddings")
+            raise self.bad(f"kv_channels ({head_dim}) must be a multiple of 4 for rotary embeddings")
+        if n_head * head_dim != n_embd:  # llama.cpp's chatglm graph: attn_output is n_embd x n_embd
+            raise self.bad(f"num_attention_heads x kv_channels must equal hidden_size for llama.cpp's chatglm "
+                           f"graph ({n_head} x {head_dim} != {n_embd})")
+        n_layer = self.cfg_int("num_layers")
+        self.check_layers("num_layers", n_layer, LAYER.replace(".", r"\.").replace("{bid}", r"(\d+)"))
+        n_vocab = self.cfg_int("padded_vocab_size")
+        self.check_rows("padded_vocab_size", n_vocab, f"{TENSOR_MAP[T.TOKEN_EMBD]}.weight", 0, "rows")
         ratio = self.cfg_float("rope_ratio", default=1.0)
         interpolate = ratio != 1.0 and self.rope_ratio_divides_positions()
+        rope_base = 10000.0 * (1.0 if interpolate else ratio)
+        if rope_base > FLOAT32_MAX:
+            raise self.bad(f"'rope_ratio' {ratio:g} gives a rope base of {rope_base:g}, more than a float32 holds")
+        refuse_rope_scaling(self)
         return GLMHparams(
-            n_layer=self.cfg_int("num_layers"),
+            n_layer=n_layer,
             n_embd=n_embd,
-            n_ff=self.cfg_int("ffn_hidden_size"),
+            n_ff=self.cfg_int("ffn_hidden_size", maximum=UINT32_MAX // 2),  # ffn_up holds 2 x n_ff rows
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
-            n_vocab=self.cfg_int("padded_vocab_size"),
+            n_vocab=n_vocab,
             n_ctx=self.cfg_int("seq_length"),
-            eps=self.cfg_float("layernorm_epsilon", default=1e-5),
-            rope_base=10000.0 * (1.0 if interpolate else ratio),
-            qkv_bias=bool(self.config.get("add_qkv_bias", True)),
+            eps=self.cfg_float("layernorm_epsilon", default=1e-5, maximum=MAX_NORM_EPS),
+            rope_base=rope_base,
+            qkv_bias=self.cfg_bool("add_qkv_bias", True),
             rope_scale=ratio if interpolate else 1.0,
         )
 
@@ -143,11 +170,6 @@ class ChatGLM(Family):
         it. The generation is the tokenizer's (see :func:`detect_chat_format`): the published ChatGLM2 checkpoints
         (the only ones whose code divides) ship no role tokens, every ChatGLM3 long-context one does."""
         return self.chat_format == CHATGLM2
-
-    def _bad(self, problem: str):
-        from chatglm.errors import InputError
-
-        return InputError(f"config.json: {problem}", self.config_path)
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         write_hparams(w, self.hp, n_rot=self.hp.head_dim // 2)

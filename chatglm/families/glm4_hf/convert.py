@@ -29,7 +29,7 @@ class GlmHF(HFGlmFamily):
         super().__init__(ckpt)
         hp = self.hp
         if hp.head_dim * hp.n_head != hp.n_embd:
-            raise UnsupportedModelError(f"config.json: llama.cpp's chatglm graph needs num_attention_heads x head_dim "
+            raise UnsupportedModelError(f"llama.cpp's chatglm graph needs num_attention_heads x head_dim "
                                         f"= hidden_size ({hp.n_head} x {hp.head_dim} != {hp.n_embd})",
                                         self.config_path)
 
