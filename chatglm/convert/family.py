@@ -150,11 +150,6 @@ class Family(ABC):
             raise self.bad(f"{key!r} is {value} but the checkpoint's {source} has {shape[axis]} {what}")
 
 
-def converters() -> list[type[Family]]:
-    """Every family's converter class, in registry order (imports each family's convert.py)."""
-    return [families.part(f.name, "convert").CONVERTER for f in families.families()]
-
-
 def detect(ckpt: Checkpoint) -> Family:
     """The one family that claims this checkpoint: its descriptor's config.json keys match, then its converter
     agrees (tokenizer file formats)."""
@@ -176,7 +171,7 @@ def describe_config(config: dict) -> str:
     keys = dict.fromkeys(k for f in families.families() for k in f.detect.keys[2:])
     present = [k for k in keys if k in config]
     absent = [k for k in keys if k not in config]
-    return (f"model_type={config.get('model_type')!r}, architectures={config.get('architectures')!r}; "
+    return (f"model_type={_shown(config.get('model_type'))}, architectures={_shown(config.get('architectures'))}; "
             f"keys present: {', '.join(present) or 'none'}; absent: {', '.join(absent) or 'none'}")
 
 
