@@ -30,7 +30,6 @@ PACKAGE = ROOT / "chatglm"
 # the demo's first-use conversion moved out of the runtime).
 KNOWN_AGAINST_DIRECTION = {
     ("chatglm.runtime.glm1.tokenizer", "chatglm.convert.vocab_ice"),
-    ("chatglm.runtime.validate", "chatglm.convert.vocab_common"),  # check_loadable_vocab (issue #16), same remedy
     ("chatglm.runtime.model", "chatglm.demo"),
     ("chatglm.demo", "chatglm.convert.pipeline"),
 }
@@ -341,3 +340,12 @@ def test_names_are_unambiguous():
     for fam in families.families():
         for _, fmt in fam.format_guesses:
             assert families.owner_of_format(fmt) is not None, (fam.name, fmt)
+
+
+def test_every_architecture_has_an_engine_that_knows_it():
+    from chatglm.families.descriptor import ENGINE_LLAMA
+    from chatglm.runtime.loader import ENGINES, VALIDATORS
+    from chatglm.runtime.validate_tensors import LLAMA_ARCHS
+
+    assert set(ENGINES) == set(VALIDATORS) == set(families.archs())
+    assert {f.arch for f in families.families() if f.engine == ENGINE_LLAMA} <= set(LLAMA_ARCHS)

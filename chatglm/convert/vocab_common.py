@@ -77,21 +77,6 @@ def missing_byte_pieces(tokens: Iterable[str]) -> list[int]:
     return [b for b in range(256) if byte_piece(b) not in have and not (0 < b < 0x80 and chr(b) in have)]
 
 
-def check_loadable_vocab(tokens: Sequence[str], model: object, path: Path) -> None:
-    """A GGUF's token list as llama.cpp's loader and tokenizer will see it (for files this converter did not write):
-    empty texts become ``[EMPTY_{id}]``, a repeated text aborts the load, a ``llama`` (SPM) vocabulary without the
-    byte pieces aborts the first tokenization of text outside the vocabulary."""
-    texts = [text or f"[EMPTY_{i}]" for i, text in enumerate(tokens)]
-    dup = first_duplicate(texts)
-    if dup is not None:
-        raise InputError(f"GGUF tokenizer.ggml.tokens has the text {short(dup[0])} twice (ids {dup[1]} and "
-                         f"{dup[2]}); llama.cpp cannot load a vocabulary with repeated texts", path)
-    missing = missing_byte_pieces(texts) if model == "llama" else []
-    if missing:
-        raise InputError(f"GGUF SentencePiece vocabulary lacks {len(missing)} of the 256 byte tokens <0x00>..<0xFF> "
-                         f"(first {byte_piece(missing[0])}); llama.cpp's tokenizer needs them", path)
-
-
 def check_token_length(text: str | bytes, what: str, path: Path) -> None:
     size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_TOKEN_BYTES:

@@ -14,7 +14,7 @@ import importlib
 from functools import lru_cache
 from types import ModuleType
 
-from chatglm.families.descriptor import ENGINE_LLAMA, Family
+from chatglm.families.descriptor import Family
 
 # One line per family, in detection and listing order.
 REGISTRY: tuple[str, ...] = (
@@ -74,9 +74,8 @@ def chat_formats() -> tuple[str, ...]:
 
 def guess_format(arch: str, special: dict[str, int]) -> str | None:
     """The chat format of a GGUF that names none: the most specific guess of its arch's families that fits (ties:
-    registry order). A file of an arch no family writes gets the guesses of every llama.cpp-run family."""
-    candidates = of_arch(arch) or tuple(f for f in families() if f.engine == ENGINE_LLAMA)
-    guesses = [(tokens, fmt) for f in candidates for tokens, fmt in f.format_guesses]
+    registry order)."""
+    guesses = [(tokens, fmt) for f in of_arch(arch) for tokens, fmt in f.format_guesses]
     fitting = [(len(tokens), -i, fmt) for i, (tokens, fmt) in enumerate(guesses) if all(t in special for t in tokens)]
     return max(fitting)[2] if fitting else None
 

@@ -268,7 +268,7 @@ def _formats() -> list:
 
 
 def _chat_file(kind: int, path: Path) -> None:
-    from chatglm.cli.run import read_tools
+    from chatglm.runtime.chatfiles import read_tools
     from chatglm.runtime.messages import Message
     from chatglm.runtime.session import read_conversation, system_message
 
