@@ -276,7 +276,7 @@ def test_no_cycles_through_lazy_imports_either():
 # --------------------------------------------------------------------------------------------------- family names
 
 
-def owned_names(family: families.Family) -> set[str]:
+def owned_names(family: families.Descriptor) -> set[str]:
     """What a family folder may spell out: its own names and its config.json detection values."""
     return set(family.names) | {family.detect.model_type, *family.detect.architectures}
 

@@ -1,7 +1,7 @@
 """The model families: the one registry of them, and lazy access to each family's parts.
 
-Each family is a folder ``chatglm/families/<name>/``: ``__init__.py`` (its :class:`~chatglm.families.descriptor.Family`
-descriptor, ``FAMILY``), ``convert.py`` (the converter, ``CONVERTER``: converter side only) and ``chat.py`` (its chat
+Each family is a folder ``chatglm/families/<name>/``: ``__init__.py`` (its descriptor ``FAMILY``, a
+:class:`~chatglm.families.descriptor.Descriptor`), ``convert.py`` (the converter, ``CONVERTER``: converter side only) and ``chat.py`` (its chat
 formats, ``FORMATS``: runtime side only). The converter loads only ``convert`` parts and the runtime only ``chat``
 parts, each by module name when first needed, so neither side imports the other.
 
@@ -14,7 +14,7 @@ import importlib
 from functools import lru_cache
 from types import ModuleType
 
-from chatglm.families.descriptor import Family
+from chatglm.families.descriptor import Descriptor
 
 # One line per family, in detection and listing order.
 REGISTRY: tuple[str, ...] = (
@@ -28,7 +28,7 @@ REGISTRY: tuple[str, ...] = (
 
 
 @lru_cache(maxsize=None)
-def families() -> tuple[Family, ...]:
+def families() -> tuple[Descriptor, ...]:
     """Every family's descriptor, in registry order (only the folders' faces are imported)."""
     found = tuple(part(name, None).FAMILY for name in REGISTRY)
     for name, fam in zip(REGISTRY, found):
@@ -44,7 +44,7 @@ def part(name: str, which: str | None) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}" + (f".{which}" if which else ""))
 
 
-def of_arch(arch: str) -> tuple[Family, ...]:
+def of_arch(arch: str) -> tuple[Descriptor, ...]:
     """The families whose GGUFs have this general.architecture (several share llama.cpp's ``chatglm``)."""
     return tuple(f for f in families() if f.arch == arch)
 
@@ -63,7 +63,7 @@ def arch_value(arch: str, attribute: str, default=None):
     return values.pop() if values else default
 
 
-def owner_of_format(fmt: str) -> Family | None:
+def owner_of_format(fmt: str) -> Descriptor | None:
     """The family whose chat.py defines chat format ``fmt``."""
     return next((f for f in families() if fmt in f.chat_formats), None)
 
@@ -85,5 +85,5 @@ def special_tokens() -> frozenset[str]:
     return frozenset(t for f in families() for t in (*f.special_tokens, *f.causal_prefix))
 
 
-__all__ = ["REGISTRY", "Family", "arch_value", "archs", "chat_formats", "families", "guess_format", "of_arch",
+__all__ = ["REGISTRY", "Descriptor", "arch_value", "archs", "chat_formats", "families", "guess_format", "of_arch",
            "owner_of_format", "part", "special_tokens"]

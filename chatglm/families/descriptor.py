@@ -1,6 +1,6 @@
 """What the rest of the code may know about a model family, as data: the face of ``chatglm/families/<name>/``.
 
-A family folder holds three parts. Its ``__init__.py`` defines ``FAMILY``, one :class:`Family` descriptor, and
+A family folder holds three parts. Its ``__init__.py`` defines ``FAMILY``, one :class:`Descriptor`, and
 imports nothing but this module, so both halves of the project can read it. ``convert.py`` (converter side) holds the
 checkpoint converter, ``CONVERTER``; ``chat.py`` (runtime side) holds the chat formats, ``FORMATS``. Shared code reads
 descriptors through :mod:`chatglm.families`, never by naming a family.
@@ -38,7 +38,7 @@ class Detect:
 
 
 @dataclass(frozen=True)
-class Family:
+class Descriptor:
     """One family folder: its names, how to recognise its checkpoints and GGUFs, and how the runtime treats them."""
 
     name: str  # the folder under chatglm/families/

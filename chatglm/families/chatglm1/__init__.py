@@ -4,9 +4,9 @@
 ``convert.py``: the converter (2D-position layout, ice_text vocabulary). ``chat.py``: the ``[Round N]`` 问/答 format.
 """
 
-from chatglm.families.descriptor import ENGINE_GLM1, Detect, Family
+from chatglm.families.descriptor import ENGINE_GLM1, Descriptor, Detect
 
-FAMILY = Family(
+FAMILY = Descriptor(
     name="chatglm1",
     title="ChatGLM-6B",
     arch="chatglm1",

@@ -5,9 +5,9 @@ the THUDM layout, llama.cpp's ``chatglm`` architecture with a SentencePiece ``to
 format with its tool calls.
 """
 
-from chatglm.families.descriptor import ENGINE_LLAMA, Detect, Family
+from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect
 
-FAMILY = Family(
+FAMILY = Descriptor(
     name="chatglm2",
     title="ChatGLM2-6B, ChatGLM3-6B, CodeGeeX2-6B",
     arch="chatglm",

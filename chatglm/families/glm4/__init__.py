@@ -5,9 +5,9 @@
 (also the format of the -hf checkpoints), its JSON tool calls.
 """
 
-from chatglm.families.descriptor import ENGINE_LLAMA, Detect, Family
+from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect
 
-FAMILY = Family(
+FAMILY = Descriptor(
     name="glm4",
     title="GLM-4-9B, GLM-4-9B-chat, GLM-4-9B-chat-1m",
     arch="chatglm",

@@ -4,9 +4,9 @@ attention and after the MLP).
 ``convert.py``: the converter. ``chat.py``: the ``glm4-0414`` and ``glm4-z1`` formats.
 """
 
-from chatglm.families.descriptor import ENGINE_LLAMA, Detect, Family
+from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect
 
-FAMILY = Family(
+FAMILY = Descriptor(
     name="glm4_0414",
     title="GLM-4-0414, GLM-Z1",
     arch="glm4",

@@ -4,9 +4,9 @@
 ``convert.py``: the converter. ``chat.py``: the ``glm-edge`` format (the -hf checkpoints use GLM-4's ``glm4``).
 """
 
-from chatglm.families.descriptor import ENGINE_LLAMA, Detect, Family
+from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect
 
-FAMILY = Family(
+FAMILY = Descriptor(
     name="glm4_hf",
     title="GLM-4-9B-chat-hf, GLM-Edge",
     arch="chatglm",

@@ -4,9 +4,9 @@
 format with its XML tool calls and thinking.
 """
 
-from chatglm.families.descriptor import ENGINE_LLAMA, Detect, Family
+from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect
 
-FAMILY = Family(
+FAMILY = Descriptor(
     name="glm4_moe",
     title="GLM-4.5, GLM-4.5-Air, GLM-4.6",
     arch="glm4moe",
