@@ -10,6 +10,7 @@ from pathlib import Path
 from chatglm.errors import ChatGLMError
 
 log = logging.getLogger(__name__)
+PROJECT = __name__.partition(".")[0]  # the package's name: its folder in the user's cache
 DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -25,7 +26,7 @@ def demo_dir() -> Path:
 
 def cache_dir() -> Path:
     base = os.environ.get("CHATGLM_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "chatglm" if not os.environ.get("CHATGLM_CACHE") else Path(base)
+    return Path(base) / PROJECT if not os.environ.get("CHATGLM_CACHE") else Path(base)
 
 
 def demo_gguf() -> Path:

@@ -99,11 +99,10 @@ def toy_model(**kw):
 
 
 def as_chatglm3_checkpoint(src: Path, folder: Path) -> Path:
-    """A copy of a tiny ChatGLM3 checkpoint folder with a tokenizer source file naming the role tokens.
+    """A copy of a tiny ChatGLM3 checkpoint folder with the published checkpoint's tokenizer source file beside it.
 
-    The published checkpoint ships tokenization_chatglm.py, whose role tokens the converter takes as evidence of the
-    ChatGLM3 format (the devtools checkpoints lack it, and their chat template names the roles only through a
-    variable); this stub names them the same way.
+    The converter never reads the checkpoint's Python files (the ChatGLM3 format comes from tokenizer_config.json's
+    role tokens); the stub is there so conversion is tested on a folder shaped like the published one.
     """
     shutil.copytree(src, folder)
     (folder / "tokenization_chatglm.py").write_text(

@@ -16,7 +16,7 @@ from chatglm.errors import ContextOverflowError, InputError, ModelRuntimeError
 from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.engine import common_prefix
 from chatglm.runtime.model import Model, ModelBusyError, drain
-from chatglm.runtime.prompts import ChatGLM3Format
+from chatglm.families.chatglm2.chat import ChatGLM3Format
 from chatglm.runtime.session import ChatSession, read_conversation
 
 

@@ -8,7 +8,7 @@ from fixtures_glm1 import glm1, glm1_dir, glm1_gguf, ice_model  # noqa: F401  (f
 from chatglm.errors import InputError
 from chatglm.runtime.messages import Message
 from chatglm.runtime.prompts import get_format
-from chatglm.runtime.prompts_glm1 import process_response
+from chatglm.families.chatglm1.chat import process_response
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from fixtures_glm1 import glm1, glm1_dir, glm1_engine, glm1_gguf, ice_model  # noqa: F401  (fixtures)
 
-from chatglm.convert.families.chatglm1 import LAYER_KINDS, TENSOR_MAP
+from chatglm.families.chatglm1.convert import LAYER_KINDS, TENSOR_MAP
 from chatglm.convert.pipeline import convert
 from chatglm.devtools.glm1 import tiny_glm1_checkpoint
 from chatglm.gguf_file import read_header

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from chatglm.runtime.messages import ToolCall
-from chatglm.runtime.prompts import get_format, parse_tool_call, render_tool_call
+from chatglm.families.chatglm2.chat import parse_tool_call, render_tool_call
+from chatglm.runtime.prompts import get_format
 
 SPECIALS = {t: i for i, t in enumerate(
     ("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"), start=100)}

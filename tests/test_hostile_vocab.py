@@ -534,7 +534,7 @@ def test_real_chatglm6b_decode_matches_sentencepiece():
     """ChatGLM-6B runs on our own engine: its decode is sentencepiece's plus the published whitespace pieces."""
     import numpy as np
 
-    from chatglm.convert.families.chatglm1 import KEY_IMAGE_TOKENS, KEY_MAX_BLANK
+    from chatglm.families.chatglm1 import KEY_IMAGE_TOKENS, KEY_MAX_BLANK
     from chatglm.convert.vocab_ice import MAX_BLANK, load_ice_vocab
     from chatglm.runtime.glm1.tokenizer import GLM1Tokenizer
 

@@ -73,17 +73,26 @@ def test_chatglm2_rope_ratio_is_linear_interpolation(interpolated_glm2):
     assert rel(got, tiny.logits(ids)) < 1e-4
 
 
-@pytest.mark.parametrize("code,divides", [
-    ("        base = base * self.rope_ratio\n", False),   # ChatGLM3-6B-32K / 128K
-    ("        seq_idx = torch.arange(seq_len, dtype=dtype, device=device) / self.rope_ratio\n", True),  # ChatGLM2-32K
-    ("", True),  # no modeling code: the ChatGLM2 tokenizer decides
+@pytest.mark.parametrize("tokenizer_config,code,divides", [
+    # ChatGLM3-6B-32K / 128K: tokenizer_config.json names the role tokens (chat template or added tokens): base
+    ({"chat_template": "[gMASK]sop<|{{ message['role'] }}|>{% if add_generation_prompt %}<|assistant|>{% endif %}"},
+     "", False),
+    ({"added_tokens_decoder": {"64797": {"content": "<|observation|>", "special": True}}}, "", False),
+    (None, "", True),  # ChatGLM2-6B-32K: the ChatGLM2 tokenizer files: positions divided
+    # The checkpoint's Python files are never read: modeling code that says otherwise changes nothing.
+    (None, "        base = base * self.rope_ratio\n", True),
 ])
-def test_rope_ratio_reading_follows_the_checkpoints_modeling_code(interpolated_glm2, tmp_path, code, divides):
+def test_rope_ratio_reading_follows_the_checkpoints_generation(interpolated_glm2, tmp_path, tokenizer_config, code,
+                                                               divides):
+    import json
     import shutil
 
     tiny, _ = interpolated_glm2
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny.ckpt, ckpt)
+    if tokenizer_config:
+        cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+        (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, **tokenizer_config}))
     if code:
         (ckpt / "modeling_chatglm.py").write_text("class RotaryEmbedding:\n    def forward_impl(self):\n" + code)
     h = read_header(convert(ckpt, tmp_path / "m.gguf", "f32").path)

@@ -1,8 +1,9 @@
 """What every model family provides to the converter, and the registry that picks one from config.json.
 
 A family maps one checkpoint layout onto one GGUF architecture: hyperparameters, tokenizer, and a table of output
-tensors, each built from named source tensors. Families register themselves with :func:`register`; detection asks
-each family whether config.json (and the tokenizer files' contents) describe its layout, never the folder's name.
+tensors, each built from named source tensors. Each family's converter is ``CONVERTER`` in
+``chatglm/families/<name>/convert.py``; detection takes the families whose descriptor matches config.json's keys, then
+asks their converters (which may look at the tokenizer files' format), never the folder's or repository's name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import gguf
 import numpy as np
 
+from chatglm import families
 from chatglm.convert.checkpoint import Checkpoint
 from chatglm.convert.config_types import is_number as _finite_number, shown as _shown
 from chatglm.errors import InputError, UnsupportedModelError
@@ -52,9 +54,10 @@ class Family(ABC):
         self.config = ckpt.config
 
     @classmethod
-    @abstractmethod
     def matches(cls, ckpt: Checkpoint) -> bool:
-        """Whether this family handles the checkpoint (from config.json and tokenizer file contents)."""
+        """Whether this family handles a checkpoint its descriptor's config.json keys matched (the tokenizer files'
+        format may decide between families sharing a config)."""
+        return True
 
     @abstractmethod
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
@@ -147,29 +150,29 @@ class Family(ABC):
             raise self.bad(f"{key!r} is {value} but the checkpoint's {source} has {shape[axis]} {what}")
 
 
-FAMILIES: list[type[Family]] = []
-
-
-def register(cls: type[Family]) -> type[Family]:
-    FAMILIES.append(cls)
-    return cls
-
-
 def detect(ckpt: Checkpoint) -> Family:
-    """The one registered family that claims this checkpoint."""
-    from chatglm.convert import families  # noqa: F401  (imports every family module, which registers it)
-
-    claimed = [cls for cls in FAMILIES if cls.matches(ckpt)]
+    """The one family that claims this checkpoint: its descriptor's config.json keys match, then its converter
+    agrees (tokenizer file formats)."""
+    candidates = [f for f in families.families() if f.detect.matches(ckpt.config)]
+    claimed = [cls for cls in (families.part(f.name, "convert").CONVERTER for f in candidates) if cls.matches(ckpt)]
     if len(claimed) == 1:
         return claimed[0](ckpt)
-    cfg = ckpt.config
-    described = f"model_type={cfg.get('model_type')!r}, architectures={cfg.get('architectures')!r}"
+    described = describe_config(ckpt.config)
     if not claimed:
-        known = ", ".join(sorted({cls.name for cls in FAMILIES}))
+        known = ", ".join(f"{f.name} ({f.title})" for f in families.families())
         raise UnsupportedModelError(f"unknown architecture ({described}); supported families: {known}",
                                     ckpt.dir / "config.json")
     names = ", ".join(cls.name for cls in claimed)
     raise UnsupportedModelError(f"ambiguous checkpoint ({described}) claimed by {names}", ckpt.dir / "config.json")
+
+
+def describe_config(config: dict) -> str:
+    """What detection saw: model_type, architectures, and which of the keys that tell families apart are present."""
+    keys = dict.fromkeys(k for f in families.families() for k in f.detect.keys[2:])
+    present = [k for k in keys if k in config]
+    absent = [k for k in keys if k not in config]
+    return (f"model_type={_shown(config.get('model_type'))}, architectures={_shown(config.get('architectures'))}; "
+            f"keys present: {', '.join(present) or 'none'}; absent: {', '.join(absent) or 'none'}")
 
 
 def check_complete(family: Family, plan: list[OutTensor]) -> None:

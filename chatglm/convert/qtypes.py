@@ -20,11 +20,12 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 from gguf import GGML_QUANT_SIZES, LlamaFileType
 from gguf import GGMLQuantizationType as QT
 
+from chatglm import families
 from chatglm.errors import InputError
 
 F = LlamaFileType
 
-MODEL_ARCHS = frozenset({"chatglm", "chatglm1", "glm4", "glm4moe"})
+MODEL_ARCHS = frozenset(families.archs())  # every architecture a family writes
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from chatglm import families
 from chatglm.errors import Cancelled, ModelRuntimeError
+from chatglm.families.descriptor import ENGINE_LLAMA
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime import llama_native as native
 from chatglm.runtime import pages
@@ -22,7 +24,8 @@ from chatglm.runtime.validate import check_context
 
 log = logging.getLogger(__name__)
 
-LLAMA_ARCHES = ("chatglm", "glm4", "glm4moe")
+# The architectures llama.cpp runs here: those of the families whose descriptor names its engine.
+LLAMA_ARCHES = tuple(dict.fromkeys(f.arch for f in families.families() if f.engine == ENGINE_LLAMA))
 
 
 class LlamaEngine(Engine):

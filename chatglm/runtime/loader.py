@@ -9,28 +9,15 @@ from typing import Callable, Optional
 
 import gguf
 
+from chatglm import families
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.families.descriptor import ENGINE_GLM1, ENGINE_LLAMA
 from chatglm.gguf_file import ArrayRef, GGUFHeader, read_header
 from chatglm.runtime.engine import Engine, ModelInfo
 from chatglm.runtime.memory import check_fits, default_context
 from chatglm.runtime.validate import check_context, check_kv_head, check_kv_type, check_transformer, resolve_flash_attn
 
 log = logging.getLogger(__name__)
-
-# GGUF architecture -> "module:class" of the engine that runs it.
-ENGINES = {
-    "chatglm": "chatglm.runtime.llama_engine:LlamaEngine",
-    "glm4": "chatglm.runtime.llama_engine:LlamaEngine",
-    "glm4moe": "chatglm.runtime.llama_engine:LlamaEngine",
-    "chatglm1": "chatglm.runtime.glm1.engine:GLM1Engine",
-}
-# Special tokens the chat formats use, looked up by text among the vocab's control tokens.
-SPECIAL_TEXTS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<sop>", "<eop>", "<|endoftext|>", "<|system|>",
-                 "<|user|>", "<|assistant|>", "<|observation|>", "<think>", "</think>", "<|begin_of_image|>",
-                 "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
-                 "<tool_response>", "</tool_response>", "/nothink")
-DEFAULT_FORMAT = {"glm4": "glm4-0414", "glm4moe": "glm45", "chatglm1": "chatglm1"}
-
 
 def _check_glm1(header: GGUFHeader) -> None:
     from chatglm.runtime.glm1.graph import GLM1Config
@@ -39,9 +26,15 @@ def _check_glm1(header: GGUFHeader) -> None:
     check_tensors(header, GLM1Config.from_header(header))
 
 
-# GGUF architecture -> the validation its engine needs before any native code sees the file.
-VALIDATORS: dict[str, Callable[[GGUFHeader], object]] = {
-    "chatglm": check_transformer, "glm4": check_transformer, "glm4moe": check_transformer, "chatglm1": _check_glm1}
+# Engine (a family descriptor's ``engine``) -> "module:class" of the engine, and the validation it needs before any
+# native code sees the file.
+ENGINE_CLASSES = {ENGINE_LLAMA: "chatglm.runtime.llama_engine:LlamaEngine",
+                  ENGINE_GLM1: "chatglm.runtime.glm1.engine:GLM1Engine"}
+ENGINE_VALIDATORS: dict[str, Callable[[GGUFHeader], object]] = {ENGINE_LLAMA: check_transformer,
+                                                                ENGINE_GLM1: _check_glm1}
+# GGUF architecture -> the engine that runs it and its validation, for every architecture a family writes.
+ENGINES = {arch: ENGINE_CLASSES[families.arch_value(arch, "engine")] for arch in families.archs()}
+VALIDATORS = {arch: ENGINE_VALIDATORS[families.arch_value(arch, "engine")] for arch in families.archs()}
 
 
 def not_runnable(header: GGUFHeader) -> Optional[str]:
@@ -69,7 +62,7 @@ def special_tokens(header: GGUFHeader) -> dict[str, int]:
     tokens = _tokens(header)
     raw = header.get("tokenizer.ggml.token_type")
     types = header.array("tokenizer.ggml.token_type") if _numbers(raw) else []
-    wanted = set(SPECIAL_TEXTS)
+    wanted = families.special_tokens()  # the control tokens some chat format looks up by text
     found: dict[str, int] = {}
     for i, text in enumerate(tokens):
         if text in wanted and (len(types) <= i or int(types[i]) in (gguf.TokenType.CONTROL,
@@ -88,14 +81,15 @@ def _numbers(value) -> bool:
 
 
 def chat_format_of(header: GGUFHeader, special: dict[str, int]) -> str:
+    """The GGUF's glm.chat_format; for files that name none, the best guess of the families of its arch."""
     fmt = header.get("glm.chat_format")
     if isinstance(fmt, str) and fmt:
         return fmt
-    if header.arch in DEFAULT_FORMAT:
-        return DEFAULT_FORMAT[header.arch]
-    if "<|endoftext|>" in special and "<|user|>" in special:
-        return "glm4"
-    return "chatglm3" if "<|user|>" in special else "chatglm2"
+    guess = families.guess_format(header.arch, special)
+    if guess is None:
+        raise UnsupportedModelError(f"GGUF architecture {header.arch!r}: no chat format fits its vocabulary",
+                                    header.path)
+    return guess
 
 
 def describe(header: GGUFHeader, n_ctx: int = 0) -> ModelInfo:
@@ -129,7 +123,7 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
     header = read_header(path)
     validate(header)
     target = ENGINES[header.arch]
-    if target.endswith(":LlamaEngine"):
+    if families.arch_value(header.arch, "engine") == ENGINE_LLAMA:
         flash_attn, note = resolve_flash_attn(kv_type, flash_attn)
         check_kv_head(header, kv_type)
         log.info("%s", note)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import gguf
 
+from chatglm import families
 from chatglm.errors import InputError
+from chatglm.families.descriptor import ENGINE_GLM1
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime.validate import KV_CACHE, check_kv_type
 
@@ -67,7 +69,8 @@ def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int 
     n_ub = min(n_batch, n_ctx) if n_ctx else n_batch
     n_ff = _size(header, "feed_forward_length", 4 * n_embd)
     hidden = 3 * n_ub * n_embd * 4  # the residual stream and the few hidden-state tensors alive beside it
-    if header.arch == "chatglm1":  # our graph: one micro-batch's activations, and T x T scores per head
+    glm1 = families.arch_value(header.arch, "engine") == ENGINE_GLM1
+    if glm1:  # our graph: one micro-batch's activations, and T x T scores per head
         compute = n_ub * (n_vocab + 6 * n_embd + 3 * n_ff) * 4 + n_head * n_ctx * n_ctx * 4
     else:
         # The peak of llama.cpp's graph allocator for a micro-batch (it reserves with every logit requested):
@@ -80,7 +83,7 @@ def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int 
         compute += n_vocab * 4  # the output buffer: one row of logits
     # Without flash attention the CPU backend converts the attention weights to f16 for the product with the
     # (f16) V cache, in a scratch buffer of its own.
-    work = 0 if flash_attn or header.arch == "chatglm1" else n_head * n_ctx * n_ub * 2
+    work = 0 if flash_attn or glm1 else n_head * n_ctx * n_ub * 2
     return MemoryEstimate(weights, int(kv_per_token(header, kv_type) * n_ctx), compute, work)
 
 

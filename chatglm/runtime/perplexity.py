@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from chatglm.fsutil import read_text as read_text_file
+from chatglm import families
 from chatglm.errors import Cancelled, InputError, ModelRuntimeError
 from chatglm.runtime.engine import Engine, ModelInfo
 
@@ -31,9 +32,10 @@ log = logging.getLogger(__name__)
 WindowProgress = Callable[[int, int, float], None]  # (windows done, windows total, running perplexity)
 
 # GGUF architecture -> special tokens put before the text of every window so the model runs in its causal
-# (generation) mode. ChatGLM-6B attends bidirectionally to everything before <sop>: scoring text there would let
-# each token see its successors.
-CAUSAL_PREFIX: dict[str, tuple[str, ...]] = {"chatglm1": ("[gMASK]", "<sop>")}
+# (generation) mode (a family descriptor's causal_prefix; ChatGLM-6B attends bidirectionally to everything before
+# <sop>: scoring text there would let each token see its successors). Architectures without one are left out.
+CAUSAL_PREFIX: dict[str, tuple[str, ...]] = {
+    arch: prefix for arch in families.archs() if (prefix := families.arch_value(arch, "causal_prefix"))}
 
 _ROWS_PER_CHUNK = 64  # log-softmax rows converted to float64 at a time (64 x 151552 x 8 B = 78 MB at most)
 

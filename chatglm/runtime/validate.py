@@ -17,7 +17,7 @@ import numpy as np
 from chatglm import limits
 from chatglm.errors import InputError
 from chatglm.gguf_file import ArrayRef, GGUFHeader
-from chatglm.runtime.validate_tensors import expected_tensors
+from chatglm.runtime.validate_tensors import LLAMA_ARCHS, LlamaArch, expected_tensors
 
 # KV cache type -> (ggml type id, block size in elements, bytes per block): the one table of KV cache types.
 KV_CACHE = {"f16": (1, 1, 2), "f32": (0, 1, 4), "bf16": (30, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18),
@@ -56,6 +56,13 @@ class HParams:
 
 def _fail(header: GGUFHeader, problem: str) -> InputError:
     return InputError(f"GGUF {problem}", header.path)
+
+
+def _llama_arch(header: GGUFHeader) -> LlamaArch:
+    arch = LLAMA_ARCHS.get(header.arch)
+    if arch is None:
+        raise _fail(header, f"architecture {header.arch!r} is not one llama.cpp runs here ({', '.join(LLAMA_ARCHS)})")
+    return arch
 
 
 def _int(header: GGUFHeader, key: str, *, required: bool = False, minimum: int = 1, maximum: int = MAX_INT,
@@ -125,7 +132,7 @@ def hparams(header: GGUFHeader) -> HParams:
     head_v = _int(header, "attention.value_length", default=n_embd // n_head)
     if head_v != head_k:
         raise _fail(header, f"value_length {head_v} differs from key_length {head_k}; GLM attention needs them equal")
-    if header.arch == "chatglm" and head_k * n_head != n_embd:
+    if _llama_arch(header).square_attention and head_k * n_head != n_embd:
         raise _fail(header, f"key_length {head_k} x head_count {n_head} is not embedding_length {n_embd}, as the "
                             "chatglm architecture's attention output needs")
     _check_rope(header, head_k)
@@ -158,8 +165,9 @@ def _experts(header: GGUFHeader, n_layer: int, n_ff: int) -> dict[str, int]:
     used = _layer_int(header, "expert_used_count", n_layer, minimum=0)
     groups = _int(header, "expert_group_count", minimum=0)
     group_used = _int(header, "expert_group_used_count", minimum=0)
-    if header.arch == "glm4moe" and (n_expert == 0 or used == 0):
-        raise _fail(header, f"glm4moe needs expert_count and expert_used_count above 0, got {n_expert} and {used}")
+    moe = _llama_arch(header).experts
+    if moe and (n_expert == 0 or used == 0):
+        raise _fail(header, f"{header.arch} needs expert_count and expert_used_count above 0, got {n_expert} and {used}")
     if n_expert == 0 and (used or groups):
         raise _fail(header, f"has no experts but expert_used_count {used}, expert_group_count {groups}")
     if n_expert and not 0 < used <= n_expert:
@@ -169,7 +177,7 @@ def _experts(header: GGUFHeader, n_layer: int, n_ff: int) -> dict[str, int]:
     if groups > 1 and (n_expert % groups or not 0 < group_used < groups):
         raise _fail(header, f"expert groups ({groups}, {group_used} used) must divide expert_count {n_expert} "
                             "and use 1..groups-1 of them")
-    if header.arch != "glm4moe":
+    if not moe:
         if n_expert:
             raise _fail(header, f"has expert_count {n_expert}, but {header.arch} models have no experts")
         return {}

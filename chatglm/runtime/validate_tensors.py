@@ -7,7 +7,10 @@ built per layer, so its size is O(block_count) with block_count already bounded 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Collection
+
+import gguf
 
 if TYPE_CHECKING:
     from chatglm.runtime.validate import HParams
@@ -79,8 +82,23 @@ def _glm4moe_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
     return {**spec, **_nextn(hp, p, required)} if il >= hp.n_layer else spec
 
 
-LAYERS: dict[str, Callable[["HParams", int, Collection[str]], Spec]] = {
-    "chatglm": _chatglm_layer, "glm4": _glm4_layer, "glm4moe": _glm4moe_layer}
+@dataclass(frozen=True)
+class LlamaArch:
+    """What llama.cpp's loader of one of its architectures builds and requires (llama.cpp's facts, keyed by its own
+    architecture names from gguf-py; which of our families writes which architecture is their descriptors' business)."""
+
+    layer: Callable[["HParams", int, Collection[str]], Spec]  # the tensors of block ``il``
+    square_attention: bool = False  # attn_output is n_embd x n_embd: head_count x key_length must be n_embd
+    experts: bool = False  # expert layers required (others must have none)
+    reads_nextn: bool = True  # NextN (MTP) blocks after the trunk are loaded
+
+
+_ARCH = gguf.MODEL_ARCH_NAMES
+LLAMA_ARCHS: dict[str, LlamaArch] = {
+    _ARCH[gguf.MODEL_ARCH.CHATGLM]: LlamaArch(_chatglm_layer, square_attention=True, reads_nextn=False),
+    _ARCH[gguf.MODEL_ARCH.GLM4]: LlamaArch(_glm4_layer),
+    _ARCH[gguf.MODEL_ARCH.GLM4_MOE]: LlamaArch(_glm4moe_layer, experts=True),
+}
 
 
 def expected_tensors(hp: "HParams", names: Collection[str]) -> Spec:
@@ -89,8 +107,9 @@ def expected_tensors(hp: "HParams", names: Collection[str]) -> Spec:
     e, v = hp.n_embd, hp.n_vocab
     spec: Spec = {"token_embd.weight": ((e, v), True), "output_norm.weight": ((e,), True),
                   "output.weight": ((e, v), False)}
-    layer = LAYERS[hp.arch]
-    n_layers = hp.n_layer_all if hp.arch != "chatglm" else hp.n_layer  # chatglm's loader reads no NextN layers
+    arch = LLAMA_ARCHS[hp.arch]
+    layer = arch.layer
+    n_layers = hp.n_layer_all if arch.reads_nextn else hp.n_layer  # chatglm's loader reads no NextN layers
     for il in range(n_layers):
         spec.update(layer(hp, il, names))
     return spec

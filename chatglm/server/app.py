@@ -44,6 +44,7 @@ from chatglm.server.pool import CLOSED, ModelPool
 from chatglm.server.worker import Generation, chat_job, completion_job
 
 log = logging.getLogger(__name__)
+PROJECT = __name__.partition(".")[0]  # the package's name: the app's title and the owner of the models it lists
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
@@ -54,7 +55,7 @@ DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this muc
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model_id: str = "chatglm"
+    model_id: str = PROJECT
     api_key: Optional[str] = None
     cors_origin: Optional[str] = None
     max_queue: int = 64  # requests waiting for an instance, besides those running
@@ -248,7 +249,7 @@ def create_app(load_models: Callable[[], Sequence[Any]] | Sequence[Any], config:
             if loader is not None:
                 loader.join(timeout=0.1)
 
-    app = FastAPI(title="chatglm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title=PROJECT, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     _install_error_handlers(app)
     if config.cors_origin:
@@ -277,7 +278,7 @@ def _v1_router(server: Server) -> APIRouter:
     model_id = server.config.model_id
 
     def model_card() -> dict:
-        return {"id": model_id, "object": "model", "created": int(server.started), "owned_by": "chatglm"}
+        return {"id": model_id, "object": "model", "created": int(server.started), "owned_by": PROJECT}
 
     @router.get("/models")
     async def models() -> dict:

@@ -247,11 +247,11 @@ class CodePoints:
 @functools.cache
 def _formats() -> list:
     """Every registered chat format, with every special token a format may need at ids above the code points."""
-    from chatglm.runtime import prompts, prompts_glm1, prompts_glm4, prompts_glm45  # noqa: F401 (registration)
-    from chatglm.runtime.loader import SPECIAL_TEXTS
+    from chatglm import families
+    from chatglm.runtime import prompts
 
-    special = {t: 0x110000 + i for i, t in enumerate(SPECIAL_TEXTS)}
-    return [prompts.get_format(name, special) for name in sorted(prompts.FORMATS)]
+    special = {t: 0x110000 + i for i, t in enumerate(sorted(families.special_tokens()))}
+    return [prompts.get_format(name, special) for name in sorted(families.chat_formats())]
 
 
 def _chat_file(kind: int, path: Path) -> None:

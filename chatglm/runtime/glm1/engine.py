@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from chatglm.convert.families.chatglm1 import KEY_END, KEY_GMASK
+from chatglm.families.chatglm1 import KEY_END, KEY_GMASK
 from chatglm.errors import Cancelled, ContextOverflowError, InputError, ModelRuntimeError
 from chatglm.ggml.backend import Allocator, Backend, Buffer, cpu_buffer_type, tensor_get, tensor_set
 from chatglm.ggml.ops import Graph

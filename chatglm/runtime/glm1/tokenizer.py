@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from chatglm.convert.families.chatglm1 import KEY_IMAGE_TOKENS, KEY_MAX_BLANK, KEY_SPM_MODEL
+from chatglm.families.chatglm1 import KEY_IMAGE_TOKENS, KEY_MAX_BLANK, KEY_SPM_MODEL
 from chatglm.convert.vocab_ice import NEWLINE_PIECE, TAB_PIECE, blank_piece
 from chatglm.errors import InputError
 

@@ -16,7 +16,7 @@ from typing import Any
 import gguf
 
 from chatglm.convert.checkpoint import read_json
-from chatglm.convert.family import Family, OutTensor, register
+from chatglm.convert.family import Family, OutTensor
 from chatglm.convert.vocab_common import json_object, pad_tokens, unique_name
 from chatglm.convert.vocab_ice import (
     BYTE,
@@ -32,10 +32,12 @@ from chatglm.convert.vocab_ice import (
     load_ice_vocab,
 )
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.families.chatglm1 import (FAMILY, KEY_END, KEY_GMASK, KEY_IMAGE_TOKENS, KEY_MAX_BLANK,
+                                       KEY_SPM_MODEL)
 from chatglm.limits import MAX_NORM_EPS
 
 T = gguf.MODEL_TENSOR
-ARCH = "chatglm1"
+ARCH = FAMILY.arch
 LAYER = "transformer.layers.{bid}."
 PUBLISHED_NUM_LAYERS = 28  # GLMBlock's default, which the published model never overrides
 TOKENIZER_FILE = "ice_text.model"
@@ -54,12 +56,6 @@ TENSOR_MAP: dict[T, str] = {
 }
 LAYER_KINDS = (T.ATTN_NORM, T.ATTN_QKV, T.ATTN_OUT, T.FFN_NORM, T.FFN_UP, T.FFN_DOWN)
 
-# GGUF metadata keys of our own (the standard ones come from GGUFWriter helpers).
-KEY_SPM_MODEL = f"{ARCH}.tokenizer.sentencepiece_model"  # uint8[]: the (completed) ice_text.model
-KEY_IMAGE_TOKENS = f"{ARCH}.tokenizer.image_tokens"  # u32: ids below it are <image_N>
-KEY_MAX_BLANK = f"{ARCH}.tokenizer.max_blank_length"  # u32: longest <|blank_N|> piece
-KEY_GMASK = f"{ARCH}.gmask_token_id"
-KEY_END = f"{ARCH}.end_token_id"  # "</s>"
 
 _GGUF_TYPE = {NORMAL: gguf.TokenType.NORMAL, UNKNOWN: gguf.TokenType.UNKNOWN, CONTROL: gguf.TokenType.CONTROL,
               USER_DEFINED: gguf.TokenType.USER_DEFINED, UNUSED: gguf.TokenType.UNUSED, BYTE: gguf.TokenType.BYTE}
@@ -84,17 +80,10 @@ class GLM1Hparams:
         return self.n_embd // self.n_head
 
 
-def is_glm1_config(config: dict) -> bool:
-    """ChatGLM-6B's config: model_type chatglm with the first generation's own keys (2D positions, inner size)."""
-    return (config.get("model_type") == "chatglm" and "position_encoding_2d" in config
-            and "inner_hidden_size" in config and "padded_vocab_size" not in config)
-
-
-@register
 class ChatGLM1(Family):
-    name = "chatglm1"
+    name = FAMILY.variants[0]
     arch = ARCH
-    chat_format = "chatglm1"
+    chat_format = FAMILY.chat_formats[0]
     ignored_sources = (r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq",)
 
     def __init__(self, ckpt):
@@ -110,10 +99,6 @@ class ChatGLM1(Family):
         self.hp = self._hparams()
         self.vocab = load_ice_vocab(ckpt.dir / TOKENIZER_FILE, self._image_tokens())
         self.ids = self._special_ids()
-
-    @classmethod
-    def matches(cls, ckpt) -> bool:
-        return is_glm1_config(ckpt.config)
 
     def _hparams(self) -> GLM1Hparams:
         n_embd = self.cfg_int("hidden_size")
@@ -255,3 +240,6 @@ def write_ice_vocab(w: gguf.GGUFWriter, v: IceVocab, n_vocab: int, ids: dict[str
     w.add_uint32(KEY_IMAGE_TOKENS, v.image_tokens)
     w.add_uint32(KEY_MAX_BLANK, MAX_BLANK)
     w.add_array(KEY_SPM_MODEL, v.proto)
+
+
+CONVERTER = ChatGLM1

@@ -1,4 +1,5 @@
-"""GLM-4 chat prompts as token ids: glm-4-9b-chat, GLM-Edge, GLM-4-0414 and GLM-Z1.
+"""What the GLM-4-style chat formats share (glm-4-9b-chat, GLM-Edge, GLM-4-0414, GLM-Z1, GLM-4.5): pieces to ids, the
+tool-list text, the reply grammar. The formats themselves are in their families' chat.py.
 
 Every format renders what the model's published chat template renders, as a list of pieces: special-token ids and
 text. Text between two special tokens is tokenized as one string, which is what ``apply_chat_template`` does (it
@@ -21,7 +22,7 @@ from typing import Any, Optional, Sequence, Union
 
 from chatglm.errors import InputError
 from chatglm.runtime.messages import Message, ToolCall
-from chatglm.runtime.prompts import ChatFormat, Tokenizer, check_roles, is_name, register
+from chatglm.runtime.prompts import ChatFormat, Tokenizer, is_name
 
 Piece = Union[int, str]  # a special-token id, or text to tokenize
 
@@ -29,12 +30,6 @@ ROLES = ("system", "user", "assistant", "observation")
 GLM4_STOPS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 GLM4_SPECIALS = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 
-# glm-4-9b-chat: the system block a message with ``tools`` opens with.
-GLM4_TOOL_HEADER = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
-                    "你的任务是针对用户的问题和要求提供适当的答复和支持。")
-# GLM-Z1-0414 uses the same sentence with "智谱 AI 公司"; GLM-4-0414 has no header.
-Z1_TOOL_HEADER = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱 AI 公司训练的语言模型 GLM-4 模型开发的，"
-                  "你的任务是针对用户的问题和要求提供适当的答复和支持。")
 TOOLS_TITLE = "# 可用工具"
 TOOL_FOOTER = "在调用上述函数时，请使用 Json 格式表示调用的参数。"
 
@@ -169,111 +164,3 @@ def visible_answer(text: str) -> str:
         return ""
     first, newline, rest = text.partition("\n")
     return rest.lstrip() if newline and not first.strip() else text.lstrip()
-
-
-@register
-class GLM4Format(GLMFormat):
-    """glm-4-9b-chat (THUDM and -hf): ``[gMASK]<sop>``, per message ``<|role|>metadata\\ncontent``.
-
-    A message with ``tools`` first opens a system block listing them (the published template's header); a message
-    with empty content is left out, as the template does.
-    """
-
-    name = "glm4"
-
-    def message_pieces(self, m: Message) -> list[Piece]:
-        pieces: list[Piece] = []
-        if m.tools is not None:
-            pieces += [self.role("system"), f"\n{GLM4_TOOL_HEADER}\n\n{TOOLS_TITLE}{tool_sections(m.tools)}"]
-        metadata, content = m.metadata, m.content
-        call = self.call_of(m) if m.role == "assistant" else None
-        if call is not None:
-            metadata = metadata or call.name
-            content = content or call_arguments_text(call)
-        if content:
-            pieces += [self.role(m.role), f"{metadata}\n{content}"]
-        return pieces
-
-    def prompt_ids(self, messages: Sequence[Message], tok: Tokenizer) -> list[int]:
-        check_roles(messages, ROLES, self.name)
-        pieces: list[Piece] = [self.sp("[gMASK]"), self.sp("<sop>")]
-        for m in messages:
-            pieces += self.message_pieces(m)
-        return self.encode(pieces + [self.role("assistant")], tok)
-
-
-@register
-class GLMEdgeFormat(GLMFormat):
-    """GLM-Edge chat: no ``[gMASK]<sop>`` prefix; ``<|role|>\\ncontent`` per message; no tools."""
-
-    name = "glm-edge"
-    required_tokens = ("<|system|>", "<|user|>", "<|assistant|>")
-
-    def prompt_ids(self, messages: Sequence[Message], tok: Tokenizer) -> list[int]:
-        check_roles(messages, ("system", "user", "assistant"), self.name)
-        pieces: list[Piece] = []
-        for m in messages:
-            if m.tools is not None or m.tool_calls:
-                raise InputError("the glm-edge chat format has no tool calling")
-            pieces += [self.role(m.role), f"\n{m.content}"]
-        return self.encode(pieces + [self.role("assistant")], tok)
-
-
-@register
-class GLM40414Format(GLMFormat):
-    """GLM-4-0414: tools first (one system block), then every system message, then the conversation.
-
-    An assistant tool call renders as ``<|assistant|>name \\n{arguments}`` (the space is the template's).
-    """
-
-    name = "glm4-0414"
-    tool_header = ""
-
-    def text_of(self, m: Message) -> str:
-        return m.content
-
-    def head_pieces(self, messages: Sequence[Message]) -> list[Piece]:
-        tools = [t for m in messages if m.tools for t in m.tools]
-        pieces: list[Piece] = [self.sp("[gMASK]"), self.sp("<sop>")]
-        if tools:
-            header = f"{self.tool_header}\n\n" if self.tool_header else ""
-            pieces += [self.role("system"), f"\n{header}{TOOLS_TITLE}{tool_sections(tools)}"]
-        for m in messages:
-            if m.role == "system":
-                pieces += [self.role("system"), f"\n{m.content}"]
-        return pieces
-
-    def message_pieces(self, m: Message) -> list[Piece]:
-        call = self.call_of(m) if m.role == "assistant" else None
-        metadata = m.metadata or (call.name if call else "")
-        content = self.text_of(m) or (call_arguments_text(call) if call else "")
-        if m.role == "assistant" and metadata:
-            return [self.role("assistant"), f"{metadata} \n{content}"]
-        return [self.role(m.role), f"\n{content}"]
-
-    def prompt_ids(self, messages: Sequence[Message], tok: Tokenizer) -> list[int]:
-        check_roles(messages, ROLES, self.name)
-        pieces = self.head_pieces(messages)
-        for m in messages:
-            if m.role != "system":
-                pieces += self.message_pieces(m)
-        return self.encode(pieces + self.generation_prompt(), tok)
-
-    def generation_prompt(self) -> list[Piece]:
-        return [self.role("assistant")]
-
-
-@register
-class GLMZ1Format(GLM40414Format):
-    """GLM-Z1-0414: as GLM-4-0414, but history keeps only the text after ``</think>`` (stripped), the tool block
-    opens with the ChatGLM sentence, and the prompt ends with ``<|assistant|>\\n<think>``."""
-
-    name = "glm4-z1"
-    thinks = True
-    tool_header = Z1_TOOL_HEADER
-
-    def text_of(self, m: Message) -> str:
-        return m.content.split("</think>")[-1].strip()
-
-    def generation_prompt(self) -> list[Piece]:
-        return [self.role("assistant"), "\n", self.piece("<think>")]

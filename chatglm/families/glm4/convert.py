@@ -1,7 +1,8 @@
-"""GLM-4-9B (base, chat, chat-1m) in the THUDM layout: llama.cpp's ``chatglm`` architecture with a tiktoken vocab.
+"""The converter of GLM-4-9B (base, chat, chat-1m) in the THUDM layout: llama.cpp's ``chatglm`` architecture with a
+tiktoken vocab.
 
 The weights and config.json are ChatGLM3's (``ChatGLMModel``, ``padded_vocab_size``, fused ``query_key_value``), so the
-tensor map and hyperparameters are :class:`~chatglm.convert.families.chatglm.ChatGLM`'s. What differs is the
+tensor map and hyperparameters are :class:`~chatglm.families.chatglm2.convert.ChatGLM`'s. What differs is the
 tokenizer: ``tokenizer.model`` holds tiktoken ranks instead of a SentencePiece model, and the special tokens
 (``<|endoftext|> [MASK] [gMASK] [sMASK] <sop> <eop> <|system|> <|user|> <|assistant|> <|observation|> ...``) are
 listed in ``tokenizer_config.json``. This family claims every second-generation GLM config whose tokenizer.model is
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import gguf
 
-from chatglm.convert.families.chatglm import ChatGLM, is_glm2_config
-from chatglm.convert.family import register
 from chatglm.convert.vocab_bpe import (
     build_tiktoken_vocab,
     glm_special_ids,
@@ -23,17 +22,18 @@ from chatglm.convert.vocab_bpe import (
 )
 from chatglm.convert.vocab_spm import is_sentencepiece
 from chatglm.errors import InputError
+from chatglm.families.chatglm2.convert import ChatGLM
+from chatglm.families.glm4 import FAMILY
 from chatglm.fsutil import check_regular
 
 GLM4_REQUIRED_SPECIALS = ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
                           "<|observation|>")
 
 
-@register
 class GLM4(ChatGLM):
     """glm-4-9b, glm-4-9b-chat, glm-4-9b-chat-1m (THUDM/zai-org remote-code layout)."""
 
-    name = "glm4"
+    name = FAMILY.variants[0]
 
     def __init__(self, ckpt):
         super().__init__(ckpt)
@@ -42,8 +42,8 @@ class GLM4(ChatGLM):
                       "tiktoken ranks)")
         if not is_tiktoken(path):
             raise InputError("tokenizer.model is neither a SentencePiece model nor tiktoken 'base64 rank' lines", path)
-        self.chat_format = "glm4"
-        self.name = "glm4"
+        self.chat_format = FAMILY.chat_formats[0]
+        self.name = FAMILY.variants[0]
 
     def rope_ratio_divides_positions(self) -> bool:
         return False  # GLM-4's modeling code scales the rope base (glm-4-9b-chat: 500, -1m: 10000)
@@ -52,7 +52,7 @@ class GLM4(ChatGLM):
     def matches(cls, ckpt) -> bool:
         tokenizer = ckpt.dir / "tokenizer.model"
         # A missing tokenizer.model is left to the ChatGLM2/3 family, whose error names the file.
-        return is_glm2_config(ckpt.config) and tokenizer.exists() and not is_sentencepiece(tokenizer)
+        return tokenizer.exists() and not is_sentencepiece(tokenizer)
 
     def write_vocab(self, w: gguf.GGUFWriter) -> None:
         config_path = self.ckpt.dir / "tokenizer_config.json"
@@ -61,4 +61,6 @@ class GLM4(ChatGLM):
         write_bpe_vocab(w, vocab, glm_special_ids(vocab))
 
 
-__all__ = ["GLM4", "is_tiktoken"]
+CONVERTER = GLM4
+
+__all__ = ["CONVERTER", "GLM4", "is_tiktoken"]

@@ -1,4 +1,4 @@
-"""``Glm4MoeForCausalLM`` (GLM-4.5, GLM-4.5-Air, GLM-4.6): llama.cpp's ``glm4moe`` architecture.
+"""The converter of ``Glm4MoeForCausalLM`` (GLM-4.5, GLM-4.5-Air, GLM-4.6): llama.cpp's ``glm4moe`` architecture.
 
 Per layer (transformers' modeling_glm4_moe.py): RMSNorm → attention (split q/k/v with bias, optional per-head q/k
 RMSNorm, rotate-half rope over the first ``partial_rotary_factor`` of each head: llama.cpp rope type NEOX) → residual
@@ -21,9 +21,10 @@ from typing import Sequence
 import gguf
 import numpy as np
 
-from chatglm.convert.families.glm_hf import HF_LAYER, HFGlmFamily, HFHparams
-from chatglm.convert.family import OutTensor, check_shape, register
+from chatglm.convert.family import OutTensor, check_shape
+from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily, HFHparams
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.families.glm4_moe import FAMILY
 from chatglm.limits import MAX_EXPERTS
 
 T = gguf.MODEL_TENSOR
@@ -51,12 +52,9 @@ def _stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(arrays, axis=0)  # (n_expert, rows, cols)
 
 
-@register
 class Glm4Moe(HFGlmFamily):
-    name = "glm4.5"
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GLM4_MOE]
-    architectures = ("Glm4MoeForCausalLM",)
-    model_type = "glm4_moe"
+    name = FAMILY.variants[0]
+    arch = FAMILY.arch
     default_bias = False
 
     def __init__(self, ckpt):
@@ -67,7 +65,7 @@ class Glm4Moe(HFGlmFamily):
         self.check_expert_tensors()
 
     def detect_chat_format(self, template: str) -> str:
-        return "glm45"
+        return FAMILY.chat_formats[0]
 
     def trailing_layers(self) -> tuple[int, str]:
         return self.cfg_int("num_nextn_predict_layers", default=0, minimum=0), "num_nextn_predict_layers"
@@ -169,3 +167,6 @@ class Glm4Moe(HFGlmFamily):
             if t.build is _stack:
                 for source in t.sources:
                     check_shape(self, source, t.shape[1:])
+
+
+CONVERTER = Glm4Moe

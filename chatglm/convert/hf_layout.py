@@ -1,11 +1,13 @@
-"""GLM checkpoints in the Hugging Face transformers layout (``model.layers.N.self_attn.q_proj`` ...).
+"""What every GLM checkpoint in the Hugging Face transformers layout shares (``model.layers.N.self_attn.q_proj`` ...):
+config, tokenizer, embedding, attention and head tensors. The families built on it:
 
-- ``GlmForCausalLM`` (glm-4-9b-chat-hf, glm-4-9b-hf, GLM-Edge 1.5B/4B chat): llama.cpp's ``chatglm`` architecture
+- ``GlmForCausalLM`` (glm-4-9b-chat-hf, GLM-Edge; ``chatglm/families/glm4_hf``): llama.cpp's ``chatglm`` architecture
   with split q/k/v (llama.cpp accepts separate ``attn_q/k/v`` in place of the fused ``attn_qkv``).
-- ``Glm4ForCausalLM`` (GLM-4-9B/32B-0414, GLM-Z1): llama.cpp's ``glm4`` architecture, which adds a norm after
-  attention (``post_self_attn_layernorm``) and after the MLP (``post_mlp_layernorm``).
+- ``Glm4ForCausalLM`` (GLM-4-0414, GLM-Z1; ``chatglm/families/glm4_0414``): llama.cpp's ``glm4`` architecture, which
+  adds a norm after attention (``post_self_attn_layernorm``) and after the MLP (``post_mlp_layernorm``).
+- ``Glm4MoeForCausalLM`` (GLM-4.5/4.6; ``chatglm/families/glm4_moe``).
 
-Both rotate the first ``partial_rotary_factor`` of each head in consecutive pairs (llama.cpp rope type NORM), and both
+All rotate the first ``partial_rotary_factor`` of each head in consecutive pairs (llama.cpp rope type NORM), and both
 fuse gate and up as ``mlp.gate_up_proj`` (gate rows first), which is llama.cpp's ``ffn_up`` for SwiGLU unchanged.
 The tokenizer is ``tokenizer.json``. config.json may carry rope settings at the top level (published files) or in
 ``rope_parameters`` (files saved by transformers 5); both are read.
@@ -18,9 +20,9 @@ from typing import ClassVar
 
 import gguf
 
-from chatglm.convert.families.chatglm import write_hparams
 from chatglm.convert.config_types import is_number, shown
-from chatglm.convert.family import Family, OutTensor, register
+from chatglm.convert.family import Family, OutTensor
+from chatglm.convert.glm_hparams import write_hparams
 from chatglm.limits import FLOAT32_MAX, MAX_NORM_EPS, UINT32_MAX
 from chatglm.convert.vocab_bpe import (
     build_tokenizer_json_vocab,
@@ -73,8 +75,6 @@ def gguf_name(kind: T, bid: int | None = None) -> str:
 class HFGlmFamily(Family):
     """Config, tokenizer and the attention/embedding tensors every HF-layout GLM shares."""
 
-    architectures: ClassVar[tuple[str, ...]] = ()
-    model_type: ClassVar[str] = ""
     default_bias: ClassVar[bool] = True
 
     def __init__(self, ckpt):
@@ -85,11 +85,6 @@ class HFGlmFamily(Family):
                                         self.config_path)
         self.hp = self.hparams()
         self.chat_format = self.detect_chat_format(chat_template_of(ckpt.dir / "tokenizer_config.json"))
-
-    @classmethod
-    def matches(cls, ckpt) -> bool:
-        archs = ckpt.config.get("architectures") or []
-        return ckpt.config.get("model_type") == cls.model_type and any(a in cls.architectures for a in archs)
 
     def detect_chat_format(self, template: str) -> str:
         raise NotImplementedError
@@ -185,67 +180,3 @@ class HFGlmFamily(Family):
         plan += self.out(T.ATTN_V, bid, (kv_rows, hp.n_embd), bias=hp.qkv_bias)
         plan += self.out(T.ATTN_OUT, bid, (hp.n_embd, q_rows))
         return plan
-
-
-@register
-class GlmHF(HFGlmFamily):
-    """``GlmForCausalLM``: ChatGLM's graph in transformers' names (llama.cpp ``chatglm``)."""
-
-    name = "glm4-hf"
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.CHATGLM]
-    architectures = ("GlmForCausalLM",)
-    model_type = "glm"
-
-    def __init__(self, ckpt):
-        super().__init__(ckpt)
-        hp = self.hp
-        if hp.head_dim * hp.n_head != hp.n_embd:
-            raise UnsupportedModelError(f"llama.cpp's chatglm graph needs num_attention_heads x head_dim "
-                                        f"= hidden_size ({hp.n_head} x {hp.head_dim} != {hp.n_embd})",
-                                        self.config_path)
-
-    def detect_chat_format(self, template: str) -> str:
-        """glm-4-9b-chat-hf keeps GLM-4's ``[gMASK]<sop>`` template; GLM-Edge's template has no prefix."""
-        if template.strip() and "[gMASK]" not in template:
-            self.name = "glm-edge"
-            return "glm-edge"
-        return "glm4"
-
-    def tensors(self) -> list[OutTensor]:
-        hp = self.hp
-        plan = self.embedding_tensors()
-        for bid in range(hp.n_layer):
-            plan += self.attention_tensors(bid)
-            plan += self.out(T.FFN_NORM, bid, (hp.n_embd,), HF_LAYER + "post_attention_layernorm")
-            plan += self.out(T.FFN_UP, bid, (2 * hp.n_ff, hp.n_embd), HF_LAYER + "mlp.gate_up_proj")
-            plan += self.out(T.FFN_DOWN, bid, (hp.n_embd, hp.n_ff), HF_LAYER + "mlp.down_proj")
-        return plan + self.head_tensors()
-
-
-@register
-class Glm4HF(HFGlmFamily):
-    """``Glm4ForCausalLM`` (GLM-4-0414, GLM-Z1): llama.cpp ``glm4``, with post-attention and post-MLP norms."""
-
-    name = "glm4-0414"
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GLM4]
-    architectures = ("Glm4ForCausalLM",)
-    model_type = "glm4"
-
-    def detect_chat_format(self, template: str) -> str:
-        """GLM-Z1's template opens the reply with ``<think>``; GLM-4-0414's does not."""
-        if "<|assistant|>\n<think>" in template:
-            self.name = "glm4-z1"
-            return "glm4-z1"
-        return "glm4-0414"
-
-    def tensors(self) -> list[OutTensor]:
-        hp = self.hp
-        plan = self.embedding_tensors()
-        for bid in range(hp.n_layer):
-            plan += self.attention_tensors(bid)
-            plan += self.out(T.ATTN_POST_NORM, bid, (hp.n_embd,), HF_LAYER + "post_self_attn_layernorm")
-            plan += self.out(T.FFN_NORM, bid, (hp.n_embd,), HF_LAYER + "post_attention_layernorm")
-            plan += self.out(T.FFN_UP, bid, (2 * hp.n_ff, hp.n_embd), HF_LAYER + "mlp.gate_up_proj")
-            plan += self.out(T.FFN_DOWN, bid, (hp.n_embd, hp.n_ff), HF_LAYER + "mlp.down_proj")
-            plan += self.out(T.FFN_POST_NORM, bid, (hp.n_embd,), HF_LAYER + "post_mlp_layernorm")
-        return plan + self.head_tensors()

@@ -26,8 +26,9 @@ from typing import Any, Sequence
 
 from chatglm.errors import InputError
 from chatglm.runtime.messages import Message, ToolCall
-from chatglm.runtime.prompts import Tokenizer, check_roles, register
-from chatglm.runtime.prompts_glm4 import ROLES, GLMFormat, Piece, opens_with_partial
+from chatglm.families.glm4_moe import FAMILY
+from chatglm.runtime.prompts import Tokenizer, check_roles
+from chatglm.runtime.prompts_glm import ROLES, GLMFormat, Piece, opens_with_partial
 
 TOOLS_PREAMBLE = ("\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                   "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
@@ -53,9 +54,8 @@ def argument_value(text: str) -> Any:
         return text
 
 
-@register
 class GLM45Format(GLMFormat):
-    name = "glm45"
+    name = FAMILY.chat_formats[0]
     required_tokens = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
     keep_special_text = MARKERS  # must stay in the generated text for parse_reply
 
@@ -137,3 +137,6 @@ def partial_suffix(text: str, marker: str) -> int:
         if text.endswith(marker[:n]):
             return n
     return 0
+
+
+FORMATS = (GLM45Format,)

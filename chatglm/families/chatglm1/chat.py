@@ -17,7 +17,8 @@ import re
 from typing import Sequence
 
 from chatglm.runtime.messages import Message
-from chatglm.runtime.prompts import ChatFormat, Tokenizer, check_roles, register, rounds_of
+from chatglm.families.chatglm1 import FAMILY
+from chatglm.runtime.prompts import ChatFormat, Tokenizer, check_roles, rounds_of
 
 TRAINING_TIME = "[[训练时间]]"
 PUNCTUATION = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
@@ -40,9 +41,8 @@ def process_response(text: str) -> str:
     return text
 
 
-@register
 class ChatGLM1Format(ChatFormat):
-    name = "chatglm1"
+    name = FAMILY.chat_formats[0]
     required_tokens = ("[gMASK]", "<sop>", "<eop>")
     completion_suffix = ("[gMASK]", "<sop>")  # the model generates only after <sop>
     stop_tokens = ("<eop>",)
@@ -66,3 +66,6 @@ class ChatGLM1Format(ChatFormat):
         if not hold and text and text[-1] in PUNCTUATION:
             hold = 1
         return process_response(text[:len(text) - hold]) if text[:len(text) - hold].strip() else ""
+
+
+FORMATS = (ChatGLM1Format,)

@@ -1,4 +1,5 @@
-"""ChatGLM2-6B, ChatGLM3-6B (base, chat, 32k, 128k) and CodeGeeX2: llama.cpp's ``chatglm`` architecture.
+"""The converter of ChatGLM2-6B, ChatGLM3-6B (base, chat, 32k, 128k) and CodeGeeX2: llama.cpp's ``chatglm``
+architecture.
 
 Layout (published modeling_chatglm.py): RMSNorm, fused query_key_value with bias (q heads, then the k and v groups),
 rotary over the first half of each head in consecutive pairs, SwiGLU with gate and up fused in dense_h_to_4h.
@@ -6,18 +7,23 @@ rotary over the first half of each head in consecutive pairs, SwiGLU with gate a
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import gguf
 
+from chatglm.convert.checkpoint import read_json
 from chatglm.convert.config_types import shown
-from chatglm.convert.family import Family, OutTensor, register
+from chatglm.convert.family import Family, OutTensor
+from chatglm.convert.glm_hparams import write_hparams
 from chatglm.convert.vocab_bpe import chat_template_of
+from chatglm.convert.vocab_common import json_object
 from chatglm.errors import UnsupportedModelError
 from chatglm.limits import FLOAT32_MAX, MAX_NORM_EPS, UINT32_MAX
 from chatglm.convert.vocab_spm import (adds_dummy_prefix, build_spm_vocab, is_sentencepiece, load_sentencepiece,
                                        write_spm_vocab)
+from chatglm.families.chatglm2 import FAMILY
+
+CHATGLM2, CHATGLM3 = FAMILY.chat_formats  # the [Round N] format (ChatGLM2, CodeGeeX2); role tokens (ChatGLM3)
 
 T = gguf.MODEL_TENSOR
 LAYER = "transformer.encoder.layers.{bid}."
@@ -64,26 +70,6 @@ class GLMHparams:
     rope_scale: float = 1.0  # linear position interpolation: positions are divided by this (ChatGLM2-6B-32K)
 
 
-def write_hparams(w: gguf.GGUFWriter, hp, n_rot: int) -> None:
-    """The hyperparameters llama.cpp's GLM architectures read (RMSNorm, GQA, partial rotary of ``n_rot`` dims)."""
-    w.add_context_length(hp.n_ctx)
-    w.add_embedding_length(hp.n_embd)
-    w.add_feed_forward_length(hp.n_ff)
-    w.add_block_count(hp.n_layer)
-    w.add_head_count(hp.n_head)
-    w.add_head_count_kv(hp.n_head_kv)
-    if hp.head_dim * hp.n_head != hp.n_embd:
-        w.add_key_length(hp.head_dim)
-        w.add_value_length(hp.head_dim)
-    w.add_layer_norm_rms_eps(hp.eps)
-    w.add_rope_dimension_count(n_rot)
-    w.add_rope_freq_base(hp.rope_base)
-    scale = getattr(hp, "rope_scale", 1.0)
-    if scale != 1.0:
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(scale)
-
-
 def refuse_rope_scaling(family: Family) -> None:
     """These checkpoints scale rope through ``rope_ratio``; a ``rope_scaling`` object asks for something else."""
     scaling = family.config.get("rope_scaling")
@@ -95,42 +81,34 @@ def refuse_rope_scaling(family: Family) -> None:
                                     "converter writes rope_ratio scaling only)", family.config_path)
 
 
-def is_glm2_config(config: dict) -> bool:
-    """The ChatGLM2/3/GLM-4 (THUDM layout) config: model_type chatglm with the second-generation keys."""
-    archs = config.get("architectures") or []
-    return (
-        config.get("model_type") == "chatglm"
-        and any(a in ("ChatGLMModel", "ChatGLMForConditionalGeneration") for a in archs)
-        and "padded_vocab_size" in config
-        and "multi_query_attention" in config
-    )
-
-
 def detect_chat_format(ckpt) -> str:
-    """"chatglm3" when the tokenizer knows the role tokens, else "chatglm2" (ChatGLM2, CodeGeeX2).
+    """ChatGLM3 when the tokenizer files know its role tokens, else ChatGLM2 (ChatGLM2, CodeGeeX2).
 
-    Evidence, in order: a chat template in tokenizer_config.json, then the role tokens named in the tokenizer's own
-    source file (read as text; never imported or run).
+    Both generations ship the same SentencePiece model and config.json keys; ChatGLM3's tokenizer_config.json names
+    the role tokens, in its chat template or among its added tokens. The checkpoint's Python files are never read.
     """
-    template = chat_template_of(ckpt.dir / "tokenizer_config.json")
-    if "<|assistant|>" in template:
-        return "chatglm3"
-    return "chatglm3" if "<|observation|>" in checkpoint_source(ckpt, "tokenization_chatglm.py") else "chatglm2"
+    path = ckpt.dir / "tokenizer_config.json"
+    if "<|assistant|>" in chat_template_of(path):
+        return CHATGLM3
+    if not path.exists():
+        return CHATGLM2
+    cfg = json_object(read_json(path, "tokenizer_config.json"), "tokenizer_config.json", path)
+    return CHATGLM3 if "<|observation|>" in added_token_texts(cfg) else CHATGLM2
 
 
-def checkpoint_source(ckpt, name: str) -> str:
-    """The text of one of the checkpoint's Python files (evidence only: never imported or run); "" if absent."""
-    source = ckpt.dir / name
-    try:
-        return source.read_text(encoding="utf-8", errors="replace") if source.is_file() else ""
-    except OSError:
-        return ""
+def added_token_texts(tokenizer_config: dict) -> list[str]:
+    """The texts of tokenizer_config.json's ``added_tokens_decoder`` and ``additional_special_tokens``."""
+    added = tokenizer_config.get("added_tokens_decoder")
+    texts = [t.get("content") for t in added.values() if isinstance(t, dict)] if isinstance(added, dict) else []
+    extra = tokenizer_config.get("additional_special_tokens")
+    for t in extra if isinstance(extra, list) else []:
+        texts.append(t.get("content") if isinstance(t, dict) else t)
+    return [t for t in texts if isinstance(t, str)]
 
 
-@register
 class ChatGLM(Family):
-    name = "chatglm3"
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.CHATGLM]
+    name = CHATGLM3
+    arch = FAMILY.arch
     ignored_sources = (r"transformer\.rotary_pos_emb\.inv_freq",)
 
     def __init__(self, ckpt):
@@ -138,14 +116,14 @@ class ChatGLM(Family):
         for key, expected in REQUIRED.items():
             self.cfg_require(key, expected, default=expected)
         self.chat_format = detect_chat_format(ckpt)
-        self.name = self.chat_format  # chatglm2 covers CodeGeeX2 as well
+        self.name = self.chat_format  # the variant is the format's name: chatglm2 covers CodeGeeX2 as well
         self.hp = self._hparams()
 
     @classmethod
     def matches(cls, ckpt) -> bool:
         tokenizer = ckpt.dir / "tokenizer.model"
         # A missing tokenizer is claimed here so the error names the file (write_vocab reports it).
-        return is_glm2_config(ckpt.config) and (not tokenizer.exists() or is_sentencepiece(tokenizer))
+        return not tokenizer.exists() or is_sentencepiece(tokenizer)
 
     def _hparams(self) -> GLMHparams:
         n_embd = self.cfg_int("hidden_size")
@@ -187,16 +165,11 @@ class ChatGLM(Family):
         )
 
     def rope_ratio_divides_positions(self) -> bool:
-        """How this checkpoint's ``rope_ratio`` works. ChatGLM2-6B-32K's modeling code divides the positions by it
-        (linear interpolation, base 10000); ChatGLM3-6B-32K/128K and GLM-4 multiply the rope base by it. The
-        checkpoint's own modeling_chatglm.py decides when present (read as text, never run); otherwise the
-        generation does (ChatGLM2 tokenizer: positions; ChatGLM3: base)."""
-        code = checkpoint_source(self.ckpt, "modeling_chatglm.py")
-        if re.search(r"base\s*=\s*base\s*\*\s*self\.rope_ratio", code):
-            return False
-        if re.search(r"\)\s*/\s*self\.rope_ratio", code):
-            return True
-        return self.chat_format == "chatglm2"
+        """How this checkpoint's ``rope_ratio`` works, by generation: ChatGLM2-6B-32K's modeling code divides the
+        positions by it (linear interpolation, base 10000); ChatGLM3-6B-32K/128K and GLM-4 multiply the rope base by
+        it. The generation is the tokenizer's (see :func:`detect_chat_format`): the published ChatGLM2 checkpoints
+        (the only ones whose code divides) ship no role tokens, every ChatGLM3 long-context one does."""
+        return self.chat_format == CHATGLM2
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         write_hparams(w, self.hp, n_rot=self.hp.head_dim // 2)
@@ -204,11 +177,11 @@ class ChatGLM(Family):
     def write_vocab(self, w: gguf.GGUFWriter) -> None:
         path = self.ckpt.dir / "tokenizer.model"
         sp = load_sentencepiece(path)
-        specials = SPECIALS_CHATGLM2 + (ROLES if self.chat_format == "chatglm3" else [])
+        specials = SPECIALS_CHATGLM2 + (ROLES if self.chat_format == CHATGLM3 else [])
         vocab = build_spm_vocab(sp, specials, self.hp.n_vocab, path)
         n = sp.vocab_size()
         ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.unk_id()}
-        if self.chat_format == "chatglm3":
+        if self.chat_format == CHATGLM3:
             ids["eot"] = n + specials.index("<|user|>")
             ids["eom"] = n + specials.index("<|observation|>")
         write_spm_vocab(w, vocab, {k: v for k, v in ids.items() if v >= 0}, adds_dummy_prefix(sp))
@@ -245,3 +218,6 @@ class ChatGLM(Family):
         if bias:
             out.append(OutTensor(f"{name}.bias", shape[:1], (f"{source}.bias",)))
         return out
+
+
+CONVERTER = ChatGLM
