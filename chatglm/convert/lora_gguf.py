@@ -27,6 +27,7 @@ from chatglm.convert.lora import Adapter, MergedCheckpoint, open_adapter, refuse
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.fsutil import atomic_path
+from chatglm.schema import keys
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _write(path: Path, arch: str, adapter: Adapter, names: dict[str, str], dtype
     w.add_name(adapter.path.resolve().name)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0: llama.cpp scales by the user's scale alone
-    w.add_string("glm.converter", f"chatglm {__version__}")
+    w.add_string(keys.CONVERTER, f"chatglm {__version__}")
     for weight, name in sorted(names.items(), key=lambda item: item[1]):
         pair = adapter.pairs[weight]
         a = adapter.source.load(pair.a)  # (r, in)

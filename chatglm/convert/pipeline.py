@@ -22,6 +22,7 @@ from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError
 from chatglm.fsutil import atomic_path
 from chatglm.ggml import quants
+from chatglm.schema import keys
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,9 @@ def write_model_metadata(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Reci
     w.add_name(name)
     w.add_file_type(recipe.ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_string("glm.family", family.name)
-    w.add_string("glm.chat_format", getattr(family, "chat_format", family.name))
-    w.add_string("glm.converter", f"chatglm {__version__}" + (f" {converter}" if converter else ""))
+    w.add_string(keys.FAMILY, family.name)
+    w.add_string(keys.CHAT_FORMAT, getattr(family, "chat_format", family.name))
+    w.add_string(keys.CONVERTER, f"chatglm {__version__}" + (f" {converter}" if converter else ""))
     family.write_metadata(w)
     family.write_vocab(w)
 

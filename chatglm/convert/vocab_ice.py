@@ -23,20 +23,13 @@ from pathlib import Path
 from typing import Iterator
 
 from chatglm.errors import InputError
+from chatglm.schema.ice import MAX_BLANK, NEWLINE_PIECE, SPECIAL_PIECES, TAB_PIECE, blank_piece
 
-SPECIAL_PIECES = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
-MAX_BLANK = 80
-TAB_PIECE = "<|tab|>"
-NEWLINE_PIECE = "<n>"
 DEFAULT_IMAGE_TOKENS = 20000  # the published tokenizer's default when tokenizer_config.json does not say
 
 # sentencepiece_model.proto: ModelProto.pieces = 1, trainer_spec = 2; SentencePiece.piece = 1, score = 2, type = 3;
 # TrainerSpec.byte_fallback = 35. Piece types: NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-
-def blank_piece(n: int) -> str:
-    return f"<|blank_{n}|>"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from chatglm.gguf_file import GGUFHeader, read_header
 from chatglm.runtime.engine import Engine, ModelInfo
 from chatglm.runtime.memory import default_context
 from chatglm.runtime.validate import check_kv_type, check_transformer
+from chatglm.schema import keys
 
 # GGUF architecture -> "module:class" of the engine that runs it.
 ENGINES = {
@@ -42,7 +43,7 @@ def special_tokens(header: GGUFHeader) -> dict[str, int]:
 
 
 def chat_format_of(header: GGUFHeader, special: dict[str, int]) -> str:
-    fmt = header.get("glm.chat_format")
+    fmt = header.get(keys.CHAT_FORMAT)
     if isinstance(fmt, str) and fmt:
         return fmt
     if header.arch in DEFAULT_FORMAT:
@@ -57,7 +58,7 @@ def describe(header: GGUFHeader, n_ctx: int = 0) -> ModelInfo:
     fmt = chat_format_of(header, special)
     n_ctx_train = int(header.arch_get("context_length", 0) or 0)
     return ModelInfo(
-        path=header.path, arch=header.arch, family=str(header.get("glm.family") or fmt), chat_format=fmt,
+        path=header.path, arch=header.arch, family=str(header.get(keys.FAMILY) or fmt), chat_format=fmt,
         n_ctx=n_ctx, n_ctx_train=n_ctx_train, n_vocab=len(header.kv.get("tokenizer.ggml.tokens") or []),
         n_params=sum(_count(t.shape) for t in header.tensors.values()), size_bytes=header.file_size,
         description=str(header.get("general.name") or header.arch), special=special,

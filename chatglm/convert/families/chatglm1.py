@@ -21,9 +21,7 @@ from chatglm.convert.vocab_ice import (
     BYTE,
     CONTROL,
     DEFAULT_IMAGE_TOKENS,
-    MAX_BLANK,
     NORMAL,
-    SPECIAL_PIECES,
     UNKNOWN,
     UNUSED,
     USER_DEFINED,
@@ -31,9 +29,11 @@ from chatglm.convert.vocab_ice import (
     load_ice_vocab,
 )
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.schema import keys
+from chatglm.schema.ice import MAX_BLANK, SPECIAL_PIECES
 
 T = gguf.MODEL_TENSOR
-ARCH = "chatglm1"
+ARCH = keys.GLM1_ARCH
 LAYER = "transformer.layers.{bid}."
 PUBLISHED_NUM_LAYERS = 28  # GLMBlock's default, which the published model never overrides
 TOKENIZER_FILE = "ice_text.model"
@@ -51,13 +51,6 @@ TENSOR_MAP: dict[T, str] = {
     T.OUTPUT: "lm_head",
 }
 LAYER_KINDS = (T.ATTN_NORM, T.ATTN_QKV, T.ATTN_OUT, T.FFN_NORM, T.FFN_UP, T.FFN_DOWN)
-
-# GGUF metadata keys of our own (the standard ones come from GGUFWriter helpers).
-KEY_SPM_MODEL = f"{ARCH}.tokenizer.sentencepiece_model"  # uint8[]: the (completed) ice_text.model
-KEY_IMAGE_TOKENS = f"{ARCH}.tokenizer.image_tokens"  # u32: ids below it are <image_N>
-KEY_MAX_BLANK = f"{ARCH}.tokenizer.max_blank_length"  # u32: longest <|blank_N|> piece
-KEY_GMASK = f"{ARCH}.gmask_token_id"
-KEY_END = f"{ARCH}.end_token_id"  # "</s>"
 
 _GGUF_TYPE = {NORMAL: gguf.TokenType.NORMAL, UNKNOWN: gguf.TokenType.UNKNOWN, CONTROL: gguf.TokenType.CONTROL,
               USER_DEFINED: gguf.TokenType.USER_DEFINED, UNUSED: gguf.TokenType.UNUSED, BYTE: gguf.TokenType.BYTE}
@@ -230,10 +223,10 @@ def write_ice_vocab(w: gguf.GGUFWriter, v: IceVocab, n_vocab: int, ids: dict[str
     w.add_unk_token_id(ids["unk"])
     w.add_pad_token_id(ids["pad"])
     w.add_mask_token_id(ids["mask"])
-    w.add_uint32(KEY_GMASK, ids["gmask"])
-    w.add_uint32(KEY_END, ids["end"])
+    w.add_uint32(keys.GLM1_GMASK, ids["gmask"])
+    w.add_uint32(keys.GLM1_END, ids["end"])
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-    w.add_uint32(KEY_IMAGE_TOKENS, v.image_tokens)
-    w.add_uint32(KEY_MAX_BLANK, MAX_BLANK)
-    w.add_array(KEY_SPM_MODEL, v.proto)
+    w.add_uint32(keys.GLM1_IMAGE_TOKENS, v.image_tokens)
+    w.add_uint32(keys.GLM1_MAX_BLANK, MAX_BLANK)
+    w.add_array(keys.GLM1_SPM_MODEL, v.proto)

@@ -15,7 +15,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from chatglm.convert.families.chatglm1 import KEY_END, KEY_GMASK
 from chatglm.errors import Cancelled, ContextOverflowError, InputError, ModelRuntimeError
 from chatglm.ggml.backend import Allocator, Backend, Buffer, cpu_buffer_type, tensor_get, tensor_set
 from chatglm.ggml.ops import Graph
@@ -26,6 +25,7 @@ from chatglm.runtime.glm1 import graph as G
 from chatglm.runtime.glm1 import layout
 from chatglm.runtime.glm1.tokenizer import GLM1Tokenizer
 from chatglm.runtime.glm1.weights import ModelWeights, load_weights
+from chatglm.schema import keys
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,8 @@ def _check_settings(cfg: G.GLM1Config, n_ctx: int, n_batch: int, n_threads: int,
 def _special_ids(header: GGUFHeader, cfg: G.GLM1Config) -> dict[str, int]:
     ids = {}
     for name, key in (("bos", "tokenizer.ggml.bos_token_id"), ("eos", "tokenizer.ggml.eos_token_id"),
-                      ("mask", "tokenizer.ggml.mask_token_id"), ("gmask", KEY_GMASK), ("end", KEY_END)):
+                      ("mask", "tokenizer.ggml.mask_token_id"), ("gmask", keys.GLM1_GMASK),
+                      ("end", keys.GLM1_END)):
         value = header.get(key, ids.get("eos") if name == "end" else None)
         if type(value) is not int or not 0 <= value < cfg.n_vocab:
             raise InputError(f"GGUF lacks a valid {key}", header.path)
