@@ -61,8 +61,8 @@ def run_cmd(
     sampling = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k,
                                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens).items()
                 if v is not None}
+    model = model or demo_path()
     if verbose:
-        model = model or demo_path()
         print_estimate(model, ctx, kv_type, flash_attn)
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
                   flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()]) as m:

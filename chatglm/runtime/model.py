@@ -314,21 +314,17 @@ class Model:
         self.close()
 
 
-def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
+def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
          n_gpu_layers: int = 0, flash_attn: Optional[bool] = None, kv_type: str = "f16",
          chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
          on_progress: Optional[ProgressCallback] = None,
          lora: Sequence[tuple[os.PathLike | str, float]] = ()) -> Model:
-    """Load a GGUF (or, with no path, the bundled demo model) and return a :class:`Model`.
+    """Load a GGUF and return a :class:`Model` (``chatglm.load``, :mod:`chatglm.api`, adds the demo model).
 
     ``n_ctx`` defaults to the model's training context capped at 4096; ``n_threads`` to the physical cores;
     ``n_gpu_layers`` layers are offloaded (-1: all); ``on_progress(done, total)`` is called while loading;
     ``lora`` lists (adapter GGUF, scale) pairs applied at run time (llama.cpp engine).
     """
-    if path is None:
-        from chatglm.demo import demo_gguf
-
-        path = demo_gguf()
     start = time.perf_counter()
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                          flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress)
