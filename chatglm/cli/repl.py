@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional
 
 import typer
 
+from chatglm.cli.chatout import context_notes, format_tool_call, print_stats
 from chatglm.errors import ChatGLMError, InputError
 from chatglm.runtime.messages import Message
 from chatglm.runtime.session import ChatSession
@@ -175,8 +176,6 @@ class Repl:
             reply = self.reply(message)
             if reply is None or not reply.tool_calls:
                 return
-            from chatglm.cli.run import format_tool_call
-
             for call in reply.tool_calls:
                 note(format_tool_call(call))
             if not self.session.tools or self.model.last_stats.finish_reason != "stop":
@@ -200,15 +199,11 @@ class Repl:
         out("\n")
         self.tell_context()
         if self.verbose:
-            from chatglm.cli.run import print_stats
-
             print_stats(self.model)
         return self.session.last_reply
 
     def tell_context(self) -> None:
         """The context notes of the last reply, each on its own line after it (dropped rounds: once a chat)."""
-        from chatglm.cli.run import context_notes
-
         dropped, self._dropped = self._dropped, 0
         if self._told_truncation:
             dropped = 0

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from chatglm.cli.chatout import context_notes, format_tool_call, print_stats
 from chatglm.cli.common import (Context, FlashAttn, GpuLayers, KVTypeOpt, Seed, Threads, fail, handle_errors, number,
                                setup_logging)
 from chatglm.limits import MAX_CONTEXT, MAX_LORA_SCALE
@@ -147,28 +148,3 @@ def one_shot(session, prompt: str, as_json: bool, verbose: bool) -> None:
         typer.echo(f"note: {text}", err=True)
     if verbose:
         print_stats(m)
-
-
-def context_notes(m, dropped: int) -> list[str]:
-    """What the user should know about the context after a reply: old messages dropped, a reply cut off by it.
-
-    Notes go to stderr on their own line after the reply (or to ``notes`` in --json), never into the reply."""
-    n_ctx, s = m.info.n_ctx, m.last_stats
-    notes = []
-    if dropped:
-        notes.append(f"the conversation outgrew the context of {n_ctx} tokens; its {dropped} oldest messages were "
-                     "dropped to make room (the system message stays)")
-    if s.finish_reason == "length" and s.prompt_tokens + s.generated_tokens >= n_ctx:
-        notes.append(f"the reply was cut off at the end of the context of {n_ctx} tokens (--ctx gives more)")
-    return notes
-
-
-def format_tool_call(call) -> str:
-    args = call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments, ensure_ascii=False)
-    return f"[tool call] {call.name}({args})"
-
-
-def print_stats(m) -> None:
-    s = m.last_stats
-    typer.echo(f"[prompt {s.prompt_tokens} tokens ({s.evaluated_tokens} evaluated, {s.prefill_tps:.1f} tok/s), "
-               f"reply {s.generated_tokens} tokens ({s.decode_tps:.1f} tok/s), {s.finish_reason}]", err=True)
