@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 
 from chatglm.errors import InputError
-from chatglm.fsutil import reading
+from chatglm.fsutil import open_regular, reading
 
 MAGIC = b"GGUF"
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -170,7 +170,7 @@ def tensor_nbytes(shape: tuple[int, ...], ggml_type: int, name: str, cur: _Curso
 def read_header(path: os.PathLike | str) -> GGUFHeader:
     """Parse and validate a GGUF file's header, tensor table and data layout (the data itself is not read)."""
     path = Path(path)
-    with reading(path), open(path, "rb") as fh:
+    with reading(path), open_regular(path) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size < 24:
             raise InputError("not a GGUF file: too short" if size else "empty file", path)

@@ -16,3 +16,9 @@ MAX_CONTEXT = 1 << 24  # 16M tokens, 16x the longest GLM context (GLM-4-9B-chat-
 MAX_GPU_LAYERS = 1 << 20  # -ngl above a model's layer count means "all" (llama.cpp clamps it)
 MAX_SEED = (1 << 32) - 1  # llama.cpp seeds are uint32
 MAX_LORA_SCALE = 1000.0  # a LoRA update scaled past this overflows f16 weights long before
+
+# -- converter: what a GGUF value of each type holds, and config.json sanity (h16-config) ---------------------------
+UINT32_MAX = 2**32 - 1
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # FLT_MAX: a larger finite number packs as inf (or fails struct.pack)
+MAX_NORM_EPS = 1.0  # a norm epsilon of 1 or more swamps the activations: a typo, not a model

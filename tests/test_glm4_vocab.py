@@ -56,9 +56,10 @@ def test_merges_replay_tiktoken_ranks():
     ranks = {bytes([b]): b for b in range(256)}
     ranks.update({b"ab": 256, b"abc": 257, b"bc": 258, b"xyz": 259, b"abcbc": 260})
     merges = merges_from_ranks(ranks)
-    # "abc" is built as ab+c (ab has the lower rank); "xyz" has no path from bytes and gets no merge;
-    # "abcbc" joins abc+bc, the pair left once only ranks below 260 may merge.
-    assert merges == ["a b", "ab c", "b c", "abc bc"]
+    # "abc" is built as ab+c (ab has the lower rank), and a+bc (its other split into two tokens) follows it;
+    # "xyz" has no path from bytes and gets no merge; "abcbc" joins abc+bc, the pair left once only ranks below 260
+    # may merge.
+    assert merges == ["a b", "ab c", "a bc", "b c", "abc bc"]
 
 
 def test_spelling_is_gpt2_byte_level():

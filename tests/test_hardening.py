@@ -239,7 +239,7 @@ def test_unwritable_destination(glm3, tmp_path):
     ("multi_query_group_num", 3, "not a multiple"),
     ("padded_vocab_size", 100, "expected [100, 64] from config.json"),
     ("seq_length", -5, "'seq_length' must be an integer >= 1"),
-    ("layernorm_epsilon", float("nan"), "'layernorm_epsilon' must be a positive number"),
+    ("layernorm_epsilon", float("nan"), "not valid config.json: NaN is not a JSON number"),  # RFC 8259 has no NaN
     ("rope_ratio", 0, "'rope_ratio' must be a positive number"),
     ("rmsnorm", False, "rmsnorm=False is not supported"),
 ])

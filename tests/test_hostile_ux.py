@@ -173,7 +173,7 @@ TOOLS_CASES = [
     ('[{"name": "x", "description": ["d"]}]', "tools[0].description: expected a string, got a list"),
     ('[{"name": "x", "parameters": "{}"}]', "tools[0].parameters: expected an object, got a string"),
     ('[{"name": "x"}, 7]', "tools[1]: expected an object, got a number"),
-    ("[" * 100_000, "nested too deeply"),
+    ("[" * 100_000, "nested more than 100 levels deep"),
     ("[" + "9" * 5000 + "]", "not valid JSON"),
     ("[{\"name\": \"x\",]", "not valid JSON: Expecting property name enclosed in double quotes at line 1"),
 ]

@@ -31,7 +31,7 @@ def test_token_ids_equal_sentencepiece(glm3_model, sp):
 def test_detokenize_round_trips(glm3_model, sp):
     for text in bilingual_corpus()[:60] + EXTRA[2:]:
         ids = sp.encode(text)
-        assert glm3_model.detokenize(ids).removeprefix(" ") == sp.decode(ids)
+        assert glm3_model.detokenize(ids) == sp.decode(ids)  # the dummy-prefix space dropped, as sentencepiece does
 
 
 def reference_chatglm3(sp, special, messages, tools=None):

@@ -5,18 +5,18 @@ Weight readers are chosen by file format; families never see which one was used.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from chatglm.convert.config_types import CONFIG_FIELDS, GENERATION_FIELDS, check_types
 from chatglm.convert.safetensors_file import SafetensorsFile
 from chatglm.convert.tensors import TensorInfo, TensorSource
 from chatglm.convert.torch_file import TorchFile
 from chatglm.errors import InputError
-from chatglm.fsutil import read_text
+from chatglm import fsutil
 
 # Index file name -> (single-file name, reader), in order of preference.
 WEIGHT_FORMATS: dict[str, tuple[str, Callable[[Path], TensorSource]]] = {
@@ -26,11 +26,7 @@ WEIGHT_FORMATS: dict[str, tuple[str, Callable[[Path], TensorSource]]] = {
 
 
 def read_json(path: Path, what: str = "JSON") -> Any:
-    text = read_text(path)
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise InputError(f"not valid {what}: {exc}", path) from None
+    return fsutil.read_json(path, what=what)
 
 
 class Checkpoint:
@@ -43,6 +39,13 @@ class Checkpoint:
         self.config: dict[str, Any] = read_json(self.dir / "config.json", "config.json")
         if not isinstance(self.config, dict):
             raise InputError("config.json is not a JSON object", self.dir / "config.json")
+        check_types(self.config, CONFIG_FIELDS, self.dir / "config.json")
+        generation = self.dir / "generation_config.json"
+        if generation.is_file():
+            settings = read_json(generation, "generation_config.json")
+            if not isinstance(settings, dict):
+                raise InputError("not a JSON object", generation)
+            check_types(settings, GENERATION_FIELDS, generation)
         self._files: list[TensorSource] = []
         self._where: dict[str, TensorSource] = {}
         self._open_weights()

@@ -16,7 +16,9 @@ import gguf
 import numpy as np
 
 from chatglm.convert.checkpoint import Checkpoint
+from chatglm.convert.config_types import is_number as _finite_number, shown as _shown
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.limits import FLOAT32_MAX, MAX_LAYERS, UINT32_MAX
 
 
 def _identity(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -77,30 +79,72 @@ class Family(ABC):
     def config_path(self):
         return self.ckpt.dir / "config.json"
 
-    def cfg_int(self, key: str, default: int | None = None, minimum: int = 1) -> int:
+    def cfg_int(self, key: str, default: int | None = None, minimum: int = 1, maximum: int = UINT32_MAX) -> int:
+        """An integer hyperparameter; every one is written as a GGUF uint32, so none may pass ``maximum``."""
         value = self.config.get(key, default)
         if value is None:
             raise InputError(f"config.json has no {key!r}", self.config_path)
         if type(value) is not int or value < minimum:
-            raise InputError(f"config.json: {key!r} must be an integer >= {minimum}, got {value!r}", self.config_path)
+            raise self.bad(f"{key!r} must be an integer >= {minimum}, got {_shown(value)}")
+        if value > maximum:
+            raise self.bad(f"{key!r} is {_shown(value)}, more than {maximum:,} (the largest value it may have)")
         return value
 
-    def cfg_float(self, key: str, default: float | None = None, positive: bool = True) -> float:
+    def cfg_float(self, key: str, default: float | None = None, positive: bool = True,
+                  maximum: float = FLOAT32_MAX) -> float:
+        """A float hyperparameter: finite, positive unless told otherwise, and at most ``maximum`` (a GGUF float32
+        holds no more than FLOAT32_MAX)."""
         value = self.config.get(key, default)
         if value is None:
             raise InputError(f"config.json has no {key!r}", self.config_path)
-        if type(value) not in (int, float) or not np.isfinite(value) or (positive and value <= 0):
-            raise InputError(f"config.json: {key!r} must be a positive number, got {value!r}", self.config_path)
+        if not _finite_number(value) or (positive and value <= 0):
+            raise self.bad(f"{key!r} must be a positive number, got {_shown(value)}")
+        if abs(float(value)) > maximum:
+            raise self.bad(f"{key!r} is {_shown(value)}, more than {maximum:g} (the largest value it may have)")
         return float(value)
 
-    def cfg_require(self, key: str, expected: Any, default: Any = None) -> None:
-        """Refuse a config whose ``key`` selects a variant this family does not implement."""
+    def cfg_bool(self, key: str, default: bool) -> bool:
         value = self.config.get(key, default)
-        if value != expected:
+        if type(value) is not bool:
+            raise self.bad(f"{key!r} must be true or false, got {_shown(value)}")
+        return value
+
+    def cfg_require(self, key: str, expected: Any, default: Any = None) -> None:
+        """Refuse a config whose ``key`` selects a variant this family does not implement (types must agree too:
+        ``1`` is not ``true``)."""
+        value = self.config.get(key, default)
+        if type(value) is not type(expected) or value != expected:
             raise UnsupportedModelError(
-                f"config.json: {key}={value!r} is not supported (this converter handles {key}={expected!r})",
+                f"{key}={_shown(value)} is not supported (this converter handles {key}={expected!r})",
                 self.config_path,
             )
+
+    def bad(self, problem: str) -> InputError:
+        return InputError(problem, self.config_path)
+
+    # -- declared counts against what the files hold (before anything proportional to them is built) -----------
+    def held_indices(self, pattern: str) -> set[int]:
+        """The distinct numbers ``(\\d+)`` takes in the checkpoint's tensor names matching ``pattern``."""
+        rx = re.compile(pattern)
+        return {int(m.group(1)) for m in map(rx.match, self.ckpt.names()) if m and len(m.group(1)) < 10}
+
+    def check_layers(self, key: str, n_layer: int, pattern: str, extra: int = 0, extra_key: str = "") -> None:
+        """``n_layer`` (+ ``extra`` trailing layers, e.g. MTP) within llama.cpp's limit and held by the files."""
+        held = len(self.held_indices(pattern))
+        if n_layer + extra > held:
+            declared = f"{key!r} is {n_layer}" + (f" (+ {extra_key!r} {extra})" if extra_key else "")
+            raise self.bad(f"{declared} but the checkpoint holds {held} layers")
+        if n_layer > MAX_LAYERS:
+            raise self.bad(f"{key!r} is {n_layer}, more than llama.cpp's limit of {MAX_LAYERS} layers")
+
+    def check_rows(self, key: str, value: int, source: str, axis: int, what: str) -> None:
+        """A declared size no larger than the dimension ``axis`` of tensor ``source`` (when the checkpoint has it;
+        a smaller one is reported by the shape check with both shapes)."""
+        if source not in set(self.ckpt.names()):
+            return
+        shape = self.ckpt.info(source).shape
+        if len(shape) > axis and value > shape[axis]:
+            raise self.bad(f"{key!r} is {value} but the checkpoint's {source} has {shape[axis]} {what}")
 
 
 FAMILIES: list[type[Family]] = []

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from chatglm.errors import InputError
+from chatglm.fsutil import open_regular, reading
+from chatglm.gguf_file import GGUFHeader, TensorEntry, read_header
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def load_imatrix(path: Path | str) -> ImportanceMatrix:
     """Reads either format (told apart by the GGUF magic); InputError on a malformed file."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
+        with open_regular(path, missing="cannot read imatrix: no such file") as f:
             magic = f.read(4)
     except OSError as e:
         raise InputError(f"cannot read imatrix: {e.strerror}", path) from e
@@ -114,22 +116,26 @@ class _Cursor:
 
 
 def _load_legacy(path: Path) -> ImportanceMatrix:
-    cur = _Cursor(path, path.read_bytes())
+    with reading(path):
+        cur = _Cursor(path, path.read_bytes())
     n_entries = cur.i32("entry count")
     if n_entries < 1:
         raise InputError(f"not an imatrix file: entry count {n_entries}", path)
     entries: dict[str, np.ndarray] = {}
-    for i in range(n_entries):
+    for i in range(n_entries):  # each entry takes at least 17 bytes or fails as truncated: bounded by the file size
         name_len = cur.i32(f"entry {i} name length")
         if not 0 < name_len <= _MAX_NAME:
             raise InputError(f"not an imatrix file: entry {i} has a name length of {name_len}", path)
         name = cur.take(name_len, f"entry {i} name").decode("utf-8", errors="replace")
+        if name in entries:
+            raise InputError(f"imatrix has two entries for {name}", path)
         ncall = cur.i32(f"{name} call count")
         n_values = cur.i32(f"{name} value count")
         if n_values < 1:
             raise InputError(f"imatrix entry {name} has {n_values} values", path)
         sums = np.frombuffer(cur.take(4 * n_values, f"{name} values"), dtype="<f4").astype(np.float32)
-        values = sums / np.float32(ncall) if ncall > 0 else sums  # llama-quantize's normalisation
+        with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN are refused just below, without a warning
+            values = sums / np.float32(ncall) if ncall > 0 else sums  # llama-quantize's normalisation
         entries[name] = _check_values(path, name, values)
     chunk_count, datasets = 0, []
     if not cur.at_end():
@@ -141,34 +147,50 @@ def _load_legacy(path: Path) -> ImportanceMatrix:
     return ImportanceMatrix(path, entries, datasets, chunk_count, legacy=True)
 
 
-def _gguf_fields(path: Path, reader: GGUFReader) -> tuple[list[str], int]:
-    missing = [k for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE) if k not in reader.fields]
+def _gguf_fields(header: GGUFHeader) -> tuple[list[str], int]:
+    path = header.path
+    missing = [k for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE) if k not in header.kv]
     if missing:
         raise InputError(f"not an imatrix GGUF: no {', '.join(missing)} (a model file?)", path)
-    datasets = reader.fields[KEY_DATASETS].contents()
-    names = [str(d) for d in datasets] if isinstance(datasets, list) else [str(datasets)]
-    return names, int(reader.fields[KEY_CHUNK_COUNT].contents())
+    datasets, chunk_count = header.kv[KEY_DATASETS], header.kv[KEY_CHUNK_COUNT]
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+        raise InputError(f"{KEY_DATASETS} must be an array of strings", path)
+    if type(chunk_count) is not int or chunk_count < 0:
+        raise InputError(f"{KEY_CHUNK_COUNT} must be a non-negative integer, got {chunk_count!r}", path)
+    return list(datasets), chunk_count
 
 
 def _load_gguf(path: Path) -> ImportanceMatrix:
+    """Read with our validating GGUF reader (counts, lengths and offsets checked against the file size, duplicate
+    keys and tensor names refused), never gguf-py's, which trusts the declared counts."""
     try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError, struct.error, IndexError) as e:
-        raise InputError(f"malformed imatrix GGUF: {e}", path) from e
-    datasets, chunk_count = _gguf_fields(path, reader)
-    tensors = {t.name: t for t in reader.tensors}
+        header = read_header(path)
+    except InputError as exc:
+        raise InputError(f"malformed imatrix GGUF: {exc.problem}", path) from None
+    datasets, chunk_count = _gguf_fields(header)
+    tensors = header.tensors
     bases = {n[:-len(s)] for n in tensors for s in (_SUMS, _COUNTS) if n.endswith(s)}
     if not bases:
         raise InputError("imatrix GGUF holds no <tensor>.in_sum2 / .counts pairs", path)
     entries = {}
-    for name in sorted(bases):
-        sums, counts = tensors.get(name + _SUMS), tensors.get(name + _COUNTS)
-        if sums is None or counts is None:
-            raise InputError(f"imatrix GGUF has {_SUMS} without {_COUNTS} or the reverse for {name}", path)
-        if sums.tensor_type != GGMLQuantizationType.F32 or counts.tensor_type != GGMLQuantizationType.F32:
-            raise InputError(f"imatrix tensors of {name} are not f32", path)
-        entries[name] = _check_values(path, name, _normalise(path, name, sums.data, counts.data))
+    with reading(path), open(path, "rb") as fh:
+        for name in sorted(bases):
+            sums, counts = tensors.get(name + _SUMS), tensors.get(name + _COUNTS)
+            if sums is None or counts is None:
+                raise InputError(f"imatrix GGUF has {_SUMS} without {_COUNTS} or the reverse for {name}", path)
+            if sums.ggml_type != GGMLQuantizationType.F32 or counts.ggml_type != GGMLQuantizationType.F32:
+                raise InputError(f"imatrix tensors of {name} are not f32", path)
+            values = _normalise(path, name, _f32(fh, header, sums), _f32(fh, header, counts))
+            entries[name] = _check_values(path, name, values)
     return ImportanceMatrix(path, entries, datasets, chunk_count)
+
+
+def _f32(fh, header: GGUFHeader, tensor: TensorEntry) -> np.ndarray:
+    """One f32 tensor's data (its size and place were checked against the file by read_header)."""
+    fh.seek(header.data_offset + tensor.offset)
+    return np.frombuffer(fh.read(tensor.nbytes), dtype="<f4")
 
 
 def _normalise(path: Path, name: str, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:

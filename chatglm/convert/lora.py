@@ -22,10 +22,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from chatglm.convert.checkpoint import Checkpoint, CheckpointView, read_json
+from chatglm.convert.config_types import ADAPTER_FIELDS, check_types, is_number
+from chatglm.convert.safe_regex import check_name, compile_pattern
 from chatglm.convert.safetensors_file import SafetensorsFile
 from chatglm.convert.tensors import TensorInfo, TensorSource
 from chatglm.convert.torch_file import TorchFile
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.limits import FLOAT32_MAX
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +84,20 @@ class Adapter:
 def _cfg_number(cfg: dict, key: str, path: Path, default: Any = None, integer: bool = False) -> float:
     value = cfg.get(key, default)
     ok = type(value) is int if integer else type(value) in (int, float)
-    if value is None or not ok or not math.isfinite(value) or value <= 0:
+    if value is None or not ok or not is_number(value) or value <= 0:
         raise InputError(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}", path)
     return value
 
 
-def _pattern_value(patterns: Any, module: str, default: float, key: str, path: Path) -> float:
+def _pattern_value(patterns: Any, module: str, default: float, key: str, path: Path, integer: bool = False) -> float:
+    """PEFT's per-module override: the value of the first pattern ``p`` with ``(.*\\.)?(p)$`` matching ``module``."""
     if patterns is None:
         return default
-    if not isinstance(patterns, dict):
-        raise InputError(f"{key} must be an object of module pattern -> value", path)
     for pattern, value in patterns.items():
-        try:
-            hit = re.match(rf"(.*\.)?({pattern})$", module)
-        except re.error as exc:
-            raise InputError(f"{key}: invalid pattern {pattern!r} ({exc})", path) from None
-        if hit:
+        if compile_pattern(pattern, key, path, template=r"(.*\.)?({p})$").match(module):
+            if (integer and type(value) is not int) or value <= 0:
+                raise InputError(f"{key}: the value for {pattern!r} must be a positive "
+                                 f"{'integer' if integer else 'number'}, got {value!r}", path)
             return value
     return default
 
@@ -104,16 +105,12 @@ def _pattern_value(patterns: Any, module: str, default: float, key: str, path: P
 def _targets(cfg: dict, module: str, path: Path) -> bool:
     """Whether PEFT's ``target_modules`` (a list of name suffixes, a regex, or "all-linear") names ``module``."""
     targets = cfg.get("target_modules")
+    check_name(module, path)
     if targets is None or targets == "all-linear":
         return True
     if isinstance(targets, str):
-        try:
-            return re.fullmatch(targets, module) is not None
-        except re.error as exc:
-            raise InputError(f"target_modules: invalid pattern ({exc})", path) from None
-    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
-        return any(module == t or module.endswith("." + t) for t in targets)
-    raise InputError(f"target_modules must be a list of names or a pattern, got {targets!r}", path)
+        return compile_pattern(targets, "target_modules", path).fullmatch(module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -121,6 +118,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     cfg = read_json(path, ADAPTER_CONFIG)
     if not isinstance(cfg, dict):
         raise InputError("not a JSON object", path)
+    check_types(cfg, ADAPTER_FIELDS, path)
     kind = str(cfg.get("peft_type", "LORA")).upper()
     if kind in ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING"):
         raise UnsupportedModelError(PTUNING, path)
@@ -191,13 +189,17 @@ def _pair(adapter: Adapter, module: str, ab: dict[str, str]) -> LoraPair:
         raise InputError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not share a "
                          "rank", where)
     rank = int(_pattern_value(adapter.config.get("rank_pattern"), module,
-                              _cfg_number(adapter.config, "r", cfg_path, integer=True), "rank_pattern", cfg_path))
+                              _cfg_number(adapter.config, "r", cfg_path, integer=True), "rank_pattern", cfg_path,
+                              integer=True))
     if rank != a.shape[0]:
         raise InputError(f"module {module!r}: adapter_config.json says rank {rank}, the tensors have "
                          f"{a.shape[0]}", where)
     alpha = _pattern_value(adapter.config.get("alpha_pattern"), module,
                            _cfg_number(adapter.config, "lora_alpha", cfg_path, default=8), "alpha_pattern", cfg_path)
     scaling = alpha / math.sqrt(rank) if adapter.config.get("use_rslora") else alpha / rank
+    if scaling > FLOAT32_MAX:
+        raise InputError(f"module {module!r}: lora_alpha {alpha:g} gives a scaling of {scaling:g}, more than a "
+                         "float32 holds", cfg_path)
     return LoraPair(module, ab["A"], ab["B"], rank, float(scaling))
 
 

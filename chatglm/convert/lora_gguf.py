@@ -21,9 +21,11 @@ import gguf
 import numpy as np
 
 from chatglm import __version__
+from chatglm.convert.checked_writer import CheckedWriter
 from chatglm.convert.checkpoint import Checkpoint
 from chatglm.convert.family import Family, detect
 from chatglm.convert.lora import Adapter, MergedCheckpoint, open_adapter, refuse_prefix_tuning
+from chatglm.convert.pipeline import display_name
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.fsutil import atomic_path
@@ -82,18 +84,24 @@ def write_lora_gguf(model_dir: os.PathLike | str, adapter_dir: os.PathLike | str
 
 
 def _write(path: Path, arch: str, adapter: Adapter, names: dict[str, str], dtype: type) -> None:
-    w = gguf.GGUFWriter(path, arch)
+    w = CheckedWriter(path, arch, adapter.path / "adapter_config.json")
     w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_name(adapter.path.resolve().name)
+    w.add_name(display_name(adapter.path))
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0: llama.cpp scales by the user's scale alone
     w.add_string(keys.CONVERTER, f"chatglm {__version__}")
     for weight, name in sorted(names.items(), key=lambda item: item[1]):
         pair = adapter.pairs[weight]
         a = adapter.source.load(pair.a)  # (r, in)
-        b = adapter.source.load(pair.b) * np.float32(pair.scaling)  # (out, r), PEFT's scaling folded in
-        w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=dtype))
-        w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, dtype=dtype))
+        with np.errstate(over="ignore", invalid="ignore"):
+            b = adapter.source.load(pair.b) * np.float32(pair.scaling)  # (out, r), PEFT's scaling folded in
+            a, b = np.ascontiguousarray(a, dtype=dtype), np.ascontiguousarray(b, dtype=dtype)
+        for half, data in (("lora_A", a), ("lora_B", b)):
+            if not np.isfinite(data).all():
+                raise InputError(f"module {pair.module!r}: {half} (times the adapter's scaling) holds NaN or values "
+                                 f"too large for {np.dtype(dtype).name}", adapter.source.path)
+        w.add_tensor(f"{name}.lora_a", a)
+        w.add_tensor(f"{name}.lora_b", b)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -15,6 +15,7 @@ import numpy as np
 
 from chatglm import __version__
 from chatglm.convert import qtypes
+from chatglm.convert.checked_writer import CheckedWriter
 from chatglm.convert.checkpoint import Checkpoint, CheckpointView
 from chatglm.convert.family import Family, OutTensor, check_complete, detect
 from chatglm.convert.lora import merged, refuse_prefix_tuning
@@ -82,7 +83,7 @@ def convert(
         dest = Path(out) if out is not None else default_output(model_dir, qtype)
         total = sum(p.nbytes for p in planned)
         with atomic_path(dest, sources=[model_dir, imatrix, *lora]) as tmp:  # never over one of the inputs
-            writer = gguf.GGUFWriter(tmp, family.arch)
+            writer = CheckedWriter(tmp, family.arch, family.config_path)
             _write_header(writer, family, recipe, planned)
             writer.close()
             with open(tmp, "r+b") as fh:
@@ -121,6 +122,11 @@ def importance_for(path: os.PathLike | str, shapes: dict[str, tuple[int, ...]]) 
     return out
 
 
+def display_name(folder: Path) -> str:
+    """The folder's name as valid UTF-8 for general.name (undecodable bytes in a file name become U+FFFD)."""
+    return os.fsencode(folder.resolve().name).decode("utf-8", errors="replace")
+
+
 def write_model_metadata(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Recipe, name: str,
                          converter: str = "") -> None:
     """Every key-value pair of a converted file: general keys, ours (glm.*), the family's hparams and tokenizer."""
@@ -135,7 +141,7 @@ def write_model_metadata(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Reci
 
 
 def _write_header(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Recipe, planned: list[_Planned]) -> None:
-    write_model_metadata(w, family, recipe, family.ckpt.dir.resolve().name)
+    write_model_metadata(w, family, recipe, display_name(family.ckpt.dir))
     for p in planned:
         # The shape is given in elements (not bytes), so the dtype argument only has to differ from uint8.
         w.add_tensor_info(p.tensor.name, p.tensor.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)

@@ -11,7 +11,6 @@ RSS. Read this way, the kernel's page cache still holds the file but the process
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -22,6 +21,7 @@ import numpy as np
 
 from chatglm.convert.tensors import DTYPES, TensorInfo, TensorSource
 from chatglm.errors import InputError
+from chatglm.fsutil import open_regular, parse_json
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 
@@ -37,10 +37,7 @@ class SafetensorsFile(TensorSource):
         self.path = Path(path)
         self._infos: dict[str, TensorInfo] = {}
         self._fh: BinaryIO | None = None
-        try:
-            fh = open(self.path, "rb")
-        except OSError as exc:
-            raise InputError(f"cannot read: {exc.strerror or exc}", self.path) from None
+        fh = open_regular(self.path)
         try:
             size = os.fstat(fh.fileno()).st_size
             header_len, header = self._read_header(fh, size)
@@ -66,11 +63,9 @@ class SafetensorsFile(TensorSource):
 
     def _parse(self, raw: bytes, data_size: int) -> dict[str, TensorInfo]:
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=self._no_duplicates)
+            header = parse_json(raw, self.path, what="safetensors header", object_pairs_hook=self._no_duplicates)
         except _Duplicate as dup:
             raise InputError(f"corrupt safetensors header: tensor {dup.args[0]!r} is listed twice", self.path) from None
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise InputError(f"corrupt safetensors header: not valid JSON ({type(exc).__name__})", self.path) from None
         if not isinstance(header, dict):
             raise InputError("corrupt safetensors header: not a JSON object", self.path)
         infos = {name: self._entry(name, entry, data_size) for name, entry in header.items() if name != "__metadata__"}

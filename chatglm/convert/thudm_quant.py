@@ -60,7 +60,7 @@ def quantization_bits(ckpt: Checkpoint | CheckpointView) -> int:
     """config.json's ``quantization_bit``: 0 (absent, null or 0), 4 or 8."""
     value = ckpt.config.get("quantization_bit") or 0
     if type(value) is not int or value not in (0, *BITS):
-        raise InputError(f"config.json: quantization_bit must be 0, 4 or 8, got {value!r}", ckpt.dir / "config.json")
+        raise InputError(f"quantization_bit must be 0, 4 or 8, got {value!r}", ckpt.dir / "config.json")
     return value
 
 

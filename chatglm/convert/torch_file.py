@@ -15,8 +15,6 @@ import math
 import mmap
 import os
 import pickle
-import pickletools
-import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +22,16 @@ from typing import Any, Optional
 
 import numpy as np
 
+from chatglm.convert import torch_zip
+from chatglm.convert.pickle_scan import PickleRefused, RefusedGlobal, scan_pickle
 from chatglm.convert.tensors import DTYPES, TensorInfo, TensorSource
 from chatglm.errors import InputError
+from chatglm.fsutil import open_regular, reading
 
 log = logging.getLogger(__name__)
 
 MAX_PICKLE = 16 * 1024 * 1024  # a state dict's pickle is kilobytes; refuse absurd ones before reading them
-LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version .. sizes), name length, extra length
+MAX_BYTEORDER = 16  # "little" or "big"
 RESAVE = ("re-save it in the zip format with torch >= 1.6, e.g. python -c \"import torch; "
           "torch.save(torch.load('{path}', weights_only=True), '{path}')\"")
 
@@ -92,7 +93,7 @@ _OTHER_TORCH_DTYPES = ("uint16", "uint32", "uint64", "complex64", "complex128", 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple) or not all(type(v) is int and v >= 0 for v in value):
-        raise ValueError(f"tensor {what} is not a tuple of non-negative integers: {value!r}")
+        raise ValueError(f"tensor {what} is not a tuple of non-negative integers: {_short(value)}")
     return value
 
 
@@ -100,7 +101,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Optional[s
     if not isinstance(storage, _Storage):
         raise ValueError(f"tensor storage is not a storage reference: {type(storage).__name__}")
     if type(offset) is not int or offset < 0:
-        raise ValueError(f"tensor storage offset is invalid: {offset!r}")
+        raise ValueError(f"tensor storage offset is invalid: {_short(offset)}")
     shape, strides = _int_tuple(size, "size"), _int_tuple(stride, "stride")
     if len(shape) != len(strides):
         raise ValueError(f"tensor size {shape} and stride {strides} differ in length")
@@ -118,7 +119,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                        metadata=None) -> _Tensor:
     if not isinstance(dtype, _DType):
-        raise ValueError(f"tensor dtype is not a torch dtype: {dtype!r}")
+        raise ValueError(f"tensor dtype is not a torch dtype: {_short(dtype)}")
     if dtype.dtype is None:
         raise UnsupportedTensor(f"tensors of torch.{dtype.torch_name} are not supported")
     return _tensor(storage, storage_offset, size, stride, dtype.dtype)
@@ -130,58 +131,71 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
     return data
 
 
-ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): _Dict,
+_FUNCTIONS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch.storage", "UntypedStorage"): _StorageType(None),
-    **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
-    **{("torch", name): _DType(dtype, name) for name, dtype in _TORCH_DTYPES.items()},
-    **{("torch", name): _DType(None, name) for name in _OTHER_TORCH_DTYPES},
 }
 
 
-class RefusedGlobal(Exception):
-    """data.pkl names a global that a state dict never needs."""
+def _per_call(fn):
+    def call(*args):
+        return fn(*args)
+
+    call.__name__ = call.__qualname__ = fn.__name__
+    return call
+
+
+def standins() -> dict[tuple[str, str], Any]:
+    """The globals a state dict may name, each a fresh object: nothing one load does to them (a crafted BUILD sets
+    attributes) can reach another load."""
+    return {
+        ("collections", "OrderedDict"): type("OrderedDict", (_Dict,), {}),
+        **{key: _per_call(fn) for key, fn in _FUNCTIONS.items()},
+        ("torch.storage", "UntypedStorage"): _StorageType(None),
+        **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+        **{("torch", name): _DType(dtype, name) for name, dtype in _TORCH_DTYPES.items()},
+        **{("torch", name): _DType(None, name) for name in _OTHER_TORCH_DTYPES},
+    }
+
+
+ALLOWED = frozenset(standins())  # the names only; the objects are made per load
 
 
 class _StateDictUnpickler(pickle.Unpickler):
-    """Rebuilds a state dict from stand-ins; every other global is refused before it is looked up."""
+    """Rebuilds a state dict from stand-ins made for this load; every other global is refused before it is looked up."""
+
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file)
+        self._standins = standins()
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return ALLOWED[(module, name)]
+            return self._standins[(module, name)]
         except KeyError:
             raise RefusedGlobal(f"{module}.{name}") from None
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise ValueError(f"unknown persistent id {pid!r:.80}")
+            raise ValueError(f"unknown persistent id {_short(pid)}")
         _, kind, key, _location, numel = pid
         if not isinstance(kind, _StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0:
-            raise ValueError(f"invalid storage reference {pid!r:.80}")
+            raise ValueError(f"invalid storage reference {_short(pid)}")
         return _Storage(key, kind.dtype, numel)
 
 
-_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
-
-
-def check_memo_indices(data: bytes) -> None:
-    """Refuse memo indices past the pickle's own length before unpickling: CPython's unpickler sizes its memo table
-    by the largest index, so one crafted LONG_BINPUT would make it allocate gigabytes (found by fuzzing)."""
-    limit = len(data) + 16  # a real pickle has fewer memo entries than bytes
-    for op, arg, _ in pickletools.genops(data):
-        if op.name in _MEMO_OPS and int(arg) > limit:
-            raise pickle.UnpicklingError(f"memo index {arg} is larger than the pickle itself")
-        if op.name == "STOP":
-            return
+def _short(value: Any) -> str:
+    """A bounded repr: a value from the file may be a tuple of a million items."""
+    if isinstance(value, (tuple, list)) and len(value) > 8:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return f"{value!r:.80}"
 
 
 def unpickle_state_dict(data: bytes) -> Any:
-    """The object in ``data`` with tensors as stand-ins; raises :class:`RefusedGlobal` for any other global."""
-    check_memo_indices(data)
+    """The object in ``data`` with tensors as stand-ins; raises :class:`RefusedGlobal` for any other global and
+    :class:`PickleRefused` for anything else a state dict never does (see :mod:`chatglm.convert.pickle_scan`)."""
+    scan_pickle(data, ALLOWED)
     return _StateDictUnpickler(io.BytesIO(data)).load()
 
 
@@ -203,21 +217,26 @@ class TorchFile(TensorSource):
         self._tensors: dict[str, _Tensor] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._entries: dict[str, tuple[int, int]] = {}  # storage key -> (data offset in the file, byte size)
+        with open_regular(self.path) as fh, reading(self.path):
+            size = os.fstat(fh.fileno()).st_size
+            state = self._open_zip(fh, size)
+            self._collect(state)
+            self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def _open_zip(self, fh, size: int) -> Any:
+        """The unpickled state dict, with every storage entry located; the zip is checked before it is trusted."""
+        head = fh.read(512)
         try:
-            with open(self.path, "rb") as fh:
-                head = fh.read(512)
-                if not zipfile.is_zipfile(fh):
-                    self._not_zip(head)
-                size = os.fstat(fh.fileno()).st_size
-                with zipfile.ZipFile(fh) as zf:
-                    prefix, state = self._read_pickle(zf)
-                    self._index_storages(zf, fh, prefix, size)
-                self._collect(state)
-                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        except OSError as exc:
-            raise InputError(f"cannot read: {exc.strerror or exc}", self.path) from None
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error) as exc:
-            raise InputError(f"corrupt PyTorch checkpoint (damaged zip archive: {exc})", self.path) from None
+            torch_zip.check_directory(fh, size, self.path)
+            if not zipfile.is_zipfile(fh):
+                self._not_zip(head)
+            with torch_zip.open_archive(fh, self.path) as zf:
+                spans = torch_zip.check_members(zf, fh, size, self.path)
+                prefix, state = self._read_pickle(zf)
+                self._index_storages(zf, prefix, spans)
+                return state
+        except torch_zip.READ_ERRORS as exc:  # whatever the checks above did not foresee
+            raise InputError(f"{torch_zip.CORRUPT}damaged zip archive ({torch_zip.describe(exc)})", self.path) from None
 
     def _not_zip(self, head: bytes) -> None:
         legacy = _legacy_problem(head)
@@ -235,48 +254,45 @@ class TorchFile(TensorSource):
                              f"{len(pickles)}", self.path)
         info = pickles[0]
         prefix = info.filename[: -len("data.pkl")]
-        if info.file_size > MAX_PICKLE:
-            raise InputError(f"corrupt PyTorch checkpoint: data.pkl is {info.file_size} bytes", self.path)
         order = prefix + "byteorder"
-        if order in zf.namelist() and zf.read(order).strip() not in (b"little", b""):
-            raise InputError(f"big-endian PyTorch checkpoint ({zf.read(order)!r} byte order) is not supported; "
-                             "re-save it on a little-endian machine", self.path)
+        if order in zf.namelist():
+            byteorder = torch_zip.read_member(zf, zf.getinfo(order), MAX_BYTEORDER, self.path).strip()
+            if byteorder not in (b"little", b""):
+                raise InputError(f"big-endian PyTorch checkpoint ({byteorder!r} byte order) is not supported; "
+                                 "re-save it on a little-endian machine", self.path)
+        data = torch_zip.read_member(zf, info, MAX_PICKLE, self.path)
         try:
-            return prefix, unpickle_state_dict(zf.read(info))
+            return prefix, unpickle_state_dict(data)
         except RefusedGlobal as exc:
-            raise InputError(f"refusing to load: data.pkl calls {exc}, which a plain state dict of tensors never "
-                             "needs (only tensors, storages and OrderedDict are allowed; nothing was executed)",
-                             self.path) from None
+            raise InputError(f"refusing to load: data.pkl calls {torch_zip.printable(str(exc))}, which a plain state "
+                             "dict of tensors never needs (only tensors, storages and OrderedDict are allowed; nothing "
+                             "was executed)", self.path) from None
+        except PickleRefused as exc:
+            raise InputError(f"refusing to load: data.pkl {exc}", self.path) from None
         except UnsupportedTensor as exc:
             raise InputError(f"data.pkl: {exc}", self.path) from None
         except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError, EOFError,
                 RecursionError, MemoryError, UnicodeDecodeError, OverflowError) as exc:
             raise InputError(f"corrupt PyTorch checkpoint: data.pkl cannot be read as a state dict "
-                             f"({type(exc).__name__}: {exc})", self.path) from None
+                             f"({torch_zip.describe(exc)})", self.path) from None
 
-    def _index_storages(self, zf: zipfile.ZipFile, fh, prefix: str, size: int) -> None:
-        """Where each ``<archive>/data/<key>`` entry's bytes lie in the file (checked against the file size)."""
+    def _index_storages(self, zf: zipfile.ZipFile, prefix: str, spans: dict[str, tuple[int, int]]) -> None:
+        """Where each ``<archive>/data/<key>`` entry's bytes lie in the file (checked by :mod:`torch_zip`)."""
         for info in zf.infolist():
             if not info.filename.startswith(prefix + "data/"):
                 continue
             key = info.filename[len(prefix) + 5 :]
             if info.compress_type != zipfile.ZIP_STORED:
                 # torch.save never compresses storages; inflating one could be a zip bomb, so it is never read.
-                raise InputError(f"storage {key} is compressed, which PyTorch never writes; re-save the checkpoint "
-                                 "with torch.save", self.path)
-            fh.seek(info.header_offset)
-            signature, name_len, extra_len = LOCAL_HEADER.unpack(fh.read(LOCAL_HEADER.size))
-            start = info.header_offset + LOCAL_HEADER.size + name_len + extra_len
-            if signature != b"PK\x03\x04" or start + info.file_size > size:
-                raise InputError(f"corrupt PyTorch checkpoint: storage {key} lies outside the file "
-                                 "(truncated download?)", self.path)
-            self._entries[key] = (start, info.file_size)
+                raise InputError(f"storage {torch_zip.printable(key)} is compressed, which PyTorch never writes; "
+                                 "re-save the checkpoint with torch.save", self.path)
+            self._entries[key] = spans[info.filename]
 
     def _collect(self, state: Any) -> None:
         if not isinstance(state, dict):
             raise InputError(f"not a state dict: data.pkl holds a {type(state).__name__}, not a dict of tensors",
                              self.path)
-        for name, tensor in state.items():
+        for name, tensor in dict.items(state):  # not state.items: a BUILD may have set an attribute "items"
             if not isinstance(name, str) or not isinstance(tensor, _Tensor):
                 raise InputError(f"not a plain state dict: entry {name!r} is a {type(tensor).__name__}, "
                                  "not a tensor", self.path)

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from chatglm.convert.vocab_common import first_duplicate, short
 from chatglm.errors import InputError
+from chatglm.fsutil import read_bytes
 from chatglm.schema.ice import MAX_BLANK, NEWLINE_PIECE, SPECIAL_PIECES, TAB_PIECE, blank_piece
 
 DEFAULT_IMAGE_TOKENS = 20000  # the published tokenizer's default when tokenizer_config.json does not say
@@ -119,22 +121,22 @@ def pieces_of(proto: bytes) -> list[Piece]:
 
 
 def with_pieces(proto: bytes, pieces: list[Piece], byte_fallback: bool | None = None) -> bytes:
-    """``proto`` with its piece list replaced (other fields kept in order); optionally byte_fallback set."""
-    out = bytearray()
+    """``proto`` with its piece list replaced (first, where sentencepiece writes it; other fields kept in order);
+    optionally byte_fallback set."""
+    out = bytearray(b"".join(encode_field(1, 2, encode_piece(p)) for p in pieces))
     for number, wire, value in fields(proto):
         if number == 1 and wire == 2:
             continue
         if number == 2 and wire == 2 and byte_fallback is not None:
             value = bytes(value) + encode_field(35, 0, int(byte_fallback))  # type: ignore[arg-type]
         out += encode_field(number, wire, value)
-    out += b"".join(encode_field(1, 2, encode_piece(p)) for p in pieces)
     return bytes(out)
 
 
 # ------------------------------------------------------------------------------------------------------ ice vocab
 def load_pieces(path: Path) -> tuple[bytes, list[Piece]]:
     try:
-        proto = path.read_bytes()
+        proto = read_bytes(path, missing="tokenizer file not found (ChatGLM-6B ships ice_text.model)")
     except FileNotFoundError:
         raise InputError("tokenizer file not found (ChatGLM-6B ships ice_text.model)", path) from None
     except OSError as exc:
@@ -181,6 +183,7 @@ class IceVocab:
 
 def load_ice_vocab(path: Path, image_tokens: int) -> IceVocab:
     proto, pieces = complete_first_release(*load_pieces(path))
+    _check_distinct(pieces, path)
     texts = {p.text for p in pieces}
     missing = [t for t in (*SPECIAL_PIECES, NEWLINE_PIECE, TAB_PIECE, blank_piece(MAX_BLANK)) if t not in texts]
     if missing:
@@ -188,3 +191,13 @@ def load_ice_vocab(path: Path, image_tokens: int) -> IceVocab:
     if image_tokens < 0:
         raise InputError(f"num_image_tokens must not be negative, got {image_tokens}", path)
     return IceVocab(proto, pieces, image_tokens)
+
+
+def _check_distinct(pieces: list[Piece], path: Path) -> None:
+    """SentencePiece refuses a model with an empty or repeated piece, and so would a GGUF vocabulary."""
+    empty = next((i for i, p in enumerate(pieces) if not p.text), None)
+    if empty is not None:
+        raise InputError(f"piece {empty} has an empty text", path)
+    dup = first_duplicate(p.text for p in pieces)
+    if dup is not None:
+        raise InputError(f"piece {short(dup[0])} appears twice (pieces {dup[1]} and {dup[2]})", path)

@@ -13,14 +13,15 @@ from typing import Sequence
 import gguf
 import sentencepiece as spm
 
+from chatglm.convert.vocab_common import byte_piece, check_token_texts, missing_byte_pieces, pad_tokens
 from chatglm.errors import InputError
+from chatglm.fsutil import check_regular, open_regular
 
 TT = gguf.TokenType
 
 
 def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
-    if not path.is_file():
-        raise InputError("tokenizer file not found", path)
+    check_regular(path, missing="tokenizer file not found")
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(str(path))
@@ -34,9 +35,9 @@ def load_sentencepiece(path: Path) -> spm.SentencePieceProcessor:
 def is_sentencepiece(path: Path) -> bool:
     """A cheap test of a tokenizer.model's format: a SentencePiece protobuf, not tiktoken's text lines."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(64)
-    except OSError:
+    except (OSError, InputError):
         return False
     # tiktoken files are lines of "base64 rank"; a SentencePiece proto starts with field 1 (pieces, tag 0x0a).
     return head[:1] == b"\x0a"
@@ -69,16 +70,48 @@ def build_spm_vocab(sp: spm.SentencePieceProcessor, specials: Sequence[str], n_v
             f"tokenizer has {n_pieces} pieces + {len(specials)} special tokens, more than the model's "
             f"{n_vocab} embedding rows", path)
     tokens = [sp.id_to_piece(i) for i in range(n_pieces)]
+    _check_specials_are_new(tokens, specials, path)
+    _check_byte_pieces(tokens, path)
     scores = [sp.get_score(i) for i in range(n_pieces)]
     types = [_piece_type(sp, i) for i in range(n_pieces)]
     tokens += list(specials)
     scores += [0.0] * len(specials)
     types += [TT.CONTROL] * len(specials)
-    for i in range(len(tokens), n_vocab):
-        tokens.append(f"[PAD{i}]")
-        scores.append(0.0)
-        types.append(TT.UNUSED)
+    padded = pad_tokens(tokens, n_vocab)
+    scores += [0.0] * len(padded)
+    types += [TT.UNUSED] * len(padded)
+    check_token_texts(tokens, path)
     return SpmVocab(tokens, scores, types)
+
+
+def _check_specials_are_new(pieces: Sequence[str], specials: Sequence[str], path: Path) -> None:
+    """Refuse a model that already has a piece spelled like one of the special tokens appended after it.
+
+    The published tokenizer would keep both (text encodes to the piece, the special id is only reachable as an id),
+    but a GGUF vocabulary cannot hold one text twice, and renaming either side would change what the text "[gMASK]"
+    or "<|user|>" means to llama.cpp's tokenizer and to our prompt builders, which find special tokens by text.
+    """
+    index = {text: i for i, text in enumerate(pieces)}
+    for k, text in enumerate(specials):
+        if text in index:
+            raise InputError(f"the SentencePiece model already has a piece {text!r} (id {index[text]}), which ChatGLM "
+                             f"appends as special token id {len(pieces) + k}; a GGUF vocabulary cannot hold one text "
+                             "twice", path)
+
+
+def _check_byte_pieces(pieces: Sequence[str], path: Path) -> None:
+    """Refuse a model without the 256 byte pieces: llama.cpp's SPM tokenizer spells any text outside the vocabulary
+    as byte tokens (``<0xNN>``, else the one-byte piece) and throws std::out_of_range when one is missing.
+
+    Adding them is not an option: the ids after the pieces belong to the special tokens, and the padding rows
+    (230 in ChatGLM2/3) cannot hold 256. Every published GLM SentencePiece model (ChatGLM-6B, ChatGLM2/3, CodeGeeX2)
+    has byte_fallback and all 256 pieces.
+    """
+    missing = missing_byte_pieces(pieces)
+    if missing:
+        raise InputError(f"the SentencePiece model lacks {len(missing)} of the 256 byte pieces <0x00>..<0xFF> "
+                         f"(first {byte_piece(missing[0])}); llama.cpp's tokenizer needs them (train with "
+                         "byte_fallback=True)", path)
 
 
 def adds_dummy_prefix(sp: spm.SentencePieceProcessor) -> bool:

@@ -6,12 +6,11 @@ Every problem is one :class:`InputError` naming the file and the field, as a pat
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
 from chatglm.errors import InputError
-from chatglm.fsutil import read_text
+from chatglm.fsutil import read_json
 from chatglm.runtime.messages import ROLE_ALIASES, ROLES, Message
 
 FILE_KIND = "chatglm-conversation"
@@ -25,19 +24,9 @@ _TEXT_FIELDS = ("metadata", "thinking", "reasoning_content")
 
 
 def read_json_file(path: os.PathLike | str) -> Any:
-    """The JSON value of a user's file; every problem is an InputError naming the file.
-
-    The one place this module parses JSON: the bounded reader of ``chatglm.fsutil`` (depth and size limits) takes
-    over here when it exists."""
-    text = read_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", path) from None
-    except RecursionError:
-        raise InputError("not valid JSON here: nested too deeply", path) from None
-    except ValueError as exc:  # an integer longer than Python converts, for one
-        raise InputError(f"not valid JSON: {exc}", path) from None
+    """The JSON value of a user's file, through the bounded reader (depth and size limits); every problem is an
+    InputError naming the file."""
+    return read_json(path)
 
 
 def json_type(value: Any) -> str:

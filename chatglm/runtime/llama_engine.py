@@ -52,6 +52,9 @@ class LlamaEngine(Engine):
         self._batch = ll.llama_batch_init(n_batch, 0, 1)
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self._pieces: dict[int, bytes] = {}
+        # SentencePiece vocabularies with a dummy prefix: decoding drops the space it stands for (see detokenize)
+        self._dummy_prefix = header.get("tokenizer.ggml.model") == "llama" \
+            and header.get("tokenizer.ggml.add_space_prefix") is True
         self._loras: list = []
         self.info = native.complete_info(info, self._model, self._ctx)
 
@@ -72,6 +75,17 @@ class LlamaEngine(Engine):
                 raise ModelRuntimeError(f"token id {token} is outside the vocabulary (0..{self._n_vocab - 1})")
             piece = self._pieces[token] = native.token_to_piece(self._vocab, token)
         return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens``, as the tokenizer's own decode gives it: for a SentencePiece vocabulary with a
+        dummy prefix, the leading "\u2581" of the first piece with text is dropped (sentencepiece's decode does that;
+        llama.cpp's token_to_piece keeps it as a space)."""
+        data = b"".join(self.token_bytes(t) for t in tokens)
+        if self._dummy_prefix and data[:1] == b" ":
+            first = next(t for t in tokens if self.token_bytes(t))
+            if native.lib().llama_vocab_get_text(self._vocab, first).startswith("\u2581".encode()):
+                data = data[1:]
+        return data.decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
         return token in self.info.eog

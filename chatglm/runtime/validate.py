@@ -6,6 +6,7 @@ ids it was given: a zero, a count that does not divide, or an id past the vocabu
 
 from __future__ import annotations
 
+from chatglm.convert.vocab_common import check_loadable_vocab
 from chatglm.errors import InputError
 from chatglm.gguf_file import GGUFHeader
 
@@ -46,6 +47,7 @@ def check_vocab(header: GGUFHeader, n_embd: int) -> int:
     if not isinstance(tokens, list) or not tokens:
         raise InputError("GGUF has no tokenizer (tokenizer.ggml.tokens)", header.path)
     n_vocab = len(tokens)
+    check_loadable_vocab(tokens, header.get("tokenizer.ggml.model"), header.path)
     types = header.array("tokenizer.ggml.token_type")
     if len(types) not in (0, n_vocab):
         raise InputError(f"GGUF has {len(types)} token types for {n_vocab} tokens", header.path)

@@ -6,13 +6,16 @@ rotary over the first half of each head in consecutive pairs, SwiGLU with gate a
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 import gguf
 
+from chatglm.convert.config_types import shown
 from chatglm.convert.family import Family, OutTensor, register
+from chatglm.convert.vocab_bpe import chat_template_of
+from chatglm.errors import UnsupportedModelError
+from chatglm.limits import FLOAT32_MAX, MAX_NORM_EPS, UINT32_MAX
 from chatglm.convert.vocab_spm import (adds_dummy_prefix, build_spm_vocab, is_sentencepiece, load_sentencepiece,
                                        write_spm_vocab)
 
@@ -81,6 +84,17 @@ def write_hparams(w: gguf.GGUFWriter, hp, n_rot: int) -> None:
         w.add_rope_scaling_factor(scale)
 
 
+def refuse_rope_scaling(family: Family) -> None:
+    """These checkpoints scale rope through ``rope_ratio``; a ``rope_scaling`` object asks for something else."""
+    scaling = family.config.get("rope_scaling")
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", None):
+        raise UnsupportedModelError(f"rope_scaling type {shown(kind)} is not supported (this "
+                                    "converter writes rope_ratio scaling only)", family.config_path)
+
+
 def is_glm2_config(config: dict) -> bool:
     """The ChatGLM2/3/GLM-4 (THUDM layout) config: model_type chatglm with the second-generation keys."""
     archs = config.get("architectures") or []
@@ -98,13 +112,7 @@ def detect_chat_format(ckpt) -> str:
     Evidence, in order: a chat template in tokenizer_config.json, then the role tokens named in the tokenizer's own
     source file (read as text; never imported or run).
     """
-    template = ""
-    cfg_path = ckpt.dir / "tokenizer_config.json"
-    if cfg_path.is_file():
-        try:
-            template = str(json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template") or "")
-        except (OSError, ValueError, AttributeError):
-            template = ""
+    template = chat_template_of(ckpt.dir / "tokenizer_config.json")
     if "<|assistant|>" in template:
         return "chatglm3"
     return "chatglm3" if "<|observation|>" in checkpoint_source(ckpt, "tokenization_chatglm.py") else "chatglm2"
@@ -141,28 +149,40 @@ class ChatGLM(Family):
 
     def _hparams(self) -> GLMHparams:
         n_embd = self.cfg_int("hidden_size")
-        n_head = self.cfg_int("num_attention_heads")
+        self.check_rows("hidden_size", n_embd, f"{TENSOR_MAP[T.TOKEN_EMBD]}.weight", 1, "columns")
+        n_head = self.cfg_int("num_attention_heads", maximum=n_embd)
         head_dim = self.cfg_int("kv_channels", default=n_embd // n_head)
-        mqa = bool(self.config.get("multi_query_attention", False))
+        mqa = self.cfg_bool("multi_query_attention", False)
         n_head_kv = self.cfg_int("multi_query_group_num") if mqa else n_head
         if n_head % n_head_kv:
-            raise self._bad(f"num_attention_heads ({n_head}) is not a multiple of multi_query_group_num ({n_head_kv})")
+            raise self.bad(f"num_attention_heads ({n_head}) is not a multiple of multi_query_group_num ({n_head_kv})")
         if head_dim % 4:
-            raise self._bad(f"kv_channels ({head_dim}) must be a multiple of 4 for rotary embeddings")
+            raise self.bad(f"kv_channels ({head_dim}) must be a multiple of 4 for rotary embeddings")
+        if n_head * head_dim != n_embd:  # llama.cpp's chatglm graph: attn_output is n_embd x n_embd
+            raise self.bad(f"num_attention_heads x kv_channels must equal hidden_size for llama.cpp's chatglm "
+                           f"graph ({n_head} x {head_dim} != {n_embd})")
+        n_layer = self.cfg_int("num_layers")
+        self.check_layers("num_layers", n_layer, LAYER.replace(".", r"\.").replace("{bid}", r"(\d+)"))
+        n_vocab = self.cfg_int("padded_vocab_size")
+        self.check_rows("padded_vocab_size", n_vocab, f"{TENSOR_MAP[T.TOKEN_EMBD]}.weight", 0, "rows")
         ratio = self.cfg_float("rope_ratio", default=1.0)
         interpolate = ratio != 1.0 and self.rope_ratio_divides_positions()
+        rope_base = 10000.0 * (1.0 if interpolate else ratio)
+        if rope_base > FLOAT32_MAX:
+            raise self.bad(f"'rope_ratio' {ratio:g} gives a rope base of {rope_base:g}, more than a float32 holds")
+        refuse_rope_scaling(self)
         return GLMHparams(
-            n_layer=self.cfg_int("num_layers"),
+            n_layer=n_layer,
             n_embd=n_embd,
-            n_ff=self.cfg_int("ffn_hidden_size"),
+            n_ff=self.cfg_int("ffn_hidden_size", maximum=UINT32_MAX // 2),  # ffn_up holds 2 x n_ff rows
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
-            n_vocab=self.cfg_int("padded_vocab_size"),
+            n_vocab=n_vocab,
             n_ctx=self.cfg_int("seq_length"),
-            eps=self.cfg_float("layernorm_epsilon", default=1e-5),
-            rope_base=10000.0 * (1.0 if interpolate else ratio),
-            qkv_bias=bool(self.config.get("add_qkv_bias", True)),
+            eps=self.cfg_float("layernorm_epsilon", default=1e-5, maximum=MAX_NORM_EPS),
+            rope_base=rope_base,
+            qkv_bias=self.cfg_bool("add_qkv_bias", True),
             rope_scale=ratio if interpolate else 1.0,
         )
 
@@ -177,11 +197,6 @@ class ChatGLM(Family):
         if re.search(r"\)\s*/\s*self\.rope_ratio", code):
             return True
         return self.chat_format == "chatglm2"
-
-    def _bad(self, problem: str):
-        from chatglm.errors import InputError
-
-        return InputError(f"config.json: {problem}", self.config_path)
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         write_hparams(w, self.hp, n_rot=self.hp.head_dim // 2)

@@ -9,14 +9,15 @@ and residuals ``alpha * LN(x) + sublayer(LN(x))`` with ``alpha = sqrt(2 * 28)``:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import gguf
 
+from chatglm.convert.checkpoint import read_json
 from chatglm.convert.family import Family, OutTensor, register
+from chatglm.convert.vocab_common import json_object, pad_tokens, unique_name
 from chatglm.convert.vocab_ice import (
     BYTE,
     CONTROL,
@@ -29,6 +30,7 @@ from chatglm.convert.vocab_ice import (
     load_ice_vocab,
 )
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.limits import MAX_NORM_EPS
 from chatglm.schema import keys
 from chatglm.schema.ice import MAX_BLANK, SPECIAL_PIECES
 
@@ -93,10 +95,10 @@ class ChatGLM1(Family):
         self.cfg_require("position_encoding_2d", True)
         if self.config.get("quantization_bit", 0) not in (0, None):
             raise UnsupportedModelError(
-                f"config.json: quantization_bit={self.config['quantization_bit']!r}: this is a pre-quantized "
+                f"quantization_bit={self.config['quantization_bit']!r}: this is a pre-quantized "
                 "ChatGLM-6B (int4/int8); convert the original float16 THUDM/chatglm-6b instead", self.config_path)
         if self.config.get("pre_seq_len") is not None:
-            raise UnsupportedModelError("config.json: pre_seq_len is set (a P-tuning prefix model); merge or drop "
+            raise UnsupportedModelError("pre_seq_len is set (a P-tuning prefix model); merge or drop "
                                         "the prefix encoder first", self.config_path)
         self.hp = self._hparams()
         self.vocab = load_ice_vocab(ckpt.dir / TOKENIZER_FILE, self._image_tokens())
@@ -107,25 +109,30 @@ class ChatGLM1(Family):
         return is_glm1_config(ckpt.config)
 
     def _hparams(self) -> GLM1Hparams:
-        n_embd, n_head = self.cfg_int("hidden_size"), self.cfg_int("num_attention_heads")
+        n_embd = self.cfg_int("hidden_size")
+        n_head = self.cfg_int("num_attention_heads", maximum=n_embd)
         if n_embd % n_head or (n_embd // n_head) % 4:
-            raise InputError(f"config.json: hidden_size {n_embd} / num_attention_heads {n_head} must give a head "
+            raise InputError(f"hidden_size {n_embd} / num_attention_heads {n_head} must give a head "
                              "size that is a multiple of 4 (two rotary halves)", self.config_path)
+        embedding = f"{TENSOR_MAP[T.TOKEN_EMBD]}.weight"
+        self.check_rows("hidden_size", n_embd, embedding, 1, "columns")
+        n_layer = self.cfg_int("num_layers")
+        self.check_layers("num_layers", n_layer, r"transformer\.layers\.(\d+)\.")
+        n_vocab = self.cfg_int("vocab_size")
+        self.check_rows("vocab_size", n_vocab, embedding, 0, "rows")
         return GLM1Hparams(
-            n_layer=self.cfg_int("num_layers"), n_embd=n_embd,
+            n_layer=n_layer, n_embd=n_embd,
             n_ff=self.cfg_int("inner_hidden_size", default=4 * n_embd), n_head=n_head,
-            n_vocab=self.cfg_int("vocab_size"), n_ctx=self.cfg_int("max_sequence_length", default=2048),
-            eps=self.cfg_float("layernorm_epsilon", default=1e-5),
+            n_vocab=n_vocab, n_ctx=self.cfg_int("max_sequence_length", default=2048),
+            eps=self.cfg_float("layernorm_epsilon", default=1e-5, maximum=MAX_NORM_EPS),
         )
 
     def _image_tokens(self) -> int:
         path = self.ckpt.dir / "tokenizer_config.json"
         if not path.is_file():
             return DEFAULT_IMAGE_TOKENS
-        try:
-            value: Any = json.loads(path.read_text(encoding="utf-8")).get("num_image_tokens", DEFAULT_IMAGE_TOKENS)
-        except (OSError, ValueError, AttributeError) as exc:
-            raise InputError(f"cannot read tokenizer_config.json: {exc}", path) from None
+        cfg = json_object(read_json(path, "tokenizer_config.json"), "tokenizer_config.json", path)
+        value: Any = cfg.get("num_image_tokens", DEFAULT_IMAGE_TOKENS)
         if type(value) is not int or value < 0:
             raise InputError(f"num_image_tokens must be a non-negative integer, got {value!r}", path)
         return value
@@ -141,7 +148,7 @@ class ChatGLM1(Family):
         for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("mask_token_id", "mask"),
                           ("gmask_token_id", "gmask")):
             if key in self.config and self.config[key] != ids[name]:
-                raise InputError(f"config.json: {key}={self.config[key]!r} but {TOKENIZER_FILE} with "
+                raise InputError(f"{key}={self.config[key]!r} but {TOKENIZER_FILE} with "
                                  f"{v.image_tokens} image tokens gives {ids[name]}; the tokenizer and weights come "
                                  "from different releases", self.config_path)
         return ids
@@ -202,15 +209,26 @@ def ice_special_ids(vocab: IceVocab, pad: Any = None) -> dict[str, int]:
     return ids
 
 
+def _image_placeholders(v: IceVocab) -> list[str]:
+    """``<image_N>`` for the ids below the pieces. The published tokenizer never produces them from text (its ids come
+    from sp.encode, shifted past them), so one whose name a piece already has gets a free variant instead."""
+    taken = {p.text for p in v.pieces}
+    names = []
+    for i in range(v.image_tokens):
+        names.append(unique_name(f"<image_{i}>", taken))
+        taken.add(names[-1])
+    return names
+
+
 def write_ice_vocab(w: gguf.GGUFWriter, v: IceVocab, n_vocab: int, ids: dict[str, int]) -> None:
     """The vocabulary (image tokens, pieces, padding up to the embedding rows), special ids and the model itself."""
-    tokens = [f"<image_{i}>" for i in range(v.image_tokens)] + [p.text for p in v.pieces]
+    tokens = _image_placeholders(v) + [p.text for p in v.pieces]
     scores = [0.0] * v.image_tokens + [p.score for p in v.pieces]
     types = [gguf.TokenType.UNUSED] * v.image_tokens + [_GGUF_TYPE.get(p.type, gguf.TokenType.NORMAL)
                                                         for p in v.pieces]
     for text in SPECIAL_PIECES:  # control tokens, whatever the piece type, so tools find them by text
         types[v.id_of(text)] = gguf.TokenType.CONTROL
-    tokens += [f"[PAD{i}]" for i in range(len(tokens), n_vocab)]
+    pad_tokens(tokens, n_vocab)
     scores += [0.0] * (n_vocab - len(scores))
     types += [gguf.TokenType.UNUSED] * (n_vocab - len(types))
     w.add_tokenizer_model("llama")

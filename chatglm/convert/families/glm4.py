@@ -23,6 +23,7 @@ from chatglm.convert.vocab_bpe import (
 )
 from chatglm.convert.vocab_spm import is_sentencepiece
 from chatglm.errors import InputError
+from chatglm.fsutil import check_regular
 
 GLM4_REQUIRED_SPECIALS = ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
                           "<|observation|>")
@@ -37,9 +38,8 @@ class GLM4(ChatGLM):
     def __init__(self, ckpt):
         super().__init__(ckpt)
         path = ckpt.dir / "tokenizer.model"
-        if not path.is_file():
-            raise InputError("tokenizer file not found (ChatGLM2/3 keep a SentencePiece model here, GLM-4 "
-                             "tiktoken ranks)", path)
+        check_regular(path, missing="tokenizer file not found (ChatGLM2/3 keep a SentencePiece model here, GLM-4 "
+                      "tiktoken ranks)")
         if not is_tiktoken(path):
             raise InputError("tokenizer.model is neither a SentencePiece model nor tiktoken 'base64 rank' lines", path)
         self.chat_format = "glm4"

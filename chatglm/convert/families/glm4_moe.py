@@ -24,6 +24,7 @@ import numpy as np
 from chatglm.convert.families.glm_hf import HF_LAYER, HFGlmFamily, HFHparams
 from chatglm.convert.family import OutTensor, check_shape, register
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.limits import MAX_EXPERTS
 
 T = gguf.MODEL_TENSOR
 MLP = HF_LAYER + "mlp."
@@ -68,8 +69,14 @@ class Glm4Moe(HFGlmFamily):
     def detect_chat_format(self, template: str) -> str:
         return "glm45"
 
+    def trailing_layers(self) -> tuple[int, str]:
+        return self.cfg_int("num_nextn_predict_layers", default=0, minimum=0), "num_nextn_predict_layers"
+
     def moe_hparams(self, base: HFHparams) -> MoeHparams:
-        n_expert = self.cfg_int("n_routed_experts")
+        n_expert = self.cfg_int("n_routed_experts", maximum=MAX_EXPERTS)
+        held = len(self.held_indices(r"model\.layers\.\d+\.mlp\.experts\.(\d+)\."))
+        if n_expert > held:
+            raise self.bad(f"'n_routed_experts' is {n_expert} but the checkpoint holds {held} experts per layer")
         alias = self.config.get("num_local_experts")
         if alias is not None and alias != n_expert:
             raise self.bad(f"inconsistent expert counts: n_routed_experts={n_expert}, num_local_experts={alias!r}")
@@ -79,18 +86,20 @@ class Glm4Moe(HFGlmFamily):
         n_dense = self.cfg_int("first_k_dense_replace", default=1, minimum=0)
         if n_dense >= base.n_layer:
             raise self.bad(f"first_k_dense_replace={n_dense} leaves no expert layer of {base.n_layer}")
+        n_nextn = self.trailing_layers()[0]
+        if n_nextn >= base.n_layer:  # llama.cpp: NextN layers are counted in, and fewer than, block_count
+            raise self.bad(f"num_nextn_predict_layers={n_nextn} is not below num_hidden_layers={base.n_layer}")
         for key in ("n_group", "topk_group"):
-            if self.config.get(key, 1) != 1:
-                raise UnsupportedModelError(f"config.json: grouped expert routing ({key}={self.config[key]!r}) is not "
+            if self.config.get(key, 1) != 1 or type(self.config.get(key, 1)) is not int:
+                raise UnsupportedModelError(f"grouped expert routing ({key}={self.config[key]!r}) is not "
                                             "supported (GLM-4.5 uses 1)", self.config_path)
         return MoeHparams(
             base=base, n_expert=n_expert, n_expert_used=used,
             n_expert_shared=self.cfg_int("n_shared_experts", default=1),
-            n_ff_exp=self.cfg_int("moe_intermediate_size"), n_dense=n_dense,
-            n_nextn=self.cfg_int("num_nextn_predict_layers", default=0, minimum=0),
+            n_ff_exp=self.cfg_int("moe_intermediate_size"), n_dense=n_dense, n_nextn=n_nextn,
             scale=self.cfg_float("routed_scaling_factor", default=1.0),
-            norm_topk=bool(self.config.get("norm_topk_prob", True)),
-            qk_norm=bool(self.config.get("use_qk_norm", False)),
+            norm_topk=self.cfg_bool("norm_topk_prob", True),
+            qk_norm=self.cfg_bool("use_qk_norm", False),
         )
 
     def check_expert_tensors(self) -> None:

@@ -19,7 +19,9 @@ from typing import ClassVar
 import gguf
 
 from chatglm.convert.families.chatglm import write_hparams
+from chatglm.convert.config_types import is_number, shown
 from chatglm.convert.family import Family, OutTensor, register
+from chatglm.limits import FLOAT32_MAX, MAX_NORM_EPS, UINT32_MAX
 from chatglm.convert.vocab_bpe import (
     build_tokenizer_json_vocab,
     chat_template_of,
@@ -79,7 +81,7 @@ class HFGlmFamily(Family):
         super().__init__(ckpt)
         act = self.config.get("hidden_act", "silu")
         if act != "silu":
-            raise UnsupportedModelError(f"config.json: hidden_act={act!r} is not supported (GLM uses 'silu')",
+            raise UnsupportedModelError(f"hidden_act={act!r} is not supported (GLM uses 'silu')",
                                         self.config_path)
         self.hp = self.hparams()
         self.chat_format = self.detect_chat_format(chat_template_of(ckpt.dir / "tokenizer_config.json"))
@@ -97,44 +99,50 @@ class HFGlmFamily(Family):
         """(rope_theta, partial_rotary_factor), from ``rope_parameters`` or the top-level keys."""
         params = self.config.get("rope_parameters")
         scaling = self.config.get("rope_scaling")
-        if isinstance(params, dict):
-            source = params
-            kind = params.get("rope_type", "default")
-        else:
-            source = self.config
-            kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) if scaling else "default"
+        key, source = ("rope_parameters", params) if params is not None else ("rope_scaling", scaling)
+        kind = "default" if source is None else source.get("rope_type", source.get("type", "default"))
         if kind != "default":
-            raise UnsupportedModelError(f"config.json: rope type {kind!r} is not supported (only the default rope)",
-                                        self.config_path)
-        theta = source.get("rope_theta", 10000.0)
-        factor = source.get("partial_rotary_factor", 0.5)
-        for key, value in (("rope_theta", theta), ("partial_rotary_factor", factor)):
-            if type(value) not in (int, float) or not 0 < value <= (1 if key != "rope_theta" else float("inf")):
-                raise InputError(f"config.json: {key!r} must be a positive number (at most 1 for a factor), "
-                                 f"got {value!r}", self.config_path)
+            raise UnsupportedModelError(f"rope type {shown(kind)} is not supported (only the default "
+                                        f"rope; in {key})", self.config_path)
+        values = params if params is not None else self.config
+        theta = values.get("rope_theta", 10000.0)
+        factor = values.get("partial_rotary_factor", 0.5)
+        for name, value, top in (("rope_theta", theta, FLOAT32_MAX), ("partial_rotary_factor", factor, 1.0)):
+            if not is_number(value) or not 0 < value <= top:
+                raise self.bad(f"{name!r} must be a positive number (at most {top:g}), got {shown(value)}")
         return float(theta), float(factor)
 
     def hparams(self) -> HFHparams:
         n_embd = self.cfg_int("hidden_size")
-        n_head = self.cfg_int("num_attention_heads")
-        n_head_kv = self.cfg_int("num_key_value_heads", default=n_head)
+        embedding = f"{HF_TENSORS[T.TOKEN_EMBD]}.weight"
+        self.check_rows("hidden_size", n_embd, embedding, 1, "columns")
+        n_head = self.cfg_int("num_attention_heads", maximum=n_embd)
+        n_head_kv = self.cfg_int("num_key_value_heads", default=n_head, maximum=n_head)
         head_dim = self.cfg_int("head_dim", default=n_embd // n_head)
         if n_head % n_head_kv:
             raise self.bad(f"num_attention_heads ({n_head}) is not a multiple of num_key_value_heads ({n_head_kv})")
+        if n_head * head_dim > UINT32_MAX:
+            raise self.bad(f"num_attention_heads x head_dim ({n_head} x {head_dim}) is too large")
         theta, factor = self.rope()
         n_rot = int(head_dim * factor)
         if n_rot < 2 or n_rot % 2:
             raise self.bad(f"head_dim ({head_dim}) x partial_rotary_factor ({factor}) must be a positive even number")
+        n_layer = self.cfg_int("num_hidden_layers")
+        self.check_layers("num_hidden_layers", n_layer, r"model\.layers\.(\d+)\.", *self.trailing_layers())
+        n_vocab = self.cfg_int("vocab_size")
+        self.check_rows("vocab_size", n_vocab, embedding, 0, "rows")
         return HFHparams(
-            n_layer=self.cfg_int("num_hidden_layers"), n_embd=n_embd, n_ff=self.cfg_int("intermediate_size"),
-            n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_rot=n_rot, n_vocab=self.cfg_int("vocab_size"),
-            n_ctx=self.cfg_int("max_position_embeddings", default=8192), eps=self.cfg_float("rms_norm_eps", 1e-5),
-            rope_base=theta, qkv_bias=bool(self.config.get("attention_bias", self.default_bias)),
-            tied=bool(self.config.get("tie_word_embeddings", False)),
+            n_layer=n_layer, n_embd=n_embd, n_ff=self.cfg_int("intermediate_size", maximum=UINT32_MAX // 2),
+            n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_rot=n_rot, n_vocab=n_vocab,
+            n_ctx=self.cfg_int("max_position_embeddings", default=8192),
+            eps=self.cfg_float("rms_norm_eps", 1e-5, maximum=MAX_NORM_EPS),
+            rope_base=theta, qkv_bias=self.cfg_bool("attention_bias", self.default_bias),
+            tied=self.cfg_bool("tie_word_embeddings", False),
         )
 
-    def bad(self, problem: str) -> InputError:
-        return InputError(f"config.json: {problem}", self.config_path)
+    def trailing_layers(self) -> tuple[int, str]:
+        """Layers the checkpoint holds after the last one (count, config.json key): none unless MTP."""
+        return 0, ""
 
     # -- GGUF -----------------------------------------------------------------------------------------------------
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
@@ -192,7 +200,7 @@ class GlmHF(HFGlmFamily):
         super().__init__(ckpt)
         hp = self.hp
         if hp.head_dim * hp.n_head != hp.n_embd:
-            raise UnsupportedModelError(f"config.json: llama.cpp's chatglm graph needs num_attention_heads x head_dim "
+            raise UnsupportedModelError(f"llama.cpp's chatglm graph needs num_attention_heads x head_dim "
                                         f"= hidden_size ({hp.n_head} x {hp.head_dim} != {hp.n_embd})",
                                         self.config_path)
 

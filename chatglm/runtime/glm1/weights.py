@@ -16,6 +16,7 @@ import gguf
 import numpy as np
 
 from chatglm.errors import InputError
+from chatglm.fsutil import open_regular
 from chatglm.ggml import ops
 from chatglm.ggml.backend import Backend, Buffer, cpu_buffer_type, tensor_set
 from chatglm.ggml.ops import F32, Graph, Tensor
@@ -85,7 +86,7 @@ class ModelWeights:
 
 class _Mapping:
     def __init__(self, path) -> None:
-        self._fh = open(path, "rb")
+        self._fh = open_regular(path)
         self.mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         self.view = np.frombuffer(self.mm, dtype=np.uint8)
         self.base = self.view.ctypes.data

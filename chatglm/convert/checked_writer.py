@@ -1,0 +1,125 @@
+"""The one path every metadata value takes into a GGUF we write: a range check per GGUF type, then gguf-py.
+
+gguf-py packs values with ``struct`` when the header is written, long after they were added: a uint32 of 2**40, a
+negative count, a float32 of 1e40 or an array of mixed item types fails there with a struct.error or ValueError
+traceback (or, for floats, silently becomes inf). :class:`CheckedWriter` checks each value when it is added and
+raises one InputError naming the file the value came from and the GGUF key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import gguf
+
+from chatglm.convert.config_types import shown
+from chatglm.errors import InputError
+from chatglm.limits import FLOAT32_MAX
+
+V = gguf.GGUFValueType
+
+# Integer GGUF types -> (lowest, highest) value.
+INT_RANGES: dict[V, tuple[int, int]] = {
+    V.UINT8: (0, 2**8 - 1), V.INT8: (-(2**7), 2**7 - 1),
+    V.UINT16: (0, 2**16 - 1), V.INT16: (-(2**15), 2**15 - 1),
+    V.UINT32: (0, 2**32 - 1), V.INT32: (-(2**31), 2**31 - 1),
+    V.UINT64: (0, 2**64 - 1), V.INT64: (-(2**63), 2**63 - 1),
+}
+FLOAT_MAX: dict[V, float] = {V.FLOAT32: FLOAT32_MAX, V.FLOAT64: float("inf")}
+
+
+def _int_problem(value: Any, vtype: V) -> Optional[str]:
+    lo, hi = INT_RANGES[vtype]
+    if type(value) is bool or not isinstance(value, int):
+        return f"is {shown(value)}, not an integer"
+    if not lo <= value <= hi:
+        return f"is {shown(value)}, outside the {vtype.name.lower()} range {lo}..{hi}"
+    return None
+
+
+def _float_problem(value: Any, vtype: V) -> Optional[str]:
+    if type(value) is bool or not isinstance(value, (int, float)):
+        return f"is {shown(value)}, not a number"
+    try:
+        number = float(value)
+    except OverflowError:
+        return "is an integer too large for any float"
+    if not math.isfinite(number):
+        return f"is {shown(value)}, not a finite number"
+    if abs(number) > FLOAT_MAX[vtype]:
+        return f"is {shown(value)}, more than a {vtype.name.lower()} holds ({FLOAT_MAX[vtype]:g})"
+    return None
+
+
+def _string_problem(value: Any, vtype: V) -> Optional[str]:
+    if isinstance(value, (bytes, bytearray)):
+        return None
+    if not isinstance(value, str):
+        return f"is {shown(value)}, not a string"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode text (a lone surrogate)"
+    return None
+
+
+def _bool_problem(value: Any, vtype: V) -> Optional[str]:
+    return None if type(value) is bool else f"is {shown(value)}, not true or false"
+
+
+SCALAR_CHECKS: dict[V, Callable[[Any, V], Optional[str]]] = {
+    **{t: _int_problem for t in INT_RANGES},
+    **{t: _float_problem for t in FLOAT_MAX},
+    V.STRING: _string_problem,
+    V.BOOL: _bool_problem,
+}
+
+
+def _item_type(value: Any) -> V:
+    """The item type gguf-py gives an array item (its GGUFValueType.get_type), or raises ValueError."""
+    return V.get_type(value)
+
+
+def value_problem(value: Any, vtype: V, sub_type: Optional[V] = None) -> Optional[str]:
+    """What is wrong with ``value`` as a GGUF ``vtype`` (None when it packs as written)."""
+    if vtype != V.ARRAY:
+        check = SCALAR_CHECKS.get(vtype)
+        return f"has unsupported GGUF type {vtype!r}" if check is None else check(value, vtype)
+    if isinstance(value, (bytes, bytearray)):
+        return None
+    if not isinstance(value, (list, tuple)) or not value:
+        return "is not a non-empty list"
+    try:
+        item_type = sub_type or _item_type(value[0])
+        if sub_type is None and any(_item_type(v) is not item_type for v in value):
+            return "mixes item types in one array"
+    except ValueError:
+        return "holds an item of a type GGUF has no array of"
+    if item_type == V.ARRAY:
+        return "nests arrays (this converter writes none)"
+    check = SCALAR_CHECKS[item_type]
+    for i, item in enumerate(value):
+        problem = check(item, item_type)
+        if problem:
+            return f"item {i} {problem}"
+    return None
+
+
+class CheckedWriter(gguf.GGUFWriter):
+    """A GGUFWriter that refuses, when added, any metadata value its GGUF type cannot hold.
+
+    ``source`` is the file the values come from (config.json), named in the error together with the GGUF key.
+    """
+
+    def __init__(self, path: os.PathLike | str, arch: str, source: os.PathLike | str, **kwargs: Any):
+        self.source = Path(source)
+        super().__init__(path, arch, **kwargs)
+
+    def add_key_value(self, key: str, val: Any, vtype: V, sub_type: Optional[V] = None) -> None:
+        problem = value_problem(val, vtype, sub_type)
+        if problem:
+            raise InputError(f"the value for GGUF key {key} {problem}", self.source)
+        super().add_key_value(key, val, vtype, sub_type)
