@@ -6,7 +6,7 @@ ids it was given: a zero, a count that does not divide, or an id past the vocabu
 
 from __future__ import annotations
 
-from chatglm.convert.vocab_common import check_loadable_vocab
+from chatglm.schema.vocab import check_loadable_vocab
 from chatglm.errors import InputError
 from chatglm.gguf_file import GGUFHeader
 
