@@ -21,11 +21,10 @@ import gguf
 import numpy as np
 
 from chatglm import __version__
-from chatglm.convert.checked_writer import CheckedWriter
+from chatglm.convert.gguf_writer import CheckedWriter, display_name
 from chatglm.convert.checkpoint import Checkpoint
 from chatglm.convert.family import Family, detect
 from chatglm.convert.lora import Adapter, MergedCheckpoint, open_adapter, refuse_prefix_tuning
-from chatglm.convert.pipeline import display_name
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.fsutil import atomic_path

@@ -27,7 +27,8 @@ from gguf import GGML_QUANT_SIZES, GGUFValueType
 from gguf import GGMLQuantizationType as QT
 
 from chatglm.convert import qtypes
-from chatglm.convert.pipeline import DataSection, Progress, encode_rows, importance_for, row_blocks
+from chatglm.convert.gguf_writer import DataSection, Progress, TensorInfo, write_header
+from chatglm.convert.pipeline import encode_rows, importance_for, row_blocks
 from chatglm.convert.tensors import bf16_to_f32
 from chatglm.errors import InputError
 from chatglm.fsutil import atomic_path, check_destination
@@ -180,14 +181,7 @@ def _write_header(tmp: Path, header: GGUFHeader, recipe: qtypes.Recipe, planned:
     writer = gguf.GGUFWriter(tmp, header.arch)
     _copy_metadata(writer, header, recipe)
     writer.data_alignment = int(header.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
-    for p in planned:
-        # The shape is given in elements, so the dtype argument only has to differ from uint8.
-        writer.add_tensor_info(p.entry.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.target)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.close()
-    return writer.data_alignment
+    return write_header(writer, [TensorInfo(p.entry.name, p.shape, p.target, p.nbytes) for p in planned])
 
 
 def _copy_metadata(writer: gguf.GGUFWriter, header: GGUFHeader, recipe: qtypes.Recipe) -> None:
