@@ -18,6 +18,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from chatglm import limits
 from chatglm.errors import InputError
 from chatglm.fsutil import open_regular, reading
 
@@ -188,6 +189,9 @@ def _parse(cur: _Cursor, size: int) -> GGUFHeader:
     n_kv = cur.unpack("<Q", "key count")
     if n_kv * 13 > size or n_tensors * 28 > size:
         raise cur.fail(f"header claims {n_kv} keys and {n_tensors} tensors, more than the file can hold")
+    if n_kv > limits.MAX_KEYS or n_tensors > limits.MAX_TENSORS:
+        raise cur.fail(f"header claims {n_kv} keys and {n_tensors} tensors, more than any GLM model has "
+                       f"(at most {limits.MAX_KEYS} and {limits.MAX_TENSORS} are read)")
     kv: dict[str, Any] = {}
     for i in range(n_kv):
         key = cur.string(f"key #{i}")

@@ -22,3 +22,16 @@ UINT32_MAX = 2**32 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 FLOAT32_MAX = 3.4028234663852886e38  # FLT_MAX: a larger finite number packs as inf (or fails struct.pack)
 MAX_NORM_EPS = 1.0  # a norm epsilon of 1 or more swamps the activations: a typo, not a model
+
+# -- runtime (GGUF validation, contexts): read from llama-context.cpp / llama-vocab.cpp ------------------------------
+LLAMA_MAX_CONTEXT = 2**31 - 256  # cparams.n_ctx is a uint32 padded up to 256 (GGML_PAD) and positions are int32 (llama_pos)
+MAX_TENSORS = 1 << 16  # our bound on a GGUF's tensor table (GLM-4.5 355B has ~1,800; 512 layers x 64 would fit)
+MAX_KEYS = 1 << 16  # our bound on a GGUF's metadata keys (real files have ~40)
+VOCAB_MODELS = ("llama", "gpt2")  # tokenizer.ggml.model values of GLM GGUFs: SentencePiece (SPM) and byte-level BPE
+EMPTY_TOKEN = "[EMPTY_{}]"  # llama-vocab.cpp renames an empty token text to this before indexing texts
+# ggml types a weight matrix may not have: integer and f64 types and the activation-only Q8_1/Q8_K have no CPU matmul
+WEIGHT_TYPES_REFUSED = {9: "Q8_1", 15: "Q8_K", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
+VECTOR_TYPE = 0  # F32: ggml's CPU binary ops (norm weights, biases) take no f16/bf16/quantized second operand
+EXPERT_GATING_FUNCS = range(5)  # llama_expert_gating_func_type: another value is GGML_ABORT in build_moe_ffn
+# general.name substrings for which llama-vocab.cpp .at()s fixed token texts (its per-model attribute quirks)
+NAME_QUIRKS = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}

@@ -1,9 +1,15 @@
-"""`chatglm info`: what a GGUF holds and how much memory running it takes."""
+"""`chatglm info`: what a GGUF holds and how much memory running it takes.
+
+A model this tool runs is validated exactly as `run` validates it (a file that would be refused there is refused here,
+with the same line); any other GGUF (a LoRA adapter, another architecture) is described as the file says, and the
+output says plainly that this tool does not run it.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from numbers import Real
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,26 +22,26 @@ from chatglm.limits import MAX_CONTEXT
 
 def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
     from chatglm.gguf_file import read_header
-    from chatglm.runtime.loader import describe
-    from chatglm.runtime.memory import default_context, estimate
+    from chatglm.runtime.loader import ENGINES, describe, not_runnable, validate
+    from chatglm.runtime.validate import check_context, check_kv_type, resolve_flash_attn
 
+    check_kv_type(kv_type)
+    if n_ctx is not None:
+        check_context(n_ctx)
     header = read_header(path)
+    problem = not_runnable(header)
+    if problem is None:
+        validate(header)
     info = describe(header)
-    ctx = n_ctx or default_context(header, kv_type)
-    mem = estimate(header, ctx, kv_type)
-    classes: dict[str, dict[str, int]] = {}
-    for t in header.tensors.values():
-        cls = re.sub(r"^blk\.\d+\.", "", t.name)
-        name = gguf.GGMLQuantizationType(t.ggml_type).name.lower()
-        classes.setdefault(cls, {}).setdefault(name, 0)
-        classes[cls][name] += 1
     file_type = header.get("general.file_type")
-    return {
-        "path": str(path), "architecture": header.arch, "family": info.family, "chat_format": info.chat_format,
+    d = {
+        "path": str(path), "architecture": header.arch, "type": header.get("general.type") or "model",
+        "runnable": problem is None, "note": problem,
+        "family": info.family or None, "chat_format": info.chat_format or None,
         "name": header.get("general.name"), "parameters": info.n_params, "file_size": header.file_size,
         "file_type": gguf.LlamaFileType(file_type).name if isinstance(file_type, int) and file_type in
         {f.value for f in gguf.LlamaFileType} else file_type,
-        "context_length": info.n_ctx_train, "tensor_types": classes,
+        "context_length": info.n_ctx_train, "tensor_types": tensor_types(header),
         "rope": {"freq_base": header.arch_get("rope.freq_base"), "scaling": header.arch_get("rope.scaling.type"),
                  "factor": header.arch_get("rope.scaling.factor")},
         "tokenizer": {"model": header.get("tokenizer.ggml.model"), "tokens": info.n_vocab,
@@ -43,20 +49,77 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         "special_tokens": info.special,
         "special_ids": {k.removeprefix("tokenizer.ggml.").removesuffix("_token_id"): v for k, v in header.kv.items()
                         if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")},
-        "memory": {"n_ctx": ctx, "kv_type": kv_type, "weights": mem.weights, "kv_cache": mem.kv_cache,
-                   "compute": mem.buffers, "total": mem.total},
+        "memory": None, "attention": None,
     }
+    if problem is None:
+        flash = None
+        if ENGINES[header.arch].endswith(":LlamaEngine"):
+            flash, d["attention"] = resolve_flash_attn(kv_type, None)
+        d["memory"] = memory(header, n_ctx, kv_type, flash is not False)
+    return d
+
+
+def memory(header, n_ctx: Optional[int], kv_type: str, flash_attn: bool) -> dict:
+    from chatglm.runtime.memory import default_context, estimate
+
+    ctx = n_ctx if n_ctx is not None else default_context(header, kv_type)
+    mem = estimate(header, ctx, kv_type, flash_attn=flash_attn)
+    return {"n_ctx": ctx, "kv_type": kv_type, "weights": mem.weights, "kv_cache": mem.kv_cache,
+            "compute": mem.buffers, "total": mem.total}
+
+
+def tensor_types(header) -> dict[str, dict[str, int]]:
+    classes: dict[str, dict[str, int]] = {}
+    for t in header.tensors.values():
+        cls = re.sub(r"^blk\.\d+\.", "", t.name)
+        name = gguf.GGMLQuantizationType(t.ggml_type).name.lower()
+        classes.setdefault(cls, {}).setdefault(name, 0)
+        classes[cls][name] += 1
+    return classes
 
 
 def rope_text(rope: dict) -> str:
-    text = f", rope base {rope['freq_base']:g}" if rope.get("freq_base") else ""
-    if rope.get("scaling") and rope["scaling"] != "none" and rope.get("factor"):
-        text += f", {rope['scaling']} position scaling ×{rope['factor']:g}"
+    base, factor = rope.get("freq_base"), rope.get("factor")
+    text = f", rope base {base:g}" if isinstance(base, Real) and base else ""
+    if rope.get("scaling") and rope["scaling"] != "none" and isinstance(factor, Real) and factor:
+        text += f", {rope['scaling']} position scaling ×{factor:g}"
     return text
 
 
 def count(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+    from chatglm.runtime.memory import params_text
+
+    return params_text(n)
+
+
+def text_lines(d: dict) -> list[str]:
+    from chatglm.runtime.memory import human
+
+    kind = "" if d["type"] == "model" else f" ({d['type']})"
+    fmt = f" (family {d['family']}, chat format {d['chat_format']})" if d["runnable"] else kind
+    lines = [
+        f"{d['path']}",
+        f"  architecture   {d['architecture']}{fmt}",
+        f"  parameters     {count(d['parameters'])}    file {human(d['file_size'])}    type {d['file_type']}",
+    ]
+    if not d["runnable"]:
+        lines.append(f"  not runnable   {d['note']}")
+    if d["tokenizer"]["tokens"]:
+        lines += [
+            f"  context        {d['context_length']} tokens trained{rope_text(d['rope'])}",
+            f"  tokenizer      {d['tokenizer']['model']} ({d['tokenizer']['pre']}), {d['tokenizer']['tokens']} tokens",
+            "  special        " + ", ".join(f"{k}={v}" for k, v in d["special_tokens"].items()),
+            "  ids            " + ", ".join(f"{k}={v}" for k, v in d["special_ids"].items()),
+        ]
+    lines.append("  tensor types   " + "; ".join(f"{c}: " + ", ".join(f"{t}×{n}" for t, n in ts.items())
+                                             for c, ts in d["tensor_types"].items()))
+    mem = d["memory"]
+    if mem:
+        lines.append(f"  memory         {human(mem['total'])} at {mem['n_ctx']} tokens ({mem['kv_type']} KV): weights "
+                     f"{human(mem['weights'])} + KV {human(mem['kv_cache'])} + compute {human(mem['compute'])}")
+    if d["attention"]:
+        lines.append(f"  attention      {d['attention']}")
+    return lines
 
 
 @handle_errors
@@ -68,24 +131,8 @@ def info_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show a GGUF's architecture, sizes, tensor types, tokenizer and memory needs."""
-    from chatglm.runtime.memory import human
-
     d = describe_file(model, ctx, kv_type)
     if as_json:
-        typer.echo(json.dumps(d, ensure_ascii=False, indent=2))
+        typer.echo(json.dumps(d, ensure_ascii=False, indent=2, default=str))
         return
-    mem = d["memory"]
-    lines = [
-        f"{d['path']}",
-        f"  architecture   {d['architecture']} (family {d['family']}, chat format {d['chat_format']})",
-        f"  parameters     {count(d['parameters'])}    file {human(d['file_size'])}    type {d['file_type']}",
-        f"  context        {d['context_length']} tokens trained{rope_text(d['rope'])}",
-        f"  tokenizer      {d['tokenizer']['model']} ({d['tokenizer']['pre']}), {d['tokenizer']['tokens']} tokens",
-        "  special        " + ", ".join(f"{k}={v}" for k, v in d["special_tokens"].items()),
-        "  ids            " + ", ".join(f"{k}={v}" for k, v in d["special_ids"].items()),
-        "  tensor types   " + "; ".join(f"{c}: " + ", ".join(f"{t}×{n}" for t, n in ts.items())
-                                       for c, ts in d["tensor_types"].items()),
-        f"  memory         {human(mem['total'])} at {mem['n_ctx']} tokens ({mem['kv_type']} KV): weights "
-        f"{human(mem['weights'])} + KV {human(mem['kv_cache'])} + compute {human(mem['compute'])}",
-    ]
-    typer.echo("\n".join(lines))
+    typer.echo("\n".join(text_lines(d)))

@@ -10,10 +10,9 @@ no real token has.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from chatglm.errors import InputError
-from chatglm.schema.vocab import first_duplicate, short
 
 # Our bound on one token's text, in UTF-8 bytes. The longest piece of a published GLM vocabulary is far shorter
 # (GLM-4's tiktoken ranks: 512 bytes; the SentencePiece models: under 100 characters); a
@@ -45,6 +44,16 @@ def pad_tokens(tokens: list[str], n_vocab: int, pattern: str = "[PAD{id}]") -> l
     return list(range(start, n_vocab))
 
 
+def first_duplicate(texts: Iterable[str]) -> tuple[str, int, int] | None:
+    """(text, first id, second id) of the first repeated text, or None."""
+    seen: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        j = seen.setdefault(text, i)
+        if j != i:
+            return text, j, i
+    return None
+
+
 def check_token_texts(tokens: Sequence[str], path: Path) -> None:
     """Refuse a list llama.cpp's loader would abort on (a repeated text) or rewrite (an empty one)."""
     for i, text in enumerate(tokens):
@@ -57,11 +66,28 @@ def check_token_texts(tokens: Sequence[str], path: Path) -> None:
                          "distinct texts", path)
 
 
+def byte_piece(b: int) -> str:
+    return f"<0x{b:02X}>"
+
+
+def missing_byte_pieces(tokens: Iterable[str]) -> list[int]:
+    """Bytes llama.cpp's SPM tokenizer cannot spell: it looks up ``<0xNN>``, then the one-byte text, and throws
+    std::out_of_range (killing the process) when neither is a token."""
+    have = set(tokens)
+    return [b for b in range(256) if byte_piece(b) not in have and not (0 < b < 0x80 and chr(b) in have)]
+
+
 def check_token_length(text: str | bytes, what: str, path: Path) -> None:
     size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_TOKEN_BYTES:
         raise InputError(f"{what} is {size} bytes long, more than the {MAX_TOKEN_BYTES} this converter accepts "
                          "for one token", path)
+
+
+def short(text: str | bytes, limit: int = 40) -> str:
+    """A token for an error message: repr, cut to ``limit`` characters."""
+    r = repr(text)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
 # ------------------------------------------------------------------------------------------- JSON field types

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from chatglm.schema.vocab import first_duplicate, short
+from chatglm.convert.vocab_common import first_duplicate, short
 from chatglm.errors import InputError
 from chatglm.fsutil import read_bytes
 from chatglm.schema.ice import MAX_BLANK, NEWLINE_PIECE, SPECIAL_PIECES, TAB_PIECE, blank_piece

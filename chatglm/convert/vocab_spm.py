@@ -13,10 +13,9 @@ from typing import Sequence
 import gguf
 import sentencepiece as spm
 
-from chatglm.convert.vocab_common import check_token_texts, pad_tokens
+from chatglm.convert.vocab_common import byte_piece, check_token_texts, missing_byte_pieces, pad_tokens
 from chatglm.errors import InputError
 from chatglm.fsutil import check_regular, open_regular
-from chatglm.schema.vocab import byte_piece, missing_byte_pieces
 
 TT = gguf.TokenType
 

@@ -18,6 +18,7 @@ from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime import llama_native as native
 from chatglm.runtime import pages
 from chatglm.runtime.engine import Engine, ModelInfo, ProgressFn
+from chatglm.runtime.validate import check_context
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ class LlamaEngine(Engine):
                  on_progress: Optional[ProgressFn] = None):
         super().__init__()
         ll = native.lib()
+        check_context(n_ctx, n_batch, n_threads)
         self._cancel_event: Optional[threading.Event] = None
+        self._model = self._ctx = self._batch = None
+        self._loras: list = []
         # the repacked weights' source pages would otherwise stay resident beside their copies
         releaser = pages.TensorPageReleaser(header)
         self._model = native.load_model(header.path, n_gpu_layers=n_gpu_layers, on_progress=on_progress,
@@ -39,24 +43,25 @@ class LlamaEngine(Engine):
         if releaser.released:
             log.debug("released %.1f MiB of mapped pages held by repacked copies", releaser.released / 2**20)
         try:
+            # every native handle is owned by this object from the moment it exists: on any failure close() frees
+            # each one once and clears it, so nothing (not __del__ either) frees it again
             self._ctx = native.new_context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                                            flash_attn=flash_attn, kv_type=kv_type)
+            self._abort_cb = native.ABORT_CALLBACK(self._should_abort)
+            ll.llama_set_abort_callback(self._ctx, self._abort_cb, None)
+            self._vocab = ll.llama_model_get_vocab(self._model)
+            self._mem = ll.llama_get_memory(self._ctx)
+            self.n_batch = n_batch
+            self._batch = ll.llama_batch_init(n_batch, 0, 1)
+            self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+            self._pieces: dict[int, bytes] = {}
+            # SentencePiece vocabularies with a dummy prefix: decoding drops the space it stands for (see detokenize)
+            self._dummy_prefix = header.get("tokenizer.ggml.model") == "llama" \
+                and header.get("tokenizer.ggml.add_space_prefix") is True
+            self.info = native.complete_info(info, self._model, self._ctx)
         except BaseException:
-            ll.llama_model_free(self._model)
+            self.close()
             raise
-        self._abort_cb = native.ABORT_CALLBACK(self._should_abort)
-        ll.llama_set_abort_callback(self._ctx, self._abort_cb, None)
-        self._vocab = ll.llama_model_get_vocab(self._model)
-        self._mem = ll.llama_get_memory(self._ctx)
-        self.n_batch = n_batch
-        self._batch = ll.llama_batch_init(n_batch, 0, 1)
-        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
-        self._pieces: dict[int, bytes] = {}
-        # SentencePiece vocabularies with a dummy prefix: decoding drops the space it stands for (see detokenize)
-        self._dummy_prefix = header.get("tokenizer.ggml.model") == "llama" \
-            and header.get("tokenizer.ggml.add_space_prefix") is True
-        self._loras: list = []
-        self.info = native.complete_info(info, self._model, self._ctx)
 
     def _should_abort(self, _data) -> bool:
         event = self._cancel_event
@@ -157,19 +162,21 @@ class LlamaEngine(Engine):
         return out
 
     def close(self) -> None:
+        """Free the batch, adapters, context and model, each at most once (safe to call again, and after a failed
+        ``__init__``)."""
         ll = native.lib()
-        if getattr(self, "_batch", None) is not None:
-            ll.llama_batch_free(self._batch)
-            self._batch = None
-        for adapter in getattr(self, "_loras", ()):
+        batch, self._batch = getattr(self, "_batch", None), None
+        if batch is not None:
+            ll.llama_batch_free(batch)
+        loras, self._loras = getattr(self, "_loras", []), []
+        for adapter in loras:
             ll.llama_adapter_lora_free(adapter)
-        self._loras = []
-        if getattr(self, "_ctx", None):
-            ll.llama_free(self._ctx)
-            self._ctx = None
-        if getattr(self, "_model", None):
-            ll.llama_model_free(self._model)
-            self._model = None
+        ctx, self._ctx = getattr(self, "_ctx", None), None
+        if ctx:
+            ll.llama_free(ctx)
+        model, self._model = getattr(self, "_model", None), None
+        if model:
+            ll.llama_model_free(model)
 
     def __del__(self) -> None:
         try:

@@ -15,13 +15,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from chatglm import limits
 from chatglm.errors import InputError, ModelRuntimeError
 from chatglm.runtime.engine import ModelInfo, ProgressFn
+from chatglm.runtime.memory import params_text
+from chatglm.runtime.validate import KV_CACHE, check_context, check_kv_type
 
 native_log = logging.getLogger("llama.cpp")
 _verbose = False
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}
-KV_TYPES = {"f16": 1, "f32": 0, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7}
+KV_TYPES = {name: ggml_type for name, (ggml_type, _, _) in KV_CACHE.items()}  # one table: validate.KV_CACHE
 
 
 def set_native_verbose(flag: bool) -> None:
@@ -115,8 +118,8 @@ def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressF
 
 def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: Optional[bool], kv_type: str):
     ll = lib()
-    if kv_type not in KV_TYPES:
-        raise InputError(f"unknown KV cache type {kv_type!r}; choose from {', '.join(KV_TYPES)}")
+    check_kv_type(kv_type)
+    check_context(n_ctx, n_batch, n_threads)
     params = ll.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = n_batch
@@ -188,9 +191,12 @@ def complete_info(info: ModelInfo, model, ctx) -> ModelInfo:
     n_vocab = ll.llama_vocab_n_tokens(vocab)
     eog = {t for t in info.special.values() if 0 <= t < n_vocab and ll.llama_vocab_is_eog(vocab, t)}
     eog.add(ll.llama_vocab_eos(vocab))
+    n_params = ll.llama_model_n_params(model)
+    # llama.cpp names sizes it knows (6B, 9B) and writes "?B" for the rest: give the count from the tensors instead
+    description = desc.value.decode("utf-8", errors="replace").replace("?B", params_text(n_params))
     return replace(info, n_ctx=ll.llama_n_ctx(ctx), n_ctx_train=ll.llama_model_n_ctx_train(model), n_vocab=n_vocab,
-                   n_params=ll.llama_model_n_params(model), size_bytes=ll.llama_model_size(model),
-                   description=desc.value.decode("utf-8", errors="replace"), eog=frozenset(t for t in eog if t >= 0))
+                   n_params=n_params, size_bytes=ll.llama_model_size(model), description=description,
+                   eog=frozenset(t for t in eog if t >= 0))
 
 
 class NativeSampler:
@@ -244,6 +250,9 @@ def load_lora(model, path: Path, arch: str):
         raise InputError("not a LoRA adapter GGUF (write one with `chatglm lora`)", path)
     if header.arch != arch:
         raise InputError(f"adapter for a {header.arch!r} model, but this model is {arch!r}", path)
+    for entry in header.tensors.values():  # llama.cpp checks names and shapes itself (and throws); not types
+        if len(entry.shape) != 2 or entry.ggml_type in limits.WEIGHT_TYPES_REFUSED:
+            raise InputError(f"adapter tensor {entry.name} must be a matrix of a float or quantized type", path)
     ll = lib()
     adapter = ll.llama_adapter_lora_init(model, os.fsencode(path))
     if not adapter:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import gguf
 
 from chatglm.errors import InputError, UnsupportedModelError
-from chatglm.gguf_file import GGUFHeader, read_header
+from chatglm.gguf_file import ArrayRef, GGUFHeader, read_header
 from chatglm.runtime.engine import Engine, ModelInfo
-from chatglm.runtime.memory import default_context
-from chatglm.runtime.validate import check_kv_type, check_transformer
+from chatglm.runtime.memory import check_fits, default_context
+from chatglm.runtime.validate import check_context, check_kv_head, check_kv_type, check_transformer, resolve_flash_attn
 from chatglm.schema import keys
+
+log = logging.getLogger(__name__)
 
 # GGUF architecture -> "module:class" of the engine that runs it.
 ENGINES = {
@@ -30,9 +33,43 @@ SPECIAL_TEXTS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<sop>", "<eop>",
 DEFAULT_FORMAT = {"glm4": "glm4-0414", "glm4moe": "glm45", "chatglm1": "chatglm1"}
 
 
+def _check_glm1(header: GGUFHeader) -> None:
+    from chatglm.runtime.glm1.graph import GLM1Config
+    from chatglm.runtime.glm1.weights import check_tensors
+
+    check_tensors(header, GLM1Config.from_header(header))
+
+
+# GGUF architecture -> the validation its engine needs before any native code sees the file.
+VALIDATORS: dict[str, Callable[[GGUFHeader], object]] = {
+    "chatglm": check_transformer, "glm4": check_transformer, "glm4moe": check_transformer, "chatglm1": _check_glm1}
+
+
+def not_runnable(header: GGUFHeader) -> Optional[str]:
+    """Why this tool cannot run the file (an adapter, another architecture), or None when it can."""
+    kind = header.get("general.type")
+    if kind == "adapter":
+        return (f"this is a {header.get('adapter.type') or 'LoRA'} adapter for {header.arch!r} models, not a model: "
+                "give it with --lora beside its base model")
+    if kind not in (None, "model"):
+        return f"GGUF type {kind!r} is not a model this tool runs"
+    if header.arch not in ENGINES:
+        return f"GGUF architecture {header.arch!r} is not a GLM model this tool runs (known: {', '.join(ENGINES)})"
+    return None
+
+
+def validate(header: GGUFHeader) -> None:
+    """Refuse, with one line, any file this tool cannot run or that its engine's loader would crash on."""
+    problem = not_runnable(header)
+    if problem:
+        raise UnsupportedModelError(problem, header.path)
+    VALIDATORS[header.arch](header)
+
+
 def special_tokens(header: GGUFHeader) -> dict[str, int]:
-    tokens = header.kv.get("tokenizer.ggml.tokens") or []
-    types = header.array("tokenizer.ggml.token_type")
+    tokens = _tokens(header)
+    raw = header.get("tokenizer.ggml.token_type")
+    types = header.array("tokenizer.ggml.token_type") if _numbers(raw) else []
     wanted = set(SPECIAL_TEXTS)
     found: dict[str, int] = {}
     for i, text in enumerate(tokens):
@@ -40,6 +77,15 @@ def special_tokens(header: GGUFHeader) -> dict[str, int]:
                                                                       gguf.TokenType.USER_DEFINED)):
             found.setdefault(text, i)
     return found
+
+
+def _tokens(header: GGUFHeader) -> list:
+    tokens = header.get("tokenizer.ggml.tokens")
+    return tokens if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens[:1]) else []
+
+
+def _numbers(value) -> bool:
+    return isinstance(value, ArrayRef) or (isinstance(value, list) and all(type(v) is int for v in value))
 
 
 def chat_format_of(header: GGUFHeader, special: dict[str, int]) -> str:
@@ -54,12 +100,14 @@ def chat_format_of(header: GGUFHeader, special: dict[str, int]) -> str:
 
 
 def describe(header: GGUFHeader, n_ctx: int = 0) -> ModelInfo:
+    """What the header says; for a file this tool does not run, no family or chat format is guessed."""
     special = special_tokens(header)
-    fmt = chat_format_of(header, special)
-    n_ctx_train = int(header.arch_get("context_length", 0) or 0)
+    fmt = chat_format_of(header, special) if not_runnable(header) is None else ""
+    n_ctx_train = header.arch_get("context_length", 0)
+    n_ctx_train = n_ctx_train if type(n_ctx_train) is int else 0
     return ModelInfo(
-        path=header.path, arch=header.arch, family=str(header.get(keys.FAMILY) or fmt), chat_format=fmt,
-        n_ctx=n_ctx, n_ctx_train=n_ctx_train, n_vocab=len(header.kv.get("tokenizer.ggml.tokens") or []),
+        path=header.path, arch=header.arch, family=str(header.get(keys.FAMILY) or fmt or ""), chat_format=fmt,
+        n_ctx=n_ctx, n_ctx_train=n_ctx_train, n_vocab=len(_tokens(header)),
         n_params=sum(_count(t.shape) for t in header.tensors.values()), size_bytes=header.file_size,
         description=str(header.get("general.name") or header.arch), special=special,
     )
@@ -74,23 +122,28 @@ def _count(shape) -> int:
 
 def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
                 flash_attn: Optional[bool] = None, kv_type: str = "f16", on_progress=None) -> Engine:
+    check_kv_type(kv_type)
+    if flash_attn not in (None, True, False):
+        raise InputError(f"flash_attn must be True, False or None, got {flash_attn!r}")
+    if type(n_gpu_layers) is not int or n_gpu_layers < -1:
+        raise InputError(f"n_gpu_layers must be an integer >= -1 (-1: all), got {n_gpu_layers!r}")
     header = read_header(path)
-    target = ENGINES.get(header.arch)
-    if target is None:
-        raise UnsupportedModelError(
-            f"GGUF architecture {header.arch!r} is not a GLM model this tool runs (known: {', '.join(ENGINES)})", path)
+    validate(header)
+    target = ENGINES[header.arch]
     if target.endswith(":LlamaEngine"):
-        check_transformer(header)
-        check_kv_type(header, kv_type)
-    info = describe(header)
+        flash_attn, note = resolve_flash_attn(kv_type, flash_attn)
+        check_kv_head(header, kv_type)
+        log.info("%s", note)
     if n_ctx is None:
         n_ctx = default_context(header, kv_type)
-    if n_ctx < 1:
-        raise InputError(f"context size must be positive, got {n_ctx}")
     if n_threads is None:
         from chatglm.runtime.llama_native import physical_cores
 
         n_threads = physical_cores()
+    check_context(n_ctx, 1, n_threads)
+    if n_gpu_layers == 0:  # everything stays in host memory
+        check_fits(header, n_ctx, kv_type, flash_attn is not False)
+    info = describe(header)
     module, _, cls = target.partition(":")
     engine_cls = getattr(importlib.import_module(module), cls)
     return engine_cls(header, info, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import gguf
 
+from chatglm.errors import InputError
 from chatglm.gguf_file import GGUFHeader
+from chatglm.runtime.validate import KV_CACHE, check_kv_type
 
-KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
-            "q4_1": 20 / 32, "q4_0": 18 / 32}
+KV_BYTES = {name: size / block for name, (_, block, size) in KV_CACHE.items()}  # bytes per cached element
 OVERHEAD = 64 * 2**20  # runtime, tokenizer tables, allocator slack
 
 
@@ -32,13 +33,23 @@ class MemoryEstimate:
 
 def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
     """KV-cache bytes per token of context: K and V of every layer's KV heads."""
-    n_layer = int(header.arch_get("block_count", 0))
-    n_embd = int(header.arch_get("embedding_length", 0))
-    n_head = int(header.arch_get("attention.head_count", 1)) or 1
-    n_head_kv = int(header.arch_get("attention.head_count_kv", n_head) or n_head)
-    head_k = int(header.arch_get("attention.key_length", n_embd // n_head))
-    head_v = int(header.arch_get("attention.value_length", head_k))
+    check_kv_type(kv_type)
+    n_layer = _size(header, "block_count", 0)
+    n_embd = _size(header, "embedding_length", 0)
+    n_head = _size(header, "attention.head_count", 1)
+    n_head_kv = _size(header, "attention.head_count_kv", n_head)
+    head_k = _size(header, "attention.key_length", n_embd // n_head)
+    head_v = _size(header, "attention.value_length", head_k)
     return n_layer * n_head_kv * (head_k + head_v) * KV_BYTES[kv_type]
+
+
+def _size(header: GGUFHeader, key: str, default: int) -> int:
+    """A positive size from the header (the first of a per-layer array), or ``default`` for anything else: estimates
+    are also made for files that validation will refuse, and must not fail on them first."""
+    value = header.arch_get(key, default)
+    if isinstance(value, list) and value:
+        value = value[0]
+    return value if type(value) is int and value > 0 else default
 
 
 def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int = 512,
@@ -46,14 +57,15 @@ def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int 
     """What the process will hold resident at this context: every weight once (on the CPU the repacked copies
     replace their mapped source pages, see ``runtime/pages.py``), the whole KV cache (llama.cpp clears it when the
     context is made), and the compute buffer llama.cpp's graph allocator reserves for one micro-batch."""
+    check_kv_type(kv_type)
     weights = sum(t.nbytes for t in header.tensors.values())
-    n_embd = int(header.arch_get("embedding_length", 0))
-    n_head = int(header.arch_get("attention.head_count", 1)) or 1
+    n_embd = _size(header, "embedding_length", 0)
+    n_head = _size(header, "attention.head_count", 1)
     n_vocab = len(header.get("tokenizer.ggml.tokens") or [])
     if n_ctx > 256:
         n_ctx = -(-n_ctx // 256) * 256  # llama.cpp pads the context to a multiple of 256
     n_ub = min(n_batch, n_ctx) if n_ctx else n_batch
-    n_ff = int(header.arch_get("feed_forward_length", 4 * n_embd))
+    n_ff = _size(header, "feed_forward_length", 4 * n_embd)
     hidden = 3 * n_ub * n_embd * 4  # the residual stream and the few hidden-state tensors alive beside it
     if header.arch == "chatglm1":  # our graph: one micro-batch's activations, and T x T scores per head
         compute = n_ub * (n_vocab + 6 * n_embd + 3 * n_ff) * 4 + n_head * n_ctx * n_ctx * 4
@@ -89,7 +101,7 @@ def available_memory() -> int:
 
 def default_context(header: GGUFHeader, kv_type: str = "f16", budget: float = 0.8, floor: int = 512) -> int:
     """The trained context length, capped so that the whole estimate fits in ``budget`` of available memory."""
-    n_train = int(header.arch_get("context_length", 0) or 0) or 4096
+    n_train = _size(header, "context_length", 4096)
     room = budget * available_memory() - estimate(header, 0, kv_type).total
     per_token = kv_per_token(header, kv_type) or 1.0
     fits = int(room // per_token) if room > 0 else floor
@@ -112,3 +124,23 @@ def type_summary(header: GGUFHeader) -> dict[str, int]:
         name = gguf.GGMLQuantizationType(t.ggml_type).name
         counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def check_fits(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", flash_attn: bool = True) -> None:
+    """Refuse a context whose KV cache and compute buffers cannot fit in the memory available (weights are mapped
+    from the file and not counted): llama.cpp would try, and fail or swap, after allocating."""
+    est = estimate(header, n_ctx, kv_type, flash_attn=flash_attn)
+    need, avail = est.kv_cache + est.buffers, available_memory()
+    if need > avail:
+        raise InputError(f"a context of {n_ctx} tokens needs about {human(need)} for its KV cache and compute "
+                         f"buffers, more than the {human(avail)} of memory available; choose a smaller --ctx",
+                         header.path)
+
+
+def params_text(n: int) -> str:
+    """A parameter count as people write it: 6.2B, 3.8M, 12K."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.1f}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    return str(n)

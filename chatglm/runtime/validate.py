@@ -1,78 +1,402 @@
-"""Checks a GGUF's hyperparameters and tokenizer before a native loader sees them.
+"""Checks a GGUF's hyperparameters, tokenizer and tensor table before a native loader sees them.
 
-llama.cpp throws (and we report) on a missing tensor or a wrong shape, but divides by head counts and indexes by token
-ids it was given: a zero, a count that does not divide, or an id past the vocabulary would crash or abort the process.
+llama.cpp asserts (GGML_ASSERT aborts the process) on layer and expert counts, divides by head and expert counts,
+indexes fixed-size per-layer arrays and ``.at()``s its token maps: every condition it can reach from file contents is
+checked here first, in one pass over the keys and one over the tensors (see docs/llama_asserts.md for the list).
 """
 
 from __future__ import annotations
 
-from chatglm.schema.vocab import check_loadable_vocab
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from chatglm import limits
 from chatglm.errors import InputError
-from chatglm.gguf_file import GGUFHeader
+from chatglm.gguf_file import ArrayRef, GGUFHeader
+from chatglm.runtime.validate_tensors import expected_tensors
 
-SIZES = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count", "context_length")
+# KV cache type -> (ggml type id, block size in elements, bytes per block): the one table of KV cache types.
+KV_CACHE = {"f16": (1, 1, 2), "f32": (0, 1, 4), "bf16": (30, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18),
+            "q4_1": (3, 32, 20), "q5_0": (6, 32, 22), "q5_1": (7, 32, 24)}
+KV_BLOCK = {name: block for name, (_, block, _) in KV_CACHE.items()}
+MAX_INT = 2**31 - 1
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+TOKEN_TYPE_BYTE = 6
+INT32, FLOAT32 = 5, 6  # GGUF array item types
 
 
-def _positive(header: GGUFHeader, key: str, required: bool = True) -> int | None:
+@dataclass(frozen=True)
+class HParams:
+    """What llama.cpp's load_hparams reads for the GLM architectures, every value checked."""
+
+    arch: str
+    n_layer_all: int  # block_count: trunk layers plus NextN/MTP layers
+    n_nextn: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_k: int
+    head_v: int
+    n_ff: int
+    n_vocab: int
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_expert_shared: int = 0
+    n_ff_exp: int = 0
+    n_dense_lead: int = 0
+
+    @property
+    def n_layer(self) -> int:
+        return self.n_layer_all - self.n_nextn
+
+
+def _fail(header: GGUFHeader, problem: str) -> InputError:
+    return InputError(f"GGUF {problem}", header.path)
+
+
+def _int(header: GGUFHeader, key: str, *, required: bool = False, minimum: int = 1, maximum: int = MAX_INT,
+         default: int = 0) -> int:
     value = header.arch_get(key)
     if value is None:
         if required:
-            raise InputError(f"GGUF lacks {header.arch}.{key}", header.path)
-        return None
-    if type(value) is not int or not 0 < value < 1 << 31:
-        raise InputError(f"GGUF {header.arch}.{key} must be a positive integer, got {value!r}", header.path)
+            raise _fail(header, f"lacks {header.arch}.{key}")
+        return default
+    if type(value) is not int or not minimum <= value <= maximum:
+        kind = f"a positive integer up to {maximum}" if minimum == 1 else f"an integer in {minimum}..{maximum}"
+        raise _fail(header, f"{header.arch}.{key} must be {kind}, got {_show(value)}")
     return value
 
 
-def check_transformer(header: GGUFHeader) -> None:
-    """Hyperparameters, tokenizer and embedding of a llama.cpp-run GLM GGUF."""
-    n_layer, n_embd, _, n_head, _ = (_positive(header, k) for k in SIZES)
-    n_head_kv = _positive(header, "attention.head_count_kv", required=False) or n_head
-    head_dim = _positive(header, "attention.key_length", required=False) or n_embd // n_head
+def _layer_int(header: GGUFHeader, key: str, n_layer: int, *, required: bool = False, minimum: int = 1,
+               default: int = 0) -> int:
+    """A value llama.cpp reads with get_key_or_arr: one integer, or an array of one per layer (all equal here)."""
+    value = header.arch_get(key)
+    if not isinstance(value, (list, ArrayRef)):
+        return _int(header, key, required=required, minimum=minimum, default=default)
+    count = value.count if isinstance(value, ArrayRef) else len(value)
+    if count != n_layer:
+        raise _fail(header, f"{header.arch}.{key} has {count} per-layer values for block_count {n_layer}")
+    values = set(value)
+    if any(type(v) is not int or not minimum <= v <= MAX_INT for v in values):
+        raise _fail(header, f"{header.arch}.{key} must hold integers >= {minimum}")
+    if len(values) != 1:
+        raise _fail(header, f"{header.arch}.{key} differs between layers ({sorted(values)[:4]}), "
+                            "which the GLM architectures do not support")
+    return values.pop()
+
+
+def _float(header: GGUFHeader, key: str, *, required: bool = False, minimum: float = 0.0,
+           inclusive: bool = False) -> Optional[float]:
+    value = header.arch_get(key)
+    if value is None:
+        if required:
+            raise _fail(header, f"lacks {header.arch}.{key}")
+        return None
+    ok = isinstance(value, (int, float)) and type(value) is not bool and math.isfinite(value)
+    if not ok or value < minimum or (value == minimum and not inclusive):
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise _fail(header, f"{header.arch}.{key} must be a finite number {bound}, got {_show(value)}")
+    return float(value)
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if not isinstance(value, ArrayRef) else f"an array of {value.count}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def hparams(header: GGUFHeader) -> HParams:
+    """Sizes and counts in the order llama.cpp's load_hparams reads them, each bounded as it asserts."""
+    n_layer = _int(header, "block_count", required=True, maximum=limits.MAX_LAYERS)
+    n_nextn = _int(header, "nextn_predict_layers", minimum=0, maximum=n_layer - 1)
+    n_embd = _int(header, "embedding_length", required=True)
+    _int(header, "context_length", required=True)
+    n_head = _layer_int(header, "attention.head_count", n_layer, required=True)
+    n_head_kv = _layer_int(header, "attention.head_count_kv", n_layer, default=n_head)
+    n_ff = _layer_int(header, "feed_forward_length", n_layer, required=True)
     if n_head % n_head_kv:
-        raise InputError(f"GGUF head_count {n_head} is not a multiple of head_count_kv {n_head_kv}", header.path)
+        raise _fail(header, f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
     if header.arch_get("attention.key_length") is None and n_embd % n_head:
-        raise InputError(f"GGUF embedding_length {n_embd} is not a multiple of head_count {n_head}", header.path)
+        raise _fail(header, f"embedding_length {n_embd} is not a multiple of head_count {n_head}")
+    head_k = _int(header, "attention.key_length", default=n_embd // n_head)
+    head_v = _int(header, "attention.value_length", default=n_embd // n_head)
+    if head_v != head_k:
+        raise _fail(header, f"value_length {head_v} differs from key_length {head_k}; GLM attention needs them equal")
+    if header.arch == "chatglm" and head_k * n_head != n_embd:
+        raise _fail(header, f"key_length {head_k} x head_count {n_head} is not embedding_length {n_embd}, as the "
+                            "chatglm architecture's attention output needs")
+    _check_rope(header, head_k)
+    _float(header, "attention.layer_norm_rms_epsilon", required=True)
+    n_vocab = _vocab_size(header)
+    return HParams(header.arch, n_layer, n_nextn, n_embd, n_head, n_head_kv, head_k, head_v, n_ff, n_vocab,
+                   **_experts(header, n_layer, n_ff))
+
+
+def _check_rope(header: GGUFHeader, head_dim: int) -> None:
     rope = header.arch_get("rope.dimension_count")
     if rope is not None and (type(rope) is not int or rope <= 0 or rope > head_dim or rope % 2):
-        raise InputError(f"GGUF rope.dimension_count {rope!r} does not fit a head of {head_dim}", header.path)
-    check_vocab(header, n_embd)
-    missing = [i for i in range(n_layer) if not any(n.startswith(f"blk.{i}.") for n in header.tensors)]
+        raise _fail(header, f"rope.dimension_count {_show(rope)} does not fit a head of {head_dim}")
+    scaling = header.arch_get("rope.scaling.type")
+    if scaling is not None and scaling not in limits.ROPE_SCALING_TYPES:
+        raise _fail(header, f"{header.arch}.rope.scaling.type {_show(scaling)} is not one of llama.cpp's "
+                            f"({', '.join(limits.ROPE_SCALING_TYPES)})")
+    _float(header, "rope.freq_base")
+    _float(header, "rope.scaling.factor", inclusive=True)
+    _int(header, "rope.scaling.original_context_length")
+    sections = header.arch_get("rope.dimension_sections")
+    if sections is not None and not (isinstance(sections, list) and len(sections) == 4
+                                     and all(type(s) is int and 0 <= s <= head_dim for s in sections)):
+        raise _fail(header, f"{header.arch}.rope.dimension_sections must be 4 integers, got {_show(sections)}")
+
+
+def _experts(header: GGUFHeader, n_layer: int, n_ff: int) -> dict[str, int]:
+    """llama.cpp's GGML_ASSERTs on expert counts (load_hparams), and what glm4moe's loader requires on top."""
+    n_expert = _int(header, "expert_count", minimum=0, maximum=limits.MAX_EXPERTS)
+    used = _layer_int(header, "expert_used_count", n_layer, minimum=0)
+    groups = _int(header, "expert_group_count", minimum=0)
+    group_used = _int(header, "expert_group_used_count", minimum=0)
+    if header.arch == "glm4moe" and (n_expert == 0 or used == 0):
+        raise _fail(header, f"glm4moe needs expert_count and expert_used_count above 0, got {n_expert} and {used}")
+    if n_expert == 0 and (used or groups):
+        raise _fail(header, f"has no experts but expert_used_count {used}, expert_group_count {groups}")
+    if n_expert and not 0 < used <= n_expert:
+        raise _fail(header, f"expert_used_count {used} must be in 1..expert_count ({n_expert})")
+    if n_expert and groups >= n_expert:
+        raise _fail(header, f"expert_group_count {groups} must be below expert_count {n_expert}")
+    if groups > 1 and (n_expert % groups or not 0 < group_used < groups):
+        raise _fail(header, f"expert groups ({groups}, {group_used} used) must divide expert_count {n_expert} "
+                            "and use 1..groups-1 of them")
+    if header.arch != "glm4moe":
+        if n_expert:
+            raise _fail(header, f"has expert_count {n_expert}, but {header.arch} models have no experts")
+        return {}
+    # an unknown gating function is a GGML_ABORT at the first decode
+    _int(header, "expert_gating_func", minimum=0, maximum=len(limits.EXPERT_GATING_FUNCS) - 1)
+    shared = _int(header, "expert_shared_count", required=True, minimum=0, maximum=n_expert)
+    ff_exp = _layer_int(header, "expert_feed_forward_length", n_layer, required=True)
+    dense = _int(header, "leading_dense_block_count", minimum=0, maximum=n_layer)
+    return {"n_expert": n_expert, "n_expert_used": used, "n_expert_shared": shared, "n_ff_exp": ff_exp,
+            "n_dense_lead": dense}
+
+
+def check_transformer(header: GGUFHeader) -> HParams:
+    """Hyperparameters, tokenizer and every tensor of a llama.cpp-run GLM GGUF (chatglm, glm4, glm4moe)."""
+    hp = hparams(header)
+    check_vocab(header, hp.n_embd)
+    check_tensors(header, hp)
+    return hp
+
+
+def check_tensors(header: GGUFHeader, hp: HParams) -> None:
+    """Every tensor llama.cpp's loader creates is there with the shape the hyperparameters give, and nothing else
+    (llama.cpp refuses a file with tensors it did not create). One pass over the expected table, one over the file."""
+    expected = expected_tensors(hp, header.tensors.keys())
+    missing = [name for name, (_, required) in expected.items() if required and name not in header.tensors]
     if missing:
-        raise InputError(f"GGUF has block_count {n_layer} but no tensors for block(s) {missing[:5]}", header.path)
+        raise _fail(header, f"lacks tensor(s) {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else "")
+                    + f" (block_count {hp.n_layer_all})")
+    for name, entry in header.tensors.items():
+        spec = expected.get(name)
+        if spec is None:
+            raise _fail(header, f"has tensor {name}, which a {hp.arch} model with these hyperparameters does "
+                                "not use")
+        if tuple(entry.shape) != spec[0]:
+            raise _fail(header, f"tensor {name} has shape {list(entry.shape)}, expected {list(spec[0])} from the "
+                                "hyperparameters")
+        check_weight_type(header, name, entry.ggml_type, len(entry.shape))
+
+
+def check_weight_type(header: GGUFHeader, name: str, ggml_type: int, n_dims: int) -> None:
+    """Types ggml's CPU ops cannot take: a 1-D tensor (norm, bias) other than f32 aborts in its binary ops, an
+    integer matrix in its matmul."""
+    if n_dims == 1 and ggml_type != limits.VECTOR_TYPE:
+        raise _fail(header, f"tensor {name} is {_type_name(ggml_type)}; llama.cpp adds and multiplies 1-D tensors "
+                            "(norms, biases) only as f32")
+    if ggml_type in limits.WEIGHT_TYPES_REFUSED:
+        raise _fail(header, f"tensor {name} has type {limits.WEIGHT_TYPES_REFUSED[ggml_type]}, which ggml cannot "
+                            "use as a weight")
+
+
+def _type_name(ggml_type: int) -> str:
+    import gguf
+
+    return gguf.GGMLQuantizationType(ggml_type).name.lower()
+
+
+def _vocab_size(header: GGUFHeader) -> int:
+    tokens = header.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens[:1]):
+        raise _fail(header, "has no tokenizer (tokenizer.ggml.tokens)")
+    if len(tokens) > MAX_INT:
+        raise _fail(header, f"has {len(tokens)} tokens, more than llama.cpp's int32 ids can address")
+    return len(tokens)
 
 
 def check_vocab(header: GGUFHeader, n_embd: int) -> int:
+    """What llama_vocab::load throws or asserts on, and what its tokenizer later ``.at()``s."""
+    n_vocab = _vocab_size(header)
     tokens = header.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens:
-        raise InputError("GGUF has no tokenizer (tokenizer.ggml.tokens)", header.path)
-    n_vocab = len(tokens)
-    check_loadable_vocab(tokens, header.get("tokenizer.ggml.model"), header.path)
-    types = header.array("tokenizer.ggml.token_type")
-    if len(types) not in (0, n_vocab):
-        raise InputError(f"GGUF has {len(types)} token types for {n_vocab} tokens", header.path)
+    if not all(isinstance(t, str) for t in tokens):
+        raise _fail(header, "tokenizer.ggml.tokens must be an array of strings")
+    model = header.get("tokenizer.ggml.model")
+    if model not in limits.VOCAB_MODELS:
+        raise _fail(header, f"tokenizer.ggml.model {_show(model)} is not one of {', '.join(limits.VOCAB_MODELS)}")
+    types = _token_types(header, n_vocab)
+    _check_scores(header, n_vocab)
+    texts = _check_duplicates(header, tokens)
+    _check_byte_tokens(header, tokens, types)
+    if model == "llama":
+        _check_spm_bytes(header, texts)
+    else:
+        merges = header.get("tokenizer.ggml.merges")
+        if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+            raise _fail(header, "has a BPE tokenizer (gpt2) but no tokenizer.ggml.merges array of strings")
+    _check_added_specials(header, model)
+    _check_name_quirks(header, texts)
+    if header.get("tokenizer.ggml.precompiled_charsmap") is not None:
+        raise _fail(header, "has a tokenizer.ggml.precompiled_charsmap, which GLM tokenizers never use")
     for key, value in header.kv.items():
         if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
             if type(value) is not int or not 0 <= value < n_vocab:
-                raise InputError(f"GGUF {key} = {value!r} is outside the vocabulary of {n_vocab}", header.path)
+                raise _fail(header, f"{key} = {_show(value)} is outside the vocabulary of {n_vocab}")
     emb = header.tensors.get("token_embd.weight")
     if emb is None:
-        raise InputError("GGUF lacks token_embd.weight", header.path)
+        raise _fail(header, "lacks token_embd.weight")
     if emb.shape[:2] != (n_embd, n_vocab):
-        raise InputError(f"GGUF token_embd.weight has shape {list(emb.shape)}, expected [{n_embd}, {n_vocab}]",
-                         header.path)
+        raise _fail(header, f"token_embd.weight has shape {list(emb.shape)}, expected [{n_embd}, {n_vocab}]")
     return n_vocab
 
 
-KV_BLOCK = {"f32": 1, "f16": 1, "bf16": 1, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32}
+def _numeric(header: GGUFHeader, key: str, item_types: tuple[int, ...]) -> Optional[np.ndarray]:
+    value = header.get(key)
+    if value is None:
+        return None
+    if isinstance(value, ArrayRef):
+        ok = value.item_type in item_types
+    else:
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and type(v) is not bool for v in value)
+        ok = ok and (FLOAT32 in item_types or all(type(v) is int for v in value))
+    if not ok:
+        raise _fail(header, f"{key} must be a numeric array")
+    return np.asarray(header.array(key))
 
 
-def check_kv_type(header: GGUFHeader, kv_type: str) -> None:
+def _token_types(header: GGUFHeader, n_vocab: int) -> Optional[np.ndarray]:
+    types = _numeric(header, "tokenizer.ggml.token_type", (INT32,))
+    if types is not None and len(types) != n_vocab:
+        raise _fail(header, f"has {len(types)} token types for {n_vocab} tokens")
+    return types
+
+
+def _check_scores(header: GGUFHeader, n_vocab: int) -> None:
+    scores = _numeric(header, "tokenizer.ggml.scores", (INT32, FLOAT32))
+    if scores is not None and len(scores) < n_vocab:
+        raise _fail(header, f"has {len(scores)} token scores for {n_vocab} tokens")
+
+
+def _check_duplicates(header: GGUFHeader, tokens: list[str]) -> set[str]:
+    """llama.cpp maps text -> id and asserts that no two ids share a text (empty texts become [EMPTY_i] first)."""
+    texts = {t or limits.EMPTY_TOKEN.format(i) for i, t in enumerate(tokens)}
+    if len(texts) == len(tokens):
+        return texts
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        t = t or limits.EMPTY_TOKEN.format(i)
+        if t in seen:
+            raise _fail(header, f"vocabulary has token {t!r} twice (ids {seen[t]} and {i}); llama.cpp aborts on "
+                                "duplicate token texts")
+        seen[t] = i
+    return texts
+
+
+def _check_byte_tokens(header: GGUFHeader, tokens: list[str], types: Optional[np.ndarray]) -> None:
+    """Decoding a token typed BYTE parses its text as <0xXX> (a shorter text throws std::out_of_range)."""
+    if types is None:
+        return
+    for i in np.flatnonzero(types == TOKEN_TYPE_BYTE):
+        if not BYTE_TOKEN.fullmatch(tokens[i]):
+            raise _fail(header, f"token {int(i)} {tokens[i]!r} is typed BYTE but is not of the form <0xXX>")
+
+
+def _check_spm_bytes(header: GGUFHeader, texts: set[str]) -> None:
+    """SentencePiece tokenization falls back to byte pieces for unknown text: llama.cpp looks up <0xXX> (or the
+    one-character text) with .at(), which throws std::out_of_range, uncaught, for a byte the vocabulary lacks."""
+    missing = [b for b in range(256) if f"<0x{b:02X}>" not in texts and not (0 < b < 128 and chr(b) in texts)]
+    if missing:
+        pieces = ", ".join(f"<0x{b:02X}>" for b in missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise _fail(header, f"SentencePiece vocabulary lacks byte piece(s) {pieces} ({len(missing)} of 256 missing)")
+
+
+def _check_added_specials(header: GGUFHeader, model: str) -> None:
+    """Tokenizing with specials GGML_ASSERTs that the bos/eos/sep it must add exists."""
+    defaults = {"llama": {"bos", "eos"}, "gpt2": {"eos"}}[model]  # llama-vocab.cpp's default ids per model
+    for name in ("bos", "eos", "sep"):
+        if header.get(f"tokenizer.ggml.add_{name}_token") is True and name not in defaults \
+                and header.get(f"tokenizer.ggml.{name}_token_id") is None:
+            raise _fail(header, f"sets tokenizer.ggml.add_{name}_token but names no tokenizer.ggml.{name}_token_id")
+
+
+def _check_name_quirks(header: GGUFHeader, texts: set[str]) -> None:
+    """For some general.name values llama.cpp looks up fixed token texts with .at() (throws when absent)."""
+    name = header.get("general.name")
+    name = name.lower() if isinstance(name, str) else ""
+    for keys, needed in limits.NAME_QUIRKS.items():
+        missing = [t for t in needed if t not in texts]
+        if any(k in name for k in keys) and missing:
+            raise _fail(header, f"general.name {name!r} makes llama.cpp look up token(s) {', '.join(missing)}, "
+                                "which this vocabulary lacks; rename the model")
+
+
+def check_kv_type(kv_type: Any) -> str:
+    """The KV cache type, or a one-line error naming the choices."""
+    if not isinstance(kv_type, str) or kv_type not in KV_CACHE:
+        raise InputError(f"unknown KV cache type {_show(kv_type)}; choose from {', '.join(KV_CACHE)}")
+    return kv_type
+
+
+def check_kv_head(header: GGUFHeader, kv_type: str) -> None:
     """llama.cpp refuses a quantized KV cache whose block does not divide the head size: say so plainly."""
-    if kv_type not in KV_BLOCK:
-        raise InputError(f"unknown KV cache type {kv_type!r}; choose from {', '.join(KV_BLOCK)}")
+    block = KV_BLOCK[check_kv_type(kv_type)]
     n_head = header.arch_get("attention.head_count") or 1
+    n_head = n_head if type(n_head) is int else 1
     head_dim = header.arch_get("attention.key_length") or (header.arch_get("embedding_length") or 0) // n_head
-    if head_dim % KV_BLOCK[kv_type]:
-        raise InputError(f"KV cache type {kv_type} needs a head size that is a multiple of {KV_BLOCK[kv_type]}; "
+    if head_dim % block:
+        raise InputError(f"KV cache type {kv_type} needs a head size that is a multiple of {block}; "
                          f"this model's is {head_dim}", header.path)
+
+
+def resolve_flash_attn(kv_type: str, flash_attn: Optional[bool]) -> tuple[Optional[bool], str]:
+    """The flash-attention setting to give llama.cpp for this KV type, and a note saying which applies.
+
+    llama.cpp's flash attention keeps K and V in f16 whatever was asked, so an f32 cache turns it off (or is refused
+    with it explicitly on); a quantized V cache needs it on (llama.cpp refuses one with it off)."""
+    check_kv_type(kv_type)
+    if kv_type == "f32":
+        if flash_attn:
+            raise InputError("an f32 KV cache needs flash attention off (llama.cpp's flash attention stores K and V "
+                             "in f16); drop --flash-attn or choose another --kv-type")
+        return False, "f32 KV cache: flash attention off (llama.cpp's flash attention would keep K/V in f16)"
+    if KV_BLOCK[kv_type] > 1:
+        if flash_attn is False:
+            raise InputError(f"a quantized KV cache ({kv_type}) needs flash attention; drop --no-flash-attn or "
+                             "choose f16/f32")
+        return True, f"{kv_type} KV cache: flash attention on (llama.cpp needs it for a quantized V cache)"
+    setting = {None: "llama.cpp decides", True: "on", False: "off"}[flash_attn]
+    return flash_attn, f"{kv_type} KV cache: flash attention {setting}"
+
+
+def check_context(n_ctx: Any, n_batch: Any = 1, n_threads: Any = 1) -> None:
+    """Sizes llama.cpp takes as uint32 (a larger value would wrap) and that must be positive."""
+    if any(type(v) is not int for v in (n_ctx, n_batch, n_threads)):
+        raise InputError(f"context ({_show(n_ctx)}), batch ({_show(n_batch)}) and thread ({_show(n_threads)}) "
+                         "counts must be integers")
+    if n_ctx < 1 or n_batch < 1 or n_threads < 1:
+        raise InputError(f"context ({n_ctx}), batch ({n_batch}) and thread ({n_threads}) counts must be positive")
+    top_ctx = limits.LLAMA_MAX_CONTEXT
+    for what, value, top in (("context size", n_ctx, top_ctx), ("batch size", n_batch, top_ctx),
+                             ("thread count", n_threads, limits.MAX_THREADS)):
+        if value > top:
+            raise InputError(f"{what} {value} is past llama.cpp's limit of {top}")

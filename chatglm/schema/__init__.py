@@ -6,5 +6,4 @@ converter to know a key name.
 
 - :mod:`chatglm.schema.keys`: metadata keys of our own (``glm.*`` and the ``chatglm1.*`` keys of the GLM-1 engine).
 - :mod:`chatglm.schema.ice`: the ChatGLM-6B ``ice_text`` piece rules (whitespace pieces, special pieces).
-- :mod:`chatglm.schema.vocab`: what llama.cpp's vocabulary loader accepts (distinct texts, the byte pieces).
 """

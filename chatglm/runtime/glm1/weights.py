@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import gguf
 import numpy as np
 
+from chatglm import limits
 from chatglm.errors import InputError
 from chatglm.fsutil import open_regular
 from chatglm.ggml import ops
@@ -51,6 +52,11 @@ def expected_shapes(cfg: GLM1Config) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensors(header: GGUFHeader, cfg: GLM1Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor the graph reads is there with its shape; the table is built only once the declared block count
+    is one the file's tensors can hold (so a block_count of 10**9 costs nothing)."""
+    if cfg.n_layer * len(LAYER_FIELDS) > len(header.tensors):
+        raise InputError(f"GGUF declares block_count {cfg.n_layer} but holds only {len(header.tensors)} tensors "
+                         f"({len(LAYER_FIELDS)} per block are needed)", header.path)
     shapes = expected_shapes(cfg)
     if "output.weight" not in header.tensors:
         del shapes["output.weight"]
@@ -66,6 +72,9 @@ def check_tensors(header: GGUFHeader, cfg: GLM1Config) -> dict[str, tuple[int, .
         if len(shape) == 1 and entry.ggml_type not in SMALL_TYPES:
             raise InputError(f"tensor {name} is {ops.type_name(entry.ggml_type)}; 1-D tensors must be f32/f16/bf16",
                              header.path)
+        if len(shape) > 1 and entry.ggml_type in limits.WEIGHT_TYPES_REFUSED:
+            raise InputError(f"tensor {name} has type {limits.WEIGHT_TYPES_REFUSED[entry.ggml_type]}, which ggml "
+                             "cannot use as a weight", header.path)
         ops.type_traits(entry.ggml_type)  # a type this libggml knows
     return shapes
 

@@ -1,0 +1,96 @@
+"""Every tensor llama.cpp's loaders create for the GLM architectures, with the shape its hyperparameters give.
+
+Read from ``load_arch_tensors`` of src/models/chatglm.cpp, glm4.cpp and glm4-moe.cpp and ``create_tensor_qkv`` in
+llama-model.cpp (llama-cpp-python 0.3.36). Shapes are in ggml order (ne[0], the row length, first). The table is
+built per layer, so its size is O(block_count) with block_count already bounded by LLAMA_MAX_LAYERS.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Collection
+
+if TYPE_CHECKING:
+    from chatglm.runtime.validate import HParams
+
+Shape = tuple[int, ...]
+Spec = dict[str, tuple[Shape, bool]]  # name -> (shape, required)
+
+
+def _qkv(hp: "HParams", p: str, names: Collection[str], required: bool) -> Spec:
+    """create_tensor_qkv: a fused attn_qkv (optional bias) or separate q, k, v (optional biases)."""
+    e, q, k, v = hp.n_embd, hp.head_k * hp.n_head, hp.head_k * hp.n_head_kv, hp.head_v * hp.n_head_kv
+    split = {f"{p}attn_{n}.bias": ((d,), False) for n, d in (("q", q), ("k", k), ("v", v))}
+    fused = {f"{p}attn_qkv.weight": ((e, q + k + v), required), f"{p}attn_qkv.bias": ((q + k + v,), False)}
+    if f"{p}attn_qkv.weight" in names:
+        return {**fused, **split}
+    if not required:  # a skipped (NextN) layer: any of the forms may be there, none must
+        return {**fused, **split, **{f"{p}attn_{n}.weight": ((e, d), False) for n, d in (("q", q), ("k", k), ("v", v))}}
+    return {**split, **{f"{p}attn_{n}.weight": ((e, d), True) for n, d in (("q", q), ("k", k), ("v", v))}}
+
+
+def _nextn(hp: "HParams", p: str, required: bool) -> Spec:
+    e, v = hp.n_embd, hp.n_vocab
+    return {f"{p}nextn.eh_proj.weight": ((2 * e, e), required), f"{p}nextn.enorm.weight": ((e,), required),
+            f"{p}nextn.hnorm.weight": ((e,), required), f"{p}nextn.embed_tokens.weight": ((e, v), False),
+            f"{p}nextn.shared_head_head.weight": ((e, v), False), f"{p}nextn.shared_head_norm.weight": ((e,), False)}
+
+
+def _chatglm_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
+    p, e, ff = f"blk.{il}.", hp.n_embd, hp.n_ff
+    return {f"{p}attn_norm.weight": ((e,), True), **_qkv(hp, p, names, True),
+            f"{p}attn_output.weight": ((e, e), True), f"{p}ffn_norm.weight": ((e,), True),
+            f"{p}ffn_up.weight": ((e, 2 * ff), True), f"{p}ffn_down.weight": ((ff, e), True)}
+
+
+def _glm4_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
+    # NextN layers are TENSOR_SKIP: their tensors are still required (attention may take any form)
+    p, e, ff = f"blk.{il}.", hp.n_embd, hp.n_ff
+    spec = {f"{p}attn_norm.weight": ((e,), True), **_qkv(hp, p, names, il < hp.n_layer),
+            f"{p}attn_output.weight": ((hp.head_k * hp.n_head, e), True),
+            f"{p}post_attention_norm.weight": ((e,), True), f"{p}ffn_norm.weight": ((e,), True),
+            f"{p}ffn_down.weight": ((ff, e), True), f"{p}ffn_up.weight": ((e, 2 * ff), True),
+            f"{p}post_ffw_norm.weight": ((e,), True)}
+    return {**spec, **_nextn(hp, p, True)} if il >= hp.n_layer else spec
+
+
+def _glm4moe_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
+    p, e, ff, ne = f"blk.{il}.", hp.n_embd, hp.n_ff, hp.n_expert
+    if il < hp.n_layer:  # trunk tensors are optional in an MTP-only file (NextN layers but no blk.0)
+        required = not (hp.n_nextn and "blk.0.attn_norm.weight" not in names)
+    else:  # MTP tensors are optional in a trunk-only file
+        required = f"blk.{hp.n_layer}.nextn.eh_proj.weight" in names
+    spec = {f"{p}attn_norm.weight": ((e,), required), **_qkv(hp, p, names, required),
+            f"{p}attn_output.weight": ((hp.head_k * hp.n_head, e), required),
+            f"{p}attn_q_norm.weight": ((hp.head_k,), False), f"{p}attn_k_norm.weight": ((hp.head_k,), False),
+            f"{p}post_attention_norm.weight": ((e,), required)}
+    if il >= hp.n_dense_lead:
+        fe, fs = hp.n_ff_exp, hp.n_ff_exp * hp.n_expert_shared
+        spec.update({f"{p}ffn_gate_inp.weight": ((e, ne), required), f"{p}exp_probs_b.bias": ((ne,), required),
+                     f"{p}ffn_gate_exps.weight": ((e, fe, ne), required),
+                     f"{p}ffn_down_exps.weight": ((fe, e, ne), required),
+                     f"{p}ffn_up_exps.weight": ((e, fe, ne), required)})
+        if hp.n_expert_shared:
+            spec.update({f"{p}ffn_gate_shexp.weight": ((e, fs), required),
+                         f"{p}ffn_down_shexp.weight": ((fs, e), required),
+                         f"{p}ffn_up_shexp.weight": ((e, fs), required)})
+    else:
+        spec.update({f"{p}ffn_gate.weight": ((e, ff), required), f"{p}ffn_down.weight": ((ff, e), required),
+                     f"{p}ffn_up.weight": ((e, ff), required)})
+    return {**spec, **_nextn(hp, p, required)} if il >= hp.n_layer else spec
+
+
+LAYERS: dict[str, Callable[["HParams", int, Collection[str]], Spec]] = {
+    "chatglm": _chatglm_layer, "glm4": _glm4_layer, "glm4moe": _glm4moe_layer}
+
+
+def expected_tensors(hp: "HParams", names: Collection[str]) -> Spec:
+    """name -> (shape, required) for every tensor the arch's loader may create; ``names`` are the file's tensors
+    (the loader picks the fused or separate attention form, and MTP-only or trunk-only files, by what is there)."""
+    e, v = hp.n_embd, hp.n_vocab
+    spec: Spec = {"token_embd.weight": ((e, v), True), "output_norm.weight": ((e,), True),
+                  "output.weight": ((e, v), False)}
+    layer = LAYERS[hp.arch]
+    n_layers = hp.n_layer_all if hp.arch != "chatglm" else hp.n_layer  # chatglm's loader reads no NextN layers
+    for il in range(n_layers):
+        spec.update(layer(hp, il, names))
+    return spec
