@@ -298,7 +298,7 @@ BAD_OPTIONS = [
     (["run", M, "--threads", "0"], "--threads", "must be between 1 and 512, got 0"),
     (["run", M, "-t", "-1"], "--threads", "must be between 1 and 512, got -1"),
     (["run", M, "-t", "abc"], "--threads", "valid integer"),
-    (["run", M, "--kv-type", "banana"], "--kv-type", "'banana' is not one of 'f32', 'f16'"),
+    (["run", M, "--kv-type", "banana"], "--kv-type", "'banana' is not one of 'f16', 'f32'"),
     (["run", M, "-v", "--kv-type", "banana"], "--kv-type", "'banana' is not one of"),
     (["run", M, "-n", "-1"], "--max-tokens", "must be between 0 and 16777216, got -1"),
     (["run", M, "--ctx", "0"], "--ctx", "must be between 1 and 16777216, got 0"),

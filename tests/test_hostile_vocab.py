@@ -567,7 +567,7 @@ def test_gguf_with_a_repeated_token_text_is_refused(glm3_gguf, tmp_path):
     path = patched_gguf(glm3_gguf, tmp_path / "dup.gguf", tokens[b], tokens[a])
     before = digest([path])
     outcome = cli(["run", path, "-p", "hi", "-n", "1"], isolated=True)
-    assert_refused(outcome, path, code=2, problem=f"has the text {tokens[a]!r} twice (ids {a} and {b})",
+    assert_refused(outcome, path, code=2, problem=f"vocabulary has token {tokens[a]!r} twice (ids {a} and {b})",
                    sources=before)
 
 
@@ -575,5 +575,5 @@ def test_gguf_without_a_byte_token_is_refused(glm3_gguf, tmp_path):
     path = patched_gguf(glm3_gguf, tmp_path / "nobyte.gguf", "<0xF0>", "<0xf0>")
     before = digest([path])
     outcome = cli(["run", path, "-p", "\U00020001", "-n", "1"], isolated=True)  # aborted llama.cpp before
-    assert_refused(outcome, path, code=2, problem="lacks 1 of the 256 byte tokens <0x00>..<0xFF> (first <0xF0>)",
+    assert_refused(outcome, path, code=2, problem="lacks byte piece(s) <0xF0> (1 of 256 missing)",
                    sources=before)
