@@ -69,3 +69,16 @@ def test_public_load_takes_the_runtime_keywords():
     assert public.parameters["path"].default is None
     for name in list(runtime.parameters)[1:]:
         assert public.parameters[name].default == runtime.parameters[name].default, name
+
+
+def test_kv_types_are_one_table_that_agrees_with_ggml():
+    import gguf
+
+    from chatglm.cli.common import KVType
+    from chatglm.runtime.kv_types import GLM1_KV_TYPES, KV_TYPES
+
+    for name, t in KV_TYPES.items():
+        qtype = gguf.GGMLQuantizationType(t.ggml_type)
+        assert qtype.name.lower() == name and gguf.GGML_QUANT_SIZES[qtype] == (t.block, t.block_bytes)
+    assert [c.value for c in KVType] == list(KV_TYPES)
+    assert set(GLM1_KV_TYPES) <= set(KV_TYPES)

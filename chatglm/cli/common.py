@@ -158,9 +158,9 @@ def number(names: tuple[str, ...], help: str, lo: float | None = None, hi: float
 
 
 def _kv_types() -> list[str]:
-    from chatglm.runtime.validate import KV_BLOCK
+    from chatglm.runtime.kv_types import KV_TYPES
 
-    return list(KV_BLOCK)
+    return list(KV_TYPES)
 
 
 def _out_types() -> list[str]:

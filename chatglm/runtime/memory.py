@@ -9,9 +9,9 @@ import gguf
 
 from chatglm.errors import InputError
 from chatglm.gguf_file import GGUFHeader
-from chatglm.runtime.validate import KV_CACHE, check_kv_type
+from chatglm.runtime.kv_types import KV_TYPES
+from chatglm.runtime.validate import check_kv_type
 
-KV_BYTES = {name: size / block for name, (_, block, size) in KV_CACHE.items()}  # bytes per cached element
 OVERHEAD = 64 * 2**20  # runtime, tokenizer tables, allocator slack
 
 
@@ -40,7 +40,7 @@ def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
     n_head_kv = _size(header, "attention.head_count_kv", n_head)
     head_k = _size(header, "attention.key_length", n_embd // n_head)
     head_v = _size(header, "attention.value_length", head_k)
-    return n_layer * n_head_kv * (head_k + head_v) * KV_BYTES[kv_type]
+    return n_layer * n_head_kv * (head_k + head_v) * KV_TYPES[kv_type].bytes_per_element
 
 
 def _size(header: GGUFHeader, key: str, default: int) -> int:
