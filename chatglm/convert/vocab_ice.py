@@ -135,12 +135,7 @@ def with_pieces(proto: bytes, pieces: list[Piece], byte_fallback: bool | None = 
 
 # ------------------------------------------------------------------------------------------------------ ice vocab
 def load_pieces(path: Path) -> tuple[bytes, list[Piece]]:
-    try:
-        proto = read_bytes(path, missing="tokenizer file not found (ChatGLM-6B ships ice_text.model)")
-    except FileNotFoundError:
-        raise InputError("tokenizer file not found (ChatGLM-6B ships ice_text.model)", path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
+    proto = read_bytes(path, missing="tokenizer file not found (ChatGLM-6B ships ice_text.model)")
     try:
         pieces = pieces_of(proto)
     except (ValueError, UnicodeDecodeError) as exc:
