@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,8 +34,10 @@ def fuzz(n: int):
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_targets():
+    previous = targets.silence_logs()
     yield
     targets.close()
+    logging.getLogger("chatglm").setLevel(previous)
 
 
 @contextmanager

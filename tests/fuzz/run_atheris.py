@@ -31,6 +31,8 @@ with atheris.instrument_imports(include=["chatglm"]):
     import targets  # noqa: E402
 import jsonmut  # noqa: E402
 
+targets.silence_logs()
+
 
 def _short(filename: str) -> str:
     """A source path relative to the repository root, or a library file's name."""

@@ -28,8 +28,15 @@ from typing import Callable
 import seeds as seedlib
 from chatglm.errors import InputError
 
-# Refusals (and, in the server, logged 500s) come by the million: the targets report what matters themselves.
-logging.getLogger("chatglm").setLevel(logging.CRITICAL)
+
+def silence_logs() -> int:
+    """Refusals (and, in the server, logged 500s) come by the million: the targets report what matters themselves.
+    Returns the level it replaced, for a caller that restores it (the test suite)."""
+    logger = logging.getLogger("chatglm")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    return previous
+
 
 def _scratch() -> Path:
     """This process's scratch folder, in memory where possible. atheris leaves through ``_exit`` (no atexit), so the
@@ -142,35 +149,15 @@ def gguf_validate(data: bytes) -> None:
 
 def validate_gguf(path: Path) -> None:
     from chatglm.cli.info import describe_file
-    from chatglm.errors import UnsupportedModelError
     from chatglm.gguf_file import read_header
     from chatglm.runtime import loader
     from chatglm.runtime.memory import default_context
 
     header = read_header(path)
-    if header.arch not in loader.ENGINES:
-        raise UnsupportedModelError("not a GLM model this tool runs", path)
-    if header.arch == "chatglm1":
-        _validate_glm1(header)
-    else:
-        from chatglm.runtime.validate import check_kv_type, check_transformer
-
-        check_transformer(header)
-        check_kv_type(header, "f16")
+    loader.validate(header)  # the one validation step before any engine (GLM-1's included)
     loader.describe(header)
     default_context(header, "f16")
     describe_file(path, None, "f16")  # what `chatglm info` shows
-
-
-def _validate_glm1(header) -> None:
-    from chatglm.runtime.glm1 import engine, graph, weights
-    from chatglm.runtime.glm1.tokenizer import GLM1Tokenizer
-
-    cfg = graph.GLM1Config.from_header(header)
-    engine._check_settings(cfg, 64, 512, 1, "f16", 0, None, header)
-    GLM1Tokenizer(header)
-    engine._special_ids(header, cfg)
-    weights.check_tensors(header, cfg)
 
 
 def imatrix(data: bytes) -> None:
@@ -268,9 +255,10 @@ def _formats() -> list:
 
 
 def _chat_file(kind: int, path: Path) -> None:
-    from chatglm.cli.run import read_tools
+    from chatglm.runtime.chatfiles import read_tools
     from chatglm.runtime.messages import Message
-    from chatglm.runtime.session import read_conversation, system_message
+    from chatglm.runtime.chatfiles import read_conversation
+    from chatglm.runtime.session import system_message
 
     if kind % 2 == 0:
         messages = read_conversation(path) + [Message("user", "hi")]
