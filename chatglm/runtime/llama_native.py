@@ -176,13 +176,6 @@ def token_to_piece(vocab, token: int) -> bytes:
         size = -n
 
 
-def meta_str(model, key: str) -> Optional[str]:
-    ll = lib()
-    buf = ctypes.create_string_buffer(256)
-    n = ll.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
-    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
-
-
 def complete_info(info: ModelInfo, model, ctx) -> ModelInfo:
     ll = lib()
     desc = ctypes.create_string_buffer(128)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import gguf
-
 from chatglm.errors import InputError
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime.kv_types import KV_TYPES
@@ -115,15 +113,6 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-def type_summary(header: GGUFHeader) -> dict[str, int]:
-    """Tensor count per ggml type name."""
-    counts: dict[str, int] = {}
-    for t in header.tensors.values():
-        name = gguf.GGMLQuantizationType(t.ggml_type).name
-        counts[name] = counts.get(name, 0) + 1
-    return counts
 
 
 def check_fits(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", flash_attn: bool = True) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Optional, Protocol, Sequence
+from typing import ClassVar, Optional, Protocol, Sequence
 
 from chatglm.errors import InputError
 from chatglm.runtime.messages import Message, ToolCall
@@ -223,6 +223,3 @@ def parse_tool_call(name: str, content: str) -> ToolCall | None:
         except (ValueError, SyntaxError, TypeError, RecursionError):
             pass
     return ToolCall(name, body)
-
-
-StopFn = Callable[[int], bool]
