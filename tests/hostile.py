@@ -7,8 +7,10 @@ a child process (``isolated=True``): an abort there fails the test instead of ta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -85,3 +87,19 @@ def assert_nothing_at(dest: os.PathLike | str) -> None:
     if dest.parent.is_dir():
         partials = [p.name for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}.")]
         assert not partials, partials
+
+
+@contextlib.contextmanager
+def deadline(seconds: int, what: str = "still running"):
+    """In-process guard for what once hung or blocked in a system call: SIGALRM raises TimeoutError after
+    ``seconds`` (main thread only)."""
+    def expire(*_):
+        raise TimeoutError(f"{what} after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

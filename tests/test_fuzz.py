@@ -10,10 +10,8 @@ Long coverage-guided runs: benchmarks/fuzz.py (docs/fuzz.md).
 from __future__ import annotations
 
 import json
-import signal
-import sys
 import logging
-from contextlib import contextmanager
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
 import jsonmut  # noqa: E402
+from hostile import deadline  # noqa: E402
 import targets  # noqa: E402
 
 EXAMPLE_SECONDS = 20  # one example's limit: generous for a loaded CI machine, far below a hang
@@ -40,18 +39,8 @@ def _close_targets():
     logging.getLogger("chatglm").setLevel(previous)
 
 
-@contextmanager
 def time_limit(seconds: int = EXAMPLE_SECONDS):
-    def expired(_signum, _frame):
-        raise TimeoutError(f"one fuzz example ran longer than {seconds}s (a hang)")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    return deadline(seconds, "one fuzz example is still running (a hang)")
 
 
 def run(name: str, data: bytes) -> None:

@@ -8,11 +8,9 @@ the destination, the sources byte-identical.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import struct
 import time
 import zipfile
@@ -27,7 +25,7 @@ from chatglm.convert import pickle_scan, torch_file
 from chatglm.convert.safetensors_file import SafetensorsFile
 from chatglm.convert.torch_file import TorchFile
 from chatglm.errors import InputError
-from hostile import assert_refused, cli, digest
+from hostile import assert_refused, cli, deadline, digest
 
 # ------------------------------------------------------------------------------------------- pickles by hand
 
@@ -105,21 +103,6 @@ def folder_with(tmp_path: Path, name: str, blob: bytes | None = None, folder: st
     if blob is not None:
         (folder / name).write_bytes(blob)
     return folder
-
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """In-process guard for what once blocked in a system call (opening a FIFO): the alarm interrupts it."""
-    def expire(*_):
-        raise TimeoutError(f"still blocked after {seconds}s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def convert_refused(folder: Path, tmp_path: Path, names, problem: str, *, isolated: bool = False,
