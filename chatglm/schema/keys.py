@@ -8,10 +8,9 @@ FAMILY = "glm.family"  # str: the converter family, e.g. "chatglm3"
 CHAT_FORMAT = "glm.chat_format"  # str: the prompt format the runtime uses, e.g. "glm4-0414"
 CONVERTER = "glm.converter"  # str: "chatglm <version>[ <what was merged>]"
 
-# The GLM-1 engine's own architecture (first-generation ChatGLM-6B), which llama.cpp does not know.
-GLM1_ARCH = "chatglm1"
-GLM1_SPM_MODEL = f"{GLM1_ARCH}.tokenizer.sentencepiece_model"  # uint8[]: the (completed) ice_text.model
-GLM1_IMAGE_TOKENS = f"{GLM1_ARCH}.tokenizer.image_tokens"  # u32: ids below it are <image_N>
-GLM1_MAX_BLANK = f"{GLM1_ARCH}.tokenizer.max_blank_length"  # u32: longest <|blank_N|> piece
-GLM1_GMASK = f"{GLM1_ARCH}.gmask_token_id"  # u32: [gMASK]
-GLM1_END = f"{GLM1_ARCH}.end_token_id"  # u32: "</s>"
+# Keys of the GLM-1 engine's own architecture (first-generation ChatGLM-6B), which llama.cpp does not know.
+GLM1_SPM_MODEL = "chatglm1.tokenizer.sentencepiece_model"  # uint8[]: the (completed) ice_text.model
+GLM1_IMAGE_TOKENS = "chatglm1.tokenizer.image_tokens"  # u32: ids below it are <image_N>
+GLM1_MAX_BLANK = "chatglm1.tokenizer.max_blank_length"  # u32: longest <|blank_N|> piece
+GLM1_GMASK = "chatglm1.gmask_token_id"  # u32: [gMASK]
+GLM1_END = "chatglm1.end_token_id"  # u32: "</s>"

@@ -35,7 +35,7 @@ from chatglm.schema import keys
 from chatglm.schema.ice import MAX_BLANK, SPECIAL_PIECES
 
 T = gguf.MODEL_TENSOR
-ARCH = keys.GLM1_ARCH
+ARCH = "chatglm1"
 LAYER = "transformer.layers.{bid}."
 PUBLISHED_NUM_LAYERS = 28  # GLMBlock's default, which the published model never overrides
 TOKENIZER_FILE = "ice_text.model"
