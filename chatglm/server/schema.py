@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from chatglm.runtime.sampling import knobs
+from chatglm.runtime.sampling import MAX_TOP_K, knobs
 from chatglm.server.errors import APIError, invalid
 
 MAX_STOPS = 4
@@ -22,7 +22,6 @@ MAX_STOP_CHARS = 512  # a stop string is held back while it might match: its len
 MAX_MESSAGES = 10_000
 MAX_TOOLS = 256
 MAX_TOKENS = (1 << 31) - 1  # llama.cpp counts tokens in int32; any context is far smaller
-MAX_TOP_K = (1 << 31) - 1  # llama_sampler_init_top_k takes an int32
 MAX_SEED = (1 << 64) - 1  # the native sampler uses the low 32 bits, numpy's generator any unsigned value
 MAX_PENALTY = 1e6
 
