@@ -235,6 +235,18 @@ def test_sentencepiece_missing_one_byte_piece(glm3, tmp_path):
             isolated=True)
 
 
+
+def test_sentencepiece_piece_that_is_not_utf8(glm3, tmp_path):
+    """sentencepiece loads a piece of raw bytes and fails only when Python asks for its text (found by fuzzing)."""
+    folder = variant(glm3.ckpt, tmp_path)
+    model = folder / "tokenizer.model"
+    raw = model.read_bytes()
+    text = pieces_of(raw)[first_normal(model)].text.encode("utf-8")
+    field = bytes([0x0A, len(text)]) + text  # SentencePiece.piece = 1, length-delimited
+    assert raw.count(field) == 1
+    model.write_bytes(raw.replace(field, bytes([0x0A, len(text), 0xFF]) + text[1:]))
+    refused(folder, tmp_path, model, "of the SentencePiece model is not valid UTF-8 (byte 0)")
+
 # ------------------------------------------------------------------------------- 3. quadratic merging
 def test_tiktoken_piece_too_long(glm4_dirs, tmp_path):
     folder = variant(glm4_dirs["glm4"], tmp_path)

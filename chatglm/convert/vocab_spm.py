@@ -62,6 +62,15 @@ def _piece_type(sp: spm.SentencePieceProcessor, i: int) -> int:
     return TT.NORMAL
 
 
+def _piece_text(sp: spm.SentencePieceProcessor, i: int, path: Path) -> str:
+    """Piece ``i``'s text; sentencepiece hands the model's bytes to Python as they are, so a piece that is not UTF-8
+    (found by fuzzing) raises here instead of becoming a token llama.cpp would misread."""
+    try:
+        return sp.id_to_piece(i)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"piece {i} of the SentencePiece model is not valid UTF-8 (byte {exc.start})", path) from None
+
+
 def build_spm_vocab(sp: spm.SentencePieceProcessor, specials: Sequence[str], n_vocab: int, path: Path) -> SpmVocab:
     """Pieces, then ``specials`` at ids n_pieces.., then padding up to ``n_vocab`` (the embedding rows)."""
     n_pieces = sp.vocab_size()
@@ -69,7 +78,7 @@ def build_spm_vocab(sp: spm.SentencePieceProcessor, specials: Sequence[str], n_v
         raise InputError(
             f"tokenizer has {n_pieces} pieces + {len(specials)} special tokens, more than the model's "
             f"{n_vocab} embedding rows", path)
-    tokens = [sp.id_to_piece(i) for i in range(n_pieces)]
+    tokens = [_piece_text(sp, i, path) for i in range(n_pieces)]
     _check_specials_are_new(tokens, specials, path)
     _check_byte_pieces(tokens, path)
     scores = [sp.get_score(i) for i in range(n_pieces)]
