@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": "chatglm.runtime.model",
+    "load": "chatglm.api",
     "Model": "chatglm.runtime.model",
     "ModelBusyError": "chatglm.runtime.model",
     "GenerationStats": "chatglm.runtime.model",
@@ -37,11 +37,12 @@ __all__ = ["Cancelled", "ChatGLMError", "ChatSession", "ContextOverflowError", "
            "UnsupportedModelError", "__version__", "load"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from chatglm.api import load
     from chatglm.errors import (Cancelled, ChatGLMError, ContextOverflowError, InputError, ModelRuntimeError,
                                 OutputError, UnsupportedModelError)
     from chatglm.runtime.engine import ModelInfo
     from chatglm.runtime.messages import Message, ToolCall
-    from chatglm.runtime.model import GenerationStats, Model, ModelBusyError, load
+    from chatglm.runtime.model import GenerationStats, Model, ModelBusyError
     from chatglm.runtime.sampling import SamplingParams
     from chatglm.runtime.session import ChatSession
 

@@ -267,16 +267,17 @@ def _not_regular(mode: int) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def reading(path: os.PathLike | str) -> Iterator[None]:
-    """Reading a user-given file: an OSError inside becomes one InputError naming the file."""
+def reading(path: os.PathLike | str, what: str = "the file", *, missing: str = "file not found") -> Iterator[None]:
+    """Reading a user-given file: an OSError inside becomes one InputError naming the file, "cannot read ``what``
+    (the reason)" (``missing`` when the file is not there). Every read of a user's file goes through it."""
     try:
         yield
     except FileNotFoundError:
-        raise InputError("file not found", path) from None
+        raise InputError(missing, path) from None
     except IsADirectoryError:
         raise InputError("is a directory, not a file", path) from None
     except OSError as exc:
-        raise InputError(f"cannot read the file ({describe_os_error(exc)})", path) from None
+        raise InputError(f"cannot read {what} ({describe_os_error(exc)})", path) from None
 
 
 def check_regular(path: os.PathLike | str, *, missing: str = "file not found") -> os.stat_result:

@@ -72,7 +72,7 @@ class GGUFHeader:
         if not isinstance(value, ArrayRef):
             return np.asarray(value) if value is not None and not _is_strings(value) else (value or [])
         dtype = np.dtype(SCALARS[value.item_type])
-        with open(self.path, "rb") as fh:
+        with open_regular(self.path) as fh, reading(self.path):
             fh.seek(value.offset)
             return np.frombuffer(fh.read(value.count * dtype.itemsize), dtype=dtype)
 

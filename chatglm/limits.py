@@ -19,7 +19,6 @@ MAX_LORA_SCALE = 1000.0  # a LoRA update scaled past this overflows f16 weights 
 
 # -- converter: what a GGUF value of each type holds, and config.json sanity (h16-config) ---------------------------
 UINT32_MAX = 2**32 - 1
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 FLOAT32_MAX = 3.4028234663852886e38  # FLT_MAX: a larger finite number packs as inf (or fails struct.pack)
 MAX_NORM_EPS = 1.0  # a norm epsilon of 1 or more swamps the activations: a typo, not a model
 

@@ -28,16 +28,9 @@ PACKAGE = ROOT / "chatglm"
 
 # (importer, imported): edges against the direction, to be removed by issue #17 part 2 (the GGUF-schema module,
 # the demo's first-use conversion moved out of the runtime).
-KNOWN_AGAINST_DIRECTION = {
-    ("chatglm.runtime.glm1.tokenizer", "chatglm.convert.vocab_ice"),
-    ("chatglm.runtime.model", "chatglm.demo"),
-    ("chatglm.demo", "chatglm.convert.pipeline"),
-}
+KNOWN_AGAINST_DIRECTION: set = set()
 # Cycles through function-level imports (as sorted module lists), to be broken by issue #17 part 2.
-KNOWN_CYCLES = {
-    ("chatglm.cli.repl", "chatglm.cli.run"),
-    ("chatglm.runtime.model", "chatglm.runtime.session"),
-}
+KNOWN_CYCLES: set = set()
 # String literals equal to a family name that mean something else: (module, literal) -> why.
 FOREIGN_NAMES = {
     ("chatglm.convert.vocab_bpe", "glm4"): "llama.cpp's pre-tokenizer name (tokenizer.ggml.pre), not our family",

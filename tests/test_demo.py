@@ -19,7 +19,7 @@ def demo(tmp_path_factory):
     import os
 
     from chatglm import demo as demo_mod
-    from chatglm.runtime.model import load
+    from chatglm import load
 
     cache = tmp_path_factory.mktemp("cache")
     old = os.environ.get("CHATGLM_CACHE")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chatglm.convert.checked_writer import CheckedWriter, value_problem
+from chatglm.convert.gguf_writer import CheckedWriter, value_problem
 from chatglm.convert.imatrix import write_legacy
 from chatglm.convert.safe_regex import compile_pattern
 from chatglm.errors import InputError
@@ -440,7 +440,7 @@ def test_more_layers_than_llama_cpp_allows(glm3, tmp_path):
 def test_undecodable_folder_name_becomes_valid_utf8_for_general_name(tmp_path):
     import os
 
-    from chatglm.convert.pipeline import display_name
+    from chatglm.convert.gguf_writer import display_name
 
     assert display_name(Path(os.fsdecode(bytes(tmp_path) + b"/ck\xff"))) == "ck\ufffd"
 

@@ -534,8 +534,10 @@ def test_real_chatglm6b_decode_matches_sentencepiece():
     """ChatGLM-6B runs on our own engine: its decode is sentencepiece's plus the published whitespace pieces."""
     import numpy as np
 
-    from chatglm.families.chatglm1 import KEY_IMAGE_TOKENS, KEY_MAX_BLANK
-    from chatglm.convert.vocab_ice import MAX_BLANK, load_ice_vocab
+    from chatglm.convert.vocab_ice import load_ice_vocab
+    from chatglm.schema.ice import MAX_BLANK
+    from chatglm.schema.keys import GLM1_IMAGE_TOKENS as KEY_IMAGE_TOKENS
+    from chatglm.schema.keys import GLM1_MAX_BLANK as KEY_MAX_BLANK
     from chatglm.runtime.glm1.tokenizer import GLM1Tokenizer
 
     vocab = load_ice_vocab(TOKENIZERS / "chatglm-6b" / "ice_text.model", 0)

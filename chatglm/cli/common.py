@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import inspect
 import logging
 import math
 import os
@@ -157,9 +158,9 @@ def number(names: tuple[str, ...], help: str, lo: float | None = None, hi: float
 
 
 def _kv_types() -> list[str]:
-    from chatglm.runtime.validate import KV_BLOCK
+    from chatglm.runtime.kv_types import KV_TYPES
 
-    return list(KV_BLOCK)
+    return list(KV_TYPES)
 
 
 def _out_types() -> list[str]:
@@ -190,11 +191,31 @@ GpuLayers = Annotated[int, number(("-ngl", "--n-gpu-layers"), "Layers offloaded 
                                   limits.MAX_GPU_LAYERS)]
 FlashAttn = Annotated[Optional[bool], typer.Option("--flash-attn/--no-flash-attn",
                                                    help="Flash attention (default: llama.cpp decides).")]
-Seed = Annotated[Optional[int], number(("--seed",), "Random seed.", 0, limits.MAX_SEED)]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
 LoraScales = Annotated[Optional[list[float]], number(
     ("--lora-scale",), "Scale of the LoRA update: one for all adapters or one per --lora.", -limits.MAX_LORA_SCALE,
     limits.MAX_LORA_SCALE)]
+
+
+def sampling_options(command: Callable) -> Callable:
+    """Give a command one option per :class:`~chatglm.runtime.sampling.SamplingParams` field (flags, help and range
+    from the field's metadata), after its own options; the command gets them as ``sampling``, a dict of those given."""
+    from chatglm.runtime.sampling import knobs
+
+    own = inspect.signature(command, eval_str=True)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation=Annotated[Optional[k.kind], number(k.flags, k.help, k.lo, k.hi)])
+             for name, k in knobs().items()]
+    signature = own.replace(parameters=[p for p in own.parameters.values() if p.name != "sampling"] + extra)
+
+    @functools.wraps(command)
+    def wrapper(**options: Any) -> Any:
+        given = {name: options.pop(name) for name in knobs()}
+        return command(**options, sampling={k: v for k, v in given.items() if v is not None})
+
+    wrapper.__signature__ = signature  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    return wrapper
 
 
 def setup_logging(verbose: bool) -> None:

@@ -17,8 +17,10 @@ from typing import Callable, Iterator, Optional
 
 import typer
 
+from chatglm.cli.chatout import context_notes, format_tool_call, print_stats
 from chatglm.errors import ChatGLMError, InputError
 from chatglm.runtime.messages import Message
+from chatglm.runtime.sampling import NULLABLE, knobs
 from chatglm.runtime.session import ChatSession
 
 PROMPT, MORE, OBSERVATION = ">>> ", "... ", "observation> "
@@ -27,16 +29,14 @@ HELP = f"""Commands:
   /help                 this help
   /clear                start a new conversation (the system message stays)
   /system [TEXT]        set the system message (show it when no text is given)
-  /set [NAME VALUE]     change a setting: temperature, top_p, top_k, repeat_penalty, seed, max_tokens
-                        ("/set seed none" clears seed or max_tokens; no arguments shows the settings)
+  /set [NAME VALUE]     change a setting ("/set seed none" clears {" or ".join(NULLABLE)}; no arguments shows them):
+                        {", ".join(knobs())}
   /show                 model information and current settings
   /save FILE            write the conversation as JSON
   /load FILE            replace the conversation with one saved by /save
   /exit                 leave (also /quit, /bye, Ctrl-D, or Ctrl-C at an empty prompt)
 Input: {FENCE} starts and ends a multi-line message. Ctrl-C stops a reply."""
-SETTINGS: dict[str, type] = {"temperature": float, "top_p": float, "top_k": int, "repeat_penalty": float,
-                             "seed": int, "max_tokens": int}
-NULLABLE = ("seed", "max_tokens")
+SETTINGS: dict[str, type] = {name: k.kind for name, k in knobs().items()}  # /set NAME VALUE: SamplingParams
 
 
 class Leave(Exception):
@@ -175,8 +175,6 @@ class Repl:
             reply = self.reply(message)
             if reply is None or not reply.tool_calls:
                 return
-            from chatglm.cli.run import format_tool_call
-
             for call in reply.tool_calls:
                 note(format_tool_call(call))
             if not self.session.tools or self.model.last_stats.finish_reason != "stop":
@@ -200,15 +198,11 @@ class Repl:
         out("\n")
         self.tell_context()
         if self.verbose:
-            from chatglm.cli.run import print_stats
-
             print_stats(self.model)
         return self.session.last_reply
 
     def tell_context(self) -> None:
         """The context notes of the last reply, each on its own line after it (dropped rounds: once a chat)."""
-        from chatglm.cli.run import context_notes
-
         dropped, self._dropped = self._dropped, 0
         if self._told_truncation:
             dropped = 0

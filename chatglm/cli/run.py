@@ -9,33 +9,22 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import (Context, FlashAttn, GpuLayers, KVTypeOpt, Seed, Threads, fail, handle_errors, number,
-                               setup_logging)
-from chatglm.limits import MAX_CONTEXT, MAX_LORA_SCALE
+from chatglm.cli.chatout import context_notes, format_tool_call, print_stats
+from chatglm.cli.common import (Context, FlashAttn, GpuLayers, KVTypeOpt, Threads, fail, handle_errors, number,
+                               sampling_options, setup_logging)
+from chatglm.limits import MAX_LORA_SCALE
 
 ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
 
-MAX_TEMPERATURE = 100.0  # past this every token is about equally likely
-MAX_REPEAT_PENALTY = 100.0
-
 
 @handle_errors
+@sampling_options
 def run_cmd(
     model: ModelArg = None,
     prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Answer this once and exit.")] = None,
     system: Annotated[Optional[str], typer.Option("-s", "--system", help="System message.")] = None,
     tools: Annotated[Optional[Path], typer.Option("--tools", help="JSON file of tools the model may call "
                                                    "(ChatGLM3 / GLM-4).")] = None,
-    temperature: Annotated[Optional[float], number(("--temp", "--temperature"), "Sampling temperature (0: greedy).",
-                                                   0, MAX_TEMPERATURE)] = None,
-    top_p: Annotated[Optional[float], number(("--top-p",), "Nucleus sampling: keep this much probability mass.",
-                                             0, 1)] = None,
-    top_k: Annotated[Optional[int], number(("--top-k",), "Keep the k likeliest tokens (0: all).", 0, 2**31 - 1)] = None,
-    repeat_penalty: Annotated[Optional[float], number(("--repeat-penalty",), "Penalty of repeated tokens (1: none).",
-                                                      0, MAX_REPEAT_PENALTY)] = None,
-    seed: Seed = None,
-    max_tokens: Annotated[Optional[int], number(("-n", "--max-tokens"), "Most tokens in a reply.", 0,
-                                                MAX_CONTEXT)] = None,
     ctx: Context = None,
     threads: Threads = None,
     n_gpu_layers: GpuLayers = 0,
@@ -47,6 +36,7 @@ def run_cmd(
                                         MAX_LORA_SCALE)] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="With -p: print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show load time and tokens/s.")] = False,
+    sampling: Optional[dict] = None,
 ) -> None:
     """Chat with a GGUF model."""
     import chatglm.runtime.model as api
@@ -58,15 +48,12 @@ def run_cmd(
     from chatglm.runtime.chatfiles import read_tools
 
     tool_list = read_tools(tools) if tools is not None else None
-    sampling = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k,
-                                       repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens).items()
-                if v is not None}
+    model = model or demo_path()
     if verbose:
-        model = model or demo_path()
         print_estimate(model, ctx, kv_type, flash_attn)
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
                   flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()]) as m:
-        m.sampling = m.sampling.updated(**sampling)
+        m.sampling = m.sampling.updated(**sampling or {})
         if sys.stderr.isatty():
             m.prefill_progress = show_prefill
         if verbose:
@@ -147,28 +134,3 @@ def one_shot(session, prompt: str, as_json: bool, verbose: bool) -> None:
         typer.echo(f"note: {text}", err=True)
     if verbose:
         print_stats(m)
-
-
-def context_notes(m, dropped: int) -> list[str]:
-    """What the user should know about the context after a reply: old messages dropped, a reply cut off by it.
-
-    Notes go to stderr on their own line after the reply (or to ``notes`` in --json), never into the reply."""
-    n_ctx, s = m.info.n_ctx, m.last_stats
-    notes = []
-    if dropped:
-        notes.append(f"the conversation outgrew the context of {n_ctx} tokens; its {dropped} oldest messages were "
-                     "dropped to make room (the system message stays)")
-    if s.finish_reason == "length" and s.prompt_tokens + s.generated_tokens >= n_ctx:
-        notes.append(f"the reply was cut off at the end of the context of {n_ctx} tokens (--ctx gives more)")
-    return notes
-
-
-def format_tool_call(call) -> str:
-    args = call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments, ensure_ascii=False)
-    return f"[tool call] {call.name}({args})"
-
-
-def print_stats(m) -> None:
-    s = m.last_stats
-    typer.echo(f"[prompt {s.prompt_tokens} tokens ({s.evaluated_tokens} evaluated, {s.prefill_tps:.1f} tok/s), "
-               f"reply {s.generated_tokens} tokens ({s.decode_tps:.1f} tok/s), {s.finish_reason}]", err=True)

@@ -45,7 +45,7 @@ class OutTensor:
 class Family(ABC):
     """One checkpoint layout → one GGUF architecture."""
 
-    name: ClassVar[str]  # e.g. "chatglm3"; written as chatglm.family metadata
+    name: ClassVar[str]  # e.g. "chatglm3"; written as glm.family metadata
     arch: ClassVar[str]  # GGUF architecture, e.g. "chatglm"
     ignored_sources: ClassVar[tuple[str, ...]] = ()  # regexes of source tensors deliberately left out
 

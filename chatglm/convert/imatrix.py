@@ -79,11 +79,8 @@ class ImportanceMatrix:
 def load_imatrix(path: Path | str) -> ImportanceMatrix:
     """Reads either format (told apart by the GGUF magic); InputError on a malformed file."""
     path = Path(path)
-    try:
-        with open_regular(path, missing="cannot read imatrix: no such file") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise InputError(f"cannot read imatrix: {e.strerror}", path) from e
+    with open_regular(path, missing="cannot read imatrix: no such file") as f, reading(path, "imatrix"):
+        magic = f.read(4)
     matrix = _load_gguf(path) if magic == _GGUF_MAGIC else _load_legacy(path)
     log.info("%s: %d importance matrix entries from %d chunks", path, len(matrix.entries), matrix.chunk_count)
     return matrix

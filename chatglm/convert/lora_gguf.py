@@ -21,14 +21,14 @@ import gguf
 import numpy as np
 
 from chatglm import __version__
-from chatglm.convert.checked_writer import CheckedWriter
+from chatglm.convert.gguf_writer import CheckedWriter, display_name
 from chatglm.convert.checkpoint import Checkpoint
 from chatglm.convert.family import Family, detect
 from chatglm.convert.lora import Adapter, MergedCheckpoint, open_adapter, refuse_prefix_tuning
-from chatglm.convert.pipeline import display_name
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.fsutil import atomic_path
+from chatglm.schema import keys
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _write(path: Path, arch: str, adapter: Adapter, names: dict[str, str], dtype
     w.add_name(display_name(adapter.path))
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0: llama.cpp scales by the user's scale alone
-    w.add_string("glm.converter", f"chatglm {__version__}")
+    w.add_string(keys.CONVERTER, f"chatglm {__version__}")
     for weight, name in sorted(names.items(), key=lambda item: item[1]):
         pair = adapter.pairs[weight]
         a = adapter.source.load(pair.a)  # (r, in)

@@ -8,14 +8,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import gguf
 import numpy as np
 
 from chatglm import __version__
 from chatglm.convert import qtypes
-from chatglm.convert.checked_writer import CheckedWriter
+from chatglm.convert.gguf_writer import CheckedWriter, DataSection, Progress, TensorInfo, display_name, write_header
 from chatglm.convert.checkpoint import Checkpoint, CheckpointView
 from chatglm.convert.family import Family, OutTensor, check_complete, detect
 from chatglm.convert.lora import merged, refuse_prefix_tuning
@@ -23,11 +23,9 @@ from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError
 from chatglm.fsutil import atomic_path
 from chatglm.ggml import quants
+from chatglm.schema import keys
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
-
 
 @dataclass
 class ConvertResult:
@@ -83,10 +81,11 @@ def convert(
         total = sum(p.nbytes for p in planned)
         with atomic_path(dest, sources=[model_dir, imatrix, *lora]) as tmp:  # never over one of the inputs
             writer = CheckedWriter(tmp, family.arch, family.config_path)
-            _write_header(writer, family, recipe, planned)
-            writer.close()
+            write_model_metadata(writer, family, recipe, display_name(family.ckpt.dir))
+            alignment = write_header(writer, [TensorInfo(p.tensor.name, p.tensor.shape, p.qtype, p.nbytes)
+                                              for p in planned])
             with open(tmp, "r+b") as fh:
-                section = DataSection(fh, writer.data_alignment, total, progress)
+                section = DataSection(fh, alignment, total, progress)
                 for p in planned:
                     section.write(p.tensor.name, p.nbytes, _encoded_blocks(ckpt, p, importance, threads or 2))
     seconds = time.perf_counter() - start
@@ -121,32 +120,17 @@ def importance_for(path: os.PathLike | str, shapes: dict[str, tuple[int, ...]]) 
     return out
 
 
-def display_name(folder: Path) -> str:
-    """The folder's name as valid UTF-8 for general.name (undecodable bytes in a file name become U+FFFD)."""
-    return os.fsencode(folder.resolve().name).decode("utf-8", errors="replace")
-
-
 def write_model_metadata(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Recipe, name: str,
                          converter: str = "") -> None:
     """Every key-value pair of a converted file: general keys, ours (glm.*), the family's hparams and tokenizer."""
     w.add_name(name)
     w.add_file_type(recipe.ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_string("glm.family", family.name)
-    w.add_string("glm.chat_format", getattr(family, "chat_format", family.name))
-    w.add_string("glm.converter", f"chatglm {__version__}" + (f" {converter}" if converter else ""))
+    w.add_string(keys.FAMILY, family.name)
+    w.add_string(keys.CHAT_FORMAT, getattr(family, "chat_format", family.name))
+    w.add_string(keys.CONVERTER, f"chatglm {__version__}" + (f" {converter}" if converter else ""))
     family.write_metadata(w)
     family.write_vocab(w)
-
-
-def _write_header(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Recipe, planned: list[_Planned]) -> None:
-    write_model_metadata(w, family, recipe, display_name(family.ckpt.dir))
-    for p in planned:
-        # The shape is given in elements (not bytes), so the dtype argument only has to differ from uint8.
-        w.add_tensor_info(p.tensor.name, p.tensor.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
 
 
 def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix, threads: int) -> np.ndarray:
@@ -183,36 +167,6 @@ def encode_rows(rows: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix, thr
         bad = np.flatnonzero(~np.isfinite(rows.reshape(-1, rows.shape[-1])).all(axis=1))
         problem = f"row {first + bad[0]} holds NaN or infinite values" if bad.size else exc.problem
         raise InputError(problem) from None
-
-
-class DataSection:
-    """Writes the tensor data after a header written (and closed) by ``gguf.GGUFWriter``, one block at a time.
-
-    The layout is GGUFWriter's: every tensor starts at a multiple of ``alignment`` and is padded with zeros to one.
-    """
-
-    def __init__(self, fh: BinaryIO, alignment: int, total: int, progress: Optional[Progress] = None):
-        self.fh, self.alignment, self.total, self.progress = fh, alignment, total, progress
-        self.done = 0
-        fh.seek(0, os.SEEK_END)
-
-    def _pad(self) -> None:
-        pos = self.fh.tell()
-        self.fh.write(bytes(gguf.GGUFWriter.ggml_pad(pos, self.alignment) - pos))
-
-    def write(self, name: str, nbytes: int, blocks: Iterable[np.ndarray]) -> None:
-        """One tensor of ``nbytes`` bytes, given as consecutive blocks of its data."""
-        self._pad()
-        written = 0
-        for block in blocks:
-            self.fh.write(memoryview(np.ascontiguousarray(block)).cast("B"))
-            written += block.nbytes
-            self.done += block.nbytes
-            if self.progress:
-                self.progress(self.done, self.total, name)
-        if written != nbytes:
-            raise RuntimeError(f"{name}: wrote {written} bytes, planned {nbytes}")
-        self._pad()
 
 
 def _streams(ckpt: Checkpoint | CheckpointView, t: OutTensor) -> bool:

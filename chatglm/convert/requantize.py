@@ -27,10 +27,11 @@ from gguf import GGML_QUANT_SIZES, GGUFValueType
 from gguf import GGMLQuantizationType as QT
 
 from chatglm.convert import qtypes
-from chatglm.convert.pipeline import DataSection, Progress, encode_rows, importance_for, row_blocks
+from chatglm.convert.gguf_writer import DataSection, Progress, TensorInfo, write_header
+from chatglm.convert.pipeline import encode_rows, importance_for, row_blocks
 from chatglm.convert.tensors import bf16_to_f32
 from chatglm.errors import InputError
-from chatglm.fsutil import atomic_path, check_destination
+from chatglm.fsutil import atomic_path, check_destination, open_regular, reading
 from chatglm.gguf_file import GGUFHeader, TensorEntry, read_header
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def quantize_gguf(
     total = sum(p.nbytes for p in planned)
     with atomic_path(dest, sources=[src, imatrix]) as tmp:
         alignment = _write_header(tmp, header, recipe, planned)
-        with open(src, "rb") as fin, open(tmp, "r+b") as fout:
+        with open_regular(src) as fin, open(tmp, "r+b") as fout:
             section = DataSection(fout, alignment, total, progress)
             for p in planned:
                 blocks = _encoded_blocks(fin, header, p, (importance or {}).get(p.entry.name), threads or 2)
@@ -180,14 +181,7 @@ def _write_header(tmp: Path, header: GGUFHeader, recipe: qtypes.Recipe, planned:
     writer = gguf.GGUFWriter(tmp, header.arch)
     _copy_metadata(writer, header, recipe)
     writer.data_alignment = int(header.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
-    for p in planned:
-        # The shape is given in elements, so the dtype argument only has to differ from uint8.
-        writer.add_tensor_info(p.entry.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.target)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.close()
-    return writer.data_alignment
+    return write_header(writer, [TensorInfo(p.entry.name, p.shape, p.target, p.nbytes) for p in planned])
 
 
 def _copy_metadata(writer: gguf.GGUFWriter, header: GGUFHeader, recipe: qtypes.Recipe) -> None:
@@ -251,12 +245,10 @@ def _read(fin: BinaryIO, offset: int, nbytes: int, name: str, path: Path) -> np.
     """``nbytes`` bytes at ``offset``, read into a fresh array (never mapped)."""
     out = np.empty(nbytes, dtype=np.uint8)
     view, done = memoryview(out), 0
-    try:
+    with reading(path, f"tensor {name!r}"):
         while done < nbytes:
             n = os.preadv(fin.fileno(), [view[done:]], offset + done)
             if n == 0:
                 raise InputError(f"tensor {name!r} is cut short: the file shrank while it was read", path)
             done += n
-    except OSError as exc:
-        raise InputError(f"cannot read tensor {name!r}: {exc.strerror or exc}", path) from None
     return out

@@ -21,7 +21,7 @@ import numpy as np
 
 from chatglm.convert.tensors import DTYPES, TensorInfo, TensorSource
 from chatglm.errors import InputError
-from chatglm.fsutil import open_regular, parse_json
+from chatglm.fsutil import open_regular, parse_json, reading
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 
@@ -39,13 +39,11 @@ class SafetensorsFile(TensorSource):
         self._fh: BinaryIO | None = None
         fh = open_regular(self.path)
         try:
-            size = os.fstat(fh.fileno()).st_size
-            header_len, header = self._read_header(fh, size)
+            with reading(self.path):
+                size = os.fstat(fh.fileno()).st_size
+                header_len, header = self._read_header(fh, size)
             self._data_start = 8 + header_len
             self._infos = self._parse(header, size - self._data_start)
-        except OSError as exc:
-            fh.close()
-            raise InputError(f"cannot read: {exc.strerror or exc}", self.path) from None
         except BaseException:
             fh.close()
             raise
@@ -139,15 +137,13 @@ class SafetensorsFile(TensorSource):
             raise InputError("file is closed", self.path)
         view, offset = memoryview(out).cast("B"), self._data_start + info.offset + skip
         done = 0
-        try:
+        with reading(self.path, f"tensor {info.name!r}"):
             while done < nbytes:
                 n = os.preadv(self._fh.fileno(), [view[done:]], offset + done)
                 if n == 0:
                     raise InputError(f"tensor {info.name!r} is cut short: the file shrank after it was opened",
                                      self.path)
                 done += n
-        except OSError as exc:
-            raise InputError(f"cannot read tensor {info.name!r}: {exc.strerror or exc}", self.path) from None
         return out
 
     def close(self) -> None:

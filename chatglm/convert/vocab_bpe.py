@@ -32,7 +32,7 @@ import gguf
 from chatglm.convert.vocab_common import (check_token_length, check_token_texts, json_field, json_kind, json_object,
                                           short, unique_name)
 from chatglm.errors import InputError, UnsupportedModelError
-from chatglm.fsutil import open_regular
+from chatglm.fsutil import open_regular, reading
 
 TT = gguf.TokenType
 log = logging.getLogger(__name__)
@@ -120,13 +120,8 @@ def read_tiktoken(path: Path) -> dict[bytes, int]:
 
 
 def _read_bounded(path: Path, limit: int) -> bytes:
-    try:
-        with open_regular(path, missing="tokenizer file not found") as fh:
-            data = fh.read(limit + 1)
-    except FileNotFoundError:
-        raise InputError("tokenizer file not found", path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read tokenizer file: {exc.strerror or exc}", path) from None
+    with open_regular(path, missing="tokenizer file not found") as fh, reading(path, "tokenizer file"):
+        data = fh.read(limit + 1)
     if len(data) > limit:
         raise InputError(f"tokenizer file is larger than {limit >> 20} MiB; GLM-4's is under 3 MiB", path)
     return data

@@ -25,20 +25,13 @@ from typing import Iterator
 from chatglm.convert.vocab_common import first_duplicate, short
 from chatglm.errors import InputError
 from chatglm.fsutil import read_bytes
+from chatglm.schema.ice import MAX_BLANK, NEWLINE_PIECE, SPECIAL_PIECES, TAB_PIECE, blank_piece
 
-SPECIAL_PIECES = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
-MAX_BLANK = 80
-TAB_PIECE = "<|tab|>"
-NEWLINE_PIECE = "<n>"
 DEFAULT_IMAGE_TOKENS = 20000  # the published tokenizer's default when tokenizer_config.json does not say
 
 # sentencepiece_model.proto: ModelProto.pieces = 1, trainer_spec = 2; SentencePiece.piece = 1, score = 2, type = 3;
 # TrainerSpec.byte_fallback = 35. Piece types: NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-
-def blank_piece(n: int) -> str:
-    return f"<|blank_{n}|>"
 
 
 @dataclass(frozen=True)
@@ -142,12 +135,7 @@ def with_pieces(proto: bytes, pieces: list[Piece], byte_fallback: bool | None = 
 
 # ------------------------------------------------------------------------------------------------------ ice vocab
 def load_pieces(path: Path) -> tuple[bytes, list[Piece]]:
-    try:
-        proto = read_bytes(path, missing="tokenizer file not found (ChatGLM-6B ships ice_text.model)")
-    except FileNotFoundError:
-        raise InputError("tokenizer file not found (ChatGLM-6B ships ice_text.model)", path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
+    proto = read_bytes(path, missing="tokenizer file not found (ChatGLM-6B ships ice_text.model)")
     try:
         pieces = pieces_of(proto)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -18,19 +18,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from chatglm.convert.vocab_ice import (
-    BYTE,
-    CONTROL,
-    MAX_BLANK,
-    NEWLINE_PIECE,
-    SPECIAL_PIECES,
-    TAB_PIECE,
-    USER_DEFINED,
-    Piece,
-    blank_piece,
-    pieces_of,
-    with_pieces,
-)
+from chatglm.convert.vocab_ice import BYTE, CONTROL, USER_DEFINED, Piece, pieces_of, with_pieces
+from chatglm.schema.ice import MAX_BLANK, NEWLINE_PIECE, SPECIAL_PIECES, TAB_PIECE, blank_piece
 
 TINY_CONFIG: dict[str, Any] = {
     "architectures": ["ChatGLMModel"],

@@ -87,11 +87,6 @@ def train_glm4_bpe(texts: Optional[Iterable[str]] = None, vocab_size: int = 1200
     return tok
 
 
-def bpe_size(tok: "tokenizers.Tokenizer") -> int:
-    """Number of learned (non-added) tokens: the ids 0..n-1."""
-    return tok.get_vocab_size(with_added_tokens=False)
-
-
 def special_ids(tok: "tokenizers.Tokenizer") -> dict[str, int]:
     return {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
 

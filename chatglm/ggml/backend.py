@@ -89,10 +89,6 @@ def cpu_buffer_type() -> int:
     return int(api().backend_cpu_buffer_type())
 
 
-def buffer_type_name(buft: int) -> str:
-    return (api().backend_buft_name(buft) or b"?").decode()
-
-
 class Buffer:
     """A backend buffer: allocated for a context's tensors, or wrapping host memory (an mmap) without copying."""
 
@@ -165,10 +161,6 @@ class Allocator:
     def allocate(self, graph: Graph) -> None:
         if not api().gallocr_alloc_graph(self.ptr, graph.graph):
             raise GGMLError("could not allocate the compute graph (out of memory?)")
-
-    @property
-    def size(self) -> int:
-        return int(api().gallocr_get_buffer_size(self.ptr, 0))
 
     def close(self) -> None:
         if getattr(self, "ptr", None):

@@ -69,13 +69,13 @@ _BASE = {
     "ggml_backend_get_device": (P, [P]), "ggml_backend_dev_supports_op": (B, [P, P]),
     "ggml_backend_dev_backend_reg": (P, [P]), "ggml_backend_reg_get_proc_address": (P, [P, ctypes.c_char_p]),
     "ggml_backend_cpu_buffer_type": (P, []), "ggml_backend_cpu_buffer_from_ptr": (P, [P, SZ]),
-    "ggml_backend_buft_alloc_buffer": (P, [P, SZ]), "ggml_backend_buft_name": (ctypes.c_char_p, [P]),
+    "ggml_backend_buft_alloc_buffer": (P, [P, SZ]),
     "ggml_backend_buffer_free": (None, [P]), "ggml_backend_buffer_get_size": (SZ, [P]),
     "ggml_backend_buffer_clear": (None, [P, ctypes.c_uint8]),
     "ggml_backend_alloc_ctx_tensors_from_buft": (P, [P, P]), "ggml_backend_tensor_alloc": (INT, [P, P, P]),
     "ggml_backend_tensor_set": (None, [P, P, SZ, SZ]), "ggml_backend_tensor_get": (None, [P, P, SZ, SZ]),
     "ggml_gallocr_new": (P, [P]), "ggml_gallocr_free": (None, [P]),
-    "ggml_gallocr_alloc_graph": (B, [P, P]), "ggml_gallocr_get_buffer_size": (SZ, [P, INT]),
+    "ggml_gallocr_alloc_graph": (B, [P, P]),
 }
 _CPU = {
     "ggml_backend_cpu_init": (P, []), "ggml_backend_cpu_set_n_threads": (None, [P, INT]),

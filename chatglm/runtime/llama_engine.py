@@ -95,9 +95,6 @@ class LlamaEngine(Engine):
                 data = data[1:]
         return data.decode("utf-8", errors="replace")
 
-    def is_eog(self, token: int) -> bool:
-        return token in self.info.eog
-
     # -- evaluation -------------------------------------------------------------------------------------------
     def _truncate(self, n_keep: int) -> None:
         native.lib().llama_memory_seq_rm(self._mem, -1, n_keep, -1)
@@ -186,7 +183,3 @@ class LlamaEngine(Engine):
             self.close()
         except Exception:  # interpreter shutdown
             pass
-
-
-def supported(header: GGUFHeader) -> bool:
-    return header.arch in LLAMA_ARCHES

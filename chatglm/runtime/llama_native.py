@@ -19,12 +19,12 @@ from chatglm import limits
 from chatglm.errors import InputError, ModelRuntimeError
 from chatglm.runtime.engine import ModelInfo, ProgressFn
 from chatglm.runtime.memory import params_text
-from chatglm.runtime.validate import KV_CACHE, check_context, check_kv_type
+from chatglm.runtime.kv_types import KV_TYPES
+from chatglm.runtime.validate import check_context, check_kv_type
 
 native_log = logging.getLogger("llama.cpp")
 _verbose = False
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}
-KV_TYPES = {name: ggml_type for name, (ggml_type, _, _) in KV_CACHE.items()}  # one table: validate.KV_CACHE
 
 
 def set_native_verbose(flag: bool) -> None:
@@ -128,8 +128,8 @@ def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: 
     params.n_threads = n_threads
     params.n_threads_batch = n_threads
     params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
-    params.type_k = KV_TYPES[kv_type]
-    params.type_v = KV_TYPES[kv_type]
+    params.type_k = KV_TYPES[kv_type].ggml_type
+    params.type_v = KV_TYPES[kv_type].ggml_type
     params.no_perf = True
     ctx = ll.llama_init_from_model(model, params)
     if not ctx:
@@ -174,13 +174,6 @@ def token_to_piece(vocab, token: int) -> bytes:
         if n >= 0:
             return buf.raw[:n]
         size = -n
-
-
-def meta_str(model, key: str) -> Optional[str]:
-    ll = lib()
-    buf = ctypes.create_string_buffer(256)
-    n = ll.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
-    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
 
 
 def complete_info(info: ModelInfo, model, ctx) -> ModelInfo:

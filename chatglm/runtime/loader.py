@@ -16,6 +16,7 @@ from chatglm.gguf_file import ArrayRef, GGUFHeader, read_header
 from chatglm.runtime.engine import Engine, ModelInfo
 from chatglm.runtime.memory import check_fits, default_context
 from chatglm.runtime.validate import check_context, check_kv_head, check_kv_type, check_transformer, resolve_flash_attn
+from chatglm.schema import keys
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def _numbers(value) -> bool:
 
 def chat_format_of(header: GGUFHeader, special: dict[str, int]) -> str:
     """The GGUF's glm.chat_format; for files that name none, the best guess of the families of its arch."""
-    fmt = header.get("glm.chat_format")
+    fmt = header.get(keys.CHAT_FORMAT)
     if isinstance(fmt, str) and fmt:
         return fmt
     guess = families.guess_format(header.arch, special)
@@ -99,7 +100,7 @@ def describe(header: GGUFHeader, n_ctx: int = 0) -> ModelInfo:
     n_ctx_train = header.arch_get("context_length", 0)
     n_ctx_train = n_ctx_train if type(n_ctx_train) is int else 0
     return ModelInfo(
-        path=header.path, arch=header.arch, family=str(header.get("glm.family") or fmt or ""), chat_format=fmt,
+        path=header.path, arch=header.arch, family=str(header.get(keys.FAMILY) or fmt or ""), chat_format=fmt,
         n_ctx=n_ctx, n_ctx_train=n_ctx_train, n_vocab=len(_tokens(header)),
         n_params=sum(_count(t.shape) for t in header.tensors.values()), size_bytes=header.file_size,
         description=str(header.get("general.name") or header.arch), special=special,

@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import gguf
-
 from chatglm import families
 from chatglm.errors import InputError
 from chatglm.families.descriptor import ENGINE_GLM1
 from chatglm.gguf_file import GGUFHeader
-from chatglm.runtime.validate import KV_CACHE, check_kv_type
+from chatglm.runtime.kv_types import KV_TYPES
+from chatglm.runtime.validate import check_kv_type
 
-KV_BYTES = {name: size / block for name, (_, block, size) in KV_CACHE.items()}  # bytes per cached element
 OVERHEAD = 64 * 2**20  # runtime, tokenizer tables, allocator slack
 
 
@@ -42,7 +40,7 @@ def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
     n_head_kv = _size(header, "attention.head_count_kv", n_head)
     head_k = _size(header, "attention.key_length", n_embd // n_head)
     head_v = _size(header, "attention.value_length", head_k)
-    return n_layer * n_head_kv * (head_k + head_v) * KV_BYTES[kv_type]
+    return n_layer * n_head_kv * (head_k + head_v) * KV_TYPES[kv_type].bytes_per_element
 
 
 def _size(header: GGUFHeader, key: str, default: int) -> int:
@@ -118,15 +116,6 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-def type_summary(header: GGUFHeader) -> dict[str, int]:
-    """Tensor count per ggml type name."""
-    counts: dict[str, int] = {}
-    for t in header.tensors.values():
-        name = gguf.GGMLQuantizationType(t.ggml_type).name
-        counts[name] = counts.get(name, 0) + 1
-    return counts
 
 
 def check_fits(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", flash_attn: bool = True) -> None:

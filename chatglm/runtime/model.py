@@ -13,14 +13,15 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Generator, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Generator, Iterator, Optional, Sequence
 
 from chatglm.errors import Cancelled, InputError, ModelRuntimeError
 from chatglm.runtime.engine import Engine, ModelInfo
+from chatglm.runtime.generation import (Generation, GenerationStats, MessagesLike, ModelBusyError, as_conversation,
+                                        drain)
 from chatglm.runtime.loader import open_engine
-from chatglm.runtime.messages import Message, ToolCall, as_messages
+from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.prompts import ChatFormat, get_format
 from chatglm.runtime.sampling import SamplingParams
 
@@ -29,68 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-MessagesLike = Union[str, Message, dict, Iterable[Union[Message, dict]]]
 ProgressCallback = Callable[[int, int], None]
-T = TypeVar("T")
-
-
-class ModelBusyError(ModelRuntimeError):
-    """The model is already generating (one model runs one generation at a time)."""
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    evaluated_tokens: int = 0  # prompt tokens actually run (the rest came from the KV cache)
-    generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    finish_reason: str = ""  # "stop", "length" or "cancelled"
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.prompt_tokens - self.evaluated_tokens
-
-    @property
-    def prefill_tps(self) -> float:
-        return self.evaluated_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
-
-
-@dataclass
-class Generation:
-    """One finished generation: the prompt ids, the ids produced (a stop token excluded), their text, the stats."""
-
-    prompt: list[int]
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    reply: Optional[Message] = None  # the parsed reply, for chat generations
-
-
-def as_conversation(messages: MessagesLike) -> list[Message]:
-    """A conversation from messages or dicts; a bare string or a single message is a one-message conversation."""
-    if isinstance(messages, str):
-        return [Message("user", messages)]
-    if isinstance(messages, (Message, dict)):
-        return as_messages([messages])
-    try:
-        items = list(messages)
-    except TypeError:
-        raise InputError(f"messages must be a list of messages, got {type(messages).__name__}") from None
-    return as_messages(items)
-
-
-def drain(stream: Generator[str, None, T]) -> T:
-    """Run a generation to its end and return what it returned."""
-    try:
-        while True:
-            next(stream)
-    except StopIteration as done:
-        return done.value
 
 
 class Model:
@@ -314,21 +254,17 @@ class Model:
         self.close()
 
 
-def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
+def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
          n_gpu_layers: int = 0, flash_attn: Optional[bool] = None, kv_type: str = "f16",
          chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
          on_progress: Optional[ProgressCallback] = None,
          lora: Sequence[tuple[os.PathLike | str, float]] = ()) -> Model:
-    """Load a GGUF (or, with no path, the bundled demo model) and return a :class:`Model`.
+    """Load a GGUF and return a :class:`Model` (``chatglm.load``, :mod:`chatglm.api`, adds the demo model).
 
     ``n_ctx`` defaults to the model's training context capped at 4096; ``n_threads`` to the physical cores;
     ``n_gpu_layers`` layers are offloaded (-1: all); ``on_progress(done, total)`` is called while loading;
     ``lora`` lists (adapter GGUF, scale) pairs applied at run time (llama.cpp engine).
     """
-    if path is None:
-        from chatglm.demo import demo_gguf
-
-        path = demo_gguf()
     start = time.perf_counter()
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                          flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress)

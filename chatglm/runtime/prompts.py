@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Protocol, Sequence
+from typing import ClassVar, Protocol, Sequence
 
 from chatglm import families
 from chatglm.errors import InputError
@@ -107,5 +107,3 @@ NAME = re.compile(r"[A-Za-z_][\w.\-]*")  # a tool name (or ``interpreter``): the
 def is_name(line: str) -> bool:
     return bool(NAME.fullmatch(line.strip()))
 
-
-StopFn = Callable[[int], bool]

@@ -5,25 +5,51 @@ Vectorised numpy on a candidate subset: the common case (a peaked distribution) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Optional, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from chatglm.errors import InputError
+from chatglm.limits import MAX_CONTEXT, MAX_SEED
 
 CANDIDATES = (256, 4096, 32768)  # sorted candidate widths tried, in turn, before sorting the whole vocabulary
+MAX_TEMPERATURE = 100.0  # past this every token is about equally likely
+MAX_REPEAT_PENALTY = 100.0
+MAX_TOP_K = (1 << 31) - 1  # llama_sampler_init_top_k takes an int32
+
+
+@dataclass(frozen=True)
+class Knob:
+    """What the command line, the chat's ``/set`` and the server know of one sampling parameter."""
+
+    kind: type  # int or float
+    help: str
+    flags: tuple[str, ...]  # ``chatglm run`` option names
+    lo: float  # the command line's range (the library itself checks only what __post_init__ checks)
+    hi: float
+
+
+def knob(default: Any, kind: type, help: str, flags: tuple[str, ...], lo: float, hi: float) -> Any:
+    return field(default=default, metadata={"knob": Knob(kind, help, flags, lo, hi)})
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.8
-    top_p: float = 0.8
-    top_k: int = 0  # 0 = off
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: Optional[int] = None
-    max_tokens: Optional[int] = None  # None = until the context is full
+    """The sampling parameters: THE list of them. The CLI's options (``chatglm run``), the chat's ``/set``, the
+    Python API's keywords and the server's request fields are all these names (see :func:`knobs`)."""
+
+    temperature: float = knob(0.8, float, "Sampling temperature (0: greedy).", ("--temp", "--temperature"), 0,
+                              MAX_TEMPERATURE)
+    top_p: float = knob(0.8, float, "Nucleus sampling: keep this much probability mass.", ("--top-p",), 0, 1)
+    top_k: int = knob(0, int, "Keep the k likeliest tokens (0: all).", ("--top-k",), 0, MAX_TOP_K)  # 0 = off
+    repeat_penalty: float = knob(1.0, float, "Penalty of repeated tokens (1: none).", ("--repeat-penalty",), 0,
+                                 MAX_REPEAT_PENALTY)
+    repeat_last_n: int = knob(64, int, "How many of the last tokens the repeat penalty looks at.",
+                              ("--repeat-last-n",), 0, MAX_CONTEXT)
+    seed: Optional[int] = knob(None, int, "Random seed.", ("--seed",), 0, MAX_SEED)
+    max_tokens: Optional[int] = knob(None, int, "Most tokens in a reply.", ("-n", "--max-tokens"), 0,
+                                     MAX_CONTEXT)  # None = until the context is full
 
     def __post_init__(self) -> None:
         checks = [
@@ -43,11 +69,19 @@ class SamplingParams:
         unknown = sorted(set(changes) - names)
         if unknown:
             raise InputError(f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return replace(self, **{k: v for k, v in changes.items() if v is not None or k in ("seed", "max_tokens")})
+        return replace(self, **{k: v for k, v in changes.items() if v is not None or k in NULLABLE})
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0 or self.top_k == 1
+
+
+def knobs() -> dict[str, Knob]:
+    """Every sampling parameter by name, in declaration order."""
+    return {f.name: f.metadata["knob"] for f in fields(SamplingParams)}
+
+
+NULLABLE = tuple(f.name for f in fields(SamplingParams) if f.default is None)  # "none" clears them
 
 
 class Sampler:

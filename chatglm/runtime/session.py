@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Callable, Generator, Optional, Sequence
 from chatglm.errors import ContextOverflowError, InputError
 from chatglm.fsutil import atomic_output
 from chatglm.runtime.chatfiles import FILE_KIND, FILE_VERSION, read_conversation
+from chatglm.runtime.generation import (Generation, GenerationStats, MessagesLike, ModelBusyError, as_conversation,
+                                        drain)
 from chatglm.runtime.messages import Message
 from chatglm.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
-    from chatglm.runtime.model import Generation, GenerationStats, MessagesLike, Model
+    from chatglm.runtime.model import Model
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ class ChatSession:
         return sys_msg.tools if sys_msg is not None else None
 
     @property
-    def last_stats(self) -> "GenerationStats":
+    def last_stats(self) -> GenerationStats:
         return self.model.last_stats
 
     @property
@@ -120,17 +122,13 @@ class ChatSession:
         self.reset([sys_msg, *rest] if sys_msg else rest)
 
     # -- turns ------------------------------------------------------------------------------------------------
-    def chat(self, content: "MessagesLike", *, cancel: Optional[threading.Event] = None, **sampling) -> Message:
+    def chat(self, content: MessagesLike, *, cancel: Optional[threading.Event] = None, **sampling) -> Message:
         """Send a user message (or messages, e.g. an observation) and return the reply."""
-        from chatglm.runtime.model import drain
-
         return drain(self.stream_chat(content, cancel=cancel, **sampling))
 
-    def stream_chat(self, content: "MessagesLike", *, cancel: Optional[threading.Event] = None,
+    def stream_chat(self, content: MessagesLike, *, cancel: Optional[threading.Event] = None,
                     **sampling) -> Generator[str, None, Message]:
         """Send a user message (or messages) and yield the reply's visible text; ``last_reply`` afterwards."""
-        from chatglm.runtime.model import as_conversation
-
         new = as_conversation(content)
         if not new:
             raise InputError("nothing to send: give a message")
@@ -141,8 +139,6 @@ class ChatSession:
     def _turn(self, new: list[Message], params: SamplingParams, cancel: Optional[threading.Event], version: int,
               prompt: tuple[list[int], list[Message], int]) -> Generator[str, None, Message]:
         if not self._lock.acquire(blocking=False):
-            from chatglm.runtime.model import ModelBusyError
-
             raise ModelBusyError("this chat session is already answering (one turn at a time)")
         try:
             if version != self._version:  # the conversation moved on between the call and the first next()
@@ -153,7 +149,7 @@ class ChatSession:
         finally:
             self._lock.release()
 
-    def _commit(self, gen: "Generation", kept: list[Message], new: list[Message], dropped: int) -> Message:
+    def _commit(self, gen: Generation, kept: list[Message], new: list[Message], dropped: int) -> Message:
         """Record a finished turn (a reply cancelled before its first token leaves the conversation as it was)."""
         reply = gen.reply or Message("assistant", "")
         self.last_reply = reply

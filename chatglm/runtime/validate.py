@@ -17,12 +17,9 @@ import numpy as np
 from chatglm import limits
 from chatglm.errors import InputError
 from chatglm.gguf_file import ArrayRef, GGUFHeader
+from chatglm.runtime.kv_types import KV_TYPES
 from chatglm.runtime.validate_tensors import LLAMA_ARCHS, LlamaArch, expected_tensors
 
-# KV cache type -> (ggml type id, block size in elements, bytes per block): the one table of KV cache types.
-KV_CACHE = {"f16": (1, 1, 2), "f32": (0, 1, 4), "bf16": (30, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18),
-            "q4_1": (3, 32, 20), "q5_0": (6, 32, 22), "q5_1": (7, 32, 24)}
-KV_BLOCK = {name: block for name, (_, block, _) in KV_CACHE.items()}
 MAX_INT = 2**31 - 1
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 TOKEN_TYPE_BYTE = 6
@@ -360,14 +357,14 @@ def _check_name_quirks(header: GGUFHeader, texts: set[str]) -> None:
 
 def check_kv_type(kv_type: Any) -> str:
     """The KV cache type, or a one-line error naming the choices."""
-    if not isinstance(kv_type, str) or kv_type not in KV_CACHE:
-        raise InputError(f"unknown KV cache type {_show(kv_type)}; choose from {', '.join(KV_CACHE)}")
+    if not isinstance(kv_type, str) or kv_type not in KV_TYPES:
+        raise InputError(f"unknown KV cache type {_show(kv_type)}; choose from {', '.join(KV_TYPES)}")
     return kv_type
 
 
 def check_kv_head(header: GGUFHeader, kv_type: str) -> None:
     """llama.cpp refuses a quantized KV cache whose block does not divide the head size: say so plainly."""
-    block = KV_BLOCK[check_kv_type(kv_type)]
+    block = KV_TYPES[check_kv_type(kv_type)].block
     n_head = header.arch_get("attention.head_count") or 1
     n_head = n_head if type(n_head) is int else 1
     head_dim = header.arch_get("attention.key_length") or (header.arch_get("embedding_length") or 0) // n_head
@@ -387,7 +384,7 @@ def resolve_flash_attn(kv_type: str, flash_attn: Optional[bool]) -> tuple[Option
             raise InputError("an f32 KV cache needs flash attention off (llama.cpp's flash attention stores K and V "
                              "in f16); drop --flash-attn or choose another --kv-type")
         return False, "f32 KV cache: flash attention off (llama.cpp's flash attention would keep K/V in f16)"
-    if KV_BLOCK[kv_type] > 1:
+    if KV_TYPES[kv_type].quantized:
         if flash_attn is False:
             raise InputError(f"a quantized KV cache ({kv_type}) needs flash attention; drop --no-flash-attn or "
                              "choose f16/f32")

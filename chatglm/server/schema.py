@@ -3,8 +3,9 @@
 Fields OpenAI defines that do not change what a local model does (``user``, ``metadata``, ``store``,
 ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``parallel_tool_calls``, ...) are accepted and ignored;
 fields that would change the answer in a way we cannot honour (``n`` > 1, ``logprobs``, a JSON ``response_format``,
-``echo``, ``suffix``, ``best_of`` > 1) are refused with a 400 rather than silently dropped. ``top_k`` and
-``repeat_penalty`` are accepted as extensions, as llama.cpp's server does.
+``echo``, ``suffix``, ``best_of`` > 1) are refused with a 400 rather than silently dropped. ``top_k``,
+``repeat_penalty`` and ``repeat_last_n`` are accepted as extensions, as llama.cpp's server does. The sampling fields
+are :class:`~chatglm.runtime.sampling.SamplingParams`'s (a test checks that every one of them is here).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from chatglm.runtime.sampling import MAX_TOP_K, knobs
 from chatglm.server.errors import APIError, invalid
 
 MAX_STOPS = 4
@@ -20,7 +22,6 @@ MAX_STOP_CHARS = 512  # a stop string is held back while it might match: its len
 MAX_MESSAGES = 10_000
 MAX_TOOLS = 256
 MAX_TOKENS = (1 << 31) - 1  # llama.cpp counts tokens in int32; any context is far smaller
-MAX_TOP_K = (1 << 31) - 1  # llama_sampler_init_top_k takes an int32
 MAX_SEED = (1 << 64) - 1  # the native sampler uses the low 32 bits, numpy's generator any unsigned value
 MAX_PENALTY = 1e6
 
@@ -61,6 +62,7 @@ class Sampling(_Lenient):
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
     top_k: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_K)
     repeat_penalty: Optional[float] = Field(default=None, gt=0, le=MAX_PENALTY)
+    repeat_last_n: Optional[int] = Field(default=None, ge=0, le=MAX_TOKENS)
     max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS)
     seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
     stop: Optional[Union[str, list[str]]] = None
@@ -88,8 +90,7 @@ class Sampling(_Lenient):
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Model.chat`` / ``stream_chat`` / ``generate`` (only the fields given)."""
-        names = ("temperature", "top_p", "top_k", "repeat_penalty", "seed", "max_tokens")
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in knobs() if getattr(self, k) is not None}
 
 
 class ChatRequest(Sampling):

@@ -21,11 +21,3 @@ FAMILY = Descriptor(
     causal_prefix=("[gMASK]", "<sop>"),
     vocabulary="ice_text.model (SentencePiece; image tokens first, blank and byte pieces)",
 )
-
-# GGUF metadata keys of our own, written by convert.py and read by the GLM-1 engine (the standard ones come from
-# GGUFWriter helpers).
-KEY_SPM_MODEL = f"{FAMILY.arch}.tokenizer.sentencepiece_model"  # uint8[]: the (completed) ice_text.model
-KEY_IMAGE_TOKENS = f"{FAMILY.arch}.tokenizer.image_tokens"  # u32: ids below it are <image_N>
-KEY_MAX_BLANK = f"{FAMILY.arch}.tokenizer.max_blank_length"  # u32: longest <|blank_N|> piece
-KEY_GMASK = f"{FAMILY.arch}.gmask_token_id"
-KEY_END = f"{FAMILY.arch}.end_token_id"  # "</s>"

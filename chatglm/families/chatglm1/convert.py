@@ -22,9 +22,7 @@ from chatglm.convert.vocab_ice import (
     BYTE,
     CONTROL,
     DEFAULT_IMAGE_TOKENS,
-    MAX_BLANK,
     NORMAL,
-    SPECIAL_PIECES,
     UNKNOWN,
     UNUSED,
     USER_DEFINED,
@@ -32,9 +30,10 @@ from chatglm.convert.vocab_ice import (
     load_ice_vocab,
 )
 from chatglm.errors import InputError, UnsupportedModelError
-from chatglm.families.chatglm1 import (FAMILY, KEY_END, KEY_GMASK, KEY_IMAGE_TOKENS, KEY_MAX_BLANK,
-                                       KEY_SPM_MODEL)
+from chatglm.families.chatglm1 import FAMILY
 from chatglm.limits import MAX_NORM_EPS
+from chatglm.schema import keys
+from chatglm.schema.ice import MAX_BLANK, SPECIAL_PIECES
 
 T = gguf.MODEL_TENSOR
 ARCH = FAMILY.arch
@@ -55,7 +54,6 @@ TENSOR_MAP: dict[T, str] = {
     T.OUTPUT: "lm_head",
 }
 LAYER_KINDS = (T.ATTN_NORM, T.ATTN_QKV, T.ATTN_OUT, T.FFN_NORM, T.FFN_UP, T.FFN_DOWN)
-
 
 _GGUF_TYPE = {NORMAL: gguf.TokenType.NORMAL, UNKNOWN: gguf.TokenType.UNKNOWN, CONTROL: gguf.TokenType.CONTROL,
               USER_DEFINED: gguf.TokenType.USER_DEFINED, UNUSED: gguf.TokenType.UNUSED, BYTE: gguf.TokenType.BYTE}
@@ -233,13 +231,13 @@ def write_ice_vocab(w: gguf.GGUFWriter, v: IceVocab, n_vocab: int, ids: dict[str
     w.add_unk_token_id(ids["unk"])
     w.add_pad_token_id(ids["pad"])
     w.add_mask_token_id(ids["mask"])
-    w.add_uint32(KEY_GMASK, ids["gmask"])
-    w.add_uint32(KEY_END, ids["end"])
+    w.add_uint32(keys.GLM1_GMASK, ids["gmask"])
+    w.add_uint32(keys.GLM1_END, ids["end"])
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-    w.add_uint32(KEY_IMAGE_TOKENS, v.image_tokens)
-    w.add_uint32(KEY_MAX_BLANK, MAX_BLANK)
-    w.add_array(KEY_SPM_MODEL, v.proto)
+    w.add_uint32(keys.GLM1_IMAGE_TOKENS, v.image_tokens)
+    w.add_uint32(keys.GLM1_MAX_BLANK, MAX_BLANK)
+    w.add_array(keys.GLM1_SPM_MODEL, v.proto)
 
 
 CONVERTER = ChatGLM1

@@ -15,7 +15,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from chatglm.families.chatglm1 import KEY_END, KEY_GMASK
 from chatglm.errors import Cancelled, ContextOverflowError, InputError, ModelRuntimeError
 from chatglm.ggml.backend import Allocator, Backend, Buffer, cpu_buffer_type, tensor_get, tensor_set
 from chatglm.ggml.ops import Graph
@@ -26,6 +25,8 @@ from chatglm.runtime.glm1 import graph as G
 from chatglm.runtime.glm1 import layout
 from chatglm.runtime.glm1.tokenizer import GLM1Tokenizer
 from chatglm.runtime.glm1.weights import ModelWeights, load_weights
+from chatglm.runtime.kv_types import GLM1_KV_TYPES, KV_TYPES
+from chatglm.schema import keys
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class GLM1Engine(Engine):
             self.model: ModelWeights = self._own(load_weights(header, self.cfg, self.backend, repack, on_progress))
             if self.model.repacked:  # ggml logs each one at debug level; one line here for --verbose
                 log.info("%s: %d weight matrices repacked for this CPU's kernels", header.path, self.model.repacked)
-            self.kv, kv_parts = _new_cache(self.cfg, n_ctx, G.KV_TYPES[kv_type])
+            self.kv, kv_parts = _new_cache(self.cfg, n_ctx, KV_TYPES[kv_type].ggml_type)
             self._parts += kv_parts
             self.allocator = self._own(Allocator(cpu_buffer_type()))
         except BaseException:
@@ -183,8 +184,8 @@ class GLM1Engine(Engine):
 
 def _check_settings(cfg: G.GLM1Config, n_ctx: int, n_batch: int, n_threads: int, kv_type: str, n_gpu_layers: int,
                     flash_attn: Optional[bool], header: GGUFHeader) -> None:
-    if kv_type not in G.KV_TYPES:
-        raise InputError(f"the GLM-1 engine keeps its KV cache in {' or '.join(G.KV_TYPES)}, not {kv_type!r}")
+    if kv_type not in GLM1_KV_TYPES:
+        raise InputError(f"the GLM-1 engine keeps its KV cache in {' or '.join(GLM1_KV_TYPES)}, not {kv_type!r}")
     if n_ctx < 1 or n_batch < 1 or n_threads < 1:
         raise InputError(f"context ({n_ctx}), batch ({n_batch}) and thread ({n_threads}) counts must be positive")
     if n_ctx > cfg.n_ctx_train:
@@ -200,7 +201,8 @@ def _check_settings(cfg: G.GLM1Config, n_ctx: int, n_batch: int, n_threads: int,
 def _special_ids(header: GGUFHeader, cfg: G.GLM1Config) -> dict[str, int]:
     ids = {}
     for name, key in (("bos", "tokenizer.ggml.bos_token_id"), ("eos", "tokenizer.ggml.eos_token_id"),
-                      ("mask", "tokenizer.ggml.mask_token_id"), ("gmask", KEY_GMASK), ("end", KEY_END)):
+                      ("mask", "tokenizer.ggml.mask_token_id"), ("gmask", keys.GLM1_GMASK),
+                      ("end", keys.GLM1_END)):
         value = header.get(key, ids.get("eos") if name == "end" else None)
         if type(value) is not int or not 0 <= value < cfg.n_vocab:
             raise InputError(f"GGUF lacks a valid {key}", header.path)

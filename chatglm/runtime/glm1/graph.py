@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatglm.errors import InputError
-from chatglm.ggml.ops import BF16, F16, F32, I32, Graph, Tensor
+from chatglm.ggml.ops import F32, I32, Graph, Tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)  # the published gelu_impl's 0.7978845608028654
 TENSORS_PER_LAYER = 64  # an upper bound on the tensors one layer's builders create (43 today)
@@ -204,5 +204,3 @@ def build(cfg: GLM1Config, weights: Weights, kv: KVCache, n_past: int, n_tokens:
         g.close()
         raise
 
-
-KV_TYPES = {"f16": F16, "f32": F32, "bf16": BF16}

@@ -1,5 +1,5 @@
 """ChatGLM-6B's tokenizer from a ``chatglm1`` GGUF: the stored ice_text SentencePiece model plus the published
-tokenizer's normalisation and image-token id offset (see :mod:`chatglm.convert.vocab_ice`)."""
+tokenizer's normalisation and image-token id offset (see :mod:`chatglm.schema.ice`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from chatglm.families.chatglm1 import KEY_IMAGE_TOKENS, KEY_MAX_BLANK, KEY_SPM_MODEL
-from chatglm.convert.vocab_ice import NEWLINE_PIECE, TAB_PIECE, blank_piece
 from chatglm.errors import InputError
+from chatglm.schema.ice import NEWLINE_PIECE, TAB_PIECE, blank_piece
+from chatglm.schema import keys
 
 SPACE = "\u2581"
 UNK_SURFACE = " \u2047 "  # what SentencePiece decodes an unknown piece to
@@ -18,16 +18,16 @@ UNK_SURFACE = " \u2047 "  # what SentencePiece decodes an unknown piece to
 
 class GLM1Tokenizer:
     def __init__(self, header: Any):
-        raw = header.array(KEY_SPM_MODEL)
+        raw = header.array(keys.GLM1_SPM_MODEL)
         if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.size == 0:
-            raise InputError(f"GGUF lacks {KEY_SPM_MODEL} (the ice_text SentencePiece model)", header.path)
+            raise InputError(f"GGUF lacks {keys.GLM1_SPM_MODEL} (the ice_text SentencePiece model)", header.path)
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(raw.tobytes())
         except (RuntimeError, OSError) as exc:
-            raise InputError(f"{KEY_SPM_MODEL} is not a SentencePiece model ({exc})", header.path) from None
-        self.image_tokens = _u32(header, KEY_IMAGE_TOKENS)
-        self.max_blank = _u32(header, KEY_MAX_BLANK)
+            raise InputError(f"{keys.GLM1_SPM_MODEL} is not a SentencePiece model ({exc})", header.path) from None
+        self.image_tokens = _u32(header, keys.GLM1_IMAGE_TOKENS)
+        self.max_blank = _u32(header, keys.GLM1_MAX_BLANK)
         self.n_vocab = len(header.get("tokenizer.ggml.tokens") or [])
         self.n_pieces = self.sp.vocab_size()
         if self.image_tokens + self.n_pieces > self.n_vocab or self.max_blank < 1:

@@ -33,7 +33,6 @@ LAYER_FIELDS = {  # LayerWeights field -> GGUF name inside blk.N.
     "ffn_norm": "ffn_norm.weight", "ffn_norm_b": "ffn_norm.bias", "ffn_up": "ffn_up.weight",
     "ffn_up_b": "ffn_up.bias", "ffn_down": "ffn_down.weight", "ffn_down_b": "ffn_down.bias",
 }
-MATMUL_FIELDS = ("qkv", "attn_out", "ffn_up", "ffn_down")
 SMALL_TYPES = {int(gguf.GGMLQuantizationType.F32): np.float32, int(gguf.GGMLQuantizationType.F16): np.float16,
                int(gguf.GGMLQuantizationType.BF16): np.uint16}
 

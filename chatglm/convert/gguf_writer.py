@@ -1,9 +1,11 @@
-"""The one path every metadata value takes into a GGUF we write: a range check per GGUF type, then gguf-py.
+"""Writing GGUF files: every converted model, requantized model and LoRA adapter goes through here.
 
-gguf-py packs values with ``struct`` when the header is written, long after they were added: a uint32 of 2**40, a
-negative count, a float32 of 1e40 or an array of mixed item types fails there with a struct.error or ValueError
-traceback (or, for floats, silently becomes inf). :class:`CheckedWriter` checks each value when it is added and
-raises one InputError naming the file the value came from and the GGUF key.
+- :class:`CheckedWriter`: gguf-py's writer, with every metadata value checked when it is added. gguf-py packs
+  values with ``struct`` when the header is written, long after they were added: a uint32 of 2**40, a negative count,
+  a float32 of 1e40 or an array of mixed item types fails there with a struct.error or ValueError traceback (or, for
+  floats, silently becomes inf). The check raises one InputError naming the file the value came from and the GGUF key.
+- :func:`write_header`: the metadata and the tensor table, written and closed, before any tensor data.
+- :class:`DataSection`: the tensor data after that header, a block at a time (tensors stream, never all in memory).
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, BinaryIO, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import gguf
+import numpy as np
 
 from chatglm.convert.config_types import shown
 from chatglm.errors import InputError
 from chatglm.limits import FLOAT32_MAX
 
 V = gguf.GGUFValueType
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
 
 # Integer GGUF types -> (lowest, highest) value.
 INT_RANGES: dict[V, tuple[int, int]] = {
@@ -123,3 +127,60 @@ class CheckedWriter(gguf.GGUFWriter):
         if problem:
             raise InputError(f"the value for GGUF key {key} {problem}", self.source)
         super().add_key_value(key, val, vtype, sub_type)
+
+
+def display_name(folder: Path) -> str:
+    """The folder's name as valid UTF-8 for general.name (undecodable bytes in a file name become U+FFFD)."""
+    return os.fsencode(folder.resolve().name).decode("utf-8", errors="replace")
+
+
+class TensorInfo(NamedTuple):
+    """One row of the tensor table: numpy-order shape (the row last), the stored type, the bytes it takes."""
+
+    name: str
+    shape: Sequence[int]
+    qtype: gguf.GGMLQuantizationType
+    nbytes: int
+
+
+def write_header(writer: gguf.GGUFWriter, tensors: Iterable[TensorInfo]) -> int:
+    """Write the metadata added so far and the tensor table, then close the writer; returns the data alignment.
+    The tensor data follows through a :class:`DataSection` on the same file."""
+    for t in tensors:
+        # The shape is given in elements (not bytes), so the dtype argument only has to differ from uint8.
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return writer.data_alignment
+
+
+class DataSection:
+    """Writes the tensor data after a header written (and closed) by :func:`write_header`, one block at a time.
+
+    The layout is GGUFWriter's: every tensor starts at a multiple of ``alignment`` and is padded with zeros to one.
+    """
+
+    def __init__(self, fh: BinaryIO, alignment: int, total: int, progress: Optional[Progress] = None):
+        self.fh, self.alignment, self.total, self.progress = fh, alignment, total, progress
+        self.done = 0
+        fh.seek(0, os.SEEK_END)
+
+    def _pad(self) -> None:
+        pos = self.fh.tell()
+        self.fh.write(bytes(gguf.GGUFWriter.ggml_pad(pos, self.alignment) - pos))
+
+    def write(self, name: str, nbytes: int, blocks: Iterable[np.ndarray]) -> None:
+        """One tensor of ``nbytes`` bytes, given as consecutive blocks of its data."""
+        self._pad()
+        written = 0
+        for block in blocks:
+            self.fh.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+            written += block.nbytes
+            self.done += block.nbytes
+            if self.progress:
+                self.progress(self.done, self.total, name)
+        if written != nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes, planned {nbytes}")
+        self._pad()

@@ -1,0 +1,27 @@
+"""``chatglm.load``: the runtime's :func:`chatglm.runtime.model.load`, plus the bundled demo model when no path is
+given. The demo's first-use conversion starts here (as it does in the CLI's ``run`` and ``serve``), so the runtime
+itself only ever reads GGUF files and has no path to the converter."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from chatglm.runtime import model as runtime
+from chatglm.runtime.sampling import SamplingParams
+
+
+def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
+         n_gpu_layers: int = 0, flash_attn: Optional[bool] = None, kv_type: str = "f16",
+         chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
+         on_progress: Optional[runtime.ProgressCallback] = None,
+         lora: Sequence[tuple[os.PathLike | str, float]] = ()) -> runtime.Model:
+    """Load a GGUF (or, with no path, the bundled demo model, converted into the cache on first use) and return a
+    :class:`~chatglm.runtime.model.Model`; the keywords are :func:`chatglm.runtime.model.load`'s."""
+    if path is None:
+        from chatglm.demo import demo_gguf
+
+        path = demo_gguf()
+    return runtime.load(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                        kv_type=kv_type, chat_format=chat_format, sampling=sampling, on_progress=on_progress,
+                        lora=lora)

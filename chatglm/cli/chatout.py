@@ -1,0 +1,33 @@
+"""What a chat prints besides the reply, shared by ``chatglm run -p`` and the interactive chat (:mod:`chatglm.cli.repl`):
+tool calls, context notes, the ``--verbose`` stats line."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def context_notes(m, dropped: int) -> list[str]:
+    """What the user should know about the context after a reply: old messages dropped, a reply cut off by it.
+
+    Notes go to stderr on their own line after the reply (or to ``notes`` in --json), never into the reply."""
+    n_ctx, s = m.info.n_ctx, m.last_stats
+    notes = []
+    if dropped:
+        notes.append(f"the conversation outgrew the context of {n_ctx} tokens; its {dropped} oldest messages were "
+                     "dropped to make room (the system message stays)")
+    if s.finish_reason == "length" and s.prompt_tokens + s.generated_tokens >= n_ctx:
+        notes.append(f"the reply was cut off at the end of the context of {n_ctx} tokens (--ctx gives more)")
+    return notes
+
+
+def format_tool_call(call) -> str:
+    args = call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments, ensure_ascii=False)
+    return f"[tool call] {call.name}({args})"
+
+
+def print_stats(m) -> None:
+    s = m.last_stats
+    typer.echo(f"[prompt {s.prompt_tokens} tokens ({s.evaluated_tokens} evaluated, {s.prefill_tps:.1f} tok/s), "
+               f"reply {s.generated_tokens} tokens ({s.decode_tps:.1f} tok/s), {s.finish_reason}]", err=True)

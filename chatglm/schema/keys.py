@@ -1,0 +1,16 @@
+"""GGUF metadata keys of our own. The standard ones (``general.*``, ``tokenizer.ggml.*``, ``<arch>.*``) are
+gguf-py's :class:`gguf.Keys`; these are the ones llama.cpp does not define."""
+
+from __future__ import annotations
+
+# Written into every converted model (glm.converter into LoRA adapters too).
+FAMILY = "glm.family"  # str: the converter family, e.g. "chatglm3"
+CHAT_FORMAT = "glm.chat_format"  # str: the prompt format the runtime uses, e.g. "glm4-0414"
+CONVERTER = "glm.converter"  # str: "chatglm <version>[ <what was merged>]"
+
+# Keys of the GLM-1 engine's own architecture (first-generation ChatGLM-6B), which llama.cpp does not know.
+GLM1_SPM_MODEL = "chatglm1.tokenizer.sentencepiece_model"  # uint8[]: the (completed) ice_text.model
+GLM1_IMAGE_TOKENS = "chatglm1.tokenizer.image_tokens"  # u32: ids below it are <image_N>
+GLM1_MAX_BLANK = "chatglm1.tokenizer.max_blank_length"  # u32: longest <|blank_N|> piece
+GLM1_GMASK = "chatglm1.gmask_token_id"  # u32: [gMASK]
+GLM1_END = "chatglm1.end_token_id"  # u32: "</s>"
