@@ -40,7 +40,21 @@ def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
     n_head_kv = _size(header, "attention.head_count_kv", n_head)
     head_k = _size(header, "attention.key_length", n_embd // n_head)
     head_v = _size(header, "attention.value_length", head_k)
+    if header.arch_get("attention.kv_lora_rank") is not None:
+        return _mla_kv_per_token(header, n_layer, head_k) * KV_TYPES[kv_type].bytes_per_element
     return n_layer * n_head_kv * (head_k + head_v) * KV_TYPES[kv_type].bytes_per_element
+
+
+def _mla_kv_per_token(header: GGUFHeader, n_layer: int, head_k: int) -> int:
+    """Latent attention caches K only (the latent and the rope key: key_length = kv_lora_rank + rope dims, V is a
+    view of it) for the trunk layers (the NextN/MTP blocks are not attended by the main context); the DSA indexer
+    caches one key of attention.indexer.key_length per token for each layer that runs it."""
+    nextn = header.arch_get("nextn_predict_layers")
+    n_trunk = max(0, n_layer - (nextn if type(nextn) is int and 0 <= nextn < n_layer else 0))
+    index_dim = _size(header, "attention.indexer.key_length", 0)
+    types = header.arch_get("attention.indexer.types")
+    n_full = sum(map(bool, types)) if isinstance(types, list) else n_trunk
+    return n_trunk * head_k + (min(n_full, n_trunk) * index_dim if index_dim else 0)
 
 
 def _size(header: GGUFHeader, key: str, default: int) -> int:

@@ -45,6 +45,7 @@ class HParams:
     n_expert_shared: int = 0
     n_ff_exp: int = 0
     n_dense_lead: int = 0
+    mla: Optional["MlaHParams"] = None  # latent attention and the DSA indexer (glm-dsa)
 
     @property
     def n_layer(self) -> int:
@@ -127,16 +128,81 @@ def hparams(header: GGUFHeader) -> HParams:
         raise _fail(header, f"embedding_length {n_embd} is not a multiple of head_count {n_head}")
     head_k = _int(header, "attention.key_length", default=n_embd // n_head)
     head_v = _int(header, "attention.value_length", default=n_embd // n_head)
-    if head_v != head_k:
+    arch = _llama_arch(header)
+    if head_v != head_k and not arch.mla:
         raise _fail(header, f"value_length {head_v} differs from key_length {head_k}; GLM attention needs them equal")
-    if _llama_arch(header).square_attention and head_k * n_head != n_embd:
+    if arch.square_attention and head_k * n_head != n_embd:
         raise _fail(header, f"key_length {head_k} x head_count {n_head} is not embedding_length {n_embd}, as the "
                             "chatglm architecture's attention output needs")
     _check_rope(header, head_k)
     _float(header, "attention.layer_norm_rms_epsilon", required=True)
     n_vocab = _vocab_size(header)
+    mla = _mla(header, n_layer - n_nextn, n_head_kv, head_k, head_v) if arch.mla else None
     return HParams(header.arch, n_layer, n_nextn, n_embd, n_head, n_head_kv, head_k, head_v, n_ff, n_vocab,
-                   **_experts(header, n_layer, n_ff))
+                   **_experts(header, n_layer, n_ff), mla=mla)
+
+
+@dataclass(frozen=True)
+class MlaHParams:
+    """What glm-dsa's load_arch_hparams reads beyond the common keys (src/models/glm-dsa.cpp)."""
+
+    q_lora: int
+    kv_lora: int
+    head_k_mla: int  # per-head q/k size once decompressed: nope + rope
+    head_v_mla: int
+    n_rot: int
+    index_heads: int
+    index_dim: int
+    index_full: tuple[bool, ...]  # per trunk layer: runs its own indexer
+
+
+# llama.cpp's default pattern (context_length >= 2^20, no indexer.types): 1 1, then 1 0 0 0 to layer 78, then 0
+GLM_5_2_FULL_INDEXERS, GLM_5_2_LISTED = 2, 78
+
+
+def _mla(header: GGUFHeader, n_trunk: int, n_head_kv: int, head_k: int, head_v: int) -> MlaHParams:
+    """glm-dsa: the MQA storage of latent attention and the lightning indexer, each constraint llama.cpp's loader
+    or graph asserts on (or dereferences a null tensor over) checked first."""
+    q_lora = _int(header, "attention.q_lora_rank", required=True)
+    kv_lora = _int(header, "attention.kv_lora_rank", required=True)
+    head_k_mla = _int(header, "attention.key_length_mla", required=True)  # without it: "requires MLA" (throws)
+    head_v_mla = _int(header, "attention.value_length_mla", required=True)
+    n_rot = header.arch_get("rope.dimension_count")
+    n_rot = n_rot if type(n_rot) is int else head_k
+    if n_head_kv != 1:
+        raise _fail(header, f"head_count_kv is {n_head_kv}; {header.arch} stores latent attention as MQA (1)")
+    if head_k != kv_lora + n_rot or head_v != kv_lora:
+        raise _fail(header, f"key_length {head_k} / value_length {head_v} must be kv_lora_rank + rope dims "
+                            f"({kv_lora} + {n_rot}) / kv_lora_rank ({kv_lora})")
+    if n_rot >= head_k_mla:
+        raise _fail(header, f"rope.dimension_count {n_rot} leaves no non-rope dims of key_length_mla {head_k_mla}")
+    heads = _int(header, "attention.indexer.head_count", required=True)
+    dim = _int(header, "attention.indexer.key_length", required=True)
+    _int(header, "attention.indexer.top_k", required=True)
+    if dim < 64 or dim & (dim - 1):
+        raise _fail(header, f"attention.indexer.key_length {dim} must be a power of two >= 64 (llama.cpp's "
+                            "Hadamard rotation of the indexer asserts otherwise)")
+    if n_rot > dim:
+        raise _fail(header, f"rope.dimension_count {n_rot} is more than attention.indexer.key_length {dim}")
+    return MlaHParams(q_lora, kv_lora, head_k_mla, head_v_mla, n_rot, heads, dim, _indexer_types(header, n_trunk))
+
+
+def _indexer_types(header: GGUFHeader, n_trunk: int) -> tuple[bool, ...]:
+    key = "attention.indexer.types"
+    value = header.arch_get(key)
+    if value is None:  # llama.cpp: all full before GLM-5.2 (context below 2^20), else its GLM-5.2 pattern
+        if (header.arch_get("context_length") or 0) < 2**20:
+            return (True,) * n_trunk
+        return tuple(i < GLM_5_2_FULL_INDEXERS or (i < GLM_5_2_LISTED and (i - GLM_5_2_FULL_INDEXERS) % 4 == 0)
+                     for i in range(n_trunk))
+    if isinstance(value, ArrayRef):
+        value = header.array(f"{header.arch}.{key}").tolist()
+    if not isinstance(value, list) or len(value) != n_trunk or not all(type(v) in (bool, int) for v in value):
+        raise _fail(header, f"{header.arch}.{key} must hold one flag per trunk layer ({n_trunk}), got {_show(value)}")
+    if not value[0]:
+        raise _fail(header, f"{header.arch}.{key} marks layer 0 'shared'; llama.cpp asserts the first layer runs "
+                            "the indexer")
+    return tuple(bool(v) for v in value)
 
 
 def _check_rope(header: GGUFHeader, head_dim: int) -> None:

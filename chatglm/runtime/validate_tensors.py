@@ -1,6 +1,6 @@
 """Every tensor llama.cpp's loaders create for the GLM architectures, with the shape its hyperparameters give.
 
-Read from ``load_arch_tensors`` of src/models/chatglm.cpp, glm4.cpp and glm4-moe.cpp and ``create_tensor_qkv`` in
+Read from ``load_arch_tensors`` of src/models/chatglm.cpp, glm4.cpp, glm4-moe.cpp and glm-dsa.cpp and ``create_tensor_qkv`` in
 llama-model.cpp (llama-cpp-python 0.3.36). Shapes are in ggml order (ne[0], the row length, first). The table is
 built per layer, so its size is O(block_count) with block_count already bounded by LLAMA_MAX_LAYERS.
 """
@@ -82,6 +82,41 @@ def _glm4moe_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
     return {**spec, **_nextn(hp, p, required)} if il >= hp.n_layer else spec
 
 
+def _glm_dsa_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
+    """src/models/glm-dsa.cpp: MLA (q and kv latents, k_b/v_b split), the DSA indexer (llama.cpp marks it optional;
+    a full trunk layer without it would multiply by a null tensor, so it is required there), GLM-4.5's experts."""
+    mla, p, e, ff, ne = hp.mla, f"blk.{il}.", hp.n_embd, hp.n_ff, hp.n_expert
+    if il < hp.n_layer:  # as glm4moe: trunk optional in an MTP-only file, MTP optional in a trunk-only one
+        required = not (hp.n_nextn and "blk.0.attn_norm.weight" not in names)
+    else:
+        required = f"blk.{hp.n_layer}.nextn.eh_proj.weight" in names
+    nope, h, d, q = mla.head_k_mla - mla.n_rot, hp.n_head, mla.index_dim, mla.q_lora
+    spec = {f"{p}attn_norm.weight": ((e,), required), f"{p}attn_q_a_norm.weight": ((q,), required),
+            f"{p}attn_kv_a_norm.weight": ((mla.kv_lora,), required), f"{p}attn_q_a.weight": ((e, q), required),
+            f"{p}attn_q_b.weight": ((q, h * mla.head_k_mla), required),
+            f"{p}attn_kv_a_mqa.weight": ((e, mla.kv_lora + mla.n_rot), required),
+            f"{p}attn_k_b.weight": ((nope, mla.kv_lora, h), required),
+            f"{p}attn_v_b.weight": ((mla.kv_lora, mla.head_v_mla, h), required),
+            f"{p}attn_output.weight": ((h * mla.head_v_mla, e), required), f"{p}ffn_norm.weight": ((e,), required)}
+    indexer = required and il < hp.n_layer and mla.index_full[il]
+    spec.update({f"{p}indexer.k_norm.weight": ((d,), False), f"{p}indexer.k_norm.bias": ((d,), False),
+                 f"{p}indexer.proj.weight": ((e, mla.index_heads), indexer),
+                 f"{p}indexer.attn_k.weight": ((e, d), indexer),
+                 f"{p}indexer.attn_q_b.weight": ((q, mla.index_heads * d), indexer)})
+    if il >= hp.n_dense_lead:
+        fe, fs = hp.n_ff_exp, hp.n_ff_exp * hp.n_expert_shared
+        spec.update({f"{p}ffn_gate_inp.weight": ((e, ne), required), f"{p}exp_probs_b.bias": ((ne,), False),
+                     f"{p}ffn_gate_exps.weight": ((e, fe, ne), required),
+                     f"{p}ffn_down_exps.weight": ((fe, e, ne), required),
+                     f"{p}ffn_up_exps.weight": ((e, fe, ne), required),
+                     f"{p}ffn_gate_shexp.weight": ((e, fs), required), f"{p}ffn_down_shexp.weight": ((fs, e), required),
+                     f"{p}ffn_up_shexp.weight": ((e, fs), required)})
+    else:
+        spec.update({f"{p}ffn_gate.weight": ((e, ff), required), f"{p}ffn_down.weight": ((ff, e), required),
+                     f"{p}ffn_up.weight": ((e, ff), required)})
+    return {**spec, **_nextn(hp, p, required)} if il >= hp.n_layer else spec
+
+
 @dataclass(frozen=True)
 class LlamaArch:
     """What llama.cpp's loader of one of its architectures builds and requires (llama.cpp's facts, keyed by its own
@@ -91,6 +126,7 @@ class LlamaArch:
     square_attention: bool = False  # attn_output is n_embd x n_embd: head_count x key_length must be n_embd
     experts: bool = False  # expert layers required (others must have none)
     reads_nextn: bool = True  # NextN (MTP) blocks after the trunk are loaded
+    mla: bool = False  # multi-head latent attention stored as MQA: key_length and value_length differ
 
 
 _ARCH = gguf.MODEL_ARCH_NAMES
@@ -98,6 +134,7 @@ LLAMA_ARCHS: dict[str, LlamaArch] = {
     _ARCH[gguf.MODEL_ARCH.CHATGLM]: LlamaArch(_chatglm_layer, square_attention=True, reads_nextn=False),
     _ARCH[gguf.MODEL_ARCH.GLM4]: LlamaArch(_glm4_layer),
     _ARCH[gguf.MODEL_ARCH.GLM4_MOE]: LlamaArch(_glm4moe_layer, experts=True),
+    _ARCH[gguf.MODEL_ARCH.GLM_DSA]: LlamaArch(_glm_dsa_layer, experts=True, mla=True),
 }
 
 
