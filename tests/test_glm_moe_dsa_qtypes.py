@@ -33,6 +33,6 @@ def test_types_and_bytes_match_llama_quantize(converted, tmp_path, recipe):
              if t.tensor_type != mine[n].tensor_type}
     assert not wrong, f"tensor: (llama-quantize, ours) {wrong}"
     assert [n for n, t in theirs.items() if t.data.tobytes() != mine[n].data.tobytes()] == []
-    if recipe == "q4_k_m":  # what the recipe does to the MLA and indexer tensors (row lengths 64: no fallback)
-        assert mine["blk.1.attn_kv_a_mqa.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_K
+    if recipe == "q4_k_m":  # MLA and indexer tensors are quantized (rows of 64: q4_K falls back to q5_0)
+        assert mine["blk.1.attn_kv_a_mqa.weight"].tensor_type == gguf.GGMLQuantizationType.Q5_0
         assert mine["blk.0.indexer.attn_k.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0  # attn_k rule
