@@ -24,6 +24,8 @@ OLD_ENGINES = {"chatglm": "chatglm.runtime.llama_engine:LlamaEngine",
                "glm4": "chatglm.runtime.llama_engine:LlamaEngine",
                "glm4moe": "chatglm.runtime.llama_engine:LlamaEngine",
                "chatglm1": "chatglm.runtime.glm1.engine:GLM1Engine"}
+# Architectures added since (issue #18), each run by llama.cpp.
+NEW_LLAMA_ARCHS = {"glm-dsa"}
 
 
 def test_descriptors_give_the_old_tables():
@@ -33,10 +35,11 @@ def test_descriptors_give_the_old_tables():
     from chatglm.runtime.perplexity import CAUSAL_PREFIX
 
     assert families.special_tokens() == OLD_SPECIAL_TEXTS
-    assert ENGINES == OLD_ENGINES
+    assert ENGINES == {**OLD_ENGINES, **dict.fromkeys(NEW_LLAMA_ARCHS, OLD_ENGINES["glm4moe"])}
     assert CAUSAL_PREFIX == {"chatglm1": ("[gMASK]", "<sop>")}
-    assert set(LLAMA_ARCHES) == {"chatglm", "glm4", "glm4moe"} and len(LLAMA_ARCHES) == 3
-    assert MODEL_ARCHS == {"chatglm", "chatglm1", "glm4", "glm4moe"}
+    assert set(LLAMA_ARCHES) == {"chatglm", "glm4", "glm4moe", *NEW_LLAMA_ARCHS}
+    assert len(LLAMA_ARCHES) == 3 + len(NEW_LLAMA_ARCHS)
+    assert MODEL_ARCHS == {"chatglm", "chatglm1", "glm4", "glm4moe", *NEW_LLAMA_ARCHS}
 
 
 @pytest.mark.parametrize("arch,special,expected", [

@@ -9,6 +9,8 @@ converted to f32 and run by llama.cpp with an f32 KV cache: logits over every po
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -136,19 +138,21 @@ def test_quantized_loads_and_generates(tok, dsa, tmp_path, qtype, bound):
         assert np.isfinite(engine.logits()).all()
 
 
-def test_memory_estimate_counts_mla_and_indexer_caches(dsa, caplog):
+@pytest.mark.parametrize("flash", [False, True])
+def test_memory_estimate_counts_mla_and_indexer_caches(dsa, caplog, flash):
     _, _, path = dsa
-    n_ctx = 32768
-    header = read_header(path)
-    est = estimate(header, n_ctx, "f32", flash_attn=False)
-    # 3 trunk layers x (kv_lora 32 + rope 8) + 2 full indexer layers x 64, f32, per token
-    assert est.kv_cache == (3 * 40 + 2 * 64) * 4 * n_ctx
-    import logging
-    import re
-
+    n_ctx, kv_type = 32768, "f32" if not flash else "f16"
+    est = estimate(read_header(path), n_ctx, kv_type, flash_attn=flash)
+    # 3 trunk layers x (kv_lora 32 + rope 8) + 2 full indexer layers x 64 per token, K only (V is a view of K)
+    assert est.kv_cache == (3 * 40 + 2 * 64) * (4 if kv_type == "f32" else 2) * n_ctx
     with caplog.at_level(logging.DEBUG, logger="llama.cpp"):
-        with f32_engine(path, n_ctx=n_ctx):
+        with open_engine(path, n_ctx=n_ctx, n_threads=1, kv_type=kv_type, flash_attn=flash):
             pass
-    sizes = [float(m.group(1)) for r in caplog.records if (m := re.search(r"KV buffer size = +([\d.]+) MiB",
-                                                                           r.getMessage()))]
-    assert est.kv_cache / 2**20 == pytest.approx(sum(sizes), rel=0.1)
+
+    def mib(what: str) -> float:
+        return sum(float(m.group(1)) for r in caplog.records
+                   if (m := re.search(what + r" size = +([\d.]+) MiB", r.getMessage())))
+
+    assert est.kv_cache / 2**20 == pytest.approx(mib("KV buffer"), rel=0.01)  # the MLA cache and the indexer's
+    measured = mib("KV buffer") + mib("compute buffer") + mib("output buffer")
+    assert (est.kv_cache + est.compute) / 2**20 == pytest.approx(measured, rel=0.1)

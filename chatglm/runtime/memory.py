@@ -92,11 +92,20 @@ def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int 
         mask = n_ub * n_ctx * (2 if flash_attn else 4)
         scores = 0 if flash_attn else n_head * n_ctx * n_ub * 4
         compute = max(n_ub * n_vocab * 4, mask + max(3 * n_ub * n_ff * 4, scores)) + hidden
+        compute += _indexer_compute(header, n_ub, n_ctx, flash_attn)
         compute += n_vocab * 4  # the output buffer: one row of logits
     # Without flash attention the CPU backend converts the attention weights to f16 for the product with the
     # (f16) V cache, in a scratch buffer of its own.
     work = 0 if flash_attn or glm1 else n_head * n_ctx * n_ub * 2
     return MemoryEstimate(weights, int(kv_per_token(header, kv_type) * n_ctx), compute, work)
+
+
+def _indexer_compute(header: GGUFHeader, n_ub: int, n_ctx: int, flash_attn: bool) -> int:
+    """DeepSeek sparse attention's lightning indexer: its own mask (typed like the attention mask) and its f32
+    score of every cached key for each token, alive beside the attention's (measured on glm-dsa: within 8%)."""
+    if header.arch_get("attention.indexer.key_length") is None:
+        return 0
+    return n_ub * n_ctx * ((2 if flash_attn else 4) + 4)
 
 
 def available_memory() -> int:
