@@ -23,6 +23,8 @@ from chatglm.gguf_file import read_header
 from chatglm.runtime.loader import open_engine
 from chatglm.runtime.memory import estimate
 
+from test_hostile_vocab import REFERENCE
+
 TEXT = "你好, world! 今天天气很好。 def f(x):\n\treturn x * 2  # 加法 and more words to pass the top-k"
 
 
@@ -156,3 +158,36 @@ def test_memory_estimate_counts_mla_and_indexer_caches(dsa, caplog, flash):
     assert est.kv_cache / 2**20 == pytest.approx(mib("KV buffer"), rel=0.01)  # the MLA cache and the indexer's
     measured = mib("KV buffer") + mib("compute buffer") + mib("output buffer")
     assert (est.kv_cache + est.compute) / 2**20 == pytest.approx(measured, rel=0.1)
+
+
+GLM_53 = REFERENCE / "configs" / "GLM-5.3" / "config.json"
+TINY_WIDTHS = {"hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32, "num_attention_heads": 4,
+               "num_key_value_heads": 4, "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+               "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8, "index_topk": 8,
+               "max_position_embeddings": 1048576}
+
+
+@pytest.mark.skipif(not GLM_53.is_file(), reason=f"{GLM_53} not found (set CHATGLM_REFERENCE)")
+def test_glm_5_3_config_keys(tok, tmp_path):
+    """GLM-5.3's own config.json, widths cut down and 5 layers kept (3 dense, its indexer pattern full, full, full,
+    shared, shared): its keys as they are, a 1M context (where llama.cpp would otherwise guess GLM-5.2's pattern),
+    the real indexer (32 heads of 128)."""
+    real = json.loads(GLM_53.read_text())
+    n = 5
+    cfg = {k: v for k, v in real.items() if k not in ("architectures", "model_type", "transformers_version",
+                                                      "dtype", "head_dim", "qk_head_dim", "vocab_size",
+                                                      "rope_parameters")}
+    cfg.update(TINY_WIDTHS, num_hidden_layers=n, indexer_types=real["indexer_types"][:n],
+               mlp_layer_types=real["mlp_layer_types"][:n], eos_token_id=None, pad_token_id=None,
+               rope_theta=real["rope_parameters"]["rope_theta"])
+    assert cfg["first_k_dense_replace"] == 3 and cfg["index_n_heads"] == 32 and cfg["index_head_dim"] == 128
+    model, folder = build_dsa_checkpoint(tmp_path / "ck", tok, seed=13, **cfg)
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["scoring_func"] == "sigmoid" and saved["rope_parameters"]["rope_theta"] == 8000000
+    path = convert(folder, tmp_path / "glm53.gguf", "f32").path
+    header = read_header(path)
+    assert header.arch_get("attention.indexer.types") == [True, True, True, False, False]
+    assert header.arch_get("leading_dense_block_count") == 3 and header.arch_get("block_count") == n + 1
+    seq = prompt(tok)
+    with f32_engine(path) as engine:
+        assert relative(engine.all_logits(seq), reference_logits(model, seq)) < 1e-4
