@@ -50,6 +50,8 @@ def variant(base, tmp_path: Path, config: dict | None = None, drop: tuple[str, .
 CONFIG_CASES = {
     "index-head-dim-96": ({"index_head_dim": 96}, (), InputError, "'index_head_dim' must be a power of two"),
     "index-head-dim-32": ({"index_head_dim": 32}, (), InputError, "'index_head_dim' must be a power of two"),
+    # a multiple of 64 is not enough: llama.cpp's Hadamard matrix is 64 x 64 for 192, GGML_ASSERT(can_mul_mat)
+    "index-head-dim-192": ({"index_head_dim": 192}, (), InputError, "'index_head_dim' must be a power of two"),
     "kv-lora-too-big": ({"kv_lora_rank": 40}, (), InputError,
                         "'kv_lora_rank + qk_rope_head_dim' is 48 but the checkpoint's model.layers.0.self_attn"),
     "kv-lora-too-small": ({"kv_lora_rank": 24}, (), InputError, "has shape [40, 64], expected [32, 64] from config.json"),
@@ -102,6 +104,7 @@ def gguf_parts(path: Path) -> tuple[dict, dict]:
 A = "glm-dsa"
 GGUF_CASES = {
     "indexer-dim-96": ({f"{A}.attention.indexer.key_length": 96}, (), "must be a power of two >= 64"),
+    "indexer-dim-192": ({f"{A}.attention.indexer.key_length": 192}, (), "must be a power of two >= 64"),
     "indexer-first-shared": ({f"{A}.attention.indexer.types": [False, True, True]}, (), "marks layer 0 'shared'"),
     "indexer-types-short": ({f"{A}.attention.indexer.types": [True, True]}, (), "one flag per trunk layer (3)"),
     "indexer-missing": ({}, ("blk.2.indexer.attn_q_b.weight",), "lacks tensor(s) blk.2.indexer.attn_q_b.weight"),
