@@ -65,7 +65,7 @@ class DsaHparams:
 
 
 def split_kv_b(n_head: int, nope: int, v_dim: int, part: str):
-    """kv_b_proj (n_head x (nope + v), kv_lora) → attn_k_b (n_head, kv_lora, nope) or attn_v_b (n_head, v, kv_lora)."""
+    """kv_b_proj (n_head x (nope + v), kv_lora) → attn_k_b (n_head, kv_lora, nope), attn_v_b (n_head, v, kv_lora)."""
     def build(arrays: Sequence[np.ndarray]) -> np.ndarray:
         kv = arrays[0].reshape(n_head, nope + v_dim, -1)
         return np.ascontiguousarray(kv[:, :nope, :].transpose(0, 2, 1) if part == "k" else kv[:, nope:, :])
