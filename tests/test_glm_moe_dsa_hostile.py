@@ -144,3 +144,13 @@ def test_unchanged_rewrite_loads(base, tmp_path):
     path = write_gguf(tmp_path / "same.gguf", kv, shapes)
     with open_engine(path, n_ctx=64, n_threads=1) as engine:
         assert engine.info.n_vocab == len(kv["tokenizer.ggml.tokens"])
+
+
+def test_trunk_only_file_loads(base, tmp_path):
+    """A file declaring its MTP layer but without its tensors (split off for a draft model) is what llama.cpp's
+    loader accepts as trunk-only: validation lets it through and llama.cpp runs it."""
+    kv, shapes = gguf_parts(base[1])
+    n = kv[f"{A}.block_count"] - 1
+    path = write_gguf(tmp_path / "trunk.gguf", kv, {k: v for k, v in shapes.items() if not k.startswith(f"blk.{n}.")})
+    with open_engine(path, n_ctx=64, n_threads=1) as engine:
+        assert engine.all_logits([1, 2, 3]).shape == (3, len(kv["tokenizer.ggml.tokens"]))
