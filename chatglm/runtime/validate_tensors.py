@@ -1,8 +1,9 @@
 """Every tensor llama.cpp's loaders create for the GLM architectures, with the shape its hyperparameters give.
 
 Read from ``load_arch_tensors`` of src/models/chatglm.cpp, glm4.cpp, glm4-moe.cpp and glm-dsa.cpp and
-``create_tensor_qkv`` in llama-model.cpp (llama-cpp-python 0.3.36). Shapes are in ggml order (ne[0], the row length, first). The table is
-built per layer, so its size is O(block_count) with block_count already bounded by LLAMA_MAX_LAYERS.
+``create_tensor_qkv`` in llama-model.cpp (llama-cpp-python 0.3.36). Shapes are in ggml order (ne[0], the row length,
+first). The table is built per layer, so its size is O(block_count) with block_count already bounded by
+LLAMA_MAX_LAYERS.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ T = gguf.MODEL_TENSOR
 ATTN = HF_LAYER + "self_attn."
 INDEXER = ATTN + "indexer."
 INDEXER_TYPES = ("full", "shared")
+MLP_TYPES = ("dense", "sparse")
 INDEXER_TYPES_KEY = "{arch}.attention.indexer.types"  # llama-arch.cpp LLM_KV_ATTENTION_INDEXER_TYPES
 
 
@@ -95,7 +96,7 @@ class GlmMoeDsa(Glm4Moe):
             if declared is None and moe.n_layer <= 3:
                 raise self.bad(f"first_k_dense_replace (3 when not given) leaves no expert layer of {moe.n_layer}")
             return moe.n_dense if declared is not None else 3
-        if not isinstance(types, list) or len(types) != moe.n_layer or not set(types) <= {"dense", "sparse"}:
+        if not isinstance(types, list) or len(types) != moe.n_layer or not all(t in MLP_TYPES for t in types):
             raise self.bad(f"'mlp_layer_types' must list 'dense' or 'sparse' for each of the {moe.n_layer} layers, "
                            f"got {shown(types)}")
         n_dense = types.index("sparse") if "sparse" in types else len(types)
@@ -121,7 +122,8 @@ class GlmMoeDsa(Glm4Moe):
         if types is None:
             freq = self.cfg_int("index_topk_freq", default=1)
             offset = self.cfg_int("index_skip_topk_offset", default=2, minimum=0)
-            return tuple(max(i - offset + 1, 0) % freq == 0 for i in range(n_layer))
+            key = "index_topk_freq / index_skip_topk_offset"
+            types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layer)]
         if not isinstance(types, list) or len(types) != n_layer or not all(t in INDEXER_TYPES for t in types):
             raise self.bad(f"{key!r} must give 'full' or 'shared' for each of the {n_layer} layers, got "
                            f"{shown(types)}")
