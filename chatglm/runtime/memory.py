@@ -32,15 +32,22 @@ class MemoryEstimate:
 
 
 def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
-    """KV-cache bytes per token of context: K and V of every layer's KV heads."""
+    """KV-cache bytes per token of context: K and V of every layer's KV heads (MTP layers included: llama.cpp
+    gives every block a cache)."""
     check_kv_type(kv_type)
     n_layer = _size(header, "block_count", 0)
     n_embd = _size(header, "embedding_length", 0)
     n_head = _size(header, "attention.head_count", 1)
     n_head_kv = _size(header, "attention.head_count_kv", n_head)
     head_k = _size(header, "attention.key_length", n_embd // n_head)
-    head_v = _size(header, "attention.value_length", head_k)
+    head_v = 0 if _is_mla(header) else _size(header, "attention.value_length", head_k)
     return n_layer * n_head_kv * (head_k + head_v) * KV_TYPES[kv_type].bytes_per_element
+
+
+def _is_mla(header: GGUFHeader) -> bool:
+    """llama.cpp's hparams.is_mla(): multi-head latent attention caches only K ([latent | rope] per token, one KV
+    head); V is a view of its latent part (llama-kv-cache.cpp: has_v = !is_mla)."""
+    return all(_size(header, f"attention.{k}_length_mla", 0) for k in ("key", "value"))
 
 
 def _size(header: GGUFHeader, key: str, default: int) -> int:

@@ -45,6 +45,11 @@ class HParams:
     n_expert_shared: int = 0
     n_ff_exp: int = 0
     n_dense_lead: int = 0
+    n_rot: int = 0  # rope.dimension_count (MLA: the rope part of each head)
+    n_lora_q: int = 0  # MLA (deepseek2): q LoRA rank (0: attn_q), kv LoRA rank, per-head key and value sizes
+    n_lora_kv: int = 0
+    head_k_mla: int = 0
+    head_v_mla: int = 0
 
     @property
     def n_layer(self) -> int:
@@ -127,6 +132,11 @@ def hparams(header: GGUFHeader) -> HParams:
         raise _fail(header, f"embedding_length {n_embd} is not a multiple of head_count {n_head}")
     head_k = _int(header, "attention.key_length", default=n_embd // n_head)
     head_v = _int(header, "attention.value_length", default=n_embd // n_head)
+    if _llama_arch(header).mla:
+        mla = _mla(header, n_layer, n_nextn, n_head_kv, head_k, head_v)
+        n_vocab = _vocab_size(header)
+        return HParams(header.arch, n_layer, n_nextn, n_embd, n_head, n_head_kv, head_k, head_v, n_ff, n_vocab,
+                       **_experts(header, n_layer, n_ff), **mla)
     if head_v != head_k:
         raise _fail(header, f"value_length {head_v} differs from key_length {head_k}; GLM attention needs them equal")
     if _llama_arch(header).square_attention and head_k * n_head != n_embd:
@@ -137,6 +147,40 @@ def hparams(header: GGUFHeader) -> HParams:
     n_vocab = _vocab_size(header)
     return HParams(header.arch, n_layer, n_nextn, n_embd, n_head, n_head_kv, head_k, head_v, n_ff, n_vocab,
                    **_experts(header, n_layer, n_ff))
+
+
+def _mla(header: GGUFHeader, n_layer: int, n_nextn: int, n_head_kv: int, head_k: int,
+         head_v: int) -> dict[str, int]:
+    """deepseek2's MLA keys (load_arch_hparams) and what its graph asserts or views from them: the cache row is
+    [latent | rope] of one KV head, each head has at least one non-rope key dimension, and its MTP graph runs one
+    block with a q LoRA, expert FFN and no attention temperature."""
+    n_trunk = n_layer - n_nextn
+    lite = n_trunk in (26, 27) or (n_trunk == 48 and _vocab_size(header) == 128256)  # llama.cpp's is_lite
+    n_lora_q = _int(header, "attention.q_lora_rank", required=not lite, minimum=0)
+    n_lora_kv = _int(header, "attention.kv_lora_rank", required=True)
+    head_k_mla = _int(header, "attention.key_length_mla", required=True)
+    head_v_mla = _int(header, "attention.value_length_mla", required=True)
+    n_rot = _int(header, "rope.dimension_count", default=head_k)
+    _check_rope(header, head_k)
+    if n_rot >= head_k_mla:
+        raise _fail(header, f"rope.dimension_count {n_rot} leaves no non-rope key dimension of key_length_mla "
+                            f"{head_k_mla}")
+    if (n_head_kv, head_k, head_v) != (1, n_lora_kv + n_rot, n_lora_kv):
+        raise _fail(header, f"MLA needs head_count_kv 1, key_length kv_lora_rank + rope ({n_lora_kv + n_rot}) and "
+                            f"value_length kv_lora_rank ({n_lora_kv}); got {n_head_kv}, {head_k}, {head_v}")
+    _float(header, "attention.layer_norm_rms_epsilon", required=True)
+    if _int(header, "expert_shared_count", required=True, minimum=0) < 1:
+        raise _fail(header, f"{header.arch} needs expert_shared_count of at least 1 (its loader creates the shared "
+                            "expert's tensors)")
+    if n_nextn:
+        dense = _int(header, "leading_dense_block_count", minimum=0)
+        temp = header.arch_get("attention.temperature_scale")
+        if n_nextn != 1 or not n_lora_q or dense > n_trunk or temp not in (None, 0, 0.0):
+            raise _fail(header, f"{header.arch}'s MTP graph runs one NextN block with a q LoRA, an expert FFN and no "
+                                f"attention temperature; got nextn_predict_layers {n_nextn}, q_lora_rank {n_lora_q}, "
+                                f"leading_dense_block_count {dense}, temperature_scale {_show(temp)}")
+    return {"n_rot": n_rot, "n_lora_q": n_lora_q, "n_lora_kv": n_lora_kv, "head_k_mla": head_k_mla,
+            "head_v_mla": head_v_mla}
 
 
 def _check_rope(header: GGUFHeader, head_dim: int) -> None:
