@@ -126,9 +126,10 @@ def test_greedy_32_steps_equal_transformers(lite, tok):
 
     model, _, path = lite
     seq = prompt(tok)
-    with torch.no_grad():
-        theirs = model.generate(torch.tensor([seq]), max_new_tokens=32, do_sample=False, min_new_tokens=32,
-                                pad_token_id=0)[0, len(seq):].tolist()
+    ids = torch.tensor([seq])
+    with torch.no_grad():  # an explicit mask: generate would otherwise mask every prompt token equal to pad_token_id
+        theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                                do_sample=False, pad_token_id=0)[0, len(seq):].tolist()
     ours = []
     with open_engine(path, **F32) as engine:
         engine.prefill(seq)
@@ -158,29 +159,40 @@ def test_variants_match_transformers(tok, tmp_path, variant):
 
 @pytest.mark.parametrize("recipe", ["q8_0", "q4_k_m"])
 def test_quantized_conversions_load_and_generate(lite, tok, tmp_path, recipe):
-    model, folder, _ = lite
+    """One-step quantized conversion equals llama-quantize run on our f32 file (types and logits), and generates.
+    (Tiny random MoE models are far from their f32 logits at q8_0 already, ~0.5 relative, for llama.cpp's own
+    files too: one flipped expert choice moves a whole row; GLM-4.5's tiny model does the same.)"""
+    from test_qtypes import llama_quantize
+
+    from chatglm.convert.qtypes import get_recipe
+
+    _, folder, f32 = lite
     path = convert(folder, tmp_path / f"{recipe}.gguf", recipe).path
-    header = read_header(path)
-    check_transformer(header)
+    llama_quantize(f32, tmp_path / "theirs.gguf", get_recipe(recipe).ftype)
+    ours_types = {n: t.ggml_type for n, t in read_header(path).tensors.items()}
+    assert ours_types == {n: t.ggml_type for n, t in read_header(tmp_path / "theirs.gguf").tensors.items()}
     seq = prompt(tok)
+    with open_engine(tmp_path / "theirs.gguf", n_ctx=128, n_threads=1) as engine:
+        theirs = engine.all_logits(seq)
     with open_engine(path, n_ctx=128, n_threads=1) as engine:
         logits = engine.all_logits(seq)
         engine.reset()
         engine.prefill(seq)
         engine.step(int(np.argmax(engine.logits())))
-    assert np.isfinite(logits).all()
-    assert relative(logits, reference(model, seq)) < (0.05 if recipe == "q8_0" else 0.5)
+        assert np.isfinite(engine.logits()).all()
+    np.testing.assert_array_equal(logits, theirs)
 
 
 def test_kv_cache_estimate_is_the_compressed_cache(lite):
-    """MLA caches [latent | rope] of one KV head per token and block (no V): 4 blocks x 40 x 4 bytes in f32."""
+    """MLA caches [latent | rope] of one KV head per token and trunk block (no V, and the MTP block has none in the
+    main context): 3 blocks x 40 values x 4 bytes in f32, as llama.cpp allocates it."""
     import logging
     import re
 
     _, _, path = lite
     header = read_header(path)
     est = estimate(header, 8192, "f32", flash_attn=False)
-    assert est.kv_cache == 8192 * 4 * (32 + 8) * 4
+    assert est.kv_cache == 8192 * 3 * (32 + 8) * 4
     lines: list[str] = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = lambda record: lines.append(record.getMessage())
@@ -195,7 +207,7 @@ def test_kv_cache_estimate_is_the_compressed_cache(lite):
         logger.removeHandler(handler)
         logger.setLevel(level)
     found = [float(m.group(1)) for line in lines if (m := re.search(r"KV buffer size = +([\d.]+) MiB", line))]
-    assert found and est.kv_cache / 2**20 == pytest.approx(found[-1], rel=0.1)
+    assert found and est.kv_cache / 2**20 == pytest.approx(found[-1], rel=0.01)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -218,8 +230,10 @@ def edited_copy(src, root, **changes):
     ({"first_k_dense_replace": 2}, "first_k_dense_replace=2 disagrees with mlp_layer_types (1 leading dense"),
     ({"mlp_layer_types": ["sparse", "dense", "sparse"]}, "has a dense layer after a sparse one"),
     ({"mlp_layer_types": ["dense", "sparse"]}, "'mlp_layer_types' must list 'dense' or 'sparse' for each of the 3"),
-    ({"kv_lora_rank": 48}, "kv_b_proj.weight' has shape [64, 32], expected [64, 48]"),
-    ({"q_lora_rank": None}, "does not know: model.layers.0.self_attn.q_a_layernorm.weight"),
+    ({"kv_lora_rank": 48}, "kv_a_proj_with_mqa.weight' has shape [40, 64], expected [56, 64]"),
+    ({"q_lora_rank": None, "num_nextn_predict_layers": 0}, "lacks tensors: model.layers.0.self_attn.q_proj.weight"),
+    ({"q_lora_rank": None}, "MTP layers without q_lora_rank are not supported"),
+    ({"num_nextn_predict_layers": 2}, "'num_hidden_layers' is 3 (+ 'num_nextn_predict_layers' 2) but the checkpoint"),
     ({"n_routed_experts": 2000}, "'n_routed_experts' is 2000, more than 1,024"),
     ({"num_experts_per_tok": 9}, "num_experts_per_tok=9 > n_routed_experts=8"),
     ({"num_nextn_predict_layers": 0}, "does not know: model.layers.3."),

@@ -32,10 +32,12 @@ class MemoryEstimate:
 
 
 def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
-    """KV-cache bytes per token of context: K and V of every layer's KV heads (MTP layers included: llama.cpp
-    gives every block a cache)."""
+    """KV-cache bytes per token of context: K and V of every trunk layer's KV heads (llama.cpp's main context
+    leaves NextN/MTP blocks out of its cache: llama-model.cpp's create_memory filters them)."""
     check_kv_type(kv_type)
     n_layer = _size(header, "block_count", 0)
+    n_nextn = _size(header, "nextn_predict_layers", 0)
+    n_layer -= n_nextn if n_nextn < n_layer else 0
     n_embd = _size(header, "embedding_length", 0)
     n_head = _size(header, "attention.head_count", 1)
     n_head_kv = _size(header, "attention.head_count_kv", n_head)
