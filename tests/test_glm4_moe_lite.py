@@ -10,6 +10,7 @@ on the reused cache equal to a fresh prefill. Bad configs and GGUFs are refused 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import gguf
@@ -26,6 +27,7 @@ from chatglm.runtime.memory import estimate
 from chatglm.runtime.validate import check_transformer
 
 from hostile import assert_refused, cli, digest
+from test_memory import native_log  # noqa: F401  (fixture)
 
 TEXT = "你好, world! 今天天气很好。 def f(x):\n\treturn x * 2 + 1  # 这是一个很长的句子, repeated twice."
 F32 = {"n_ctx": 256, "n_threads": 1, "kv_type": "f32", "flash_attn": False}
@@ -92,8 +94,6 @@ def test_metadata_and_tensors(lite):
     assert {"blk.0.ffn_gate.weight", "blk.1.exp_probs_b.bias", "blk.3.nextn.eh_proj.weight",
             "blk.3.nextn.shared_head_norm.weight", "blk.3.ffn_gate_exps.weight", "blk.3.attn_q_b.weight"} <= set(t)
     kv_b = model.model.layers[1].self_attn.kv_b_proj.weight.detach().numpy().reshape(4, 32, 32)
-    from chatglm.gguf_file import GGUFHeader  # noqa: F401  (the reader below is gguf-py's)
-
     data = {r.name: r.data for r in gguf.GGUFReader(path).tensors}
     np.testing.assert_array_equal(data["blk.1.attn_k_b.weight"], kv_b[:, :16, :].transpose(0, 2, 1))
     np.testing.assert_array_equal(data["blk.1.attn_v_b.weight"], kv_b[:, 16:, :])
@@ -183,31 +183,25 @@ def test_quantized_conversions_load_and_generate(lite, tok, tmp_path, recipe):
     np.testing.assert_array_equal(logits, theirs)
 
 
-def test_kv_cache_estimate_is_the_compressed_cache(lite):
+def test_kv_cache_estimate_is_the_compressed_cache(lite, native_log):
     """MLA caches [latent | rope] of one KV head per token and trunk block (no V, and the MTP block has none in the
     main context): 3 blocks x 40 values x 4 bytes in f32, as llama.cpp allocates it."""
-    import logging
-    import re
-
     _, _, path = lite
-    header = read_header(path)
-    est = estimate(header, 8192, "f32", flash_attn=False)
+    est = estimate(read_header(path), 8192, "f32", flash_attn=False)
     assert est.kv_cache == 8192 * 3 * (32 + 8) * 4
-    lines: list[str] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("llama.cpp")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        with open_engine(path, n_ctx=8192, n_threads=1, kv_type="f32", flash_attn=False):
-            pass
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    found = [float(m.group(1)) for line in lines if (m := re.search(r"KV buffer size = +([\d.]+) MiB", line))]
-    assert found and est.kv_cache / 2**20 == pytest.approx(found[-1], rel=0.01)
+    with open_engine(path, n_ctx=8192, n_threads=1, kv_type="f32", flash_attn=False):
+        assert est.kv_cache / 2**20 == pytest.approx(native_log.mib("KV buffer"), rel=0.01)
+
+
+@pytest.mark.parametrize("n_ctx, flash", [(4096, True), (16384, False)])
+def test_memory_estimate_matches_llama_cpp_buffers(lite, native_log, n_ctx, flash):
+    _, _, path = lite
+    est = estimate(read_header(path), n_ctx, "f16", flash_attn=flash)
+    with open_engine(path, n_ctx=n_ctx, n_threads=1, kv_type="f16", flash_attn=flash):
+        kv = native_log.mib("KV buffer")
+        compute = native_log.mib("compute buffer") + native_log.mib("output buffer")
+    assert est.kv_cache / 2**20 == pytest.approx(kv, rel=0.01)
+    assert est.compute / 2**20 == pytest.approx(compute, rel=0.08)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -310,9 +304,9 @@ def rewritten(src, dst, drop=(), **kv):
 ])
 def test_bad_gguf_values_are_refused_before_llama_cpp(lite, tmp_path, change, problem):
     path = rewritten(lite[2], tmp_path / "bad.gguf", **change)
-    with pytest.raises(InputError, match=re_escape(problem)):
+    with pytest.raises(InputError, match=re.escape(problem)):
         check_transformer(read_header(path))
-    with pytest.raises(InputError, match=re_escape(problem)):
+    with pytest.raises(InputError, match=re.escape(problem)):
         open_engine(path, **F32)
 
 
@@ -320,12 +314,6 @@ def test_gguf_missing_a_split_kv_b_half_is_refused(lite, tmp_path):
     path = rewritten(lite[2], tmp_path / "bad.gguf", drop=("blk.2.attn_v_b.weight",))
     with pytest.raises(InputError, match=r"lacks tensor\(s\) blk\.2\.attn_v_b\.weight"):
         check_transformer(read_header(path))
-
-
-def re_escape(text: str) -> str:
-    import re
-
-    return re.escape(text)
 
 
 def test_detection_and_info(lite, tmp_path):
