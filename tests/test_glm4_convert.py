@@ -19,6 +19,8 @@ from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.gguf_file import read_header
 from chatglm.runtime.loader import open_engine
 
+from hostile import cli
+
 # layout -> (GGUF architecture, family name, chat format)
 EXPECTED = {
     "glm4": ("chatglm", "glm4", "glm4"),
@@ -111,6 +113,8 @@ def test_moe_metadata_and_nextn_layer_kept(converted):
             "nextn.embed_tokens.weight", "nextn.shared_head_head.weight", "attn_q.weight", "ffn_gate_exps.weight",
             "post_attention_norm.weight", "exp_probs_b.bias"} <= nextn
     assert header.tensors[f"blk.{n}.nextn.eh_proj.weight"].shape == (128, 64)  # ggml order: [embedding; hidden]
+    outcome = cli(["info", path])
+    assert outcome.code == 0 and "MTP layers     1 (NextN blocks usable for speculative decoding" in outcome.text
     assert header.arch_get("expert_count") == 8 and header.arch_get("expert_used_count") == 2
     assert header.arch_get("expert_shared_count") == 1 and header.arch_get("leading_dense_block_count") == 1
     assert header.arch_get("expert_weights_scale") == pytest.approx(2.5)

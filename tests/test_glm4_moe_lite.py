@@ -29,7 +29,7 @@ from chatglm.runtime.validate import check_transformer
 from hostile import assert_refused, cli, digest
 from test_memory import native_log  # noqa: F401  (fixture)
 
-TEXT = "你好, world! 今天天气很好。 def f(x):\n\treturn x * 2 + 1  # 这是一个很长的句子, repeated twice."
+TEXT = "你好, world! 今天天气很好。 def f(x):\n\treturn x * 2 + 1  # 这是一个很长的句子, repeated."
 F32 = {"n_ctx": 256, "n_threads": 1, "kv_type": "f32", "flash_attn": False}
 
 
@@ -137,6 +137,15 @@ def test_greedy_32_steps_equal_transformers(lite, tok):
             ours.append(int(np.argmax(engine.logits())))
             engine.step(ours[-1])
     assert ours == theirs
+
+
+def test_sigmoid_gating_is_written(lite, tok, tmp_path):
+    """Without expert_gating_func (what llama.cpp's converter writes for transformers' config, which has no
+    scoring_func) llama.cpp routes with softmax and the logits are far off."""
+    model, _, path = lite
+    seq = prompt(tok)
+    with open_engine(rewritten(path, tmp_path / "softmax.gguf", expert_gating_func=None), **F32) as engine:
+        assert relative(engine.all_logits(seq), reference(model, seq)) > 0.05
 
 
 @pytest.mark.parametrize("variant", ["bf16", "no-q-lora", "rope-halves", "first-k-dense"])

@@ -1,7 +1,7 @@
 """Every tensor llama.cpp's loaders create for the GLM architectures, with the shape its hyperparameters give.
 
-Read from ``load_arch_tensors`` of src/models/chatglm.cpp, glm4.cpp, glm4-moe.cpp and deepseek2.cpp and ``create_tensor_qkv`` in
-llama-model.cpp (llama-cpp-python 0.3.36). Shapes are in ggml order (ne[0], the row length, first). The table is
+Read from ``load_arch_tensors`` of src/models/chatglm.cpp, glm4.cpp, glm4-moe.cpp and deepseek2.cpp and
+``create_tensor_qkv`` in llama-model.cpp (llama-cpp-python 0.3.36). Shapes are in ggml order (ne[0], the row length, first). The table is
 built per layer, so its size is O(block_count) with block_count already bounded by LLAMA_MAX_LAYERS.
 """
 
