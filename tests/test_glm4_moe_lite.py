@@ -168,7 +168,8 @@ def test_variants_match_transformers(tok, tmp_path, variant):
 
 @pytest.mark.parametrize("recipe", ["q8_0", "q4_k_m"])
 def test_quantized_conversions_load_and_generate(lite, tok, tmp_path, recipe):
-    """One-step quantized conversion equals llama-quantize run on our f32 file (types and logits), and generates.
+    """One-step quantized conversion (and ``chatglm quantize`` of the f32 file) equals llama-quantize run on our f32
+    file (types and logits), and generates.
     (Tiny random MoE models are far from their f32 logits at q8_0 already, ~0.5 relative, for llama.cpp's own
     files too: one flipped expert choice moves a whole row; GLM-4.5's tiny model does the same.)"""
     from test_qtypes import llama_quantize
@@ -178,8 +179,10 @@ def test_quantized_conversions_load_and_generate(lite, tok, tmp_path, recipe):
     _, folder, f32 = lite
     path = convert(folder, tmp_path / f"{recipe}.gguf", recipe).path
     llama_quantize(f32, tmp_path / "theirs.gguf", get_recipe(recipe).ftype)
+    assert cli(["quantize", f32, tmp_path / "requantized.gguf", recipe]).code == 0  # GGUF -> GGUF, too
     ours_types = {n: t.ggml_type for n, t in read_header(path).tensors.items()}
     assert ours_types == {n: t.ggml_type for n, t in read_header(tmp_path / "theirs.gguf").tensors.items()}
+    assert ours_types == {n: t.ggml_type for n, t in read_header(tmp_path / "requantized.gguf").tensors.items()}
     seq = prompt(tok)
     with open_engine(tmp_path / "theirs.gguf", n_ctx=128, n_threads=1) as engine:
         theirs = engine.all_logits(seq)
