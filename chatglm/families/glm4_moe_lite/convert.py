@@ -16,6 +16,10 @@ Rope: transformers rotates consecutive pairs of the rope part when ``rope_interl
 published files'), which is llama.cpp's rope type NORM that deepseek2 uses; with ``rope_interleave`` false it rotates
 halves (NEOX), and the rope rows of q and of k_rope are reordered here into pairs.
 
+transformers normalises the q and kv latents (``q_a_layernorm``, ``kv_a_layernorm``) with eps 1e-6, not
+``rms_norm_eps``; llama.cpp has one eps for every norm. On the tiny test models that alone is the ~1e-5 relative
+logit difference (5.9e-7 with the eps aligned, measured), as it is for llama.cpp's own converter.
+
 Routing is sigmoid whatever config.json says (transformers' router always is; llama.cpp's deepseek2 defaults to softmax
 without ``expert_gating_func``). Dense leading layers come from ``mlp_layer_types`` (transformers) or
 ``first_k_dense_replace`` (published files); both must agree. MTP layers are kept (``chatglm/convert/nextn.py``).
