@@ -275,7 +275,7 @@ def test_missing_mtp_tensors_are_refused(lite, tmp_path):
 def rewritten(src, dst, drop=(), **kv):
     """A copy of GGUF ``src`` with arch keys changed (value None: removed) and tensors dropped."""
     reader = gguf.GGUFReader(src)
-    arch = "deepseek2"
+    arch = read_header(src).arch
     w = gguf.GGUFWriter(dst, arch)
     for field in reader.fields.values():
         name = field.name
@@ -310,7 +310,8 @@ def rewritten(src, dst, drop=(), **kv):
     ({"attention.key_length_mla": None}, "lacks deepseek2.attention.key_length_mla"),
     ({"attention.q_lora_rank": None}, "lacks deepseek2.attention.q_lora_rank"),
     ({"rope.dimension_count": 24}, "leaves no non-rope key dimension"),
-    ({"nextn_predict_layers": 2}, "MTP graph runs one NextN block"),
+    ({"nextn_predict_layers": 2}, "deepseek2's MTP graph runs one NextN block with an expert FFN"),
+    ({"attention.q_lora_rank": 0}, "deepseek2's MTP graph needs a q LoRA"),
     ({"expert_shared_count": 0}, "needs expert_shared_count of at least 1"),
     ({"expert_count": 0}, "needs expert_count and expert_used_count above 0"),
 ])
@@ -320,6 +321,19 @@ def test_bad_gguf_values_are_refused_before_llama_cpp(lite, tmp_path, change, pr
         check_transformer(read_header(path))
     with pytest.raises(InputError, match=re.escape(problem)):
         open_engine(path, **F32)
+
+
+def test_glm45_mtp_graph_limits_are_checked(tok, tmp_path):
+    """GLM-4.5/4.7 (glm4moe) too: llama.cpp's MTP graph asserts one NextN block."""
+    from chatglm.devtools.glm4 import build_checkpoint
+
+    _, folder = build_checkpoint("glm45", tmp_path / "ck", tok)
+    path = convert(folder, tmp_path / "ok.gguf", "f32").path
+    check_transformer(read_header(path))
+    bad = rewritten(path, tmp_path / "bad.gguf", nextn_predict_layers=2)
+    with pytest.raises(InputError, match=r"glm4moe's MTP graph runs one NextN block with an expert FFN; got "
+                                         r"nextn_predict_layers 2"):
+        check_transformer(read_header(bad))
 
 
 def test_gguf_missing_a_split_kv_b_half_is_refused(lite, tmp_path):

@@ -172,13 +172,10 @@ def _mla(header: GGUFHeader, n_layer: int, n_nextn: int, n_head_kv: int, head_k:
     if _int(header, "expert_shared_count", required=True, minimum=0) < 1:
         raise _fail(header, f"{header.arch} needs expert_shared_count of at least 1 (its loader creates the shared "
                             "expert's tensors)")
-    if n_nextn:
-        dense = _int(header, "leading_dense_block_count", minimum=0)
-        temp = header.arch_get("attention.temperature_scale")
-        if n_nextn != 1 or not n_lora_q or dense > n_trunk or temp not in (None, 0, 0.0):
-            raise _fail(header, f"{header.arch}'s MTP graph runs one NextN block with a q LoRA, an expert FFN and no "
-                                f"attention temperature; got nextn_predict_layers {n_nextn}, q_lora_rank {n_lora_q}, "
-                                f"leading_dense_block_count {dense}, temperature_scale {_show(temp)}")
+    temp = header.arch_get("attention.temperature_scale")
+    if n_nextn and (not n_lora_q or temp not in (None, 0, 0.0)):
+        raise _fail(header, f"{header.arch}'s MTP graph needs a q LoRA and no attention temperature; got "
+                            f"q_lora_rank {n_lora_q}, temperature_scale {_show(temp)}")
     return {"n_rot": n_rot, "n_lora_q": n_lora_q, "n_lora_kv": n_lora_kv, "head_k_mla": head_k_mla,
             "head_v_mla": head_v_mla}
 
@@ -231,9 +228,18 @@ def _experts(header: GGUFHeader, n_layer: int, n_ff: int) -> dict[str, int]:
             "n_dense_lead": dense}
 
 
+def check_mtp(header: GGUFHeader, hp: HParams) -> None:
+    """glm4moe's and deepseek2's MTP graphs GGML_ASSERT a single NextN block, which has an expert FFN."""
+    if _llama_arch(header).mtp_expert_block and hp.n_nextn and (hp.n_nextn != 1 or hp.n_dense_lead > hp.n_layer):
+        raise _fail(header, f"{header.arch}'s MTP graph runs one NextN block with an expert FFN; got "
+                            f"nextn_predict_layers {hp.n_nextn}, leading_dense_block_count {hp.n_dense_lead} of "
+                            f"{hp.n_layer} trunk blocks")
+
+
 def check_transformer(header: GGUFHeader) -> HParams:
-    """Hyperparameters, tokenizer and every tensor of a llama.cpp-run GLM GGUF (chatglm, glm4, glm4moe)."""
+    """Hyperparameters, tokenizer and every tensor of a llama.cpp-run GLM GGUF (chatglm, glm4, glm4moe, deepseek2)."""
     hp = hparams(header)
+    check_mtp(header, hp)
     check_vocab(header, hp.n_embd)
     check_tensors(header, hp)
     return hp

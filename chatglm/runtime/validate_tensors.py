@@ -121,14 +121,15 @@ class LlamaArch:
     experts: bool = False  # expert layers required (others must have none)
     reads_nextn: bool = True  # NextN (MTP) blocks after the trunk are loaded
     mla: bool = False  # multi-head latent attention (deepseek2): the MLA keys are read, key and value lengths differ
+    mtp_expert_block: bool = False  # its MTP graph asserts one NextN block with an expert FFN (glm4moe, deepseek2)
 
 
 _ARCH = gguf.MODEL_ARCH_NAMES
 LLAMA_ARCHS: dict[str, LlamaArch] = {
     _ARCH[gguf.MODEL_ARCH.CHATGLM]: LlamaArch(_chatglm_layer, square_attention=True, reads_nextn=False),
     _ARCH[gguf.MODEL_ARCH.GLM4]: LlamaArch(_glm4_layer),
-    _ARCH[gguf.MODEL_ARCH.GLM4_MOE]: LlamaArch(_glm4moe_layer, experts=True),
-    _ARCH[gguf.MODEL_ARCH.DEEPSEEK2]: LlamaArch(_deepseek2_layer, experts=True, mla=True),
+    _ARCH[gguf.MODEL_ARCH.GLM4_MOE]: LlamaArch(_glm4moe_layer, experts=True, mtp_expert_block=True),
+    _ARCH[gguf.MODEL_ARCH.DEEPSEEK2]: LlamaArch(_deepseek2_layer, experts=True, mla=True, mtp_expert_block=True),
 }
 
 
