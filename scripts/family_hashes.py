@@ -27,6 +27,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     from chatglm.devtools.glm1 import tiny_glm1_checkpoint, train_ice_tokenizer
     from chatglm.devtools.glm4 import LAYOUTS, build_checkpoint, train_glm4_bpe
     from chatglm.devtools.glm_moe_dsa import build_dsa_checkpoint
+    from chatglm.devtools.glm4_moe_lite import build_lite_checkpoint
 
     out: dict[str, Path] = {"demo": demo_dir()}
     sp = train_sentencepiece(root / "tokenizer.model", bilingual_corpus())
@@ -47,6 +48,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
         theta = 50000.0 if layout == "glm4" else 10000.0
         out[layout] = build_checkpoint(layout, root / layout, bpe, seed=seed, rope_theta=theta)[1]
     out["glm5"] = build_dsa_checkpoint(root / "glm5", bpe, seed=3)[1]
+    out["glm4.7-flash"] = build_lite_checkpoint(root / "glm4.7-flash", bpe, seed=3, rope_theta=20000.0)[1]
     return out
 
 

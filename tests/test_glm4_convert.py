@@ -19,6 +19,8 @@ from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.gguf_file import read_header
 from chatglm.runtime.loader import open_engine
 
+from hostile import cli
+
 # layout -> (GGUF architecture, family name, chat format)
 EXPECTED = {
     "glm4": ("chatglm", "glm4", "glm4"),
@@ -96,21 +98,48 @@ def test_hf_layouts_keep_split_qkv_and_post_norms(converted):
     assert glm4.arch_get("rope.dimension_count") == 8
 
 
-def test_moe_metadata_and_nextn_layer_left_out(converted):
+def test_moe_metadata_and_nextn_layer_kept(converted):
+    """GLM-4.5 ... 4.7 keep their MTP layer as llama.cpp does: block L with its nextn.* tensors, block_count L + 1
+    (the trunk's logits are checked unchanged by test_logits_match_transformers)."""
     model, folder, path = converted["glm45"]
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["num_nextn_predict_layers"] == 1 and "rope_parameters" not in cfg
     header = read_header(path)
     n = model.config.num_hidden_layers
-    assert header.arch_get("block_count") == n
-    assert header.arch_get("nextn_predict_layers") is None
-    assert not [t for t in header.tensors if t.startswith(f"blk.{n}.")]
+    assert header.arch_get("block_count") == n + 1
+    assert header.arch_get("nextn_predict_layers") == 1
+    nextn = {t.removeprefix(f"blk.{n}.") for t in header.tensors if t.startswith(f"blk.{n}.")}
+    assert {"nextn.eh_proj.weight", "nextn.enorm.weight", "nextn.hnorm.weight", "nextn.shared_head_norm.weight",
+            "nextn.embed_tokens.weight", "nextn.shared_head_head.weight", "attn_q.weight", "ffn_gate_exps.weight",
+            "post_attention_norm.weight", "exp_probs_b.bias"} <= nextn
+    assert header.tensors[f"blk.{n}.nextn.eh_proj.weight"].shape == (128, 64)  # ggml order: [embedding; hidden]
+    outcome = cli(["info", path])
+    assert outcome.code == 0 and "MTP layers     1 (NextN blocks usable for speculative decoding" in outcome.text
     assert header.arch_get("expert_count") == 8 and header.arch_get("expert_used_count") == 2
     assert header.arch_get("expert_shared_count") == 1 and header.arch_get("leading_dense_block_count") == 1
     assert header.arch_get("expert_weights_scale") == pytest.approx(2.5)
     assert header.arch_get("expert_gating_func") == 2  # sigmoid
     assert header.tensors["blk.1.ffn_gate_exps.weight"].shape == (64, 32, 8)  # ggml order: ne0 first
     assert {"blk.0.ffn_gate.weight", "blk.1.exp_probs_b.bias", "blk.1.attn_q_norm.weight"} <= set(header.tensors)
+
+
+def test_moe_nextn_layer_without_its_own_head(tok, tmp_path):
+    """A checkpoint whose MTP layer has no embed_tokens/shared_head.head (llama.cpp then uses token_embd and
+    output) gets none in the GGUF; a missing eh_proj is refused in one line."""
+    from safetensors.numpy import load_file, save_file
+
+    _, folder = build_checkpoint("glm45", tmp_path / "ck", tok)
+    tensors = load_file(folder / "model.safetensors")
+    for name in ("model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight"):
+        del tensors[name]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    header = read_header(convert(folder, tmp_path / "out.gguf", "f32").path)
+    assert "blk.3.nextn.eh_proj.weight" in header.tensors
+    assert not {"blk.3.nextn.embed_tokens.weight", "blk.3.nextn.shared_head_head.weight"} & set(header.tensors)
+    del tensors["model.layers.3.eh_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"checkpoint lacks tensors: model\.layers\.3\.eh_proj\.weight"):
+        convert(folder, tmp_path / "out2.gguf", "f32")
 
 
 def _rewrite_config(folder, **changes):

@@ -52,10 +52,12 @@ class Layout:
     nextn: bool = False
     rows: Optional[int] = 16
     our_arch: Optional[str] = None  # ModelInfo.arch when it differs from ``arch``
+    mla: Optional[tuple[int, int, int, int, int]] = None  # deepseek2: q_lora, kv_lora, nope, rope, v head sizes
 
     def info(self) -> ModelInfo:
         n_block = self.n_layer + int(self.nextn)
-        return ModelInfo(self.our_arch or self.arch, n_block, self.n_head, self.n_head_kv, self.n_expert)
+        n_head_kv = 1 if self.mla else self.n_head_kv
+        return ModelInfo(self.our_arch or self.arch, n_block, self.n_head, n_head_kv, self.n_expert)
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         cap = self.rows or 1 << 62
@@ -75,6 +77,8 @@ class Layout:
         return out
 
     def _attention(self) -> list[tuple[str, tuple[int, ...]]]:
+        if self.mla:
+            return self._mla_attention()
         e, q, kv = self.n_embd, self.n_head * self.head_dim, self.n_head_kv * self.head_dim
         out = [("attn_norm.weight", (e,)), ("attn_output.weight", (e, q)), ("ffn_norm.weight", (e,))]
         if self.fused_qkv:
@@ -86,8 +90,19 @@ class Layout:
         out += [(n, (e,)) for n in ("attn_norm.bias", "ffn_norm.bias", "attn_output.bias")] if self.glm1 else []
         return out
 
+    def _mla_attention(self) -> list[tuple[str, tuple[int, ...]]]:
+        """deepseek2's multi-head latent attention, kv_b split per head (GLM-4.7-Flash)."""
+        (ql, kl, nope, rope, v), e, h = self.mla, self.n_embd, self.n_head
+        return [("attn_norm.weight", (e,)), ("attn_q_a.weight", (ql, e)), ("attn_q_a_norm.weight", (ql,)),
+                ("attn_q_b.weight", (h * (nope + rope), ql)), ("attn_kv_a_mqa.weight", (kl + rope, e)),
+                ("attn_kv_a_norm.weight", (kl,)), ("attn_k_b.weight", (h, kl, nope)), ("attn_v_b.weight", (h, v, kl)),
+                ("attn_output.weight", (e, h * v)), ("ffn_norm.weight", (e,))]
+
     def _ffn(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
         e, f, x = self.n_embd, self.n_ff_exp, self.n_expert
+        if self.mla and not (x and i >= self.n_dense_lead):  # deepseek2: separate gate and up
+            return [("ffn_gate.weight", (self.n_ff, e)), ("ffn_up.weight", (self.n_ff, e)),
+                    ("ffn_down.weight", (e, self.n_ff))]
         if x and i >= self.n_dense_lead:
             return [("ffn_gate_inp.weight", (x, e)), ("exp_probs_b.bias", (x,)),
                     ("ffn_gate_exps.weight", (x, f, e)), ("ffn_up_exps.weight", (x, f, e)),
@@ -104,11 +119,14 @@ class Layout:
         w.add_block_count(self.n_layer + int(self.nextn))
         w.add_feed_forward_length(self.n_ff)
         w.add_head_count(self.n_head)
-        w.add_head_count_kv(self.n_head_kv)
-        w.add_key_length(self.head_dim)
-        w.add_value_length(self.head_dim)
         w.add_layer_norm_rms_eps(1e-5)
-        w.add_rope_dimension_count(self.head_dim // 2)
+        if self.mla:
+            self._mla_keys(w)
+        else:
+            w.add_head_count_kv(self.n_head_kv)
+            w.add_key_length(self.head_dim)
+            w.add_value_length(self.head_dim)
+            w.add_rope_dimension_count(self.head_dim // 2)
         if self.n_expert:
             w.add_expert_count(self.n_expert)
             w.add_expert_used_count(2)
@@ -117,6 +135,18 @@ class Layout:
             w.add_leading_dense_block_count(self.n_dense_lead)
             w.add_nextn_predict_layers(int(self.nextn))
         return w
+
+    def _mla_keys(self, w: gguf.GGUFWriter) -> None:
+        ql, kl, nope, rope, v = self.mla
+        w.add_head_count_kv(1)
+        w.add_key_length(kl + rope)
+        w.add_value_length(kl)
+        w.add_rope_dimension_count(rope)
+        w.add_q_lora_rank(ql)
+        w.add_kv_lora_rank(kl)
+        w.add_key_length_mla(nope + rope)
+        w.add_value_length_mla(v)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
 
     def write(self, path: Path, seed: int = 0) -> dict[str, np.ndarray]:
         """A GGUF with random heavy-tailed f32 weights; returns them."""
@@ -216,6 +246,8 @@ TINY = {
     "chatglm": Layout("chatglm"),  # ChatGLM2/3, GLM-4-9B: fused qkv, gqa 4
     "glm4": Layout("glm4", n_head_kv=8, fused_qkv=False, post_norms=True, tied=True, n_ff=200),  # gqa 1, n_ff%32
     "glm4moe": Layout("glm4moe", n_layer=4, fused_qkv=False, n_expert=8, nextn=True),  # 8 experts, MTP block
+    # GLM-4.7-Flash's MLA: k_b/v_b are 3-D (heads), rows of 32/64 (k-quants fall back), MTP block
+    "deepseek2": Layout("deepseek2", n_layer=4, n_expert=8, nextn=True, mla=(64, 256, 32, 32, 64)),
     "chatglm1": Layout("chatglm", n_head_kv=8, glm1=True, our_arch="chatglm1"),
 }
 
@@ -224,7 +256,7 @@ PLAIN_RECIPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "
 # Recipes that need an importance matrix or choose differently with one. ggml builds the search tables of iq1_*,
 # iq2_xs and iq2_s on first use (5-20 s each here), so recipes using those (iq1_*, iq2_xs/s/m, and iq3_xxs where q/k
 # are separate tensors) are checked by the dry-run test only; iq2_xxs (3 s) on one layout.
-IMATRIX_CASES = [(key, r) for key in ("chatglm", "glm4", "glm4moe")
+IMATRIX_CASES = [(key, r) for key in ("chatglm", "glm4", "glm4moe", "deepseek2")
                  for r in ("iq3_xs", "q2_k_s", "q4_0", "q5_0", "iq4_nl", "iq4_xs", "q3_k_m", "q4_k_m")]
 IMATRIX_CASES += [("chatglm", "iq2_xxs"), ("chatglm", "iq3_xxs")]
 PURE_RECIPES = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "iq4_xs"]
@@ -249,7 +281,8 @@ def imatrix_for(data: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray
     return {n: v for n in matrix.entries if (v := matrix.for_tensor(n, data[n].shape)) is not None}
 
 
-@pytest.mark.parametrize("key, recipe", [(key, r) for key in ("chatglm", "glm4", "glm4moe") for r in PLAIN_RECIPES]
+@pytest.mark.parametrize("key, recipe", [(key, r) for key in ("chatglm", "glm4", "glm4moe", "deepseek2")
+                                         for r in PLAIN_RECIPES]
                          + [("chatglm1", r) for r in ("q8_0", "q4_k_m", "iq4_xs", "bf16")])
 def test_bytes_match_llama_cpp(tiny_files, tmp_path: Path, key: str, recipe: str) -> None:
     src, data = tiny_files[key]
@@ -282,6 +315,8 @@ REAL = {  # published configs; rows uncapped (the files are sparse)
     "glm-4.5-air": Layout("glm4moe", 46, 4096, 96, 8, 128, 10944, 151552, fused_qkv=False, n_expert=128,
                           n_ff_exp=1408, nextn=True, rows=None),
     "chatglm-6b": Layout("chatglm", 28, 4096, 32, 32, 128, 16384, 130528, glm1=True, our_arch="chatglm1", rows=None),
+    "glm-4.7-flash": Layout("deepseek2", 47, 2048, 20, 20, 256, 10240, 154880, n_expert=64, n_ff_exp=1536,
+                            nextn=True, mla=(768, 512, 192, 64, 256), rows=None),
 }
 # Every recipe; the imatrix flag only for recipes whose choices depend on it.
 DRY_RUNS = [(r, False) for r in qtypes.RECIPES] + [(r, True) for r in ("iq3_xxs", "iq4_nl", "iq4_xs", "q4_0", "q5_0")]

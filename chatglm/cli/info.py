@@ -49,7 +49,7 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         "special_tokens": info.special,
         "special_ids": {k.removeprefix("tokenizer.ggml.").removesuffix("_token_id"): v for k, v in header.kv.items()
                         if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")},
-        "memory": None, "attention": None,
+        "memory": None, "attention": None, "mtp_layers": mtp_layers(header),
     }
     if problem is None:
         flash = None
@@ -66,6 +66,12 @@ def memory(header, n_ctx: Optional[int], kv_type: str, flash_attn: bool) -> dict
     mem = estimate(header, ctx, kv_type, flash_attn=flash_attn)
     return {"n_ctx": ctx, "kv_type": kv_type, "weights": mem.weights, "kv_cache": mem.kv_cache,
             "compute": mem.buffers, "total": mem.total}
+
+
+def mtp_layers(header) -> int:
+    """NextN (multi-token-prediction) blocks the file keeps after the trunk, for speculative decoding."""
+    n = header.arch_get("nextn_predict_layers")
+    return n if type(n) is int and n > 0 else 0
 
 
 def tensor_types(header) -> dict[str, dict[str, int]]:
@@ -111,6 +117,9 @@ def text_lines(d: dict) -> list[str]:
             "  special        " + ", ".join(f"{k}={v}" for k, v in d["special_tokens"].items()),
             "  ids            " + ", ".join(f"{k}={v}" for k, v in d["special_ids"].items()),
         ]
+    if d["mtp_layers"]:
+        lines.append(f"  MTP layers     {d['mtp_layers']} (NextN blocks usable for speculative decoding; plain "
+                     "generation runs the trunk only)")
     lines.append("  tensor types   " + "; ".join(f"{c}: " + ", ".join(f"{t}×{n}" for t, n in ts.items())
                                              for c, ts in d["tensor_types"].items()))
     mem = d["memory"]

@@ -71,6 +71,11 @@ class Family(ABC):
     def tensors(self) -> list[OutTensor]:
         """Every output tensor, in file order."""
 
+    @property
+    def n_block(self) -> int:
+        """GGUF blocks (``block_count``): the layers, plus any multi-token-prediction layers a family keeps."""
+        return self.hp.n_layer
+
     def check_shapes(self, plan: list[OutTensor]) -> None:
         """Source shapes agree with config.json. The default covers tensors copied unchanged from one source."""
         for t in plan:

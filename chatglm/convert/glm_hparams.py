@@ -6,12 +6,13 @@ from __future__ import annotations
 import gguf
 
 
-def write_hparams(w: gguf.GGUFWriter, hp, n_rot: int) -> None:
-    """The hyperparameters llama.cpp's GLM architectures read (RMSNorm, GQA, partial rotary of ``n_rot`` dims)."""
+def write_hparams(w: gguf.GGUFWriter, hp, n_rot: int, n_block: int | None = None) -> None:
+    """The hyperparameters llama.cpp's GLM architectures read (RMSNorm, GQA, partial rotary of ``n_rot`` dims);
+    ``n_block`` counts MTP layers too (default: ``hp.n_layer``)."""
     w.add_context_length(hp.n_ctx)
     w.add_embedding_length(hp.n_embd)
     w.add_feed_forward_length(hp.n_ff)
-    w.add_block_count(hp.n_layer)
+    w.add_block_count(hp.n_layer if n_block is None else n_block)
     w.add_head_count(hp.n_head)
     w.add_head_count_kv(hp.n_head_kv)
     if hp.head_dim * hp.n_head != hp.n_embd:

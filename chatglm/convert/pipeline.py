@@ -95,7 +95,7 @@ def convert(
 
 def _plan_types(family: Family, plan: list[OutTensor], recipe: qtypes.Recipe, has_imatrix: bool) -> list[_Planned]:
     hp = family.hp
-    model = qtypes.ModelInfo(family.arch, hp.n_layer, hp.n_head, hp.n_head_kv, getattr(hp, "n_expert", 0))
+    model = qtypes.ModelInfo(family.arch, family.n_block, hp.n_head, hp.n_head_kv, getattr(hp, "n_expert", 0))
     types = qtypes.plan_types(recipe, [(t.name, t.shape) for t in plan], model, has_imatrix=has_imatrix)
     return [_Planned(t, types[t.name], quants.tensor_nbytes(types[t.name], t.shape)) for t in plan]
 

@@ -23,7 +23,8 @@ REGISTRY: tuple[str, ...] = (
     "glm4",  # GLM-4-9B in the THUDM layout (tiktoken)
     "glm4_hf",  # GLM-4-9B -hf and GLM-Edge (transformers layout)
     "glm4_0414",  # GLM-4-0414 and GLM-Z1
-    "glm4_moe",  # GLM-4.5, GLM-4.5-Air, GLM-4.6
+    "glm4_moe",  # GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7
+    "glm4_moe_lite",  # GLM-4.7-Flash (MLA: llama.cpp deepseek2)
     "glm_moe_dsa",  # GLM-5, GLM-5.1, GLM-5.2, GLM-5.3
 )
 

@@ -32,29 +32,36 @@ class MemoryEstimate:
 
 
 def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
-    """KV-cache bytes per token of context: K and V of every layer's KV heads."""
+    """KV-cache bytes per token of context: K and V of every trunk layer's KV heads (llama.cpp's main context
+    leaves NextN/MTP blocks out of its cache: llama-model.cpp's create_memory filters them)."""
     check_kv_type(kv_type)
     n_layer = _size(header, "block_count", 0)
+    n_nextn = _size(header, "nextn_predict_layers", 0)
+    n_layer -= n_nextn if n_nextn < n_layer else 0
     n_embd = _size(header, "embedding_length", 0)
     n_head = _size(header, "attention.head_count", 1)
     n_head_kv = _size(header, "attention.head_count_kv", n_head)
     head_k = _size(header, "attention.key_length", n_embd // n_head)
-    head_v = _size(header, "attention.value_length", head_k)
-    if header.arch_get("attention.kv_lora_rank") is not None:
-        return _mla_kv_per_token(header, n_layer, head_k) * KV_TYPES[kv_type].bytes_per_element
-    return n_layer * n_head_kv * (head_k + head_v) * KV_TYPES[kv_type].bytes_per_element
+    head_v = 0 if _is_mla(header) else _size(header, "attention.value_length", head_k)
+    elements = n_layer * n_head_kv * (head_k + head_v) + _indexer_keys(header, n_layer)
+    return elements * KV_TYPES[kv_type].bytes_per_element
 
 
-def _mla_kv_per_token(header: GGUFHeader, n_layer: int, head_k: int) -> int:
-    """Latent attention caches K only (the latent and the rope key: key_length = kv_lora_rank + rope dims, V is a
-    view of it) for the trunk layers (the NextN/MTP blocks are not attended by the main context); the DSA indexer
-    caches one key of attention.indexer.key_length per token for each layer that runs it."""
-    nextn = header.arch_get("nextn_predict_layers")
-    n_trunk = max(0, n_layer - (nextn if type(nextn) is int and 0 <= nextn < n_layer else 0))
+def _is_mla(header: GGUFHeader) -> bool:
+    """llama.cpp's hparams.is_mla(): multi-head latent attention caches only K ([latent | rope] per token, one KV
+    head); V is a view of its latent part (llama-kv-cache.cpp: has_v = !is_mla)."""
+    return all(_size(header, f"attention.{k}_length_mla", 0) for k in ("key", "value"))
+
+
+def _indexer_keys(header: GGUFHeader, n_trunk: int) -> int:
+    """The DSA indexer (glm-dsa) caches one key of attention.indexer.key_length per token for each trunk layer
+    that runs it."""
     index_dim = _size(header, "attention.indexer.key_length", 0)
+    if not index_dim:
+        return 0
     types = header.arch_get("attention.indexer.types")
     n_full = sum(map(bool, types)) if isinstance(types, list) else n_trunk
-    return n_trunk * head_k + (min(n_full, n_trunk) * index_dim if index_dim else 0)
+    return min(n_full, n_trunk) * index_dim
 
 
 def _size(header: GGUFHeader, key: str, default: int) -> int:

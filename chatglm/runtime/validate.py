@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import gguf
 import numpy as np
 
 from chatglm import limits
@@ -137,45 +138,52 @@ def hparams(header: GGUFHeader) -> HParams:
     _check_rope(header, head_k)
     _float(header, "attention.layer_norm_rms_epsilon", required=True)
     n_vocab = _vocab_size(header)
-    mla = _mla(header, n_layer - n_nextn, n_head_kv, head_k, head_v) if arch.mla else None
+    mla = _mla(header, arch, n_layer - n_nextn, n_nextn, n_head_kv, head_k, head_v) if arch.mla else None
     return HParams(header.arch, n_layer, n_nextn, n_embd, n_head, n_head_kv, head_k, head_v, n_ff, n_vocab,
                    **_experts(header, n_layer, n_ff), mla=mla)
 
 
 @dataclass(frozen=True)
 class MlaHParams:
-    """What glm-dsa's load_arch_hparams reads beyond the common keys (src/models/glm-dsa.cpp)."""
+    """What the latent-attention loaders read beyond the common keys (deepseek2.cpp, glm-dsa.cpp)."""
 
-    q_lora: int
+    q_lora: int  # 0: a plain attn_q (deepseek2's lite models)
     kv_lora: int
     head_k_mla: int  # per-head q/k size once decompressed: nope + rope
     head_v_mla: int
     n_rot: int
-    index_heads: int
-    index_dim: int
-    index_full: tuple[bool, ...]  # per trunk layer: runs its own indexer
+    index_heads: int = 0  # the DSA lightning indexer (glm-dsa); 0: none
+    index_dim: int = 0
+    index_full: tuple[bool, ...] = ()  # per trunk layer: runs its own indexer
 
 
 # llama.cpp's default pattern (context_length >= 2^20, no indexer.types): 1 1, then 1 0 0 0 to layer 78, then 0
 GLM_5_2_FULL_INDEXERS, GLM_5_2_LISTED = 2, 78
+DEEPSEEK2 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2]
 
 
-def _mla(header: GGUFHeader, n_trunk: int, n_head_kv: int, head_k: int, head_v: int) -> MlaHParams:
-    """glm-dsa: the MQA storage of latent attention and the lightning indexer, each constraint llama.cpp's loader
-    or graph asserts on (or dereferences a null tensor over) checked first."""
-    q_lora = _int(header, "attention.q_lora_rank", required=True)
+def _mla(header: GGUFHeader, arch: LlamaArch, n_trunk: int, n_nextn: int, n_head_kv: int, head_k: int,
+         head_v: int) -> MlaHParams:
+    """Latent attention stored as MQA (deepseek2, glm-dsa): the cache row is [latent | rope] of one KV head, each
+    head has at least one non-rope key dimension; then what each arch's loader or graph asserts on top (deepseek2's
+    MTP graph, glm-dsa's indexer)."""
+    lite = header.arch == DEEPSEEK2 and (n_trunk in (26, 27) or (n_trunk == 48 and _vocab_size(header) == 128256))
+    q_minimum = 0 if header.arch == DEEPSEEK2 else 1  # deepseek2: 0 writes a plain attn_q
+    q_lora = _int(header, "attention.q_lora_rank", required=not lite, minimum=q_minimum)
     kv_lora = _int(header, "attention.kv_lora_rank", required=True)
     head_k_mla = _int(header, "attention.key_length_mla", required=True)  # without it: "requires MLA" (throws)
     head_v_mla = _int(header, "attention.value_length_mla", required=True)
-    n_rot = header.arch_get("rope.dimension_count")
-    n_rot = n_rot if type(n_rot) is int else head_k
-    if n_head_kv != 1:
-        raise _fail(header, f"head_count_kv is {n_head_kv}; {header.arch} stores latent attention as MQA (1)")
-    if head_k != kv_lora + n_rot or head_v != kv_lora:
-        raise _fail(header, f"key_length {head_k} / value_length {head_v} must be kv_lora_rank + rope dims "
-                            f"({kv_lora} + {n_rot}) / kv_lora_rank ({kv_lora})")
+    n_rot = _int(header, "rope.dimension_count", default=head_k)
     if n_rot >= head_k_mla:
-        raise _fail(header, f"rope.dimension_count {n_rot} leaves no non-rope dims of key_length_mla {head_k_mla}")
+        raise _fail(header, f"rope.dimension_count {n_rot} leaves no non-rope key dimension of key_length_mla "
+                            f"{head_k_mla}")
+    if (n_head_kv, head_k, head_v) != (1, kv_lora + n_rot, kv_lora):
+        raise _fail(header, f"MLA needs head_count_kv 1, key_length kv_lora_rank + rope ({kv_lora + n_rot}) and "
+                            f"value_length kv_lora_rank ({kv_lora}); got {n_head_kv}, {head_k}, {head_v}")
+    if header.arch == DEEPSEEK2:
+        _deepseek2_mtp(header, n_nextn, q_lora)
+    if not arch.indexer:
+        return MlaHParams(q_lora, kv_lora, head_k_mla, head_v_mla, n_rot)
     heads = _int(header, "attention.indexer.head_count", required=True)
     dim = _int(header, "attention.indexer.key_length", required=True)
     _int(header, "attention.indexer.top_k", required=True)
@@ -185,6 +193,18 @@ def _mla(header: GGUFHeader, n_trunk: int, n_head_kv: int, head_k: int, head_v: 
     if n_rot > dim:
         raise _fail(header, f"rope.dimension_count {n_rot} is more than attention.indexer.key_length {dim}")
     return MlaHParams(q_lora, kv_lora, head_k_mla, head_v_mla, n_rot, heads, dim, _indexer_types(header, n_trunk))
+
+
+def _deepseek2_mtp(header: GGUFHeader, n_nextn: int, q_lora: int) -> None:
+    """deepseek2's loader creates the shared expert's tensors; its MTP graph runs one block with a q LoRA and no
+    attention temperature."""
+    if _int(header, "expert_shared_count", required=True, minimum=0) < 1:
+        raise _fail(header, f"{header.arch} needs expert_shared_count of at least 1 (its loader creates the shared "
+                            "expert's tensors)")
+    temp = header.arch_get("attention.temperature_scale")
+    if n_nextn and (not q_lora or temp not in (None, 0, 0.0)):
+        raise _fail(header, f"{header.arch}'s MTP graph needs a q LoRA and no attention temperature; got "
+                            f"q_lora_rank {q_lora}, temperature_scale {_show(temp)}")
 
 
 def _indexer_types(header: GGUFHeader, n_trunk: int) -> tuple[bool, ...]:
@@ -253,9 +273,18 @@ def _experts(header: GGUFHeader, n_layer: int, n_ff: int) -> dict[str, int]:
             "n_dense_lead": dense}
 
 
+def check_mtp(header: GGUFHeader, hp: HParams) -> None:
+    """glm4moe's and deepseek2's MTP graphs GGML_ASSERT a single NextN block, which has an expert FFN."""
+    if _llama_arch(header).mtp_expert_block and hp.n_nextn and (hp.n_nextn != 1 or hp.n_dense_lead > hp.n_layer):
+        raise _fail(header, f"{header.arch}'s MTP graph runs one NextN block with an expert FFN; got "
+                            f"nextn_predict_layers {hp.n_nextn}, leading_dense_block_count {hp.n_dense_lead} of "
+                            f"{hp.n_layer} trunk blocks")
+
+
 def check_transformer(header: GGUFHeader) -> HParams:
-    """Hyperparameters, tokenizer and every tensor of a llama.cpp-run GLM GGUF (chatglm, glm4, glm4moe)."""
+    """Hyperparameters, tokenizer and every tensor of a llama.cpp-run GLM GGUF (chatglm, glm4, glm4moe, deepseek2)."""
     hp = hparams(header)
+    check_mtp(header, hp)
     check_vocab(header, hp.n_embd)
     check_tensors(header, hp)
     return hp

@@ -1,8 +1,8 @@
 """Every tensor llama.cpp's loaders create for the GLM architectures, with the shape its hyperparameters give.
 
-Read from ``load_arch_tensors`` of src/models/chatglm.cpp, glm4.cpp, glm4-moe.cpp and glm-dsa.cpp and
-``create_tensor_qkv`` in llama-model.cpp (llama-cpp-python 0.3.36). Shapes are in ggml order (ne[0], the row length,
-first). The table is built per layer, so its size is O(block_count) with block_count already bounded by
+Read from ``load_arch_tensors`` of src/models/chatglm.cpp, glm4.cpp, glm4-moe.cpp, deepseek2.cpp and glm-dsa.cpp
+and ``create_tensor_qkv`` in llama-model.cpp (llama-cpp-python 0.3.36). Shapes are in ggml order (ne[0], the row
+length, first). The table is built per layer, so its size is O(block_count) with block_count already bounded by
 LLAMA_MAX_LAYERS.
 """
 
@@ -118,6 +118,35 @@ def _glm_dsa_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
     return {**spec, **_nextn(hp, p, required)} if il >= hp.n_layer else spec
 
 
+def _deepseek2_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
+    """deepseek2.cpp with MLA (key_length_mla/value_length_mla set): q through a LoRA pair (or attn_q when
+    q_lora_rank is 0), the compressed kv_a_mqa, kv_b split per head into k_b and v_b. Its FFN and NextN tensors
+    are glm4moe's, with the same trunk-only / MTP-only rules."""
+    mla, p, e, h = hp.mla, f"blk.{il}.", hp.n_embd, hp.n_head
+    if il < hp.n_layer:
+        required = not (hp.n_nextn and "blk.0.attn_norm.weight" not in names)
+    else:
+        required = f"blk.{hp.n_layer}.nextn.eh_proj.weight" in names
+    nope, kv, q_rows = mla.head_k_mla - mla.n_rot, mla.kv_lora, h * mla.head_k_mla
+    spec: Spec = {f"{p}attn_norm.weight": ((e,), required), f"{p}attn_kv_a_norm.weight": ((kv,), required)}
+    if mla.q_lora:
+        spec.update({f"{p}attn_q_a_norm.weight": ((mla.q_lora,), required),
+                     f"{p}attn_q_a.weight": ((e, mla.q_lora), required),
+                     f"{p}attn_q_b.weight": ((mla.q_lora, q_rows), required)})
+    else:
+        spec[f"{p}attn_q.weight"] = ((e, q_rows), required)
+    spec.update({f"{p}attn_kv_a_mqa.weight": ((e, kv + mla.n_rot), required),
+                 f"{p}attn_k_b.weight": ((nope, kv, h), required),
+                 f"{p}attn_v_b.weight": ((kv, mla.head_v_mla, h), required),
+                 f"{p}attn_output.weight": ((h * mla.head_v_mla, e), required), f"{p}ffn_norm.weight": ((e,), required)})
+    moe = _glm4moe_layer(hp, il, names)
+    spec.update({k: v for k, v in moe.items() if any(part in k for part in _DEEPSEEK2_FROM_GLM4MOE)})
+    return spec
+
+
+_DEEPSEEK2_FROM_GLM4MOE = (".ffn_gate", ".ffn_up", ".ffn_down", ".exp_probs_b.", ".nextn.")
+
+
 @dataclass(frozen=True)
 class LlamaArch:
     """What llama.cpp's loader of one of its architectures builds and requires (llama.cpp's facts, keyed by its own
@@ -127,15 +156,18 @@ class LlamaArch:
     square_attention: bool = False  # attn_output is n_embd x n_embd: head_count x key_length must be n_embd
     experts: bool = False  # expert layers required (others must have none)
     reads_nextn: bool = True  # NextN (MTP) blocks after the trunk are loaded
-    mla: bool = False  # multi-head latent attention stored as MQA: key_length and value_length differ
+    mla: bool = False  # multi-head latent attention stored as MQA: the MLA keys are read, key and value lengths differ
+    indexer: bool = False  # DeepSeek sparse attention's lightning indexer (glm-dsa)
+    mtp_expert_block: bool = False  # its MTP graph asserts one NextN block with an expert FFN (glm4moe, deepseek2)
 
 
 _ARCH = gguf.MODEL_ARCH_NAMES
 LLAMA_ARCHS: dict[str, LlamaArch] = {
     _ARCH[gguf.MODEL_ARCH.CHATGLM]: LlamaArch(_chatglm_layer, square_attention=True, reads_nextn=False),
     _ARCH[gguf.MODEL_ARCH.GLM4]: LlamaArch(_glm4_layer),
-    _ARCH[gguf.MODEL_ARCH.GLM4_MOE]: LlamaArch(_glm4moe_layer, experts=True),
-    _ARCH[gguf.MODEL_ARCH.GLM_DSA]: LlamaArch(_glm_dsa_layer, experts=True, mla=True),
+    _ARCH[gguf.MODEL_ARCH.GLM4_MOE]: LlamaArch(_glm4moe_layer, experts=True, mtp_expert_block=True),
+    _ARCH[gguf.MODEL_ARCH.DEEPSEEK2]: LlamaArch(_deepseek2_layer, experts=True, mla=True, mtp_expert_block=True),
+    _ARCH[gguf.MODEL_ARCH.GLM_DSA]: LlamaArch(_glm_dsa_layer, experts=True, mla=True, indexer=True),
 }
 
 

@@ -1,14 +1,15 @@
-"""``Glm4MoeForCausalLM``: GLM-4.5, GLM-4.5-Air, GLM-4.6, llama.cpp's ``glm4moe`` architecture (mixture of experts).
+"""``Glm4MoeForCausalLM``: GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7, llama.cpp's ``glm4moe`` architecture (mixture
+of experts).
 
-``convert.py``: the converter (experts stacked, next-token-prediction layers left out). ``chat.py``: the ``glm45``
-format with its XML tool calls and thinking.
+``convert.py``: the converter (experts stacked, next-token-prediction layers kept for speculative decoding).
+``chat.py``: the ``glm45`` format with its XML tool calls and thinking.
 """
 
 from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect
 
 FAMILY = Descriptor(
     name="glm4_moe",
-    title="GLM-4.5, GLM-4.5-Air, GLM-4.6",
+    title="GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7",
     arch="glm4moe",
     engine=ENGINE_LLAMA,
     detect=Detect("glm4_moe", ("Glm4MoeForCausalLM",)),

@@ -9,7 +9,8 @@ used only to pick the top-k experts, the picked scores (renormalised if ``norm_t
 llama.cpp's 3-D ``ffn_*_exps`` (expert, rows, cols).
 
 Checkpoints carry ``num_nextn_predict_layers`` extra layers after the last one (multi-token prediction, used only for
-speculative decoding). They are left out: the GGUF has ``num_hidden_layers`` blocks and no nextn metadata.
+speculative decoding). They are kept as llama.cpp keeps them (``chatglm/convert/nextn.py``): blocks L.. with their
+``nextn.*`` tensors, ``block_count`` = L + n, ``nextn_predict_layers`` = n; the trunk's logits do not change.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import gguf
 import numpy as np
 
 from chatglm.convert.family import OutTensor, check_shape
+from chatglm.convert.glm_hparams import write_hparams
 from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily, HFHparams
+from chatglm.convert.nextn import NEXTN_KEY, nextn_count, nextn_tensors, write_nextn
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.families.glm4_moe import FAMILY
 from chatglm.limits import MAX_EXPERTS
@@ -60,15 +63,22 @@ class Glm4Moe(HFGlmFamily):
     def __init__(self, ckpt):
         super().__init__(ckpt)
         self.hp = self.moe_hparams(self.hp)
-        first = self.hp.n_layer
-        self.ignored_sources = tuple(rf"model\.layers\.{i}\..+" for i in range(first, first + self.hp.n_nextn))
         self.check_expert_tensors()
 
     def detect_chat_format(self, template: str) -> str:
         return FAMILY.chat_formats[0]
 
     def trailing_layers(self) -> tuple[int, str]:
-        return self.cfg_int("num_nextn_predict_layers", default=0, minimum=0), "num_nextn_predict_layers"
+        return self.cfg_int(NEXTN_KEY, default=0, minimum=0), NEXTN_KEY
+
+    @property
+    def n_block(self) -> int:
+        """GGUF blocks: the trunk's layers, then the MTP layers."""
+        return self.hp.n_layer + self.hp.n_nextn
+
+    def dense_layers(self, n_layer: int) -> int:
+        """How many leading layers have a dense MLP (``first_k_dense_replace``)."""
+        return self.cfg_int("first_k_dense_replace", default=1, minimum=0)
 
     def moe_hparams(self, base: HFHparams) -> MoeHparams:
         n_expert = self.cfg_int("n_routed_experts", maximum=MAX_EXPERTS)
@@ -81,12 +91,10 @@ class Glm4Moe(HFGlmFamily):
         used = self.cfg_int("num_experts_per_tok")
         if used > n_expert:
             raise self.bad(f"inconsistent expert counts: num_experts_per_tok={used} > n_routed_experts={n_expert}")
-        n_dense = self.cfg_int("first_k_dense_replace", default=1, minimum=0)
+        n_dense = self.dense_layers(base.n_layer)
         if n_dense >= base.n_layer:
             raise self.bad(f"first_k_dense_replace={n_dense} leaves no expert layer of {base.n_layer}")
-        n_nextn = self.trailing_layers()[0]
-        if n_nextn >= base.n_layer:  # llama.cpp: NextN layers are counted in, and fewer than, block_count
-            raise self.bad(f"num_nextn_predict_layers={n_nextn} is not below num_hidden_layers={base.n_layer}")
+        n_nextn = nextn_count(self, base.n_layer)
         for key in ("n_group", "topk_group"):
             if self.config.get(key, 1) != 1 or type(self.config.get(key, 1)) is not int:
                 raise UnsupportedModelError(f"grouped expert routing ({key}={self.config[key]!r}) is not "
@@ -106,7 +114,7 @@ class Glm4Moe(HFGlmFamily):
         found: dict[int, set[int]] = {}
         for name in self.ckpt.names():
             m = pattern.match(name)
-            if m and int(m.group(1)) < self.hp.n_layer:
+            if m and int(m.group(1)) < self.n_block:
                 found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
         for bid, experts in sorted(found.items()):
             if experts != set(range(self.hp.n_expert)):
@@ -115,8 +123,13 @@ class Glm4Moe(HFGlmFamily):
                                  self.ckpt.dir)
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
-        super().write_metadata(w)
+        write_hparams(w, self.hp, n_rot=self.hp.n_rot, n_block=self.n_block)
+        self.write_moe_metadata(w)
+
+    def write_moe_metadata(self, w: gguf.GGUFWriter) -> None:
+        """Experts, routing and MTP layers: what llama.cpp's glm4moe and deepseek2 read alike."""
         hp = self.hp
+        write_nextn(w, hp.n_nextn)
         w.add_expert_count(hp.n_expert)
         w.add_expert_used_count(hp.n_expert_used)
         w.add_expert_shared_count(hp.n_expert_shared)
@@ -129,14 +142,21 @@ class Glm4Moe(HFGlmFamily):
     def tensors(self) -> list[OutTensor]:
         hp = self.hp
         plan = self.embedding_tensors()
-        for bid in range(hp.n_layer):
-            plan += self.attention_tensors(bid)
-            if hp.qk_norm:
-                plan += self.out(T.ATTN_Q_NORM, bid, (hp.head_dim,), HF_LAYER + "self_attn.q_norm")
-                plan += self.out(T.ATTN_K_NORM, bid, (hp.head_dim,), HF_LAYER + "self_attn.k_norm")
-            plan += self.out(T.ATTN_POST_NORM, bid, (hp.n_embd,), HF_LAYER + "post_attention_layernorm")
+        for bid in range(self.n_block):
+            plan += self.block_tensors(bid)
             plan += self.dense_tensors(bid) if bid < hp.n_dense else self.expert_tensors(bid)
+            if bid >= hp.n_layer:
+                plan += nextn_tensors(self, bid, hp.n_embd, hp.n_vocab)
         return plan + self.head_tensors()
+
+    def block_tensors(self, bid: int) -> list[OutTensor]:
+        """Attention and the norms around it (the MLP follows)."""
+        hp = self.hp
+        plan = self.attention_tensors(bid)
+        if hp.qk_norm:
+            plan += self.out(T.ATTN_Q_NORM, bid, (hp.head_dim,), HF_LAYER + "self_attn.q_norm")
+            plan += self.out(T.ATTN_K_NORM, bid, (hp.head_dim,), HF_LAYER + "self_attn.k_norm")
+        return plan + self.out(T.ATTN_POST_NORM, bid, (hp.n_embd,), HF_LAYER + "post_attention_layernorm")
 
     def dense_tensors(self, bid: int) -> list[OutTensor]:
         hp = self.hp

@@ -83,6 +83,10 @@ class GlmMoeDsa(Glm4Moe):
         self.hp = self.dsa_hparams(self.moe_hparams(self.hp))
         self.check_expert_tensors()
 
+    @property
+    def n_block(self) -> int:
+        return self.hp.n_layer  # DsaHparams.n_layer already counts the MTP layers
+
     def detect_chat_format(self, template: str) -> str:
         return glm4_moe.FAMILY.chat_formats[0]  # until GLM-5's own templates get builders
 
