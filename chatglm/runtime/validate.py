@@ -374,6 +374,10 @@ def check_kv_head(header: GGUFHeader, kv_type: str) -> None:
     if head_dim % block:
         raise InputError(f"KV cache type {kv_type} needs a head size that is a multiple of {block}; "
                          f"this model's is {head_dim}", header.path)
+    for what, size in _ARCH_KV_ROWS.get(header.arch, lambda h: ())(header):
+        if size % block:  # ggml_row_size asserts on a row its blocks do not divide
+            raise InputError(f"KV cache type {kv_type} needs {what} that is a multiple of {block}; this model's "
+                             f"is {size}", header.path)
 
 
 def resolve_flash_attn(kv_type: str, flash_attn: Optional[bool]) -> tuple[Optional[bool], str]:
@@ -514,4 +518,11 @@ def _clamps(header: GGUFHeader, key: str, n_layer: int) -> None:
         raise _fail(header, f"{header.arch}.{key} must hold finite numbers")
 
 
+def _glm5next_kv_rows(header: GGUFHeader) -> list[tuple[str, int]]:
+    """The indexer cache of glm5-next stores key | gate | pooled (3 x key length) per token in the KV type."""
+    key = header.arch_get("attention.indexer.key_length")
+    return [("an indexer row (3 x indexer key length)", 3 * key)] if type(key) is int else []
+
+
 _ARCH_HPARAMS = {GLM5_NEXT: _glm5next_hparams}
+_ARCH_KV_ROWS = {GLM5_NEXT: _glm5next_kv_rows}
