@@ -25,6 +25,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
                                               train_sentencepiece)
     from chatglm.devtools.corpus import bilingual_corpus
     from chatglm.devtools.glm1 import tiny_glm1_checkpoint, train_ice_tokenizer
+    from chatglm.devtools import glm5_next
     from chatglm.devtools.glm4 import LAYOUTS, build_checkpoint, train_glm4_bpe
 
     out: dict[str, Path] = {"demo": demo_dir()}
@@ -45,6 +46,8 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     for seed, layout in enumerate(LAYOUTS):
         theta = 50000.0 if layout == "glm4" else 10000.0
         out[layout] = build_checkpoint(layout, root / layout, bpe, seed=seed, rope_theta=theta)[1]
+    model = glm5_next.tiny_model(bpe.get_vocab_size() + 7)
+    out["glm5-next"] = glm5_next.save_checkpoint(model, root / "glm5-next", bpe)
     return out
 
 

@@ -34,6 +34,7 @@ KNOWN_CYCLES: set = set()
 # String literals equal to a family name that mean something else: (module, literal) -> why.
 FOREIGN_NAMES = {
     ("chatglm.convert.vocab_bpe", "glm4"): "llama.cpp's pre-tokenizer name (tokenizer.ggml.pre), not our family",
+    ("chatglm.schema.llama_names", "glm5-next"): "llama.cpp's architecture name, which gguf-py 0.19 lacks",
 }
 # Modules allowed to name families: the registries, and the development tools that write checkpoints in the
 # publishers' own layouts (their config.json and tokenizer files name the models as published).

@@ -24,6 +24,7 @@ OLD_ENGINES = {"chatglm": "chatglm.runtime.llama_engine:LlamaEngine",
                "glm4": "chatglm.runtime.llama_engine:LlamaEngine",
                "glm4moe": "chatglm.runtime.llama_engine:LlamaEngine",
                "chatglm1": "chatglm.runtime.glm1.engine:GLM1Engine"}
+NEW_ENGINES = {"glm5-next": "chatglm.runtime.llama_engine:LlamaEngine"}  # issue 18
 
 
 def test_descriptors_give_the_old_tables():
@@ -33,10 +34,10 @@ def test_descriptors_give_the_old_tables():
     from chatglm.runtime.perplexity import CAUSAL_PREFIX
 
     assert families.special_tokens() == OLD_SPECIAL_TEXTS
-    assert ENGINES == OLD_ENGINES
+    assert ENGINES == {**OLD_ENGINES, **NEW_ENGINES}
     assert CAUSAL_PREFIX == {"chatglm1": ("[gMASK]", "<sop>")}
-    assert set(LLAMA_ARCHES) == {"chatglm", "glm4", "glm4moe"} and len(LLAMA_ARCHES) == 3
-    assert MODEL_ARCHS == {"chatglm", "chatglm1", "glm4", "glm4moe"}
+    assert set(LLAMA_ARCHES) == {"chatglm", "glm4", "glm4moe", *NEW_ENGINES} and len(LLAMA_ARCHES) == 4
+    assert MODEL_ARCHS == {"chatglm", "chatglm1", "glm4", "glm4moe", *NEW_ENGINES}
 
 
 @pytest.mark.parametrize("arch,special,expected", [

@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as QT
 
 from chatglm import families
 from chatglm.errors import InputError
+from chatglm.schema.llama_names import ARCH_GLM5_NEXT
 
 F = LlamaFileType
 
@@ -150,11 +151,11 @@ _KEEP_SUBSTRINGS = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.wei
 # Per-architecture rules of tensor_allows_quantization and llama_tensor_get_type_impl, keyed by llama.cpp's
 # architecture name: substrings of tensors kept as they are, and of tensors never quantized below Q8_0.
 _ARCH_KEEP: dict[str, tuple[str, ...]] = {
-    "glm5-next": ("hc_", "indexer.attn_q_b", "indexer.attn_k", "indexer.proj", "indexer_compressor_gate",
+    ARCH_GLM5_NEXT: ("hc_", "indexer.attn_q_b", "indexer.attn_k", "indexer.proj", "indexer_compressor_gate",
                   "indexer_compressor_ape", "ssm_f_a.weight", "ssm_f_b.weight", "ssm_g_a.weight", "ssm_g_b.weight",
                   "ssm_beta.weight", "attn_kv_a_mqa.weight", "attn_k_b.weight", "attn_v_b.weight"),
 }
-_ARCH_Q8_FLOOR: dict[str, tuple[str, ...]] = {"glm5-next": ("attn_q_a", "attn_q_b", "nextn.eh_proj")}
+_ARCH_Q8_FLOOR: dict[str, tuple[str, ...]] = {ARCH_GLM5_NEXT: ("attn_q_a", "attn_q_b", "nextn.eh_proj")}
 
 
 def _arch_keeps(arch: str, name: str) -> bool:

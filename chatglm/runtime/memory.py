@@ -11,6 +11,7 @@ from chatglm.families.descriptor import ENGINE_GLM1
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime.kv_types import KV_TYPES
 from chatglm.runtime.validate import check_kv_type
+from chatglm.schema.llama_names import ARCH_GLM5_NEXT
 
 OVERHEAD = 64 * 2**20  # runtime, tokenizer tables, allocator slack
 
@@ -190,5 +191,5 @@ def _glm5next_compute(header: GGUFHeader, n_ctx: int, n_ub: int, flash_attn: boo
     return 2 * mask + -(-n_ctx // _size(header, "attention.indexer.kpool", 1)) * n_ub * 4
 
 
-_ARCH_CACHE = {"glm5-next": _glm5next_cache}
-_ARCH_COMPUTE = {"glm5-next": _glm5next_compute}
+_ARCH_CACHE = {ARCH_GLM5_NEXT: _glm5next_cache}
+_ARCH_COMPUTE = {ARCH_GLM5_NEXT: _glm5next_compute}

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Callable, Collection
 
 import gguf
 
+from chatglm.schema.llama_names import ARCH_GLM5_NEXT
+
 if TYPE_CHECKING:
     from chatglm.runtime.validate import HParams
 
@@ -141,7 +143,7 @@ class LlamaArch:
 
 
 _ARCH = gguf.MODEL_ARCH_NAMES
-GLM5_NEXT = "glm5-next"  # llama-arch.cpp's name (gguf-py 0.19 predates the architecture)
+GLM5_NEXT = ARCH_GLM5_NEXT
 LLAMA_ARCHS: dict[str, LlamaArch] = {
     _ARCH[gguf.MODEL_ARCH.CHATGLM]: LlamaArch(_chatglm_layer, square_attention=True, reads_nextn=False),
     _ARCH[gguf.MODEL_ARCH.GLM4]: LlamaArch(_glm4_layer),
