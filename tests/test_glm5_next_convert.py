@@ -18,7 +18,8 @@ from chatglm.convert.pipeline import convert
 from chatglm.gguf_file import read_header
 from chatglm.runtime.memory import estimate
 from chatglm.runtime.model import load
-from fixtures_glm5_next import glm5  # noqa: F401  (fixture)
+from fixtures_glm5_next import glm5, rewrite_gguf  # noqa: F401  (fixture)
+from tests.hostile import cli
 from test_logits_glm import rel_err
 from test_memory import NativeLog
 from test_qtypes import llama_quantize
@@ -55,6 +56,20 @@ def test_logits_match_transformers_at_every_position(glm5, engine):
     got = engine.all_logits(glm5.ids)
     assert got.shape == glm5.ref.shape
     assert rel_err(got, glm5.ref) < TOL
+
+
+@pytest.mark.parametrize("change", [{"attention.indexer.top_k": 256},  # every token selected: not sparse
+                                    {"swiglu_clamp_exp": None, "swiglu_clamp_shexp": None}])  # no SwiGLU clamps
+def test_the_sparse_selection_and_the_clamps_are_exercised(glm5, tmp_path, change):
+    """The logits test would pass vacuously if the sequence were too short to select, or no activation clamped."""
+    path = rewrite_gguf(glm5.gguf, tmp_path / "changed.gguf", {f"glm5-next.{k}": v for k, v in change.items()})
+    with load(path, n_ctx=256, kv_type="f32", n_threads=2) as m:
+        assert rel_err(m.engine.all_logits(glm5.ids), glm5.ref) > 0.05
+
+
+def test_info_says_the_nextn_layer_is_kept(glm5):
+    outcome = cli(["info", glm5.gguf])
+    assert outcome.code == 0 and "NextN layers   1 (multi-token prediction), kept" in outcome.out
 
 
 def test_greedy_ids_match_transformers_generate(glm5, engine):

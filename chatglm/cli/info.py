@@ -49,7 +49,7 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         "special_tokens": info.special,
         "special_ids": {k.removeprefix("tokenizer.ggml.").removesuffix("_token_id"): v for k, v in header.kv.items()
                         if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")},
-        "memory": None, "attention": None,
+        "memory": None, "attention": None, "nextn_layers": header.arch_get("nextn_predict_layers") or 0,
     }
     if problem is None:
         flash = None
@@ -113,6 +113,9 @@ def text_lines(d: dict) -> list[str]:
         ]
     lines.append("  tensor types   " + "; ".join(f"{c}: " + ", ".join(f"{t}×{n}" for t, n in ts.items())
                                              for c, ts in d["tensor_types"].items()))
+    if d["nextn_layers"]:
+        lines.append(f"  NextN layers   {d['nextn_layers']} (multi-token prediction), kept in the file for speculative "
+                     "decoding; generation here runs the trunk only")
     mem = d["memory"]
     if mem:
         lines.append(f"  memory         {human(mem['total'])} at {mem['n_ctx']} tokens ({mem['kv_type']} KV): weights "
