@@ -93,6 +93,35 @@ def test_published_nested_linear_config_converts_to_the_same_file(glm5, tmp_path
     assert _tensor_bytes(out) == _tensor_bytes(glm5.gguf)
 
 
+def test_flat_published_layout_converts_to_the_same_file(glm5, tmp_path):
+    """Text settings at the top level (nested linear_attn_config, first_k_dense_replace) and ``model.layers.*``
+    names, as llama.cpp's converter reads GLM-5.3-Flash: the same GGUF tensors as transformers' layout."""
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for path in glm5.ckpt.iterdir():
+        if path.suffix != ".safetensors" and path.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(path, folder / path.name)
+    index = json.loads((glm5.ckpt / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        state = load_file(glm5.ckpt / shard)
+        save_file({k.replace("model.language_model.", "model."): v for k, v in state.items()}, str(folder / shard),
+                  metadata={"format": "pt"})
+    index["weight_map"] = {k.replace("model.language_model.", "model."): v for k, v in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((glm5.ckpt / "config.json").read_text())
+    text = config.pop("text_config")
+    nested = {"head_dim": text.pop("linear_head_dim"), "num_heads": text.pop("linear_num_heads"),
+              "short_conv_kernel_size": text.pop("linear_conv_kernel_dim"),
+              "gate_lower_bound": text.pop("linear_lower_bound")}
+    text.pop("mlp_layer_types")
+    flat = {**text, "architectures": config["architectures"], "model_type": "glm5_next", "mla_use_nope": True,
+            "linear_attn_config": nested, "first_k_dense_replace": 1, "vision_config": config["vision_config"]}
+    (folder / "config.json").write_text(json.dumps(flat))
+    out = tmp_path / "flat.gguf"
+    assert cli(["convert", folder, "-o", out, "-t", "f32"]).code == 0
+    assert _tensor_bytes(out) == _tensor_bytes(glm5.gguf)
+
+
 def _tensor_bytes(path: Path) -> dict[str, bytes]:
     return {t.name: t.data.tobytes() for t in gguf.GGUFReader(path).tensors}
 

@@ -200,8 +200,11 @@ class Glm5Next(HFGlmFamily):
         return values[0], values[1], values[2], lower
 
     def dense_count(self, n_trunk: int) -> int:
+        """Leading dense layers: ``mlp_layer_types`` (transformers), else ``first_k_dense_replace`` (published
+        files), else transformers' default of 3."""
+        lead = self.cfg_int("first_k_dense_replace", default=min(3, n_trunk), minimum=0)
         kinds = self.cfg_list("mlp_layer_types", n_trunk, {"dense", "sparse"},
-                              ["dense"] * min(3, n_trunk) + ["sparse"] * (n_trunk - 3))
+                              ["dense"] * min(lead, n_trunk) + ["sparse"] * max(0, n_trunk - lead))
         n_dense = kinds.index("sparse") if "sparse" in kinds else n_trunk
         if kinds != ["dense"] * n_dense + ["sparse"] * (n_trunk - n_dense):
             raise UnsupportedModelError(f"mlp_layer_types {shown(kinds)} interleave dense and sparse layers; "
