@@ -149,6 +149,23 @@ def test_quantized_types_and_bytes_equal_llama_quantize(glm5, workdir, qtype):
         assert np.isfinite(m.engine.logits()).all()
 
 
+def test_softplus_gate_and_a_tied_flag_with_its_own_head(glm5, workdir):
+    """Without ``linear_lower_bound`` the decay is -exp(A_log) * softplus(g) (llama.cpp: no gate_lower_bound key);
+    a text_config saying tie_word_embeddings beside a saved lm_head (transformers ties by the outer config)
+    keeps that head."""
+    from chatglm.devtools import glm5_next
+    from chatglm.devtools.glm4 import GLM4_SPECIALS, GLM45_EXTRA_SPECIALS, train_glm4_bpe
+
+    tok = train_glm4_bpe(vocab_size=400, specials=GLM4_SPECIALS + GLM45_EXTRA_SPECIALS)
+    model = glm5_next.tiny_model(tok.get_vocab_size() + 7, seed=3, linear_lower_bound=None, tie_word_embeddings=True)
+    ckpt = glm5_next.save_checkpoint(model, workdir / "glm5-next-softplus", tok, nextn=False)
+    path = convert(ckpt, workdir / "glm5-next-softplus.gguf", "f32").path
+    assert "glm5-next.kda.gate_lower_bound" not in gguf.GGUFReader(path).fields
+    ids = glm5.ids[:24]
+    with load(path, n_ctx=256, kv_type="f32", n_threads=2) as m:
+        assert rel_err(m.engine.all_logits(ids), glm5_next.reference_logits(model, ids)) < TOL
+
+
 @pytest.fixture
 def native_log():
     logger = logging.getLogger("llama.cpp")

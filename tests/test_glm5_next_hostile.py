@@ -55,6 +55,7 @@ CONFIG_CASES = {
                                           "layer 2 should have a full indexer"),
     "first-latent-layer-shared": ({"indexer_types": ["full", "shared", "shared", "full"]}, (),
                                   "the first latent-attention layer (1) has indexer_types 'shared'"),
+    "no-tail": ({"index_kpool_always_select_tail": False}, (), "index_kpool_always_select_tail=false is not"),
     "rope-in-latent-attention": ({"qk_rope_head_dim": 8}, (), "qk_rope_head_dim=8 is not supported"),
     "linear-heads-differ": ({"linear_num_heads": 2}, (), "linear_num_heads (2) differs from num_attention_heads"),
     "too-many-experts": ({"n_routed_experts": 2000}, (), "'n_routed_experts' is 2000, more than 1,024"),
@@ -128,6 +129,7 @@ def _tensor_bytes(path: Path) -> dict[str, bytes]:
 
 A = "glm5-next."
 GGUF_CASES = {
+    "no-tail": ({A + "attention.indexer.kpool_select_tail": False}, (), "kpool_select_tail false"),
     "hc-count": ({A + "hyper_connection.count": 2}, (), "hyper_connection.count is 2"),
     "topk-vs-kpool": ({A + "attention.indexer.top_k": 10}, (), "indexer top_k 10 must be a multiple"),
     "kv-pattern-vs-tensors": ({A + "attention.head_count_kv": [1, 1, 1, 0, 1]}, (), "lacks tensor(s) blk.0.attn_q_a"),

@@ -483,6 +483,9 @@ def _glm5next_hparams(header: GGUFHeader) -> Glm5NextHParams:
     top_k = _int(header, "attention.indexer.top_k", required=True)
     if kpool < 2 or top_k % kpool:  # GGML_ASSERT(kpool > 1 && top_k % kpool == 0)
         raise _fail(header, f"indexer top_k {top_k} must be a multiple of a k-pool of 2 or more, got kpool {kpool}")
+    if header.arch_get("attention.indexer.kpool_select_tail") is False:
+        raise _fail(header, "has attention.indexer.kpool_select_tail false: the first tokens of a sequence select no "
+                            "key, and llama.cpp's attention gives NaN there")
     hc = _int(header, "hyper_connection.count", required=True)
     if hc != 4:  # GGML_ASSERT(hc_mult == 4)
         raise _fail(header, f"hyper_connection.count is {hc}; llama.cpp's glm5-next runs 4 streams")

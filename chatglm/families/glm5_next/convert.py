@@ -262,6 +262,10 @@ class Glm5Next(HFGlmFamily):
                                         "of 2 or more tokens", self.config_path)
         if topk % kpool:
             raise self.bad(f"'index_topk' ({topk}) is not a multiple of index_kpool ({kpool})")
+        if not self.cfg_bool("index_kpool_always_select_tail", True):
+            raise UnsupportedModelError("index_kpool_always_select_tail=false is not supported: the first tokens of "
+                                        "a sequence would select no key, and llama.cpp's attention gives NaN there",
+                                        self.config_path)
         kda_dim, kda_heads, d_conv, lower = self.linear_settings()
         if kda_heads != n_head:
             raise UnsupportedModelError(f"linear_num_heads ({kda_heads}) differs from num_attention_heads "
@@ -292,13 +296,14 @@ class Glm5Next(HFGlmFamily):
             n_ff=self.cfg_int("intermediate_size"), n_head=n_head, n_head_kv=int(kinds[0] == LATENT),
             n_vocab=n_vocab, n_ctx=self.cfg_int("max_position_embeddings", default=8192),
             eps=self.cfg_float("rms_norm_eps", 1e-5, maximum=MAX_NORM_EPS),
-            tied=self.cfg_bool("tie_word_embeddings", False), layer_kinds=tuple(kinds),
+            tied=self.cfg_bool("tie_word_embeddings", False) and "lm_head.weight" not in set(self.ckpt.names()),
+            layer_kinds=tuple(kinds),
             indexer_full=self.indexer_full(n_trunk, kinds), n_dense=self.dense_count(n_trunk),
             q_lora=self.cfg_int("q_lora_rank"), kv_lora=self.cfg_int("kv_lora_rank"),
             nope=self.cfg_int("qk_nope_head_dim"), v_dim=self.cfg_int("v_head_dim"),
             kda_dim=kda_dim, d_conv=d_conv, lower_bound=lower,
             idx_heads=self.cfg_int("index_n_heads"), idx_dim=self.cfg_int("index_head_dim"), topk=topk,
-            kpool=kpool, tail=self.cfg_bool("index_kpool_always_select_tail", True),
+            kpool=kpool, tail=True,
             hc_iters=self.cfg_int("hc_sinkhorn_iters", default=20), hc_eps=self.cfg_float("hc_eps", 1e-6),
             n_expert=n_expert, n_expert_used=used, n_expert_shared=self.cfg_int("n_shared_experts", default=1),
             n_ff_exp=self.cfg_int("moe_intermediate_size"),
