@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from chatglm.convert import qtypes
 from chatglm.convert.pipeline import convert
 from chatglm.gguf_file import read_header
 from chatglm.runtime.memory import estimate
@@ -147,6 +148,33 @@ def test_quantized_types_and_bytes_equal_llama_quantize(glm5, workdir, qtype):
         for _ in range(4):
             m.engine.step(int(np.argmax(m.engine.logits())))
         assert np.isfinite(m.engine.logits()).all()
+
+
+@pytest.fixture(scope="module")
+def wide(workdir):
+    """A 256-wide variant (no reference logits needed) whose rows fit k-quant blocks, so the recipes' rules, not
+    their shape fallbacks, decide."""
+    from chatglm.devtools import glm5_next
+    from chatglm.devtools.glm4 import GLM4_SPECIALS, GLM45_EXTRA_SPECIALS, train_glm4_bpe
+
+    tok = train_glm4_bpe(vocab_size=400, specials=GLM4_SPECIALS + GLM45_EXTRA_SPECIALS)
+    model = glm5_next.tiny_model(tok.get_vocab_size() + 7, seed=4, hidden_size=256, q_lora_rank=256,
+                                 kv_lora_rank=256, index_head_dim=32, linear_head_dim=64, qk_nope_head_dim=64,
+                                 v_head_dim=64, moe_intermediate_size=256, intermediate_size=512)
+    ckpt = glm5_next.save_checkpoint(model, workdir / "glm5-next-wide", tok, shard_size="2MB")
+    return ckpt, convert(ckpt, workdir / "glm5-next-wide-f32.gguf", "f32").path
+
+
+@pytest.mark.parametrize("qtype", ["q4_k_m", "q3_k_m", "mxfp4_moe"])
+def test_types_equal_llama_quantize_when_rows_fit_the_blocks(wide, workdir, qtype):
+    ckpt, f32 = wide
+    mine = convert(ckpt, workdir / f"wide-{qtype}.gguf", qtype).path
+    theirs = workdir / f"wide-{qtype}-llama.gguf"
+    llama_quantize(f32, theirs, int(qtypes.get_recipe(qtype).ftype))
+    ref = {t.name: t.tensor_type.name for t in gguf.GGUFReader(theirs).tensors}
+    ours = {t.name: t.tensor_type.name for t in gguf.GGUFReader(mine).tensors}
+    assert ours == ref
+    assert len(set(ours.values())) >= 3  # kept f32, the Q8_0 floor and the recipe's own types all occur
 
 
 def test_softplus_gate_and_a_tied_flag_with_its_own_head(glm5, workdir):
