@@ -25,6 +25,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
                                               train_sentencepiece)
     from chatglm.devtools.corpus import bilingual_corpus
     from chatglm.devtools.glm1 import tiny_glm1_checkpoint, train_ice_tokenizer
+    from chatglm.devtools import glm5_next
     from chatglm.devtools.glm4 import LAYOUTS, build_checkpoint, train_glm4_bpe
     from chatglm.devtools.glm_moe_dsa import build_dsa_checkpoint
     from chatglm.devtools.glm4_moe_lite import build_lite_checkpoint
@@ -49,6 +50,8 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
         out[layout] = build_checkpoint(layout, root / layout, bpe, seed=seed, rope_theta=theta)[1]
     out["glm5"] = build_dsa_checkpoint(root / "glm5", bpe, seed=3)[1]
     out["glm4.7-flash"] = build_lite_checkpoint(root / "glm4.7-flash", bpe, seed=3, rope_theta=20000.0)[1]
+    model = glm5_next.tiny_model(bpe.get_vocab_size() + 7)
+    out["glm5-next"] = glm5_next.save_checkpoint(model, root / "glm5-next", bpe)
     return out
 
 

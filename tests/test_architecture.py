@@ -36,6 +36,7 @@ FOREIGN_NAMES = {
     ("chatglm.convert.vocab_bpe", "glm4"): "llama.cpp's pre-tokenizer name (tokenizer.ggml.pre), not our family",
     ("chatglm.families.glm_moe_dsa", "glm45"): "GLM-5.x GGUFs from other converters get GLM-4.5's format until "
                                               "GLM-5's templates have their own (issue #18's chat part)",
+    ("chatglm.schema.llama_names", "glm5-next"): "llama.cpp's architecture name, which gguf-py 0.19 lacks",
 }
 # Modules allowed to name families: the registries, and the development tools that write checkpoints in the
 # publishers' own layouts (their config.json and tokenizer files name the models as published).

@@ -25,7 +25,7 @@ OLD_ENGINES = {"chatglm": "chatglm.runtime.llama_engine:LlamaEngine",
                "glm4moe": "chatglm.runtime.llama_engine:LlamaEngine",
                "chatglm1": "chatglm.runtime.glm1.engine:GLM1Engine"}
 # Architectures added since (issue #18), each run by llama.cpp.
-NEW_LLAMA_ARCHS = {"glm-dsa", "deepseek2"}
+NEW_LLAMA_ARCHS = {"glm-dsa", "deepseek2", "glm5-next"}
 
 
 def test_descriptors_give_the_old_tables():

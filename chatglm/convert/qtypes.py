@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as QT
 
 from chatglm import families
 from chatglm.errors import InputError
+from chatglm.schema.llama_names import ARCH_GLM5_NEXT
 
 F = LlamaFileType
 
@@ -145,6 +146,20 @@ _ATTN_V_LIKE = frozenset({C.ATTENTION_V, C.ATTENTION_QKV, C.ATTENTION_KV_B})
 _KEEP_SUBSTRINGS = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
                     "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "attn_rel_b.weight",
                     "position_embd", "token_types.weight")
+
+
+# Per-architecture rules of tensor_allows_quantization and llama_tensor_get_type_impl, keyed by llama.cpp's
+# architecture name: substrings of tensors kept as they are, and of tensors never quantized below Q8_0.
+_ARCH_KEEP: dict[str, tuple[str, ...]] = {
+    ARCH_GLM5_NEXT: ("hc_", "indexer.attn_q_b", "indexer.attn_k", "indexer.proj", "indexer_compressor_gate",
+                  "indexer_compressor_ape", "ssm_f_a.weight", "ssm_f_b.weight", "ssm_g_a.weight", "ssm_g_b.weight",
+                  "ssm_beta.weight", "attn_kv_a_mqa.weight", "attn_k_b.weight", "attn_v_b.weight"),
+}
+_ARCH_Q8_FLOOR: dict[str, tuple[str, ...]] = {ARCH_GLM5_NEXT: ("attn_q_a", "attn_q_b", "nextn.eh_proj")}
+
+
+def _arch_keeps(arch: str, name: str) -> bool:
+    return any(sub in name for sub in _ARCH_KEEP.get(arch, ()))
 
 
 def category(name: str) -> Category:
@@ -348,6 +363,8 @@ def _apply(rules: Iterable[Rule], c: _Ctx) -> QT:
 
 def _mixed_type(c: _Ctx, cat: Category) -> QT:
     """llama_tensor_get_type_impl: the recipe's choice before the shape fallback."""
+    if any(sub in c.name for sub in _ARCH_Q8_FLOOR.get(c.model.arch, ())):
+        return QT.Q8_0
     if cat == C.OUTPUT or (cat == C.TOKEN_EMBD and c.slot.tied_embeddings):
         return _apply(_OUTPUT, c)
     if c.ftype == F.MOSTLY_MXFP4_MOE:
@@ -369,7 +386,7 @@ def choose_type(recipe: Recipe, name: str, shape: Sequence[int], model: ModelInf
 
     ``slot`` carries llama.cpp's running counters; :func:`plan_types` computes them for a whole model.
     """
-    if not allows_quantization(name, shape):
+    if not allows_quantization(name, shape) or _arch_keeps(model.arch, name):
         return source
     if not recipe.quantized:
         return recipe.default
@@ -387,11 +404,11 @@ def llama_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=key)
 
 
-def _counted_category(name: str, shape: Sequence[int], recipe: Recipe) -> Optional[Category]:
+def _counted_category(name: str, shape: Sequence[int], recipe: Recipe, arch: str = "") -> Optional[Category]:
     """The counter a tensor advances when llama.cpp's recipe code reaches it, if any."""
     cat = category(name)
     if (recipe.pure or not recipe.quantized or recipe.ftype == F.MOSTLY_MXFP4_MOE
-            or not allows_quantization(name, shape) or cat in (C.OUTPUT, C.TOKEN_EMBD)):
+            or not allows_quantization(name, shape) or _arch_keeps(arch, name) or cat in (C.OUTPUT, C.TOKEN_EMBD)):
         return None
     if cat in _ATTN_V_LIKE:
         return C.ATTENTION_V
@@ -417,7 +434,7 @@ def plan_types(recipe: Recipe, tensors: Sequence[tuple[str, Sequence[int]]], mod
     counters: dict[Category, int] = {}
     plan: dict[str, QT] = {}
     for name in llama_order(shapes):
-        counted = _counted_category(name, shapes[name], recipe)
+        counted = _counted_category(name, shapes[name], recipe, model.arch)
         slot = Slot(counters.get(counted, 0) if counted else 0, n_attention_wv, tied, has_imatrix)
         plan[name] = choose_type(recipe, name, shapes[name], model, slot, sources.get(name, QT.F32))
         if counted:

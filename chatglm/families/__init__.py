@@ -26,6 +26,7 @@ REGISTRY: tuple[str, ...] = (
     "glm4_moe",  # GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7
     "glm4_moe_lite",  # GLM-4.7-Flash (MLA: llama.cpp deepseek2)
     "glm_moe_dsa",  # GLM-5, GLM-5.1, GLM-5.2, GLM-5.3
+    "glm5_next",  # GLM-5.3-Flash (text model)
 )
 
 

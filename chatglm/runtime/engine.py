@@ -100,7 +100,9 @@ class Engine(ABC):
             raise ContextOverflowError(
                 f"prompt of {len(tokens)} tokens does not fit the context of {self.info.n_ctx} tokens")
         keep = min(self.reusable(tokens), len(tokens) - 1)
-        self._truncate(keep)
+        if self._truncate(keep) is False:  # a recurrent state cannot drop its last tokens: evaluate all again
+            self._truncate(0)
+            keep = 0
         self.tokens = tokens[:keep]
         todo = tokens[keep:]
         self._eval(todo, cancel=cancel, progress=progress)
@@ -117,8 +119,9 @@ class Engine(ABC):
         self.tokens = []
 
     @abstractmethod
-    def _truncate(self, n_keep: int) -> None:
-        """Drop cached tokens from position ``n_keep`` on."""
+    def _truncate(self, n_keep: int) -> Optional[bool]:
+        """Drop cached tokens from position ``n_keep`` on; False when the cache cannot (a recurrent state keeps no
+        earlier positions: only dropping everything works), and then nothing was dropped."""
 
     @abstractmethod
     def _eval(self, tokens: Sequence[int], *, cancel: Optional[threading.Event] = None,

@@ -96,9 +96,17 @@ class LlamaEngine(Engine):
         return data.decode("utf-8", errors="replace")
 
     # -- evaluation -------------------------------------------------------------------------------------------
-    def _truncate(self, n_keep: int) -> None:
-        native.lib().llama_memory_seq_rm(self._mem, -1, n_keep, -1)
+    def _truncate(self, n_keep: int) -> bool:
+        # sequence 0, the only one used: llama.cpp's recurrent memory refuses seq_id -1 (linear-attention models)
+        if not native.lib().llama_memory_seq_rm(self._mem, 0, n_keep, -1):
+            return False
         del self.tokens[n_keep:]
+        return True
+
+    def _drop_unsaved(self) -> None:
+        """Forget what a failed or cancelled batch left in the cache (all of it, if the cache cannot roll back)."""
+        if not self._truncate(len(self.tokens)):
+            self._truncate(0)
 
     def _eval(self, tokens: Sequence[int], *, cancel: Optional[threading.Event] = None,
               progress: Optional[ProgressFn] = None) -> None:
@@ -115,10 +123,10 @@ class LlamaEngine(Engine):
                 rc = ll.llama_decode(self._ctx, self._batch)
                 if rc == 2 or (cancel is not None and cancel.is_set()):
                     # llama.cpp keeps what it evaluated of an aborted batch only partly: drop the whole chunk.
-                    self._truncate(len(self.tokens))
+                    self._drop_unsaved()
                     raise Cancelled("cancelled")
                 if rc != 0:
-                    self._truncate(len(self.tokens))
+                    self._drop_unsaved()
                     raise ModelRuntimeError(f"llama_decode failed with code {rc}"
                                             + (" (no room left in the KV cache)" if rc == 1 else ""))
                 self.tokens.extend(chunk)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import gguf
+
 from chatglm import families
 from chatglm.errors import InputError
 from chatglm.families.descriptor import ENGINE_GLM1
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime.kv_types import KV_TYPES
 from chatglm.runtime.validate import check_kv_type
+from chatglm.schema.llama_names import ARCH_GLM5_NEXT
 
 OVERHEAD = 64 * 2**20  # runtime, tokenizer tables, allocator slack
 
@@ -35,6 +38,9 @@ def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
     """KV-cache bytes per token of context: K and V of every trunk layer's KV heads (llama.cpp's main context
     leaves NextN/MTP blocks out of its cache: llama-model.cpp's create_memory filters them)."""
     check_kv_type(kv_type)
+    special = _ARCH_CACHE.get(header.arch)
+    if special is not None:
+        return special(header, kv_type)[0]
     n_layer = _size(header, "block_count", 0)
     n_nextn = _size(header, "nextn_predict_layers", 0)
     n_layer -= n_nextn if n_nextn < n_layer else 0
@@ -99,15 +105,22 @@ def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int 
         mask = n_ub * n_ctx * (2 if flash_attn else 4)
         scores = 0 if flash_attn else n_head * n_ctx * n_ub * 4
         compute = max(n_ub * n_vocab * 4, mask + max(3 * n_ub * n_ff * 4, scores)) + hidden
-        compute += _indexer_compute(header, n_ub, n_ctx, flash_attn)
         compute += n_vocab * 4  # the output buffer: one row of logits
+        compute += _ARCH_COMPUTE.get(header.arch, _no_extra)(header, n_ctx, n_ub, flash_attn)
     # Without flash attention the CPU backend converts the attention weights to f16 for the product with the
     # (f16) V cache, in a scratch buffer of its own.
     work = 0 if flash_attn or glm1 else n_head * n_ctx * n_ub * 2
-    return MemoryEstimate(weights, int(kv_per_token(header, kv_type) * n_ctx), compute, work)
+    kv_cache = int(kv_per_token(header, kv_type) * n_ctx) + state_bytes(header, kv_type)
+    return MemoryEstimate(weights, kv_cache, compute, work)
 
 
-def _indexer_compute(header: GGUFHeader, n_ub: int, n_ctx: int, flash_attn: bool) -> int:
+def state_bytes(header: GGUFHeader, kv_type: str = "f16") -> int:
+    """Recurrent (linear-attention) state of one sequence: the same whatever the context."""
+    special = _ARCH_CACHE.get(header.arch)
+    return special(header, kv_type)[1] if special is not None else 0
+
+
+def _dsa_compute(header: GGUFHeader, n_ctx: int, n_ub: int, flash_attn: bool) -> int:
     """DeepSeek sparse attention's lightning indexer: its own mask (typed like the attention mask) and its f32
     score of every cached key for each token, alive beside the attention's (measured on glm-dsa: within 8%)."""
     if header.arch_get("attention.indexer.key_length") is None:
@@ -166,3 +179,48 @@ def params_text(n: int) -> str:
             value = n / scale
             return f"{value:.1f}{unit}" if value < 100 else f"{value:.0f}{unit}"
     return str(n)
+
+
+# -- architectures whose cache is not K and V of every layer (keyed by llama.cpp's architecture name) -----------
+
+
+def _flags(header: GGUFHeader, key: str, n: int, default: bool) -> list[bool]:
+    """A per-layer array read as booleans (``default`` for each layer when it is missing or malformed)."""
+    value = header.arch_get(key)
+    values = list(value) if isinstance(value, list) else []
+    return [bool(v) for v in values[:n]] if len(values) >= n else [default] * n
+
+
+def _glm5next_cache(header: GGUFHeader, kv_type: str) -> tuple[float, int]:
+    """glm5-next's hybrid memory (llama_memory_hybrid_idx): per token, the latent (kv_lora_rank values, no V) of each
+    trunk latent-attention layer and the indexer's key | gate | pooled row (3 x its key length) of each layer with
+    a full indexer, in the KV type; per linear-attention layer, its conv (3 x (kernel - 1) x inner) and delta
+    (head_dim^2 x heads) states in f32, constant in the context (one sequence, no rollback snapshots)."""
+    n_block = _size(header, "block_count", 0)
+    nextn = header.arch_get("nextn_predict_layers", 0)
+    n_trunk = max(0, n_block - (nextn if type(nextn) is int and 0 <= nextn <= n_block else 0))
+    latent = _flags(header, "attention.head_count_kv", n_block, True)[:n_trunk]
+    full = _flags(header, "attention.indexer.types", n_trunk, True)
+    n_head = _size(header, "attention.head_count", 1)
+    kda, conv = _size(header, "kda.head_dim", 0), _size(header, "ssm.conv_kernel", 1)
+    per_element = KV_TYPES[kv_type].bytes_per_element
+    rows = sum(latent) * _size(header, "attention.kv_lora_rank", 0)
+    rows += sum(a and f for a, f in zip(latent, full)) * 3 * _size(header, "attention.indexer.key_length", 0)
+    n_linear = len(latent) - sum(latent)
+    state = n_linear * (3 * (conv - 1) * kda * n_head + kda * kda * n_head) * 4
+    return rows * per_element, state
+
+
+def _no_extra(header: GGUFHeader, n_ctx: int, n_ub: int, flash_attn: bool) -> int:
+    return 0
+
+
+def _glm5next_compute(header: GGUFHeader, n_ctx: int, n_ub: int, flash_attn: bool) -> int:
+    """Beside the attention mask, glm5-next's sparse attention builds its selection as two more masks of the same
+    size (the scattered selection, then it plus the causal mask) and a pool mask of one value per k-pool."""
+    mask = n_ctx * n_ub * (2 if flash_attn else 4)
+    return 2 * mask + -(-n_ctx // _size(header, "attention.indexer.kpool", 1)) * n_ub * 4
+
+
+_ARCH_CACHE = {ARCH_GLM5_NEXT: _glm5next_cache}
+_ARCH_COMPUTE = {gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GLM_DSA]: _dsa_compute, ARCH_GLM5_NEXT: _glm5next_compute}

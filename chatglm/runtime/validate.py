@@ -19,7 +19,7 @@ from chatglm import limits
 from chatglm.errors import InputError
 from chatglm.gguf_file import ArrayRef, GGUFHeader
 from chatglm.runtime.kv_types import KV_TYPES
-from chatglm.runtime.validate_tensors import LLAMA_ARCHS, LlamaArch, expected_tensors
+from chatglm.runtime.validate_tensors import GLM5_NEXT, LLAMA_ARCHS, LlamaArch, expected_tensors
 
 MAX_INT = 2**31 - 1
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -116,6 +116,9 @@ def _show(value: Any) -> str:
 
 def hparams(header: GGUFHeader) -> HParams:
     """Sizes and counts in the order llama.cpp's load_hparams reads them, each bounded as it asserts."""
+    special = _ARCH_HPARAMS.get(header.arch)
+    if special is not None:
+        return special(header)
     n_layer = _int(header, "block_count", required=True, maximum=limits.MAX_LAYERS)
     n_nextn = _int(header, "nextn_predict_layers", minimum=0, maximum=n_layer - 1)
     n_embd = _int(header, "embedding_length", required=True)
@@ -466,6 +469,10 @@ def check_kv_head(header: GGUFHeader, kv_type: str) -> None:
     if head_dim % block:
         raise InputError(f"KV cache type {kv_type} needs a head size that is a multiple of {block}; "
                          f"this model's is {head_dim}", header.path)
+    for what, size in _ARCH_KV_ROWS.get(header.arch, lambda h: ())(header):
+        if size % block:  # ggml_row_size asserts on a row its blocks do not divide
+            raise InputError(f"KV cache type {kv_type} needs {what} that is a multiple of {block}; this model's "
+                             f"is {size}", header.path)
 
 
 def resolve_flash_attn(kv_type: str, flash_attn: Optional[bool]) -> tuple[Optional[bool], str]:
@@ -500,3 +507,120 @@ def check_context(n_ctx: Any, n_batch: Any = 1, n_threads: Any = 1) -> None:
                              ("thread count", n_threads, limits.MAX_THREADS)):
         if value > top:
             raise InputError(f"{what} {value} is past llama.cpp's limit of {top}")
+
+
+# -- glm5-next (GLM-5.3-Flash): src/models/glm5-next.cpp's load_arch_hparams and its graph's asserts -------------
+
+
+@dataclass(frozen=True)
+class Glm5NextHParams(HParams):
+    """What glm5-next's loader reads beyond the GLM hyperparameters: per-layer kinds, KDA, latent attention sizes,
+    the k-pool indexer and the hyper-connections."""
+
+    recurrent: tuple[bool, ...] = ()  # head_count_kv 0: a linear-attention (KDA) layer
+    indexer_full: tuple[bool, ...] = ()  # per trunk layer
+    kda_dim: int = 0
+    d_conv: int = 0
+    q_lora: int = 0
+    kv_lora: int = 0
+    head_k_mla: int = 0
+    head_v_mla: int = 0
+    idx_heads: int = 0
+    idx_dim: int = 0
+    kpool: int = 0
+    hc_mult: int = 4
+
+
+def _glm5next_kinds(header: GGUFHeader, n_layer: int, n_trunk: int) -> tuple[bool, ...]:
+    """head_count_kv per layer: 0 (linear attention) or 1 (the latent, one key head); the NextN block is latent."""
+    value = header.arch_get("attention.head_count_kv")
+    values = list(value) if isinstance(value, (list, ArrayRef)) else None
+    if values is None or len(values) != n_layer or any(v not in (0, 1) or type(v) is not int for v in values):
+        raise _fail(header, f"{header.arch}.attention.head_count_kv must list 0 (linear attention) or 1 (latent "
+                            f"attention) for each of the {n_layer} blocks, got {_show(value)}")
+    if any(v == 0 for v in values[n_trunk:]):
+        raise _fail(header, "a NextN block is marked linear attention (head_count_kv 0); llama.cpp's NextN block is "
+                            "a latent-attention layer")
+    return tuple(v == 0 for v in values)
+
+
+def _glm5next_indexer(header: GGUFHeader, n_trunk: int, recurrent: tuple[bool, ...]) -> tuple[bool, ...]:
+    value = header.arch_get("attention.indexer.types")
+    full = [True] * n_trunk if value is None else list(value) if isinstance(value, (list, ArrayRef)) else None
+    if full is None or len(full) != n_trunk or any(type(v) is not bool for v in full):
+        raise _fail(header, f"{header.arch}.attention.indexer.types must hold {n_trunk} booleans, got {_show(value)}")
+    latent = [il for il in range(n_trunk) if not recurrent[il]]
+    if latent and not full[latent[0]]:  # GGML_ASSERT(*prev_sel != nullptr) in build_dsa_layer
+        raise _fail(header, f"the first latent-attention block ({latent[0]}) shares its indexer selection, but no "
+                            "earlier block has a full indexer")
+    return tuple(full)
+
+
+def _glm5next_hparams(header: GGUFHeader) -> Glm5NextHParams:
+    n_layer = _int(header, "block_count", required=True, maximum=limits.MAX_LAYERS)
+    n_nextn = _int(header, "nextn_predict_layers", minimum=0, maximum=n_layer - 1)
+    n_embd = _int(header, "embedding_length", required=True)
+    _int(header, "context_length", required=True)
+    n_head = _layer_int(header, "attention.head_count", n_layer, required=True)
+    n_ff = _layer_int(header, "feed_forward_length", n_layer, required=True)
+    recurrent = _glm5next_kinds(header, n_layer, n_layer - n_nextn)
+    kv_lora = _int(header, "attention.kv_lora_rank", required=True)
+    head_k = _int(header, "attention.key_length", required=True)
+    if head_k != kv_lora:
+        raise _fail(header, f"key_length {head_k} must be kv_lora_rank {kv_lora} (the latent cache holds the "
+                            "compressed key)")
+    if header.arch_get("rope.dimension_count") != 0:  # GGML_ASSERT(n_rot() == 0): nope-only latent attention
+        raise _fail(header, f"{header.arch}.rope.dimension_count must be 0 (nope-only latent attention), got "
+                            f"{_show(header.arch_get('rope.dimension_count'))}")
+    _float(header, "attention.layer_norm_rms_epsilon", required=True)
+    _float(header, "attention.layer_norm_epsilon")
+    kpool = _int(header, "attention.indexer.kpool", required=True)
+    top_k = _int(header, "attention.indexer.top_k", required=True)
+    if kpool < 2 or top_k % kpool:  # GGML_ASSERT(kpool > 1 && top_k % kpool == 0)
+        raise _fail(header, f"indexer top_k {top_k} must be a multiple of a k-pool of 2 or more, got kpool {kpool}")
+    if header.arch_get("attention.indexer.kpool_select_tail") is False:
+        raise _fail(header, "has attention.indexer.kpool_select_tail false: the first tokens of a sequence select no "
+                            "key, and llama.cpp's attention gives NaN there")
+    hc = _int(header, "hyper_connection.count", required=True)
+    if hc != 4:  # GGML_ASSERT(hc_mult == 4)
+        raise _fail(header, f"hyper_connection.count is {hc}; llama.cpp's glm5-next runs 4 streams")
+    _int(header, "hyper_connection.sinkhorn_iterations", required=True)
+    _float(header, "hyper_connection.epsilon", required=True)
+    d_conv = _int(header, "ssm.conv_kernel", required=True)
+    if d_conv < 2:
+        raise _fail(header, f"ssm.conv_kernel {d_conv} leaves the short convolution no state (needs 2 or more)")
+    for key in ("swiglu_clamp_exp", "swiglu_clamp_shexp"):
+        _clamps(header, key, n_layer)
+    _float(header, "kda.gate_lower_bound", minimum=-math.inf)
+    return Glm5NextHParams(
+        header.arch, n_layer, n_nextn, n_embd, n_head, 1, head_k, head_k, n_ff, _vocab_size(header),
+        **_experts(header, n_layer, n_ff), recurrent=recurrent,
+        indexer_full=_glm5next_indexer(header, n_layer - n_nextn, recurrent),
+        kda_dim=_int(header, "kda.head_dim", required=True), d_conv=d_conv,
+        q_lora=_int(header, "attention.q_lora_rank", required=True), kv_lora=kv_lora,
+        head_k_mla=_int(header, "attention.key_length_mla", required=True),
+        head_v_mla=_int(header, "attention.value_length_mla", required=True),
+        idx_heads=_int(header, "attention.indexer.head_count", required=True),
+        idx_dim=_int(header, "attention.indexer.key_length", required=True), kpool=kpool, hc_mult=hc)
+
+
+def _clamps(header: GGUFHeader, key: str, n_layer: int) -> None:
+    """A SwiGLU clamp: one number or one per block (get_key_or_arr throws on another length)."""
+    value = header.arch_get(key)
+    if value is None:
+        return
+    values = list(value) if isinstance(value, (list, ArrayRef)) else [value]
+    if isinstance(value, (list, ArrayRef)) and len(values) != n_layer:
+        raise _fail(header, f"{header.arch}.{key} has {len(values)} values for block_count {n_layer}")
+    if not all(isinstance(v, (int, float)) and type(v) is not bool and math.isfinite(v) for v in values):
+        raise _fail(header, f"{header.arch}.{key} must hold finite numbers")
+
+
+def _glm5next_kv_rows(header: GGUFHeader) -> list[tuple[str, int]]:
+    """The indexer cache of glm5-next stores key | gate | pooled (3 x key length) per token in the KV type."""
+    key = header.arch_get("attention.indexer.key_length")
+    return [("an indexer row (3 x indexer key length)", 3 * key)] if type(key) is int else []
+
+
+_ARCH_HPARAMS = {GLM5_NEXT: _glm5next_hparams}
+_ARCH_KV_ROWS = {GLM5_NEXT: _glm5next_kv_rows}

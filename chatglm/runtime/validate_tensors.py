@@ -1,7 +1,7 @@
 """Every tensor llama.cpp's loaders create for the GLM architectures, with the shape its hyperparameters give.
 
-Read from ``load_arch_tensors`` of src/models/chatglm.cpp, glm4.cpp, glm4-moe.cpp, deepseek2.cpp and glm-dsa.cpp
-and ``create_tensor_qkv`` in llama-model.cpp (llama-cpp-python 0.3.36). Shapes are in ggml order (ne[0], the row
+Read from ``load_arch_tensors`` of src/models/chatglm.cpp, glm4.cpp, glm4-moe.cpp, deepseek2.cpp, glm-dsa.cpp and
+glm5-next.cpp and ``create_tensor_qkv`` in llama-model.cpp (llama-cpp-python 0.3.36). Shapes are in ggml order (ne[0], the row
 length, first). The table is built per layer, so its size is O(block_count) with block_count already bounded by
 LLAMA_MAX_LAYERS.
 """
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Collection
 
 import gguf
+
+from chatglm.schema.llama_names import ARCH_GLM5_NEXT
 
 if TYPE_CHECKING:
     from chatglm.runtime.validate import HParams
@@ -145,6 +147,51 @@ def _deepseek2_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
 
 
 _DEEPSEEK2_FROM_GLM4MOE = (".ffn_gate", ".ffn_up", ".ffn_down", ".exp_probs_b.", ".nextn.")
+def _glm5next_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
+    """src/models/glm5-next.cpp: hyper-connections (trunk only), then a linear (KDA) or a nope-only latent layer
+    with its k-pool indexer (shared layers hold none; the NextN block always has one), then dense or expert MLP."""
+    p, e, h, trunk = f"blk.{il}.", hp.n_embd, hp.n_head, il < hp.n_layer
+    spec: Spec = {f"{p}attn_norm.weight": ((e,), True), f"{p}ffn_norm.weight": ((e,), True)}
+    if trunk:
+        mix = (2 + hp.hc_mult) * hp.hc_mult
+        for part in ("attn", "ffn"):
+            spec.update({f"{p}hc_{part}_fn.weight": ((hp.hc_mult * e, mix), True),
+                         f"{p}hc_{part}_base.weight": ((mix,), True), f"{p}hc_{part}_scale.weight": ((3,), True)})
+    inner, d = hp.kda_dim * h, hp.kda_dim
+    if trunk and hp.recurrent[il]:
+        for x in "qkv":
+            # 4-D, as llama.cpp's converter writes it (its loader also takes a 3-D one, which we do not write)
+            spec[f"{p}ssm_conv1d_{x}.weight"] = ((hp.d_conv, 1, inner, 1), True)
+            spec[f"{p}attn_{x}.weight"] = ((e, inner), True)
+            spec[f"{p}attn_{x}.bias"] = ((inner,), False)
+        spec.update({f"{p}ssm_f_a.weight": ((e, d), True), f"{p}ssm_f_b.weight": ((d, inner), True),
+                     f"{p}ssm_beta.weight": ((e, h), True), f"{p}ssm_a": ((h,), True),
+                     f"{p}ssm_dt.bias": ((inner,), True), f"{p}ssm_g_a.weight": ((e, d), True),
+                     f"{p}ssm_g_b.weight": ((d, inner), True), f"{p}ssm_norm.weight": ((d,), True),
+                     f"{p}attn_output.weight": ((inner, e), True)})
+    else:
+        ql, kl, nope, v = hp.q_lora, hp.kv_lora, hp.head_k_mla, hp.head_v_mla
+        spec.update({f"{p}attn_q_a_norm.weight": ((ql,), True), f"{p}attn_kv_a_norm.weight": ((kl,), True),
+                     f"{p}attn_q_a.weight": ((e, ql), True), f"{p}attn_q_b.weight": ((ql, h * nope), True),
+                     f"{p}attn_kv_a_mqa.weight": ((e, kl), True), f"{p}attn_k_b.weight": ((nope, kl, h), True),
+                     f"{p}attn_v_b.weight": ((kl, v, h), True), f"{p}attn_output.weight": ((h * v, e), True)})
+        full = not trunk or hp.indexer_full[il]
+        di, hi = hp.idx_dim, hp.idx_heads
+        spec.update({f"{p}indexer.k_norm.weight": ((di,), full), f"{p}indexer.k_norm.bias": ((di,), full),
+                     f"{p}indexer.proj.weight": ((e, hi), full), f"{p}indexer.attn_k.weight": ((e, di), full),
+                     f"{p}indexer.attn_q_b.weight": ((ql, hi * di), full),
+                     f"{p}indexer_compressor_gate.weight": ((e, di), full),
+                     f"{p}indexer_compressor_ape.weight": ((di, hp.kpool), full)})
+    if il < hp.n_dense_lead:
+        spec.update({f"{p}ffn_gate.weight": ((e, hp.n_ff), True), f"{p}ffn_down.weight": ((hp.n_ff, e), True),
+                     f"{p}ffn_up.weight": ((e, hp.n_ff), True)})
+    else:
+        ne, fe, fs = hp.n_expert, hp.n_ff_exp, hp.n_ff_exp * hp.n_expert_shared
+        spec.update({f"{p}ffn_gate_inp.weight": ((e, ne), True), f"{p}exp_probs_b.bias": ((ne,), True),
+                     f"{p}ffn_gate_exps.weight": ((e, fe, ne), True), f"{p}ffn_down_exps.weight": ((fe, e, ne), True),
+                     f"{p}ffn_up_exps.weight": ((e, fe, ne), True), f"{p}ffn_gate_shexp.weight": ((e, fs), True),
+                     f"{p}ffn_down_shexp.weight": ((fs, e), True), f"{p}ffn_up_shexp.weight": ((e, fs), True)})
+    return spec if trunk else {**spec, **_nextn(hp, p, True)}
 
 
 @dataclass(frozen=True)
@@ -162,12 +209,14 @@ class LlamaArch:
 
 
 _ARCH = gguf.MODEL_ARCH_NAMES
+GLM5_NEXT = ARCH_GLM5_NEXT
 LLAMA_ARCHS: dict[str, LlamaArch] = {
     _ARCH[gguf.MODEL_ARCH.CHATGLM]: LlamaArch(_chatglm_layer, square_attention=True, reads_nextn=False),
     _ARCH[gguf.MODEL_ARCH.GLM4]: LlamaArch(_glm4_layer),
     _ARCH[gguf.MODEL_ARCH.GLM4_MOE]: LlamaArch(_glm4moe_layer, experts=True, mtp_expert_block=True),
     _ARCH[gguf.MODEL_ARCH.DEEPSEEK2]: LlamaArch(_deepseek2_layer, experts=True, mla=True, mtp_expert_block=True),
     _ARCH[gguf.MODEL_ARCH.GLM_DSA]: LlamaArch(_glm_dsa_layer, experts=True, mla=True, indexer=True),
+    GLM5_NEXT: LlamaArch(_glm5next_layer, experts=True),
 }
 
 

@@ -1,0 +1,23 @@
+"""``Glm5NextForConditionalGeneration``: GLM-5.3-Flash, llama.cpp's ``glm5-next`` architecture (text model only).
+
+A hybrid of linear-attention layers (Kimi delta attention, KDA) and nope-only latent attention layers (MLA) whose
+sparse selection comes from a DSA indexer over k-pools, with hyper-connection residual streams and a DeepSeek-style
+mixture of experts. ``convert.py``: the converter (the vision tower's tensors are left out, see issue #19; the NextN
+layer is kept as ``blk.{L}.nextn.*``). ``chat.py``: no format of its own yet (the GLM-4.5 format is used).
+"""
+
+from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect
+
+FAMILY = Descriptor(
+    name="glm5_next",
+    title="GLM-5.3-Flash (text model)",
+    arch="glm5-next",
+    engine=ENGINE_LLAMA,
+    detect=Detect("glm5_next", ("Glm5NextForConditionalGeneration",)),
+    variants=("glm5.3-flash",),
+    chat_formats=(),
+    special_tokens=("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                    "<|observation|>", "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>",
+                    "</arg_key>", "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>", "/nothink"),
+    vocabulary="tokenizer.json (byte-level BPE)",
+)
