@@ -23,7 +23,8 @@ REGISTRY: tuple[str, ...] = (
     "glm4",  # GLM-4-9B in the THUDM layout (tiktoken)
     "glm4_hf",  # GLM-4-9B -hf and GLM-Edge (transformers layout)
     "glm4_0414",  # GLM-4-0414 and GLM-Z1
-    "glm4_moe",  # GLM-4.5, GLM-4.5-Air, GLM-4.6
+    "glm4_moe",  # GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7
+    "glm5_next",  # GLM-5.3-Flash
 )
 
 
@@ -80,10 +81,26 @@ def guess_format(arch: str, special: dict[str, int]) -> str | None:
     return max(fitting)[2] if fitting else None
 
 
+def template_fingerprint(template: str) -> str:
+    """The first 16 hex digits of the sha256 of a chat template's text (CRLF as LF, surrounding whitespace dropped)."""
+    import hashlib
+
+    text = template.replace("\r\n", "\n").strip()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def recognise_template(template: str) -> str | None:
+    """The chat format that renders this template token for token, or None (the sandboxed Jinja path)."""
+    if not template:
+        return None
+    print_ = template_fingerprint(template)
+    return next((fmt for f in families() for fp, fmt in f.template_fingerprints if fp == print_), None)
+
+
 def special_tokens() -> frozenset[str]:
     """Every control token some family's chat formats look up by text."""
     return frozenset(t for f in families() for t in (*f.special_tokens, *f.causal_prefix))
 
 
 __all__ = ["REGISTRY", "Descriptor", "arch_value", "archs", "chat_formats", "families", "guess_format", "of_arch",
-           "owner_of_format", "part", "special_tokens"]
+           "owner_of_format", "part", "recognise_template", "special_tokens", "template_fingerprint"]

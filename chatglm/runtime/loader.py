@@ -14,6 +14,7 @@ from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.families.descriptor import ENGINE_GLM1, ENGINE_LLAMA
 from chatglm.gguf_file import ArrayRef, GGUFHeader, read_header
 from chatglm.runtime.engine import Engine, ModelInfo
+from chatglm.runtime.jinja_chat import JINJA_FORMAT
 from chatglm.runtime.memory import check_fits, default_context
 from chatglm.runtime.validate import check_context, check_kv_head, check_kv_type, check_transformer, resolve_flash_attn
 from chatglm.schema import keys
@@ -60,16 +61,36 @@ def validate(header: GGUFHeader) -> None:
 
 
 def special_tokens(header: GGUFHeader) -> dict[str, int]:
+    wanted = families.special_tokens()  # the control tokens some chat format looks up by text
+    return {text: i for text, i in added_tokens(header, typed_only=False).items() if text in wanted}
+
+
+def added_tokens(header: GGUFHeader, typed_only: bool = True) -> dict[str, int]:
+    """The control and user-defined tokens (text -> first id); ``typed_only=False``: every token when the file has
+    no token types."""
     tokens = _tokens(header)
     raw = header.get("tokenizer.ggml.token_type")
     types = header.array("tokenizer.ggml.token_type") if _numbers(raw) else []
-    wanted = families.special_tokens()  # the control tokens some chat format looks up by text
+    if not len(types) and typed_only:
+        return {}
+    kinds = (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)
     found: dict[str, int] = {}
     for i, text in enumerate(tokens):
-        if text in wanted and (len(types) <= i or int(types[i]) in (gguf.TokenType.CONTROL,
-                                                                      gguf.TokenType.USER_DEFINED)):
+        if (len(types) <= i or int(types[i]) in kinds) and text:
             found.setdefault(text, i)
     return found
+
+
+def chat_template(header: GGUFHeader) -> str:
+    template = header.get("tokenizer.chat_template")
+    return template if isinstance(template, str) else ""
+
+
+def stop_tokens(header: GGUFHeader, n_vocab: int) -> frozenset[int]:
+    """The extra end-of-generation ids the converter kept (generation_config.json's eos list), within the vocab."""
+    raw = header.get(keys.STOP_TOKEN_IDS)
+    ids = header.array(keys.STOP_TOKEN_IDS) if _numbers(raw) else []
+    return frozenset(int(t) for t in ids if 0 <= int(t) < n_vocab)
 
 
 def _tokens(header: GGUFHeader) -> list:
@@ -86,6 +107,12 @@ def chat_format_of(header: GGUFHeader, special: dict[str, int]) -> str:
     fmt = header.get(keys.CHAT_FORMAT)
     if isinstance(fmt, str) and fmt:
         return fmt
+    template = chat_template(header)
+    known = families.recognise_template(template)
+    if known is not None and families.owner_of_format(known).arch == header.arch:
+        return known
+    if template:
+        return JINJA_FORMAT
     guess = families.guess_format(header.arch, special)
     if guess is None:
         raise UnsupportedModelError(f"GGUF architecture {header.arch!r}: no chat format fits its vocabulary",
@@ -99,11 +126,13 @@ def describe(header: GGUFHeader, n_ctx: int = 0) -> ModelInfo:
     fmt = chat_format_of(header, special) if not_runnable(header) is None else ""
     n_ctx_train = header.arch_get("context_length", 0)
     n_ctx_train = n_ctx_train if type(n_ctx_train) is int else 0
+    n_vocab = len(_tokens(header))
     return ModelInfo(
         path=header.path, arch=header.arch, family=str(header.get(keys.FAMILY) or fmt or ""), chat_format=fmt,
-        n_ctx=n_ctx, n_ctx_train=n_ctx_train, n_vocab=len(_tokens(header)),
+        n_ctx=n_ctx, n_ctx_train=n_ctx_train, n_vocab=n_vocab,
         n_params=sum(_count(t.shape) for t in header.tensors.values()), size_bytes=header.file_size,
         description=str(header.get("general.name") or header.arch), special=special,
+        eog=stop_tokens(header, n_vocab), chat_template=chat_template(header), added=added_tokens(header),
     )
 
 

@@ -13,6 +13,7 @@ ROLE_ALIASES = {"tool": "observation", "function": "observation"}
 class ToolCall:
     name: str
     arguments: Any  # parsed JSON (usually a dict); never evaluated code
+    id: str = ""  # the OpenAI tool-call id, when one was given or made (results name it in tool_call_id)
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Message:
     metadata: str = ""  # ChatGLM3's text after the role token (a tool name, "interpreter", ...)
     tools: Optional[list[dict]] = None  # on a system message: the tools the model may call
     thinking: str = ""  # GLM-Z1 / GLM-4.5 <think> text, kept apart from the answer
+    tool_call_id: str = ""  # on a tool result: the id of the call it answers (GLM-5.3-Flash orders results by it)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Message":
@@ -36,23 +38,27 @@ class Message:
         content = data.get("content") or ""
         if not isinstance(content, str):
             raise InputError(f"message content must be a string, got {type(content).__name__}")
-        calls = [ToolCall(str(c.get("name", "")), c.get("arguments", {})) for c in data.get("tool_calls") or []
-                 if isinstance(c, dict)]
+        calls = [ToolCall(str(c.get("name", "")), c.get("arguments", {}), str(c.get("id") or ""))
+                 for c in data.get("tool_calls") or [] if isinstance(c, dict)]
         tools = data.get("tools")
         thinking = data.get("thinking") or data.get("reasoning_content") or ""
         return cls(role=role, content=content, tool_calls=calls, metadata=str(data.get("metadata") or ""),
-                   tools=tools if isinstance(tools, list) else None, thinking=str(thinking))
+                   tools=tools if isinstance(tools, list) else None, thinking=str(thinking),
+                   tool_call_id=str(data.get("tool_call_id") or ""))
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.tool_calls:
-            out["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in self.tool_calls]
+            out["tool_calls"] = [{"name": c.name, "arguments": c.arguments, **({"id": c.id} if c.id else {})}
+                                 for c in self.tool_calls]
         if self.metadata:
             out["metadata"] = self.metadata
         if self.tools is not None:
             out["tools"] = self.tools
         if self.thinking:
             out["thinking"] = self.thinking
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
         return out
 
 

@@ -39,7 +39,9 @@ class Model:
     def __init__(self, engine: Engine, chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
                  load_seconds: float = 0.0):
         self.engine = engine
-        self.format: ChatFormat = get_format(chat_format or engine.info.chat_format, engine.info.special)
+        info = engine.info
+        self.format: ChatFormat = get_format(chat_format or info.chat_format, info.special, info.chat_template,
+                                             info.added)
         self.stop_ids = frozenset(engine.info.eog) | frozenset(self.format.stop_ids())
         self.prefill_progress: Optional[Callable[[int, int], None]] = None  # (done, total) while a prompt runs
         # Special tokens whose text a format must see in the reply (GLM-4.5's tool-call markers), by id.

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import ClassVar, Protocol, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator, Optional, Protocol, Sequence
 
 from chatglm import families
 from chatglm.errors import InputError
@@ -27,11 +28,31 @@ class ChatFormat(ABC):
     required_tokens: ClassVar[tuple[str, ...]] = ()  # special tokens the vocab must have
     stop_tokens: ClassVar[tuple[str, ...]] = ()  # end a reply, besides the vocab's eos
 
+    # Template options the format reads (``enable_thinking``, ``clear_thinking``, ``reasoning_effort``); the others
+    # ignore them, as their templates do.
+    option_names: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, special: dict[str, int]):
         missing = [t for t in self.required_tokens if t not in special]
         if missing:
             raise InputError(f"the model's vocabulary lacks the {self.name} special tokens {', '.join(missing)}")
         self.special = special
+        self.options: dict[str, Any] = {}  # template options (None or absent: the template's default)
+
+    @contextmanager
+    def using(self, options: Optional[dict[str, Any]]) -> Iterator["ChatFormat"]:
+        """These template options (over the format's own) for the prompts built inside the block."""
+        saved = self.options
+        if options:
+            self.options = {**saved, **check_options(options)}
+        try:
+            yield self
+        finally:
+            self.options = saved
+
+    def option(self, name: str, default: Any = None) -> Any:
+        value = self.options.get(name)
+        return default if value is None else value
 
     def sp(self, token: str) -> int:
         return self.special[token]
@@ -63,14 +84,48 @@ class ChatFormat(ABC):
         return text.lstrip()
 
 
-def get_format(name: str, special: dict[str, int]) -> ChatFormat:
+def get_format(name: str, special: dict[str, int], template: str = "",
+               added: Optional[dict[str, int]] = None) -> ChatFormat:
     """The chat format called ``name`` for a vocabulary with these special tokens; it comes from the ``chat.py`` of the
-    family that defines it (loaded on first use)."""
+    family that defines it (loaded on first use). ``jinja``: the GGUF's own ``template``, sandboxed, with the
+    vocabulary's ``added`` tokens kept whole."""
+    from chatglm.runtime.jinja_chat import JINJA_FORMAT, JinjaFormat
+
+    if name == JINJA_FORMAT:
+        if not template:
+            raise InputError("the jinja chat format needs the model's chat template, and this GGUF carries none")
+        return JinjaFormat(special, template, added)
     owner = families.owner_of_format(name)
     if owner is None:
-        raise InputError(f"unknown chat format {name!r}; known: {', '.join(sorted(families.chat_formats()))}")
+        known = ", ".join(sorted((*families.chat_formats(), JINJA_FORMAT)))
+        raise InputError(f"unknown chat format {name!r}; known: {known}")
     defined = {cls.name: cls for cls in families.part(owner.name, "chat").FORMATS}
     return defined[name](special)
+
+
+REASONING_EFFORTS = ("low", "high", "max")
+
+
+def check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Template options as the API, CLI and server give them, checked: booleans and a reasoning effort."""
+    if not isinstance(options, dict):
+        raise InputError(f"template options must be an object, got {type(options).__name__}")
+    out = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in ("enable_thinking", "clear_thinking"):
+            if not isinstance(value, bool):
+                raise InputError(f"{key} must be true or false, got {value!r}")
+        elif key == "reasoning_effort":
+            if value not in REASONING_EFFORTS:
+                raise InputError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {value!r}")
+        elif not isinstance(key, str) or not NAME.fullmatch(key):
+            raise InputError(f"a template option needs a name, got {key!r}")
+        elif not isinstance(value, (bool, int, float, str)):
+            raise InputError(f"template option {key} must be a boolean, number or string")
+        out[key] = value
+    return out
 
 
 def check_roles(messages: Sequence[Message], allowed: Sequence[str], fmt: str) -> None:

@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 
 from chatglm.convert.family import OutTensor, check_shape
-from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily, HFHparams
+from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily, HFHparams, template_format
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.families.glm4_moe import FAMILY
 from chatglm.limits import MAX_EXPERTS
@@ -65,7 +65,7 @@ class Glm4Moe(HFGlmFamily):
         self.check_expert_tensors()
 
     def detect_chat_format(self, template: str) -> str:
-        return FAMILY.chat_formats[0]
+        return template_format(template, FAMILY.chat_formats[0])
 
     def trailing_layers(self) -> tuple[int, str]:
         return self.cfg_int("num_nextn_predict_layers", default=0, minimum=0), "num_nextn_predict_layers"

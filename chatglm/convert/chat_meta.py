@@ -1,0 +1,71 @@
+"""What the checkpoint says about chatting, written into every GGUF: its chat template (``tokenizer.chat_template``,
+as llama.cpp's converter writes it) and its end-of-generation ids (``glm.stop_token_ids``: the ``eos_token_id`` of
+generation_config.json and config.json, an int or a list), which the runtime stops on besides the vocabulary's eos.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from chatglm.errors import InputError
+from chatglm.limits import MAX_CHAT_TEMPLATE, MAX_STOP_TOKENS
+from chatglm.schema import keys
+
+
+def checkpoint_template(folder: Path) -> str:
+    """chat_template.jinja, else tokenizer_config.json's ``chat_template`` (a string or named list), bounded."""
+    from chatglm.convert.vocab_bpe import chat_template_of
+
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file() and jinja.stat().st_size > MAX_CHAT_TEMPLATE:
+        raise InputError(f"the chat template is larger than {MAX_CHAT_TEMPLATE:,} bytes", jinja)
+    template = chat_template_of(folder / "tokenizer_config.json")
+    if len(template.encode("utf-8", "surrogatepass")) > MAX_CHAT_TEMPLATE:
+        raise InputError(f"the chat template is larger than {MAX_CHAT_TEMPLATE:,} bytes",
+                         jinja if jinja.is_file() else folder / "tokenizer_config.json")
+    try:
+        template.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the chat template is not valid UTF-8 text (a lone surrogate)",
+                         folder / "tokenizer_config.json") from None
+    return template
+
+
+def eos_ids(folder: Path, config: dict, n_vocab: int) -> list[int]:
+    """generation_config.json's eos ids, then config.json's, deduplicated; each within the vocabulary."""
+    from chatglm.convert.checkpoint import read_json
+
+    found: list[int] = []
+    sources: list[tuple[Any, Path]] = [(config, folder / "config.json")]
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        gen = read_json(gen_path, "generation_config.json")
+        if not isinstance(gen, dict):
+            raise InputError("generation_config.json is not a JSON object", gen_path)
+        sources.insert(0, (gen, gen_path))
+    for data, path in sources:
+        value = data.get("eos_token_id")
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        if len(items) > MAX_STOP_TOKENS:
+            raise InputError(f"eos_token_id lists {len(items)} ids (at most {MAX_STOP_TOKENS})", path)
+        for item in items:
+            if type(item) is not int or not 0 <= item < n_vocab:
+                raise InputError(f"eos_token_id {item!r} is not a token id of the vocabulary (0..{n_vocab - 1})",
+                                 path)
+            if item not in found:
+                found.append(item)
+    return found
+
+
+def write_chat_metadata(w: gguf.GGUFWriter, folder: Path, config: dict, n_vocab: int) -> None:
+    template = checkpoint_template(folder)
+    if template:
+        w.add_chat_template(template)
+    stops = eos_ids(folder, config, n_vocab) if n_vocab else []
+    if stops:
+        w.add_array(keys.STOP_TOKEN_IDS, stops)
