@@ -6,8 +6,6 @@ generation_config.json and config.json, an int or a list), which the runtime sto
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import gguf
 
 from chatglm.errors import InputError
@@ -34,38 +32,30 @@ def checkpoint_template(folder: Path) -> str:
     return template
 
 
-def eos_ids(folder: Path, config: dict, n_vocab: int) -> list[int]:
-    """generation_config.json's eos ids, then config.json's, deduplicated; each within the vocabulary."""
-    from chatglm.convert.checkpoint import read_json
-
+def eos_ids(folder: Path, generation: dict, config: dict, n_vocab: int) -> list[int]:
+    """generation_config.json's eos ids, then config.json's (both type-checked when the checkpoint was opened),
+    deduplicated; each must be a token of the vocabulary (-1, "none", is skipped)."""
     found: list[int] = []
-    sources: list[tuple[Any, Path]] = [(config, folder / "config.json")]
-    gen_path = folder / "generation_config.json"
-    if gen_path.is_file():
-        gen = read_json(gen_path, "generation_config.json")
-        if not isinstance(gen, dict):
-            raise InputError("generation_config.json is not a JSON object", gen_path)
-        sources.insert(0, (gen, gen_path))
-    for data, path in sources:
+    for data, name in ((generation, "generation_config.json"), (config, "config.json")):
         value = data.get("eos_token_id")
-        if value is None:
-            continue
-        items = value if isinstance(value, list) else [value]
+        items = [] if value is None else value if isinstance(value, list) else [value]
         if len(items) > MAX_STOP_TOKENS:
-            raise InputError(f"eos_token_id lists {len(items)} ids (at most {MAX_STOP_TOKENS})", path)
+            raise InputError(f"eos_token_id lists {len(items)} ids (at most {MAX_STOP_TOKENS})", folder / name)
         for item in items:
-            if type(item) is not int or not 0 <= item < n_vocab:
-                raise InputError(f"eos_token_id {item!r} is not a token id of the vocabulary (0..{n_vocab - 1})",
-                                 path)
-            if item not in found:
+            if item >= n_vocab:
+                raise InputError(f"eos_token_id {item} is not a token id of the vocabulary (0..{n_vocab - 1})",
+                                 folder / name)
+            if item >= 0 and item not in found:
                 found.append(item)
     return found
 
 
-def write_chat_metadata(w: gguf.GGUFWriter, folder: Path, config: dict, n_vocab: int) -> None:
+def write_chat_metadata(w: gguf.GGUFWriter, ckpt, n_vocab: int) -> None:
+    """The checkpoint's chat template and eos ids (``ckpt``: the :class:`~chatglm.convert.checkpoint.Checkpoint`)."""
+    folder = ckpt.dir
     template = checkpoint_template(folder)
     if template:
         w.add_chat_template(template)
-    stops = eos_ids(folder, config, n_vocab) if n_vocab else []
+    stops = eos_ids(folder, ckpt.generation, ckpt.config, n_vocab) if n_vocab else []
     if stops:
         w.add_array(keys.STOP_TOKEN_IDS, stops)

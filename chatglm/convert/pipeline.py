@@ -133,7 +133,7 @@ def write_model_metadata(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Reci
     family.write_metadata(w)
     family.write_vocab(w)
     tokens = w.kv_data[0].get(gguf.Keys.Tokenizer.LIST)
-    write_chat_metadata(w, family.ckpt.dir, family.config, len(tokens.value) if tokens is not None else 0)
+    write_chat_metadata(w, family.ckpt, len(tokens.value) if tokens is not None else 0)
 
 
 def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix, threads: int) -> np.ndarray:

@@ -34,8 +34,6 @@ MAX_OUTPUT = 1 << 23  # characters of rendered text, and of any one string or li
 MAX_STEPS = 2_000_000  # attribute lookups + calls + range() items in one render
 MAX_SECONDS = 5.0  # wall clock of one render
 
-TEMPLATE_KWARGS = ("enable_thinking", "clear_thinking", "reasoning_effort")  # the options GLM templates read
-
 
 def _environment():
     import jinja2
@@ -203,8 +201,9 @@ def _arguments(value: Any) -> Any:
 
 def hf_messages(messages: Sequence[Message]) -> tuple[list[dict], Optional[list]]:
     """(messages, tools) in the OpenAI/transformers shape: ``tool`` role, ``reasoning_content``, ``tool_calls`` as
-    ``{"id", "type": "function", "function": {"name", "arguments"}}``, null content for an assistant turn that only
-    calls tools; a system message that only carries tools gives the tools, not a message."""
+    ``{"id", "type": "function", "function": {"name", "arguments"}}``; a system message that only carries tools gives
+    the tools, not a message. An assistant turn that only calls tools has content ``""``, not ``None``: the GLM-4.x
+    templates and GLM-5.3-Flash's 04c4e9e9 write a None content as the text "None"."""
     out: list[dict] = []
     tools: list = []
     for m in messages:
@@ -220,8 +219,6 @@ def hf_messages(messages: Sequence[Message]) -> tuple[list[dict], Optional[list]
                 d["tool_calls"] = [{**({"id": c.id} if c.id else {}), "type": "function",
                                     "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
                                    for c in m.tool_calls]
-                if not m.content:
-                    d["content"] = None
         if m.tool_call_id:
             d["tool_call_id"] = m.tool_call_id
         out.append(d)

@@ -104,6 +104,7 @@ def get_format(name: str, special: dict[str, int], template: str = "",
 
 
 REASONING_EFFORTS = ("low", "high", "max")
+TEMPLATE_OPTIONS = ("enable_thinking", "clear_thinking", "reasoning_effort")  # the options GLM templates read
 
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
