@@ -82,7 +82,7 @@ class ScriptedModel:
         return [ord(c) for c in text]
 
     def prompt_ids(self, messages, **options) -> list[int]:
-        from chatglm.runtime.model import template_options
+        from chatglm.runtime.prompts import template_options
 
         with self.format.using(template_options(options)):
             return self.format.prompt_ids(as_messages(messages), self)
@@ -93,7 +93,7 @@ class ScriptedModel:
 
     def stream_chat(self, messages, *, cancel: Optional[threading.Event] = None, on_thinking=None,
                     **sampling) -> Iterator[str]:
-        from chatglm.runtime.model import split_options, template_options
+        from chatglm.runtime.prompts import split_options, template_options
 
         options, sampling = split_options(sampling)
         messages = as_messages(messages)

@@ -21,6 +21,7 @@ from chatglm import families
 from chatglm.convert.pipeline import convert
 from chatglm.devtools.glm4 import GLM4_SPECIALS, GLM45_EXTRA_SPECIALS, build_checkpoint, special_ids, train_glm4_bpe
 from chatglm.errors import InputError
+from chatglm.families.glm5_next.chat import TEMPLATE_FINGERPRINTS, GLM53FlashFormat
 from chatglm.gguf_file import read_header
 from chatglm.runtime import jinja_chat
 from chatglm.runtime.loader import chat_format_of
@@ -150,6 +151,14 @@ def model(ckpt, tmp_path_factory):
     m.close()
 
 
+def builder(name: str, special: dict):
+    """The token-exact format ``name``; GLM-5.3-Flash's is not registered on this branch (its family's face is the
+    next helper's), so it is taken from its module."""
+    if name == GLM53FlashFormat.name:
+        return GLM53FlashFormat(special)
+    return get_format(name, special)
+
+
 def hf_reference(hf, tok, template_name: str, dialogue: str, options: dict) -> tuple[str, list[int]]:
     messages, tools = hf_dialogue(dialogue, template_name)
     text = hf.apply_chat_template(messages, tools=tools, chat_template=template(template_name),
@@ -163,7 +172,7 @@ def hf_reference(hf, tok, template_name: str, dialogue: str, options: dict) -> t
 @needs_reference
 @pytest.mark.parametrize("template_name", [t for t, b in BUILDERS.items() if b])
 def test_builders_are_token_exact_with_their_templates(template_name, hf, tok, model):
-    fmt = get_format(BUILDERS[template_name], model.info.special)
+    fmt = builder(BUILDERS[template_name], model.info.special)
     checked = 0
     for dialogue in DIALOGUES:
         for option_name, options in OPTIONS.items():
@@ -216,7 +225,10 @@ def test_what_the_templates_say(hf, tok, model):
 
 @needs_reference
 def test_known_templates_are_recognised_and_others_take_the_jinja_path():
-    assert {name: families.recognise_template(template(name)) for name in BUILDERS} == BUILDERS
+    flash = {name for name, fmt in BUILDERS.items() if fmt == GLM53FlashFormat.name}
+    assert {name: families.recognise_template(template(name)) for name in BUILDERS if name not in flash} == {
+        name: fmt for name, fmt in BUILDERS.items() if name not in flash}
+    assert {families.template_fingerprint(template(name)) for name in flash} == {fp for fp, _ in TEMPLATE_FINGERPRINTS}
     assert families.recognise_template(template("GLM-4.7.unverified-dart-comment.jinja").replace("\n", "\r\n")
                                        + "\n") == "glm47"
     assert families.recognise_template("") is None
@@ -302,13 +314,13 @@ def variant(src: Path, dst: Path, chat_template: str) -> Path:
 @needs_reference
 def test_converter_writes_the_template_and_eos_ids_and_stops_on_them(ckpt, tok, tmp_path):
     ids = special_ids(tok)
-    gen = {"eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"], ids["<|end_of_video|>"]]}
+    gen = {"eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"], 10**8, ids["<|end_of_video|>"]]}
     folder = variant(ckpt, tmp_path / "ck", template("GLM-4.7.unverified-dart-comment.jinja"))
     (folder / "generation_config.json").write_text(json.dumps(gen))
     header = read_header(convert(folder, tmp_path / "m.gguf", "f32").path)
     assert header.get("tokenizer.chat_template") == template("GLM-4.7.unverified-dart-comment.jinja")
     assert header.get(keys.CHAT_FORMAT) == "glm47"
-    assert list(header.array(keys.STOP_TOKEN_IDS)) == gen["eos_token_id"]
+    assert list(header.array(keys.STOP_TOKEN_IDS)) == [i for i in gen["eos_token_id"] if i < 10**8]  # in the vocab
     with load(tmp_path / "m.gguf", n_ctx=256, n_threads=1) as m:
         assert m.format.name == "glm47" and ids["<|end_of_video|>"] in m.stop_ids
         assert ids["<|observation|>"] in m.stop_ids and ids["<|assistant|>"] not in m.stop_ids
@@ -354,17 +366,13 @@ def test_a_gguf_without_our_format_key_is_recognised_by_its_template(model):
 
 
 @pytest.mark.parametrize("name, data, problem", [
-    ("generation_config.json", b'{"eos_token_id": [1, 99999999]}', "eos_token_id 99999999 is not a token id"),
-    ("config.json", None, "eos_token_id 123456 is not a token id"),
+    ("generation_config.json", b'{"eos_token_id": "two"}', "'eos_token_id' must be a token id"),
     ("chat_template.jinja", b"x" * ((1 << 20) + 1), "chat template is larger than"),
     ("chat_template.jinja", b"{{ messages }}\xff\xfe", "not UTF-8"),
 ])
 def test_bad_chat_files_are_refused_in_one_line(ckpt, tmp_path, name, data, problem):
     folder = tmp_path / "ck"
     shutil.copytree(ckpt, folder)
-    if data is None:  # config.json's own eos ids are checked too
-        cfg = json.loads((folder / name).read_text())
-        data = json.dumps({**cfg, "eos_token_id": [0, 123456]}).encode()
     (folder / name).write_bytes(data)
     out = tmp_path / "x.gguf"
     assert_refused(cli(["convert", folder, "-t", "f32", "-o", out]), name, problem=problem, dest=out)

@@ -5,12 +5,15 @@ generation_config.json and config.json, an int or a list), which the runtime sto
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 import gguf
 
 from chatglm.errors import InputError
 from chatglm.limits import MAX_CHAT_TEMPLATE, MAX_STOP_TOKENS
 from chatglm.schema import keys
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_template(folder: Path) -> str:
@@ -34,7 +37,8 @@ def checkpoint_template(folder: Path) -> str:
 
 def eos_ids(folder: Path, generation: dict, config: dict, n_vocab: int) -> list[int]:
     """generation_config.json's eos ids, then config.json's (both type-checked when the checkpoint was opened),
-    deduplicated; each must be a token of the vocabulary (-1, "none", is skipped)."""
+    deduplicated. Ids outside the vocabulary are left out (the model can never generate them: transformers' default
+    configs name the full-size vocabulary's ids), and so is -1 ("none")."""
     found: list[int] = []
     for data, name in ((generation, "generation_config.json"), (config, "config.json")):
         value = data.get("eos_token_id")
@@ -42,11 +46,11 @@ def eos_ids(folder: Path, generation: dict, config: dict, n_vocab: int) -> list[
         if len(items) > MAX_STOP_TOKENS:
             raise InputError(f"eos_token_id lists {len(items)} ids (at most {MAX_STOP_TOKENS})", folder / name)
         for item in items:
-            if item >= n_vocab:
-                raise InputError(f"eos_token_id {item} is not a token id of the vocabulary (0..{n_vocab - 1})",
-                                 folder / name)
-            if item >= 0 and item not in found:
+            if 0 <= item < n_vocab and item not in found:
                 found.append(item)
+            elif item >= n_vocab:
+                log.info("%s: eos_token_id %d is outside the vocabulary of %d tokens: left out", folder / name, item,
+                         n_vocab)
     return found
 
 

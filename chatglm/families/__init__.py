@@ -24,7 +24,6 @@ REGISTRY: tuple[str, ...] = (
     "glm4_hf",  # GLM-4-9B -hf and GLM-Edge (transformers layout)
     "glm4_0414",  # GLM-4-0414 and GLM-Z1
     "glm4_moe",  # GLM-4.5, GLM-4.5-Air, GLM-4.6, GLM-4.7
-    "glm5_next",  # GLM-5.3-Flash
 )
 
 

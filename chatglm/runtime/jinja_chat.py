@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Optional, Sequence
 
 from chatglm.errors import InputError
 from chatglm.limits import MAX_CHAT_TEMPLATE
 from chatglm.runtime.messages import Message
-from chatglm.runtime.prompts import ChatFormat, Tokenizer
+from chatglm.runtime.prompts import ChatFormat, Tokenizer, get_format
 from chatglm.runtime.prompts_glm import GLM4_STOPS, XmlReplies
 from chatglm.schema import keys
 
@@ -54,14 +56,17 @@ def _environment():
     class Bounded(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(("*", "**", "%", "+"))
 
+        budget = threading.local()  # per render, per thread: [steps, deadline]
+
         def start(self) -> None:
-            self.steps, self.deadline = 0, time.monotonic() + MAX_SECONDS
+            self.budget.state = [0, time.monotonic() + MAX_SECONDS]
 
         def tick(self, value: Any = None) -> Any:
-            self.steps += 1
-            if self.steps > MAX_STEPS:
+            state = self.budget.state
+            state[0] += 1
+            if state[0] > MAX_STEPS:
                 raise _Bound(f"more than {MAX_STEPS:,} steps")
-            if not self.steps % 1024 and time.monotonic() > self.deadline:
+            if not state[0] % 1024 and time.monotonic() > state[1]:
                 raise _Bound(f"longer than {MAX_SECONDS:g} s")
             if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_OUTPUT:
                 raise _Bound(f"a value longer than {MAX_OUTPUT:,}")
@@ -129,24 +134,28 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
         raise _Bound(f"a value longer than {MAX_OUTPUT:,}")
 
 
-_ENV = None
-
-
 def compile_template(template: str):
     """The compiled template, or one InputError line for a template too large or not Jinja."""
-    import jinja2
-
-    global _ENV
     if not isinstance(template, str):
         raise InputError("the chat template is not text")
     if len(template.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE:
         raise InputError(f"the chat template is larger than {MAX_TEMPLATE:,} bytes")
-    if _ENV is None:
-        _ENV = _environment()
+    return _compiled(template)
+
+
+@lru_cache(maxsize=16)
+def _compiled(template: str):
+    import jinja2
+
     try:
-        return _ENV.from_string(template)
+        return _env().from_string(template)
     except (jinja2.TemplateError, RecursionError, MemoryError, ValueError) as exc:
         raise InputError(f"the chat template is not valid Jinja: {one_line(exc)}") from None
+
+
+@lru_cache(maxsize=1)
+def _env():
+    return _environment()
 
 
 def one_line(exc: BaseException) -> str:
@@ -267,3 +276,14 @@ class JinjaFormat(XmlReplies, ChatFormat):
         text = render(self.template, hf, tools, True, **template_kwargs(self.options))
         self.thinks = text.rstrip().endswith("<think>")  # the reply starts inside the thinking
         return added_token_ids(text, self.added, tok)
+
+
+def chat_format(name: str, special: dict[str, int], template: str = "",
+                added: Optional[dict[str, int]] = None) -> ChatFormat:
+    """The format ``name`` (:func:`~chatglm.runtime.prompts.get_format`), or for ``jinja`` the GGUF's own
+    ``template``, sandboxed, with the vocabulary's ``added`` tokens kept whole."""
+    if name != JINJA_FORMAT:
+        return get_format(name, special)
+    if not template:
+        raise InputError("the jinja chat format needs the model's chat template, and this GGUF carries none")
+    return JinjaFormat(special, template, added)

@@ -22,7 +22,8 @@ from chatglm.runtime.generation import (Generation, GenerationStats, MessagesLik
                                         drain)
 from chatglm.runtime.loader import open_engine
 from chatglm.runtime.messages import Message, ToolCall
-from chatglm.runtime.prompts import TEMPLATE_OPTIONS, ChatFormat, check_options, get_format
+from chatglm.runtime.jinja_chat import chat_format as make_format
+from chatglm.runtime.prompts import ChatFormat, split_options, template_options
 from chatglm.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,8 +41,8 @@ class Model:
                  load_seconds: float = 0.0):
         self.engine = engine
         info = engine.info
-        self.format: ChatFormat = get_format(chat_format or info.chat_format, info.special, info.chat_template,
-                                             info.added)
+        self.format: ChatFormat = make_format(chat_format or info.chat_format, info.special, info.chat_template,
+                                              info.added)
         self.stop_ids = frozenset(engine.info.eog) | frozenset(self.format.stop_ids())
         self.prefill_progress: Optional[Callable[[int, int], None]] = None  # (done, total) while a prompt runs
         # Special tokens whose text a format must see in the reply (GLM-4.5's tool-call markers), by id.
@@ -279,23 +280,6 @@ def _relay_growth(now: str, before: str, sink: Callable[[str], None]) -> str:
         sink(now[len(before):])
         return now
     return before
-
-
-def template_options(options: dict) -> dict:
-    """``enable_thinking=...``, ``reasoning_effort=...``, ``clear_thinking=...`` and ``template_kwargs={...}`` as one
-    dict of template options (the named ones win)."""
-    extra = options.get("template_kwargs")
-    if extra is not None and not isinstance(extra, dict):
-        raise InputError(f"template_kwargs must be a dict, got {type(extra).__name__}")
-    out = dict(extra or {})
-    out.update({k: v for k, v in options.items() if k != "template_kwargs" and v is not None})
-    return check_options(out)
-
-
-def split_options(kwargs: dict) -> tuple[dict, dict]:
-    """(template options, sampling settings) of a chat call's keyword arguments."""
-    options = {k: kwargs[k] for k in (*TEMPLATE_OPTIONS, "template_kwargs") if k in kwargs}
-    return options, {k: v for k, v in kwargs.items() if k not in options}
 
 
 def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,

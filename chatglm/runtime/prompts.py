@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Iterator, Optional, Protocol, Sequence
 from chatglm import families
 from chatglm.errors import InputError
 from chatglm.runtime.messages import Message
+from chatglm.schema import keys
 
 
 class Tokenizer(Protocol):
@@ -84,20 +85,12 @@ class ChatFormat(ABC):
         return text.lstrip()
 
 
-def get_format(name: str, special: dict[str, int], template: str = "",
-               added: Optional[dict[str, int]] = None) -> ChatFormat:
+def get_format(name: str, special: dict[str, int]) -> ChatFormat:
     """The chat format called ``name`` for a vocabulary with these special tokens; it comes from the ``chat.py`` of the
-    family that defines it (loaded on first use). ``jinja``: the GGUF's own ``template``, sandboxed, with the
-    vocabulary's ``added`` tokens kept whole."""
-    from chatglm.runtime.jinja_chat import JINJA_FORMAT, JinjaFormat
-
-    if name == JINJA_FORMAT:
-        if not template:
-            raise InputError("the jinja chat format needs the model's chat template, and this GGUF carries none")
-        return JinjaFormat(special, template, added)
+    family that defines it (loaded on first use). (``jinja_chat.chat_format`` adds the sandboxed Jinja path.)"""
     owner = families.owner_of_format(name)
     if owner is None:
-        known = ", ".join(sorted((*families.chat_formats(), JINJA_FORMAT)))
+        known = ", ".join(sorted((*families.chat_formats(), keys.JINJA_CHAT_FORMAT)))
         raise InputError(f"unknown chat format {name!r}; known: {known}")
     defined = {cls.name: cls for cls in families.part(owner.name, "chat").FORMATS}
     return defined[name](special)
@@ -127,6 +120,24 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
             raise InputError(f"template option {key} must be a boolean, number or string")
         out[key] = value
     return out
+
+
+def template_options(options: dict) -> dict:
+    """``enable_thinking=...``, ``reasoning_effort=...``, ``clear_thinking=...`` and ``template_kwargs={...}`` as one
+    dict of template options (the named ones win)."""
+    extra = options.get("template_kwargs")
+    if extra is not None and not isinstance(extra, dict):
+        raise InputError(f"template_kwargs must be a dict, got {type(extra).__name__}")
+    out = dict(extra or {})
+    out.update({k: v for k, v in options.items() if k != "template_kwargs" and v is not None})
+    return check_options(out)
+
+
+def split_options(kwargs: dict) -> tuple[dict, dict]:
+    """(template options, sampling settings) of a chat call's keyword arguments."""
+    options = {k: kwargs[k] for k in (*TEMPLATE_OPTIONS, "template_kwargs") if k in kwargs}
+    return options, {k: v for k, v in kwargs.items() if k not in options}
+
 
 
 def check_roles(messages: Sequence[Message], allowed: Sequence[str], fmt: str) -> None:

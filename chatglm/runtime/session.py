@@ -69,7 +69,7 @@ class ChatSession:
     def __init__(self, model: "Model", *, system: Optional[str] = None, tools: Optional[list[dict]] = None,
                  messages: Sequence[Message] = (), sampling: Optional[SamplingParams] = None,
                  on_truncate: Optional[Callable[[int], None]] = None, template_kwargs: Optional[dict] = None):
-        from chatglm.runtime.model import template_options
+        from chatglm.runtime.prompts import template_options
 
         self.model = model
         self.template_kwargs = template_options({"template_kwargs": template_kwargs or {}})  # for every turn
@@ -135,7 +135,7 @@ class ChatSession:
                     **kwargs) -> Generator[str, None, Message]:
         """Send a user message (or messages) and yield the reply's visible text; ``last_reply`` afterwards (its
         thinking apart, in ``thinking``, and piece by piece to ``on_thinking``)."""
-        from chatglm.runtime.model import split_options, template_options
+        from chatglm.runtime.prompts import split_options, template_options
 
         new = as_conversation(content)
         if not new:

@@ -25,10 +25,20 @@ import json
 from typing import Sequence
 
 from chatglm.families.glm4_moe.chat import GLM47Format
-from chatglm.families.glm5_next import FAMILY
 from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.prompts_glm import Piece
 
+# Merge note (h18-chat): the family's face (``__init__.py``, the next helper's) should list ``chat_formats=("glm53flash",)``,
+# ``special_tokens=SPECIAL_TOKENS`` and ``template_fingerprints=TEMPLATE_FINGERPRINTS``, and this module then takes its
+# format name from ``FAMILY.chat_formats[0]``; until then the folder has no face, so nothing registers the format.
+FORMAT_NAME = "glm53flash"
+TEMPLATE_FINGERPRINTS = (("0a64db92e9fb50d5", FORMAT_NAME),  # official, revision 690b7052
+                         ("9aa76abe9ddeb8bf", FORMAT_NAME))  # official, revision 04c4e9e9
+SPECIAL_TOKENS = ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+                  "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                  "</arg_value>", "<tool_response>", "</tool_response>", "<|begin_of_image|>", "<|image|>",
+                  "<|end_of_image|>", "<|begin_of_video|>", "<|video|>", "<|end_of_video|>", "<|begin_of_audio|>",
+                  "<|end_of_audio|>")
 EFFORTS = {"low": "Low", "high": "High"}  # anything else: Max
 DROPPED_KEYS = ("defer_loading", "strict")
 
@@ -51,7 +61,7 @@ def result_order(results: Sequence[Message], calls: Sequence[ToolCall]) -> list[
 
 
 class GLM53FlashFormat(GLM47Format):
-    name = FAMILY.chat_formats[0]
+    name = FORMAT_NAME
     option_names = ("reasoning_effort", "clear_thinking")
     trims_reasoning = False
 
