@@ -13,7 +13,7 @@ ROLE_ALIASES = {"tool": "observation", "function": "observation"}
 class ToolCall:
     name: str
     arguments: Any  # parsed JSON (usually a dict); never evaluated code
-    id: str = ""  # the OpenAI tool-call id, when one was given or made (results name it in tool_call_id)
+    id: str = field(default="", compare=False)  # the OpenAI tool-call id, when given (results name it: tool_call_id)
 
 
 @dataclass
