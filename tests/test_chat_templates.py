@@ -365,6 +365,25 @@ def test_a_gguf_without_our_format_key_is_recognised_by_its_template(model):
     assert chat_format_of(Header(template("GLM-5.3-Flash.jinja")), special) == "jinja"
 
 
+@needs_reference
+@pytest.mark.parametrize("template_name, expected", [("GLM-4.7.unverified-dart-comment.jinja", "glm47"),
+                                                     ("GLM-OCR.unverified-dart-test.jinja", "jinja")])
+def test_a_converted_file_without_our_format_key_loads_with_the_right_path(ckpt, tok, hf, tmp_path, monkeypatch,
+                                                                          template_name, expected):
+    """As a file from llama.cpp's converter: tokenizer.chat_template, no glm.chat_format."""
+    folder = variant(ckpt, tmp_path / "ck", template(template_name))
+    with monkeypatch.context() as patch:
+        patch.setattr(keys, "CHAT_FORMAT", "general.not_our_format_key")
+        path = convert(folder, tmp_path / "m.gguf", "f32").path
+    assert keys.CHAT_FORMAT not in read_header(path).kv
+    with load(path, n_ctx=512, n_threads=1) as m:
+        assert m.format.name == expected
+        conversation, tools = hf_dialogue("parallel_calls_reordered", template_name)
+        text = hf.apply_chat_template(conversation, tools=tools, chat_template=template(template_name),
+                                      add_generation_prompt=True, tokenize=False)
+        assert m.prompt_ids(ours("parallel_calls_reordered")) == tok.encode(text, add_special_tokens=False).ids
+
+
 @pytest.mark.parametrize("name, data, problem", [
     ("generation_config.json", b'{"eos_token_id": "two"}', "'eos_token_id' must be a token id"),
     ("chat_template.jinja", b"x" * ((1 << 20) + 1), "chat template is larger than"),
