@@ -156,6 +156,9 @@ def test_template_kwargs_and_ids_reach_the_model():
     assert model.template_kwargs[0] == {"enable_thinking": False, "reasoning_effort": "high"}
     assert text_of(model.prompts[0]).endswith("<|assistant|></think>")
     assert text_of(model.prompts[1]).endswith("<|assistant|><think>")
+    assert "Answer the following" not in text_of(model.prompts[0])  # tools go to the template, not a system turn
+    assert text_of(model.prompts[0]).startswith("[gMASK]<sop><|system|>\n# Tools")
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text_of(model.prompts[0])
     sent = model.received[1]
     assert sent[2].tool_calls == [ToolCall("get_weather", {"city": "Paris", "days": 2})]
     assert sent[2].tool_calls[0].id == calls[0].id and sent[3].tool_call_id == calls[0].id

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 from chatglm.errors import InputError
 from chatglm.limits import MAX_CHAT_TEMPLATE
-from chatglm.runtime.messages import Message
+from chatglm.runtime.messages import Message, tools_only
 from chatglm.runtime.prompts import ChatFormat, Tokenizer, get_format
 from chatglm.runtime.prompts_glm import GLM4_STOPS, XmlReplies
 from chatglm.schema import keys
@@ -218,7 +218,7 @@ def hf_messages(messages: Sequence[Message]) -> tuple[list[dict], Optional[list]
     for m in messages:
         if m.tools:
             tools += list(m.tools)
-            if m.role == "system" and not m.content:
+            if tools_only(m):
                 continue
         d: dict[str, Any] = {"role": "tool" if m.role == "observation" else m.role, "content": m.content}
         if m.role == "assistant":
@@ -262,6 +262,7 @@ class JinjaFormat(XmlReplies, ChatFormat):
 
     name = JINJA_FORMAT
     stop_tokens = GLM4_STOPS
+    openai_tools = True
 
     def __init__(self, special: dict[str, int], template: str, added: Optional[dict[str, int]] = None):
         super().__init__(special)

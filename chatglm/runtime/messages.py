@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 ROLES = ("system", "user", "assistant", "observation")
 ROLE_ALIASES = {"tool": "observation", "function": "observation"}
+# The system text sessions and the server give a tool list that comes without one (ChatGLM3's published preamble).
+TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 
 
 @dataclass
@@ -60,6 +62,12 @@ class Message:
         if self.tool_call_id:
             out["tool_call_id"] = self.tool_call_id
         return out
+
+
+def tools_only(m: Message) -> bool:
+    """A system message that only carries tools (no text of its own, or just :data:`TOOLS_SYSTEM`): templates that
+    take ``tools`` apart from the messages (GLM-4.5 and later) get the tools, not a system turn."""
+    return m.role == "system" and bool(m.tools) and m.content in ("", TOOLS_SYSTEM)
 
 
 def as_messages(items) -> list[Message]:

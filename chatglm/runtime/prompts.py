@@ -29,6 +29,9 @@ class ChatFormat(ABC):
     required_tokens: ClassVar[tuple[str, ...]] = ()  # special tokens the vocab must have
     stop_tokens: ClassVar[tuple[str, ...]] = ()  # end a reply, besides the vocab's eos
 
+    # Whether the template takes tools in OpenAI's shape ({"type": "function", "function": {...}}) and writes them as
+    # given (GLM-4.5 and later, the Jinja path), rather than bare functions (ChatGLM3's tool prompt).
+    openai_tools: ClassVar[bool] = False
     # Template options the format reads (``enable_thinking``, ``clear_thinking``, ``reasoning_effort``); the others
     # ignore them, as their templates do.
     option_names: ClassVar[tuple[str, ...]] = ()

@@ -26,15 +26,13 @@ from chatglm.fsutil import atomic_output
 from chatglm.runtime.chatfiles import FILE_KIND, FILE_VERSION, read_conversation
 from chatglm.runtime.generation import (Generation, GenerationStats, MessagesLike, ModelBusyError, as_conversation,
                                         drain)
-from chatglm.runtime.messages import Message
+from chatglm.runtime.messages import TOOLS_SYSTEM, Message
 from chatglm.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
     from chatglm.runtime.model import Model
 
 log = logging.getLogger(__name__)
-
-TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 
 
 def common_suffix(a: Sequence[int], b: Sequence[int]) -> int:

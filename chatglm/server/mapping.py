@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from chatglm.runtime.messages import Message, ToolCall
@@ -41,6 +41,15 @@ def to_messages(req: ChatRequest) -> list[Message]:
     for i, raw in enumerate(req.messages):
         out.append(_message(raw, f"messages[{i}]"))
     return out
+
+
+def tools_for_format(messages: list[Message], fmt) -> list[Message]:
+    """The messages with their tools in the shape the model's template takes: OpenAI's ``{"type": "function",
+    "function": {...}}`` for GLM-4.5 and later (as vLLM passes them to the template), bare functions otherwise."""
+    if not getattr(fmt, "openai_tools", False):
+        return messages
+    return [replace(m, tools=[{"type": "function", "function": t} for t in m.tools]) if m.tools else m
+            for m in messages]
 
 
 def offered_tools(req: ChatRequest) -> list[dict]:

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence
 from chatglm.errors import ChatGLMError
 from chatglm.runtime.messages import Message
 from chatglm.server.errors import APIError, context_overflow, from_library, internal, invalid
-from chatglm.server.mapping import Outcome
+from chatglm.server.mapping import Outcome, tools_for_format
 from chatglm.server.pool import ModelPool
 
 log = logging.getLogger(__name__)
@@ -157,11 +157,12 @@ def _finish(scan: StopScanner, model_reason: str) -> str:
     return "stop" if scan.hit or model_reason != "length" else "length"
 
 
-def chat_job(messages: list[Message], sampling: dict, stops: Sequence[str],
+def chat_job(conversation: list[Message], sampling: dict, stops: Sequence[str],
              template_kwargs: Optional[dict] = None) -> Job:
     options = {"template_kwargs": template_kwargs or {}}
 
     def job(model: Any, gen: Generation) -> Outcome:
+        messages = tools_for_format(conversation, model.format)
         n_prompt = len(model.prompt_ids(messages, **options))
         _check_prompt(n_prompt, model.info.n_ctx)
         gen.ready(n_prompt)

@@ -35,7 +35,7 @@ import re
 from typing import Sequence
 
 from chatglm.families.glm4_moe import FAMILY
-from chatglm.runtime.messages import Message
+from chatglm.runtime.messages import Message, tools_only
 from chatglm.runtime.prompts import Tokenizer, check_roles
 from chatglm.runtime.prompts_glm import (ROLES, XML_MARKERS, GLMFormat, Piece, XmlReplies, argument_text,
                                          call_arguments)
@@ -68,13 +68,14 @@ def tool_list(messages: Sequence[Message]) -> list:
 
 def shown_messages(messages: Sequence[Message]) -> list[Message]:
     """The messages a template renders: a system message that only carries tools gives the tools, not a turn."""
-    return [m for m in messages if not (m.role == "system" and m.tools and not m.content)]
+    return [m for m in messages if not tools_only(m)]
 
 
 class GLM45Format(XmlReplies, GLMFormat):
     name = FAMILY.chat_formats[0]
     required_tokens = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
     option_names = ("enable_thinking",)
+    openai_tools = True
     nl = "\n"  # GLM-4.7 drops the newlines GLM-4.5/4.6 write after role tokens and around calls
     call_format = CALL_FORMAT
 
