@@ -402,4 +402,21 @@ def test_template_options_are_checked(model):
         model.prompt_ids("hi", reasoning_effort="medium")
     with pytest.raises(InputError, match="enable_thinking must be true or false"):
         model.prompt_ids("hi", template_kwargs={"enable_thinking": "yes"})
+    with pytest.raises(InputError, match="messages is not a template option"):
+        model.prompt_ids("hi", template_kwargs={"messages": []})
     assert model.prompt_ids("hi", enable_thinking=False) != model.prompt_ids("hi")  # glm45: /nothink
+
+
+def test_run_takes_thinking_and_effort_options(model):
+    import json as json_
+
+    def prompt_tokens(*flags):
+        out = cli(["run", model.info.path, "-p", "hi", "--json", "-n", "1", "-t", "1", *flags])
+        assert out.code == 0, out.text
+        return json_.loads(out.out)["usage"]["prompt_tokens"]
+
+    think, no_think = prompt_tokens("--think"), prompt_tokens("--no-think")
+    assert no_think > think == prompt_tokens()  # glm45: "/nothink" and "\n<think></think>" added
+    assert prompt_tokens("--reasoning-effort", "low") == think  # read by GLM-5.3-Flash's template only
+    bad = cli(["run", model.info.path, "-p", "hi", "--reasoning-effort", "medium"])
+    assert bad.code == 2 and "medium" in bad.text and "Traceback" not in bad.text

@@ -101,6 +101,7 @@ def get_format(name: str, special: dict[str, int]) -> ChatFormat:
 
 REASONING_EFFORTS = ("low", "high", "max")
 TEMPLATE_OPTIONS = ("enable_thinking", "clear_thinking", "reasoning_effort")  # the options GLM templates read
+RESERVED_OPTIONS = ("messages", "tools", "documents", "add_generation_prompt")  # what every render is given
 
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +120,8 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
                 raise InputError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {value!r}")
         elif not isinstance(key, str) or not NAME.fullmatch(key):
             raise InputError(f"a template option needs a name, got {key!r}")
+        elif key in RESERVED_OPTIONS:
+            raise InputError(f"{key} is not a template option (the conversation sets it)")
         elif not isinstance(value, (bool, int, float, str)):
             raise InputError(f"template option {key} must be a boolean, number or string")
         out[key] = value
