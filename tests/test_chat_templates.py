@@ -348,10 +348,9 @@ def test_unknown_templates_take_the_sandboxed_path(ckpt, tok, hf, tmp_path):
 @needs_reference
 def test_a_gguf_without_our_format_key_is_recognised_by_its_template(model):
     class Header:
-        arch = "glm4moe"
-
-        def __init__(self, template_text):
+        def __init__(self, template_text, arch="glm4moe"):
             self.kv = {"tokenizer.chat_template": template_text}
+            self.arch = arch
 
         def get(self, key, default=None):
             return self.kv.get(key, default)
@@ -363,6 +362,8 @@ def test_a_gguf_without_our_format_key_is_recognised_by_its_template(model):
     assert chat_format_of(Header(None), special) == "glm45"
     # GLM-5.3-Flash's template in a glm4moe file: not its builder (another family's format), the sandbox instead
     assert chat_format_of(Header(template("GLM-5.3-Flash.jinja")), special) == "jinja"
+    # before GLM-4.5 the builders stand for their published prompts (tool calls as JSON or code): kept
+    assert chat_format_of(Header("{{ messages }}", "glm4"), special) == "glm4-0414"
 
 
 @needs_reference

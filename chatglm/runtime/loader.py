@@ -15,6 +15,7 @@ from chatglm.families.descriptor import ENGINE_GLM1, ENGINE_LLAMA
 from chatglm.gguf_file import ArrayRef, GGUFHeader, read_header
 from chatglm.runtime.engine import Engine, ModelInfo
 from chatglm.runtime.jinja_chat import JINJA_FORMAT
+from chatglm.runtime.prompts import format_class
 from chatglm.runtime.memory import check_fits, default_context
 from chatglm.runtime.validate import check_context, check_kv_head, check_kv_type, check_transformer, resolve_flash_attn
 from chatglm.schema import keys
@@ -103,7 +104,9 @@ def _numbers(value) -> bool:
 
 
 def chat_format_of(header: GGUFHeader, special: dict[str, int]) -> str:
-    """The GGUF's glm.chat_format; for files that name none, the best guess of the families of its arch."""
+    """The GGUF's glm.chat_format; for files that name none (other converters'), the builder that reproduces its
+    chat template token for token, else the sandboxed Jinja path where its arch's formats render a checkpoint's
+    Jinja template (GLM-4.5 and later), else the best guess of the families of its arch."""
     fmt = header.get(keys.CHAT_FORMAT)
     if isinstance(fmt, str) and fmt:
         return fmt
@@ -111,9 +114,9 @@ def chat_format_of(header: GGUFHeader, special: dict[str, int]) -> str:
     known = families.recognise_template(template)
     if known is not None and families.owner_of_format(known).arch == header.arch:
         return known
-    if template:
-        return JINJA_FORMAT
     guess = families.guess_format(header.arch, special)
+    if template and guess is not None and format_class(guess).renders_template:
+        return JINJA_FORMAT
     if guess is None:
         raise UnsupportedModelError(f"GGUF architecture {header.arch!r}: no chat format fits its vocabulary",
                                     header.path)

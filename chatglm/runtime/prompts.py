@@ -32,6 +32,9 @@ class ChatFormat(ABC):
     # Whether the template takes tools in OpenAI's shape ({"type": "function", "function": {...}}) and writes them as
     # given (GLM-4.5 and later, the Jinja path), rather than bare functions (ChatGLM3's tool prompt).
     openai_tools: ClassVar[bool] = False
+    # Whether the format stands for a Jinja chat template the checkpoint ships (GLM-4.5 and later), so that a GGUF
+    # carrying another template is better served by rendering that one (the sandboxed path) than by this builder.
+    renders_template: ClassVar[bool] = False
     # Template options the format reads (``enable_thinking``, ``clear_thinking``, ``reasoning_effort``); the others
     # ignore them, as their templates do.
     option_names: ClassVar[tuple[str, ...]] = ()
@@ -91,12 +94,16 @@ class ChatFormat(ABC):
 def get_format(name: str, special: dict[str, int]) -> ChatFormat:
     """The chat format called ``name`` for a vocabulary with these special tokens; it comes from the ``chat.py`` of the
     family that defines it (loaded on first use). (``jinja_chat.chat_format`` adds the sandboxed Jinja path.)"""
+    return format_class(name)(special)
+
+
+def format_class(name: str) -> type[ChatFormat]:
+    """The class of chat format ``name``, from the ``chat.py`` of the family that defines it."""
     owner = families.owner_of_format(name)
     if owner is None:
         known = ", ".join(sorted((*families.chat_formats(), keys.JINJA_CHAT_FORMAT)))
         raise InputError(f"unknown chat format {name!r}; known: {known}")
-    defined = {cls.name: cls for cls in families.part(owner.name, "chat").FORMATS}
-    return defined[name](special)
+    return next(cls for cls in families.part(owner.name, "chat").FORMATS if cls.name == name)
 
 
 REASONING_EFFORTS = ("low", "high", "max")

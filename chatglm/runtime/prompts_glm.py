@@ -87,8 +87,7 @@ class Thinking:
         if complete:
             return thinking
         raw = text.lstrip()
-        if not self.thinks or raw.startswith("<think>"):
-            raw = raw[len("<think>"):] if raw.startswith("<think>") else raw
+        raw = raw[len("<think>"):] if raw.startswith("<think>") else raw
         raw = raw[:len(raw) - partial_suffix(raw, "</think>")]
         return raw.strip()
 

@@ -76,6 +76,7 @@ class GLM45Format(XmlReplies, GLMFormat):
     required_tokens = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
     option_names = ("enable_thinking",)
     openai_tools = True
+    renders_template = True
     nl = "\n"  # GLM-4.7 drops the newlines GLM-4.5/4.6 write after role tokens and around calls
     call_format = CALL_FORMAT
 
