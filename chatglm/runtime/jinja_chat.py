@@ -268,7 +268,7 @@ class JinjaFormat(XmlReplies, ChatFormat):
         super().__init__(special)
         compile_template(template)  # refused now, not at the first prompt
         self.template = template
-        self.added = dict(added if added is not None else special)
+        self.added = dict(added or special)  # a file without token types: the known special tokens
 
     def prompt_ids(self, messages: Sequence[Message], tok: Tokenizer) -> list[int]:
         if not messages:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import gguf
+import numpy as np
 
 from chatglm import families
 from chatglm.errors import InputError, UnsupportedModelError
@@ -71,14 +72,15 @@ def added_tokens(header: GGUFHeader, typed_only: bool = True) -> dict[str, int]:
     no token types."""
     tokens = _tokens(header)
     raw = header.get("tokenizer.ggml.token_type")
-    types = header.array("tokenizer.ggml.token_type") if _numbers(raw) else []
+    types = np.asarray(header.array("tokenizer.ggml.token_type") if _numbers(raw) else [], dtype=np.int64)
     if not len(types) and typed_only:
         return {}
-    kinds = (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)
+    n = min(len(types), len(tokens))
+    marked = np.nonzero(np.isin(types[:n], (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)))[0]
     found: dict[str, int] = {}
-    for i, text in enumerate(tokens):
-        if (len(types) <= i or int(types[i]) in kinds) and text:
-            found.setdefault(text, i)
+    for i in (*marked.tolist(), *range(n, len(tokens))):  # tokens past the types array count as special
+        if tokens[i]:
+            found.setdefault(tokens[i], i)
     return found
 
 
