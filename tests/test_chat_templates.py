@@ -328,6 +328,17 @@ def test_converter_writes_the_template_and_eos_ids_and_stops_on_them(ckpt, tok, 
     assert "chat           glm47 (token-exact builder)" in result.out
 
 
+def test_a_named_template_list_gives_its_default(ckpt, tmp_path):
+    folder = tmp_path / "ck"
+    shutil.copytree(ckpt, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ 'D' }}"}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    header = read_header(convert(folder, tmp_path / "m.gguf", "f32").path)
+    assert header.get("tokenizer.chat_template") == "{{ 'D' }}"
+    assert header.get(keys.CHAT_FORMAT) == keys.JINJA_CHAT_FORMAT
+
+
 @needs_reference
 def test_unknown_templates_take_the_sandboxed_path(ckpt, tok, hf, tmp_path):
     name = "GLM-5.3-Flash.weschera-modified.jinja"
@@ -389,10 +400,14 @@ def test_a_converted_file_without_our_format_key_loads_with_the_right_path(ckpt,
     ("generation_config.json", b'{"eos_token_id": "two"}', "'eos_token_id' must be a token id"),
     ("chat_template.jinja", b"x" * ((1 << 20) + 1), "chat template is larger than"),
     ("chat_template.jinja", b"{{ messages }}\xff\xfe", "not UTF-8"),
+    ("tokenizer_config.json", {"chat_template": 5}, "chat_template"),
+    ("tokenizer_config.json", {"chat_template": [{"name": "default", "template": ["x"]}]}, "chat_template[0]"),
 ])
 def test_bad_chat_files_are_refused_in_one_line(ckpt, tmp_path, name, data, problem):
     folder = tmp_path / "ck"
     shutil.copytree(ckpt, folder)
+    if isinstance(data, dict):  # a field of the JSON file
+        data = json.dumps({**json.loads((folder / name).read_text()), **data}).encode()
     (folder / name).write_bytes(data)
     out = tmp_path / "x.gguf"
     assert_refused(cli(["convert", folder, "-t", "f32", "-o", out]), name, problem=problem, dest=out)
