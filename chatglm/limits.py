@@ -34,3 +34,7 @@ VECTOR_TYPE = 0  # F32: ggml's CPU binary ops (norm weights, biases) take no f16
 EXPERT_GATING_FUNCS = range(5)  # llama_expert_gating_func_type: another value is GGML_ABORT in build_moe_ffn
 # general.name substrings for which llama-vocab.cpp .at()s fixed token texts (its per-model attribute quirks)
 NAME_QUIRKS = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}
+
+# -- chat templates (h18-chat) ----------------------------------------------------------------------------------------
+MAX_CHAT_TEMPLATE = 1 << 20  # bytes of a chat template, converter and runtime (published GLM templates: 3-11 KB)
+MAX_STOP_TOKENS = 64  # eos ids taken from generation_config.json / config.json (published GLMs list 3)

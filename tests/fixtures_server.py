@@ -57,11 +57,14 @@ class ScriptedModel:
     """
 
     def __init__(self, replies: Sequence[str] = (), *, default: str = "\nHello from the scripted model.",
-                 n_ctx: int = 8192, token_delay: float = 0.0, gate: Optional[threading.Event] = None):
-        self.format = get_format("chatglm3", STUB_SPECIAL)
-        self.info = ModelInfo(path=Path("scripted.gguf"), arch="chatglm", family="chatglm3", chat_format="chatglm3",
-                              n_ctx=n_ctx, n_ctx_train=n_ctx, n_vocab=SPECIAL_BASE + 16, n_params=0, size_bytes=0,
-                              description="scripted", special=dict(STUB_SPECIAL))
+                 n_ctx: int = 8192, token_delay: float = 0.0, gate: Optional[threading.Event] = None,
+                 chat_format: str = "chatglm3", special: Optional[dict[str, int]] = None):
+        special = dict(special or STUB_SPECIAL)
+        self.format = get_format(chat_format, special)
+        self.info = ModelInfo(path=Path("scripted.gguf"), arch="chatglm", family="chatglm3", chat_format=chat_format,
+                              n_ctx=n_ctx, n_ctx_train=n_ctx, n_vocab=SPECIAL_BASE + 64, n_params=0, size_bytes=0,
+                              description="scripted", special=special)
+        self.template_kwargs: list[dict] = []  # the template options of each chat
         self.replies, self.default, self.token_delay = deque(replies), default, token_delay
         self.gate = gate  # when given, every generation waits for it before its first token
         self.received: list[list[Message]] = []
@@ -78,26 +81,42 @@ class ScriptedModel:
     def tokenize(self, text: str) -> list[int]:
         return [ord(c) for c in text]
 
-    def prompt_ids(self, messages) -> list[int]:
-        return self.format.prompt_ids(as_messages(messages), self)
+    def prompt_ids(self, messages, **options) -> list[int]:
+        from chatglm.runtime.prompts import template_options
+
+        with self.format.using(template_options(options)):
+            return self.format.prompt_ids(as_messages(messages), self)
 
     def prompt_text(self, ids: Sequence[int]) -> str:
         names = {v: k for k, v in STUB_SPECIAL.items()}
         return "".join(names.get(i, chr(i) if i < SPECIAL_BASE else "?") for i in ids)
 
-    def stream_chat(self, messages, *, cancel: Optional[threading.Event] = None, **sampling) -> Iterator[str]:
+    def stream_chat(self, messages, *, cancel: Optional[threading.Event] = None, on_thinking=None,
+                    **sampling) -> Iterator[str]:
+        from chatglm.runtime.prompts import split_options, template_options
+
+        options, sampling = split_options(sampling)
         messages = as_messages(messages)
-        ids = self.prompt_ids(messages)
+        ids = self.prompt_ids(messages, **options)
+        self.template_kwargs.append(template_options(options))
         self.received.append(messages)
         self.prompts.append(ids)
-        text, shown = "", ""
+        text, shown, thought = "", "", ""
         for piece in self._run(ids, sampling, cancel):
             text += piece
+            if on_thinking is not None and hasattr(self.format, "visible_thinking"):
+                now = self.format.visible_thinking(text)
+                if now.startswith(thought) and len(now) > len(thought):
+                    on_thinking(now[len(thought):])
+                    thought = now
             visible = self.format.visible(text).rstrip()
             if visible.startswith(shown) and len(visible) > len(shown):
                 yield visible[len(shown):]
                 shown = visible
         self.last_reply = self.format.parse_reply(text)
+        if on_thinking is not None and self.last_reply.thinking.startswith(thought) \
+                and len(self.last_reply.thinking) > len(thought):
+            on_thinking(self.last_reply.thinking[len(thought):])
         if self.last_reply.content.startswith(shown) and len(self.last_reply.content) > len(shown) \
                 and not self.last_reply.tool_calls:
             yield self.last_reply.content[len(shown):]

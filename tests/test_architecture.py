@@ -34,8 +34,9 @@ KNOWN_CYCLES: set = set()
 # String literals equal to a family name that mean something else: (module, literal) -> why.
 FOREIGN_NAMES = {
     ("chatglm.convert.vocab_bpe", "glm4"): "llama.cpp's pre-tokenizer name (tokenizer.ggml.pre), not our family",
-    ("chatglm.families.glm_moe_dsa", "glm45"): "GLM-5.x GGUFs from other converters get GLM-4.5's format until "
-                                              "GLM-5's templates have their own (issue #18's chat part)",
+    ("chatglm.families.glm_moe_dsa", "glm47"): "GLM-5.x GGUFs without a template or format name get GLM-4.7's",
+    ("chatglm.families.glm4_moe_lite", "glm47"): "GLM-4.7-Flash GGUFs without a template or format name get "
+                                                 "GLM-4.7's",
     ("chatglm.schema.llama_names", "glm5-next"): "llama.cpp's architecture name, which gguf-py 0.19 lacks",
 }
 # Modules allowed to name families: the registries, and the development tools that write checkpoints in the

@@ -24,6 +24,9 @@ OLD_ENGINES = {"chatglm": "chatglm.runtime.llama_engine:LlamaEngine",
                "glm4": "chatglm.runtime.llama_engine:LlamaEngine",
                "glm4moe": "chatglm.runtime.llama_engine:LlamaEngine",
                "chatglm1": "chatglm.runtime.glm1.engine:GLM1Engine"}
+# GLM-5.3-Flash's media placeholders (issue #18): control tokens of its vocabulary that its format keeps special.
+NEW_SPECIAL_TEXTS = {"<|image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|video|>", "<|end_of_video|>",
+                     "<|begin_of_audio|>", "<|end_of_audio|>"}
 # Architectures added since (issue #18), each run by llama.cpp.
 NEW_LLAMA_ARCHS = {"glm-dsa", "deepseek2", "glm5-next"}
 
@@ -34,7 +37,7 @@ def test_descriptors_give_the_old_tables():
     from chatglm.runtime.loader import ENGINES
     from chatglm.runtime.perplexity import CAUSAL_PREFIX
 
-    assert families.special_tokens() == OLD_SPECIAL_TEXTS
+    assert families.special_tokens() == OLD_SPECIAL_TEXTS | NEW_SPECIAL_TEXTS
     assert ENGINES == {**OLD_ENGINES, **dict.fromkeys(NEW_LLAMA_ARCHS, OLD_ENGINES["glm4moe"])}
     assert CAUSAL_PREFIX == {"chatglm1": ("[gMASK]", "<sop>")}
     assert set(LLAMA_ARCHES) == {"chatglm", "glm4", "glm4moe", *NEW_LLAMA_ARCHS}

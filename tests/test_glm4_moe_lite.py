@@ -105,7 +105,7 @@ def test_logits_decode_and_cache_reuse(lite, tok):
     seq = prompt(tok)
     ref = reference(model, seq)
     with open_engine(path, **F32) as engine:
-        assert engine.info.chat_format == "glm45"
+        assert engine.info.chat_format == "glm47"
         assert relative(engine.all_logits(seq), ref) < 1e-4
         engine.reset()
         engine.prefill(seq[:-6])
@@ -346,7 +346,7 @@ def test_detection_and_info(lite, tmp_path):
     _, folder, path = lite
     outcome = cli(["info", path])
     assert outcome.code == 0, outcome.text
-    assert "architecture   deepseek2 (family glm4.7-flash, chat format glm45)" in outcome.text
+    assert "architecture   deepseek2 (family glm4.7-flash, chat format glm47)" in outcome.text
     assert "MTP layers     1 (NextN blocks usable for speculative decoding" in outcome.text
     bad = edited_copy(folder, tmp_path, architectures=["Glm4MoeForCausalLM"])
     with pytest.raises(UnsupportedModelError, match="unknown architecture"):

@@ -1,11 +1,45 @@
 """What a chat prints besides the reply, shared by ``chatglm run -p`` and the interactive chat (:mod:`chatglm.cli.repl`):
-tool calls, context notes, the ``--verbose`` stats line."""
+the model's thinking (dimmed, apart from the answer), tool calls, context notes, the ``--verbose`` stats line."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import typer
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+class ThinkingPrinter:
+    """Prints the reasoning as it streams, before the answer: dimmed on a terminal, between ``<think>`` lines
+    otherwise (so a pipe still tells it from the answer); ``shown=False`` hides it."""
+
+    def __init__(self, shown: bool = True, stream=None):
+        self.shown = shown
+        self._stream = stream
+        self.open = False
+
+    @property
+    def stream(self):
+        return self._stream if self._stream is not None else sys.stdout
+
+    def __call__(self, piece: str) -> None:
+        if not self.shown or not piece:
+            return
+        tty = self.stream.isatty()
+        if not self.open:
+            self.stream.write(DIM if tty else "<think>\n")
+            self.open = True
+        self.stream.write(piece)
+        self.stream.flush()
+
+    def end(self) -> None:
+        """The answer starts: close the thinking block (if one is open)."""
+        if self.open:
+            self.stream.write(RESET + "\n\n" if self.stream.isatty() else "\n</think>\n\n")
+            self.stream.flush()
+            self.open = False
 
 
 def context_notes(m, dropped: int) -> list[str]:

@@ -38,6 +38,8 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         "path": str(path), "architecture": header.arch, "type": header.get("general.type") or "model",
         "runnable": problem is None, "note": problem,
         "family": info.family or None, "chat_format": info.chat_format or None,
+        "chat": chat_path(info.chat_format) if problem is None else None,
+        "chat_template": bool(info.chat_template), "stop_token_ids": sorted(info.eog),
         "name": header.get("general.name"), "parameters": info.n_params, "file_size": header.file_size,
         "file_type": gguf.LlamaFileType(file_type).name if isinstance(file_type, int) and file_type in
         {f.value for f in gguf.LlamaFileType} else file_type,
@@ -57,6 +59,13 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
             flash, d["attention"] = resolve_flash_attn(kv_type, None)
         d["memory"] = memory(header, n_ctx, kv_type, flash is not False)
     return d
+
+
+def chat_path(fmt: str) -> str:
+    """How the model's prompts are built: a token-exact builder, or the GGUF's own template in the sandbox."""
+    from chatglm.schema.keys import JINJA_CHAT_FORMAT
+
+    return "the GGUF's Jinja template (sandboxed)" if fmt == JINJA_CHAT_FORMAT else f"{fmt} (token-exact builder)"
 
 
 def memory(header, n_ctx: Optional[int], kv_type: str, flash_attn: bool) -> dict:
@@ -110,6 +119,8 @@ def text_lines(d: dict) -> list[str]:
     ]
     if not d["runnable"]:
         lines.append(f"  not runnable   {d['note']}")
+    else:
+        lines.append(f"  chat           {d['chat']}")
     if d["tokenizer"]["tokens"]:
         lines += [
             f"  context        {d['context_length']} tokens trained{rope_text(d['rope'])}",

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional
 
 import typer
 
-from chatglm.cli.chatout import context_notes, format_tool_call, print_stats
+from chatglm.cli.chatout import ThinkingPrinter, context_notes, format_tool_call, print_stats
 from chatglm.errors import ChatGLMError, InputError
 from chatglm.runtime.messages import Message
 from chatglm.runtime.sampling import NULLABLE, knobs
@@ -31,6 +31,8 @@ HELP = f"""Commands:
   /system [TEXT]        set the system message (show it when no text is given)
   /set [NAME VALUE]     change a setting ("/set seed none" clears {" or ".join(NULLABLE)}; no arguments shows them):
                         {", ".join(knobs())}
+  /think [on|off]       thinking on or off (the template's enable_thinking; no argument shows it)
+  /thoughts [show|hide] show the model's thinking (dimmed) or hide it
   /show                 model information and current settings
   /save FILE            write the conversation as JSON
   /load FILE            replace the conversation with one saved by /save
@@ -116,7 +118,9 @@ class Repl:
             "/help": self.cmd_help, "/?": self.cmd_help, "/clear": self.cmd_clear, "/system": self.cmd_system,
             "/set": self.cmd_set, "/show": self.cmd_show, "/save": self.cmd_save, "/load": self.cmd_load,
             "/exit": self.cmd_exit, "/quit": self.cmd_exit, "/bye": self.cmd_exit,
+            "/think": self.cmd_think, "/thoughts": self.cmd_thoughts,
         }
+        self.thinking = ThinkingPrinter()
 
     def run(self) -> None:
         info = self.model.info
@@ -187,10 +191,13 @@ class Repl:
         self._dropped = 0
         try:
             with interrupts_set(cancel):
-                for delta in self.session.stream_chat(message, cancel=cancel):
+                for delta in self.session.stream_chat(message, cancel=cancel, on_thinking=self.thinking):
+                    self.thinking.end()
                     out(delta)
                     wrote = True
+            self.thinking.end()
         except ChatGLMError as exc:
+            self.thinking.end()
             if wrote:
                 out("\n")
             note(f"error: {exc}")
@@ -236,6 +243,23 @@ class Repl:
 
     def cmd_help(self, _arg: str) -> None:
         note(HELP)
+
+    def cmd_think(self, arg: str) -> None:
+        options = self.session.template_kwargs
+        if not arg:
+            state = options.get("enable_thinking")
+            note(f"thinking: {'the template default' if state is None else 'on' if state else 'off'}")
+            return
+        if arg.lower() not in ("on", "off"):
+            raise InputError(f"/think takes on or off, got {arg!r}")
+        options["enable_thinking"] = arg.lower() == "on"
+        note(f"thinking {arg.lower()}")
+
+    def cmd_thoughts(self, arg: str) -> None:
+        if arg.lower() not in ("show", "hide", ""):
+            raise InputError(f"/thoughts takes show or hide, got {arg!r}")
+        self.thinking.shown = arg.lower() != "hide" if arg else not self.thinking.shown
+        note(f"thinking {'shown' if self.thinking.shown else 'hidden'}")
 
     def cmd_exit(self, _arg: str) -> None:
         raise Leave

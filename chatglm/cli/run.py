@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.chatout import context_notes, format_tool_call, print_stats
+from chatglm.cli.chatout import ThinkingPrinter, context_notes, format_tool_call, print_stats
 from chatglm.cli.common import (Context, FlashAttn, GpuLayers, KVTypeOpt, Threads, fail, handle_errors, number,
                                sampling_options, setup_logging)
 from chatglm.limits import MAX_LORA_SCALE
+
+class ReasoningEffort(str, Enum):
+    low = "low"
+    high = "high"
+    max = "max"
+
 
 ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
 
@@ -36,6 +43,10 @@ def run_cmd(
                                         MAX_LORA_SCALE)] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="With -p: print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show load time and tokens/s.")] = False,
+    think: Annotated[Optional[bool], typer.Option("--think/--no-think", help="Thinking on or off (the chat "
+                                                  "template's enable_thinking; default: the template's).")] = None,
+    reasoning_effort: Annotated[Optional[ReasoningEffort], typer.Option(
+        "--reasoning-effort", help="GLM-5.3-Flash's reasoning effort (default: max).")] = None,
     sampling: Optional[dict] = None,
 ) -> None:
     """Chat with a GGUF model."""
@@ -58,7 +69,8 @@ def run_cmd(
             m.prefill_progress = show_prefill
         if verbose:
             typer.echo(f"[loaded {m.info.path.name} in {m.load_seconds:.2f} s]", err=True)
-        session = m.session(system, tools=tool_list)
+        session = m.session(system, tools=tool_list, enable_thinking=think,
+                            reasoning_effort=reasoning_effort.value if reasoning_effort else None)
         if prompt is not None:
             one_shot(session, prompt, as_json, verbose)
         else:
@@ -123,9 +135,12 @@ def one_shot(session, prompt: str, as_json: bool, verbose: bool) -> None:
             "notes": context_notes(m, sum(dropped)),
         }, ensure_ascii=False))
         return
-    for delta in session.stream_chat(prompt):
+    thinking = ThinkingPrinter()
+    for delta in session.stream_chat(prompt, on_thinking=thinking):
+        thinking.end()
         sys.stdout.write(delta)
         sys.stdout.flush()
+    thinking.end()
     for call in session.last_reply.tool_calls:
         sys.stdout.write(format_tool_call(call))
     sys.stdout.write("\n")

@@ -41,11 +41,13 @@ class Checkpoint:
             raise InputError("config.json is not a JSON object", self.dir / "config.json")
         check_types(self.config, CONFIG_FIELDS, self.dir / "config.json")
         generation = self.dir / "generation_config.json"
+        self.generation: dict[str, Any] = {}  # generation_config.json, type-checked (its eos ids become stop tokens)
         if generation.is_file():
             settings = read_json(generation, "generation_config.json")
             if not isinstance(settings, dict):
                 raise InputError("not a JSON object", generation)
             check_types(settings, GENERATION_FIELDS, generation)
+            self.generation = settings
         self._files: list[TensorSource] = []
         self._where: dict[str, TensorSource] = {}
         self._open_weights()
@@ -129,6 +131,7 @@ class CheckpointView:
         self.base = base
         self.dir = base.dir
         self.config = base.config
+        self.generation = base.generation
 
     def names(self) -> list[str]:
         return self.base.names()

@@ -32,6 +32,7 @@ from chatglm.convert.vocab_bpe import (
     write_bpe_vocab,
 )
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.schema import keys
 
 T = gguf.MODEL_TENSOR
 HF_LAYER = "model.layers.{bid}."
@@ -66,6 +67,15 @@ class HFHparams:
     rope_base: float
     qkv_bias: bool
     tied: bool
+
+
+def template_format(template: str, default: str) -> str:
+    """The chat format for a checkpoint's template: the token-exact builder that renders it, the sandboxed Jinja
+    path for any other template, ``default`` when the checkpoint has none."""
+    from chatglm import families
+
+    known = families.recognise_template(template)
+    return known if known is not None else (keys.JINJA_CHAT_FORMAT if template else default)
 
 
 def gguf_name(kind: T, bid: int | None = None) -> str:

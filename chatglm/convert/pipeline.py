@@ -15,6 +15,7 @@ import numpy as np
 
 from chatglm import __version__
 from chatglm.convert import qtypes
+from chatglm.convert.chat_meta import write_chat_metadata
 from chatglm.convert.gguf_writer import CheckedWriter, DataSection, Progress, TensorInfo, display_name, write_header
 from chatglm.convert.checkpoint import Checkpoint, CheckpointView
 from chatglm.convert.family import Family, OutTensor, check_complete, detect
@@ -131,6 +132,8 @@ def write_model_metadata(w: gguf.GGUFWriter, family: Family, recipe: qtypes.Reci
     w.add_string(keys.CONVERTER, f"chatglm {__version__}" + (f" {converter}" if converter else ""))
     family.write_metadata(w)
     family.write_vocab(w)
+    tokens = w.kv_data[0].get(gguf.Keys.Tokenizer.LIST)
+    write_chat_metadata(w, family.ckpt, len(tokens.value) if tokens is not None else 0)
 
 
 def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix, threads: int) -> np.ndarray:

@@ -421,6 +421,10 @@ def require_specials(vocab: BpeVocab, wanted: tuple[str, ...], path: Path) -> No
         raise InputError(f"the special tokens {', '.join(missing)} are not defined", path)
 
 
+# gguf's key names where they are not tokenizer.ggml.<kind>_token_id (llama.cpp reads padding_token_id)
+SPECIAL_ID_KEYS = {"pad": gguf.Keys.Tokenizer.PAD_ID}
+
+
 def write_bpe_vocab(w: gguf.GGUFWriter, vocab: BpeVocab, special_ids: Mapping[str, int]) -> None:
     """``special_ids`` maps gguf special-token kinds (eos, eot, eom, pad, ...) to ids."""
     w.add_tokenizer_model("gpt2")
@@ -429,7 +433,7 @@ def write_bpe_vocab(w: gguf.GGUFWriter, vocab: BpeVocab, special_ids: Mapping[st
     w.add_token_types(vocab.types)
     w.add_token_merges(vocab.merges)
     for kind, token_id in special_ids.items():
-        w.add_uint32(f"tokenizer.ggml.{kind}_token_id", token_id)
+        w.add_uint32(SPECIAL_ID_KEYS.get(kind, f"tokenizer.ggml.{kind}_token_id"), token_id)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
 

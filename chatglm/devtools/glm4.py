@@ -48,7 +48,7 @@ GLM45_EXTRA_SPECIALS: tuple[str, ...] = (
 )
 
 # Short templates written for the fixtures: the converter only looks for the markers that tell the formats apart.
-FIXTURE_TEMPLATES = {
+FIXTURE_TEMPLATES: dict[str, Optional[str]] = {
     "glm4": "[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}",
     "glm-edge": "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{% endfor %}<|assistant|>",
@@ -56,8 +56,9 @@ FIXTURE_TEMPLATES = {
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}",
     "glm4-z1": "[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n{{ m.content.split('</think>')[-1] }}"
                "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}",
-    "glm45": "[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{% endfor %}"
-             "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    # None: no template in the checkpoint, so GLM-4.5 converts to its family's builder (a template that is not one
+    # of the published ones would take the sandboxed Jinja path instead)
+    "glm45": None,
 }
 
 

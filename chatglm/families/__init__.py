@@ -83,10 +83,26 @@ def guess_format(arch: str, special: dict[str, int]) -> str | None:
     return max(fitting)[2] if fitting else None
 
 
+def template_fingerprint(template: str) -> str:
+    """The first 16 hex digits of the sha256 of a chat template's text (CRLF as LF, surrounding whitespace dropped)."""
+    import hashlib
+
+    text = template.replace("\r\n", "\n").strip()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def recognise_template(template: str) -> str | None:
+    """The chat format that renders this template token for token, or None (the sandboxed Jinja path)."""
+    if not template:
+        return None
+    print_ = template_fingerprint(template)
+    return next((fmt for f in families() for fp, fmt in f.template_fingerprints if fp == print_), None)
+
+
 def special_tokens() -> frozenset[str]:
     """Every control token some family's chat formats look up by text."""
     return frozenset(t for f in families() for t in (*f.special_tokens, *f.causal_prefix))
 
 
 __all__ = ["REGISTRY", "Descriptor", "arch_value", "archs", "chat_formats", "families", "guess_format", "of_arch",
-           "owner_of_format", "part", "special_tokens"]
+           "owner_of_format", "part", "recognise_template", "special_tokens", "template_fingerprint"]

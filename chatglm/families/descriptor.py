@@ -54,6 +54,9 @@ class Descriptor:
     special_tokens: tuple[str, ...] = ()  # control tokens its chat formats look up by text
     causal_prefix: tuple[str, ...] = ()  # put before scored text so the model runs causally (perplexity, bench)
     vocabulary: str = ""  # the tokenizer its checkpoints ship, for people ("SentencePiece tokenizer.model", ...)
+    # Chat templates its formats reproduce token for token: (the first 16 hex digits of the sha256 of the template
+    # text, CRLF as LF, stripped, format). A template not listed takes the sandboxed Jinja path.
+    template_fingerprints: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.engine not in (ENGINE_LLAMA, ENGINE_GLM1):

@@ -34,6 +34,8 @@ class ModelInfo:
     description: str
     special: dict[str, int] = field(default_factory=dict)  # token text -> id, for the family's special tokens
     eog: frozenset[int] = frozenset()  # end-of-generation ids
+    chat_template: str = ""  # the GGUF's tokenizer.chat_template (the sandboxed Jinja path renders it)
+    added: dict[str, int] = field(default_factory=dict)  # every control and user-defined token (text -> id)
 
 
 class TokenSampler(Protocol):

@@ -184,6 +184,7 @@ def complete_info(info: ModelInfo, model, ctx) -> ModelInfo:
     n_vocab = ll.llama_vocab_n_tokens(vocab)
     eog = {t for t in info.special.values() if 0 <= t < n_vocab and ll.llama_vocab_is_eog(vocab, t)}
     eog.add(ll.llama_vocab_eos(vocab))
+    eog |= {t for t in info.eog if t < n_vocab}  # generation_config.json's eos ids, kept by the converter
     n_params = ll.llama_model_n_params(model)
     # llama.cpp names sizes it knows (6B, 9B) and writes "?B" for the rest: give the count from the tensors instead
     description = desc.value.decode("utf-8", errors="replace").replace("?B", params_text(n_params))

@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import gguf
+import numpy as np
 
 from chatglm import families
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.families.descriptor import ENGINE_GLM1, ENGINE_LLAMA
 from chatglm.gguf_file import ArrayRef, GGUFHeader, read_header
 from chatglm.runtime.engine import Engine, ModelInfo
+from chatglm.runtime.jinja_chat import JINJA_FORMAT
+from chatglm.runtime.prompts import format_class
 from chatglm.runtime.memory import check_fits, default_context
 from chatglm.runtime.validate import check_context, check_kv_head, check_kv_type, check_transformer, resolve_flash_attn
 from chatglm.schema import keys
@@ -60,16 +63,37 @@ def validate(header: GGUFHeader) -> None:
 
 
 def special_tokens(header: GGUFHeader) -> dict[str, int]:
+    wanted = families.special_tokens()  # the control tokens some chat format looks up by text
+    return {text: i for text, i in added_tokens(header, typed_only=False).items() if text in wanted}
+
+
+def added_tokens(header: GGUFHeader, typed_only: bool = True) -> dict[str, int]:
+    """The control and user-defined tokens (text -> first id); ``typed_only=False``: every token when the file has
+    no token types."""
     tokens = _tokens(header)
     raw = header.get("tokenizer.ggml.token_type")
-    types = header.array("tokenizer.ggml.token_type") if _numbers(raw) else []
-    wanted = families.special_tokens()  # the control tokens some chat format looks up by text
+    types = np.asarray(header.array("tokenizer.ggml.token_type") if _numbers(raw) else [], dtype=np.int64)
+    if not len(types) and typed_only:
+        return {}
+    n = min(len(types), len(tokens))
+    marked = np.nonzero(np.isin(types[:n], (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)))[0]
     found: dict[str, int] = {}
-    for i, text in enumerate(tokens):
-        if text in wanted and (len(types) <= i or int(types[i]) in (gguf.TokenType.CONTROL,
-                                                                      gguf.TokenType.USER_DEFINED)):
-            found.setdefault(text, i)
+    for i in (*marked.tolist(), *range(n, len(tokens))):  # tokens past the types array count as special
+        if tokens[i]:
+            found.setdefault(tokens[i], i)
     return found
+
+
+def chat_template(header: GGUFHeader) -> str:
+    template = header.get("tokenizer.chat_template")
+    return template if isinstance(template, str) else ""
+
+
+def stop_tokens(header: GGUFHeader, n_vocab: int) -> frozenset[int]:
+    """The extra end-of-generation ids the converter kept (generation_config.json's eos list), within the vocab."""
+    raw = header.get(keys.STOP_TOKEN_IDS)
+    ids = header.array(keys.STOP_TOKEN_IDS) if _numbers(raw) else []
+    return frozenset(int(t) for t in ids if 0 <= int(t) < n_vocab)
 
 
 def _tokens(header: GGUFHeader) -> list:
@@ -82,11 +106,19 @@ def _numbers(value) -> bool:
 
 
 def chat_format_of(header: GGUFHeader, special: dict[str, int]) -> str:
-    """The GGUF's glm.chat_format; for files that name none, the best guess of the families of its arch."""
+    """The GGUF's glm.chat_format; for files that name none (other converters'), the builder that reproduces its
+    chat template token for token, else the sandboxed Jinja path where its arch's formats render a checkpoint's
+    Jinja template (GLM-4.5 and later), else the best guess of the families of its arch."""
     fmt = header.get(keys.CHAT_FORMAT)
     if isinstance(fmt, str) and fmt:
         return fmt
+    template = chat_template(header)
+    known = families.recognise_template(template)
+    if known is not None and families.owner_of_format(known).arch == header.arch:
+        return known
     guess = families.guess_format(header.arch, special)
+    if template and guess is not None and format_class(guess).renders_template:
+        return JINJA_FORMAT
     if guess is None:
         raise UnsupportedModelError(f"GGUF architecture {header.arch!r}: no chat format fits its vocabulary",
                                     header.path)
@@ -99,11 +131,13 @@ def describe(header: GGUFHeader, n_ctx: int = 0) -> ModelInfo:
     fmt = chat_format_of(header, special) if not_runnable(header) is None else ""
     n_ctx_train = header.arch_get("context_length", 0)
     n_ctx_train = n_ctx_train if type(n_ctx_train) is int else 0
+    n_vocab = len(_tokens(header))
     return ModelInfo(
         path=header.path, arch=header.arch, family=str(header.get(keys.FAMILY) or fmt or ""), chat_format=fmt,
-        n_ctx=n_ctx, n_ctx_train=n_ctx_train, n_vocab=len(_tokens(header)),
+        n_ctx=n_ctx, n_ctx_train=n_ctx_train, n_vocab=n_vocab,
         n_params=sum(_count(t.shape) for t in header.tensors.values()), size_bytes=header.file_size,
         description=str(header.get("general.name") or header.arch), special=special,
+        eog=stop_tokens(header, n_vocab), chat_template=chat_template(header), added=added_tokens(header),
     )
 
 

@@ -7,12 +7,15 @@ from typing import Any, Optional
 
 ROLES = ("system", "user", "assistant", "observation")
 ROLE_ALIASES = {"tool": "observation", "function": "observation"}
+# The system text sessions and the server give a tool list that comes without one (ChatGLM3's published preamble).
+TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 
 
 @dataclass
 class ToolCall:
     name: str
     arguments: Any  # parsed JSON (usually a dict); never evaluated code
+    id: str = field(default="", compare=False)  # the OpenAI tool-call id, when given (results name it: tool_call_id)
 
 
 @dataclass
@@ -23,6 +26,7 @@ class Message:
     metadata: str = ""  # ChatGLM3's text after the role token (a tool name, "interpreter", ...)
     tools: Optional[list[dict]] = None  # on a system message: the tools the model may call
     thinking: str = ""  # GLM-Z1 / GLM-4.5 <think> text, kept apart from the answer
+    tool_call_id: str = ""  # on a tool result: the id of the call it answers (GLM-5.3-Flash orders results by it)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Message":
@@ -36,24 +40,34 @@ class Message:
         content = data.get("content") or ""
         if not isinstance(content, str):
             raise InputError(f"message content must be a string, got {type(content).__name__}")
-        calls = [ToolCall(str(c.get("name", "")), c.get("arguments", {})) for c in data.get("tool_calls") or []
-                 if isinstance(c, dict)]
+        calls = [ToolCall(str(c.get("name", "")), c.get("arguments", {}), str(c.get("id") or ""))
+                 for c in data.get("tool_calls") or [] if isinstance(c, dict)]
         tools = data.get("tools")
         thinking = data.get("thinking") or data.get("reasoning_content") or ""
         return cls(role=role, content=content, tool_calls=calls, metadata=str(data.get("metadata") or ""),
-                   tools=tools if isinstance(tools, list) else None, thinking=str(thinking))
+                   tools=tools if isinstance(tools, list) else None, thinking=str(thinking),
+                   tool_call_id=str(data.get("tool_call_id") or ""))
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.tool_calls:
-            out["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in self.tool_calls]
+            out["tool_calls"] = [{"name": c.name, "arguments": c.arguments, **({"id": c.id} if c.id else {})}
+                                 for c in self.tool_calls]
         if self.metadata:
             out["metadata"] = self.metadata
         if self.tools is not None:
             out["tools"] = self.tools
         if self.thinking:
             out["thinking"] = self.thinking
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
         return out
+
+
+def tools_only(m: Message) -> bool:
+    """A system message that only carries tools (no text of its own, or just :data:`TOOLS_SYSTEM`): templates that
+    take ``tools`` apart from the messages (GLM-4.5 and later) get the tools, not a system turn."""
+    return m.role == "system" and bool(m.tools) and m.content in ("", TOOLS_SYSTEM)
 
 
 def as_messages(items) -> list[Message]:

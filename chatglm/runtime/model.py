@@ -22,7 +22,8 @@ from chatglm.runtime.generation import (Generation, GenerationStats, MessagesLik
                                         drain)
 from chatglm.runtime.loader import open_engine
 from chatglm.runtime.messages import Message, ToolCall
-from chatglm.runtime.prompts import ChatFormat, get_format
+from chatglm.runtime.jinja_chat import chat_format as make_format
+from chatglm.runtime.prompts import ChatFormat, split_options, template_options
 from chatglm.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,7 +40,9 @@ class Model:
     def __init__(self, engine: Engine, chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
                  load_seconds: float = 0.0):
         self.engine = engine
-        self.format: ChatFormat = get_format(chat_format or engine.info.chat_format, engine.info.special)
+        info = engine.info
+        self.format: ChatFormat = make_format(chat_format or info.chat_format, info.special, info.chat_template,
+                                              info.added)
         self.stop_ids = frozenset(engine.info.eog) | frozenset(self.format.stop_ids())
         self.prefill_progress: Optional[Callable[[int, int], None]] = None  # (done, total) while a prompt runs
         # Special tokens whose text a format must see in the reply (GLM-4.5's tool-call markers), by id.
@@ -81,25 +84,33 @@ class Model:
         self._check_open()
         return self.engine.detokenize(ids)
 
-    def prompt_ids(self, messages: MessagesLike) -> list[int]:
-        """The conversation as the model sees it, ending with the prompt for the assistant's reply."""
+    def prompt_ids(self, messages: MessagesLike, **options) -> list[int]:
+        """The conversation as the model sees it, ending with the prompt for the assistant's reply. ``options``: the
+        template options (``enable_thinking``, ``clear_thinking``, ``reasoning_effort``, ``template_kwargs={...}``)."""
         self._check_open()
-        return self.format.prompt_ids(as_conversation(messages), self.engine)
+        with self.format.using(template_options(options)):
+            return self.format.prompt_ids(as_conversation(messages), self.engine)
 
     # -- chat -------------------------------------------------------------------------------------------------
-    def chat(self, messages: MessagesLike, *, cancel: Optional[threading.Event] = None, **sampling) -> Message:
-        """The assistant's reply to a conversation (a list of messages or dicts, or one user string)."""
-        gen = drain(self.run(self.prompt_ids(messages), self._params(sampling), cancel, chat=True))
+    def chat(self, messages: MessagesLike, *, cancel: Optional[threading.Event] = None, **kwargs) -> Message:
+        """The assistant's reply to a conversation (a list of messages or dicts, or one user string). ``kwargs``:
+        sampling settings and template options (see :meth:`prompt_ids`); the reply's thinking is in
+        ``Message.thinking``, apart from its ``content``."""
+        options, sampling = split_options(kwargs)
+        gen = drain(self.run(self.prompt_ids(messages, **options), self._params(sampling), cancel, chat=True))
         assert gen.reply is not None  # run(chat=True) always parses the reply
         return gen.reply
 
     def stream_chat(self, messages: MessagesLike, *, cancel: Optional[threading.Event] = None,
-                    **sampling) -> Generator[str, None, Message]:
+                    on_thinking: Optional[Callable[[str], None]] = None, **kwargs) -> Generator[str, None, Message]:
         """Yield the reply's visible text as it is generated; the parsed reply is ``last_reply`` afterwards.
+        ``on_thinking(text)`` gets the reasoning as it grows (each call a new piece), apart from the answer.
 
         The conversation is checked now (errors are raised by this call, not by the first ``next``); the model is
         taken when iteration starts. The generator returns the reply (``chatglm.runtime.model.drain`` gives it)."""
-        return self._reply_of(self.stream_reply(self.prompt_ids(messages), self._params(sampling), cancel))
+        options, sampling = split_options(kwargs)
+        ids = self.prompt_ids(messages, **options)
+        return self._reply_of(self.stream_reply(ids, self._params(sampling), cancel, on_thinking))
 
     @staticmethod
     def _reply_of(stream: Generator[str, None, Generation]) -> Generator[str, None, Message]:
@@ -121,11 +132,14 @@ class Model:
         return self.run(ids, self._params(sampling), cancel)
 
     def session(self, system: Optional[str] = None, *, tools: Optional[list[dict]] = None,
-                **sampling) -> "ChatSession":
-        """A conversation that keeps its history and reuses the KV cache from turn to turn."""
+                **kwargs) -> "ChatSession":
+        """A conversation that keeps its history and reuses the KV cache from turn to turn (``kwargs``: sampling
+        settings and template options, as for :meth:`chat`)."""
         from chatglm.runtime.session import ChatSession
 
-        return ChatSession(self, system=system, tools=tools, sampling=self._params(sampling))
+        options, sampling = split_options(kwargs)
+        return ChatSession(self, system=system, tools=tools, sampling=self._params(sampling),
+                           template_kwargs=template_options(options))
 
     def _params(self, overrides: dict) -> SamplingParams:
         return self.sampling.updated(**overrides) if overrides else self.sampling
@@ -135,14 +149,18 @@ class Model:
             raise ModelRuntimeError("the model is closed")
 
     # -- generation -------------------------------------------------------------------------------------------
-    def stream_reply(self, ids: list[int], params: SamplingParams,
-                     cancel: Optional[threading.Event]) -> Generator[str, None, Generation]:
-        """Generate a chat reply after ``ids``: yield its visible text, return the :class:`Generation`."""
+    def stream_reply(self, ids: list[int], params: SamplingParams, cancel: Optional[threading.Event],
+                     on_thinking: Optional[Callable[[str], None]] = None) -> Generator[str, None, Generation]:
+        """Generate a chat reply after ``ids``: yield its visible text, return the :class:`Generation`; the thinking
+        goes to ``on_thinking`` piece by piece (markers never half-written)."""
         raw = self.run(ids, params, cancel, chat=True)
-        text = shown = ""
+        text = shown = thought = ""
+        thinking_of = getattr(self.format, "visible_thinking", None) if on_thinking is not None else None
         try:
             while True:
                 text += next(raw)
+                if thinking_of is not None:
+                    thought = _relay_growth(thinking_of(text), thought, on_thinking)
                 visible = self.format.visible(text).rstrip()  # trailing space may be stripped at the end: hold it
                 if len(visible) > len(shown) and visible.startswith(shown):
                     yield visible[len(shown):]
@@ -152,6 +170,8 @@ class Model:
         finally:
             raw.close()
         reply = gen.reply
+        if thinking_of is not None and reply is not None:
+            _relay_growth(reply.thinking, thought, on_thinking)
         if reply is not None and not reply.tool_calls and reply.content.startswith(shown) \
                 and len(reply.content) > len(shown):
             yield reply.content[len(shown):]
@@ -252,6 +272,14 @@ class Model:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _relay_growth(now: str, before: str, sink: Callable[[str], None]) -> str:
+    """Send what ``now`` adds to ``before`` (when it only grows); returns what has been sent."""
+    if len(now) > len(before) and now.startswith(before):
+        sink(now[len(before):])
+        return now
+    return before
 
 
 def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,

@@ -18,6 +18,7 @@ templates); they must match byte for byte.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Optional, Sequence, Union
 
 from chatglm.errors import InputError
@@ -62,13 +63,41 @@ def call_arguments_text(call: ToolCall) -> str:
     return json.dumps(call.arguments, ensure_ascii=False)
 
 
-class GLMFormat(ChatFormat):
+class Thinking:
+    """Replies that may open with thinking: ``<think>`` in the reply, or a prompt that ends inside it."""
+
+    thinks = False  # the prompt ends inside <think>: the reply starts with thinking
+
+    def split_thinking(self, text: str) -> tuple[str, str, bool]:
+        """(thinking, rest, complete): thinking ends at ``</think>``; ``complete`` is False while it is open."""
+        opened = self.thinks
+        body = text
+        if not opened and text.lstrip().startswith("<think>"):
+            opened, body = True, text.lstrip()[len("<think>"):]
+        if not opened:
+            return "", text, True
+        thinking, sep, rest = body.partition("</think>")
+        return thinking.strip(), rest, bool(sep)
+
+    def visible_thinking(self, text: str) -> str:
+        """The thinking shown so far while streaming (a prefix of the final ``thinking``), markers held back."""
+        if opens_with_partial(text, "<think>"):
+            return ""
+        thinking, _, complete = self.split_thinking(text)
+        if complete:
+            return thinking
+        raw = text.lstrip()
+        raw = raw[len("<think>"):] if raw.startswith("<think>") else raw
+        raw = raw[:len(raw) - partial_suffix(raw, "</think>")]
+        return raw.strip()
+
+
+class GLMFormat(Thinking, ChatFormat):
     """Shared machinery: pieces → ids, and the GLM-4 reply grammar."""
 
     required_tokens = GLM4_SPECIALS
     completion_prefix = ("[gMASK]", "<sop>")
     stop_tokens = GLM4_STOPS
-    thinks = False  # the prompt ends inside <think>: the reply starts with thinking
 
     def piece(self, text: str) -> Piece:
         """A marker that the vocabulary may hold as one token (``<think>``): its id if known, else text."""
@@ -99,17 +128,6 @@ class GLMFormat(ChatFormat):
         return m.tool_calls[0]
 
     # -- replies ----------------------------------------------------------------------------------------------
-    def split_thinking(self, text: str) -> tuple[str, str, bool]:
-        """(thinking, rest, complete): thinking ends at ``</think>``; ``complete`` is False while it is open."""
-        opened = self.thinks
-        body = text
-        if not opened and text.lstrip().startswith("<think>"):
-            opened, body = True, text.lstrip()[len("<think>"):]
-        if not opened:
-            return "", text, True
-        thinking, sep, rest = body.partition("</think>")
-        return thinking.strip(), rest, bool(sep)
-
     def parse_reply(self, text: str) -> Message:
         thinking, rest, _ = self.split_thinking(text)
         if thinking or self.thinks:
@@ -125,6 +143,77 @@ class GLMFormat(ChatFormat):
         if not complete:
             return ""
         return visible_answer(rest.lstrip("\n") if thinking or self.thinks else rest)
+
+
+# -- GLM-4.5 and later: XML tool calls ---------------------------------------------------------------------------
+
+XML_MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+               "</arg_value>", "<tool_response>", "</tool_response>")
+_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+
+
+def argument_text(value: Any) -> str:
+    """An argument value as the templates write it: strings as they are, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def argument_value(text: str) -> Any:
+    """An argument value as written in a call: JSON when it parses as JSON, else the string itself."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
+def call_arguments(call: ToolCall, model: str) -> dict:
+    """A past call's arguments as the key/value pairs the XML call format writes (a JSON object string is parsed)."""
+    args = argument_value(call.arguments) if isinstance(call.arguments, str) else call.arguments
+    if not isinstance(args, dict):
+        raise InputError(f"tool call {call.name!r}: {model} writes arguments as key/value pairs; "
+                         f"got {type(args).__name__}")
+    return args
+
+
+def parse_xml_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """(the text outside the calls, the calls) of ``<tool_call>NAME[\\n]<arg_key>K</arg_key>[\\n]<arg_value>V
+    </arg_value>...</tool_call>`` (GLM-4.5's form with newlines and GLM-4.7's without). Values are JSON where they
+    parse as JSON (the templates JSON-encode every non-string value); nothing is evaluated."""
+    calls = []
+    for body in _CALL.findall(text):
+        cut = min((i for i in (body.find("\n"), body.find("<arg_key>")) if i >= 0), default=len(body))
+        name = body[:cut].strip()
+        if name:
+            calls.append(ToolCall(name, {k.strip(): argument_value(v) for k, v in _ARG.findall(body[cut:])}))
+    return _CALL.sub("", text).strip(), calls
+
+
+class XmlReplies(Thinking):
+    """Replies of GLM-4.5 and later: optional thinking, the answer, then XML tool calls (never shown as text)."""
+
+    keep_special_text = XML_MARKERS  # must stay in the generated text for parse_reply
+
+    def parse_reply(self, text: str) -> Message:
+        thinking, rest, _ = self.split_thinking(text)
+        content, calls = parse_xml_calls(rest)
+        return Message("assistant", content, tool_calls=calls, thinking=thinking)
+
+    def visible(self, text: str) -> str:
+        if opens_with_partial(text, "<think>"):
+            return ""  # the thinking marker is still arriving
+        _, rest, complete = self.split_thinking(text)
+        if not complete:
+            return ""
+        shown = rest.split("<tool_call>")[0]
+        return shown[:len(shown) - partial_suffix(shown, "<tool_call>")].lstrip()
+
+
+def partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of ``text`` that is a proper prefix of ``marker`` (it may still become one)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
 
 
 def opens_with_partial(text: str, marker: str) -> bool:

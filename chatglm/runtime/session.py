@@ -26,15 +26,13 @@ from chatglm.fsutil import atomic_output
 from chatglm.runtime.chatfiles import FILE_KIND, FILE_VERSION, read_conversation
 from chatglm.runtime.generation import (Generation, GenerationStats, MessagesLike, ModelBusyError, as_conversation,
                                         drain)
-from chatglm.runtime.messages import Message
+from chatglm.runtime.messages import TOOLS_SYSTEM, Message
 from chatglm.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
     from chatglm.runtime.model import Model
 
 log = logging.getLogger(__name__)
-
-TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 
 
 def common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -68,8 +66,11 @@ class ChatSession:
 
     def __init__(self, model: "Model", *, system: Optional[str] = None, tools: Optional[list[dict]] = None,
                  messages: Sequence[Message] = (), sampling: Optional[SamplingParams] = None,
-                 on_truncate: Optional[Callable[[int], None]] = None):
+                 on_truncate: Optional[Callable[[int], None]] = None, template_kwargs: Optional[dict] = None):
+        from chatglm.runtime.prompts import template_options
+
         self.model = model
+        self.template_kwargs = template_options({"template_kwargs": template_kwargs or {}})  # for every turn
         self.sampling = sampling or model.sampling
         self.on_truncate = on_truncate
         self.dropped_messages = 0  # dropped so far to fit the context
@@ -122,29 +123,37 @@ class ChatSession:
         self.reset([sys_msg, *rest] if sys_msg else rest)
 
     # -- turns ------------------------------------------------------------------------------------------------
-    def chat(self, content: MessagesLike, *, cancel: Optional[threading.Event] = None, **sampling) -> Message:
-        """Send a user message (or messages, e.g. an observation) and return the reply."""
-        return drain(self.stream_chat(content, cancel=cancel, **sampling))
+    def chat(self, content: MessagesLike, *, cancel: Optional[threading.Event] = None, **kwargs) -> Message:
+        """Send a user message (or messages, e.g. an observation) and return the reply (``kwargs``: sampling
+        settings and template options for this turn)."""
+        return drain(self.stream_chat(content, cancel=cancel, **kwargs))
 
     def stream_chat(self, content: MessagesLike, *, cancel: Optional[threading.Event] = None,
-                    **sampling) -> Generator[str, None, Message]:
-        """Send a user message (or messages) and yield the reply's visible text; ``last_reply`` afterwards."""
+                    on_thinking: Optional[Callable[[str], None]] = None,
+                    **kwargs) -> Generator[str, None, Message]:
+        """Send a user message (or messages) and yield the reply's visible text; ``last_reply`` afterwards (its
+        thinking apart, in ``thinking``, and piece by piece to ``on_thinking``)."""
+        from chatglm.runtime.prompts import split_options, template_options
+
         new = as_conversation(content)
         if not new:
             raise InputError("nothing to send: give a message")
+        options, sampling = split_options(kwargs)
+        options = {**self.template_kwargs, **template_options(options)}
         params = self.sampling.updated(**sampling) if sampling else self.sampling
-        prompt = self._prompt(new, params)  # checks the messages now, not at the first next()
-        return self._turn(new, params, cancel, self._version, prompt)
+        prompt = self._prompt(new, params, options)  # checks the messages now, not at the first next()
+        return self._turn(new, params, cancel, self._version, prompt, options, on_thinking)
 
     def _turn(self, new: list[Message], params: SamplingParams, cancel: Optional[threading.Event], version: int,
-              prompt: tuple[list[int], list[Message], int]) -> Generator[str, None, Message]:
+              prompt: tuple[list[int], list[Message], int], options: dict,
+              on_thinking: Optional[Callable[[str], None]]) -> Generator[str, None, Message]:
         if not self._lock.acquire(blocking=False):
             raise ModelBusyError("this chat session is already answering (one turn at a time)")
         try:
             if version != self._version:  # the conversation moved on between the call and the first next()
-                prompt = self._prompt(new, params)
+                prompt = self._prompt(new, params, options)
             ids, kept, dropped = prompt
-            gen = yield from self.model.stream_reply(ids, params, cancel)
+            gen = yield from self.model.stream_reply(ids, params, cancel, on_thinking)
             return self._commit(gen, kept, new, dropped)
         finally:
             self._lock.release()
@@ -167,8 +176,13 @@ class ChatSession:
         return reply
 
     # -- prompts ----------------------------------------------------------------------------------------------
-    def _prompt(self, new: list[Message], params: SamplingParams) -> tuple[list[int], list[Message], int]:
+    def _prompt(self, new: list[Message], params: SamplingParams,
+                options: dict) -> tuple[list[int], list[Message], int]:
         """The ids for this turn, the history they keep, and how many old messages were dropped to fit."""
+        with self.model.format.using(options):
+            return self._prompt_now(new, params)
+
+    def _prompt_now(self, new: list[Message], params: SamplingParams) -> tuple[list[int], list[Message], int]:
         n_ctx = self.model.info.n_ctx
         room = min(params.max_tokens if params.max_tokens is not None else n_ctx // 4, n_ctx // 2)
         tail = self._continuation(new)

@@ -6,6 +6,8 @@ from __future__ import annotations
 # Written into every converted model (glm.converter into LoRA adapters too).
 FAMILY = "glm.family"  # str: the converter family, e.g. "chatglm3"
 CHAT_FORMAT = "glm.chat_format"  # str: the prompt format the runtime uses, e.g. "glm4-0414"
+JINJA_CHAT_FORMAT = "jinja"  # glm.chat_format value: render the file's tokenizer.chat_template (sandboxed)
+STOP_TOKEN_IDS = "glm.stop_token_ids"  # u32[]: generation_config.json's (and config.json's) eos ids; a reply ends at any
 CONVERTER = "glm.converter"  # str: "chatglm <version>[ <what was merged>]"
 
 # Keys of the GLM-1 engine's own architecture (first-generation ChatGLM-6B), which llama.cpp does not know.

@@ -295,7 +295,8 @@ def _v1_router(server: Server) -> APIRouter:
     async def chat_completions(request: Request):
         parsed = await read_request(request, "/v1/chat/completions", server.config.max_body_bytes)
         req = parsed.request
-        gen = Generation(server.pool, server.executor, chat_job(parsed.messages, req.sampling_kwargs(), req.stops()))
+        gen = Generation(server.pool, server.executor, chat_job(parsed.messages, req.sampling_kwargs(), req.stops(),
+                                                                req.template_kwargs()))
         rid = new_id("chatcmpl")
         return await server.respond(request, gen, req.stream, lambda out: chat_completion(rid, model_id, out),
                                     lambda g: chat_chunks(g, rid, model_id, req.include_usage()))
@@ -321,6 +322,8 @@ async def chat_chunks(gen: Generation, rid: str, model_id: str, include_usage: b
     async for kind, value in gen.events():
         if kind == "delta":
             yield chat_chunk(rid, model_id, {"content": value}, created=created)
+        elif kind == "reasoning":
+            yield chat_chunk(rid, model_id, {"reasoning_content": value}, created=created)
         else:
             out = value
     if out.tool_calls:

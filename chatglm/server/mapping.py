@@ -6,8 +6,11 @@
   ChatGLM3's published OpenAI demo does and as ``Model.session(tools=...)`` builds it; the chat format renders them.
 - An assistant message's ``tool_calls`` become :class:`ToolCall` values with their JSON arguments parsed (kept as the
   raw string when they are not JSON); ``tool`` (and legacy ``function``) messages become ``observation`` messages.
+- An assistant message's ``reasoning_content`` becomes its ``thinking``; a tool message's ``tool_call_id`` and a tool
+  call's ``id`` are kept (GLM-5.3-Flash's template orders results by them).
 - Replies: a tool call goes out with ``content: null`` and its arguments as a JSON string, ``finish_reason:
-  "tool_calls"``.
+  "tool_calls"``; the model's thinking as ``reasoning_content`` (in the message, and in stream deltas), apart from
+  ``content``, as llama.cpp's and vLLM's servers write it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from chatglm.runtime.messages import Message, ToolCall
@@ -40,6 +43,15 @@ def to_messages(req: ChatRequest) -> list[Message]:
     return out
 
 
+def tools_for_format(messages: list[Message], fmt) -> list[Message]:
+    """The messages with their tools in the shape the model's template takes: OpenAI's ``{"type": "function",
+    "function": {...}}`` for GLM-4.5 and later (as vLLM passes them to the template), bare functions otherwise."""
+    if not getattr(fmt, "openai_tools", False):
+        return messages
+    return [replace(m, tools=[{"type": "function", "function": t} for t in m.tools]) if m.tools else m
+            for m in messages]
+
+
 def offered_tools(req: ChatRequest) -> list[dict]:
     if not req.tools or req.tool_choice == "none":
         return []
@@ -60,13 +72,21 @@ def _message(raw: dict, where: str) -> Message:
     if role not in ROLE_MAP:
         raise invalid(f"{where}.role: unknown role {role[:64]!r}; expected one of {', '.join(ROLE_MAP)}", where)
     content = _text(raw.get("content"), where)
+    call_id = _string(raw.get("tool_call_id"), f"{where}.tool_call_id") if role == "tool" else ""
+    thinking = _string(raw.get("reasoning_content"), f"{where}.reasoning_content") if role == "assistant" else ""
     if role != "assistant" or not raw.get("tool_calls"):
-        return Message(ROLE_MAP[role], content)
+        return Message(ROLE_MAP[role], content, thinking=thinking, tool_call_id=call_id)
     calls = raw["tool_calls"]
     if not isinstance(calls, list):
         raise invalid(f"{where}.tool_calls must be a list", where)
-    return Message("assistant", content, tool_calls=[_tool_call(c, f"{where}.tool_calls[{j}]")
-                                                     for j, c in enumerate(calls)])
+    return Message("assistant", content, thinking=thinking,
+                   tool_calls=[_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)])
+
+
+def _string(value: Any, where: str) -> str:
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise invalid(f"{where} must be a string", where)
 
 
 def _text(content: Any, where: str) -> str:
@@ -96,7 +116,7 @@ def _tool_call(call: Any, where: str) -> ToolCall:
     elif not isinstance(args, dict):
         raise invalid(f"{where}.function.arguments must be a JSON string or an object, not {type(args).__name__}",
                       where)
-    return ToolCall(fn["name"], args)
+    return ToolCall(fn["name"], args, _string(call.get("id"), f"{where}.id"))
 
 
 # -- replies ---------------------------------------------------------------------------------------------------
@@ -109,6 +129,7 @@ class Outcome:
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning: str = ""  # the model's thinking, apart from content
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -120,7 +141,7 @@ def new_id(prefix: str) -> str:
 
 
 def tool_calls_out(calls: list[ToolCall]) -> list[dict]:
-    return [{"id": new_id("call"), "type": "function",
+    return [{"id": c.id or new_id("call"), "type": "function",
              "function": {"name": c.name, "arguments": c.arguments if isinstance(c.arguments, str)
                           else json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]
 
@@ -129,6 +150,8 @@ def chat_completion(rid: str, model_id: str, out: Outcome) -> dict:
     message: dict[str, Any] = {"role": "assistant", "content": out.content}
     if out.tool_calls:
         message = {"role": "assistant", "content": out.content or None, "tool_calls": tool_calls_out(out.tool_calls)}
+    if out.reasoning:
+        message["reasoning_content"] = out.reasoning
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
             "choices": [{"index": 0, "message": message, "finish_reason": out.finish_reason, "logprobs": None}],
             "usage": out.usage()}

@@ -100,11 +100,21 @@ class ChatRequest(Sampling):
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     logprobs: Optional[bool] = None
     response_format: Optional[dict[str, Any]] = None
+    # Template options, as vLLM's and llama.cpp's servers take them (enable_thinking, clear_thinking, ...).
+    chat_template_kwargs: Optional[dict[str, Any]] = Field(default=None, max_length=32)
+    reasoning_effort: Optional[Literal["low", "medium", "high", "max"]] = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
         out = super().sampling_kwargs()
         if self.max_tokens is None and self.max_completion_tokens is not None:
             out["max_tokens"] = self.max_completion_tokens
+        return out
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The template options of this request (OpenAI's ``medium`` effort is GLM-5.3-Flash's default, max)."""
+        out = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            out["reasoning_effort"] = "max" if self.reasoning_effort == "medium" else self.reasoning_effort
         return out
 
 

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence
 from chatglm.errors import ChatGLMError
 from chatglm.runtime.messages import Message
 from chatglm.server.errors import APIError, context_overflow, from_library, internal, invalid
-from chatglm.server.mapping import Outcome
+from chatglm.server.mapping import Outcome, tools_for_format
 from chatglm.server.pool import ModelPool
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,9 @@ class Generation:
     def delta(self, text: str) -> None:
         self._emit("delta", text)
 
+    def reasoning(self, text: str) -> None:
+        self._emit("reasoning", text)
+
     def _run(self, model: Any) -> None:
         try:
             self._emit("done", self.job(model, self))
@@ -154,17 +157,23 @@ def _finish(scan: StopScanner, model_reason: str) -> str:
     return "stop" if scan.hit or model_reason != "length" else "length"
 
 
-def chat_job(messages: list[Message], sampling: dict, stops: Sequence[str]) -> Job:
+def chat_job(conversation: list[Message], sampling: dict, stops: Sequence[str],
+             template_kwargs: Optional[dict] = None) -> Job:
+    options = {"template_kwargs": template_kwargs or {}}
+
     def job(model: Any, gen: Generation) -> Outcome:
-        n_prompt = len(model.prompt_ids(messages))
+        messages = tools_for_format(conversation, model.format)
+        n_prompt = len(model.prompt_ids(messages, **options))
         _check_prompt(n_prompt, model.info.n_ctx)
         gen.ready(n_prompt)
         scan = StopScanner(stops)
-        _relay(model.stream_chat(messages, cancel=gen.cancel, **sampling), scan, gen)
+        _relay(model.stream_chat(messages, cancel=gen.cancel, on_thinking=gen.reasoning, **options, **sampling),
+               scan, gen)
         reply, stats = model.last_reply, model.last_stats
         content = scan.text if scan.hit or reply.tool_calls else reply.content
         reason = "tool_calls" if reply.tool_calls else _finish(scan, stats.finish_reason)
-        return Outcome(content, list(reply.tool_calls), reason, stats.prompt_tokens, stats.generated_tokens)
+        return Outcome(content, list(reply.tool_calls), reason, stats.prompt_tokens, stats.generated_tokens,
+                       reply.thinking)
 
     return job
 

@@ -14,10 +14,12 @@ FAMILY = Descriptor(
     engine=ENGINE_LLAMA,
     detect=Detect("glm4_moe", ("Glm4MoeForCausalLM",)),
     variants=("glm4.5",),
-    chat_formats=("glm45",),
+    chat_formats=("glm45", "glm47"),
     format_guesses=(((), "glm45"),),
     special_tokens=("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
                     "<|observation|>", "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>",
                     "</arg_key>", "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>", "/nothink"),
     vocabulary="tokenizer.json (byte-level BPE)",
+    template_fingerprints=(("b1e56a48a6c16b1c", "glm45"),  # GLM-4.6 (as llama.cpp keeps it)
+                           ("d63ad536c3c81880", "glm47")),  # GLM-4.7
 )

@@ -24,7 +24,7 @@ import numpy as np
 
 from chatglm.convert.family import OutTensor, check_shape
 from chatglm.convert.glm_hparams import write_hparams
-from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily, HFHparams
+from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily, HFHparams, template_format
 from chatglm.convert.nextn import NEXTN_KEY, nextn_count, nextn_tensors, write_nextn
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.families.glm4_moe import FAMILY
@@ -66,7 +66,7 @@ class Glm4Moe(HFGlmFamily):
         self.check_expert_tensors()
 
     def detect_chat_format(self, template: str) -> str:
-        return FAMILY.chat_formats[0]
+        return template_format(template, FAMILY.chat_formats[0])
 
     def trailing_layers(self) -> tuple[int, str]:
         return self.cfg_int(NEXTN_KEY, default=0, minimum=0), NEXTN_KEY

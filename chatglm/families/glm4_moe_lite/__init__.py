@@ -15,6 +15,7 @@ FAMILY = Descriptor(
     detect=Detect("glm4_moe_lite", ("Glm4MoeLiteForCausalLM",)),
     variants=("glm4.7-flash",),
     chat_formats=(),
+    format_guesses=(((), "glm47"),),  # GLM-4.7's (chatglm/families/glm4_moe), for GGUFs that name no format
     special_tokens=("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
                     "<|observation|>", "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>",
                     "</arg_key>", "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>", "/nothink"),

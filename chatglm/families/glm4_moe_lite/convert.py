@@ -35,8 +35,9 @@ import numpy as np
 
 from chatglm.convert.config_types import is_number, shown
 from chatglm.convert.family import OutTensor, check_shape
-from chatglm.convert.hf_layout import HF_LAYER, HF_TENSORS
+from chatglm.convert.hf_layout import HF_LAYER, HF_TENSORS, template_format
 from chatglm.errors import UnsupportedModelError
+from chatglm.families import glm4_moe
 from chatglm.families.glm4_moe.convert import Glm4Moe
 from chatglm.families.glm4_moe_lite import FAMILY
 from chatglm.limits import FLOAT32_MAX, MAX_NORM_EPS, UINT32_MAX
@@ -80,6 +81,9 @@ def _pairs(n: int) -> np.ndarray:
 class Glm4MoeLite(Glm4Moe):
     name = FAMILY.variants[0]
     arch = FAMILY.arch
+
+    def detect_chat_format(self, template: str) -> str:
+        return template_format(template, glm4_moe.FAMILY.chat_formats[1])  # no template: GLM-4.7's format
 
     def dense_layers(self, n_layer: int) -> int:
         """Leading dense layers: transformers' ``mlp_layer_types`` ("dense"... then "sparse"...) or

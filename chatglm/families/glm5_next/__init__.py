@@ -3,7 +3,7 @@
 A hybrid of linear-attention layers (Kimi delta attention, KDA) and nope-only latent attention layers (MLA) whose
 sparse selection comes from a DSA indexer over k-pools, with hyper-connection residual streams and a DeepSeek-style
 mixture of experts. ``convert.py``: the converter (the vision tower's tensors are left out, see issue #19; the NextN
-layer is kept as ``blk.{L}.nextn.*``). ``chat.py``: no format of its own yet (the GLM-4.5 format is used).
+layer is kept as ``blk.{L}.nextn.*``). ``chat.py``: the ``glm53flash`` format (the official template, token for token).
 """
 
 from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect
@@ -15,9 +15,14 @@ FAMILY = Descriptor(
     engine=ENGINE_LLAMA,
     detect=Detect("glm5_next", ("Glm5NextForConditionalGeneration",)),
     variants=("glm5.3-flash",),
-    chat_formats=(),
-    special_tokens=("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
-                    "<|observation|>", "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>",
-                    "</arg_key>", "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>", "/nothink"),
+    chat_formats=("glm53flash",),
+    format_guesses=(((), "glm53flash"),),
+    special_tokens=("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+                    "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                    "</arg_value>", "<tool_response>", "</tool_response>", "<|begin_of_image|>", "<|image|>",
+                    "<|end_of_image|>", "<|begin_of_video|>", "<|video|>", "<|end_of_video|>", "<|begin_of_audio|>",
+                    "<|end_of_audio|>"),
     vocabulary="tokenizer.json (byte-level BPE)",
+    template_fingerprints=(("0a64db92e9fb50d5", "glm53flash"),  # official, revision 690b7052
+                           ("9aa76abe9ddeb8bf", "glm53flash")),  # official, revision 04c4e9e9
 )

@@ -1,7 +1,86 @@
-"""GLM-5.3-Flash chat prompts: no format of its own here yet.
+"""GLM-5.3-Flash (``glm53flash``) chat prompts as token ids: the official template (revision ``690b7052``; ``04c4e9e9``
+renders the same for every conversation this API can express), token for token.
 
-The converter names the GLM-4.5 format (``glm45``, defined by ``glm4_moe``) in the GGUFs it writes; GLM-5.3-Flash's
-own template, token-exact, comes with the chat work of issue #18.
+What it renders (transformers' ``trim_blocks``/``lstrip_blocks``):
+
+- ``[gMASK]<sop><|system|>Reasoning Effort: {Max|Low|High}`` always (``reasoning_effort`` ``low``/``high``, else max);
+- if any tools: ``<|system|>\\n`` + the tool preamble, each tool's function (the ``function`` object itself, its
+  ``defer_loading``/``strict`` keys dropped, a tool with a true ``defer_loading`` left out) as ``{"k": json, ...}``
+  on its own line, and GLM-4.7's compact call format;
+- system ``<|system|>{content}``; user ``<|user|>{content}``;
+- assistant ``<|assistant|><think>{reasoning}</think>`` (the reasoning as given, not stripped) when the turn has
+  reasoning and ``clear_thinking`` is false (the default: past thinking is kept) or it follows the last user
+  message; else ``<think></think>``; then ``{content}`` stripped; then ``<tool_call>{name}<arg_key>{k}</arg_key>
+  <arg_value>{v}</arg_value>...</tool_call>`` per call;
+- a run of tool results: ``<|observation|>`` then ``<tool_response>{content}</tool_response>`` per result, in the
+  order of the calls of the assistant turn before when every result and call has an id, the ids are unique and each
+  result's id names a call (otherwise in the order given);
+- generation prompt ``<|assistant|><think>`` (the official template has no switch for thinking: ``enable_thinking``
+  is not read).
 """
 
-FORMATS = ()
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from chatglm.families.glm4_moe.chat import GLM47Format
+from chatglm.families.glm5_next import FAMILY
+from chatglm.runtime.messages import Message, ToolCall
+from chatglm.runtime.prompts_glm import Piece
+
+FORMAT_NAME = FAMILY.chat_formats[0]
+EFFORTS = {"low": "Low", "high": "High"}  # anything else: Max
+DROPPED_KEYS = ("defer_loading", "strict")
+
+
+def tool_json(function: dict) -> str:
+    """The template's ``tool_to_json``: the keys written raw, each value as ``tojson``, ``defer_loading``/``strict``
+    left out."""
+    return "{" + ", ".join(f'"{k}": {json.dumps(v, ensure_ascii=False)}' for k, v in function.items()
+                           if k not in DROPPED_KEYS) + "}"
+
+
+def result_order(results: Sequence[Message], calls: Sequence[ToolCall]) -> list[Message]:
+    """The tool results in the order of the calls they answer, where the ids allow it (else as given)."""
+    ids = [r.tool_call_id for r in results]
+    call_ids = [c.id for c in calls]
+    if (not calls or not all(ids) or len(set(ids)) < len(ids) or not all(call_ids)
+            or len(set(call_ids)) < len(call_ids) or not set(ids) <= set(call_ids)):
+        return list(results)
+    return [r for c in call_ids for r in results if r.tool_call_id == c]
+
+
+class GLM53FlashFormat(GLM47Format):
+    name = FORMAT_NAME
+    option_names = ("reasoning_effort", "clear_thinking")
+    trims_reasoning = False
+
+    def head_pieces(self, tools: list) -> list[Piece]:
+        effort = EFFORTS.get(self.option("reasoning_effort", "max"), "Max")
+        return [self.sp("[gMASK]"), self.sp("<sop>"), self.role("system"), f"Reasoning Effort: {effort}",
+                *self.tools_pieces(tools)]
+
+    def tool_lines(self, tools: list) -> str:
+        functions = [t["function"] if isinstance(t, dict) and "function" in t else t for t in tools]
+        return "".join(tool_json(f) + "\n" for f in functions if not (isinstance(f, dict) and f.get("defer_loading")))
+
+    def thinking_text(self, reasoning: str, kept: bool) -> str:
+        return f"<think>{reasoning}</think>" if kept and reasoning else "<think></think>"
+
+    def keeps_thinking(self, after_last_user: bool) -> bool:
+        return self.option("clear_thinking", False) is False or after_last_user
+
+    def results_pieces(self, results: list[Message], calls: Sequence) -> list[Piece]:
+        ordered = result_order(results, calls)
+        return [self.role("observation"),
+                *self.text("".join(f"<tool_response>{r.content}</tool_response>" for r in ordered))]
+
+    def generation_prompt(self) -> str:
+        return "<think>"
+
+    def opens_thinking(self) -> bool:
+        return True
+
+
+FORMATS = (GLM53FlashFormat,)

@@ -37,10 +37,9 @@ import numpy as np
 
 from chatglm.convert.config_types import is_number, shown
 from chatglm.convert.family import Family, OutTensor, check_shape
-from chatglm.convert.hf_layout import HFGlmFamily
+from chatglm.convert.hf_layout import HFGlmFamily, template_format
 from chatglm.convert.vocab_bpe import chat_template_of
 from chatglm.errors import InputError, UnsupportedModelError
-from chatglm.families.glm4_moe import FAMILY as GLM45
 from chatglm.families.glm5_next import FAMILY
 from chatglm.limits import MAX_EXPERTS, MAX_NORM_EPS
 
@@ -155,7 +154,7 @@ class Glm5Next(HFGlmFamily):
         self.chat_format = self.detect_chat_format(chat_template_of(ckpt.dir / "tokenizer_config.json"))
 
     def detect_chat_format(self, template: str) -> str:
-        return GLM45.chat_formats[0]  # the GLM-4.5 format until GLM-5.3-Flash's own is merged
+        return template_format(template, FAMILY.chat_formats[0])
 
     # -- config ---------------------------------------------------------------------------------------------------
     def src(self, bid: int | None, rest: str) -> str:

@@ -18,7 +18,7 @@ FAMILY = Descriptor(
     detect=Detect("glm_moe_dsa", ("GlmMoeDsaForCausalLM",)),
     variants=("glm5",),
     chat_formats=(),
-    format_guesses=(((), "glm45"),),  # GLM-4.5's (chatglm/families/glm4_moe) until GLM-5's templates get builders
+    format_guesses=(((), "glm47"),),  # GLM-4.7's (chatglm/families/glm4_moe): GLM-5 writes prompts as GLM-4.7 does
     special_tokens=("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
                     "<|observation|>", "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>",
                     "</arg_key>", "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>", "/nothink"),

@@ -30,7 +30,7 @@ import numpy as np
 
 from chatglm.convert.config_types import shown
 from chatglm.convert.family import OutTensor, check_shape
-from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily
+from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily, template_format
 from chatglm.errors import UnsupportedModelError
 from chatglm.families import glm4_moe
 from chatglm.families.glm4_moe.convert import Glm4Moe, MoeHparams
@@ -88,7 +88,7 @@ class GlmMoeDsa(Glm4Moe):
         return self.hp.n_layer  # DsaHparams.n_layer already counts the MTP layers
 
     def detect_chat_format(self, template: str) -> str:
-        return glm4_moe.FAMILY.chat_formats[0]  # until GLM-5's own templates get builders
+        return template_format(template, glm4_moe.FAMILY.chat_formats[1])  # no template: GLM-4.7's format
 
     # -- config ---------------------------------------------------------------------------------------------------
     def dense_count(self, moe: MoeHparams) -> int:
