@@ -55,6 +55,19 @@ def _stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(arrays, axis=0)  # (n_expert, rows, cols)
 
 
+def write_expert_metadata(w: gguf.GGUFWriter, hp) -> None:
+    """GLM-4.5's mixture of experts as llama.cpp reads it (glm4moe, deepseek2, glm-dsa, glm5-next alike): counts,
+    leading dense layers, sigmoid routing (always written: llama.cpp's default is softmax for some archs), scaling."""
+    w.add_expert_count(hp.n_expert)
+    w.add_expert_used_count(hp.n_expert_used)
+    w.add_expert_shared_count(hp.n_expert_shared)
+    w.add_expert_feed_forward_length(hp.n_ff_exp)
+    w.add_leading_dense_block_count(hp.n_dense)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(hp.scale)
+    w.add_expert_weights_norm(hp.norm_topk)
+
+
 class Glm4Moe(HFGlmFamily):
     name = FAMILY.variants[0]
     arch = FAMILY.arch
@@ -128,16 +141,8 @@ class Glm4Moe(HFGlmFamily):
 
     def write_moe_metadata(self, w: gguf.GGUFWriter) -> None:
         """Experts, routing and MTP layers: what llama.cpp's glm4moe and deepseek2 read alike."""
-        hp = self.hp
-        write_nextn(w, hp.n_nextn)
-        w.add_expert_count(hp.n_expert)
-        w.add_expert_used_count(hp.n_expert_used)
-        w.add_expert_shared_count(hp.n_expert_shared)
-        w.add_expert_feed_forward_length(hp.n_ff_exp)
-        w.add_leading_dense_block_count(hp.n_dense)
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        w.add_expert_weights_scale(hp.scale)
-        w.add_expert_weights_norm(hp.norm_topk)
+        write_nextn(w, self.hp.n_nextn)
+        write_expert_metadata(w, self.hp)
 
     def tensors(self) -> list[OutTensor]:
         hp = self.hp

@@ -40,6 +40,7 @@ from chatglm.convert.family import Family, OutTensor, check_shape
 from chatglm.convert.hf_layout import HFGlmFamily, template_format
 from chatglm.convert.vocab_bpe import chat_template_of
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.families.glm4_moe.convert import write_expert_metadata
 from chatglm.families.glm5_next import FAMILY
 from chatglm.limits import MAX_EXPERTS, MAX_NORM_EPS
 
@@ -383,14 +384,7 @@ class Glm5Next(HFGlmFamily):
         w.add_uint32(key(KEY_HC[1]), hp.hc_iters)
         w.add_float32(key(KEY_HC[2]), hp.hc_eps)
         # experts
-        w.add_expert_count(hp.n_expert)
-        w.add_expert_used_count(hp.n_expert_used)
-        w.add_expert_shared_count(hp.n_expert_shared)
-        w.add_expert_feed_forward_length(hp.n_ff_exp)
-        w.add_leading_dense_block_count(hp.n_dense)
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        w.add_expert_weights_scale(hp.scale)
-        w.add_expert_weights_norm(hp.norm_topk)
+        write_expert_metadata(w, hp)
         if hp.swiglu_limit is not None:
             w.add_array(key("swiglu_clamp_exp"), [hp.swiglu_limit] * hp.n_layer)
             w.add_array(key("swiglu_clamp_shexp"), [hp.swiglu_limit] * hp.n_layer)

@@ -33,7 +33,7 @@ from chatglm.convert.family import OutTensor, check_shape
 from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily, template_format
 from chatglm.errors import UnsupportedModelError
 from chatglm.families import glm4_moe
-from chatglm.families.glm4_moe.convert import Glm4Moe, MoeHparams
+from chatglm.families.glm4_moe.convert import Glm4Moe, MoeHparams, write_expert_metadata
 from chatglm.families.glm_moe_dsa import FAMILY
 
 T = gguf.MODEL_TENSOR
@@ -186,14 +186,7 @@ class GlmMoeDsa(Glm4Moe):
         w.add_layer_norm_rms_eps(hp.eps)
         w.add_rope_dimension_count(hp.rope)
         w.add_rope_freq_base(hp.rope_base)
-        w.add_leading_dense_block_count(hp.n_dense)
-        w.add_expert_count(hp.n_expert)
-        w.add_expert_used_count(hp.n_expert_used)
-        w.add_expert_shared_count(hp.n_expert_shared)
-        w.add_expert_feed_forward_length(hp.n_ff_exp)
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        w.add_expert_weights_scale(hp.scale)
-        w.add_expert_weights_norm(hp.norm_topk)
+        write_expert_metadata(w, hp)
         w.add_indexer_head_count(hp.index_heads)
         w.add_indexer_key_length(hp.index_dim)
         w.add_indexer_top_k(hp.index_topk)
