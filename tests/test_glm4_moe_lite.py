@@ -234,7 +234,7 @@ def edited_copy(src, root, **changes):
 
 @pytest.mark.parametrize("changes, problem", [
     ({"first_k_dense_replace": 2}, "first_k_dense_replace=2 disagrees with mlp_layer_types (1 leading dense"),
-    ({"mlp_layer_types": ["sparse", "dense", "sparse"]}, "has a dense layer after a sparse one"),
+    ({"mlp_layer_types": ["sparse", "dense", "sparse"]}, "puts a dense layer after an expert layer"),
     ({"mlp_layer_types": ["dense", "sparse"]}, "'mlp_layer_types' must list 'dense' or 'sparse' for each of the 3"),
     ({"kv_lora_rank": 48}, "kv_a_proj_with_mqa.weight' has shape [40, 64], expected [56, 64]"),
     ({"q_lora_rank": None, "num_nextn_predict_layers": 0}, "lacks tensors: model.layers.0.self_attn.q_proj.weight"),

@@ -64,9 +64,9 @@ CONFIG_CASES = {
                                                          "expected [16, 64]"),
     "nested-and-flat-disagree": ({"linear_attn_config": {"head_dim": 8}}, (),
                                  "'linear_head_dim' (16) disagrees with linear_attn_config.head_dim (8)"),
-    "dense-count-disagrees": ({"first_k_dense_replace": 2}, (), "'first_k_dense_replace' (2) disagrees"),
+    "dense-count-disagrees": ({"first_k_dense_replace": 2}, (), "first_k_dense_replace=2 disagrees"),
     "interleaved-dense": ({"mlp_layer_types": ["dense", "sparse", "dense", "sparse"]}, (),
-                          "interleave dense and sparse layers"),
+                          "puts a dense layer after an expert layer"),
     "mtp-layers-missing": ({"num_nextn_predict_layers": 2}, (), "(+ 'num_nextn_predict_layers' 2) but the "
                                                                  "checkpoint holds 5 layers"),
     "mtp-projection-missing": ({}, (L + "4.eh_proj.weight",), "checkpoint lacks tensors: " + L + "4.eh_proj.weight"),

@@ -76,7 +76,7 @@ CONFIG_CASES = {
     "dense-after-sparse": ({"mlp_layer_types": ["dense", "sparse", "dense"]}, (), UnsupportedModelError,
                            "puts a dense layer after an expert layer"),
     "dense-count-disagrees": ({"first_k_dense_replace": 2}, (), InputError,
-                              "starts with 1 dense layers but first_k_dense_replace is 2"),
+                              "first_k_dense_replace=2 disagrees with mlp_layer_types (1 leading"),
     "no-q-lora": ({"q_lora_rank": None}, (), UnsupportedModelError, "q_lora_rank is null"),
 }
 

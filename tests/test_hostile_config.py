@@ -393,7 +393,7 @@ def glm4_folders(tmp_path_factory):
     ("glm45", "num_experts_per_tok", 9, "num_experts_per_tok=9 > n_routed_experts=8"),
     ("glm45", "n_group", True, "grouped expert routing (n_group=True)"),
     ("glm45", "norm_topk_prob", "yes", "'norm_topk_prob' must be true or false"),
-    ("glm45", "first_k_dense_replace", 3, "first_k_dense_replace=3 leaves no expert layer of 3"),
+    ("glm45", "first_k_dense_replace", 3, "3 leading dense layers (first_k_dense_replace, mlp_layer_types) leave no expert layer of 3"),
     ("glm45", "rope_scaling", {"rope_type": "banana", "factor": 4.0}, "rope type 'banana' is not supported"),
     ("glm45", "rope_scaling", {"type": ["yarn"]}, "rope type ['yarn'] is not supported"),
     ("glm4-0414", "rope_theta", 1e40, "'rope_theta' must be a positive number (at most 3.40282e+38), got 1e+40"),

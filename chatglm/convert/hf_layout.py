@@ -100,6 +100,32 @@ class HFGlmFamily(Family):
         raise NotImplementedError
 
     # -- config ---------------------------------------------------------------------------------------------------
+    def leading_dense(self, n_layer: int, default: int) -> int:
+        """Leading dense-MLP layers of a mixture of experts: transformers' ``mlp_layer_types`` ("dense"... then
+        "sparse"...), else the published ``first_k_dense_replace``, else ``default`` (the family's transformers
+        default). Both given must agree; llama.cpp knows only a leading run of dense layers, then expert layers."""
+        types = self.config.get("mlp_layer_types")
+        declared = None if self.config.get("first_k_dense_replace") is None else \
+            self.cfg_int("first_k_dense_replace", minimum=0)
+        if types is None:
+            n_dense = default if declared is None else declared
+        else:
+            if (not isinstance(types, list) or len(types) != n_layer
+                    or not all(isinstance(x, str) and x in ("dense", "sparse") for x in types)):
+                raise self.bad(f"'mlp_layer_types' must list 'dense' or 'sparse' for each of the {n_layer} layers, "
+                               f"got {shown(types)}")
+            n_dense = types.index("sparse") if "sparse" in types else n_layer
+            if "dense" in types[n_dense:]:
+                raise UnsupportedModelError(f"'mlp_layer_types' puts a dense layer after an expert layer; llama.cpp's "
+                                            f"{self.arch} has dense layers only first", self.config_path)
+            if declared is not None and declared != n_dense:
+                raise self.bad(f"first_k_dense_replace={declared} disagrees with mlp_layer_types ({n_dense} leading "
+                               "dense layers)")
+        if n_dense >= n_layer:
+            raise self.bad(f"{n_dense} leading dense layers (first_k_dense_replace, mlp_layer_types) leave no expert "
+                           f"layer of {n_layer}")
+        return n_dense
+
     def rope(self) -> tuple[float, float]:
         """(rope_theta, partial_rotary_factor), from ``rope_parameters`` or the top-level keys."""
         params = self.config.get("rope_parameters")

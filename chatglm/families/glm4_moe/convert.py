@@ -90,8 +90,8 @@ class Glm4Moe(HFGlmFamily):
         return self.hp.n_layer + self.hp.n_nextn
 
     def dense_layers(self, n_layer: int) -> int:
-        """How many leading layers have a dense MLP (``first_k_dense_replace``)."""
-        return self.cfg_int("first_k_dense_replace", default=1, minimum=0)
+        """How many leading layers have a dense MLP (transformers' default: one)."""
+        return self.leading_dense(n_layer, default=1)
 
     def moe_hparams(self, base: HFHparams) -> MoeHparams:
         n_expert = self.cfg_int("n_routed_experts", maximum=MAX_EXPERTS)
@@ -105,8 +105,6 @@ class Glm4Moe(HFGlmFamily):
         if used > n_expert:
             raise self.bad(f"inconsistent expert counts: num_experts_per_tok={used} > n_routed_experts={n_expert}")
         n_dense = self.dense_layers(base.n_layer)
-        if n_dense >= base.n_layer:
-            raise self.bad(f"first_k_dense_replace={n_dense} leaves no expert layer of {base.n_layer}")
         n_nextn = nextn_count(self, base.n_layer)
         for key in ("n_group", "topk_group"):
             if self.config.get(key, 1) != 1 or type(self.config.get(key, 1)) is not int:

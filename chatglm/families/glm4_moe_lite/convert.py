@@ -85,26 +85,6 @@ class Glm4MoeLite(Glm4Moe):
     def detect_chat_format(self, template: str) -> str:
         return template_format(template, glm4_moe.FAMILY.chat_formats[1])  # no template: GLM-4.7's format
 
-    def dense_layers(self, n_layer: int) -> int:
-        """Leading dense layers: transformers' ``mlp_layer_types`` ("dense"... then "sparse"...) or
-        ``first_k_dense_replace``; when both are given they must agree."""
-        types = self.config.get("mlp_layer_types")
-        first = self.config.get("first_k_dense_replace")
-        n_dense = self.cfg_int("first_k_dense_replace", minimum=0) if first is not None else None
-        if types is not None:
-            if not isinstance(types, list) or len(types) != n_layer or any(t not in ("dense", "sparse") for t in types):
-                raise self.bad(f"'mlp_layer_types' must list 'dense' or 'sparse' for each of the {n_layer} layers, "
-                               f"got {shown(types)}")
-            lead = types.index("sparse") if "sparse" in types else n_layer
-            if "dense" in types[lead:]:
-                raise UnsupportedModelError("'mlp_layer_types' has a dense layer after a sparse one; llama.cpp's "
-                                            "deepseek2 supports only leading dense layers", self.config_path)
-            if n_dense is not None and n_dense != lead:
-                raise self.bad(f"first_k_dense_replace={n_dense} disagrees with mlp_layer_types ({lead} leading "
-                               "dense layers)")
-            return lead
-        return 1 if n_dense is None else n_dense  # transformers' default: one dense layer first
-
     def hparams(self) -> MlaHparams:
         n_embd = self.cfg_int("hidden_size")
         self.check_rows("hidden_size", n_embd, f"{HF_TENSORS[T.TOKEN_EMBD]}.weight", 1, "columns")

@@ -199,22 +199,6 @@ class Glm5Next(HFGlmFamily):
             lower = -5.0  # transformers: a safe gate without a bound gets -5
         return values[0], values[1], values[2], lower
 
-    def dense_count(self, n_trunk: int) -> int:
-        """Leading dense layers: ``mlp_layer_types`` (transformers), else ``first_k_dense_replace`` (published
-        files), else transformers' default of 3."""
-        lead = self.cfg_int("first_k_dense_replace", default=min(3, n_trunk), minimum=0)
-        kinds = self.cfg_list("mlp_layer_types", n_trunk, {"dense", "sparse"},
-                              ["dense"] * min(lead, n_trunk) + ["sparse"] * max(0, n_trunk - lead))
-        n_dense = kinds.index("sparse") if "sparse" in kinds else n_trunk
-        if kinds != ["dense"] * n_dense + ["sparse"] * (n_trunk - n_dense):
-            raise UnsupportedModelError(f"mlp_layer_types {shown(kinds)} interleave dense and sparse layers; "
-                                        "llama.cpp's glm5-next has dense layers only first", self.config_path)
-        if "first_k_dense_replace" in self.config and self.config["first_k_dense_replace"] != n_dense:
-            raise self.bad(f"'first_k_dense_replace' ({shown(self.config['first_k_dense_replace'])}) disagrees with "
-                           f"mlp_layer_types ({n_dense} dense layers)")
-        if n_dense >= n_trunk:
-            raise self.bad(f"all {n_trunk} layers are dense; GLM-5.3-Flash has expert layers")
-        return n_dense
 
     def indexer_full(self, n_trunk: int, kinds: list[str]) -> tuple[bool, ...]:
         freq = max(self.config.get("index_topk_freq") or 1, 1)
@@ -298,7 +282,7 @@ class Glm5Next(HFGlmFamily):
             eps=self.cfg_float("rms_norm_eps", 1e-5, maximum=MAX_NORM_EPS),
             tied=self.cfg_bool("tie_word_embeddings", False) and "lm_head.weight" not in set(self.ckpt.names()),
             layer_kinds=tuple(kinds),
-            indexer_full=self.indexer_full(n_trunk, kinds), n_dense=self.dense_count(n_trunk),
+            indexer_full=self.indexer_full(n_trunk, kinds), n_dense=self.leading_dense(n_trunk, default=3),
             q_lora=self.cfg_int("q_lora_rank"), kv_lora=self.cfg_int("kv_lora_rank"),
             nope=self.cfg_int("qk_nope_head_dim"), v_dim=self.cfg_int("v_head_dim"),
             kda_dim=kda_dim, d_conv=d_conv, lower_bound=lower,

@@ -22,7 +22,7 @@ the full decoder layer plus ``nextn.eh_proj``, ``enorm``, ``hnorm``, ``shared_he
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import gguf
@@ -40,7 +40,6 @@ T = gguf.MODEL_TENSOR
 ATTN = HF_LAYER + "self_attn."
 INDEXER = ATTN + "indexer."
 INDEXER_TYPES = ("full", "shared")
-MLP_TYPES = ("dense", "sparse")
 INDEXER_TYPES_KEY = "{arch}.attention.indexer.types"  # llama-arch.cpp LLM_KV_ATTENTION_INDEXER_TYPES
 
 
@@ -91,28 +90,8 @@ class GlmMoeDsa(Glm4Moe):
         return template_format(template, glm4_moe.FAMILY.chat_formats[1])  # no template: GLM-4.7's format
 
     # -- config ---------------------------------------------------------------------------------------------------
-    def dense_count(self, moe: MoeHparams) -> int:
-        """Leading dense layers: transformers' ``mlp_layer_types`` (a run of "dense", then "sparse") and
-        ``first_k_dense_replace`` (3 when neither is given) must agree; llama.cpp knows only a leading run."""
-        types = self.config.get("mlp_layer_types")
-        declared = self.config.get("first_k_dense_replace")
-        if types is None:
-            if declared is None and moe.n_layer <= 3:
-                raise self.bad(f"first_k_dense_replace (3 when not given) leaves no expert layer of {moe.n_layer}")
-            return moe.n_dense if declared is not None else 3
-        if not isinstance(types, list) or len(types) != moe.n_layer or not all(t in MLP_TYPES for t in types):
-            raise self.bad(f"'mlp_layer_types' must list 'dense' or 'sparse' for each of the {moe.n_layer} layers, "
-                           f"got {shown(types)}")
-        n_dense = types.index("sparse") if "sparse" in types else len(types)
-        if "dense" in types[n_dense:]:
-            raise UnsupportedModelError("'mlp_layer_types' puts a dense layer after an expert layer; llama.cpp's "
-                                        "glm-dsa has only leading dense layers", self.config_path)
-        if n_dense >= moe.n_layer:
-            raise self.bad(f"'mlp_layer_types' leaves no expert layer of {moe.n_layer}")
-        if declared is not None and declared != n_dense:
-            raise self.bad(f"'mlp_layer_types' starts with {n_dense} dense layers but first_k_dense_replace is "
-                           f"{shown(declared)}")
-        return n_dense
+    def dense_layers(self, n_layer: int) -> int:
+        return self.leading_dense(n_layer, default=3)  # transformers' GlmMoeDsaConfig default
 
     def indexer_full(self, n_layer: int) -> tuple[bool, ...]:
         """Which layers run the indexer: ``indexer_types``, else ``index_topk_pattern`` ("F"/"S"), else the
@@ -136,7 +115,6 @@ class GlmMoeDsa(Glm4Moe):
         return tuple(t == "full" for t in types)
 
     def dsa_hparams(self, moe: MoeHparams) -> DsaHparams:
-        moe = replace(moe, n_dense=self.dense_count(moe))
         q_lora = self.config.get("q_lora_rank")
         if q_lora is None:
             raise UnsupportedModelError("q_lora_rank is null: glm-dsa needs the low-rank query (its indexer reads "
