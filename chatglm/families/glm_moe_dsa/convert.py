@@ -31,6 +31,7 @@ import numpy as np
 from chatglm.convert.config_types import shown
 from chatglm.convert.family import OutTensor, check_shape
 from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily, template_format
+from chatglm.convert.nextn import nextn_tensors, write_nextn
 from chatglm.errors import UnsupportedModelError
 from chatglm.families import glm4_moe
 from chatglm.families.glm4_moe.convert import Glm4Moe, MoeHparams, write_expert_metadata
@@ -170,8 +171,7 @@ class GlmMoeDsa(Glm4Moe):
         w.add_indexer_top_k(hp.index_topk)
         # written always: without it llama.cpp guesses the pattern from the context length
         w.add_array(INDEXER_TYPES_KEY.format(arch=self.arch), list(hp.index_full))
-        if hp.n_nextn:
-            w.add_nextn_predict_layers(hp.n_nextn)
+        write_nextn(w, hp.n_nextn)
 
     def tensors(self) -> list[OutTensor]:
         hp = self.hp
@@ -184,7 +184,7 @@ class GlmMoeDsa(Glm4Moe):
             plan += self.out(T.FFN_NORM, bid, (hp.n_embd,), HF_LAYER + "post_attention_layernorm")
             plan += self.dense_tensors(bid) if bid < hp.n_dense else self.expert_tensors(bid)
             if mtp:
-                plan += self.nextn_tensors(bid, names)
+                plan += nextn_tensors(self, bid, hp.n_embd, hp.n_vocab)
         return plan + self.head_tensors()
 
     def mla_tensors(self, bid: int, indexer: bool) -> list[OutTensor]:
@@ -206,18 +206,6 @@ class GlmMoeDsa(Glm4Moe):
             plan += self.out(T.INDEXER_PROJ, bid, (hp.index_heads, e), INDEXER + "weights_proj")
             plan += self.out(T.INDEXER_ATTN_K, bid, (hp.index_dim, e), INDEXER + "wk")
             plan += self.out(T.INDEXER_ATTN_Q_B, bid, (hp.index_heads * hp.index_dim, hp.q_lora), INDEXER + "wq_b")
-        return plan
-
-    def nextn_tensors(self, bid: int, names: set[str]) -> list[OutTensor]:
-        hp = self.hp
-        e = hp.n_embd
-        plan = self.out(T.NEXTN_EH_PROJ, bid, (e, 2 * e), HF_LAYER + "eh_proj")
-        plan += self.out(T.NEXTN_ENORM, bid, (e,), HF_LAYER + "enorm")
-        plan += self.out(T.NEXTN_HNORM, bid, (e,), HF_LAYER + "hnorm")
-        plan += self.out(T.NEXTN_SHARED_HEAD_NORM, bid, (e,), HF_LAYER + "shared_head.norm")
-        for kind, source in ((T.NEXTN_EMBED_TOKENS, "embed_tokens"), (T.NEXTN_SHARED_HEAD_HEAD, "shared_head.head")):
-            if f"{HF_LAYER.format(bid=bid)}{source}.weight" in names:  # optional: the trunk's are used otherwise
-                plan += self.out(kind, bid, (hp.n_vocab, e), HF_LAYER + source)
         return plan
 
     def check_shapes(self, plan: list[OutTensor]) -> None:
