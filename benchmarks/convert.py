@@ -39,9 +39,10 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_models, beside this file
 
 from bench_models import SHAPE_SETS, HFShape, Shape, machine, size  # noqa: E402
-from shapes import NotMerged, weightless_checkpoint  # noqa: E402
+from shapes import GLM4_TOKENIZER, NotMerged, weightless_checkpoint  # noqa: E402
 
-from chatglm.devtools.weightless import save_safetensors  # noqa: E402
+from chatglm.devtools.glm4 import FIXTURE_TEMPLATES  # noqa: E402
+from chatglm.devtools.weightless import published_glm4_tokenizer, save_safetensors  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 TYPES = ("q8_0", "q4_0", "q4_k_m")
@@ -70,6 +71,8 @@ def build_checkpoint(shape: Shape | HFShape) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
     save_safetensors(stub, folder, N_SHARDS)
+    if isinstance(shape, HFShape) and GLM4_TOKENIZER.is_dir():  # llama.cpp's converter must recognise the vocabulary
+        published_glm4_tokenizer(GLM4_TOKENIZER, folder, FIXTURE_TEMPLATES["glm45"])
     done.write_text(json.dumps({"shape": shape.name, "seconds": time.perf_counter() - start}))
     return folder
 

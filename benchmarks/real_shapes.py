@@ -155,27 +155,31 @@ def measure(path: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def rows_of(name: str, cut: str, result: dict[str, Any], args: argparse.Namespace) -> list[list[str]]:
     samples, n = result["samples"], {"pp": args.n_prompt, "tg": args.n_gen}
-    base = samples["llama-bench"] if samples["llama-bench"]["tg"] else None
     out = []
     for side in SIDES:
         s = samples[side]
         if not s["tg"]:
-            out.append([name, side, "not available", "-", "-", "-", "-"])
+            out.append(["", side, "not available", "-", "-", "-", "-"])
             continue
         tps = {t: f"{statistics.median(n[t] / x for x in s[t]):.2f}" for t in ("pp", "tg")}
-        ratio = "-"
-        if base is not None:
-            r = {t: statistics.median(b / x for x, b in zip(s[t], base[t], strict=True)) for t in ("pp", "tg")}
-            ratio = f"{r['pp']:.3f} / {r['tg']:.3f}"
         out.append([f"{name} ({cut}; {size(result['size_bytes'])})" if side == "ours" else "", side, tps["pp"],
-                    tps["tg"], ratio, size(result["rss"].get(side, 0)), ""])
+                    tps["tg"], ratio(s, samples["llama-cpp-python"]), ratio(s, samples["llama-bench"]),
+                    size(result["rss"].get(side, 0))])
     return out
 
 
+def ratio(side: dict[str, list[float]], base: dict[str, list[float]]) -> str:
+    """pp / tg speed of ``side`` over ``base``: the median of per-repetition ratios (> 1: faster)."""
+    if not side["tg"] or not base["tg"]:
+        return "-"
+    r = {t: statistics.median(b / x for x, b in zip(side[t], base[t], strict=True)) for t in ("pp", "tg")}
+    return f"{r['pp']:.3f} / {r['tg']:.3f}"
+
+
 def table(rows: list[list[str]], args: argparse.Namespace) -> str:
-    head = ["model (cut; file)", "engine", f"pp{args.n_prompt} t/s", f"tg{args.n_gen} t/s", "pp / tg vs llama-bench",
-            "resident (peak)", ""]
-    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head) - 1)]
+    head = ["model (cut; file)", "engine", f"pp{args.n_prompt} t/s", f"tg{args.n_gen} t/s",
+            "pp / tg vs llama-cpp-python", "pp / tg vs llama-bench", "resident (peak)"]
+    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in rows])
 
@@ -210,18 +214,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             try:
                 path = build_gguf(shape, qtype, CACHE / args.shape)
             except NotMerged:
-                rows.append([f"{name} {qtype}", "family not merged yet", "-", "-", "-", "-", ""])
+                rows.append([f"{name} {qtype}", "family not merged yet", "-", "-", "-", "-", "-"])
                 continue
             except Exception as exc:  # one line per row that cannot be built
                 log.exception("could not build %s %s", name, qtype)
-                rows.append([f"{name} {qtype}", f"build failed: {exc}", "-", "-", "-", "-", ""])
+                rows.append([f"{name} {qtype}", f"build failed: {exc}", "-", "-", "-", "-", "-"])
                 failed = True
                 continue
             results[f"{name} {qtype}"] = result = measure(path, args)
             rows += rows_of(f"{name} {qtype}", shape.cut_text(), result, args)
     print(f"{machine()}; threads {args.threads}; ctx {args.ctx}; f16 KV cache; {args.repetitions} interleaved "
-          f"repetitions after a warm-up (t/s: median; ratios: median of per-repetition ratios, >1 = faster than "
-          f"llama-bench); load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+          f"repetitions after a warm-up (t/s: median; ratios: median of per-repetition speed ratios, > 1: faster); load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print(table(rows, args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")

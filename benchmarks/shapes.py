@@ -28,8 +28,10 @@ from chatglm.devtools.weightless import Table, WeightlessCheckpoint, hf_config, 
 
 _ROOT = Path(__file__).resolve().parents[1]
 # ../shared/reference beside the checkout (or beside the folder of worktrees)
-REFERENCE_CONFIGS = next((p / "shared" / "reference" / "configs" for p in (_ROOT.parent, _ROOT.parents[1])
-                          if (p / "shared" / "reference").is_dir()), _ROOT.parent / "shared" / "reference" / "configs")
+REFERENCE = next((p / "shared" / "reference" for p in (_ROOT.parent, _ROOT.parents[1])
+                  if (p / "shared" / "reference").is_dir()), _ROOT.parent / "shared" / "reference")
+REFERENCE_CONFIGS = REFERENCE / "configs"
+GLM4_TOKENIZER = REFERENCE / "tokenizers" / "glm-4-9b-chat"  # GLM-4's published tiktoken ranks and specials
 PER_LAYER_KEYS = ("mlp_layer_types", "indexer_types", "layer_types")  # lists cut with the layers
 
 
@@ -182,7 +184,7 @@ class HFShape:
 
     @property
     def key(self) -> str:
-        return "hf-" + self.name.lower().replace(".", "")
+        return "hf-" + self.name.lower().replace(".", "") + ("-tiny" if "hidden_size" in self.cut else "")
 
     def config(self) -> dict[str, Any]:
         settings = {**self.published(), **self.cut}

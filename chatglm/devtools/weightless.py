@@ -165,9 +165,17 @@ def hf_config(model_type: str, **settings: Any) -> dict[str, Any]:
     import transformers
 
     config = transformers.AutoConfig.for_model(model_type, **settings)
-    out = config.to_dict()
+    generic = set(transformers.PretrainedConfig().to_dict()) - _model_keys(type(config))  # id2label, return_dict...
+    out = {k: v for k, v in config.to_dict().items() if k not in generic or k in settings}
     out.pop("transformers_version", None)
+    for key, value in out.items():  # sub-configs (a vision tower, the text model) written the same way
+        if isinstance(value, dict) and "model_type" in value:
+            out[key] = {k: v for k, v in value.items() if k not in generic or k in settings.get(key, {})}
     return out
+
+
+def _model_keys(cls: type) -> set[str]:
+    return {k for c in cls.__mro__ for k in getattr(c, "__annotations__", {}) if c.__name__ != "PreTrainedConfig"}
 
 
 def hf_table(config: Mapping[str, Any], n_nextn: int = 0) -> list[tuple[str, tuple[int, ...]]]:
@@ -192,3 +200,30 @@ def hf_table(config: Mapping[str, Any], n_nextn: int = 0) -> list[tuple[str, tup
         table += [(prefix + "eh_proj.weight", (hidden, 2 * hidden)), (prefix + "enorm.weight", (hidden,)),
                   (prefix + "hnorm.weight", (hidden,)), (prefix + "shared_head.norm.weight", (hidden,))]
     return table
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def published_glm4_tokenizer(tokenizer_dir: Path, out_dir: Path, chat_template: str) -> None:
+    """``tokenizer.json`` and ``tokenizer_config.json`` in ``out_dir`` with GLM-4's published vocabulary: the 151,329
+    tiktoken ranks of ``tokenizer_dir/tokenizer.model`` as a byte-level BPE (merges recovered from the ranks), its
+    special tokens (``special_tokens.json``), then GLM-4.5's thinking and tool-call markers. Tools that recognise a
+    tokenizer by how it splits a test string (llama.cpp's converter) see GLM-4's."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from chatglm.convert.vocab_bpe import GLM4_PATTERN, merges_from_ranks, read_tiktoken, spell
+    from chatglm.devtools.glm4 import GLM45_EXTRA_SPECIALS, tokenizer_config
+
+    ranks = read_tiktoken(tokenizer_dir / "tokenizer.model")
+    merges = [tuple(m.split(" ")) for m in merges_from_ranks(ranks)]
+    tok = Tokenizer(models.BPE(vocab={spell(b): r for b, r in ranks.items()}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = json.loads((tokenizer_dir / "special_tokens.json").read_text(encoding="utf-8"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(specials, key=specials.get)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in GLM45_EXTRA_SPECIALS])
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = tokenizer_config(tok, chat_template, tokenizer_class="PreTrainedTokenizerFast")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
