@@ -165,7 +165,7 @@ def hf_config(model_type: str, **settings: Any) -> dict[str, Any]:
     import transformers
 
     config = transformers.AutoConfig.for_model(model_type, **settings)
-    generic = set(transformers.PretrainedConfig().to_dict()) - _model_keys(type(config))  # id2label, return_dict...
+    generic = set(transformers.PretrainedConfig().to_dict()) - _model_keys(type(config)) - {"model_type"}
     out = {k: v for k, v in config.to_dict().items() if k not in generic or k in settings}
     out.pop("transformers_version", None)
     for key, value in out.items():  # sub-configs (a vision tower, the text model) written the same way
