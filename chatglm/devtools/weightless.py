@@ -12,8 +12,9 @@ checks, the tensor plan, streaming reads). :func:`save_safetensors` writes the s
 shards with an index, for tools that need files (llama.cpp's converter).
 
 :func:`hf_table` gives the names and shapes of a transformers-layout checkpoint from transformers' own model class,
-built on the meta device (no memory for weights): experts one tensor each, as published, plus ``n_nextn``
-multi-token-prediction layers in the published layout after the decoder layers.
+built on the meta device (no memory for weights), under the names ``save_pretrained`` writes (transformers' weight
+conversions reverted: experts one tensor each, as published), plus ``n_nextn`` multi-token-prediction layers in the
+published layout after the decoder layers.
 """
 
 from __future__ import annotations
@@ -183,14 +184,15 @@ def hf_table(config: Mapping[str, Any], n_nextn: int = 0) -> list[tuple[str, tup
     of ``model_type``), with ``n_nextn`` multi-token-prediction layers after the decoder layers."""
     import torch
     import transformers
-
-    from chatglm.devtools.glm4 import published_state
+    from transformers.core_model_loading import revert_weight_conversion  # what save_pretrained applies
 
     settings = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
     cfg = transformers.AutoConfig.for_model(config["model_type"], **settings)
     with torch.device("meta"):
         model = getattr(transformers, config["architectures"][0])(cfg)
-    table = [(name, tuple(t.shape)) for name, t in published_state(model).items()]
+    saved = revert_weight_conversion(model, model.state_dict())  # the names and shapes save_pretrained writes
+    table = [(name, tuple(t.shape)) for name, t in saved.items()
+             if not (cfg.tie_word_embeddings and name == "lm_head.weight")]
     text = getattr(cfg, "text_config", cfg)
     n_layer, hidden = text.num_hidden_layers, text.hidden_size
     last = [(name, shape) for name, shape in table if f"layers.{n_layer - 1}." in name]
