@@ -3,14 +3,14 @@
 
 Each row of shapes.py (published config keys and tensor shapes, cut to fewer layers and experts, random weights; the
 cut is printed with the row) is built as our converter writes it (bench_models.build_gguf, cached), then measured
-three ways in one run, interleaved (the order rotates every repetition, so load drift on a shared machine hits all
-alike):
+three ways in one run, interleaved (each test runs on every side in turn, the order rotating every repetition, so
+load drift on a shared machine hits all alike):
 
 - **ours**: our engine (``chatglm.runtime.loader.open_engine``), timed as ``chatglm bench`` times it;
 - **llama-cpp-python**: its low-level loop on the same file (python_overhead.BareLoop: a prepared batch,
   ``llama_decode``, ``llama_synchronize``), same threads, context, batch and KV type;
 - **llama-bench**: the native tool (``--llama-bench PATH`` or on PATH; "not available" otherwise), one repetition
-  per call, its JSON read back.
+  per call and test, its JSON read back.
 
 ours and llama-cpp-python each run in a worker process of their own, so each one's resident size (its peak, VmHWM)
 is its own; llama-bench's is its ``wait4`` peak. pp = N random tokens prefilled into an empty cache; tg = M
@@ -103,20 +103,19 @@ class Worker:
 
 
 # ------------------------------------------------------------------------------------------------ llama-bench
-def llama_bench(tool: str, path: Path, args: argparse.Namespace) -> tuple[dict[str, float], int]:
-    """One repetition of pp and tg by the native tool: ({"pp": seconds, "tg": seconds}, its peak RSS)."""
-    cmd = [tool, "-m", str(path), "-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", "1", "-t", str(args.threads),
+def llama_bench(tool: str, path: Path, test: str, args: argparse.Namespace) -> tuple[float, int]:
+    """One repetition of ``test`` ("pp" or "tg") by the native tool (after its own warm-up): (seconds, its peak
+    RSS)."""
+    n_prompt, n_gen = (args.n_prompt, 0) if test == "pp" else (0, args.n_gen)
+    cmd = [tool, "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen), "-r", "1", "-t", str(args.threads),
            "-b", "512", "-ub", "512", "-o", "json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"llama-bench failed: {' '.join(cmd)}")
-    seconds = {}
-    for result in json.loads(out):
-        test = "pp" if result["n_prompt"] else "tg"
-        seconds[test] = (result["n_prompt"] or result["n_gen"]) / result["avg_ts"]
-    return seconds, usage.ru_maxrss * 1024
+    (result,) = json.loads(out)
+    return (n_prompt or n_gen) / result["avg_ts"], usage.ru_maxrss * 1024
 
 
 # ------------------------------------------------------------------------------------------------ one row
@@ -136,15 +135,14 @@ def measure(path: Path, args: argparse.Namespace) -> dict[str, Any]:
             w.time("tg", gen[:2])
         for rep in range(args.repetitions):
             order = SIDES[rep % 3:] + SIDES[:rep % 3]
-            for side in order:
-                if side in workers:
-                    samples[side]["pp"].append(workers[side].time("pp", prompt))
-                    samples[side]["tg"].append(workers[side].time("tg", gen))
-                elif args.llama_bench:
-                    seconds, peak = llama_bench(args.llama_bench, path, args)
-                    for test in ("pp", "tg"):
-                        samples[side][test].append(seconds[test])
-                    rss[side] = max(rss.get(side, 0), peak)
+            for test, tokens in (("pp", prompt), ("tg", gen)):  # each test alternates over the sides
+                for side in order:
+                    if side in workers:
+                        samples[side][test].append(workers[side].time(test, tokens))
+                    elif args.llama_bench:
+                        seconds, peak = llama_bench(args.llama_bench, path, test, args)
+                        samples[side][test].append(seconds)
+                        rss[side] = max(rss.get(side, 0), peak)
             log.info("repetition %d/%d: %s", rep + 1, args.repetitions, ", ".join(
                 f"{s} tg {args.n_gen / samples[s]['tg'][-1]:.2f} t/s" for s in SIDES if samples[s]["tg"]))
     finally:
