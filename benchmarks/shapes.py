@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +29,9 @@ from chatglm.devtools.weightless import Table, WeightlessCheckpoint, hf_config, 
 
 _ROOT = Path(__file__).resolve().parents[1]
 # ../shared/reference beside the checkout (or beside the folder of worktrees)
-REFERENCE = next((p / "shared" / "reference" for p in (_ROOT.parent, _ROOT.parents[1])
-                  if (p / "shared" / "reference").is_dir()), _ROOT.parent / "shared" / "reference")
+REFERENCE = Path(os.environ.get("CHATGLM_REFERENCE") or next(
+    (p / "shared" / "reference" for p in (_ROOT.parent, _ROOT.parents[1]) if (p / "shared" / "reference").is_dir()),
+    _ROOT.parent / "shared" / "reference"))
 REFERENCE_CONFIGS = REFERENCE / "configs"
 GLM4_TOKENIZER = REFERENCE / "tokenizers" / "glm-4-9b-chat"  # GLM-4's published tiktoken ranks and specials
 PER_LAYER_KEYS = ("mlp_layer_types", "indexer_types", "layer_types")  # lists cut with the layers
