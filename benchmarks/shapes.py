@@ -206,8 +206,9 @@ class HFShape:
         pub = dict(self.published())
         pub = hf_config(pub.pop("model_type"), **pub)  # the class's defaults filled in
         pub = pub.get("text_config") or pub
-        return ", ".join(f"{k} {_short(pub.get(k))}->{_short(v)}" for k, v in self.cut.items()
-                         if k in ("num_hidden_layers", "n_routed_experts", "first_k_dense_replace"))
+        return ", ".join(f"{k} {_short(pub[k])}->{_short(v)}" for k, v in self.cut.items()
+                         if k in ("num_hidden_layers", "n_routed_experts", "first_k_dense_replace")
+                         and pub.get(k) is not None)
 
 
 def _short(value: Any) -> str:
