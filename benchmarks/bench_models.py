@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Synthetic GGUFs with the real shapes of ChatGLM-6B, ChatGLM3-6B and GLM-4-9B, benchmarked in one table.
 
-Each GGUF is what ``chatglm convert`` writes for that model: the family's own metadata and vocabulary writers run on a
-config.json with the published shapes (and a tiny trained tokenizer padded to the real vocabulary size), and tensor
-types follow llama.cpp's recipe for the chosen type. Only the weights are synthetic: random rows quantized once by
+Each GGUF is what ``chatglm convert`` writes for that model: the family's converter runs unchanged on a weightless
+checkpoint (``chatglm.devtools.weightless``: config.json with the published shapes, the published tensor names and
+shapes, a tiny trained tokenizer padded to the real vocabulary size; see shapes.py), and tensor types follow
+llama.cpp's recipe for the chosen type. The GLM-4.7 / 4.7-Flash / 5.3 / 5.3-Flash rows of shapes.py (cut to fewer
+layers and experts) can be named with ``--models`` too (``benchmarks/real_shapes.py`` compares them with llama.cpp). Only the weights are synthetic: random rows quantized once by
 ggml and repeated, so building a 6 GB file costs about as long as writing it. Files are cached under
 ``benchmarks/.cache/`` (git ignores it); ``--shape small`` uses scaled-down models for a quick run.
 
@@ -25,7 +27,6 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,112 +34,20 @@ import gguf
 import numpy as np
 
 from chatglm.convert import qtypes
-from chatglm.convert.family import Family, detect
-from chatglm.convert.pipeline import write_model_metadata
+from chatglm.convert.family import check_complete
+from chatglm.convert.pipeline import _plan_types, write_model_metadata
 from chatglm.fsutil import atomic_path
 from chatglm.ggml import quants
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import (CHATGLM3_1B, REAL, SHAPE_SETS, SMALL, HFShape, NotMerged, Shape, family_for,  # noqa: E402,F401
+                    published_config, write_tokenizer)
 
 log = logging.getLogger("bench_models")
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 TYPES = ("q4_0", "q4_k_m", "q8_0")
 _BLOCK_ROWS = 256  # random rows quantized per (type, row length); tensors repeat them
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The config.json numbers that set a model's cost (published values for the real shapes)."""
-
-    name: str
-    family: str  # chatglm3 | glm4 | chatglm1
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    vocab: int
-    ctx: int
-    rope_ratio: float = 1.0
-    eps: float = 1e-5
-
-
-REAL = {s.name: s for s in (
-    Shape("chatglm-6b", "chatglm1", 4096, 28, 32, 32, 16384, 130528, 2048),
-    Shape("chatglm3-6b", "chatglm3", 4096, 28, 32, 2, 13696, 65024, 8192),
-    Shape("glm4-9b", "glm4", 4096, 40, 32, 2, 13696, 151552, 131072, rope_ratio=500.0, eps=1.5625e-07),
-)}
-SMALL = {s.name: s for s in (
-    Shape("chatglm-6b", "chatglm1", 256, 28, 4, 4, 1024, 4096, 2048),  # GLM-1 keeps 28 layers (alpha = sqrt(56))
-    Shape("chatglm3-6b", "chatglm3", 256, 2, 4, 2, 704, 4096, 8192),
-    Shape("glm4-9b", "glm4", 256, 2, 4, 2, 704, 8192, 131072, rope_ratio=500.0, eps=1.5625e-07),
-)}
-# A ~1.3B ChatGLM3 shape (benchmarks/python_overhead.py).
-CHATGLM3_1B = Shape("chatglm3-1.3b", "chatglm3", 2048, 24, 16, 2, 5632, 65024, 8192)
-SHAPE_SETS = {"real": REAL, "small": SMALL}
-
-
-# ------------------------------------------------------------------------------------------------ checkpoint stubs
-def published_config(shape: Shape) -> dict[str, Any]:
-    if shape.family == "chatglm1":
-        return {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "position_encoding_2d": True,
-                "hidden_size": shape.hidden, "inner_hidden_size": shape.ffn, "num_attention_heads": shape.heads,
-                "num_layers": shape.layers, "vocab_size": shape.vocab, "max_sequence_length": shape.ctx,
-                "layernorm_epsilon": shape.eps}
-    return {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "padded_vocab_size": shape.vocab,
-            "multi_query_attention": True, "multi_query_group_num": shape.kv_heads, "hidden_size": shape.hidden,
-            "num_attention_heads": shape.heads, "kv_channels": shape.hidden // shape.heads,
-            "num_layers": shape.layers, "ffn_hidden_size": shape.ffn, "seq_length": shape.ctx,
-            "layernorm_epsilon": shape.eps, "add_qkv_bias": True, "add_bias_linear": False, "rmsnorm": True,
-            "apply_residual_connection_post_layernorm": False, "post_layer_norm": True, "original_rope": True,
-            **({"rope_ratio": shape.rope_ratio} if shape.rope_ratio != 1.0 else {})}
-
-
-def write_tokenizer(family: str, folder: Path) -> None:
-    """A tiny trained tokenizer in the family's published file layout (the family pads it to the vocab size)."""
-    if family == "chatglm3":
-        from chatglm.devtools.checkpoints import CHATGLM3_TEMPLATE, train_sentencepiece
-        from chatglm.devtools.corpus import bilingual_corpus
-
-        train_sentencepiece(folder / "tokenizer.model", bilingual_corpus())
-        config = {"chat_template": CHATGLM3_TEMPLATE}
-    elif family == "glm4":
-        from chatglm.devtools.glm4 import FIXTURE_TEMPLATES, tokenizer_config, train_glm4_bpe, write_tiktoken
-
-        tok = train_glm4_bpe()
-        write_tiktoken(tok, folder / "tokenizer.model")
-        config = tokenizer_config(tok, FIXTURE_TEMPLATES["glm4"])
-    elif family == "chatglm1":
-        from chatglm.devtools.glm1 import train_ice_tokenizer
-
-        train_ice_tokenizer(folder / "ice_text.model")
-        config = {"num_image_tokens": 0}
-    else:
-        raise ValueError(f"no tokenizer recipe for family {family!r}")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
-
-
-class StubCheckpoint:
-    """What a Family reads of a checkpoint (config.json, tokenizer files, tensor names), without the weights."""
-
-    def __init__(self, folder: Path, config: dict[str, Any]):
-        self.dir = folder
-        self.config = config
-
-    def names(self) -> list[str]:
-        return ["lm_head.weight"]  # an untied output head (ChatGLM-6B ships one)
-
-
-def family_for(shape: Shape) -> Family:
-    folder = CACHE / "stubs" / f"{shape.family}-{shape.hidden}x{shape.layers}"
-    config = published_config(shape)
-    if not (folder / "tokenizer_config.json").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        write_tokenizer(shape.family, folder)
-    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    family = detect(StubCheckpoint(folder, config))
-    if family.name != shape.family:
-        raise RuntimeError(f"{shape.name}: the stub was detected as {family.name}, not {shape.family}")
-    return family
 
 
 # ------------------------------------------------------------------------------------------------ synthetic GGUF
@@ -168,32 +77,34 @@ class RowBank:
         return np.resize(block, (rows, block.shape[1]))  # block rows repeated cyclically
 
 
-def build_gguf(shape: Shape, qtype: str, out_dir: Path, *, threads: int = 2, seed: int = 0) -> Path:
-    """The synthetic GGUF of ``shape`` in ``qtype`` (cached: an existing file is reused)."""
-    dest = out_dir / f"{shape.name}-{qtype}.gguf"
+def build_gguf(shape: Shape | HFShape, qtype: str, out_dir: Path, *, threads: int = 2, seed: int = 0,
+               header_only: bool = False) -> Path:
+    """The synthetic GGUF of ``shape`` in ``qtype`` (cached: an existing file is reused). The family's converter
+    plans it from the weightless checkpoint (its checks included); ``header_only`` stops after the header."""
+    dest = out_dir / f"{shape.name}-{qtype}{'-header' if header_only else ''}.gguf"
     if dest.is_file():
         return dest
     out_dir.mkdir(parents=True, exist_ok=True)
-    family = family_for(shape)
+    family = family_for(shape, CACHE / "stubs")
     recipe = qtypes.get_recipe(qtype)
     plan = family.tensors()
-    hp = family.hp
-    types = qtypes.plan_types(recipe, [(t.name, t.shape) for t in plan],
-                              qtypes.ModelInfo(family.arch, hp.n_layer, hp.n_head, hp.n_head_kv))
+    check_complete(family, plan)
+    family.check_shapes(plan)
+    planned = _plan_types(family, plan, recipe, has_imatrix=False)
     bank = RowBank(seed, threads)
     start = time.perf_counter()
     with atomic_path(dest) as tmp:
         w = gguf.GGUFWriter(tmp, family.arch)
         write_model_metadata(w, family, recipe, f"synthetic {shape.name}",
                              "benchmarks/bench_models.py (synthetic weights)")
-        for t in plan:
-            qt = types[t.name]
-            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), quants.tensor_nbytes(qt, t.shape), raw_dtype=qt)
+        for p in planned:
+            w.add_tensor_info(p.tensor.name, p.tensor.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for t in plan:
-            w.write_tensor_data(bank.tensor(t.name, t.shape, types[t.name]))
+        if not header_only:
+            for p in planned:
+                w.write_tensor_data(bank.tensor(p.tensor.name, p.tensor.shape, p.qtype))
         w.close()
     log.info("built %s (%.2f GiB) in %.0fs", dest, dest.stat().st_size / 2**30, time.perf_counter() - start)
     return dest
@@ -247,7 +158,8 @@ def machine() -> str:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPE_SETS), default="real")
-    p.add_argument("--models", default=",".join(REAL), help="comma-separated: " + ", ".join(REAL))
+    p.add_argument("--models", default=",".join(REAL),
+                   help="comma-separated: " + ", ".join(SHAPE_SETS["real"]))
     p.add_argument("--types", default=",".join(TYPES), help="comma-separated GGUF types")
     p.add_argument("-p", "--n-prompt", type=int, default=512)
     p.add_argument("-n", "--n-gen", type=int, default=128)
@@ -275,6 +187,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             cached = (CACHE / args.shape / f"{name}-{qtype}.gguf").is_file()
             try:
                 path = build_gguf(shapes[name], qtype, CACHE / args.shape)
+            except NotMerged as exc:
+                rows.append({"model": name, "type": qtype, "report": {"error": "family not merged yet"}})
+                log.info("%s", exc)
+                continue
             except Exception as exc:  # a family or engine not available yet: one row says so
                 log.exception("could not build %s %s", name, qtype)
                 rows.append({"model": name, "type": qtype, "report": {"error": f"build failed: {exc}"}})
