@@ -223,7 +223,8 @@ class NativeSampler:
             ll.llama_sampler_chain_add(self._chain, link)
         if params.repeat_penalty != 1.0:
             for token in history[-params.repeat_last_n:] if params.repeat_last_n else ():
-                ll.llama_sampler_accept(self._chain, token)
+                if token >= 0:  # a medium's positions hold no token
+                    ll.llama_sampler_accept(self._chain, token)
 
     def __call__(self) -> int:
         # Samples from the last output's logits and records the token (for the repeat penalty).

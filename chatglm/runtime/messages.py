@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from chatglm.runtime.media import Media
 
 ROLES = ("system", "user", "assistant", "observation")
 ROLE_ALIASES = {"tool": "observation", "function": "observation"}
@@ -27,6 +30,7 @@ class Message:
     tools: Optional[list[dict]] = None  # on a system message: the tools the model may call
     thinking: str = ""  # GLM-Z1 / GLM-4.5 <think> text, kept apart from the answer
     tool_call_id: str = ""  # on a tool result: the id of the call it answers (GLM-5.3-Flash orders results by it)
+    media: tuple["Media", ...] = ()  # images and audio of this message, in order (placed before its text)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Message":
