@@ -45,6 +45,20 @@ def lib():
 
 
 _keep: list = []  # ctypes callbacks that native code holds pointers to
+
+
+@functools.cache
+def mtmd_lib():
+    """llama-cpp-python's libmtmd bindings, its log (and its helpers') routed as llama.cpp's is."""
+    import llama_cpp.llama_cpp as ll
+    from llama_cpp import mtmd_cpp
+
+    lib()
+    cb = ll.llama_log_callback(_route_log)
+    mtmd_cpp.mtmd_log_set(cb, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(cb, ctypes.c_void_p(0))
+    _keep.append(cb)
+    return mtmd_cpp
 ABORT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)
 
 

@@ -19,9 +19,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from chatglm import families
 from chatglm.errors import Cancelled, ContextOverflowError, InputError, ModelRuntimeError
 from chatglm.gguf_file import GGUFHeader, read_header
 from chatglm.runtime.engine import ProgressFn
+from chatglm.families.descriptor import MediaProjector
 from chatglm.runtime.media import Media
 
 log = logging.getLogger(__name__)
@@ -32,25 +34,10 @@ PLACEHOLDER = -1  # what ``engine.tokens`` holds at a medium's positions (no pro
 
 
 @dataclass(frozen=True)
-class ProjectorKind:
-    """What this tool knows of one libmtmd projector type: the modality, the tensor whose rows are the output width
-    (``None``: the ``projection_dim`` key), and the token the chat template writes in place of each medium."""
-
-    modality: str  # "image" or "audio"
-    output: Optional[str]
-    placeholder: str
-
-
-PROJECTORS: dict[str, ProjectorKind] = {
-    "glm4v": ProjectorKind("image", "mm.down.weight", "<|image|>"),
-}
-
-
-@dataclass(frozen=True)
 class ProjectorInfo:
     path: Path
     projector_type: str
-    kind: ProjectorKind
+    kind: MediaProjector
     n_embd: int  # the width of the embeddings it gives the language model
     size_bytes: int
     image_size: int = 0
@@ -84,20 +71,20 @@ def check_projector(path: Path, model: Optional[GGUFHeader] = None) -> Projector
         raise InputError(f"not a multimodal projector (GGUF architecture {header.arch!r}, expected 'clip')", path)
     ptype = header.get("clip.projector_type") or header.get("clip.vision.projector_type") \
         or header.get("clip.audio.projector_type")
-    kind = PROJECTORS.get(str(ptype))
+    known = families.projectors()
+    kind = known.get(str(ptype))
     if kind is None:
-        raise InputError(f"projector type {ptype!r} is not supported (supported: {', '.join(PROJECTORS)})", path)
+        raise InputError(f"projector type {ptype!r} is not supported (supported: {', '.join(known)})", path)
     prefix = "vision" if kind.modality == "image" else "audio"
     if header.get(f"clip.has_{prefix}_encoder") is not True:
         raise InputError(f"the {ptype} projector has no {prefix} encoder (clip.has_{prefix}_encoder)", path)
     n_embd = _uint(header, f"clip.{prefix}.projection_dim")
-    if kind.output is not None:
-        out = header.tensors.get(kind.output)
-        if out is None or len(out.shape) != 2:
-            raise InputError(f"projector lacks its output tensor {kind.output}", path)
-        if out.shape[1] != n_embd:
-            raise InputError(f"projector output {kind.output} is {out.shape[1]} wide but projection_dim says "
-                             f"{n_embd}", path)
+    out = header.tensors.get(kind.output)
+    if out is None or len(out.shape) != 2:
+        raise InputError(f"projector lacks its output tensor {kind.output}", path)
+    if out.shape[1] != n_embd:
+        raise InputError(f"projector output {kind.output} is {out.shape[1]} wide but projection_dim says {n_embd}",
+                         path)
     info = ProjectorInfo(path, str(ptype), kind, n_embd, header.file_size,
                          image_size=header.get("clip.vision.image_size", 0) or 0,
                          patch_size=header.get("clip.vision.patch_size", 0) or 0,
@@ -117,9 +104,9 @@ def image_tokens(info: ProjectorInfo, width: int, height: int) -> int:
 
 
 def _mtmd():
-    from llama_cpp import mtmd_cpp
+    from chatglm.runtime.llama_native import mtmd_lib
 
-    return mtmd_cpp
+    return mtmd_lib()
 
 
 class MediaContext:
