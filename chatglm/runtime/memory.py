@@ -224,3 +224,4 @@ def _glm5next_compute(header: GGUFHeader, n_ctx: int, n_ub: int, flash_attn: boo
 
 _ARCH_CACHE = {ARCH_GLM5_NEXT: _glm5next_cache}
 _ARCH_COMPUTE = {gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GLM_DSA]: _dsa_compute, ARCH_GLM5_NEXT: _glm5next_compute}
+

@@ -43,6 +43,8 @@ class ProjectorInfo:
     image_size: int = 0
     patch_size: int = 0
     n_merge: int = 1
+    n_embd_vision: int = 0
+    n_head_vision: int = 0
 
 
 def mmproj_beside(model_path: Path) -> Path:
@@ -88,7 +90,9 @@ def check_projector(path: Path, model: Optional[GGUFHeader] = None) -> Projector
     info = ProjectorInfo(path, str(ptype), kind, n_embd, header.file_size,
                          image_size=header.get("clip.vision.image_size", 0) or 0,
                          patch_size=header.get("clip.vision.patch_size", 0) or 0,
-                         n_merge=header.get("clip.vision.spatial_merge_size", 1) or 1)
+                         n_merge=header.get("clip.vision.spatial_merge_size", 1) or 1,
+                         n_embd_vision=header.get(f"clip.{prefix}.embedding_length", 0) or 0,
+                         n_head_vision=header.get(f"clip.{prefix}.attention.head_count", 0) or 0)
     if model is not None:
         width = model.arch_get("embedding_length")
         if width != n_embd:
@@ -101,6 +105,37 @@ def image_tokens(info: ProjectorInfo, width: int, height: int) -> int:
     """Embeddings an image of ``width`` x ``height`` takes (an estimate for memory: the size libmtmd encodes it at)."""
     unit = max(1, info.patch_size * info.n_merge)
     return max(1, (width // unit) * (height // unit))
+
+
+@dataclass(frozen=True)
+class ProjectorEstimate:
+    """The projector beside a model: its weights, the encoder's compute buffer for the largest image, and the image
+    tokens (KV-cache entries) the images take."""
+
+    path: str
+    projector_type: str
+    weights: int
+    compute: int
+    image_tokens: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.compute
+
+
+def projector_estimate(model_path, mmproj=None, images=()) -> "ProjectorEstimate | None":
+    """The estimate for the projector found beside ``model_path`` (or ``mmproj``), None when there is none.
+    ``images``: (width, height) of the images to encode; none given: one image of the projector's own size."""
+    path = find_projector(Path(model_path), Path(mmproj) if mmproj is not None else None)
+    if path is None:
+        return None
+    info = check_projector(path)
+    sizes = list(images) or [(info.image_size, info.image_size)]
+    tokens = [image_tokens(info, w, h) for w, h in sizes]
+    patches = max(tokens) * info.n_merge ** 2
+    # a ViT layer's activations (a few of n_embd per patch, float32) and one head's attention scores at a time
+    compute = 4 * patches * (16 * info.n_embd_vision + max(1, info.n_head_vision) * patches)
+    return ProjectorEstimate(str(path), info.projector_type, info.size_bytes, compute, sum(tokens))
 
 
 def _mtmd():
@@ -118,8 +153,8 @@ class MediaContext:
         self.placeholder_id = engine.info.added.get(info.kind.placeholder, engine.info.special.get(
             info.kind.placeholder))
         if self.placeholder_id is None:
-            raise InputError(f"the model's vocabulary has no {info.kind.placeholder} token for the {info.projector_type} "
-                             "projector", info.path)
+            raise InputError(f"the model's vocabulary has no {info.kind.placeholder} token for the "
+                             f"{info.projector_type} projector", info.path)
         params = m.mtmd_context_params_default()
         params.use_gpu = False
         params.print_timings = False

@@ -184,7 +184,10 @@ class ChatSession:
             if self.on_truncate is not None:
                 self.on_truncate(dropped)
         self._messages = kept + new + [reply]
-        self._cached = _Cached(gen.prompt + gen.tokens, len(self._messages), len(gen.tokens))
+        media = self.model.media
+        # a reply holding the media placeholder token would pass for a medium next turn: render it again instead
+        reusable = media is None or media.placeholder_id not in gen.tokens
+        self._cached = _Cached(gen.prompt + gen.tokens, len(self._messages), len(gen.tokens)) if reusable else None
         self._version += 1
         return reply
 
