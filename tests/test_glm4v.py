@@ -258,3 +258,22 @@ def test_bad_vision_configs_are_one_line_refusals(built, tmp_path):
         with pytest.raises(InputError, match=words):
             convert(folder, tmp_path / f"{key}.gguf", "f16")
         assert not (tmp_path / f"{key}.gguf").exists() and not (tmp_path / f"mmproj-{key}.gguf").exists()
+
+
+@pytest.mark.parametrize("kv, drop, words", [
+    ({"clip.vision.spatial_merge_size": 3}, (), "spatial_merge_size must be 2"),
+    ({}, ("v.patch_embd.bias",), "lacks tensor v.patch_embd.bias"),
+    ({"clip.vision.block_count": 3}, (), "lacks tensor v.blk.2"),
+    ({"clip.vision.attention.head_count": 3}, (), "heads"),
+    ({"clip.projector_type": "glm9z"}, (), "not supported"),
+    ({"clip.has_vision_encoder": None}, (), "no vision encoder"),
+])
+def test_crafted_projectors_are_refused_from_their_header(files, tmp_path, kv, drop, words):
+    """What libmtmd's glm4v loader or graph would abort on (GGML_ASSERT) is refused first, in one line."""
+    from fixtures_glm5_next import rewrite_gguf
+
+    from chatglm.runtime.mtmd import check_projector
+
+    bad = rewrite_gguf(files.mmproj, tmp_path / "mmproj-bad.gguf", dict(kv), drop)
+    with pytest.raises(InputError, match=words):
+        check_projector(bad)

@@ -46,6 +46,11 @@ def projectors() -> dict[str, "MediaProjector"]:
     return {p.projector_type: p for f in families() for p in f.projectors}
 
 
+def projector_owner(projector_type: str) -> str:
+    """The family whose descriptor declares a libmtmd projector type (its ``chat`` part may check such files)."""
+    return next(f.name for f in families() if any(p.projector_type == projector_type for p in f.projectors))
+
+
 def part(name: str, which: str | None) -> ModuleType:
     """The module of family ``name``: its face (``which=None``), ``"convert"`` or ``"chat"``."""
     if name not in REGISTRY:

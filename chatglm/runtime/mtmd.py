@@ -87,6 +87,9 @@ def check_projector(path: Path, model: Optional[GGUFHeader] = None) -> Projector
     if out.shape[1] != n_embd:
         raise InputError(f"projector output {kind.output} is {out.shape[1]} wide but projection_dim says {n_embd}",
                          path)
+    check = getattr(families.part(families.projector_owner(str(ptype)), "chat"), "check_projector", None)
+    if check is not None:
+        check(header, lambda problem: InputError(problem, path))
     info = ProjectorInfo(path, str(ptype), kind, n_embd, header.file_size,
                          image_size=header.get("clip.vision.image_size", 0) or 0,
                          patch_size=header.get("clip.vision.patch_size", 0) or 0,
