@@ -178,6 +178,26 @@ def test_session_send_streams_and_cancels(loaded):
     assert loaded.last_stats.finish_reason == "cancelled"
 
 
+def test_a_later_turn_keeps_the_image_in_the_cache(loaded, built, processor):
+    from chatglm.runtime.messages import Message
+
+    rgb, media = image(112, 112, 4)
+    session = loaded.session(max_tokens=3, temperature=0)
+    session.send("Describe it.", images=[media.data])
+    first = loaded.last_stats
+    assert first.evaluated_tokens >= 16
+    session.send("Shorter, please.")
+    again = loaded.last_stats
+    assert again.evaluated_tokens < again.prompt_tokens - 4  # a fresh prompt: its text, and 16 image entries
+    # the cached image and the new turn give the logits a fresh evaluation of the whole prompt gives
+    ids = loaded.prompt_ids(session.messages[:-1] + [Message("user", "x")])
+    loaded.media.prefill(ids, [media])
+    kept = loaded.engine.logits().copy()
+    loaded.engine.reset()
+    loaded.media.prefill(ids, [media])
+    assert rel(kept, loaded.engine.logits()) < 1e-5
+
+
 def test_text_only_model_refuses_an_image(files, tmp_path):
     import chatglm
 

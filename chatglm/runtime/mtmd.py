@@ -165,6 +165,8 @@ class MediaContext:
         params.warmup = False
         self._marker = MARKER.encode()
         params.media_marker = self._marker
+        # cache position -> (positions, embeddings, bytes) of each medium the cache holds
+        self._evaluated: dict[int, tuple[int, int, bytes]] = {}
         self._ctx = m.mtmd_init_from_file(str(info.path).encode(), engine.native_model, params)
         if not self._ctx:
             raise InputError("libmtmd could not load this projector", info.path)
@@ -238,28 +240,29 @@ class MediaContext:
     def prefill(self, ids: Sequence[int], media: Sequence[Media], *, cancel: Optional[threading.Event] = None,
                 progress: Optional[ProgressFn] = None) -> int:
         """Make the engine's cache hold ``ids`` with each placeholder replaced by its medium; returns the entries
-        evaluated. The cached prefix before the first medium is kept."""
+        evaluated. What the cache already holds of them (text and the same media at the same places) stays."""
         m = _mtmd()
         engine = self.engine
         ids = list(ids)
         self.check_placeholders(ids, media)
-        first = ids.index(self.placeholder_id) if media else len(ids)
-        keep = min(engine.reusable(ids[:first]), len(ids) - 1)
-        if engine._truncate(keep) is False:
+        n_ids, n_pos, n_media = self._reusable(ids, media)
+        if engine._truncate(n_pos) is False:
             engine._truncate(0)
-            keep = 0
-        engine.tokens = ids[:keep]
-        tokenized = [self._tokenize(x) for x in media]
+            n_ids = n_pos = n_media = 0
+        engine.tokens = engine.tokens[:n_pos]
+        self._evaluated = {p: r for p, r in self._evaluated.items() if p < n_pos}
+        tokenized = [self._tokenize(x) for x in media[n_media:]]
         try:
-            cells = len(ids) - len(media) + sum(m.mtmd_input_chunk_get_n_tokens(m.mtmd_input_chunks_get(c, i))
-                                                for c, i in tokenized)
+            sizes = [r[1] for p, r in sorted(self._evaluated.items())] + [
+                m.mtmd_input_chunk_get_n_tokens(m.mtmd_input_chunks_get(c, i)) for c, i in tokenized]
+            cells = len(ids) - len(media) + sum(sizes)
             if cells > engine.info.n_ctx:
                 raise ContextOverflowError(f"the prompt with its {len(media)} media needs {cells} tokens, more than "
                                            f"the context of {engine.info.n_ctx}")
-            done, todo = 0, ids[keep:]
+            done = 0
             segment: list[int] = []
-            chunk_of = iter(tokenized)
-            for t in todo:
+            todo = iter(zip(tokenized, media[n_media:]))
+            for t in ids[n_ids:]:
                 if t != self.placeholder_id:
                     segment.append(t)
                     continue
@@ -267,8 +270,11 @@ class MediaContext:
                     engine._eval(segment, cancel=cancel)
                     done += len(segment)
                     segment = []
-                chunks, i = next(chunk_of)
-                done += self._eval_chunk(m.mtmd_input_chunks_get(chunks, i), cancel)
+                (chunks, i), medium = next(todo)
+                pos = len(engine.tokens)
+                n = self._eval_chunk(m.mtmd_input_chunks_get(chunks, i), cancel)
+                done += n
+                self._evaluated[pos] = (len(engine.tokens) - pos, n, medium.data)
                 if progress:
                     progress(done, cells)
             if segment:
@@ -278,6 +284,26 @@ class MediaContext:
         finally:
             for chunks, _ in tokenized:
                 m.mtmd_input_chunks_free(chunks)
+
+    def _reusable(self, ids: list[int], media: Sequence[Media]) -> tuple[int, int, int]:
+        """(ids, cache positions, media) of the prompt the cache already holds: the same text, and the same media
+        at the same positions; at least the last id is left to evaluate (its logits)."""
+        cached, i, j, k = self.engine.tokens, 0, 0, 0
+        marks = [(0, 0, 0)]  # (i, j, k) after each id, to step back from
+        while i < len(ids) and j < len(cached):
+            if ids[i] == self.placeholder_id:
+                record = self._evaluated.get(j)
+                if record is None or record[2] != media[k].data or cached[j:j + record[0]] != [PLACEHOLDER] * record[0]:
+                    break
+                i, j, k = i + 1, j + record[0], k + 1
+            elif ids[i] == cached[j]:
+                i, j = i + 1, j + 1
+            else:
+                break
+            marks.append((i, j, k))
+        while marks[-1][0] >= len(ids):
+            marks.pop()
+        return marks[-1]
 
     def _eval_chunk(self, chunk, cancel: Optional[threading.Event]) -> int:
         m = _mtmd()
