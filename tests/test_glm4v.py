@@ -297,3 +297,21 @@ def test_crafted_projectors_are_refused_from_their_header(files, tmp_path, kv, d
     bad = rewrite_gguf(files.mmproj, tmp_path / "mmproj-bad.gguf", dict(kv), drop)
     with pytest.raises(InputError, match=words):
         check_projector(bad)
+
+
+def test_repl_image_attaches_to_the_next_message(loaded, tmp_path, capsys):
+    from test_repl import ScriptedEditor
+
+    from chatglm.cli.repl import Repl
+    from chatglm.devtools.glm4v import png_bytes, test_image
+
+    png = tmp_path / "p.png"
+    png.write_bytes(png_bytes(test_image(112, 112, 5)))
+    (tmp_path / "empty.png").write_bytes(b"")
+    session = loaded.session(max_tokens=2, temperature=0)
+    Repl(session, editor=ScriptedEditor([f"/image {png}", f"/image {tmp_path / 'empty.png'}", "what is it?",
+                                         "and now?"])).run()
+    err = capsys.readouterr().err
+    assert "attached" in err and "0 bytes" in err
+    users = [m for m in session.messages if m.role == "user"]
+    assert len(users) == 2 and len(users[0].media) == 1 and users[1].media == ()
