@@ -315,3 +315,17 @@ def test_repl_image_attaches_to_the_next_message(loaded, tmp_path, capsys):
     assert "attached" in err and "0 bytes" in err
     users = [m for m in session.messages if m.role == "user"]
     assert len(users) == 2 and len(users[0].media) == 1 and users[1].media == ()
+
+
+def test_model_chat_takes_content_parts(loaded, tmp_path):
+    from chatglm.devtools.glm4v import png_bytes, test_image
+
+    png = tmp_path / "c.png"
+    png.write_bytes(png_bytes(test_image(112, 112, 6)))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(png)}, {"type": "text", "text": "What?"}]}]
+    reply = loaded.chat(msgs, max_tokens=2, temperature=0)
+    assert reply.role == "assistant" and loaded.last_stats.evaluated_tokens > 16
+    with pytest.raises(InputError, match="content part"):
+        loaded.chat([{"role": "user", "content": [{"type": "video", "video": "x"}]}])
+    with pytest.raises(InputError, match="not an image"):
+        loaded.chat([{"role": "user", "content": [{"type": "image", "image": b"GIF8 nope"}]}])
