@@ -329,3 +329,22 @@ def test_model_chat_takes_content_parts(loaded, tmp_path):
         loaded.chat([{"role": "user", "content": [{"type": "video", "video": "x"}]}])
     with pytest.raises(InputError, match="not an image"):
         loaded.chat([{"role": "user", "content": [{"type": "image", "image": b"GIF8 nope"}]}])
+
+
+def test_media_that_do_not_fit_or_have_no_place_are_refused(files):
+    import chatglm
+    from chatglm.errors import ContextOverflowError
+    from chatglm.runtime.messages import Message
+
+    _, small = image(112, 112)
+    _, large = image(448, 448)  # 256 embeddings
+    with chatglm.load(files.path, n_threads=1, n_ctx=256) as m:
+        with pytest.raises(ContextOverflowError, match="needs"):
+            m.chat([Message("user", "What is in this picture?", media=(large,))])
+        # a reply runs until the context is full, counting each image's 16 entries (not its 4 positions)
+        m.chat([Message("user", "What?", media=(small, small, small))], temperature=0, max_tokens=None)
+        assert m.last_stats.finish_reason in ("length", "stop")
+        assert len(m.engine.tokens) + m.engine.extra_cells <= m.info.n_ctx
+    with chatglm.load(files.path, n_threads=1, chat_format="glm4-0414") as m:  # a builder without image parts
+        with pytest.raises(InputError, match="0 <|image|> placeholders for 1 image"):
+            m.chat([Message("user", "What?", media=(small,))])

@@ -240,7 +240,7 @@ class Model:
             return gen
         started = time.perf_counter()
         stats.prefill_seconds = started - start
-        limit = engine.info.n_ctx - len(ids)
+        limit = engine.info.n_ctx - len(engine.tokens) - engine.extra_cells  # a medium takes more entries than ids
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
         sample, token_bytes, kept = engine.sampler(params), engine.token_bytes, self.kept_special

@@ -251,6 +251,7 @@ class MediaContext:
             n_ids = n_pos = n_media = 0
         engine.tokens = engine.tokens[:n_pos]
         self._evaluated = {p: r for p, r in self._evaluated.items() if p < n_pos}
+        engine.extra_cells = sum(r[1] - r[0] for r in self._evaluated.values())
         tokenized = [self._tokenize(x) for x in media[n_media:]]
         try:
             sizes = [r[1] for p, r in sorted(self._evaluated.items())] + [
@@ -275,6 +276,7 @@ class MediaContext:
                 n = self._eval_chunk(m.mtmd_input_chunks_get(chunks, i), cancel)
                 done += n
                 self._evaluated[pos] = (len(engine.tokens) - pos, n, medium.data)
+                engine.extra_cells += n - (len(engine.tokens) - pos)
                 if progress:
                     progress(done, cells)
             if segment:
