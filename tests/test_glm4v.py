@@ -348,3 +348,24 @@ def test_media_that_do_not_fit_or_have_no_place_are_refused(files):
     with chatglm.load(files.path, n_threads=1, chat_format="glm4-0414") as m:  # a builder without image parts
         with pytest.raises(InputError, match="0 <|image|> placeholders for 1 image"):
             m.chat([Message("user", "What?", media=(small,))])
+
+
+def test_the_pre_4_52_layout_converts_the_same(built, files, tmp_path):
+    """transformers before 4.52 saved ``model.layers.*`` / ``visual.*``: the same files come out."""
+    from safetensors.numpy import load_file, save_file
+
+    from chatglm.convert.pipeline import convert
+    from chatglm.gguf_file import read_header
+
+    folder = tmp_path / "legacy"
+    shutil.copytree(built[1], folder, ignore=shutil.ignore_patterns("model*.safetensors*"))
+    state = {}
+    for shard in built[1].glob("model-*.safetensors"):
+        for name, value in load_file(shard).items():
+            state[name.replace("model.language_model.", "model.").replace("model.visual.", "visual.")] = value
+    save_file(state, folder / "model.safetensors")
+    result = convert(folder, tmp_path / "glm4v.gguf", "f32", mmproj_type="f32")
+    for a, b in ((result.path, files.path), (result.mmproj, files.mmproj)):
+        ha, hb = read_header(a), read_header(b)
+        assert {n: t.shape for n, t in ha.tensors.items()} == {n: t.shape for n, t in hb.tensors.items()}
+        assert a.read_bytes()[ha.data_offset:] == b.read_bytes()[hb.data_offset:]

@@ -18,6 +18,7 @@ gated MLP (``mm.gate``/``mm.up``/``mm.down``).
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import gguf
@@ -52,6 +53,14 @@ class Glm4v(Glm4HF):
     name = FAMILY.variants[0]
     arch = FAMILY.arch
     text_prefix = "model.language_model."
+
+    def __init__(self, ckpt):
+        # transformers before 4.52 saved the language model at the top of ``model.`` and the tower as ``visual.``
+        names = set(ckpt.names())
+        legacy = "model.language_model.embed_tokens.weight" not in names and "model.embed_tokens.weight" in names
+        self.text_prefix = "model." if legacy else type(self).text_prefix
+        self.visual = "visual." if legacy else VISUAL
+        super().__init__(ckpt)
 
     def text_config(self) -> dict:
         text = self.ckpt.config.get("text_config")
@@ -142,7 +151,8 @@ class Glm4vProjector(Projector):
         self.bias = vision.get("attention_bias", False)
         if type(self.bias) is not bool:
             raise family.bad(f"vision_config.attention_bias must be true or false, got {shown(self.bias)}")
-        family.check_layers("vision_config.depth", self.n_layer, r"model\.visual\.blocks\.(\d+)\.")
+        self.prefix = family.visual
+        family.check_layers("vision_config.depth", self.n_layer, re.escape(self.prefix) + r"blocks\.(\d+)\.")
         self.mean, self.std = self.normalization()
 
     def vint(self, key: str, default: int | None = None) -> int:
@@ -190,7 +200,8 @@ class Glm4vProjector(Projector):
     def tensors(self) -> list[OutTensor]:
         e, o, f, p, m = self.n_embd, self.n_out, self.n_ff_merger, self.patch, self.merge
         n_pos = (self.image_size // p) ** 2
-        conv = VISUAL + "patch_embed.proj.weight"
+        vis = self.prefix
+        conv = vis + "patch_embed.proj.weight"
 
         def frame(k: int):
             return lambda a: a[0][:, :, k]
@@ -198,12 +209,12 @@ class Glm4vProjector(Projector):
         plan = [
             OutTensor("v.patch_embd.weight", (e, 3, p, p), (conv,), frame(0)),
             OutTensor("v.patch_embd.weight.1", (e, 3, p, p), (conv,), frame(1)),
-            OutTensor("v.patch_embd.bias", (e,), (VISUAL + "patch_embed.proj.bias",)),
-            OutTensor("v.norm_embd.weight", (e,), (VISUAL + "post_conv_layernorm.weight",)),
-            OutTensor("v.position_embd.weight", (n_pos, e), (VISUAL + "embeddings.position_embedding.weight",)),
+            OutTensor("v.patch_embd.bias", (e,), (vis + "patch_embed.proj.bias",)),
+            OutTensor("v.norm_embd.weight", (e,), (vis + "post_conv_layernorm.weight",)),
+            OutTensor("v.position_embd.weight", (n_pos, e), (vis + "embeddings.position_embedding.weight",)),
         ]
         for i in range(self.n_layer):
-            src, dst = f"{VISUAL}blocks.{i}.", f"v.blk.{i}."
+            src, dst = f"{vis}blocks.{i}.", f"v.blk.{i}."
             plan += [
                 OutTensor(dst + "ln1.weight", (e,), (src + "norm1.weight",)),
                 OutTensor(dst + "attn_qkv.weight", (3 * e, e), (src + "attn.qkv.weight",)),
@@ -214,11 +225,11 @@ class Glm4vProjector(Projector):
                 OutTensor(dst + "ffn_up.weight", (o, e), (src + "mlp.up_proj.weight",)),
                 OutTensor(dst + "ffn_down.weight", (e, o), (src + "mlp.down_proj.weight",)),
             ]
-        merger = VISUAL + "merger."
+        merger = vis + "merger."
         plan += [
-            OutTensor("v.post_ln.weight", (e,), (VISUAL + "post_layernorm.weight",)),
-            OutTensor("mm.patch_merger.weight", (o, e, m, m), (VISUAL + "downsample.weight",)),
-            OutTensor("mm.patch_merger.bias", (o,), (VISUAL + "downsample.bias",)),
+            OutTensor("v.post_ln.weight", (e,), (vis + "post_layernorm.weight",)),
+            OutTensor("mm.patch_merger.weight", (o, e, m, m), (vis + "downsample.weight",)),
+            OutTensor("mm.patch_merger.bias", (o,), (vis + "downsample.bias",)),
             OutTensor("mm.model.fc.weight", (o, o), (merger + "proj.weight",)),
             OutTensor("mm.post_norm.weight", (o,), (merger + "post_projection_norm.weight",)),
             OutTensor("mm.post_norm.bias", (o,), (merger + "post_projection_norm.bias",)),
@@ -230,7 +241,7 @@ class Glm4vProjector(Projector):
 
     def check_shapes(self, plan: Sequence[OutTensor]) -> None:
         super().check_shapes(list(plan))
-        check_shape(self.family, VISUAL + "patch_embed.proj.weight", (self.n_embd, 3, 2, self.patch, self.patch))
+        check_shape(self.family, self.prefix + "patch_embed.proj.weight", (self.n_embd, 3, 2, self.patch, self.patch))
 
 
 CONVERTER = Glm4v
