@@ -337,7 +337,7 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
     multimodal model (``mmproj``, by default ``mmproj-<stem>.gguf`` beside it) is checked against the model before
     the engine loads and then opened with libmtmd.
     """
-    from chatglm.runtime.mtmd import check_projector, find_projector
+    from chatglm.runtime.mtmd import check_projector, find_projector, projector_estimate
 
     start = time.perf_counter()
     projector_path = find_projector(Path(path), Path(mmproj) if mmproj is not None else None)
@@ -346,8 +346,9 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
         from chatglm.gguf_file import read_header
 
         projector = check_projector(projector_path, read_header(Path(path)))
+    extra = projector_estimate(Path(path), projector.path).total if projector is not None else 0
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                         flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress)
+                         flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, extra_memory=extra)
     try:
         engine.apply_lora([(Path(p), float(scale)) for p, scale in lora])
         model = Model(engine, chat_format=chat_format, sampling=sampling,
