@@ -369,3 +369,23 @@ def test_the_pre_4_52_layout_converts_the_same(built, files, tmp_path):
         ha, hb = read_header(a), read_header(b)
         assert {n: t.shape for n, t in ha.tensors.items()} == {n: t.shape for n, t in hb.tensors.items()}
         assert a.read_bytes()[ha.data_offset:] == b.read_bytes()[hb.data_offset:]
+
+
+def test_a_thinking_template_keeps_the_think_handling(built, tmp_path):
+    """GLM-4.1V-Thinking's prompt opens the reply inside <think>: the reply's thinking is kept apart."""
+    import chatglm
+    from chatglm.convert.pipeline import convert
+    from chatglm.devtools.glm4v import GLM4V_TEMPLATE
+    from chatglm.runtime.messages import Message
+
+    folder = tmp_path / "thinking"
+    shutil.copytree(built[1], folder)
+    (folder / "chat_template.jinja").write_text(GLM4V_TEMPLATE.replace("<|assistant|>\n{% endif %}",
+                                                                       "<|assistant|>\n<think>{% endif %}"))
+    result = convert(folder, tmp_path / "t.gguf", "f16")
+    _, media = image(112, 112)
+    with chatglm.load(result.path, n_threads=1) as m:
+        ids = m.prompt_ids([Message("user", "Why?", media=(media,))])
+        assert ids[-1] == m.info.special["<think>"] and m.format.thinks
+        reply = m.format.parse_reply("the sky scatters blue</think>Rayleigh scattering.")
+        assert reply.thinking.strip() == "the sky scatters blue" and reply.content == "Rayleigh scattering."
