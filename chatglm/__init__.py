@@ -22,6 +22,8 @@ _EXPORTS = {
     "ChatSession": "chatglm.runtime.session",
     "Message": "chatglm.runtime.messages",
     "ToolCall": "chatglm.runtime.messages",
+    "Media": "chatglm.runtime.media",
+    "load_media": "chatglm.runtime.media",
     "SamplingParams": "chatglm.runtime.sampling",
     "ModelInfo": "chatglm.runtime.engine",
     "ChatGLMError": "chatglm.errors",
@@ -32,15 +34,16 @@ _EXPORTS = {
     "ContextOverflowError": "chatglm.errors",
     "Cancelled": "chatglm.errors",
 }
-__all__ = ["Cancelled", "ChatGLMError", "ChatSession", "ContextOverflowError", "GenerationStats", "InputError", "Message",
-           "Model", "ModelBusyError", "ModelInfo", "ModelRuntimeError", "OutputError", "SamplingParams", "ToolCall",
-           "UnsupportedModelError", "__version__", "load"]
+__all__ = ["Cancelled", "ChatGLMError", "ChatSession", "ContextOverflowError", "GenerationStats", "InputError", "Media",
+           "Message", "Model", "ModelBusyError", "ModelInfo", "ModelRuntimeError", "OutputError", "SamplingParams",
+           "ToolCall", "UnsupportedModelError", "__version__", "load", "load_media"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from chatglm.api import load
     from chatglm.errors import (Cancelled, ChatGLMError, ContextOverflowError, InputError, ModelRuntimeError,
                                 OutputError, UnsupportedModelError)
     from chatglm.runtime.engine import ModelInfo
+    from chatglm.runtime.media import Media, load_media
     from chatglm.runtime.messages import Message, ToolCall
     from chatglm.runtime.model import GenerationStats, Model, ModelBusyError
     from chatglm.runtime.sampling import SamplingParams

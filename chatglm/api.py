@@ -15,7 +15,8 @@ def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = Non
          n_gpu_layers: int = 0, flash_attn: Optional[bool] = None, kv_type: str = "f16",
          chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
          on_progress: Optional[runtime.ProgressCallback] = None,
-         lora: Sequence[tuple[os.PathLike | str, float]] = ()) -> runtime.Model:
+         lora: Sequence[tuple[os.PathLike | str, float]] = (),
+         mmproj: Optional[os.PathLike | str] = None) -> runtime.Model:
     """Load a GGUF (or, with no path, the bundled demo model, converted into the cache on first use) and return a
     :class:`~chatglm.runtime.model.Model`; the keywords are :func:`chatglm.runtime.model.load`'s."""
     if path is None:
@@ -24,4 +25,4 @@ def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = Non
         path = demo_gguf()
     return runtime.load(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                         kv_type=kv_type, chat_format=chat_format, sampling=sampling, on_progress=on_progress,
-                        lora=lora)
+                        lora=lora, mmproj=mmproj)

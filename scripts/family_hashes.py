@@ -25,7 +25,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
                                               train_sentencepiece)
     from chatglm.devtools.corpus import bilingual_corpus
     from chatglm.devtools.glm1 import tiny_glm1_checkpoint, train_ice_tokenizer
-    from chatglm.devtools import glm5_next
+    from chatglm.devtools import glm4v, glm5_next
     from chatglm.devtools.glm4 import LAYOUTS, build_checkpoint, train_glm4_bpe
     from chatglm.devtools.glm_moe_dsa import build_dsa_checkpoint
     from chatglm.devtools.glm4_moe_lite import build_lite_checkpoint
@@ -52,6 +52,8 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     out["glm4.7-flash"] = build_lite_checkpoint(root / "glm4.7-flash", bpe, seed=3, rope_theta=20000.0)[1]
     model = glm5_next.tiny_model(bpe.get_vocab_size() + 7)
     out["glm5-next"] = glm5_next.save_checkpoint(model, root / "glm5-next", bpe)
+    tok = glm4v.tiny_tokenizer()
+    out["glm4v"] = glm4v.save_glm4v_checkpoint(glm4v.tiny_glm4v(tok, seed=3), tok, root / "glm4v")
     return out
 
 
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             for qtype in args.types.split(","):
                 result = convert(folder, root / f"{name}-{qtype}.gguf", qtype, threads=1)
                 sys.stdout.write(f"{sha256(result.path)}  {name:<13} {qtype:<7} {result.family}/{result.arch}\n")
+                if result.mmproj is not None:
+                    sys.stdout.write(f"{sha256(result.mmproj)}  {name:<13} {qtype:<7} mmproj (f16)\n")
     return 0
 
 

@@ -51,14 +51,27 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         "special_tokens": info.special,
         "special_ids": {k.removeprefix("tokenizer.ggml.").removesuffix("_token_id"): v for k, v in header.kv.items()
                         if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")},
-        "memory": None, "attention": None, "mtp_layers": mtp_layers(header),
+        "memory": None, "attention": None, "mtp_layers": mtp_layers(header), "projector": None,
     }
     if problem is None:
         flash = None
         if ENGINES[header.arch].endswith(":LlamaEngine"):
             flash, d["attention"] = resolve_flash_attn(kv_type, None)
         d["memory"] = memory(header, n_ctx, kv_type, flash is not False)
+        d["projector"] = projector(path, d["memory"])
     return d
+
+
+def projector(path: Path, mem: dict) -> Optional[dict]:
+    """The projector beside the model (vision/speech), counted into the memory estimate."""
+    from chatglm.runtime.mtmd import projector_estimate
+
+    proj = projector_estimate(path)
+    if proj is None:
+        return None
+    mem["total"] += proj.total
+    return {"path": proj.path, "projector_type": proj.projector_type, "weights": proj.weights,
+            "compute": proj.compute, "image_tokens": proj.image_tokens}
 
 
 def chat_path(fmt: str) -> str:
@@ -133,10 +146,14 @@ def text_lines(d: dict) -> list[str]:
                      "generation runs the trunk only)")
     lines.append("  tensor types   " + "; ".join(f"{c}: " + ", ".join(f"{t}×{n}" for t, n in ts.items())
                                              for c, ts in d["tensor_types"].items()))
-    mem = d["memory"]
+    mem, proj = d["memory"], d["projector"]
+    if proj:
+        lines.append(f"  projector      {proj['path']} ({proj['projector_type']}): weights {human(proj['weights'])} + "
+                     f"encoder {human(proj['compute'])}; an image of its own size takes {proj['image_tokens']} tokens")
     if mem:
+        extra = f" + projector {human(proj['weights'] + proj['compute'])}" if proj else ""
         lines.append(f"  memory         {human(mem['total'])} at {mem['n_ctx']} tokens ({mem['kv_type']} KV): weights "
-                     f"{human(mem['weights'])} + KV {human(mem['kv_cache'])} + compute {human(mem['compute'])}")
+                     f"{human(mem['weights'])} + KV {human(mem['kv_cache'])} + compute {human(mem['compute'])}{extra}")
     if d["attention"]:
         lines.append(f"  attention      {d['attention']}")
     return lines

@@ -36,6 +36,7 @@ HELP = f"""Commands:
   /show                 model information and current settings
   /save FILE            write the conversation as JSON
   /load FILE            replace the conversation with one saved by /save
+  /image PATH           attach an image to the next message (a model with a projector)
   /exit                 leave (also /quit, /bye, Ctrl-D, or Ctrl-C at an empty prompt)
 Input: {FENCE} starts and ends a multi-line message. Ctrl-C stops a reply."""
 SETTINGS: dict[str, type] = {name: k.kind for name, k in knobs().items()}  # /set NAME VALUE: SamplingParams
@@ -118,8 +119,9 @@ class Repl:
             "/help": self.cmd_help, "/?": self.cmd_help, "/clear": self.cmd_clear, "/system": self.cmd_system,
             "/set": self.cmd_set, "/show": self.cmd_show, "/save": self.cmd_save, "/load": self.cmd_load,
             "/exit": self.cmd_exit, "/quit": self.cmd_exit, "/bye": self.cmd_exit,
-            "/think": self.cmd_think, "/thoughts": self.cmd_thoughts,
+            "/think": self.cmd_think, "/thoughts": self.cmd_thoughts, "/image": self.cmd_image,
         }
+        self.attached: list = []  # media for the next message (/image)
         self.thinking = ThinkingPrinter()
 
     def run(self) -> None:
@@ -134,7 +136,8 @@ class Repl:
                 if text.startswith("/"):
                     self.command(text.strip())
                 else:
-                    self.turn(Message("user", text))
+                    media, self.attached = tuple(self.attached), []
+                    self.turn(Message("user", text, media=media))
         except Leave:
             pass
         finally:
@@ -240,6 +243,16 @@ class Repl:
             handler(arg.strip())
         except ChatGLMError as exc:
             note(f"error: {exc}")
+
+    def cmd_image(self, arg: str) -> None:
+        from chatglm.runtime.media import load_media
+
+        if not arg:
+            raise InputError("/image needs a file name")
+        media = load_media(Path(arg).expanduser(), "image")
+        self.model.media_of([Message("user", "", media=(media,))])  # a text-only model refuses it now
+        self.attached.append(media)
+        note(f"attached {media.name} ({media.width}x{media.height}) to the next message")
 
     def cmd_help(self, _arg: str) -> None:
         note(HELP)

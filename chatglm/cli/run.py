@@ -41,6 +41,10 @@ def run_cmd(
                                                        "repeatable.")] = None,
     lora_scale: Annotated[float, number(("--lora-scale",), "Scale of every --lora adapter.", -MAX_LORA_SCALE,
                                         MAX_LORA_SCALE)] = 1.0,
+    image: Annotated[Optional[list[Path]], typer.Option("--image", help="An image for the (first) message; "
+                                                        "repeatable. Needs the model's projector.")] = None,
+    mmproj: Annotated[Optional[Path], typer.Option("--mmproj", help="The projector GGUF (default: "
+                                                   "mmproj-<model>.gguf beside the model).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With -p: print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show load time and tokens/s.")] = False,
     think: Annotated[Optional[bool], typer.Option("--think/--no-think", help="Thinking on or off (the chat "
@@ -58,12 +62,19 @@ def run_cmd(
         raise fail("--json needs -p PROMPT")
     from chatglm.runtime.chatfiles import read_tools
 
+    from chatglm.runtime.media import load_media
+    from chatglm.runtime.mtmd import find_projector
+
     tool_list = read_tools(tools) if tools is not None else None
+    media = tuple(load_media(p, "image") for p in image or ())
     model = model or demo_path()
+    if media and find_projector(model, mmproj) is None:
+        raise fail(f"{media[0].name}: {model.name} takes text only (no projector mmproj-{model.stem}.gguf beside "
+                   "it; name one with --mmproj)")
     if verbose:
-        print_estimate(model, ctx, kv_type, flash_attn)
+        print_estimate(model, ctx, kv_type, flash_attn, mmproj, media)
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
-                  flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()]) as m:
+                  flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()], mmproj=mmproj) as m:
         m.sampling = m.sampling.updated(**sampling or {})
         if sys.stderr.isatty():
             m.prefill_progress = show_prefill
@@ -72,11 +83,13 @@ def run_cmd(
         session = m.session(system, tools=tool_list, enable_thinking=think,
                             reasoning_effort=reasoning_effort.value if reasoning_effort else None)
         if prompt is not None:
-            one_shot(session, prompt, as_json, verbose)
+            one_shot(session, prompt, as_json, verbose, media)
         else:
             from chatglm.cli.repl import Repl
 
-            Repl(session, verbose=verbose).run()
+            repl = Repl(session, verbose=verbose)
+            repl.attached = list(media)
+            repl.run()
 
 
 def show_prefill(done: int, total: int) -> None:
@@ -93,16 +106,22 @@ def demo_path() -> Path:
     return demo_gguf()
 
 
-def print_estimate(path: Path, n_ctx: Optional[int], kv_type: str, flash_attn: Optional[bool]) -> None:
-    """The memory the model will take, before it is loaded (``--verbose``)."""
+def print_estimate(path: Path, n_ctx: Optional[int], kv_type: str, flash_attn: Optional[bool],
+                   mmproj: Optional[Path] = None, media=()) -> None:
+    """The memory the model (and its projector, with the images given) will take, before it is loaded
+    (``--verbose``)."""
     from chatglm.gguf_file import read_header
     from chatglm.runtime.memory import default_context, estimate, human
+    from chatglm.runtime.mtmd import projector_estimate
 
     header = read_header(path)
     ctx = n_ctx or default_context(header, kv_type)
     mem = estimate(header, ctx, kv_type, flash_attn=flash_attn is not False)
-    typer.echo(f"[memory: about {human(mem.total)} at {ctx} tokens: weights {human(mem.weights)}, "
-               f"{kv_type} KV cache {human(mem.kv_cache)}, compute {human(mem.buffers)}]", err=True)
+    proj = projector_estimate(path, mmproj, [(x.width, x.height) for x in media])
+    extra = f", projector {human(proj.total)} ({proj.image_tokens} image tokens)" if proj is not None else ""
+    total = mem.total + (proj.total if proj is not None else 0)
+    typer.echo(f"[memory: about {human(total)} at {ctx} tokens: weights {human(mem.weights)}, "
+               f"{kv_type} KV cache {human(mem.kv_cache)}, compute {human(mem.buffers)}{extra}]", err=True)
 
 
 def utf8_console() -> None:
@@ -118,9 +137,12 @@ def utf8_console() -> None:
             reconfigure(errors="replace")
 
 
-def one_shot(session, prompt: str, as_json: bool, verbose: bool) -> None:
+def one_shot(session, prompt: str, as_json: bool, verbose: bool, media=()) -> None:
+    from chatglm.runtime.messages import Message
     from chatglm.runtime.model import drain
 
+    if media:
+        prompt = Message("user", prompt, media=tuple(media))
     m = session.model
     dropped: list[int] = []
     session.on_truncate = dropped.append

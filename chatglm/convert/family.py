@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import gguf
 import numpy as np
@@ -21,6 +21,9 @@ from chatglm.convert.checkpoint import Checkpoint
 from chatglm.convert.config_types import is_number as _finite_number, shown as _shown
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.limits import FLOAT32_MAX, MAX_LAYERS, UINT32_MAX
+
+if TYPE_CHECKING:
+    from chatglm.convert.mmproj import Projector
 
 
 def _identity(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -70,6 +73,10 @@ class Family(ABC):
     @abstractmethod
     def tensors(self) -> list[OutTensor]:
         """Every output tensor, in file order."""
+
+    def projector(self) -> "Projector | None":
+        """The checkpoint's media encoder and projector (written as ``mmproj-<model>.gguf``), None for text only."""
+        return None
 
     @property
     def n_block(self) -> int:
@@ -180,11 +187,12 @@ def describe_config(config: dict) -> str:
             f"keys present: {', '.join(present) or 'none'}; absent: {', '.join(absent) or 'none'}")
 
 
-def check_complete(family: Family, plan: list[OutTensor]) -> None:
-    """Every source tensor is used (or deliberately ignored), every source exists, and shapes agree."""
+def check_complete(family: Family, plan: list[OutTensor], projector_plan: Sequence[OutTensor] = ()) -> None:
+    """Every source tensor is used by the model or its projector (or deliberately ignored), every source exists,
+    and shapes agree."""
     ckpt = family.ckpt
     present = set(ckpt.names())
-    used = {src for t in plan for src in t.sources}
+    used = {src for t in (*plan, *projector_plan) for src in t.sources}
     missing = sorted(used - present)
     if missing:
         raise InputError(f"checkpoint lacks tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""),

@@ -15,6 +15,7 @@ The tokenizer is ``tokenizer.json``. config.json may carry rope settings at the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -86,9 +87,13 @@ class HFGlmFamily(Family):
     """Config, tokenizer and the attention/embedding tensors every HF-layout GLM shares."""
 
     default_bias: ClassVar[bool] = True
+    # Where the language model's tensors live: "model." (``model.layers.N...``), or "model.language_model." in the
+    # multimodal layouts (GLM-4.1V); ``lm_head`` stays at the top.
+    text_prefix: ClassVar[str] = "model."
 
     def __init__(self, ckpt):
         super().__init__(ckpt)
+        self.config = self.text_config()
         act = self.config.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"hidden_act={act!r} is not supported (GLM uses 'silu')",
@@ -98,6 +103,14 @@ class HFGlmFamily(Family):
 
     def detect_chat_format(self, template: str) -> str:
         raise NotImplementedError
+
+    def text_config(self) -> dict:
+        """The language model's settings (config.json itself, or its ``text_config`` in multimodal layouts)."""
+        return self.config
+
+    def source(self, name: str) -> str:
+        """A transformers tensor name (``model.…``) as this layout stores it (under :attr:`text_prefix`)."""
+        return self.text_prefix + name[len("model."):] if name.startswith("model.") else name
 
     # -- config ---------------------------------------------------------------------------------------------------
     def leading_dense(self, n_layer: int, default: int) -> int:
@@ -145,7 +158,7 @@ class HFGlmFamily(Family):
 
     def hparams(self) -> HFHparams:
         n_embd = self.cfg_int("hidden_size")
-        embedding = f"{HF_TENSORS[T.TOKEN_EMBD]}.weight"
+        embedding = self.source(f"{HF_TENSORS[T.TOKEN_EMBD]}.weight")
         self.check_rows("hidden_size", n_embd, embedding, 1, "columns")
         n_head = self.cfg_int("num_attention_heads", maximum=n_embd)
         n_head_kv = self.cfg_int("num_key_value_heads", default=n_head, maximum=n_head)
@@ -159,7 +172,8 @@ class HFGlmFamily(Family):
         if n_rot < 2 or n_rot % 2:
             raise self.bad(f"head_dim ({head_dim}) x partial_rotary_factor ({factor}) must be a positive even number")
         n_layer = self.cfg_int("num_hidden_layers")
-        self.check_layers("num_hidden_layers", n_layer, r"model\.layers\.(\d+)\.", *self.trailing_layers())
+        self.check_layers("num_hidden_layers", n_layer, re.escape(self.text_prefix) + r"layers\.(\d+)\.",
+                          *self.trailing_layers())
         n_vocab = self.cfg_int("vocab_size")
         self.check_rows("vocab_size", n_vocab, embedding, 0, "rows")
         return HFHparams(
@@ -190,7 +204,7 @@ class HFGlmFamily(Family):
     def out(self, kind: T, bid: int | None, shape: tuple[int, ...], source: str | None = None,
             bias: bool = False) -> list[OutTensor]:
         fmt = {} if bid is None else {"bid": bid}
-        src = (source or HF_TENSORS[kind]).format(**fmt)
+        src = self.source((source or HF_TENSORS[kind]).format(**fmt))
         tensors = [OutTensor(f"{gguf_name(kind, bid)}.weight", shape, (f"{src}.weight",))]
         if bias:
             tensors.append(OutTensor(f"{gguf_name(kind, bid)}.bias", shape[:1], (f"{src}.bias",)))

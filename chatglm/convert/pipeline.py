@@ -19,6 +19,8 @@ from chatglm.convert.chat_meta import write_chat_metadata
 from chatglm.convert.gguf_writer import CheckedWriter, DataSection, Progress, TensorInfo, display_name, write_header
 from chatglm.convert.checkpoint import Checkpoint, CheckpointView
 from chatglm.convert.family import Family, OutTensor, check_complete, detect
+from chatglm.convert.mmproj import (CLIP_ARCH, DEFAULT_MMPROJ_TYPE, KEY_PROJ_TYPE, MMPROJ_FTYPES, Projector, mmproj_path, mmproj_qtype,
+                                    plan_projector, stored_type)
 from chatglm.convert.lora import merged, refuse_prefix_tuning
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError
@@ -37,10 +39,11 @@ class ConvertResult:
     n_tensors: int
     nbytes: int
     seconds: float
+    mmproj: Optional[Path] = None  # the projector written beside the model (vision and speech checkpoints)
 
 
 @dataclass
-class _Planned:
+class Planned:
     tensor: OutTensor
     qtype: gguf.GGMLQuantizationType
     nbytes: int
@@ -60,11 +63,15 @@ def convert(
     progress: Optional[Progress] = None,
     lora: Sequence[os.PathLike | str] = (),
     lora_scale: float | Sequence[float] = 1.0,
+    mmproj: bool = True,
+    mmproj_type: str = DEFAULT_MMPROJ_TYPE,
 ) -> ConvertResult:
     """Convert a Hugging Face checkpoint folder to a GGUF file of the given type (or mixed recipe).
 
     THUDM int4/int8 checkpoints are dequantized on the fly; ``lora`` adapters (PEFT folders) are merged into the
-    weights, each scaled by ``lora_scale`` (one value for all, or one per adapter).
+    weights, each scaled by ``lora_scale`` (one value for all, or one per adapter). A vision or speech checkpoint's
+    projector is written beside the output as ``mmproj-<stem>.gguf`` (``mmproj_type``; ``mmproj=False`` skips it);
+    both files appear together or neither does.
     """
     start = time.perf_counter()
     recipe = qtypes.get_recipe(qtype)
@@ -74,7 +81,10 @@ def convert(
         ckpt = merged(dequantized(raw), lora, lora_scale)
         family = detect(ckpt)
         plan = family.tensors()
-        check_complete(family, plan)
+        projector = family.projector()
+        projector_plan = plan_projector(projector) if projector is not None else []
+        check_complete(family, plan, projector_plan)
+        mmproj_qtype(mmproj_type)
         family.check_shapes(plan)
         importance = load_imatrix(imatrix, plan) if imatrix is not None else None
         planned = _plan_types(family, plan, recipe, has_imatrix=importance is not None)
@@ -88,17 +98,47 @@ def convert(
             with open(tmp, "r+b") as fh:
                 section = DataSection(fh, alignment, total, progress)
                 for p in planned:
-                    section.write(p.tensor.name, p.nbytes, _encoded_blocks(ckpt, p, importance, threads or 2))
+                    section.write(p.tensor.name, p.nbytes, encoded_blocks(ckpt, p, importance, threads or 2))
+            side = mmproj_path(dest) if projector is not None and mmproj else None
+            if side is not None:
+                with atomic_path(side, sources=[model_dir, imatrix, *lora]) as side_tmp:
+                    write_projector(projector, projector_plan, side_tmp, mmproj_type, display_name(family.ckpt.dir),
+                                    threads or 2)
     seconds = time.perf_counter() - start
     log.info("wrote %s: %d tensors, %d bytes in %.1fs", dest, len(planned), total, seconds)
-    return ConvertResult(dest, family.name, family.arch, recipe.name, len(planned), dest.stat().st_size, seconds)
+    return ConvertResult(dest, family.name, family.arch, recipe.name, len(planned), dest.stat().st_size, seconds,
+                         side)
 
 
-def _plan_types(family: Family, plan: list[OutTensor], recipe: qtypes.Recipe, has_imatrix: bool) -> list[_Planned]:
+def write_projector(projector: Projector, plan: list[OutTensor], tmp: Path, qtype: str, name: str,
+                    threads: int = 2) -> int:
+    """Write the projector to ``tmp`` (the caller's atomic path, a ``clip`` GGUF); returns the bytes of tensor
+    data written."""
+    choice = mmproj_qtype(qtype)
+    planned = []
+    for t in plan:
+        stored = stored_type(t.name, t.shape, choice, projector.f32_tensors)
+        planned.append(Planned(t, stored, quants.tensor_nbytes(stored, t.shape)))
+    w = CheckedWriter(tmp, CLIP_ARCH, projector.family.config_path)
+    w.add_name(name)
+    w.add_file_type(int(MMPROJ_FTYPES[choice]))
+    w.add_string(keys.CONVERTER, f"chatglm {__version__}")
+    w.add_string(KEY_PROJ_TYPE, projector.projector_type)
+    projector.write_metadata(w)
+    alignment = write_header(w, [TensorInfo(p.tensor.name, p.tensor.shape, p.qtype, p.nbytes) for p in planned])
+    total = sum(p.nbytes for p in planned)
+    with open(tmp, "r+b") as fh:
+        section = DataSection(fh, alignment, total)
+        for p in planned:
+            section.write(p.tensor.name, p.nbytes, encoded_blocks(projector.ckpt, p, None, threads))
+    return total
+
+
+def _plan_types(family: Family, plan: list[OutTensor], recipe: qtypes.Recipe, has_imatrix: bool) -> list[Planned]:
     hp = family.hp
     model = qtypes.ModelInfo(family.arch, family.n_block, hp.n_head, hp.n_head_kv, getattr(hp, "n_expert", 0))
     types = qtypes.plan_types(recipe, [(t.name, t.shape) for t in plan], model, has_imatrix=has_imatrix)
-    return [_Planned(t, types[t.name], quants.tensor_nbytes(types[t.name], t.shape)) for t in plan]
+    return [Planned(t, types[t.name], quants.tensor_nbytes(types[t.name], t.shape)) for t in plan]
 
 
 def load_imatrix(path: os.PathLike | str, plan: list[OutTensor]) -> dict[str, np.ndarray]:
@@ -177,7 +217,7 @@ def _streams(ckpt: Checkpoint | CheckpointView, t: OutTensor) -> bool:
     return isinstance(ckpt, Checkpoint) and t.is_copy and len(t.shape) == 2
 
 
-def _encoded_blocks(ckpt: Checkpoint | CheckpointView, p: _Planned, importance, threads: int) -> Iterator[np.ndarray]:
+def encoded_blocks(ckpt: Checkpoint | CheckpointView, p: Planned, importance, threads: int) -> Iterator[np.ndarray]:
     """The planned tensor in its file encoding, as consecutive blocks of rows (one block unless it streams)."""
     t, source = p.tensor, p.tensor.sources[0]
     imatrix = importance.get(t.name) if importance else None
@@ -195,7 +235,7 @@ def _encoded_blocks(ckpt: Checkpoint | CheckpointView, p: _Planned, importance, 
             raise InputError(f"tensor {source!r}: {exc.problem}", ckpt.file_of(source)) from None
 
 
-def _materialize(ckpt: Checkpoint | CheckpointView, p: _Planned, imatrix, threads: int) -> np.ndarray:
+def _materialize(ckpt: Checkpoint | CheckpointView, p: Planned, imatrix, threads: int) -> np.ndarray:
     t = p.tensor
     data = np.ascontiguousarray(t.build([ckpt.load(s) for s in t.sources]), dtype=np.float32)
     if data.shape != t.shape:

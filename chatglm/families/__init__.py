@@ -14,7 +14,7 @@ import importlib
 from functools import lru_cache
 from types import ModuleType
 
-from chatglm.families.descriptor import Descriptor
+from chatglm.families.descriptor import Descriptor, MediaProjector
 
 # One line per family, in detection and listing order.
 REGISTRY: tuple[str, ...] = (
@@ -27,6 +27,7 @@ REGISTRY: tuple[str, ...] = (
     "glm4_moe_lite",  # GLM-4.7-Flash (MLA: llama.cpp deepseek2)
     "glm_moe_dsa",  # GLM-5, GLM-5.1, GLM-5.2, GLM-5.3
     "glm5_next",  # GLM-5.3-Flash (text model)
+    "glm4v",  # GLM-4.1V-Thinking, GLM-4.6V, GLM-4.6V-Flash (vision: mmproj beside the model)
 )
 
 
@@ -38,6 +39,16 @@ def families() -> tuple[Descriptor, ...]:
         if fam.name != name:
             raise RuntimeError(f"chatglm/families/{name} describes itself as {fam.name!r}")
     return found
+
+
+def projectors() -> dict[str, "MediaProjector"]:
+    """Every libmtmd projector type some family writes, by name."""
+    return {p.projector_type: p for f in families() for p in f.projectors}
+
+
+def projector_owner(projector_type: str) -> str:
+    """The family whose descriptor declares a libmtmd projector type (its ``chat`` part may check such files)."""
+    return next(f.name for f in families() if any(p.projector_type == projector_type for p in f.projectors))
 
 
 def part(name: str, which: str | None) -> ModuleType:

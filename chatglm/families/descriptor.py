@@ -24,17 +24,31 @@ class Detect:
     architectures: tuple[str, ...]  # empty: any (ChatGLM-6B is told apart by its keys alone)
     has_keys: tuple[str, ...] = ()
     lacks_keys: tuple[str, ...] = ()
+    other_model_types: tuple[str, ...] = ()  # further model_type values of the same layout (GLM-4.6V's glm46v)
 
     def matches(self, config: dict) -> bool:
         archs = config.get("architectures") or []
         named = not self.architectures or any(a in self.architectures for a in archs)
-        return (config.get("model_type") == self.model_type and named
+        return (config.get("model_type") in (self.model_type, *self.other_model_types) and named
                 and all(k in config for k in self.has_keys) and not any(k in config for k in self.lacks_keys))
 
     @property
     def keys(self) -> tuple[str, ...]:
         """The config.json keys this detection looks at."""
         return ("model_type", "architectures", *self.has_keys, *self.lacks_keys)
+
+
+@dataclass(frozen=True)
+class MediaProjector:
+    """A libmtmd projector type a family's ``mmproj-*.gguf`` files use, as the runtime checks it before libmtmd: the
+    modality, the tensor whose rows (ggml ``ne[1]``) are the width of the embeddings it gives the language model, and
+    the token the chat template writes in place of each medium (libmtmd writes the medium's begin/end tokens around
+    its chunk only when tokenizing text; here the template's own begin/end tokens stay in the prompt)."""
+
+    projector_type: str  # libmtmd's name (tools/mtmd/clip-impl.h)
+    modality: str  # "image" or "audio"
+    output: str
+    placeholder: str
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,7 @@ class Descriptor:
     # Chat templates its formats reproduce token for token: (the first 16 hex digits of the sha256 of the template
     # text, CRLF as LF, stripped, format). A template not listed takes the sandboxed Jinja path.
     template_fingerprints: tuple[tuple[str, str], ...] = ()
+    projectors: tuple[MediaProjector, ...] = ()  # the media projectors its checkpoints carry (mmproj files)
 
     def __post_init__(self) -> None:
         if self.engine not in (ENGINE_LLAMA, ENGINE_GLM1):

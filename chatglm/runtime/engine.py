@@ -74,6 +74,8 @@ class Engine(ABC):
         self.tokens: list[int] = []  # what the KV cache holds, in order
         self.lock = threading.Lock()
         self.n_evaluated = 0  # tokens evaluated since load (for KV-reuse accounting and stats)
+        # cache entries beyond one per position: a medium's embeddings take more entries than positions (M-RoPE)
+        self.extra_cells = 0
 
     # -- tokenizer --------------------------------------------------------------------------------------------
     @abstractmethod
@@ -102,6 +104,7 @@ class Engine(ABC):
             raise ContextOverflowError(
                 f"prompt of {len(tokens)} tokens does not fit the context of {self.info.n_ctx} tokens")
         keep = min(self.reusable(tokens), len(tokens) - 1)
+        self.extra_cells = 0  # the kept prefix ends before any medium
         if self._truncate(keep) is False:  # a recurrent state cannot drop its last tokens: evaluate all again
             self._truncate(0)
             keep = 0
@@ -112,13 +115,14 @@ class Engine(ABC):
 
     def step(self, token: int) -> None:
         """Append one token (a sampled one) and compute its logits."""
-        if len(self.tokens) >= self.info.n_ctx:
+        if len(self.tokens) + self.extra_cells >= self.info.n_ctx:
             raise ContextOverflowError(f"the context of {self.info.n_ctx} tokens is full")
         self._eval([token])
 
     def reset(self) -> None:
         self._truncate(0)
         self.tokens = []
+        self.extra_cells = 0
 
     @abstractmethod
     def _truncate(self, n_keep: int) -> Optional[bool]:

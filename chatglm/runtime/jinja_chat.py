@@ -221,6 +221,9 @@ def hf_messages(messages: Sequence[Message]) -> tuple[list[dict], Optional[list]
             if tools_only(m):
                 continue
         d: dict[str, Any] = {"role": "tool" if m.role == "observation" else m.role, "content": m.content}
+        if m.media:  # transformers' content parts: the media first, then the text
+            d["content"] = [{"type": x.kind} for x in m.media] + ([{"type": "text", "text": m.content}]
+                                                                  if m.content else [])
         if m.role == "assistant":
             if m.thinking:
                 d["reasoning_content"] = m.thinking

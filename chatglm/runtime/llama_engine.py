@@ -66,6 +66,19 @@ class LlamaEngine(Engine):
             self.close()
             raise
 
+    # -- what libmtmd (runtime/mtmd.py) evaluates media with -------------------------------------------------------
+    @property
+    def native_model(self):
+        return self._model
+
+    @property
+    def native_context(self):
+        return self._ctx
+
+    def set_cancel(self, cancel: Optional[threading.Event]) -> None:
+        """The event that aborts llama_decode calls made for this engine by others (libmtmd's helpers)."""
+        self._cancel_event = cancel
+
     def _should_abort(self, _data) -> bool:
         event = self._cancel_event
         return bool(event is not None and event.is_set())

@@ -45,6 +45,20 @@ def lib():
 
 
 _keep: list = []  # ctypes callbacks that native code holds pointers to
+
+
+@functools.cache
+def mtmd_lib():
+    """llama-cpp-python's libmtmd bindings, its log (and its helpers') routed as llama.cpp's is."""
+    import llama_cpp.llama_cpp as ll
+    from llama_cpp import mtmd_cpp
+
+    lib()
+    cb = ll.llama_log_callback(_route_log)
+    mtmd_cpp.mtmd_log_set(cb, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(cb, ctypes.c_void_p(0))
+    _keep.append(cb)
+    return mtmd_cpp
 ABORT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)
 
 
@@ -223,7 +237,8 @@ class NativeSampler:
             ll.llama_sampler_chain_add(self._chain, link)
         if params.repeat_penalty != 1.0:
             for token in history[-params.repeat_last_n:] if params.repeat_last_n else ():
-                ll.llama_sampler_accept(self._chain, token)
+                if token >= 0:  # a medium's positions hold no token
+                    ll.llama_sampler_accept(self._chain, token)
 
     def __call__(self) -> int:
         # Samples from the last output's logits and records the token (for the repeat penalty).

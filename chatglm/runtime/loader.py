@@ -149,7 +149,8 @@ def _count(shape) -> int:
 
 
 def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
-                flash_attn: Optional[bool] = None, kv_type: str = "f16", on_progress=None) -> Engine:
+                flash_attn: Optional[bool] = None, kv_type: str = "f16", on_progress=None,
+                extra_memory: int = 0) -> Engine:
     check_kv_type(kv_type)
     if flash_attn not in (None, True, False):
         raise InputError(f"flash_attn must be True, False or None, got {flash_attn!r}")
@@ -170,7 +171,7 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
         n_threads = physical_cores()
     check_context(n_ctx, 1, n_threads)
     if n_gpu_layers == 0:  # everything stays in host memory
-        check_fits(header, n_ctx, kv_type, flash_attn is not False)
+        check_fits(header, n_ctx, kv_type, flash_attn is not False, extra_memory)
     info = describe(header)
     module, _, cls = target.partition(":")
     engine_cls = getattr(importlib.import_module(module), cls)

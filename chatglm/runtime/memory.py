@@ -161,14 +161,17 @@ def human(n: float) -> str:
     return str(n)
 
 
-def check_fits(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", flash_attn: bool = True) -> None:
-    """Refuse a context whose KV cache and compute buffers cannot fit in the memory available (weights are mapped
-    from the file and not counted): llama.cpp would try, and fail or swap, after allocating."""
+def check_fits(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", flash_attn: bool = True,
+               extra: int = 0) -> None:
+    """Refuse a context whose KV cache and compute buffers (and ``extra`` bytes: a projector libmtmd loads into
+    memory) cannot fit in the memory available (weights are mapped from the file and not counted): llama.cpp would
+    try, and fail or swap, after allocating."""
     est = estimate(header, n_ctx, kv_type, flash_attn=flash_attn)
-    need, avail = est.kv_cache + est.buffers, available_memory()
+    need, avail = est.kv_cache + est.buffers + extra, available_memory()
     if need > avail:
+        what = " and the projector" if extra else ""
         raise InputError(f"a context of {n_ctx} tokens needs about {human(need)} for its KV cache and compute "
-                         f"buffers, more than the {human(avail)} of memory available; choose a smaller --ctx",
+                         f"buffers{what}, more than the {human(avail)} of memory available; choose a smaller --ctx",
                          header.path)
 
 
@@ -224,3 +227,4 @@ def _glm5next_compute(header: GGUFHeader, n_ctx: int, n_ub: int, flash_attn: boo
 
 _ARCH_CACHE = {ARCH_GLM5_NEXT: _glm5next_cache}
 _ARCH_COMPUTE = {gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GLM_DSA]: _dsa_compute, ARCH_GLM5_NEXT: _glm5next_compute}
+

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from chatglm.runtime.media import Media
 
 ROLES = ("system", "user", "assistant", "observation")
 ROLE_ALIASES = {"tool": "observation", "function": "observation"}
@@ -27,6 +31,7 @@ class Message:
     tools: Optional[list[dict]] = None  # on a system message: the tools the model may call
     thinking: str = ""  # GLM-Z1 / GLM-4.5 <think> text, kept apart from the answer
     tool_call_id: str = ""  # on a tool result: the id of the call it answers (GLM-5.3-Flash orders results by it)
+    media: tuple["Media", ...] = ()  # images and audio of this message, in order (placed before its text)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Message":
@@ -38,15 +43,18 @@ class Message:
         if role not in ROLES:
             raise InputError(f"unknown message role {data.get('role')!r}; expected one of {', '.join(ROLES)}, tool")
         content = data.get("content") or ""
+        media: tuple = ()
+        if isinstance(content, list):
+            content, media = content_parts(content)
         if not isinstance(content, str):
-            raise InputError(f"message content must be a string, got {type(content).__name__}")
+            raise InputError(f"message content must be a string or a list of parts, got {type(content).__name__}")
         calls = [ToolCall(str(c.get("name", "")), c.get("arguments", {}), str(c.get("id") or ""))
                  for c in data.get("tool_calls") or [] if isinstance(c, dict)]
         tools = data.get("tools")
         thinking = data.get("thinking") or data.get("reasoning_content") or ""
         return cls(role=role, content=content, tool_calls=calls, metadata=str(data.get("metadata") or ""),
                    tools=tools if isinstance(tools, list) else None, thinking=str(thinking),
-                   tool_call_id=str(data.get("tool_call_id") or ""))
+                   tool_call_id=str(data.get("tool_call_id") or ""), media=media)
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"role": self.role, "content": self.content}
@@ -62,6 +70,25 @@ class Message:
         if self.tool_call_id:
             out["tool_call_id"] = self.tool_call_id
         return out
+
+
+def content_parts(parts: list) -> tuple[str, tuple]:
+    """transformers' content parts: ``{"type": "text", "text": ...}`` joined, ``{"type": "image", "image": path or
+    bytes}`` (and ``"audio"``) loaded and checked, in order."""
+    from chatglm.errors import InputError
+    from chatglm.runtime.media import KINDS, load_media
+
+    texts, media = [], []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in KINDS and isinstance(part.get(kind), (str, bytes, os.PathLike)):
+            media.append(load_media(part[kind], kind))
+        else:
+            raise InputError(f"a content part must be {{'type': 'text', 'text': ...}} or {{'type': 'image', 'image': "
+                             f"path or bytes}}, got {str(part)[:60]}")
+    return "".join(texts), tuple(media)
 
 
 def tools_only(m: Message) -> bool:

@@ -27,6 +27,8 @@ from chatglm.runtime.prompts import ChatFormat, split_options, template_options
 from chatglm.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
+    from chatglm.runtime.media import Media
+    from chatglm.runtime.mtmd import MediaContext
     from chatglm.runtime.session import ChatSession
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class Model:
         self.last_reply = Message("assistant", "")
         self._active: Optional[threading.Event] = None  # the cancel event of the running generation
         self._closed = False
+        self.media: Optional["MediaContext"] = None  # libmtmd over this engine, when a projector was loaded
 
     def __repr__(self) -> str:
         i = self.info
@@ -91,13 +94,30 @@ class Model:
         with self.format.using(template_options(options)):
             return self.format.prompt_ids(as_conversation(messages), self.engine)
 
+    def media_of(self, messages: Sequence[Message]) -> tuple["Media", ...]:
+        """Every medium of the conversation, in prompt order; refused when this model cannot take them."""
+        media = tuple(x for m in messages for x in m.media)
+        if not media:
+            return media
+        if self.media is None:
+            raise InputError(f"{media[0].name}: this model takes text only ({self.info.path.name} was loaded "
+                             "without a projector: put mmproj-<model>.gguf beside it or name one with --mmproj)")
+        modality = self.media.info.kind.modality
+        for x in media:
+            if x.kind != modality:
+                raise InputError(f"this model's projector takes {modality}s, not {x.kind}s", x.name)
+        return media
+
     # -- chat -------------------------------------------------------------------------------------------------
     def chat(self, messages: MessagesLike, *, cancel: Optional[threading.Event] = None, **kwargs) -> Message:
         """The assistant's reply to a conversation (a list of messages or dicts, or one user string). ``kwargs``:
         sampling settings and template options (see :meth:`prompt_ids`); the reply's thinking is in
         ``Message.thinking``, apart from its ``content``."""
         options, sampling = split_options(kwargs)
-        gen = drain(self.run(self.prompt_ids(messages, **options), self._params(sampling), cancel, chat=True))
+        conversation = as_conversation(messages)
+        media = self.media_of(conversation)
+        gen = drain(self.run(self.prompt_ids(conversation, **options), self._params(sampling), cancel, chat=True,
+                             media=media))
         assert gen.reply is not None  # run(chat=True) always parses the reply
         return gen.reply
 
@@ -109,8 +129,10 @@ class Model:
         The conversation is checked now (errors are raised by this call, not by the first ``next``); the model is
         taken when iteration starts. The generator returns the reply (``chatglm.runtime.model.drain`` gives it)."""
         options, sampling = split_options(kwargs)
-        ids = self.prompt_ids(messages, **options)
-        return self._reply_of(self.stream_reply(ids, self._params(sampling), cancel, on_thinking))
+        conversation = as_conversation(messages)
+        media = self.media_of(conversation)
+        ids = self.prompt_ids(conversation, **options)
+        return self._reply_of(self.stream_reply(ids, self._params(sampling), cancel, on_thinking, media))
 
     @staticmethod
     def _reply_of(stream: Generator[str, None, Generation]) -> Generator[str, None, Message]:
@@ -150,10 +172,12 @@ class Model:
 
     # -- generation -------------------------------------------------------------------------------------------
     def stream_reply(self, ids: list[int], params: SamplingParams, cancel: Optional[threading.Event],
-                     on_thinking: Optional[Callable[[str], None]] = None) -> Generator[str, None, Generation]:
-        """Generate a chat reply after ``ids``: yield its visible text, return the :class:`Generation`; the thinking
-        goes to ``on_thinking`` piece by piece (markers never half-written)."""
-        raw = self.run(ids, params, cancel, chat=True)
+                     on_thinking: Optional[Callable[[str], None]] = None,
+                     media: Sequence["Media"] = ()) -> Generator[str, None, Generation]:
+        """Generate a chat reply after ``ids`` (whose placeholders stand for ``media``): yield its visible text,
+        return the :class:`Generation`; the thinking goes to ``on_thinking`` piece by piece (markers never
+        half-written)."""
+        raw = self.run(ids, params, cancel, chat=True, media=media)
         text = shown = thought = ""
         thinking_of = getattr(self.format, "visible_thinking", None) if on_thinking is not None else None
         try:
@@ -178,7 +202,7 @@ class Model:
         return gen
 
     def run(self, ids: list[int], params: SamplingParams, cancel: Optional[threading.Event] = None, *,
-            chat: bool = False) -> Generator[str, None, Generation]:
+            chat: bool = False, media: Sequence["Media"] = ()) -> Generator[str, None, Generation]:
         """The generation behind every method: yield raw text pieces after ``ids``, return the :class:`Generation`.
 
         The model is taken when the generator starts and given back when it ends or is closed."""
@@ -190,7 +214,7 @@ class Model:
         event = cancel if cancel is not None else threading.Event()
         self._active = event
         try:
-            gen = yield from self._decode(ids, params, event)
+            gen = yield from self._decode(ids, params, event, media)
             if chat:
                 gen.reply = self.last_reply = self.format.parse_reply(gen.text)
             return gen
@@ -198,21 +222,25 @@ class Model:
             self._active = None
             engine.lock.release()
 
-    def _decode(self, ids: list[int], params: SamplingParams,
-                cancel: threading.Event) -> Generator[str, None, Generation]:
+    def _decode(self, ids: list[int], params: SamplingParams, cancel: threading.Event,
+                media: Sequence["Media"] = ()) -> Generator[str, None, Generation]:
         engine, stop_ids = self.engine, self.stop_ids
         stats = GenerationStats(prompt_tokens=len(ids))
         gen = Generation(list(ids), stats=stats)
         self.last_stats = stats
         start = time.perf_counter()
         try:
-            stats.evaluated_tokens = engine.prefill(ids, cancel=cancel, progress=self.prefill_progress)
+            if media:
+                assert self.media is not None  # media_of refused them otherwise
+                stats.evaluated_tokens = self.media.prefill(ids, media, cancel=cancel, progress=self.prefill_progress)
+            else:
+                stats.evaluated_tokens = engine.prefill(ids, cancel=cancel, progress=self.prefill_progress)
         except Cancelled:
             stats.finish_reason, stats.prefill_seconds = "cancelled", time.perf_counter() - start
             return gen
         started = time.perf_counter()
         stats.prefill_seconds = started - start
-        limit = engine.info.n_ctx - len(ids)
+        limit = engine.info.n_ctx - len(engine.tokens) - engine.extra_cells  # a medium takes more entries than ids
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
         sample, token_bytes, kept = engine.sampler(params), engine.token_bytes, self.kept_special
@@ -263,6 +291,8 @@ class Model:
                                  "stream first)")
         try:
             self._closed = True
+            if self.media is not None:
+                self.media.close()
             self.engine.close()
         finally:
             self.engine.lock.release()
@@ -272,6 +302,17 @@ class Model:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_media(engine: Engine, projector, n_threads: Optional[int]) -> "MediaContext":
+    from chatglm.runtime.llama_engine import LlamaEngine
+    from chatglm.runtime.llama_native import physical_cores
+    from chatglm.runtime.mtmd import MediaContext
+
+    if not isinstance(engine, LlamaEngine):
+        raise InputError(f"{engine.info.arch} models run on their own engine, which takes no projector",
+                         projector.path)
+    return MediaContext(engine, projector, n_threads=n_threads or physical_cores())
 
 
 def _relay_growth(now: str, before: str, sink: Callable[[str], None]) -> str:
@@ -286,20 +327,34 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
          n_gpu_layers: int = 0, flash_attn: Optional[bool] = None, kv_type: str = "f16",
          chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
          on_progress: Optional[ProgressCallback] = None,
-         lora: Sequence[tuple[os.PathLike | str, float]] = ()) -> Model:
+         lora: Sequence[tuple[os.PathLike | str, float]] = (),
+         mmproj: Optional[os.PathLike | str] = None) -> Model:
     """Load a GGUF and return a :class:`Model` (``chatglm.load``, :mod:`chatglm.api`, adds the demo model).
 
     ``n_ctx`` defaults to the model's training context capped at 4096; ``n_threads`` to the physical cores;
     ``n_gpu_layers`` layers are offloaded (-1: all); ``on_progress(done, total)`` is called while loading;
-    ``lora`` lists (adapter GGUF, scale) pairs applied at run time (llama.cpp engine).
+    ``lora`` lists (adapter GGUF, scale) pairs applied at run time (llama.cpp engine); the projector of a
+    multimodal model (``mmproj``, by default ``mmproj-<stem>.gguf`` beside it) is checked against the model before
+    the engine loads and then opened with libmtmd.
     """
+    from chatglm.runtime.mtmd import check_projector, find_projector, projector_estimate
+
     start = time.perf_counter()
+    projector_path = find_projector(Path(path), Path(mmproj) if mmproj is not None else None)
+    projector = None
+    if projector_path is not None:
+        from chatglm.gguf_file import read_header
+
+        projector = check_projector(projector_path, read_header(Path(path)))
+    extra = projector_estimate(Path(path), projector.path).total if projector is not None else 0
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                         flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress)
+                         flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, extra_memory=extra)
     try:
         engine.apply_lora([(Path(p), float(scale)) for p, scale in lora])
         model = Model(engine, chat_format=chat_format, sampling=sampling,
                       load_seconds=time.perf_counter() - start)
+        if projector is not None:
+            model.media = open_media(engine, projector, n_threads)
     except BaseException:
         engine.close()
         raise

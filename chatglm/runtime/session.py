@@ -128,6 +128,18 @@ class ChatSession:
         settings and template options for this turn)."""
         return drain(self.stream_chat(content, cancel=cancel, **kwargs))
 
+    def send(self, text: str, *, images: Sequence = (), audio: Sequence = (), stream: bool = False,
+             cancel: Optional[threading.Event] = None, **kwargs):
+        """Send one user message with ``images`` / ``audio`` (paths or bytes) attached: the reply, or with
+        ``stream=True`` a generator of its visible text (as :meth:`stream_chat`)."""
+        from chatglm.runtime.media import load_media
+
+        media = tuple(load_media(x, "image") for x in images) + tuple(load_media(x, "audio") for x in audio)
+        message = Message("user", text, media=media)
+        self.model.media_of([message])  # refused now, before the first next()
+        gen = self.stream_chat([message], cancel=cancel, **kwargs)
+        return gen if stream else drain(gen)
+
     def stream_chat(self, content: MessagesLike, *, cancel: Optional[threading.Event] = None,
                     on_thinking: Optional[Callable[[str], None]] = None,
                     **kwargs) -> Generator[str, None, Message]:
@@ -153,7 +165,8 @@ class ChatSession:
             if version != self._version:  # the conversation moved on between the call and the first next()
                 prompt = self._prompt(new, params, options)
             ids, kept, dropped = prompt
-            gen = yield from self.model.stream_reply(ids, params, cancel, on_thinking)
+            media = self.model.media_of(kept + new)
+            gen = yield from self.model.stream_reply(ids, params, cancel, on_thinking, media)
             return self._commit(gen, kept, new, dropped)
         finally:
             self._lock.release()
@@ -171,7 +184,10 @@ class ChatSession:
             if self.on_truncate is not None:
                 self.on_truncate(dropped)
         self._messages = kept + new + [reply]
-        self._cached = _Cached(gen.prompt + gen.tokens, len(self._messages), len(gen.tokens))
+        media = self.model.media
+        # a reply holding the media placeholder token would pass for a medium next turn: render it again instead
+        reusable = media is None or media.placeholder_id not in gen.tokens
+        self._cached = _Cached(gen.prompt + gen.tokens, len(self._messages), len(gen.tokens)) if reusable else None
         self._version += 1
         return reply
 
