@@ -27,6 +27,7 @@ class Message:
     tools: Optional[list[dict]] = None  # on a system message: the tools the model may call
     thinking: str = ""  # GLM-Z1 / GLM-4.5 <think> text, kept apart from the answer
     tool_call_id: str = ""  # on a tool result: the id of the call it answers (GLM-5.3-Flash orders results by it)
+    media: tuple = ()  # images and audio (runtime.media.Media) of a user message, in the order given
 
     @classmethod
     def from_dict(cls, data: dict) -> "Message":
