@@ -102,20 +102,21 @@ CASES = {  # name: (bytes, kind, the problem the one line must name)
     # audio
     "wav truncated": (wav_fmt(1, 1, 16000, 16, bytes(100), data_size=1 << 30), "audio", "its data chunk says"),
     "wav adpcm": (wav_fmt(2, 1, 16000, 4), "audio", "format tag 2"),
-    "wav too long": (mf.wav(601 * 1000, rate=1000, bits=8), "audio", "is 601 seconds long; at most 600"),
+    "wav too long": (mf.wav(601 * 1000, rate=1000, bits=8), "audio", "is 601.0 seconds long; at most 600"),
     "wav no samples": (mf.wav(0), "audio", "holds no audio samples"),
     "wav 0 Hz": (wav_fmt(1, 1, 0, 16), "audio", "1 channels at 0 Hz"),
     "wav 0 channels": (wav_fmt(1, 0, 16000, 16), "audio", "block align 0"),
     "wav data first": (b"RIFF\x40\0\0\0WAVEdata\x04\0\0\0abcd" + bytes(40), "audio", "before its fmt chunk"),
     "wav cut header": (b"RIFF\x40\0\0\0WAVEfm", "audio", "ends inside a WAV chunk header"),
     "flac unknown length": (mf.flac_header(frames=0), "audio", "does not say how many samples"),
-    "flac too long": (mf.flac_header(frames=16000 * 601), "audio", "is 601 seconds long"),
+    "flac too long": (mf.flac_header(frames=16000 * 601), "audio", "is 601.0 seconds long"),
     "flac cut": (mf.flac_header()[:20], "audio", "FLAC metadata block runs past the end"),
     "flac no frame": (mf.flac_header()[:42] + b"\0\0", "audio", "no FLAC audio frame follows"),
     "flac not streaminfo": (b"fLaC\x84\0\0\x04abcd", "audio", "first metadata block is not STREAMINFO"),
     "mp3 last frame cut": (MP3_OK[:-100], "audio", "its last MP3 frame needs 100 more bytes"),
     "mp3 junk after tag": (b"ID3\x04\0\0\0\0\0\0" + b"junk" * 30, "audio", "no MPEG audio frame header at byte 10"),
     "mp3 tag only": (b"ID3\x04\0\0\0\0\0\0", "audio", "holds no MP3 audio frames"),
+    "mp3 too long": (mf.mp3(23000, tag=False), "audio", "is 600.8 seconds long"),
     "mp3 free bitrate": (b"\xff\xfb\x00\xc0" + bytes(400), "audio", "no MPEG audio frame header at byte 0"),
 }
 
@@ -137,6 +138,8 @@ def test_a_file_is_named_in_the_error(tmp_path):
         load_media(bad, "image")
     with pytest.raises(InputError, match=r"missing\.jpg: file not found"):
         load_media(tmp_path / "missing.jpg", "image")
+    with pytest.raises(InputError, match=f"{tmp_path}: is a directory"):
+        load_media(tmp_path, "audio")
     with pytest.raises(InputError, match="more than the 33554432"):
         load_media(bytes(MAX_MEDIA_BYTES + 1), "image")
 

@@ -326,7 +326,7 @@ def _audio(sample_rate: int, channels: int, frames: int) -> dict:
     if frames <= 0:
         raise _Bad("holds no audio samples")
     if frames / sample_rate > MAX_AUDIO_SECONDS:
-        raise _Bad(f"is {frames / sample_rate:.0f} seconds long; at most {MAX_AUDIO_SECONDS:.0f} are accepted")
+        raise _Bad(f"is {frames / sample_rate:.1f} seconds long; at most {MAX_AUDIO_SECONDS:.0f} are accepted")
     return {"sample_rate": sample_rate, "channels": channels, "frames": frames}
 
 
