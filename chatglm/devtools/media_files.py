@@ -40,13 +40,15 @@ def jpeg_segment(marker: int, body: bytes) -> bytes:
 
 
 def jpeg(width: int, height: int, components: int = 3, frame: int = 0xC0) -> bytes:
-    """A flat mid-grey baseline JPEG: one quantisation table, one-code Huffman tables, every block DC 0 and EOB."""
+    """A flat mid-grey JPEG: one quantisation table, one-code Huffman tables, every block DC 0 and EOB (``frame``
+    0xC0 baseline, 0xC1 extended, 0xC2 progressive with a single DC scan)."""
     ids = range(1, components + 1)
     sof = struct.pack(">BHHB", 8, height, width, components) + b"".join(bytes([i, 0x11, 0]) for i in ids)
     one_code = bytes([1] + [0] * 15 + [0])  # one 1-bit code, for symbol 0 (DC category 0 / AC end-of-block)
-    sos = bytes([components]) + b"".join(bytes([i, 0x00]) for i in ids) + bytes([0, 63, 0])
+    progressive = frame == 0xC2  # then one DC-only scan: every AC coefficient stays 0
+    sos = bytes([components]) + b"".join(bytes([i, 0x00]) for i in ids) + bytes([0, 0 if progressive else 63, 0])
     blocks = ((width + 7) // 8) * ((height + 7) // 8) * components
-    bits = "00" * blocks
+    bits = ("0" if progressive else "00") * blocks
     bits += "1" * (-len(bits) % 8)
     scan = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)).replace(b"\xff", b"\xff\x00")
     return (b"\xff\xd8" + jpeg_segment(0xDB, bytes([0]) + bytes([1] * 64)) + jpeg_segment(frame, sof)

@@ -209,10 +209,12 @@ def _inflate(inflater, piece: memoryview, inflated: int, expected: int) -> int:
 # -- JPEG ---------------------------------------------------------------------------------------------------------
 JPEG_SOF = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}  # what stb_image decodes
 JPEG_SOF_REFUSED = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # lossless, hierarchical, arithmetic
+JPEG_SKIPPED = {0xFE, *range(0xE0, 0xF0)}  # comments and APPn segments, which stb_image skips
 
 
 def _jpeg(data: bytes) -> dict:
-    pos, size = 2, None
+    """Walk the segments up to the first scan as stb_image's marker processing does, then look for EOI."""
+    pos, frame, tables = 2, None, set()
     for _ in range(MAX_CHUNKS):
         if pos >= len(data) or data[pos] != 0xFF:
             raise _Bad("is truncated or corrupt: a JPEG marker is missing" if pos < len(data) else
@@ -228,27 +230,94 @@ def _jpeg(data: bytes) -> dict:
         (length,) = _u(">H", data, pos, "a JPEG segment")
         if length < 2 or pos + length > len(data):
             raise _Bad(f"is truncated: its segment 0xFF{marker:02X} runs past the end of the file")
+        body = memoryview(data)[pos + 2:pos + length]
         if marker in JPEG_SOF_REFUSED:
             raise _Bad(f"is a JPEG kind stb_image does not decode (frame type 0xFF{marker:02X}: lossless, "
                        "hierarchical or arithmetic-coded); save it as a baseline or progressive JPEG")
-        if marker in JPEG_SOF:
-            size = _jpeg_frame(data, pos, length)
-        elif marker == 0xDA:
-            if size is None:
-                raise _Bad("is not a valid JPEG: its image data comes before any frame header (SOF)")
+        if marker in JPEG_SOF and frame is None:
+            frame = (marker == 0xC2, *_jpeg_frame(body))
+        elif marker == 0xC4:
+            tables |= _jpeg_huffman(body)
+        elif marker == 0xDB:
+            _jpeg_quant(body)
+        elif marker == 0xDA and frame is not None:
+            _jpeg_scan(body, frame[0], frame[2], tables)
             if data.find(b"\xff\xd9", pos + length) < 0:
                 raise _Bad("is truncated: its image data has no end-of-image marker (EOI)")
-            return size
+            return frame[1]
+        elif marker == 0xDA:
+            raise _Bad("is not a valid JPEG: its image data comes before any frame header (SOF)")
+        elif not (marker in JPEG_SKIPPED or (marker == 0xDD and length == 4)):
+            raise _Bad(f"is corrupt: an unexpected JPEG segment 0xFF{marker:02X} before its image data")
         pos += length
     raise _Bad(f"has more than {MAX_CHUNKS} JPEG segments before its image data")
 
 
-def _jpeg_frame(data: bytes, pos: int, length: int) -> dict:
-    precision, height, width, components = _u(">BHHB", data, pos + 2, "the JPEG frame header")
-    if precision != 8 or components not in (1, 3, 4) or length < 8 + 3 * components:
-        raise _Bad(f"has a JPEG frame stb_image refuses ({precision}-bit, {components} components); 8-bit "
-                   "grey, colour or CMYK only")
-    return _dimensions(width, height)
+def _jpeg_frame(body: memoryview) -> tuple[dict, set]:
+    """(the size, the component ids) of a frame header (SOF0-2)."""
+    precision, height, width, n = _u(">BHHB", body, 0, "the JPEG frame header")
+    if precision != 8 or n not in (1, 3, 4):
+        raise _Bad(f"has a JPEG frame stb_image refuses ({precision}-bit, {n} components); 8-bit grey, colour or "
+                   "CMYK only")
+    if len(body) != 6 + 3 * n:
+        raise _Bad("is corrupt: its JPEG frame header has the wrong length")
+    ids = set()
+    for k in range(n):
+        ident, hv, quant = body[6 + 3 * k:9 + 3 * k]
+        if not (1 <= hv >> 4 <= 4 and 1 <= hv & 15 <= 4) or quant > 3:
+            raise _Bad("is corrupt: a JPEG component has bad sampling factors or quantisation table")
+        ids.add(ident)
+    return _dimensions(width, height), ids
+
+
+def _jpeg_huffman(body: memoryview) -> set:
+    """The (class, id) of each Huffman table a DHT segment defines, checked as stb_image builds them."""
+    pos, defined = 0, set()
+    while pos < len(body):
+        kind, counts = body[pos], body[pos + 1:pos + 17]
+        if kind >> 4 > 1 or kind & 15 > 3 or len(counts) < 16 or pos + 17 + sum(counts) > len(body) \
+                or sum(counts) > 256:
+            raise _Bad("is corrupt: a bad JPEG Huffman table")
+        code = 0
+        for bits, count in enumerate(counts, 1):
+            code += count
+            if code > 1 << bits:
+                raise _Bad("is corrupt: a JPEG Huffman table with impossible code lengths")
+            code <<= 1
+        if kind >> 4 == 0 and max(body[pos + 17:pos + 17 + sum(counts)], default=0) > 15:
+            raise _Bad("is corrupt: a JPEG DC Huffman table codes a category above 15")
+        defined.add((kind >> 4, kind & 15))
+        pos += 17 + sum(counts)
+    return defined
+
+
+def _jpeg_quant(body: memoryview) -> None:
+    pos = 0
+    while pos < len(body):
+        if body[pos] >> 4 > 1 or body[pos] & 15 > 3 or pos + 1 + 64 * (1 + (body[pos] >> 4)) > len(body):
+            raise _Bad("is corrupt: a bad JPEG quantisation table")
+        pos += 1 + 64 * (1 + (body[pos] >> 4))
+
+
+def _jpeg_scan(body: memoryview, progressive: bool, ids: set, tables: set) -> None:
+    """The first scan header: its components are the frame's, its tables defined, its spectral range decodable."""
+    n = body[0] if body else 0
+    if not 1 <= n <= len(ids) or len(body) != 4 + 2 * n:
+        raise _Bad("is corrupt: a bad JPEG scan header")
+    start, end, approx = body[1 + 2 * n:4 + 2 * n]
+    if progressive:
+        dc_scan = start == 0
+        bad = end > 63 or start > end or approx >> 4 > 13 or approx & 15 > 13 or (dc_scan or n > 1) and end != 0
+    else:
+        dc_scan, bad = True, start != 0 or approx != 0
+    if bad:
+        raise _Bad(f"is corrupt: a JPEG scan stb_image refuses (spectral range {start}-{end}, {n} components)")
+    for k in range(n):
+        ident, which = body[1 + 2 * k:3 + 2 * k]
+        need = ([(0, which >> 4)] if dc_scan and not (progressive and approx >> 4) else []) + \
+            ([(1, which & 15)] if not progressive or not dc_scan else [])
+        if ident not in ids or any(t not in tables for t in need):
+            raise _Bad("is corrupt: a JPEG scan names a component or Huffman table that is not defined")
 
 
 # -- BMP and GIF ---------------------------------------------------------------------------------------------------
