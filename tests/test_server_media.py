@@ -63,7 +63,7 @@ def test_an_image_and_audio_reach_the_model_as_media(seeing):
     assert system.media == () and message.content == "What is in the picture? And this?"
     image, audio = message.media
     assert (image.kind, image.format, image.width, image.height, image.data) == ("image", "png", 28, 14, PNG)
-    assert image.name == "messages[1].content[1]"
+    assert image.name == "messages[1].content[1]" and (image.offset, audio.offset) == (23, 33)
     assert (audio.kind, audio.format, audio.sample_rate, audio.frames, audio.data) == ("audio", "wav", 16000, 8000,
                                                                                        WAV)
 
@@ -74,7 +74,8 @@ def test_several_images_keep_their_order_and_stream(seeing):
     stream = client.chat.completions.create(model="tiny", stream=True, messages=user(
         image_part(jpeg, "image/jpeg"), image_part(gif, "image/gif"), TEXT))
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "A picture."
-    assert [(m.format, m.width, m.height) for m in model.received[-1][0].media] == [("jpeg", 16, 8), ("gif", 3, 2)]
+    assert [(m.format, m.width, m.height, m.offset) for m in model.received[-1][0].media] == [
+        ("jpeg", 16, 8, 0), ("gif", 3, 2, 0)]
 
 
 BAD_PARTS = {  # name: (messages, the words of the 400)

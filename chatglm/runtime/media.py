@@ -52,6 +52,7 @@ class Media:
     sample_rate: int = 0  # audio: the file's rate (libmtmd resamples to the projector's)
     channels: int = 0
     frames: int = 0  # audio samples per channel
+    offset: int = 0  # where it stands in its message's text (characters before it): 0 is before the text
 
     @property
     def seconds(self) -> float:

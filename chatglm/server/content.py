@@ -6,6 +6,8 @@
   :func:`chatglm.runtime.media.load_media` (format, size and structure checked before any native decoder).
 - ``{"type": "input_audio", "input_audio": {"data": "<base64>", "format": "wav" | "mp3" | "flac"}}`` likewise; the
   declared format must be the one the bytes are.
+- Each medium keeps its place among the text parts (``Media.offset``: the characters of text before it), so a chat
+  format can render the parts in their order, as the checkpoint's own processor does.
 - Remote ``http(s)`` image URLs are refused: this server never fetches anything (no server-side request forgery, no
   waiting on someone else's host); the client sends the picture inline.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import replace
 from typing import Any
 
 from chatglm.errors import InputError
@@ -43,7 +46,8 @@ def content_parts(content: Any, where: str, role: str) -> tuple[str, tuple[Media
         elif kind in ("image_url", "input_audio"):
             if role != "user":
                 raise invalid(f"{at}: only user messages may carry images or audio, not {role} messages", at)
-            media.append(_image(part.get("image_url"), at) if kind == "image_url" else _audio(part.get(kind), at))
+            item = _image(part.get("image_url"), at) if kind == "image_url" else _audio(part.get(kind), at)
+            media.append(replace(item, offset=sum(map(len, texts))))
         else:
             shown = kind if isinstance(kind, str) else type(part).__name__
             raise invalid(f"{at}: unsupported content part {shown[:64]!r}; expected one of {', '.join(PART_TYPES)} "
