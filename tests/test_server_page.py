@@ -171,3 +171,23 @@ def test_page_shows_reasoning_dimmed_and_apart_from_the_answer(chromium):  # noq
         assert chromium.eval("document.querySelector('.msg.assistant').lastChild.textContent") == "The answer is 5."
         opacity = chromium.eval("getComputedStyle(document.querySelector('details.thinking')).opacity")
         assert float(opacity) < 1
+
+
+def test_page_scales_a_huge_picture_down_before_sending(chromium):  # noqa: F811
+    model = SeeingModel([answer("A wide one.")])
+    with serve([model]) as live:
+        live.wait_ready()
+        chromium.open(live.url + "/")
+        chromium.wait_for("document.getElementById('status').textContent === 'ready'")
+        chromium.eval("const c = document.createElement('canvas'); c.width = 6000; c.height = 300;"
+                      "c.getContext('2d').fillRect(0, 0, 3000, 300);"
+                      "c.toBlob((blob) => { const t = new DataTransfer();"
+                      "  t.items.add(new File([blob], 'wide.png', {type: 'image/png'}));"
+                      "  const input = document.getElementById('attach'); input.files = t.files;"
+                      "  input.dispatchEvent(new Event('change')); }, 'image/png'); true")
+        chromium.wait_for("document.querySelectorAll('#attachments img').length === 1")
+        type_and_send(chromium, "")
+        chromium.wait_for("document.body.dataset.state === 'idle' && "
+                          "document.getElementById('status').textContent === 'ready'")
+    (image,) = model.received[0][-1].media
+    assert (image.format, image.width, image.height) == ("jpeg", 2048, 102)
