@@ -251,6 +251,8 @@ def test_valid_audio_passes_with_its_length():
     mp3 = load_media(MP3_OK, "audio")
     assert (mp3.format, mp3.sample_rate, mp3.channels, mp3.frames) == ("mp3", 44100, 1, 40 * 1152)
     assert load_media(mf.mp3(3, tag=False), "audio").frames == 3 * 1152
+    for tail in (b"APETAGEX" + bytes(24), bytes(300), b"TAG" + bytes(125)):
+        assert load_media(mf.mp3(2) + tail, "audio").frames == 2 * 1152
 
 
 # -- nothing the size of the image is ever allocated ----------------------------------------------------------------

@@ -415,7 +415,12 @@ def _mp3(data: bytes) -> dict:
     end = len(data) - 128 if data[-128:-125] == b"TAG" else len(data)
     frames = rate = channels = 0
     while pos < end:
-        length, samples, rate_now, chans = _mp3_frame(data, pos)
+        try:
+            length, samples, rate_now, chans = _mp3_frame(data, pos)
+        except BadMedia:
+            if frames and _mp3_trailer(data[pos:end]):
+                break
+            raise
         if pos + length > end:
             raise BadMedia(f"is truncated: its last MP3 frame needs {pos + length - end} more bytes")
         if rate and rate_now != rate:
@@ -424,6 +429,11 @@ def _mp3(data: bytes) -> dict:
     if not frames:
         raise BadMedia("holds no MP3 audio frames")
     return _audio(rate, channels, frames)
+
+
+def _mp3_trailer(rest: bytes) -> bool:
+    """What may follow the last frame of an MP3 that decoders skip: an APE or Lyrics3 tag, or zero padding."""
+    return rest.startswith((b"APETAGEX", b"LYRICSBEGIN")) or not rest.strip(b"\0")
 
 
 def _mp3_frame(data: bytes, pos: int) -> tuple[int, int, int, int]:
