@@ -38,3 +38,10 @@ NAME_QUIRKS = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}
 # -- chat templates (h18-chat) ----------------------------------------------------------------------------------------
 MAX_CHAT_TEMPLATE = 1 << 20  # bytes of a chat template, converter and runtime (published GLM templates: 3-11 KB)
 MAX_STOP_TOKENS = 64  # eos ids taken from generation_config.json / config.json (published GLMs list 3)
+
+# -- media given to libmtmd (h19-vc): checked on the bytes before stb_image or miniaudio sees them ------------------
+MAX_MEDIA_BYTES = 32 << 20  # one image or audio file (a 12-megapixel phone JPEG is 3-6 MB)
+MAX_IMAGE_SIDE = 16384  # pixels per side; stb_image's own bound is 1 << 24 (STBI_MAX_DIMENSIONS)
+MAX_IMAGE_PIXELS = 1 << 26  # 8192 x 8192: stb_image decodes to 8-bit RGB, 192 MiB at this size
+MAX_AUDIO_SECONDS = 600.0  # miniaudio decodes the whole file to f32 PCM at the projector's rate before chunking
+MAX_MEDIA_PER_REQUEST = 16  # images and audio clips in one chat request

@@ -192,6 +192,15 @@ def test_reply_parsers_never_crash(data):
     run("reply", data)
 
 
+# -------------------------------------------------------------------------------------------------- media
+
+
+@fuzz(400)
+@given(st.one_of(st.binary(max_size=64), mutated("media")))
+def test_media_checks_never_crash(data):
+    run("media", data)
+
+
 # -------------------------------------------------------------------------------------------------- server
 
 

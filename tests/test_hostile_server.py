@@ -99,9 +99,11 @@ BODIES = [
     ("a message that is not an object", chat_body(messages=["hi"]), "valid dictionary"),
     ("20,000 messages", chat_body(messages=[{}] * 20_000), "at most 10000 items"),
     ("content part of unknown type", chat_body(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:,"}}]}]), "only text parts are supported, got 'image_url'"),
+        {"type": "file", "file": {"file_id": "x"}}]}]), "unsupported content part 'file'"),
+    ("an image data: URL that is not base64", chat_body(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]), "the data: URL must be base64"),
     ("content part of a list type", chat_body(messages=[{"role": "user", "content": [{"type": []}]}]),
-     "only text parts"),
+     "unsupported content part 'dict'"),
     ("content as a number", chat_body(messages=[{"role": "user", "content": 5}]), "must be a string or a list"),
     ("max_tokens 10^30", chat_body(max_tokens=10 ** 30), "max_tokens: Input should be less than or equal to"),
     ("max_completion_tokens 2^40", chat_body(max_completion_tokens=2 ** 40), "max_completion_tokens"),

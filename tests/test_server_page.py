@@ -6,10 +6,15 @@ Skipped (with the reason) only when no Chromium binary exists; `.ci/run` install
 
 from __future__ import annotations
 
+import base64
 import re
 
+import numpy as np
 from fixtures_server import LLAMA_KEY, ScriptedModel, answer, chromium, http, llama_server, serve  # noqa: F401
 
+from test_chat_reasoning import GLM_SPECIAL
+
+from chatglm.devtools import media_files as mf
 from chatglm.server.app import page_html
 
 LONG = answer(" ".join(f"w{i}" for i in range(400)))
@@ -88,3 +93,101 @@ def test_page_shows_an_error_from_the_server(chromium, llama_server):  # noqa: F
     error = chromium.eval("document.querySelector('.msg.error').textContent")
     assert error.startswith("Error: invalid API key")
     assert http().get(llama_server.url + "/health").json()["busy"] == 0
+
+
+# -- images and reasoning ---------------------------------------------------------------------------------------
+class SeeingModel(ScriptedModel):
+    media_kinds = frozenset({"image"})
+
+
+def js_file(data: bytes, name: str, mime: str) -> str:
+    """A JavaScript expression for a File holding ``data``."""
+    b64 = base64.b64encode(data).decode()
+    return f"new File([Uint8Array.from(atob('{b64}'), c => c.charCodeAt(0))], '{name}', {{type: '{mime}'}})"
+
+
+def test_page_attaches_pastes_and_drops_images_and_shows_them(chromium):  # noqa: F811
+    png, gif, jpeg = mf.png(np.full((6, 10, 3), 200, np.uint8)), mf.gif(4, 3), mf.jpeg(16, 8)
+    model = SeeingModel([answer("Three pictures.")])
+    with serve([model]) as live:
+        live.wait_ready()
+        chromium.open(live.url + "/")
+        chromium.wait_for("document.getElementById('status').textContent === 'ready'")
+        chromium.eval("const a = new DataTransfer(); a.items.add(" + js_file(png, "a.png", "image/png") + ");"
+                      "const input = document.getElementById('attach'); input.files = a.files;"
+                      "input.dispatchEvent(new Event('change')); true")
+        chromium.wait_for("document.querySelectorAll('#attachments img').length === 1")
+        chromium.eval("const p = new DataTransfer(); p.items.add(" + js_file(gif, "b.gif", "image/gif") + ");"
+                      "document.getElementById('input').dispatchEvent(new ClipboardEvent('paste', "
+                      "{clipboardData: p, bubbles: true, cancelable: true})); true")
+        chromium.wait_for("document.querySelectorAll('#attachments img').length === 2")
+        chromium.eval("const d = new DataTransfer(); d.items.add(" + js_file(jpeg, "c.jpg", "image/jpeg") + ");"
+                      "document.getElementById('log').dispatchEvent(new DragEvent('drop', "
+                      "{dataTransfer: d, bubbles: true, cancelable: true})); true")
+        chromium.wait_for("document.querySelectorAll('#attachments img').length === 3")
+        type_and_send(chromium, "What are these?")
+        chromium.wait_for("document.body.dataset.state === 'idle' && "
+                          "document.getElementById('status').textContent === 'ready'")
+        shown = chromium.eval("[...document.querySelectorAll('.msg.user img')].map(i => i.src.slice(0, 22))")
+        assert shown == ["data:image/png;base64,", "data:image/gif;base64,", "data:image/jpeg;base64"]
+        assert chromium.eval("document.querySelectorAll('#attachments img').length") == 0
+        assert chromium.eval("document.querySelector('.msg.assistant').textContent") == "Three pictures."
+    message = model.received[0][-1]
+    assert message.content == "What are these?"
+    assert [(m.format, m.width, m.height, m.data) for m in message.media] == [
+        ("png", 10, 6, png), ("gif", 4, 3, gif), ("jpeg", 16, 8, jpeg)]
+
+
+def test_page_refuses_a_non_image_and_shows_the_servers_400(chromium):  # noqa: F811
+    with serve([ScriptedModel()]) as live:  # text only
+        live.wait_ready()
+        chromium.open(live.url + "/")
+        chromium.wait_for("document.getElementById('status').textContent === 'ready'")
+        chromium.eval("const t = new DataTransfer(); t.items.add(new File(['hi'], 'notes.txt', {type: 'text/plain'}));"
+                      "t.items.add(" + js_file(mf.png(np.zeros((2, 2), np.uint8)), "x.png", "image/png") + ");"
+                      "document.getElementById('log').dispatchEvent(new DragEvent('drop', "
+                      "{dataTransfer: t, bubbles: true, cancelable: true})); true")
+        chromium.wait_for("document.querySelectorAll('#attachments img').length === 1")
+        assert chromium.eval("document.querySelector('.msg.error').textContent") == "Error: notes.txt is not an image"
+        type_and_send(chromium, "")
+        chromium.wait_for("document.getElementById('status').textContent === 'error'")
+        errors = chromium.eval("[...document.querySelectorAll('.msg.error')].map(e => e.textContent)")
+        assert "takes text only; it cannot read image" in errors[-1], errors
+
+
+def test_page_shows_reasoning_dimmed_and_apart_from_the_answer(chromium):  # noqa: F811
+    model = ScriptedModel(["Let me add: 2 plus 3 is 5.</think>The answer is 5."], chat_format="glm47",
+                          special=GLM_SPECIAL)
+    with serve([model]) as live:
+        live.wait_ready()
+        chromium.open(live.url + "/")
+        chromium.wait_for("document.getElementById('status').textContent === 'ready'")
+        type_and_send(chromium, "2+3?")
+        chromium.wait_for("document.body.dataset.state === 'idle' && "
+                          "document.getElementById('status').textContent === 'ready'")
+        thinking = chromium.eval("document.querySelector('.msg.assistant details.thinking div').textContent")
+        assert thinking == "Let me add: 2 plus 3 is 5."
+        assert chromium.eval("document.querySelector('.msg.assistant details.thinking').open") is False
+        assert chromium.eval("document.querySelector('.msg.assistant').lastChild.textContent") == "The answer is 5."
+        opacity = chromium.eval("getComputedStyle(document.querySelector('details.thinking')).opacity")
+        assert float(opacity) < 1
+
+
+def test_page_scales_a_huge_picture_down_before_sending(chromium):  # noqa: F811
+    model = SeeingModel([answer("A wide one.")])
+    with serve([model]) as live:
+        live.wait_ready()
+        chromium.open(live.url + "/")
+        chromium.wait_for("document.getElementById('status').textContent === 'ready'")
+        chromium.eval("const c = document.createElement('canvas'); c.width = 6000; c.height = 300;"
+                      "c.getContext('2d').fillRect(0, 0, 3000, 300);"
+                      "c.toBlob((blob) => { const t = new DataTransfer();"
+                      "  t.items.add(new File([blob], 'wide.png', {type: 'image/png'}));"
+                      "  const input = document.getElementById('attach'); input.files = t.files;"
+                      "  input.dispatchEvent(new Event('change')); }, 'image/png'); true")
+        chromium.wait_for("document.querySelectorAll('#attachments img').length === 1")
+        type_and_send(chromium, "")
+        chromium.wait_for("document.body.dataset.state === 'idle' && "
+                          "document.getElementById('status').textContent === 'ready'")
+    (image,) = model.received[0][-1].media
+    assert (image.format, image.width, image.height) == ("jpeg", 2048, 102)

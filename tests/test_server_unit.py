@@ -106,7 +106,7 @@ def test_tools_become_a_leading_system_message_unless_tool_choice_is_none():
 
 @pytest.mark.parametrize("message, words", [
     ({"role": "wizard", "content": "x"}, "messages[0].role: unknown role 'wizard'"),
-    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "only text parts"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "must be a data: URL"),
     ({"role": "user", "content": 5}, "must be a string or a list"),
     ({"role": "assistant", "tool_calls": [{"type": "function", "function": {}}]}, "function.name"),
 ])  # fmt: skip

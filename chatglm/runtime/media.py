@@ -1,103 +1,115 @@
-"""Images and audio given to a multimodal model, checked before any native decoder sees their bytes.
+"""Images and audio for the multimodal models, checked on their bytes before any native decoder sees them.
 
-Minimal version (PNG, JPEG, BMP, GIF images; WAV audio): the full checks (every format libmtmd's decoders take, header
-dimensions of each, truncation) replace this module when the media work is merged; the interface stays.
+libmtmd's helper (``mtmd_helper_bitmap_init_from_buf`` in tools/mtmd/mtmd-helper.cpp) sniffs a buffer: WAV, MP3 or
+FLAC by signature go to miniaudio, which decodes the whole file to f32 PCM at the projector's rate; anything else goes
+to stb_image (``stbi_load_from_memory``, all of its formats compiled in), and what stb_image refuses goes on to an
+outside ``ffmpeg`` process when one is on PATH (the wheel is built with MTMD_VIDEO). So :func:`load_media` takes only
+what those decoders handle well, read from the headers without decoding a pixel or a sample:
+
+- images: PNG (the chunk chain walked to IEND, the CRCs checked and the zlib stream inflated in bounded pieces to
+  prove it holds exactly the pixel bytes the header promises), JPEG (baseline, extended or progressive 8-bit, as
+  stb_image decodes; SOI, a frame header before the first scan, EOI after it), BMP (uncompressed or bitfields; the
+  pixel rows inside the file) and GIF (the block chain walked to the trailer; stb_image takes the first frame).
+  Width and height come from the header and are bounded (:data:`~chatglm.limits.MAX_IMAGE_SIDE`,
+  :data:`~chatglm.limits.MAX_IMAGE_PIXELS`) before anything the size of the image is allocated. WebP and everything
+  else is refused: they would reach ffmpeg.
+- audio: WAV (PCM, float, A-law or mu-law; the data chunk inside the file), FLAC (STREAMINFO with a known length) and
+  MP3 (MPEG 1/2/2.5 frames walked to the end); at most :data:`~chatglm.limits.MAX_AUDIO_SECONDS`.
+
+Every refusal is one :class:`~chatglm.errors.InputError` naming the file (or the request part) and the problem. The
+readers of each format are in :mod:`chatglm.runtime.media_formats`.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Union
 
+from chatglm import fsutil
 from chatglm.errors import InputError
-from chatglm.fsutil import read_bytes
+from chatglm.limits import MAX_MEDIA_BYTES
+from chatglm.runtime.media_formats import READERS, BadMedia
 
-MAX_MEDIA_BYTES = 1 << 28  # 256 MiB
-MAX_SIDE = 16384
-MAX_PIXELS = 1 << 26
 KINDS = ("image", "audio")
+IMAGE_FORMATS = ("png", "jpeg", "bmp", "gif")
+AUDIO_FORMATS = ("wav", "mp3", "flac")
 
 
 @dataclass(frozen=True)
 class Media:
-    """One image or audio clip: its bytes (as in the file), a name for messages, and what its header says."""
+    """One image or audio clip that passed :func:`load_media`: its bytes as given, and what its header says."""
 
-    kind: str
+    kind: str  # "image" | "audio"
     data: bytes = field(repr=False)
-    name: str
-    width: int = 0
+    name: str  # the file, or the request part it came from (for messages)
+    format: str  # one of IMAGE_FORMATS or AUDIO_FORMATS
+    width: int = 0  # images
     height: int = 0
-    sample_rate: int = 0
+    sample_rate: int = 0  # audio: the file's rate (libmtmd resamples to the projector's)
+    channels: int = 0
+    frames: int = 0  # audio samples per channel
+    offset: int = 0  # where it stands in its message's text (characters before it): 0 is before the text
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
 
 
-def _png_size(data: bytes) -> Optional[tuple[int, int]]:
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24 or data[12:16] != b"IHDR":
-        return None
-    return struct.unpack(">II", data[16:24])
+def load_media(source: Union[str, bytes, os.PathLike], kind: str, name: str = "") -> Media:
+    """The checked :class:`Media` of a file path or raw bytes; ``kind`` is ``"image"`` or ``"audio"``.
 
-
-def _jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
-    if data[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            return None
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack(">HH", data[i + 5:i + 9])
-            return width, height
-        i += 2 + length
-    return None
-
-
-def _bmp_size(data: bytes) -> Optional[tuple[int, int]]:
-    if data[:2] != b"BM" or len(data) < 26:
-        return None
-    width, height = struct.unpack("<ii", data[18:26])
-    return abs(width), abs(height)
-
-
-def _gif_size(data: bytes) -> Optional[tuple[int, int]]:
-    if data[:6] not in (b"GIF87a", b"GIF89a") or len(data) < 10:
-        return None
-    return struct.unpack("<HH", data[6:10])
-
-
-IMAGE_HEADERS = (("PNG", _png_size), ("JPEG", _jpeg_size), ("BMP", _bmp_size), ("GIF", _gif_size))
-
-
-def _image(data: bytes, name: str) -> Media:
-    for fmt, size_of in IMAGE_HEADERS:
-        size = size_of(data)
-        if size is None:
-            continue
-        width, height = size
-        if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE) or width * height > MAX_PIXELS:
-            raise InputError(f"{fmt} image of {width}x{height} pixels is not supported (at most {MAX_SIDE} per side "
-                             f"and {MAX_PIXELS} pixels)", name)
-        return Media("image", data, name, width=width, height=height)
-    raise InputError("not an image in a format this tool reads (PNG, JPEG, BMP, GIF)", name)
-
-
-def _audio(data: bytes, name: str) -> Media:
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE" or len(data) < 28:
-        raise InputError("not audio in a format this tool reads (WAV)", name)
-    return Media("audio", data, name, sample_rate=struct.unpack("<I", data[24:28])[0])
-
-
-def load_media(source: "str | bytes | os.PathLike", kind: str) -> Media:
-    """A checked :class:`Media` of ``kind`` from a path or the bytes themselves (one-line InputError naming it)."""
+    ``name`` names bytes in messages (a request part, say); a path names itself. Raises one InputError."""
     if kind not in KINDS:
-        raise InputError(f"unknown media kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if isinstance(source, (bytes, bytearray)):
-        data, name = bytes(source), f"<{kind} bytes>"
+        raise ValueError(f"media kind must be one of {KINDS}, not {kind!r}")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, name = bytes(source), name or f"the {kind}"
+        if len(data) > MAX_MEDIA_BYTES:
+            raise InputError(f"is {len(data)} bytes, more than the {MAX_MEDIA_BYTES} accepted for one {kind}", name)
     else:
-        name = os.fspath(source)
-        data = read_bytes(Path(name), max_bytes=MAX_MEDIA_BYTES, what=kind)
+        name = name or os.fspath(source)
+        data = fsutil.read_bytes(Path(source), max_bytes=MAX_MEDIA_BYTES, what=f"the {kind} file")
+    try:
+        return _check(data, kind, name)
+    except BadMedia as exc:
+        raise InputError(str(exc), name) from None
+
+
+def _check(data: bytes, kind: str, name: str) -> Media:
     if not data:
-        raise InputError(f"the {kind} is empty (0 bytes)", name)
-    return _image(data, name) if kind == "image" else _audio(data, name)
+        raise BadMedia(f"is empty (0 bytes), not an {kind}" if kind == "image" else "is empty (0 bytes), not audio")
+    fmt = sniff(data)
+    if fmt in _REFUSED:
+        raise BadMedia(_REFUSED[fmt])
+    wanted = IMAGE_FORMATS if kind == "image" else AUDIO_FORMATS
+    if fmt not in wanted:
+        other = "an image" if fmt in IMAGE_FORMATS else "audio" if fmt in AUDIO_FORMATS else None
+        what = f"is {other} ({fmt.upper()}), not" if other else "is not"
+        shown = ", ".join(f.upper() for f in wanted)
+        raise BadMedia(f"{what} {'an image' if kind == 'image' else 'audio'} in a format libmtmd decodes ({shown})")
+    return Media(kind, data, name, fmt, **READERS[fmt](data))
+
+
+def sniff(data: bytes) -> str:
+    """The format a file's first bytes announce (``""`` for none we know), as libmtmd's helper tells them apart."""
+    head = data[:12]
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head.startswith(b"RIFF") and head[8:12] in (b"WAVE", b"WEBP"):
+        return "wav" if head[8:12] == b"WAVE" else "webp"
+    if head.startswith(b"fLaC"):
+        return "flac"
+    if head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "mp3"
+    return ""
+
+
+_REFUSED = {"webp": "is WebP, which stb_image does not decode (libmtmd would hand it to an outside ffmpeg); "
+                    "convert it to PNG or JPEG"}

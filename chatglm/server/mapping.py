@@ -1,6 +1,7 @@
 """OpenAI chat messages and tools in, GLM :class:`Message` values out, and replies back as OpenAI objects.
 
-- ``system`` and ``developer`` messages become system messages, ``user`` user messages.
+- ``system`` and ``developer`` messages become system messages, ``user`` user messages; content parts (text, images
+  as ``data:`` URLs, ``input_audio``) become the text and the checked media (:mod:`chatglm.server.content`).
 - ``tools`` (unless ``tool_choice`` is ``"none"``) become a system message carrying the function definitions
   (``name``, ``description``, ``parameters``: the library's tool shape) in its ``tools`` field, placed first, as
   ChatGLM3's published OpenAI demo does and as ``Model.session(tools=...)`` builds it; the chat format renders them.
@@ -21,9 +22,11 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
+from chatglm.limits import MAX_MEDIA_PER_REQUEST
 from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.session import TOOLS_SYSTEM
 from chatglm.server import strictjson
+from chatglm.server.content import content_parts, media_parts
 from chatglm.server.errors import APIError, invalid
 from chatglm.server.schema import ChatRequest, NamedToolChoice
 
@@ -38,6 +41,8 @@ def to_messages(req: ChatRequest) -> list[Message]:
     tools = offered_tools(req)
     if tools:
         out.append(Message("system", TOOLS_PREAMBLE, tools=tools))
+    if media_parts(req.messages) > MAX_MEDIA_PER_REQUEST:  # counted before any is decoded
+        raise invalid(f"the request carries more than {MAX_MEDIA_PER_REQUEST} images and audio clips", "messages")
     for i, raw in enumerate(req.messages):
         out.append(_message(raw, f"messages[{i}]"))
     return out
@@ -71,11 +76,11 @@ def _message(raw: dict, where: str) -> Message:
                       f"{where}.role")
     if role not in ROLE_MAP:
         raise invalid(f"{where}.role: unknown role {role[:64]!r}; expected one of {', '.join(ROLE_MAP)}", where)
-    content = _text(raw.get("content"), where)
+    content, media = content_parts(raw.get("content"), where, role)
     call_id = _string(raw.get("tool_call_id"), f"{where}.tool_call_id") if role == "tool" else ""
     thinking = _string(raw.get("reasoning_content"), f"{where}.reasoning_content") if role == "assistant" else ""
     if role != "assistant" or not raw.get("tool_calls"):
-        return Message(ROLE_MAP[role], content, thinking=thinking, tool_call_id=call_id)
+        return Message(ROLE_MAP[role], content, thinking=thinking, tool_call_id=call_id, media=media)
     calls = raw["tool_calls"]
     if not isinstance(calls, list):
         raise invalid(f"{where}.tool_calls must be a list", where)
@@ -87,20 +92,6 @@ def _string(value: Any, where: str) -> str:
     if value is None or isinstance(value, str):
         return value or ""
     raise invalid(f"{where} must be a string", where)
-
-
-def _text(content: Any, where: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise invalid(f"{where}.content: only text parts are supported, got {kind!r}", where)
-            parts.append(part["text"])
-        return "".join(parts)
-    raise invalid(f"{where}.content must be a string or a list of text parts", where)
 
 
 def _tool_call(call: Any, where: str) -> ToolCall:

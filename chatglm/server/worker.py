@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Optional, Sequence
 
 from chatglm.errors import ChatGLMError
 from chatglm.runtime.messages import Message
+from chatglm.server.content import check_media
 from chatglm.server.errors import APIError, context_overflow, from_library, internal, invalid
 from chatglm.server.mapping import Outcome, tools_for_format
 from chatglm.server.pool import ModelPool
@@ -162,6 +163,7 @@ def chat_job(conversation: list[Message], sampling: dict, stops: Sequence[str],
     options = {"template_kwargs": template_kwargs or {}}
 
     def job(model: Any, gen: Generation) -> Outcome:
+        check_media(model, conversation)
         messages = tools_for_format(conversation, model.format)
         n_prompt = len(model.prompt_ids(messages, **options))
         _check_prompt(n_prompt, model.info.n_ctx)

@@ -10,6 +10,7 @@ children started by benchmarks/fuzz.py share one copy (``CHATGLM_FUZZ_SEEDS`` na
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -238,6 +239,10 @@ def _chat(root: Path) -> None:
 
 def chat_bodies() -> list[bytes]:
     """Request bodies that exercise most of the server's schema."""
+    import numpy as np
+
+    from chatglm.devtools import media_files
+
     tools = [{"type": "function", "function": {"name": "weather", "description": "d",
                                                "parameters": {"type": "object", "properties": {}}}}]
     bodies = [
@@ -250,6 +255,12 @@ def chat_bodies() -> list[bytes]:
                       "tool_calls": [{"id": "c1", "type": "function",
                                       "function": {"name": "weather", "arguments": "{}"}}]},
                       {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]},
+        {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
+                media_files.png(np.zeros((2, 3, 3), np.uint8))).decode()}},
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(media_files.wav(8)).decode(),
+                                                    "format": "wav"}}]}]},
         {"prompt": "once upon a time", "max_tokens": 3, "stream": False},
     ]
     return [json.dumps(b).encode() for b in bodies]

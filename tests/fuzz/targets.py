@@ -282,6 +282,26 @@ def reply(data: bytes) -> None:
         _refused(lambda: (fmt.parse_reply(text), fmt.visible(text)))
 
 
+# --------------------------------------------------------------------------------------------- media
+
+
+def media(data: bytes) -> None:
+    """Image and audio bytes through load_media's format checks, as either kind (what libmtmd would decode)."""
+    from chatglm.runtime.media import load_media
+
+    for kind in ("image", "audio"):
+        _refused(lambda: load_media(data, kind, name="fuzzed"))
+
+
+def _media_seeds() -> list[bytes]:
+    import numpy as np
+
+    from chatglm.devtools import media_files as mf
+
+    return [mf.png(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)), mf.jpeg(16, 8), mf.jpeg(8, 8, 1, 0xC2),
+            mf.bmp(5, 3, 8), mf.gif(4, 3), mf.wav(64), mf.flac_header(), mf.mp3(2)]
+
+
 # --------------------------------------------------------------------------------------------- server
 
 
@@ -382,4 +402,5 @@ TARGETS: dict[str, Target] = {
                          json=True),
     "reply": Target(reply, lambda: [r.encode("utf-8") for r in seedlib.REPLIES], "generated text through every chat format's reply parser"),
     "server": Target(server, _server_seeds, "HTTP request bodies of the OpenAI endpoints", json=True),
+    "media": Target(media, _media_seeds, "image and audio bytes before libmtmd's decoders (load_media)"),
 }
