@@ -45,6 +45,10 @@ PROJECTORS: dict[str, ProjectorKind] = {
     "glm4v": ProjectorKind("image", "mm.down.weight", "<|image|>"),
 }
 
+# -- audio (helper vb): GLM-ASR's Whisper encoder and adapter (clip.cpp PROJECTOR_TYPE_GLMA). The chunk libmtmd gives
+# holds the begin- and end-of-audio embeddings around the adapter's output, so the placeholder stands for all of it.
+PROJECTORS["glma"] = ProjectorKind("audio", "mm.a.mlp.2.weight", "<|pad|>")
+
 
 @dataclass(frozen=True)
 class ProjectorInfo:

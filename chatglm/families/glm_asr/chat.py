@@ -1,0 +1,3 @@
+"""GLM-ASR defines no chat format: its GGUFs carry the checkpoint's template (sandboxed Jinja path)."""
+
+FORMATS = ()

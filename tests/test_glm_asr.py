@@ -1,0 +1,150 @@
+"""GLM-ASR (``glm_asr`` -> llama.cpp ``llama`` + libmtmd ``glma``): what libmtmd and llama.cpp compute from our files
+is the checkpoint's model.
+
+The tiny checkpoint is the remote-code layout (``GlmasrModel``, written by chatglm/devtools/glm_asr.py with the
+published names: transformers' WhisperEncoder, the MLP adapter, a LlamaForCausalLM); the audio is a sine sweep whose
+last half second is silent. libmtmd's Whisper front end frames the audio without center padding where
+WhisperFeatureExtractor reflects it, so the last mel frame differs unless the clip ends in silence (with a sweep to
+the end the last audio embedding is 1.3e-2 off, every other one 1.4e-4); both sides compute their own mel here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from chatglm.convert.pipeline import convert
+from chatglm.devtools import glm_asr as g
+from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.gguf_file import read_header
+from chatglm.runtime.media import load_media
+from chatglm.runtime.messages import Message
+from chatglm.runtime.model import load
+from tests.hostile import cli
+from test_logits_glm import rel_err
+
+TOL = 1e-3
+PROMPT = "Transcribe"
+
+
+class Built:
+    def __init__(self, root: Path):
+        self.tok = g.tokenizer()
+        self.parts = g.tiny_remote(self.tok.get_vocab_size())
+        self.ckpt = g.save_remote_checkpoint(self.parts, root / "remote", self.tok)
+        self.gguf = root / "asr.gguf"
+        self.result = convert(self.ckpt, self.gguf, "f32", mmproj_type="f32")
+        self.wav = root / "sweep.wav"
+        self.wav.write_bytes(g.sweep_wav(30.0, silence=0.5))
+        features = g.whisper_features(g.wav_samples(self.wav.read_bytes()))
+        self.ref_audio = g.remote_audio_embeddings(self.parts, features)
+
+
+@pytest.fixture(scope="module")
+def asr(tmp_path_factory) -> Built:
+    return Built(tmp_path_factory.mktemp("glm_asr"))
+
+
+@pytest.fixture(scope="module")
+def model(asr):
+    with load(asr.gguf, n_ctx=1024, kv_type="f32", n_threads=2) as m:
+        yield m
+
+
+def test_files_follow_libmtmd_and_llama_cpp_layout(asr):
+    assert asr.result.mmproj == asr.gguf.with_name("mmproj-asr.gguf")
+    text = read_header(asr.gguf)
+    assert text.arch == "llama" and text.get("glm.family") == "glm-asr"
+    assert "blk.1.ffn_gate.weight" in text.tensors and "output.weight" in text.tensors
+    proj = gguf.GGUFReader(asr.result.mmproj)
+    kv = {name: f.contents() for name, f in proj.fields.items()}
+    assert kv["general.architecture"] == "clip" and kv["clip.projector_type"] == "glma"
+    assert kv["clip.has_audio_encoder"] is True and kv["clip.audio.num_mel_bins"] == 128
+    assert kv["clip.audio.projector.stack_factor"] == 4 and kv["clip.audio.projection_dim"] == 64
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in proj.tensors}
+    assert shapes["a.conv1d.1.bias"] == (1, 64) and shapes["a.position_embd.weight"] == (64, 1500)
+    assert shapes["mm.a.mlp.1.weight"] == (256, 128) and shapes["v.boi"] == (64, 1)
+    assert "a.blk.0.attn_k.bias" not in shapes and "a.blk.1.attn_q.bias" in shapes
+
+
+def test_q_and_k_rows_are_permuted_to_interleaved_rope(asr):
+    reader = gguf.GGUFReader(asr.gguf)
+    q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight").data
+    src = asr.parts.lm.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    assert not np.array_equal(q, src)
+    np.testing.assert_array_equal(q, g_permute(src, 4))
+
+
+def g_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    from chatglm.families.glm_asr.convert import permute_rope
+
+    return permute_rope(w, n_head)
+
+
+def test_audio_embeddings_match_the_checkpoint(asr, model):
+    media = load_media(asr.wav, "audio")
+    assert model.media.n_tokens(media) == (377, 377)  # 1500 positions / 4 stacked + begin + end of audio
+    got = model.media.embeddings(media)
+    assert got.shape == asr.ref_audio.shape
+    assert rel_err(got, asr.ref_audio) < TOL
+
+
+def test_prompt_ids_equal_the_tokenizers_and_logits_after_audio_match(asr, model):
+    from transformers import AutoTokenizer
+
+    media = load_media(asr.wav, "audio")
+    messages = [Message("user", PROMPT, media=(media,))]
+    ids = model.prompt_ids(messages)
+    hf = AutoTokenizer.from_pretrained(asr.ckpt)
+    parts = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": PROMPT}]}]
+    assert ids == list(hf.apply_chat_template(parts, add_generation_prompt=True, tokenize=True, return_dict=False))
+    pad = asr.tok.token_to_id("<|pad|>")
+    assert ids.count(pad) == 1
+    model.media.prefill(ids, [media])
+    got = model.engine.logits()
+    cut = ids.index(pad)
+    table = asr.parts.lm.model.embed_tokens.weight.detach().numpy()
+    embeds = np.concatenate([table[ids[:cut]], asr.ref_audio, table[ids[cut + 1:]]])
+    ref = g.lm_logits(asr.parts, embeds)[-1]
+    assert rel_err(got, ref) < TOL
+    assert len(model.media.expanded_ids(ids, [media])) == len(embeds)
+
+
+def test_session_send_with_audio_streams_a_reply(asr, model):
+    from chatglm.runtime.session import ChatSession
+
+    session = ChatSession(model)
+    reply = session.send(PROMPT, audio=[asr.wav], max_tokens=3, temperature=0.0)
+    assert model.last_stats.evaluated_tokens > 377 and model.last_stats.generated_tokens >= 1
+    assert isinstance(reply.content, str)
+
+
+@pytest.mark.parametrize("data", [b"", b"RIFF\x00\x00\x00\x00WAVEfmt ", b"\x89PNG\r\n\x1a\n" + b"\x00" * 32,
+                                  b"not audio at all, just text"])
+def test_a_wrong_audio_format_is_refused_in_one_line(model, data):
+    from chatglm.runtime.session import ChatSession
+
+    with pytest.raises(InputError) as err:
+        ChatSession(model).send(PROMPT, audio=[data])
+    assert "\n" not in str(err.value)
+
+
+def test_rotary_encoders_are_refused_in_one_line(asr, tmp_path):
+    cfg = json.loads((asr.ckpt / "config.json").read_text())
+    rope = tmp_path / "rope"
+    rope.mkdir()
+    for f in asr.ckpt.iterdir():
+        (rope / f.name).symlink_to(f)
+    (rope / "config.json").unlink()
+    (rope / "config.json").write_text(json.dumps({**cfg, "use_rope": True}))
+    hf = g.save_hf_checkpoint(tmp_path / "hf", asr.tok)
+    for folder, what in ((rope, "use_rope=True"), (hf, "GlmAsrEncoder rotates")):
+        with pytest.raises(UnsupportedModelError, match=what):
+            convert(folder, tmp_path / "x.gguf", "f32")
+        out = cli(["convert", folder, "-t", "f32", "-o", tmp_path / "y.gguf"])
+        assert out.code != 0 and "Traceback" not in out.text and what in out.text
+        assert not list(tmp_path.glob("*.gguf"))
