@@ -11,6 +11,7 @@ the end the last audio embedding is 1.3e-2 off, every other one 1.4e-4); both si
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -148,3 +149,20 @@ def test_rotary_encoders_are_refused_in_one_line(asr, tmp_path):
         out = cli(["convert", folder, "-t", "f32", "-o", tmp_path / "y.gguf"])
         assert out.code != 0 and "Traceback" not in out.text and what in out.text
         assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize("kv,drop,what", [
+    ({}, ("a.position_embd.weight",), "lacks tensor a.position_embd.weight"),
+    ({}, ("a.blk.1.attn_v.bias",), "lacks tensor a.blk.1.attn_v.bias"),
+    ({"clip.audio.embedding_length": 32}, (), "a.conv1d.1.weight is [3, 128, 64], expected [3, 128, 32]"),
+    ({"clip.audio.block_count": 3}, (), "lacks tensor a.blk.2."),
+    ({"clip.audio.projector.stack_factor": 7}, (), "stack_factor 7 does not divide"),
+    ({"clip.audio.projection_dim": 128}, (), "mm.a.mlp.2.weight"),
+])
+def test_a_broken_projector_is_refused_before_libmtmd(asr, tmp_path, kv, drop, what):
+    from fixtures_glm5_next import rewrite_gguf
+
+    bad = rewrite_gguf(asr.result.mmproj, tmp_path / "mmproj-bad.gguf", dict(kv), drop)
+    with pytest.raises(InputError, match=re.escape(what)) as err:
+        load(asr.gguf, n_ctx=512, n_threads=2, mmproj=bad)
+    assert "\n" not in str(err.value)

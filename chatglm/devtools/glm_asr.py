@@ -193,7 +193,8 @@ def save_hf_checkpoint(out_dir: str | Path, tok, seed: int = 0) -> Path:
     from transformers import GlmAsrConfig, GlmAsrForConditionalGeneration
 
     cfg = GlmAsrConfig(
-        audio_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        # intermediate_size is also the width of 4 stacked frames (the adapter's input), as in the real 1280 / 5120
+        audio_config={"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
                       "num_attention_heads": 4, "num_mel_bins": 128},
         text_config={"vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
                      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -48,6 +48,63 @@ PROJECTORS: dict[str, ProjectorKind] = {
 # -- audio (helper vb): GLM-ASR's Whisper encoder and adapter (clip.cpp PROJECTOR_TYPE_GLMA). The chunk libmtmd gives
 # holds the begin- and end-of-audio embeddings around the adapter's output, so the placeholder stands for all of it.
 PROJECTORS["glma"] = ProjectorKind("audio", "mm.a.mlp.2.weight", "<|pad|>")
+GGML_F32 = 0
+WHISPER_POSITIONS = 1500  # libmtmd's front end gives 3000 mel frames per 30 s chunk; the stride-2 conv halves them
+
+
+def _glma_tensors(header: GGUFHeader) -> dict[str, tuple[Optional[tuple[int, ...]], bool]]:
+    """name -> (ggml shape, None: checked apart; must be f32) of every tensor clip.cpp loads for glma and
+    whisper-enc.cpp multiplies, adds or concatenates (a mismatch there is a GGML_ASSERT, not an error)."""
+    d = _uint(header, "clip.audio.embedding_length")
+    ff = _uint(header, "clip.audio.feed_forward_length")
+    heads = _uint(header, "clip.audio.attention.head_count")
+    stack = _uint(header, "clip.audio.projector.stack_factor")
+    n_mel = _uint(header, "clip.audio.num_mel_bins")
+    out = _uint(header, "clip.audio.projection_dim")
+    if d % heads:
+        raise InputError(f"projector embedding_length {d} is not a multiple of head_count {heads}", header.path)
+    if WHISPER_POSITIONS % stack:
+        raise InputError(f"projector stack_factor {stack} does not divide the {WHISPER_POSITIONS} positions of a "
+                         "30 s chunk", header.path)
+    mid = header.tensors.get("mm.a.mlp.1.weight")
+    hidden = mid.shape[1] if mid is not None and len(mid.shape) == 2 else 0
+    spec: dict[str, tuple[Optional[tuple[int, ...]], bool]] = {
+        "a.conv1d.1.weight": ((3, n_mel, d), False), "a.conv1d.1.bias": ((1, d), True),
+        "a.conv1d.2.weight": ((3, d, d), False), "a.conv1d.2.bias": ((1, d), True),
+        "a.position_embd.weight": (None, True), "mm.a.norm_pre.weight": ((d,), True),
+        "mm.a.norm_pre.bias": ((d,), True), "mm.a.mlp.1.weight": ((d * stack, hidden), False),
+        "mm.a.mlp.1.bias": ((hidden,), True), "mm.a.mlp.2.weight": ((hidden, out), False),
+        "mm.a.mlp.2.bias": ((out,), True), "v.boi": ((out, 1), True), "v.eoi": ((out, 1), True)}
+    for i in range(_uint(header, "clip.audio.block_count")):
+        p = f"a.blk.{i}."
+        spec.update({f"{p}{n}.weight": ((d,), True) for n in ("ln1", "ln2")})
+        spec.update({f"{p}{n}.bias": ((d,), True) for n in ("ln1", "ln2", "attn_q", "attn_v", "attn_out")})
+        spec.update({f"{p}{n}.weight": ((d, d), False) for n in ("attn_q", "attn_k", "attn_v", "attn_out")})
+        spec.update({f"{p}ffn_up.weight": ((d, ff), False), f"{p}ffn_up.bias": ((ff,), True),
+                     f"{p}ffn_down.weight": ((ff, d), False), f"{p}ffn_down.bias": ((d,), True)})
+    return spec
+
+
+def check_glma(header: GGUFHeader) -> None:
+    """Every tensor libmtmd's glma graph uses is there, shaped as the header's sizes say and typed as its ops take."""
+    for name, (shape, f32) in _glma_tensors(header).items():
+        t = header.tensors.get(name)
+        if t is None:
+            raise InputError(f"projector lacks tensor {name}", header.path)
+        if shape is not None and tuple(t.shape) != shape:
+            raise InputError(f"projector tensor {name} is {list(t.shape)}, expected {list(shape)}", header.path)
+        if f32 and t.ggml_type != GGML_F32:
+            raise InputError(f"projector tensor {name} must be f32", header.path)
+    pos = header.tensors["a.position_embd.weight"].shape
+    d = header.get("clip.audio.embedding_length")
+    if len(pos) != 2 or pos[0] != d or pos[1] < WHISPER_POSITIONS:
+        raise InputError(f"projector position table is {list(pos)}, expected [{d}, >= {WHISPER_POSITIONS}]",
+                         header.path)
+    if any(n.startswith("a.blk.") and n.endswith(".attn_k.bias") for n in header.tensors):
+        raise InputError("projector has attn_k biases, which libmtmd's glma graph refuses", header.path)
+
+
+PROJECTOR_CHECKS = {"glma": check_glma}
 
 
 @dataclass(frozen=True)
@@ -95,6 +152,8 @@ def check_projector(path: Path, model: Optional[GGUFHeader] = None) -> Projector
     if header.get(f"clip.has_{prefix}_encoder") is not True:
         raise InputError(f"the {ptype} projector has no {prefix} encoder (clip.has_{prefix}_encoder)", path)
     n_embd = _uint(header, f"clip.{prefix}.projection_dim")
+    if str(ptype) in PROJECTOR_CHECKS:
+        PROJECTOR_CHECKS[str(ptype)](header)
     if kind.output is not None:
         out = header.tensors.get(kind.output)
         if out is None or len(out.shape) != 2:
