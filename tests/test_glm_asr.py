@@ -3,7 +3,7 @@ is the checkpoint's model.
 
 The tiny checkpoint is the remote-code layout (``GlmasrModel``, written by chatglm/devtools/glm_asr.py with the
 published names: transformers' WhisperEncoder, the MLP adapter, a LlamaForCausalLM); the audio is a sine sweep whose
-last half second is silent. libmtmd's Whisper front end frames the audio without center padding where
+last 0.4 s is silent. libmtmd's Whisper front end frames the audio without center padding where
 WhisperFeatureExtractor reflects it, so the last mel frame differs unless the clip ends in silence (with a sweep to
 the end the last audio embedding is 1.3e-2 off, every other one 1.4e-4); both sides compute their own mel here.
 """
@@ -40,7 +40,9 @@ class Built:
         self.gguf = root / "asr.gguf"
         self.result = convert(self.ckpt, self.gguf, "f32", mmproj_type="f32")
         self.wav = root / "sweep.wav"
-        self.wav.write_bytes(g.sweep_wav(30.0, silence=0.5))
+        # 29.9 s: libmtmd pads the clip with 30 s of silence and keeps whole 3000-frame chunks, so a clip of 30.0 s
+        # would bring a second, silent chunk; the processor pads this one to 30 s as well
+        self.wav.write_bytes(g.sweep_wav(29.9, silence=0.4))
         features = g.whisper_features(g.wav_samples(self.wav.read_bytes()))
         self.ref_audio = g.remote_audio_embeddings(self.parts, features)
 
@@ -92,6 +94,19 @@ def test_audio_embeddings_match_the_checkpoint(asr, model):
     got = model.media.embeddings(media)
     assert got.shape == asr.ref_audio.shape
     assert rel_err(got, asr.ref_audio) < TOL
+
+
+def test_audio_of_two_windows_is_two_chunks_behind_one_placeholder(asr, model):
+    # window 1: 30 s, silent at both ends (so neither front end's framing at the boundary matters); window 2: the
+    # same less its last 0.1 s of silence. The same loudness in both: libmtmd floors the log-mel at 8 below the
+    # clip's maximum, the processor at 8 below each window's
+    first = g.sweep(30.0, silence=0.5, lead=0.4)
+    second = first[:-1600]
+    media = load_media(g.pcm_wav(np.concatenate([first, second])), "audio")
+    assert model.media.n_tokens(media) == (2 * 377, 2 * 377)
+    ref = np.concatenate([g.remote_audio_embeddings(asr.parts, g.whisper_features(w.astype(np.float32) / 32768.0))
+                          for w in (first, second)])
+    assert rel_err(model.media.embeddings(media), ref) < TOL
 
 
 def test_prompt_ids_equal_the_tokenizers_and_logits_after_audio_match(asr, model):

@@ -41,15 +41,24 @@ def tokenizer(vocab_size: int = 600):
     return train_glm4_bpe(vocab_size=vocab_size, specials=GLM4_SPECIALS + AUDIO_SPECIALS)
 
 
+def sweep(seconds: float = 30.0, f0: float = 100.0, f1: float = 4000.0, rate: int = SAMPLE_RATE,
+          silence: float = 0.0, lead: float = 0.0) -> np.ndarray:
+    """A logarithmic sine sweep from ``f0`` to ``f1`` Hz between ``lead`` seconds of silence and ``silence`` seconds
+    of it (both inside ``seconds``), as 16-bit PCM samples."""
+    t = np.arange(int(round(seconds * rate))) / rate - lead
+    span = seconds - silence - lead
+    k = math.log(f1 / f0) / span
+    signal = np.where((t >= 0) & (t < span), 0.5 * np.sin(2 * math.pi * f0 * (np.exp(k * t) - 1) / k), 0.0)
+    return np.round(signal * 32767).astype("<i2")
+
+
 def sweep_wav(seconds: float = 30.0, f0: float = 100.0, f1: float = 4000.0, rate: int = SAMPLE_RATE,
               silence: float = 0.0) -> bytes:
-    """A mono 16-bit PCM WAV of a logarithmic sine sweep from ``f0`` to ``f1`` Hz, ending in ``silence`` seconds of
-    silence (inside ``seconds``)."""
-    t = np.arange(int(seconds * rate)) / rate
-    sweep = seconds - silence
-    k = math.log(f1 / f0) / sweep
-    signal = np.where(t < sweep, 0.5 * np.sin(2 * math.pi * f0 * (np.exp(k * t) - 1) / k), 0.0)
-    pcm = np.round(signal * 32767).astype("<i2")
+    """:func:`sweep` as a mono 16-bit WAV."""
+    return pcm_wav(sweep(seconds, f0, f1, rate, silence), rate)
+
+
+def pcm_wav(pcm: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)

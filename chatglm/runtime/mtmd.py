@@ -209,8 +209,9 @@ class MediaContext:
 
     # -- media -> chunks ----------------------------------------------------------------------------------------
     def _tokenize(self, media: Media):
-        """(chunks, index of the medium's chunk) for one medium: libmtmd decodes the bytes (its stb_image /
-        miniaudio helpers) and tokenizes the marker alone."""
+        """(chunks, indices of the medium's chunks) for one medium: libmtmd decodes the bytes (its stb_image /
+        miniaudio helpers) and tokenizes the marker alone. Audio gives one chunk per 30 s (a clip of 30 s or more
+        several)."""
         m = _mtmd()
         buf = (ctypes.c_uint8 * len(media.data)).from_buffer_copy(media.data)
         bitmap = m.mtmd_helper_bitmap_init_from_buf(self._ctx, buf, len(media.data), False)
@@ -223,9 +224,10 @@ class MediaContext:
             rc = m.mtmd_tokenize(self._ctx, chunks, ctypes.byref(text), bitmaps, 1)
             if rc != 0:
                 raise InputError(f"libmtmd refused the {media.kind} (code {rc})", media.name)
-            for i in range(m.mtmd_input_chunks_size(chunks)):
-                if m.mtmd_input_chunk_get_type(m.mtmd_input_chunks_get(chunks, i)) != m.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    return chunks, i
+            found = [i for i in range(m.mtmd_input_chunks_size(chunks))
+                     if m.mtmd_input_chunk_get_type(m.mtmd_input_chunks_get(chunks, i)) != m.MTMD_INPUT_CHUNK_TYPE_TEXT]
+            if found:
+                return chunks, found
             raise InputError(f"libmtmd made no chunk of the {media.kind}", media.name)
         except BaseException:
             m.mtmd_input_chunks_free(chunks)
@@ -236,24 +238,27 @@ class MediaContext:
     def n_tokens(self, media: Media) -> tuple[int, int]:
         """(embeddings, positions) the medium takes."""
         m = _mtmd()
-        chunks, i = self._tokenize(media)
+        chunks, found = self._tokenize(media)
         try:
-            chunk = m.mtmd_input_chunks_get(chunks, i)
-            return m.mtmd_input_chunk_get_n_tokens(chunk), m.mtmd_input_chunk_get_n_pos(chunk)
+            parts = [m.mtmd_input_chunks_get(chunks, i) for i in found]
+            return (sum(m.mtmd_input_chunk_get_n_tokens(c) for c in parts),
+                    sum(m.mtmd_input_chunk_get_n_pos(c) for c in parts))
         finally:
             m.mtmd_input_chunks_free(chunks)
 
     def embeddings(self, media: Media) -> np.ndarray:
         """The projector's output for one medium: (tokens, n_embd) float32."""
         m = _mtmd()
-        chunks, i = self._tokenize(media)
+        chunks, found = self._tokenize(media)
         try:
-            chunk = m.mtmd_input_chunks_get(chunks, i)
-            if m.mtmd_encode_chunk(self._ctx, chunk) != 0:
-                raise ModelRuntimeError(f"libmtmd failed to encode the {media.kind}")
-            n = m.mtmd_input_chunk_get_n_tokens(chunk)
-            ptr = m.mtmd_get_output_embd(self._ctx)
-            return np.ctypeslib.as_array(ptr, shape=(n, self.info.n_embd)).copy()
+            out = []
+            for i in found:
+                chunk = m.mtmd_input_chunks_get(chunks, i)
+                if m.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                    raise ModelRuntimeError(f"libmtmd failed to encode the {media.kind}")
+                n = m.mtmd_input_chunk_get_n_tokens(chunk)
+                out.append(np.ctypeslib.as_array(m.mtmd_get_output_embd(self._ctx), shape=(n, self.info.n_embd)).copy())
+            return np.concatenate(out)
         finally:
             m.mtmd_input_chunks_free(chunks)
 
@@ -290,7 +295,7 @@ class MediaContext:
         tokenized = [self._tokenize(x) for x in media]
         try:
             cells = len(ids) - len(media) + sum(m.mtmd_input_chunk_get_n_tokens(m.mtmd_input_chunks_get(c, i))
-                                                for c, i in tokenized)
+                                                for c, found in tokenized for i in found)
             if cells > engine.info.n_ctx:
                 raise ContextOverflowError(f"the prompt with its {len(media)} media needs {cells} tokens, more than "
                                            f"the context of {engine.info.n_ctx}")
@@ -305,8 +310,9 @@ class MediaContext:
                     engine._eval(segment, cancel=cancel)
                     done += len(segment)
                     segment = []
-                chunks, i = next(chunk_of)
-                done += self._eval_chunk(m.mtmd_input_chunks_get(chunks, i), cancel)
+                chunks, found = next(chunk_of)
+                for i in found:
+                    done += self._eval_chunk(m.mtmd_input_chunks_get(chunks, i), cancel)
                 if progress:
                     progress(done, cells)
             if segment:
