@@ -181,3 +181,29 @@ def test_a_broken_projector_is_refused_before_libmtmd(asr, tmp_path, kv, drop, w
     with pytest.raises(InputError, match=re.escape(what)) as err:
         load(asr.gguf, n_ctx=512, n_threads=2, mmproj=bad)
     assert "\n" not in str(err.value)
+
+
+def test_cli_run_with_audio_answers_and_refuses_bad_audio_in_one_line(asr, tmp_path):
+    out = cli(["run", asr.gguf, "--audio", asr.wav, "-p", PROMPT, "--temp", "0", "-n", "3", "--json", "-c", "1024"])
+    assert out.code == 0, out.text
+    reply = json.loads(out.out.strip().splitlines()[-1])
+    assert reply["usage"]["completion_tokens"] >= 1
+    bad = tmp_path / "speech.wav"
+    bad.write_bytes(b"ID3\x03\x00not really an mp3")
+    for args in (["--audio", bad], ["--audio", tmp_path / "missing.wav"]):
+        out = cli(["run", asr.gguf, *args, "-p", PROMPT, "-n", "1"])
+        assert out.code != 0 and "Traceback" not in out.text and len(out.text.strip().splitlines()) == 1, out.text
+
+
+def test_repl_audio_attaches_to_the_next_message(asr, model, capsys):
+    from chatglm.cli.repl import Repl
+    from chatglm.runtime.session import ChatSession
+    from test_repl import ScriptedEditor
+
+    session = ChatSession(model)
+    session.sampling = session.sampling.updated(max_tokens=2, temperature=0.0)
+    Repl(session, editor=ScriptedEditor([f"/audio {asr.wav}", PROMPT, "/audio nowhere.wav", "again"])).run()
+    user = [m for m in session.messages if m.role == "user"]
+    assert len(user) == 2 and len(user[0].media) == 1 and user[1].media == ()
+    err = capsys.readouterr().err
+    assert "attached to the next message" in err and "error: " in err and "nowhere.wav" in err

@@ -36,6 +36,7 @@ HELP = f"""Commands:
   /show                 model information and current settings
   /save FILE            write the conversation as JSON
   /load FILE            replace the conversation with one saved by /save
+  /audio FILE           attach audio (WAV, MP3, FLAC) to the next message (speech models)
   /exit                 leave (also /quit, /bye, Ctrl-D, or Ctrl-C at an empty prompt)
 Input: {FENCE} starts and ends a multi-line message. Ctrl-C stops a reply."""
 SETTINGS: dict[str, type] = {name: k.kind for name, k in knobs().items()}  # /set NAME VALUE: SamplingParams
@@ -118,8 +119,9 @@ class Repl:
             "/help": self.cmd_help, "/?": self.cmd_help, "/clear": self.cmd_clear, "/system": self.cmd_system,
             "/set": self.cmd_set, "/show": self.cmd_show, "/save": self.cmd_save, "/load": self.cmd_load,
             "/exit": self.cmd_exit, "/quit": self.cmd_exit, "/bye": self.cmd_exit,
-            "/think": self.cmd_think, "/thoughts": self.cmd_thoughts,
+            "/think": self.cmd_think, "/thoughts": self.cmd_thoughts, "/audio": self.cmd_audio,
         }
+        self.attached: list = []  # media for the next message (/audio)
         self.thinking = ThinkingPrinter()
 
     def run(self) -> None:
@@ -134,7 +136,8 @@ class Repl:
                 if text.startswith("/"):
                     self.command(text.strip())
                 else:
-                    self.turn(Message("user", text))
+                    media, self.attached = tuple(self.attached), []
+                    self.turn(Message("user", text, media=media))
         except Leave:
             pass
         finally:
@@ -260,6 +263,16 @@ class Repl:
             raise InputError(f"/thoughts takes show or hide, got {arg!r}")
         self.thinking.shown = arg.lower() != "hide" if arg else not self.thinking.shown
         note(f"thinking {'shown' if self.thinking.shown else 'hidden'}")
+
+    def cmd_audio(self, arg: str) -> None:
+        from chatglm.runtime.media import load_media
+
+        if not arg:
+            raise InputError("/audio needs a file name")
+        media = load_media(arg, "audio")
+        self.model.media_of([Message("user", "", media=(media,))])  # a text-only model refuses it now
+        self.attached.append(media)
+        note(f"[{arg} attached to the next message]")
 
     def cmd_exit(self, _arg: str) -> None:
         raise Leave

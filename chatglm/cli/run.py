@@ -14,6 +14,7 @@ from chatglm.cli.chatout import ThinkingPrinter, context_notes, format_tool_call
 from chatglm.cli.common import (Context, FlashAttn, GpuLayers, KVTypeOpt, Threads, fail, handle_errors, number,
                                sampling_options, setup_logging)
 from chatglm.limits import MAX_LORA_SCALE
+from chatglm.runtime.messages import Message
 
 class ReasoningEffort(str, Enum):
     low = "low"
@@ -47,6 +48,9 @@ def run_cmd(
                                                   "template's enable_thinking; default: the template's).")] = None,
     reasoning_effort: Annotated[Optional[ReasoningEffort], typer.Option(
         "--reasoning-effort", help="GLM-5.3-Flash's reasoning effort (default: max).")] = None,
+    audio: Annotated[Optional[list[Path]], typer.Option(
+        "--audio", metavar="FILE", help="Audio (WAV, MP3, FLAC) for the first message (speech models, e.g. "
+        "GLM-ASR; repeatable).")] = None,
     sampling: Optional[dict] = None,
 ) -> None:
     """Chat with a GGUF model."""
@@ -59,6 +63,9 @@ def run_cmd(
     from chatglm.runtime.chatfiles import read_tools
 
     tool_list = read_tools(tools) if tools is not None else None
+    from chatglm.runtime.media import load_media
+
+    media = tuple(load_media(p, "audio") for p in audio or ())  # checked before the model loads
     model = model or demo_path()
     if verbose:
         print_estimate(model, ctx, kv_type, flash_attn)
@@ -71,12 +78,16 @@ def run_cmd(
             typer.echo(f"[loaded {m.info.path.name} in {m.load_seconds:.2f} s]", err=True)
         session = m.session(system, tools=tool_list, enable_thinking=think,
                             reasoning_effort=reasoning_effort.value if reasoning_effort else None)
+        if media:
+            m.media_of([Message("user", "", media=media)])  # a text-only model refuses them now
         if prompt is not None:
-            one_shot(session, prompt, as_json, verbose)
+            one_shot(session, Message("user", prompt, media=media) if media else prompt, as_json, verbose)
         else:
             from chatglm.cli.repl import Repl
 
-            Repl(session, verbose=verbose).run()
+            repl = Repl(session, verbose=verbose)
+            repl.attached = list(media)
+            repl.run()
 
 
 def show_prefill(done: int, total: int) -> None:
@@ -118,7 +129,7 @@ def utf8_console() -> None:
             reconfigure(errors="replace")
 
 
-def one_shot(session, prompt: str, as_json: bool, verbose: bool) -> None:
+def one_shot(session, prompt: "str | Message", as_json: bool, verbose: bool) -> None:
     from chatglm.runtime.model import drain
 
     m = session.model
