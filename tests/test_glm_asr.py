@@ -207,3 +207,14 @@ def test_repl_audio_attaches_to_the_next_message(asr, model, capsys):
     assert len(user) == 2 and len(user[0].media) == 1 and user[1].media == ()
     err = capsys.readouterr().err
     assert "attached to the next message" in err and "error: " in err and "nowhere.wav" in err
+
+
+def test_the_default_f16_projector_encodes_within_tolerance(asr, tmp_path):
+    result = convert(asr.ckpt, tmp_path / "asr-q8.gguf", "q8_0")  # projector f16 by default
+    reader = gguf.GGUFReader(result.mmproj)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["a.blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["a.conv1d.1.bias"] == types["v.boi"] == types["a.position_embd.weight"] == gguf.GGMLQuantizationType.F32
+    with load(result.path, n_ctx=512, n_threads=2) as m:
+        got = m.media.embeddings(load_media(asr.wav, "audio"))
+    assert rel_err(got, asr.ref_audio) < TOL
