@@ -218,3 +218,20 @@ def test_the_default_f16_projector_encodes_within_tolerance(asr, tmp_path):
     with load(result.path, n_ctx=512, n_threads=2) as m:
         got = m.media.embeddings(load_media(asr.wav, "audio"))
     assert rel_err(got, asr.ref_audio) < TOL
+
+
+def test_the_language_model_runs_alone_and_refuses_audio(asr, tmp_path):
+    import shutil
+
+    from chatglm.runtime.session import ChatSession
+
+    alone = tmp_path / "asr-text.gguf"
+    shutil.copy(asr.gguf, alone)  # no mmproj-asr-text.gguf beside it
+    ids = asr.tok.encode("<|user|>\nhello there<|assistant|>\n").ids
+    table = asr.parts.lm.model.embed_tokens.weight.detach().numpy()
+    with load(alone, n_ctx=256, kv_type="f32", n_threads=2) as m:
+        assert m.media is None
+        assert rel_err(m.engine.all_logits(ids), g.lm_logits(asr.parts, table[ids])) < 1e-4
+        with pytest.raises(InputError, match="takes text only") as err:
+            ChatSession(m).send(PROMPT, audio=[asr.wav])
+        assert "\n" not in str(err.value)
