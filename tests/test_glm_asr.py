@@ -3,9 +3,12 @@ is the checkpoint's model.
 
 The tiny checkpoint is the remote-code layout (``GlmasrModel``, written by chatglm/devtools/glm_asr.py with the
 published names: transformers' WhisperEncoder, the MLP adapter, a LlamaForCausalLM); the audio is a sine sweep whose
-last 0.4 s is silent. libmtmd's Whisper front end frames the audio without center padding where
-WhisperFeatureExtractor reflects it, so the last mel frame differs unless the clip ends in silence (with a sweep to
-the end the last audio embedding is 1.3e-2 off, every other one 1.4e-4); both sides compute their own mel here.
+last 0.4 s is silent. Both sides compute their own log-mel (16 kHz, 128 bins, hop 160, 30 s windows) and agree
+to 3e-4 in the embeddings, but at the end of a full 30 s window WhisperFeatureExtractor reflects the clip where
+libmtmd reads on into the next window or its zero padding: with a sweep up to the end of a 30.0 s clip the last audio
+embedding is 1.3e-2 off (every other one 1.4e-4). A clip shorter than a window is zero-padded by both. libmtmd also
+keeps only whole 3000-frame chunks of the clip plus 30 s of padding, so a clip of 29.99 s or 30.0 s gets a second,
+silent chunk (754 embeddings) where the processor has one window: the fixtures stay under that.
 """
 
 from __future__ import annotations
