@@ -38,6 +38,10 @@ FOREIGN_NAMES = {
     ("chatglm.families.glm4_moe_lite", "glm47"): "GLM-4.7-Flash GGUFs without a template or format name get "
                                                  "GLM-4.7's",
     ("chatglm.schema.llama_names", "glm5-next"): "llama.cpp's architecture name, which gguf-py 0.19 lacks",
+    # GLM-ASR's language model is llama.cpp's ``llama`` architecture; "llama" there is SentencePiece's vocab model
+    **{(m, "llama"): "tokenizer.ggml.model 'llama' (SentencePiece), not GLM-ASR's architecture"
+       for m in ("chatglm.convert.vocab_spm", "chatglm.families.chatglm1.convert", "chatglm.limits",
+                 "chatglm.runtime.llama_engine", "chatglm.runtime.validate")},
 }
 # Modules allowed to name families: the registries, and the development tools that write checkpoints in the
 # publishers' own layouts (their config.json and tokenizer files name the models as published).

@@ -26,9 +26,9 @@ OLD_ENGINES = {"chatglm": "chatglm.runtime.llama_engine:LlamaEngine",
                "chatglm1": "chatglm.runtime.glm1.engine:GLM1Engine"}
 # GLM-5.3-Flash's media placeholders (issue #18): control tokens of its vocabulary that its format keeps special.
 NEW_SPECIAL_TEXTS = {"<|image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|video|>", "<|end_of_video|>",
-                     "<|begin_of_audio|>", "<|end_of_audio|>"}
+                     "<|begin_of_audio|>", "<|end_of_audio|>", "<|pad|>"}  # <|pad|>: GLM-ASR's audio placeholder
 # Architectures added since (issue #18), each run by llama.cpp.
-NEW_LLAMA_ARCHS = {"glm-dsa", "deepseek2", "glm5-next"}
+NEW_LLAMA_ARCHS = {"glm-dsa", "deepseek2", "glm5-next", "llama"}  # llama: GLM-ASR's language model
 
 
 def test_descriptors_give_the_old_tables():

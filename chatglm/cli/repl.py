@@ -37,6 +37,7 @@ HELP = f"""Commands:
   /save FILE            write the conversation as JSON
   /load FILE            replace the conversation with one saved by /save
   /image PATH           attach an image to the next message (a model with a projector)
+  /audio FILE           attach audio (WAV, MP3, FLAC) to the next message (speech models)
   /exit                 leave (also /quit, /bye, Ctrl-D, or Ctrl-C at an empty prompt)
 Input: {FENCE} starts and ends a multi-line message. Ctrl-C stops a reply."""
 SETTINGS: dict[str, type] = {name: k.kind for name, k in knobs().items()}  # /set NAME VALUE: SamplingParams
@@ -120,8 +121,9 @@ class Repl:
             "/set": self.cmd_set, "/show": self.cmd_show, "/save": self.cmd_save, "/load": self.cmd_load,
             "/exit": self.cmd_exit, "/quit": self.cmd_exit, "/bye": self.cmd_exit,
             "/think": self.cmd_think, "/thoughts": self.cmd_thoughts, "/image": self.cmd_image,
+            "/audio": self.cmd_audio,
         }
-        self.attached: list = []  # media for the next message (/image)
+        self.attached: list = []  # media for the next message (/image, /audio)
         self.thinking = ThinkingPrinter()
 
     def run(self) -> None:
@@ -245,14 +247,22 @@ class Repl:
             note(f"error: {exc}")
 
     def cmd_image(self, arg: str) -> None:
+        self.attach("image", arg)
+
+    def cmd_audio(self, arg: str) -> None:
+        self.attach("audio", arg)
+
+    def attach(self, kind: str, arg: str) -> None:
+        """/image, /audio: check the file now (a text-only model refuses it now), send it with the next message."""
         from chatglm.runtime.media import load_media
 
         if not arg:
-            raise InputError("/image needs a file name")
-        media = load_media(Path(arg).expanduser(), "image")
-        self.model.media_of([Message("user", "", media=(media,))])  # a text-only model refuses it now
+            raise InputError(f"/{kind} needs a file name")
+        media = load_media(Path(arg).expanduser(), kind)
+        self.model.media_of([Message("user", "", media=(media,))])
         self.attached.append(media)
-        note(f"attached {media.name} ({media.width}x{media.height}) to the next message")
+        size = f"{media.width}x{media.height}" if kind == "image" else f"{media.frames / max(media.sample_rate, 1):.1f} s"
+        note(f"attached {media.name} ({size}) to the next message")
 
     def cmd_help(self, _arg: str) -> None:
         note(HELP)

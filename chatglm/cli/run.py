@@ -14,6 +14,7 @@ from chatglm.cli.chatout import ThinkingPrinter, context_notes, format_tool_call
 from chatglm.cli.common import (Context, FlashAttn, GpuLayers, KVTypeOpt, Threads, fail, handle_errors, number,
                                sampling_options, setup_logging)
 from chatglm.limits import MAX_LORA_SCALE
+from chatglm.runtime.messages import Message
 
 class ReasoningEffort(str, Enum):
     low = "low"
@@ -51,6 +52,9 @@ def run_cmd(
                                                   "template's enable_thinking; default: the template's).")] = None,
     reasoning_effort: Annotated[Optional[ReasoningEffort], typer.Option(
         "--reasoning-effort", help="GLM-5.3-Flash's reasoning effort (default: max).")] = None,
+    audio: Annotated[Optional[list[Path]], typer.Option(
+        "--audio", metavar="FILE", help="Audio (WAV, MP3, FLAC) for the first message (speech models, e.g. "
+        "GLM-ASR; repeatable).")] = None,
     sampling: Optional[dict] = None,
 ) -> None:
     """Chat with a GGUF model."""
@@ -66,7 +70,8 @@ def run_cmd(
     from chatglm.runtime.mtmd import find_projector
 
     tool_list = read_tools(tools) if tools is not None else None
-    media = tuple(load_media(p, "image") for p in image or ())
+    media = tuple(load_media(p, "image") for p in image or ())  # checked before the model loads
+    media += tuple(load_media(p, "audio") for p in audio or ())
     model = model or demo_path()
     if media and find_projector(model, mmproj) is None:
         raise fail(f"{media[0].name}: {model.name} takes text only (no projector mmproj-{model.stem}.gguf beside "
@@ -82,6 +87,8 @@ def run_cmd(
             typer.echo(f"[loaded {m.info.path.name} in {m.load_seconds:.2f} s]", err=True)
         session = m.session(system, tools=tool_list, enable_thinking=think,
                             reasoning_effort=reasoning_effort.value if reasoning_effort else None)
+        if media:
+            m.media_of([Message("user", "", media=media)])  # a text-only model refuses them now
         if prompt is not None:
             one_shot(session, prompt, as_json, verbose, media)
         else:

@@ -83,6 +83,21 @@ def gguf_name(kind: T, bid: int | None = None) -> str:
     return gguf.TENSOR_NAMES[kind].format(**({} if bid is None else {"bid": bid}))
 
 
+def head_sizes(family: Family, embedding: str) -> tuple[int, int, int, int]:
+    """(hidden_size, num_attention_heads, num_key_value_heads, head_dim) of a transformers-layout config, checked
+    against each other and the ``embedding`` tensor."""
+    n_embd = family.cfg_int("hidden_size")
+    family.check_rows("hidden_size", n_embd, embedding, 1, "columns")
+    n_head = family.cfg_int("num_attention_heads", maximum=n_embd)
+    n_head_kv = family.cfg_int("num_key_value_heads", default=n_head, maximum=n_head)
+    head_dim = family.cfg_int("head_dim", default=n_embd // n_head)
+    if n_head % n_head_kv:
+        raise family.bad(f"num_attention_heads ({n_head}) is not a multiple of num_key_value_heads ({n_head_kv})")
+    if n_head * head_dim > UINT32_MAX:
+        raise family.bad(f"num_attention_heads x head_dim ({n_head} x {head_dim}) is too large")
+    return n_embd, n_head, n_head_kv, head_dim
+
+
 class HFGlmFamily(Family):
     """Config, tokenizer and the attention/embedding tensors every HF-layout GLM shares."""
 
@@ -157,16 +172,8 @@ class HFGlmFamily(Family):
         return float(theta), float(factor)
 
     def hparams(self) -> HFHparams:
-        n_embd = self.cfg_int("hidden_size")
         embedding = self.source(f"{HF_TENSORS[T.TOKEN_EMBD]}.weight")
-        self.check_rows("hidden_size", n_embd, embedding, 1, "columns")
-        n_head = self.cfg_int("num_attention_heads", maximum=n_embd)
-        n_head_kv = self.cfg_int("num_key_value_heads", default=n_head, maximum=n_head)
-        head_dim = self.cfg_int("head_dim", default=n_embd // n_head)
-        if n_head % n_head_kv:
-            raise self.bad(f"num_attention_heads ({n_head}) is not a multiple of num_key_value_heads ({n_head_kv})")
-        if n_head * head_dim > UINT32_MAX:
-            raise self.bad(f"num_attention_heads x head_dim ({n_head} x {head_dim}) is too large")
+        n_embd, n_head, n_head_kv, head_dim = head_sizes(self, embedding)
         theta, factor = self.rope()
         n_rot = int(head_dim * factor)
         if n_rot < 2 or n_rot % 2:

@@ -28,6 +28,7 @@ REGISTRY: tuple[str, ...] = (
     "glm_moe_dsa",  # GLM-5, GLM-5.1, GLM-5.2, GLM-5.3
     "glm5_next",  # GLM-5.3-Flash (text model)
     "glm4v",  # GLM-4.1V-Thinking, GLM-4.6V, GLM-4.6V-Flash (vision: mmproj beside the model)
+    "glm_asr",  # GLM-ASR (speech: llama text model, libmtmd glma projector)
 )
 
 

@@ -141,6 +141,33 @@ def projector_estimate(model_path, mmproj=None, images=()) -> "ProjectorEstimate
     return ProjectorEstimate(str(path), info.projector_type, info.size_bytes, compute, sum(tokens))
 
 
+def _image_bitmap(m, media: Media):
+    """An image decoded by libmtmd's own stb_image into an RGB bitmap. Not through mtmd_helper_bitmap_init_from_buf:
+    on a buffer stb_image cannot decode, that helper hands the bytes to an ``ffmpeg`` found on PATH (its video
+    fallback), and no outside program may see a request's bytes."""
+    lib = m._libmtmd
+    load, free = lib.stbi_load_from_memory, lib.stbi_image_free
+    load.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int),
+                     ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+    load.restype = ctypes.POINTER(ctypes.c_ubyte)
+    free.argtypes, free.restype = [ctypes.c_void_p], None
+    nx, ny, nc = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    pixels = load(media.data, len(media.data), ctypes.byref(nx), ctypes.byref(ny), ctypes.byref(nc), 3)
+    if not pixels:
+        return None
+    try:
+        return m.mtmd_bitmap_init(nx.value, ny.value, pixels)  # copies the pixels
+    finally:
+        free(pixels)
+
+
+def _audio_bitmap(m, ctx, media: Media):
+    """Audio decoded by libmtmd's helper (miniaudio; the bytes were checked to be WAV, MP3 or FLAC, which it takes
+    before any fallback)."""
+    buf = (ctypes.c_uint8 * len(media.data)).from_buffer_copy(media.data)
+    return m.mtmd_helper_bitmap_init_from_buf(ctx, buf, len(media.data), False)
+
+
 def _mtmd():
     from chatglm.runtime.llama_native import mtmd_lib
 
@@ -173,11 +200,11 @@ class MediaContext:
 
     # -- media -> chunks ----------------------------------------------------------------------------------------
     def _tokenize(self, media: Media):
-        """(chunks, index of the medium's chunk) for one medium: libmtmd decodes the bytes (its stb_image /
-        miniaudio helpers) and tokenizes the marker alone."""
+        """(chunks, indices of the medium's chunks) for one medium: libmtmd decodes the bytes (its stb_image /
+        miniaudio helpers) and tokenizes the marker alone. Audio gives one chunk per 30 s (a clip of 30 s or more
+        several)."""
         m = _mtmd()
-        buf = (ctypes.c_uint8 * len(media.data)).from_buffer_copy(media.data)
-        bitmap = m.mtmd_helper_bitmap_init_from_buf(self._ctx, buf, len(media.data), False)
+        bitmap = _image_bitmap(m, media) if media.kind == "image" else _audio_bitmap(m, self._ctx, media)
         if not bitmap:
             raise InputError(f"the {media.kind} could not be decoded", media.name)
         chunks = m.mtmd_input_chunks_init()
@@ -187,9 +214,10 @@ class MediaContext:
             rc = m.mtmd_tokenize(self._ctx, chunks, ctypes.byref(text), bitmaps, 1)
             if rc != 0:
                 raise InputError(f"libmtmd refused the {media.kind} (code {rc})", media.name)
-            for i in range(m.mtmd_input_chunks_size(chunks)):
-                if m.mtmd_input_chunk_get_type(m.mtmd_input_chunks_get(chunks, i)) != m.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    return chunks, i
+            found = [i for i in range(m.mtmd_input_chunks_size(chunks))
+                     if m.mtmd_input_chunk_get_type(m.mtmd_input_chunks_get(chunks, i)) != m.MTMD_INPUT_CHUNK_TYPE_TEXT]
+            if found:
+                return chunks, found
             raise InputError(f"libmtmd made no chunk of the {media.kind}", media.name)
         except BaseException:
             m.mtmd_input_chunks_free(chunks)
@@ -200,24 +228,27 @@ class MediaContext:
     def n_tokens(self, media: Media) -> tuple[int, int]:
         """(embeddings, positions) the medium takes."""
         m = _mtmd()
-        chunks, i = self._tokenize(media)
+        chunks, found = self._tokenize(media)
         try:
-            chunk = m.mtmd_input_chunks_get(chunks, i)
-            return m.mtmd_input_chunk_get_n_tokens(chunk), m.mtmd_input_chunk_get_n_pos(chunk)
+            parts = [m.mtmd_input_chunks_get(chunks, i) for i in found]
+            return (sum(m.mtmd_input_chunk_get_n_tokens(c) for c in parts),
+                    sum(m.mtmd_input_chunk_get_n_pos(c) for c in parts))
         finally:
             m.mtmd_input_chunks_free(chunks)
 
     def embeddings(self, media: Media) -> np.ndarray:
         """The projector's output for one medium: (tokens, n_embd) float32."""
         m = _mtmd()
-        chunks, i = self._tokenize(media)
+        chunks, found = self._tokenize(media)
         try:
-            chunk = m.mtmd_input_chunks_get(chunks, i)
-            if m.mtmd_encode_chunk(self._ctx, chunk) != 0:
-                raise ModelRuntimeError(f"libmtmd failed to encode the {media.kind}")
-            n = m.mtmd_input_chunk_get_n_tokens(chunk)
-            ptr = m.mtmd_get_output_embd(self._ctx)
-            return np.ctypeslib.as_array(ptr, shape=(n, self.info.n_embd)).copy()
+            out = []
+            for i in found:
+                chunk = m.mtmd_input_chunks_get(chunks, i)
+                if m.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                    raise ModelRuntimeError(f"libmtmd failed to encode the {media.kind}")
+                n = m.mtmd_input_chunk_get_n_tokens(chunk)
+                out.append(np.ctypeslib.as_array(m.mtmd_get_output_embd(self._ctx), shape=(n, self.info.n_embd)).copy())
+            return np.concatenate(out)
         finally:
             m.mtmd_input_chunks_free(chunks)
 
@@ -255,7 +286,7 @@ class MediaContext:
         tokenized = [self._tokenize(x) for x in media[n_media:]]
         try:
             sizes = [r[1] for p, r in sorted(self._evaluated.items())] + [
-                m.mtmd_input_chunk_get_n_tokens(m.mtmd_input_chunks_get(c, i)) for c, i in tokenized]
+                m.mtmd_input_chunk_get_n_tokens(m.mtmd_input_chunks_get(c, i)) for c, found in tokenized for i in found]
             cells = len(ids) - len(media) + sum(sizes)
             if cells > engine.info.n_ctx:
                 raise ContextOverflowError(f"the prompt with its {len(media)} media needs {cells} tokens, more than "
@@ -271,9 +302,9 @@ class MediaContext:
                     engine._eval(segment, cancel=cancel)
                     done += len(segment)
                     segment = []
-                (chunks, i), medium = next(todo)
+                (chunks, found), medium = next(todo)
                 pos = len(engine.tokens)
-                n = self._eval_chunk(m.mtmd_input_chunks_get(chunks, i), cancel)
+                n = sum(self._eval_chunk(m.mtmd_input_chunks_get(chunks, i), cancel) for i in found)
                 done += n
                 self._evaluated[pos] = (len(engine.tokens) - pos, n, medium.data)
                 engine.extra_cells += n - (len(engine.tokens) - pos)

@@ -48,6 +48,15 @@ def _chatglm_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
             f"{p}ffn_up.weight": ((e, 2 * ff), True), f"{p}ffn_down.weight": ((ff, e), True)}
 
 
+def _llama_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
+    """src/llama-model.cpp LLM_ARCH_LLAMA (GLM-ASR's language model): q/k/v (optional biases), SwiGLU."""
+    p, e, ff = f"blk.{il}.", hp.n_embd, hp.n_ff
+    return {f"{p}attn_norm.weight": ((e,), True), **_qkv(hp, p, names, True),
+            f"{p}attn_output.weight": ((hp.head_k * hp.n_head, e), True), f"{p}attn_output.bias": ((e,), False),
+            f"{p}ffn_norm.weight": ((e,), True), f"{p}ffn_gate.weight": ((e, ff), True),
+            f"{p}ffn_down.weight": ((ff, e), True), f"{p}ffn_up.weight": ((e, ff), True)}
+
+
 def _glm4_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
     # NextN layers are TENSOR_SKIP: their tensors are still required (attention may take any form)
     p, e, ff = f"blk.{il}.", hp.n_embd, hp.n_ff
@@ -217,6 +226,7 @@ LLAMA_ARCHS: dict[str, LlamaArch] = {
     _ARCH[gguf.MODEL_ARCH.DEEPSEEK2]: LlamaArch(_deepseek2_layer, experts=True, mla=True, mtp_expert_block=True),
     _ARCH[gguf.MODEL_ARCH.GLM_DSA]: LlamaArch(_glm_dsa_layer, experts=True, mla=True, indexer=True),
     GLM5_NEXT: LlamaArch(_glm5next_layer, experts=True),
+    _ARCH[gguf.MODEL_ARCH.LLAMA]: LlamaArch(_llama_layer, reads_nextn=False),
 }
 
 

@@ -1,0 +1,25 @@
+"""GLM-ASR (``GlmasrModel``, the remote-code layout of GLM-ASR-Nano; ``GlmAsrForConditionalGeneration``,
+transformers' own layout): a Whisper-style audio encoder and MLP adapter before a llama language model. The
+language model is llama.cpp's ``llama`` architecture; the encoder is libmtmd's ``glma`` projector
+(``mmproj-<model>.gguf``).
+
+``convert.py``: the converter (text model and projector). ``chat.py``: no format of its own (the checkpoint's template
+takes the sandboxed Jinja path; without one, GLM-Edge's format).
+"""
+
+from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect, MediaProjector
+
+FAMILY = Descriptor(
+    name="glm_asr",
+    title="GLM-ASR (speech)",
+    arch="llama",
+    engine=ENGINE_LLAMA,
+    detect=Detect("glmasr", ("GlmasrModel", "GlmAsrForConditionalGeneration")),
+    variants=("glm-asr",),
+    chat_formats=(),
+    special_tokens=("<|begin_of_audio|>", "<|end_of_audio|>", "<|pad|>"),
+    vocabulary="tokenizer.json (byte-level BPE)",
+    # the chunk libmtmd gives holds the begin- and end-of-audio embeddings around the adapter's output, so the
+    # placeholder stands for all of it
+    projectors=(MediaProjector("glma", "audio", "mm.a.mlp.2.weight", "<|pad|>"),),
+)
