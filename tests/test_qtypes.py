@@ -407,6 +407,6 @@ def test_requantize_and_imatrix_predicates() -> None:
 
 
 def test_model_info_rejects_other_architectures() -> None:
-    with pytest.raises(ValueError, match="no quantization recipe for architecture 'llama'"):
-        ModelInfo("llama", 32, 32, 8)
+    with pytest.raises(ValueError, match="no quantization recipe for architecture 'qwen2'"):
+        ModelInfo("qwen2", 32, 32, 8)
     assert replace(TINY["chatglm"], n_head_kv=8).info().n_gqa == 1

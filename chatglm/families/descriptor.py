@@ -72,6 +72,9 @@ class Descriptor:
     # text, CRLF as LF, stripped, format). A template not listed takes the sandboxed Jinja path.
     template_fingerprints: tuple[tuple[str, str], ...] = ()
     projectors: tuple[MediaProjector, ...] = ()  # the media projectors its checkpoints carry (mmproj files)
+    # The arch is one of llama.cpp's general ones (``llama``), written by non-GLM models too: a GGUF of it is this
+    # family's only when ``glm.family`` (written by our converter) names one of its variants.
+    shared_arch: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in (ENGINE_LLAMA, ENGINE_GLM1):

@@ -51,6 +51,10 @@ def not_runnable(header: GGUFHeader) -> Optional[str]:
         return f"GGUF type {kind!r} is not a model this tool runs"
     if header.arch not in ENGINES:
         return f"GGUF architecture {header.arch!r} is not a GLM model this tool runs (known: {', '.join(ENGINES)})"
+    owners = families.of_arch(header.arch)
+    if all(f.shared_arch for f in owners) and header.get(keys.FAMILY) not in {v for f in owners for v in f.variants}:
+        return (f"GGUF architecture {header.arch!r} is not a GLM model this tool runs (a {header.arch} file is run "
+                f"only as {', '.join(f.title for f in owners)}, converted by chatglm: its {keys.FAMILY} names it)")
     return None
 
 

@@ -21,5 +21,6 @@ FAMILY = Descriptor(
     vocabulary="tokenizer.json (byte-level BPE)",
     # the chunk libmtmd gives holds the begin- and end-of-audio embeddings around the adapter's output, so the
     # placeholder stands for all of it
+    shared_arch=True,  # llama: Llama-3 and the like are not GLM-ASR
     projectors=(MediaProjector("glma", "audio", "mm.a.mlp.2.weight", "<|pad|>"),),
 )
