@@ -27,6 +27,7 @@ REGISTRY: tuple[str, ...] = (
     "glm4_moe_lite",  # GLM-4.7-Flash (MLA: llama.cpp deepseek2)
     "glm_moe_dsa",  # GLM-5, GLM-5.1, GLM-5.2, GLM-5.3
     "glm5_next",  # GLM-5.3-Flash (text model)
+    "glm4v_moe",  # GLM-4.5V (glm4moe with M-RoPE, the glm4v projector)
 )
 
 
