@@ -29,7 +29,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     from chatglm.devtools.glm4 import LAYOUTS, build_checkpoint, train_glm4_bpe
     from chatglm.devtools.glm_moe_dsa import build_dsa_checkpoint
     from chatglm.devtools.glm4_moe_lite import build_lite_checkpoint
-    from chatglm.devtools.glm4v import build_glm45v_checkpoint, vision_tokenizer
+    from chatglm.devtools.glm4v import build_glm45v_checkpoint, build_glm_ocr_checkpoint, vision_tokenizer
 
     out: dict[str, Path] = {"demo": demo_dir()}
     sp = train_sentencepiece(root / "tokenizer.model", bilingual_corpus())
@@ -53,7 +53,9 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     out["glm4.7-flash"] = build_lite_checkpoint(root / "glm4.7-flash", bpe, seed=3, rope_theta=20000.0)[1]
     model = glm5_next.tiny_model(bpe.get_vocab_size() + 7)
     out["glm5-next"] = glm5_next.save_checkpoint(model, root / "glm5-next", bpe)
-    out["glm4.5v"] = build_glm45v_checkpoint(root / "glm4.5v", vision_tokenizer(), seed=1)[1]
+    vision_bpe = vision_tokenizer()
+    out["glm4.5v"] = build_glm45v_checkpoint(root / "glm4.5v", vision_bpe, seed=1)[1]
+    out["glm-ocr"] = build_glm_ocr_checkpoint(root / "glm-ocr", vision_bpe, seed=1)[1]
     return out
 
 

@@ -147,3 +147,31 @@ def image_features(model, inputs) -> np.ndarray:
                                              image_grid_thw=inputs["image_grid_thw"])
     out = getattr(out, "pooler_output", out)
     return (torch.cat(list(out)) if isinstance(out, (list, tuple)) else out).numpy()
+
+
+TINY_OCR_TEXT: dict[str, Any] = {
+    "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [2, 3, 3]},
+}
+
+
+def tiny_glm_ocr(tok: "tokenizers.Tokenizer", seed: int = 0, extra_rows: int = 7, attention_bias: bool = True):
+    """A float32 ``GlmOcrForConditionalGeneration`` with seeded random weights (no learned vision positions)."""
+    import torch
+    import transformers
+
+    text = {**TINY_OCR_TEXT, "vocab_size": tok.get_vocab_size() + extra_rows}
+    vision = {**TINY_VISION, "out_hidden_size": text["hidden_size"], "attention_bias": attention_bias}
+    config = transformers.GlmOcrConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                                       **token_ids(tok))
+    model = transformers.GlmOcrForConditionalGeneration(config).to(torch.float32).eval()
+    randomize(model, seed)
+    return model
+
+
+def build_glm_ocr_checkpoint(out_dir: str | Path, tok: "tokenizers.Tokenizer", *, seed: int = 0):
+    """A tiny GLM-OCR under ``out_dir``: (transformers model, folder)."""
+    model = tiny_glm_ocr(tok, seed=seed)
+    return model, save_vision_checkpoint(model, out_dir, tok)

@@ -28,6 +28,7 @@ REGISTRY: tuple[str, ...] = (
     "glm_moe_dsa",  # GLM-5, GLM-5.1, GLM-5.2, GLM-5.3
     "glm5_next",  # GLM-5.3-Flash (text model)
     "glm4v_moe",  # GLM-4.5V (glm4moe with M-RoPE, the glm4v projector)
+    "glm_ocr",  # GLM-OCR (glm4 with M-RoPE, the glm4v projector with q/k norms)
 )
 
 

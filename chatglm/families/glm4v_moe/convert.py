@@ -33,6 +33,7 @@ from chatglm.limits import MAX_NORM_EPS
 KEY_USE_SILU = "clip.use_silu"
 TEXT_PREFIX = "model.language_model."
 VISION_PREFIX = "model.visual."
+DEFAULT_MROPE = [8, 12, 12]  # transformers' mrope_section when the config names none
 
 
 class LanguageModelView(CheckpointView):
@@ -78,7 +79,7 @@ def text_view(ckpt) -> LanguageModelView:
 def mrope_sections(family) -> list[int]:
     """``mrope_section`` (frequency pairs per time/height/width), checked to cover the rotated dimensions."""
     params = family.config.get("rope_parameters") or family.config.get("rope_scaling") or {}
-    sections = params.get("mrope_section")
+    sections = params.get("mrope_section", DEFAULT_MROPE)
     if (not isinstance(sections, list) or not 1 <= len(sections) <= 4
             or any(type(s) is not int or s < 0 for s in sections) or sum(sections) * 2 != family.hp.n_rot):
         raise family.bad(f"'mrope_section' must be up to 4 non-negative integers summing to half the rotated "
@@ -100,6 +101,14 @@ class Glm4vProjector(Projector):
     prefix = VISION_PREFIX
     qk_norm = False  # GLM-OCR: per-head RMSNorm of q and k
 
+    def tower_ff(self) -> int:
+        """The width of the ViT blocks' MLP (GLM-4.5V: ``out_hidden_size``)."""
+        return self.vint("out_hidden_size")
+
+    def merger_ff(self) -> int:
+        """The width of the merger's SwiGLU (GLM-4.5V: ``intermediate_size``)."""
+        return self.vint("intermediate_size")
+
     def __init__(self, family):
         super().__init__(family)
         self.config = sub_config(family.ckpt, "vision_config")
@@ -112,7 +121,7 @@ class Glm4vProjector(Projector):
             raise self.bad(f"vision hidden_size {self.n_embd} over num_heads {self.n_head} must give a head size "
                            "that is a multiple of 4 (2-D rope)")
         self.n_out = self.vint("out_hidden_size")
-        self.n_ff_merger = self.vint("intermediate_size")
+        self.n_ff, self.n_ff_merger = self.tower_ff(), self.merger_ff()
         self.patch = self.vint("patch_size")
         self.image_size = self.vint("image_size")
         self.merge = self.vint("spatial_merge_size")
@@ -167,7 +176,7 @@ class Glm4vProjector(Projector):
         w.add_vision_image_size(self.image_size)
         w.add_vision_patch_size(self.patch)
         w.add_vision_embedding_length(self.n_embd)
-        w.add_vision_feed_forward_length(self.n_out)  # the tower's MLP is out_hidden_size wide
+        w.add_vision_feed_forward_length(self.n_ff)
         w.add_vision_block_count(self.n_layer)
         w.add_vision_projection_dim(self.n_out)
         w.add_vision_head_count(self.n_head)
@@ -208,7 +217,7 @@ class Glm4vProjector(Projector):
         return self.src(name) in set(self.ckpt.names())
 
     def block_tensors(self, i: int) -> list[OutTensor]:
-        d, ff, blk, src = self.n_embd, self.n_out, f"v.blk.{i}", f"blocks.{i}."
+        d, ff, blk, src = self.n_embd, self.n_ff, f"v.blk.{i}", f"blocks.{i}."
         plan = [OutTensor(f"{blk}.ln1.weight", (d,), (self.src(src + "norm1.weight"),)),
                 OutTensor(f"{blk}.ln2.weight", (d,), (self.src(src + "norm2.weight"),)),
                 OutTensor(f"{blk}.attn_qkv.weight", (3 * d, d), (self.src(src + "attn.qkv.weight"),)),
@@ -222,7 +231,14 @@ class Glm4vProjector(Projector):
                      OutTensor(f"{blk}.attn_k_norm.weight", (head,), (self.src(src + "attn.k_norm.weight"),))]
         for proj, shape in (("gate", (ff, d)), ("up", (ff, d)), ("down", (d, ff))):
             plan.append(OutTensor(f"{blk}.ffn_{proj}.weight", shape, (self.src(f"{src}mlp.{proj}_proj.weight"),)))
+            if self.mlp_bias:
+                plan.append(OutTensor(f"{blk}.ffn_{proj}.bias", shape[:1], (self.src(f"{src}mlp.{proj}_proj.bias"),)))
         return plan
+
+    @property
+    def mlp_bias(self) -> bool:
+        """GLM-4.5V's tower MLP has no biases whatever ``attention_bias`` says (GLM-OCR's follows it)."""
+        return False
 
     def check_shapes(self, plan: list[OutTensor]) -> None:
         super().check_shapes(plan)

@@ -1,8 +1,9 @@
-"""GLM-4.5V (``Glm4vMoeForConditionalGeneration`` → llama.cpp ``glm4moe`` with M-RoPE + libmtmd ``glm4v``) proven
-against transformers.
+"""GLM-4.5V (``Glm4vMoeForConditionalGeneration`` → llama.cpp ``glm4moe`` with M-RoPE + libmtmd ``glm4v``) and
+GLM-OCR (``GlmOcrForConditionalGeneration`` → ``glm4`` with M-RoPE, Q/K rows in NeoX order + ``glm4v`` with q/k
+norms) proven against transformers.
 
-A tiny random checkpoint built with transformers' own class (2 ViT blocks, 1 dense + 1 expert text layer, M-RoPE
-sections [2, 3, 3]), saved sharded as users get it, converted to an f32 GGUF and an f32 projector; fixture PNGs drawn
+Tiny random checkpoints built with transformers' own classes (2 ViT blocks; GLM-4.5V: 1 dense + 1 expert text layer;
+M-RoPE sections [2, 3, 3]), saved sharded as users get them, converted to f32 GGUFs and f32 projectors; fixture PNGs drawn
 by code at sizes the processor does not resize (112x112: 16 image tokens, 168x112: 24, the learned positions then
 resampled by both sides). Image embeddings from libmtmd within 1e-3 relative of ``get_image_features``, the prompt
 ids (placeholders expanded) equal to the processor's, the logits after the image within 1e-3 relative, and the
@@ -18,8 +19,8 @@ import numpy as np
 import pytest
 
 from chatglm.convert.pipeline import convert
-from chatglm.devtools.glm4v import (build_glm45v_checkpoint, checkpoint_processor, fixture_png, image_features,
-                                    image_inputs, vision_tokenizer)
+from chatglm.devtools.glm4v import (build_glm45v_checkpoint, build_glm_ocr_checkpoint, checkpoint_processor,
+                                    fixture_png, image_features, image_inputs, vision_tokenizer)
 from chatglm.errors import InputError
 from chatglm.gguf_file import read_header
 from chatglm.runtime.media import load_media
@@ -30,35 +31,43 @@ F32 = {"n_ctx": 256, "n_threads": 1, "kv_type": "f32", "flash_attn": False}
 QUESTION = "What is written here? 你好"
 
 
-@pytest.fixture(scope="module")
-def glm45v(tmp_path_factory):
-    """(transformers model, checkpoint folder, f32 GGUF, its projector)."""
-    root = tmp_path_factory.mktemp("glm45v")
-    model, folder = build_glm45v_checkpoint(root / "ck", vision_tokenizer(), seed=1)
-    result = convert(folder, root / "glm45v.gguf", "f32", mmproj_type="f32")
-    return model, folder, result.path, result.mmproj
+# family -> (builder, the processor class its published processor_config.json names)
+FAMILIES = {"glm4.5v": (build_glm45v_checkpoint, "Glm4vProcessor"),
+            "glm-ocr": (build_glm_ocr_checkpoint, "Glm46VProcessor")}
 
 
 @pytest.fixture(scope="module")
-def engine(glm45v):
-    with load(glm45v[2], **F32) as model:
+def tok():
+    return vision_tokenizer()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def vision(request, tok, tmp_path_factory):
+    """(family, transformers model, checkpoint folder, f32 GGUF, its projector, processor)."""
+    build, processor_class = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    model, folder = build(root / "ck", tok, seed=1)
+    result = convert(folder, root / "vision.gguf", "f32", mmproj_type="f32")
+    return (request.param, model, folder, result.path, result.mmproj,
+            checkpoint_processor(folder, processor_class))
+
+
+@pytest.fixture(scope="module")
+def engine(vision):
+    with load(vision[3], **F32) as model:
         yield model
-
-
-@pytest.fixture(scope="module")
-def processor(glm45v):
-    return checkpoint_processor(glm45v[1])
 
 
 def relative(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-def test_metadata_and_projector(glm45v):
-    model, folder, path, mmproj = glm45v
-    assert mmproj.name == "mmproj-glm45v.gguf"
+def test_metadata_and_projector(vision):
+    family, model, folder, path, mmproj, _ = vision
+    assert mmproj.name == "mmproj-vision.gguf"
     header = read_header(path)
-    assert header.arch == "glm4moe" and header.get("glm.family") == "glm4.5v"
+    assert (header.arch, header.get("glm.family")) == {"glm4.5v": ("glm4moe", "glm4.5v"),
+                                                        "glm-ocr": ("glm4", "glm-ocr")}[family]
     assert list(header.arch_get("rope.dimension_sections")) == [2, 3, 3, 0]
     assert header.arch_get("rope.dimension_count") == 16
     assert not any(name.startswith(("v.", "mm.")) for name in header.tensors)
@@ -66,7 +75,8 @@ def test_metadata_and_projector(glm45v):
     assert proj.arch == "clip" and proj.get("clip.projector_type") == "glm4v"
     assert proj.get("clip.has_vision_encoder") is True and proj.get("clip.use_silu") is True
     assert (proj.get("clip.vision.projection_dim"), proj.get("clip.vision.embedding_length")) == (64, 32)
-    assert proj.get("clip.vision.feed_forward_length") == 64  # the tower's MLP is out_hidden_size wide
+    # the tower's MLP: out_hidden_size wide in GLM-4.5V, intermediate_size in GLM-OCR
+    assert proj.get("clip.vision.feed_forward_length") == {"glm4.5v": 64, "glm-ocr": 48}[family]
     assert (proj.get("clip.vision.image_size"), proj.get("clip.vision.patch_size")) == (112, 14)
     assert proj.get("clip.vision.spatial_merge_size") == 2
     pre = json.loads((folder / "preprocessor_config.json").read_text())
@@ -74,22 +84,27 @@ def test_metadata_and_projector(glm45v):
     t = proj.tensors
     assert t["v.patch_embd.weight"].shape == t["v.patch_embd.weight.1"].shape == (14, 14, 3, 32)
     assert t["mm.patch_merger.weight"].shape == (2, 2, 32, 64)
-    assert {"v.blk.1.attn_qkv.weight", "v.position_embd.weight", "v.norm_embd.weight", "v.post_ln.weight",
-            "mm.model.fc.weight", "mm.post_norm.bias", "mm.gate.weight"} <= set(t)
+    assert {"v.blk.1.attn_qkv.weight", "v.post_ln.weight", "mm.model.fc.weight", "mm.post_norm.bias",
+            "mm.gate.weight"} <= set(t)
+    ocr = {"v.blk.0.attn_q_norm.weight", "v.blk.0.attn_k_norm.weight", "v.blk.0.ffn_up.bias", "v.blk.0.attn_qkv.bias"}
+    learned = {"v.position_embd.weight", "v.norm_embd.weight"}
+    assert (ocr <= set(t), learned <= set(t)) == {"glm4.5v": (False, True), "glm-ocr": (True, False)}[family]
+    assert not (ocr | learned) & set(t) - {"glm4.5v": learned, "glm-ocr": ocr}[family]
 
 
 @pytest.mark.parametrize("width,height,tokens", [(112, 112, 16), (168, 112, 24)])
-def test_image_embeddings_match_transformers(glm45v, engine, processor, width, height, tokens):
+def test_image_embeddings_match_transformers(vision, engine, width, height, tokens):
     png = fixture_png(width, height, seed=width)
-    ref = image_features(glm45v[0], image_inputs(processor, png))
+    ref = image_features(vision[1], image_inputs(vision[5], png))
     got = engine.media.embeddings(load_media(png, "image"))
     assert got.shape == ref.shape == (tokens, 64)
     assert relative(got, ref) < 1e-3
 
 
-def test_prompt_ids_and_logits_after_the_image(glm45v, engine, processor):
+def test_prompt_ids_and_logits_after_the_image(vision, engine):
     import torch
 
+    processor = vision[5]
     png = fixture_png(112, 112, seed=9)
     media = load_media(png, "image")
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
@@ -99,24 +114,27 @@ def test_prompt_ids_and_logits_after_the_image(glm45v, engine, processor):
     ids = engine.prompt_ids([Message("user", QUESTION, media=(media,))])
     assert engine.media.expanded_ids(ids, [media]) == inputs["input_ids"][0].tolist()
     with torch.no_grad():
-        ref = glm45v[0](**inputs).logits[0, -1].numpy()
+        ref = vision[1](**inputs).logits[0, -1].numpy()
     engine.media.prefill(ids, [media])
     assert relative(engine.engine.logits(), ref) < 1e-3
 
 
-def test_the_language_model_alone_takes_text(glm45v):
+def test_the_language_model_alone_takes_text(vision, tmp_path):
     import torch
 
-    with load(glm45v[2], **F32, mmproj=None) as model:
+    alone = tmp_path / "alone.gguf"  # no projector beside it
+    alone.symlink_to(vision[3])
+    with load(alone, **F32) as model:
+        assert model.media is None
         ids = model.prompt_ids([Message("user", QUESTION)])
         with torch.no_grad():
-            ref = glm45v[0](input_ids=torch.tensor([ids])).logits[0].numpy()
+            ref = vision[1](input_ids=torch.tensor([ids])).logits[0].numpy()
         assert relative(model.engine.all_logits(ids), ref) < 1e-4
 
 
-def edited(glm45v, tmp_path, edit):
+def edited(vision, tmp_path, edit):
     folder = tmp_path / "ck"
-    shutil.copytree(glm45v[1], folder)
+    shutil.copytree(vision[2], folder)
     cfg = json.loads((folder / "config.json").read_text())
     edit(cfg)
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -129,8 +147,8 @@ def edited(glm45v, tmp_path, edit):
     (lambda c: c["vision_config"].update(out_hidden_size=48), "out_hidden_size (48) differs"),
     (lambda c: c["vision_config"].update(temporal_patch_size=1), "temporal_patch_size=2"),
 ])
-def test_bad_configs_are_refused(glm45v, tmp_path, edit, problem):
-    folder = edited(glm45v, tmp_path, edit)
+def test_bad_configs_are_refused(vision, tmp_path, edit, problem):
+    folder = edited(vision, tmp_path, edit)
     dest = tmp_path / "out.gguf"
     with pytest.raises(InputError) as err:
         convert(folder, dest, "f32")
