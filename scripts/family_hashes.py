@@ -56,6 +56,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     vision_bpe = vision_tokenizer()
     out["glm4.5v"] = build_glm45v_checkpoint(root / "glm4.5v", vision_bpe, seed=1)[1]
     out["glm-ocr"] = build_glm_ocr_checkpoint(root / "glm-ocr", vision_bpe, seed=1)[1]
+    out["glm5v"] = glm5_next.build_vision_checkpoint(root / "glm5v", vision_bpe, seed=1)[1]
     return out
 
 

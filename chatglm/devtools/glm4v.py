@@ -88,13 +88,21 @@ def save_vision_checkpoint(model, out_dir: str | Path, tok: "tokenizers.Tokenize
     tok.save(str(out / "tokenizer.json"))
     tok_cfg = tokenizer_config(tok, VISION_TEMPLATE, tokenizer_class="PreTrainedTokenizerFast")
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
-    vision = model.config.vision_config
-    processor = transformers.Glm4vImageProcessor(
-        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-        merge_size=vision.spatial_merge_size, image_mean=MEAN, image_std=STD,
-        size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 256})
-    processor.save_pretrained(out)
+    save_image_processor(out, model.config.vision_config)
     return out
+
+
+def save_image_processor(out: Path, vision, kind: str = "Glm4vImageProcessor", **settings: Any) -> None:
+    """preprocessor_config.json as the published checkpoints ship it (GLM-4.5V, GLM-OCR: pixel bounds in ``size``;
+    GLM-5.3-Flash: ``Glm5NextImageProcessor`` with token bounds)."""
+    import transformers
+
+    if kind == "Glm4vImageProcessor":
+        settings = {"size": {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 256}, **settings}
+    processor = getattr(transformers, kind)(
+        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size, image_mean=MEAN, image_std=STD, **settings)
+    processor.save_pretrained(out)
 
 
 def build_glm45v_checkpoint(out_dir: str | Path, tok: "tokenizers.Tokenizer", *, seed: int = 0):

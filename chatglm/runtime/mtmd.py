@@ -43,6 +43,7 @@ class ProjectorKind:
 
 PROJECTORS: dict[str, ProjectorKind] = {
     "glm4v": ProjectorKind("image", "mm.down.weight", "<|image|>"),
+    "glm5v": ProjectorKind("image", "mm.down.weight", "<|image|>"),  # GLM-5.3-Flash's vision tower
 }
 
 

@@ -31,8 +31,10 @@ from chatglm.families.glm4v_moe import FAMILY
 from chatglm.limits import MAX_NORM_EPS
 
 KEY_USE_SILU = "clip.use_silu"
+KEY_SWIGLU_CLAMP = "clip.vision.swiglu_clamp"
 TEXT_PREFIX = "model.language_model."
 VISION_PREFIX = "model.visual."
+IMAGE_TOKENS = ("<|begin_of_image|>", "<|image|>", "<|end_of_image|>")
 DEFAULT_MROPE = [8, 12, 12]  # transformers' mrope_section when the config names none
 
 
@@ -170,7 +172,19 @@ class Glm4vProjector(Projector):
     def n_embd_out(self) -> int:
         return self.n_out
 
+    def check_vocabulary(self) -> None:
+        """The image prompts' tokens are in tokenizer.json (else the projector could not be used: the runtime refuses
+        it); checked when the projector is written, so ``--no-mmproj`` converts the text model of such a folder."""
+        path = self.family.ckpt.dir / "tokenizer.json"
+        added = read_json(path, "tokenizer.json").get("added_tokens") if path.is_file() else None
+        have = {t.get("content") for t in added if isinstance(t, dict)} if isinstance(added, list) else set()
+        missing = [t for t in IMAGE_TOKENS if t not in have]
+        if missing:
+            raise InputError(f"the vocabulary lacks {', '.join(missing)}, which image prompts need (--no-mmproj "
+                             "converts the text model alone)", path)
+
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
+        self.check_vocabulary()
         w.add_bool(KEY_HAS_VISION, True)
         w.add_bool(KEY_USE_SILU, True)
         w.add_vision_image_size(self.image_size)
@@ -266,3 +280,55 @@ class Glm4vMoe(Glm4Moe):
 
 
 CONVERTER = Glm4vMoe
+
+
+class Glm5vProjector(Glm4vProjector):
+    """GLM-5.3-Flash's vision tower as libmtmd's ``glm5v``: GLM-OCR's tower (per-head q/k norms, no learned positions,
+    biases when ``attention_bias``) with every SwiGLU clamped at ``swiglu_limit`` (gate above, up both ways), a merger
+    ``projection_intermediate_size`` wide and the image processor's token budget (its canvas is aligned up to whole
+    merged patches and padded, so an image in whole 28-pixel units within the budget is not resized)."""
+
+    projector_type = "glm5v"
+    qk_norm = True
+
+    def __init__(self, family):
+        names = family.ckpt.names()
+        self.prefix = VISION_PREFIX if any(n.startswith(VISION_PREFIX) for n in names) else "visual."
+        super().__init__(family)
+        self.limit = self.config.get("swiglu_limit", 10.0)
+        if not isinstance(self.limit, (int, float)) or isinstance(self.limit, bool) or not 0 < self.limit < 1e30:
+            raise self.bad(f"vision swiglu_limit must be a positive number, got {shown(self.limit)}")
+        self.min_pixels, self.max_pixels = self.token_budget()
+
+    def tower_ff(self) -> int:
+        return self.vint("intermediate_size")
+
+    def merger_ff(self) -> int:
+        return self.vint("projection_intermediate_size")
+
+    @property
+    def mlp_bias(self) -> bool:
+        return self.bias
+
+    def token_budget(self) -> tuple[int, int]:
+        """(min, max) pixels of one frame: preprocessor_config.json's ``min/max_image_tokens`` (transformers'
+        defaults 16 and 8000) times the pixels of one merged patch."""
+        pre = read_json(self.family.ckpt.dir / "preprocessor_config.json", "preprocessor_config.json")
+        unit = (self.patch * self.merge) ** 2
+        out = []
+        for key, default in (("min_image_tokens", 16), ("max_image_tokens", 8000)):
+            value = pre.get(key, default)
+            if type(value) is not int or not 0 < value <= (1 << 31) // unit:
+                raise InputError(f"{key} must be a positive integer, got {shown(value)}",
+                                 self.family.ckpt.dir / "preprocessor_config.json")
+            out.append(value * unit)
+        if out[0] > out[1]:
+            raise InputError("min_image_tokens is more than max_image_tokens",
+                             self.family.ckpt.dir / "preprocessor_config.json")
+        return out[0], out[1]
+
+    def write_metadata(self, w: gguf.GGUFWriter) -> None:
+        super().write_metadata(w)
+        w.add_float32(KEY_SWIGLU_CLAMP, float(self.limit))
+        w.add_vision_min_pixels(self.min_pixels)
+        w.add_vision_max_pixels(self.max_pixels)
