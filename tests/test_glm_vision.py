@@ -22,7 +22,7 @@ from chatglm.convert.pipeline import convert
 from chatglm.devtools import glm5_next
 from chatglm.devtools.glm4v import (build_glm45v_checkpoint, build_glm_ocr_checkpoint, checkpoint_processor,
                                     fixture_png, image_features, image_inputs, vision_tokenizer)
-from chatglm.errors import InputError
+from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.gguf_file import read_header
 from chatglm.runtime.media import load_media
 from chatglm.runtime.messages import Message
@@ -214,3 +214,23 @@ def test_a_vocabulary_without_image_tokens_converts_only_the_text_model(vision, 
     assert not list(tmp_path.glob("*.gguf"))
     result = convert(folder, tmp_path / "out.gguf", "f32", mmproj=False)
     assert result.mmproj is None and result.path.is_file() and not (tmp_path / "mmproj-out.gguf").exists()
+
+
+@pytest.mark.parametrize("layout,problem", [
+    ("glm4", "glm-4v-9b (ChatGLMModel with a vision tower) is not supported: its EVA2-CLIP tower"),
+    ("glm-edge", "GLM-Edge-V (GlmForCausalLM with a vision tower) is not converted yet"),
+    ("cogvlm2", "CogVLM2 is not supported: its vision tower puts a 2x2 convolution"),
+])
+def test_vision_checkpoints_no_projector_computes_are_refused_in_one_line(tok, tmp_path, layout, problem):
+    from chatglm.devtools.glm4 import build_checkpoint
+
+    folder = build_checkpoint("glm4" if layout == "cogvlm2" else layout, tmp_path / "ck", tok)[1]
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vision_config"] = {"hidden_size": 32, "num_hidden_layers": 2}  # the towers' settings, as published
+    if layout == "cogvlm2":
+        cfg.update(architectures=["CogVLMForCausalLM"], model_type="cogvlm2")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError) as err:
+        convert(folder, tmp_path / "out.gguf", "f32")
+    assert problem in str(err.value) and "\n" not in str(err.value) and "config.json" in str(err.value)
+    assert not list(tmp_path.glob("*.gguf"))
