@@ -234,3 +234,23 @@ def test_vision_checkpoints_no_projector_computes_are_refused_in_one_line(tok, t
         convert(folder, tmp_path / "out.gguf", "f32")
     assert problem in str(err.value) and "\n" not in str(err.value) and "config.json" in str(err.value)
     assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize("mmproj_type,tolerance", [("f16", 3e-3), ("q8_0", 3e-2)])
+def test_stored_projector_types_encode_close_to_f32(vision, tmp_path, mmproj_type, tolerance):
+    """The default f16 projector (and q8_0) beside a quantized model: norms, biases and position tables stay f32,
+    convolution kernels f16; the embeddings stay near transformers' float32."""
+    import gguf
+
+    result = convert(vision[2], tmp_path / "q.gguf", "q8_0", **({} if mmproj_type == "f16" else
+                                                                {"mmproj_type": mmproj_type}))
+    t = read_header(result.mmproj).tensors
+    QT = gguf.GGMLQuantizationType
+    assert t["v.patch_embd.weight"].ggml_type == QT.F16 and t["v.post_ln.weight"].ggml_type == QT.F32
+    assert t["mm.model.fc.weight"].ggml_type == {"f16": QT.F16, "q8_0": QT.Q8_0}[mmproj_type]
+    whole_blocks = t["mm.down.weight"].shape[0] % 32 == 0  # else f16 (GLM-4.5V's and GLM-5.3-Flash's 48)
+    assert t["mm.down.weight"].ggml_type == (QT.Q8_0 if whole_blocks and mmproj_type == "q8_0" else QT.F16)
+    png = fixture_png(112, 112, seed=4)
+    ref = image_features(vision[1], image_inputs(vision[5], png))
+    with load(result.path, n_ctx=256, n_threads=1) as model:
+        assert relative(model.media.embeddings(load_media(png, "image")), ref) < tolerance
