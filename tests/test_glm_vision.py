@@ -127,21 +127,23 @@ def test_image_embeddings_match_transformers(vision, engine, width, height, toke
                 mod.swiglu_limit = 2.0
 
 
-def test_prompt_ids_and_logits_after_the_image(vision, engine):
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_prompt_ids_and_logits_after_the_images(vision, engine, n_images):
+    """One image, or two of different sizes (the second's M-RoPE positions start after the first's)."""
     import torch
 
     processor = vision[5]
-    png = fixture_png(112, 112, seed=9)
-    media = load_media(png, "image")
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                         {"type": "text", "text": QUESTION}]}],
-                                         add_generation_prompt=True, tokenize=False)
-    inputs = image_inputs(processor, png, text)
-    ids = engine.prompt_ids([Message("user", QUESTION, media=(media,))])
-    assert engine.media.expanded_ids(ids, [media]) == inputs["input_ids"][0].tolist()
+    pngs = [fixture_png(112, 112, seed=9), fixture_png(168, 112, seed=11)][:n_images]
+    media = tuple(load_media(png, "image") for png in pngs)
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": QUESTION}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = image_inputs(processor, pngs, text)
+    ids = engine.prompt_ids([Message("user", QUESTION, media=media)])
+    assert engine.media.expanded_ids(ids, media) == inputs["input_ids"][0].tolist()
     with torch.no_grad():
         ref = vision[1](**inputs).logits[0, -1].numpy()
-    engine.media.prefill(ids, [media])
+    engine.media.prefill(ids, media)
     got = engine.engine.logits().copy()
     if vision[0] in GLM4V:
         assert relative(got, ref) < 1e-3
@@ -153,7 +155,7 @@ def test_prompt_ids_and_logits_after_the_image(vision, engine):
     mask = inputs["input_ids"][0] == vision[1].config.image_token_id
     with torch.no_grad():
         embeds = vision[1].get_input_embeddings()(inputs["input_ids"])
-        embeds[0, mask] = torch.from_numpy(engine.media.embeddings(media))
+        embeds[0, mask] = torch.from_numpy(np.concatenate([engine.media.embeddings(x) for x in media]))
         hidden = vision[1].model.language_model(inputs_embeds=embeds).last_hidden_state
         same_input = vision[1].lm_head(hidden)[0, -1].numpy()
     assert relative(got, same_input) < 1e-4

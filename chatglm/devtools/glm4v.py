@@ -139,11 +139,12 @@ def checkpoint_processor(folder: str | Path, processor_class: str = "Glm4vProces
                                                       video_processor=None, chat_template=tokenizer.chat_template)
 
 
-def image_inputs(processor, png: bytes, text: str = "<|begin_of_image|><|image|><|end_of_image|>"):
-    """The processor's tensors for one fixture image and a text holding its placeholder."""
+def image_inputs(processor, png: "bytes | list[bytes]", text: str = "<|begin_of_image|><|image|><|end_of_image|>"):
+    """The processor's tensors for fixture images (one or a list) and a text holding their placeholders."""
     from PIL import Image
 
-    return processor(text=[text], images=[Image.open(io.BytesIO(png)).convert("RGB")], return_tensors="pt")
+    images = [Image.open(io.BytesIO(x)).convert("RGB") for x in ([png] if isinstance(png, bytes) else png)]
+    return processor(text=[text], images=images, return_tensors="pt")
 
 
 def image_features(model, inputs) -> np.ndarray:
