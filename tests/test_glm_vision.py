@@ -148,10 +148,10 @@ def test_prompt_ids_and_logits_after_the_images(vision, engine, n_images):
     if vision[0] in GLM4V:
         assert relative(got, ref) < 1e-3
         return
-    # GLM-5.3-Flash: its tiny random language model amplifies the embeddings' 7e-4 difference to 1.4e-3 in the
-    # logits; run on libmtmd's own embeddings transformers' language model agrees within 1e-4 (no rope: the
-    # positions play no part)
-    assert relative(got, ref) < 2e-3
+    # GLM-5.3-Flash: its tiny random language model amplifies the embeddings' 6e-4 difference to 1.4e-3 (one
+    # image) and 1.8e-3 (two) in the logits; run on libmtmd's own embeddings transformers' language model agrees
+    # within 1e-4 (no rope: the positions play no part)
+    assert relative(got, ref) < 3e-3
     mask = inputs["input_ids"][0] == vision[1].config.image_token_id
     with torch.no_grad():
         embeds = vision[1].get_input_embeddings()(inputs["input_ids"])
