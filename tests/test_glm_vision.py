@@ -256,3 +256,19 @@ def test_stored_projector_types_encode_close_to_f32(vision, tmp_path, mmproj_typ
     ref = image_features(vision[1], image_inputs(vision[5], png))
     with load(result.path, n_ctx=256, n_threads=1) as model:
         assert relative(model.media.embeddings(load_media(png, "image")), ref) < tolerance
+
+
+def test_a_bfloat16_checkpoint_encodes_as_transformers_reads_it(vision, tmp_path):
+    import torch
+    import transformers
+
+    from chatglm.devtools.glm4v import bf16_copy
+
+    folder = bf16_copy(vision[2], tmp_path / "bf16")
+    arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, arch).from_pretrained(folder, dtype=torch.float32).eval()
+    result = convert(folder, tmp_path / "bf16.gguf", "f32", mmproj_type="f32")
+    png = fixture_png(112, 112, seed=5)
+    with load(result.path, **F32) as engine:
+        got = engine.media.embeddings(load_media(png, "image"))
+    assert relative(got, image_features(model, image_inputs(vision[5], png))) < 1e-3

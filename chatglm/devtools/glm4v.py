@@ -184,3 +184,18 @@ def build_glm_ocr_checkpoint(out_dir: str | Path, tok: "tokenizers.Tokenizer", *
     """A tiny GLM-OCR under ``out_dir``: (transformers model, folder)."""
     model = tiny_glm_ocr(tok, seed=seed)
     return model, save_vision_checkpoint(model, out_dir, tok)
+
+
+def bf16_copy(folder: str | Path, dest: str | Path) -> Path:
+    """A copy of a checkpoint folder with every safetensors shard in bfloat16 (as the published files are)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dest = Path(dest)
+    shutil.copytree(folder, dest)
+    for shard in dest.glob("*.safetensors"):
+        state = load_file(shard)
+        save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(shard), metadata={"format": "pt"})
+    return dest
