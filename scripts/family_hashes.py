@@ -29,6 +29,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     from chatglm.devtools.glm4 import LAYOUTS, build_checkpoint, train_glm4_bpe
     from chatglm.devtools.glm_moe_dsa import build_dsa_checkpoint
     from chatglm.devtools.glm4_moe_lite import build_lite_checkpoint
+    from chatglm.devtools.glm_vision import build_glm45v_checkpoint, build_glm_ocr_checkpoint, vision_tokenizer
 
     out: dict[str, Path] = {"demo": demo_dir()}
     sp = train_sentencepiece(root / "tokenizer.model", bilingual_corpus())
@@ -54,6 +55,10 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     out["glm5-next"] = glm5_next.save_checkpoint(model, root / "glm5-next", bpe)
     tok = glm4v.tiny_tokenizer()
     out["glm4v"] = glm4v.save_glm4v_checkpoint(glm4v.tiny_glm4v(tok, seed=3), tok, root / "glm4v")
+    vision_bpe = vision_tokenizer()
+    out["glm4.5v"] = build_glm45v_checkpoint(root / "glm4.5v", vision_bpe, seed=1)[1]
+    out["glm-ocr"] = build_glm_ocr_checkpoint(root / "glm-ocr", vision_bpe, seed=1)[1]
+    out["glm5v"] = glm5_next.build_vision_checkpoint(root / "glm5v", vision_bpe, seed=1)[1]
     return out
 
 

@@ -30,7 +30,10 @@ def glm5(workdir) -> Tiny5:
     from chatglm.devtools import glm5_next
     from chatglm.devtools.glm4 import GLM4_SPECIALS, GLM45_EXTRA_SPECIALS, train_glm4_bpe
 
-    tok = train_glm4_bpe(vocab_size=400, specials=GLM4_SPECIALS + GLM45_EXTRA_SPECIALS)
+    from chatglm.devtools.glm_vision import IMAGE_SPECIALS
+
+    # the image tokens too, as the published vocabulary has them (the projector beside the GGUF needs <|image|>)
+    tok = train_glm4_bpe(vocab_size=400, specials=GLM4_SPECIALS + GLM45_EXTRA_SPECIALS + IMAGE_SPECIALS)
     model = glm5_next.tiny_model(tok.get_vocab_size() + 7, bf16_values=True)
     ckpt = glm5_next.save_checkpoint(model, workdir / "glm5-next", tok, bf16=True)
     path = convert(ckpt, workdir / "glm5-next-f32.gguf", "f32").path

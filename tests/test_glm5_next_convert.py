@@ -160,15 +160,16 @@ def wide(workdir):
     tok = train_glm4_bpe(vocab_size=400, specials=GLM4_SPECIALS + GLM45_EXTRA_SPECIALS)
     model = glm5_next.tiny_model(tok.get_vocab_size() + 7, seed=4, hidden_size=256, q_lora_rank=256,
                                  kv_lora_rank=256, index_head_dim=32, linear_head_dim=64, qk_nope_head_dim=64,
-                                 v_head_dim=64, moe_intermediate_size=256, intermediate_size=512)
+                                 v_head_dim=64, moe_intermediate_size=256, intermediate_size=512,
+                                 vision={"out_hidden_size": 256})  # the tower feeds the 256-wide model
     ckpt = glm5_next.save_checkpoint(model, workdir / "glm5-next-wide", tok, shard_size="2MB")
-    return ckpt, convert(ckpt, workdir / "glm5-next-wide-f32.gguf", "f32").path
+    return ckpt, convert(ckpt, workdir / "glm5-next-wide-f32.gguf", "f32", mmproj=False).path
 
 
 @pytest.mark.parametrize("qtype", ["q4_k_m", "q3_k_m", "mxfp4_moe"])
 def test_types_equal_llama_quantize_when_rows_fit_the_blocks(wide, workdir, qtype):
     ckpt, f32 = wide
-    mine = convert(ckpt, workdir / f"wide-{qtype}.gguf", qtype).path
+    mine = convert(ckpt, workdir / f"wide-{qtype}.gguf", qtype, mmproj=False).path
     theirs = workdir / f"wide-{qtype}-llama.gguf"
     llama_quantize(f32, theirs, int(qtypes.get_recipe(qtype).ftype))
     ref = {t.name: t.tensor_type.name for t in gguf.GGUFReader(theirs).tensors}
@@ -187,7 +188,7 @@ def test_softplus_gate_and_a_tied_flag_with_its_own_head(glm5, workdir):
     tok = train_glm4_bpe(vocab_size=400, specials=GLM4_SPECIALS + GLM45_EXTRA_SPECIALS)
     model = glm5_next.tiny_model(tok.get_vocab_size() + 7, seed=3, linear_lower_bound=None, tie_word_embeddings=True)
     ckpt = glm5_next.save_checkpoint(model, workdir / "glm5-next-softplus", tok, nextn=False)
-    path = convert(ckpt, workdir / "glm5-next-softplus.gguf", "f32").path
+    path = convert(ckpt, workdir / "glm5-next-softplus.gguf", "f32", mmproj=False).path  # no image tokens
     assert "glm5-next.kda.gate_lower_bound" not in gguf.GGUFReader(path).fields
     ids = glm5.ids[:24]
     with load(path, n_ctx=256, kv_type="f32", n_threads=2) as m:

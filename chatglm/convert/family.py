@@ -162,6 +162,20 @@ class Family(ABC):
             raise self.bad(f"{key!r} is {value} but the checkpoint's {source} has {shape[axis]} {what}")
 
 
+# Checkpoints no family converts, by config.json architecture: why, in one line (README: "Multimodal models").
+NOT_CONVERTED: dict[str, str] = {
+    "CogVLMForCausalLM": "CogVLM2 is not supported: its vision tower puts a 2x2 convolution between the EVA2-CLIP "
+                         "blocks and the GLU adapter, which libmtmd's COGVLM projector lacks (and its language "
+                         "model is not a GLM)",
+}
+
+
+def refuse_vision_tower(ckpt: Checkpoint, why: str) -> None:
+    """One line for a checkpoint whose vision tower (``vision_config``) no libmtmd projector computes."""
+    if "vision_config" in ckpt.config:
+        raise UnsupportedModelError(f"{why} (see the README's multimodal table)", ckpt.dir / "config.json")
+
+
 def detect(ckpt: Checkpoint) -> Family:
     """The one family that claims this checkpoint: its descriptor's config.json keys match, then its converter
     agrees (tokenizer file formats)."""
@@ -170,6 +184,9 @@ def detect(ckpt: Checkpoint) -> Family:
     if len(claimed) == 1:
         return claimed[0](ckpt)
     described = describe_config(ckpt.config)
+    refused = [NOT_CONVERTED[a] for a in ckpt.config.get("architectures") or [] if a in NOT_CONVERTED]
+    if not claimed and refused:
+        raise UnsupportedModelError(refused[0], ckpt.dir / "config.json")
     if not claimed:
         known = ", ".join(f"{f.name} ({f.title})" for f in families.families())
         raise UnsupportedModelError(f"unknown architecture ({described}); supported families: {known}",

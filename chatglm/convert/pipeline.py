@@ -98,7 +98,7 @@ def convert(
             with open(tmp, "r+b") as fh:
                 section = DataSection(fh, alignment, total, progress)
                 for p in planned:
-                    section.write(p.tensor.name, p.nbytes, encoded_blocks(ckpt, p, importance, threads or 2))
+                    section.write(p.tensor.name, p.nbytes, encoded_blocks(family.ckpt, p, importance, threads or 2))
             side = mmproj_path(dest) if projector is not None and mmproj else None
             if side is not None:
                 with atomic_path(side, sources=[model_dir, imatrix, *lora]) as side_tmp:

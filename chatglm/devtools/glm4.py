@@ -162,6 +162,14 @@ def tiny_model(kind: str, vocab_size: int, seed: int = 0, rope_theta: float = 10
     settings["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5}
     config = getattr(transformers, config_name)(**settings)
     model = getattr(transformers, model_name)(config).to(torch.float32).eval()
+    randomize(model, seed)
+    return model
+
+
+def randomize(model, seed: int) -> None:
+    """Seeded random weights at the scales above, in place (the routers' score-correction biases too)."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -169,7 +177,6 @@ def tiny_model(kind: str, vocab_size: int, seed: int = 0, rope_theta: float = 10
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(0.3 * torch.randn(buf.shape, generator=gen))
-    return model
 
 
 def _random_like(name: str, param: "torch.Tensor", gen: "torch.Generator") -> "torch.Tensor":

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from chatglm.devtools.glm4 import _random_like, tokenizer_config
+from chatglm.devtools.glm_vision import save_image_processor
 
 if TYPE_CHECKING:  # pragma: no cover
     import tokenizers
@@ -48,14 +49,16 @@ FIXTURE_TEMPLATE = ("[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n{{ m.c
                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def tiny_model(vocab_size: int, seed: int = 0, bf16_values: bool = False, **text: Any):
+def tiny_model(vocab_size: int, seed: int = 0, bf16_values: bool = False, *, vision: Optional[dict] = None,
+               top: Optional[dict] = None, **text: Any):
     """A float32 ``Glm5NextForConditionalGeneration`` with seeded random weights (``bf16_values``: every weight
-    transformers would save in bfloat16 rounded to it, so a bfloat16 checkpoint holds this model exactly)."""
+    transformers would save in bfloat16 rounded to it, so a bfloat16 checkpoint holds this model exactly);
+    ``vision`` overrides vision_config keys, ``top`` sets top-level keys (the image token ids)."""
     import torch
     import transformers
 
     config = transformers.Glm5NextConfig(text_config={**TEXT, **text, "vocab_size": vocab_size},
-                                         vision_config=VISION)
+                                         vision_config={**VISION, **(vision or {})}, **(top or {}))
     model = transformers.Glm5NextForConditionalGeneration(config).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -143,6 +146,8 @@ def save_checkpoint(model, out_dir: str | Path, tok: "tokenizers.Tokenizer", *, 
     tok.save(str(out / "tokenizer.json"))
     tok_cfg = tokenizer_config(tok, chat_template, tokenizer_class="PreTrainedTokenizerFast")
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    save_image_processor(out, model.config.vision_config, "Glm5NextImageProcessor", min_image_tokens=16,
+                         max_image_tokens=1024)
     return out
 
 
@@ -152,3 +157,13 @@ def reference_logits(model, ids) -> "Any":
 
     with torch.no_grad():
         return model(input_ids=torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def build_vision_checkpoint(out_dir: str | Path, tok: "tokenizers.Tokenizer", *, seed: int = 0):
+    """A tiny GLM-5.3-Flash whose vision tower is exercised (``tok``: ``glm4v.vision_tokenizer()``, image token ids
+    in config.json, swiglu_limit 2.0 so the clamps bite, the vision fixture template): (model, folder)."""
+    from chatglm.devtools.glm_vision import VISION_TEMPLATE, token_ids
+
+    model = tiny_model(tok.get_vocab_size() + 7, seed=seed, vision={"swiglu_limit": 2.0, "image_size": 112},
+                       top=token_ids(tok))
+    return model, save_checkpoint(model, out_dir, tok, chat_template=VISION_TEMPLATE, nextn=False)

@@ -29,6 +29,8 @@ REGISTRY: tuple[str, ...] = (
     "glm5_next",  # GLM-5.3-Flash (text model)
     "glm4v",  # GLM-4.1V-Thinking, GLM-4.6V, GLM-4.6V-Flash (vision: mmproj beside the model)
     "glm_asr",  # GLM-ASR (speech: llama text model, libmtmd glma projector)
+    "glm4v_moe",  # GLM-4.5V (glm4moe with M-RoPE, the glm4v projector)
+    "glm_ocr",  # GLM-OCR (glm4 with M-RoPE, the glm4v projector with q/k norms)
 )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gguf
 
+from chatglm.convert.family import refuse_vision_tower
 from chatglm.convert.vocab_bpe import (
     build_tiktoken_vocab,
     glm_special_ids,
@@ -36,6 +37,9 @@ class GLM4(ChatGLM):
     name = FAMILY.variants[0]
 
     def __init__(self, ckpt):
+        refuse_vision_tower(ckpt, "glm-4v-9b (ChatGLMModel with a vision tower) is not supported: its EVA2-CLIP "
+                            "tower (post-norm blocks, then a 2x2 convolution and a GLU adapter) matches no libmtmd "
+                            "projector (COGVLM has no convolution, GLM_EDGE takes pre-norm blocks)")
         super().__init__(ckpt)
         path = ckpt.dir / "tokenizer.model"
         check_regular(path, missing="tokenizer file not found (ChatGLM2/3 keep a SentencePiece model here, GLM-4 "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gguf
 
-from chatglm.convert.family import OutTensor
+from chatglm.convert.family import OutTensor, refuse_vision_tower
 from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily
 from chatglm.errors import UnsupportedModelError
 from chatglm.families.glm4 import FAMILY as THUDM_GLM4
@@ -26,6 +26,9 @@ class GlmHF(HFGlmFamily):
     arch = FAMILY.arch
 
     def __init__(self, ckpt):
+        refuse_vision_tower(ckpt, "GLM-Edge-V (GlmForCausalLM with a vision tower) is not converted yet: libmtmd "
+                            "runs it (projector GLM_EDGE: SigLIP blocks, the 'adapter.*' convolution and GLU, "
+                            "boi/eoi), but its remote-code adapter has no transformers class to prove it against")
         super().__init__(ckpt)
         hp = self.hp
         if hp.head_dim * hp.n_head != hp.n_embd:

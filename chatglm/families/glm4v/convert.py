@@ -93,7 +93,7 @@ class Glm4v(Glm4HF):
 
     def tensors(self) -> list[OutTensor]:
         hp = self.hp
-        heads = {f".attn_q.": hp.n_head, f".attn_k.": hp.n_head_kv}
+        heads = {".attn_q.": hp.n_head, ".attn_k.": hp.n_head_kv}
         plan = []
         for t in super().tensors():
             n_head = next((n for key, n in heads.items() if key in t.name), None)

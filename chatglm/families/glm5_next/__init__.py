@@ -6,7 +6,7 @@ mixture of experts. ``convert.py``: the converter (the vision tower's tensors ar
 layer is kept as ``blk.{L}.nextn.*``). ``chat.py``: the ``glm53flash`` format (the official template, token for token).
 """
 
-from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect
+from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect, MediaProjector
 
 FAMILY = Descriptor(
     name="glm5_next",
@@ -23,6 +23,7 @@ FAMILY = Descriptor(
                     "<|end_of_image|>", "<|begin_of_video|>", "<|video|>", "<|end_of_video|>", "<|begin_of_audio|>",
                     "<|end_of_audio|>"),
     vocabulary="tokenizer.json (byte-level BPE)",
+    projectors=(MediaProjector("glm5v", "image", "mm.down.weight", "<|image|>"),),  # its vision tower
     template_fingerprints=(("0a64db92e9fb50d5", "glm53flash"),  # official, revision 690b7052
                            ("9aa76abe9ddeb8bf", "glm53flash")),  # official, revision 04c4e9e9
 )

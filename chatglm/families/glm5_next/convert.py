@@ -20,8 +20,9 @@ a shared expert; every SwiGLU clamps gate and up at ``swiglu_limit``. After the 
 
 config.json: transformers saves the text settings in ``text_config`` with flat ``linear_*`` keys; published files may
 have them at the top level with a nested ``linear_attn_config``, and ``first_k_dense_replace``: both are read. Weights:
-``model.language_model.`` (transformers) or ``model.`` prefixes. The vision tower (``model.visual.*``) is left out:
-vision is issue #19, the language model loads and chats alone. The ``num_nextn_predict_layers`` NextN (MTP) layers
+``model.language_model.`` (transformers) or ``model.`` prefixes. The vision tower (``model.visual.*``) is the
+``glm5v`` projector (``Glm5vProjector``, beside GLM-4.5V's in ``chatglm/families/glm4v_moe``); the language model
+also loads and chats alone. The ``num_nextn_predict_layers`` NextN (MTP) layers
 after the last one are kept as ``blk.{L}.nextn.*`` (a latent-attention layer with a full indexer; llama.cpp's NextN
 block has no hyper-connections), for speculative decoding.
 """
@@ -41,6 +42,7 @@ from chatglm.convert.hf_layout import HFGlmFamily, template_format
 from chatglm.convert.vocab_bpe import chat_template_of
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.families.glm4_moe.convert import write_expert_metadata
+from chatglm.families.glm4v_moe.convert import Glm5vProjector
 from chatglm.families.glm5_next import FAMILY
 from chatglm.limits import MAX_EXPERTS, MAX_NORM_EPS
 
@@ -148,8 +150,7 @@ class Glm5Next(HFGlmFamily):
         self.hp = self.next_hparams()
         first = self.hp.n_trunk
         layers = re.escape(self.prefix) + r"layers\."
-        self.ignored_sources = (r"(model\.)?visual\..+",  # the vision tower: issue #19
-                                *(layers + rf"{i}\.hc_(attn|ffn)_\w+" for i in range(first, self.hp.n_layer)))
+        self.ignored_sources = tuple(layers + rf"{i}\.hc_(attn|ffn)_\w+" for i in range(first, self.hp.n_layer))
         self.check_layer_kinds()
         self.check_expert_tensors()
         self.chat_format = self.detect_chat_format(chat_template_of(ckpt.dir / "tokenizer_config.json"))
@@ -503,6 +504,11 @@ class Glm5Next(HFGlmFamily):
                 check_shape(self, t.sources[0], (hp.n_head,))
             elif t.build is _conv4:
                 check_shape(self, t.sources[0], (hp.kda_dim * hp.n_head, 1, hp.d_conv))
+
+
+    def projector(self) -> Glm5vProjector:
+        """The vision tower (``model.visual.*``): libmtmd's ``glm5v``."""
+        return Glm5vProjector(self)
 
 
 CONVERTER = Glm5Next
