@@ -88,6 +88,8 @@ def build_gguf(shape: Shape | HFShape, qtype: str, out_dir: Path, *, threads: in
     family = family_for(shape, CACHE / "stubs")
     recipe = qtypes.get_recipe(qtype)
     plan = family.tensors()
+    # the language model only: a vision tower (GLM-5.3-Flash's) is benchmarked apart, in benchmarks/vision.py
+    family.ignored_sources = (*family.ignored_sources, r"model\.visual\..+")
     check_complete(family, plan)
     family.check_shapes(plan)
     planned = _plan_types(family, plan, recipe, has_imatrix=False)

@@ -243,7 +243,10 @@ def _glm53() -> dict[str, Any]:
 def _glm53_flash() -> dict[str, Any]:
     """GLM-5.3-Flash (KDA + latent attention hybrid): Glm5NextConfig's text defaults are the published model's."""
     return {"model_type": "glm5_next", "architectures": ["Glm5NextForConditionalGeneration"],
-            "num_nextn_predict_layers": 1, "dtype": "bfloat16"}
+            "num_nextn_predict_layers": 1, "dtype": "bfloat16",
+            # the vision merger feeds the language model, so its output is the text width (the class's vision
+            # default, 1536, does not match its text default, 4096)
+            "vision_config": {"out_hidden_size": 4096}}
 
 
 def _layers(n: int, dense: int) -> dict[str, Any]:
@@ -272,7 +275,9 @@ _TINY_EXTRA = {
                 "v_head_dim": 32, "head_dim": 16, "index_n_heads": 16, "index_head_dim": 64, "index_topk": 16},
     "GLM-5.3-Flash": {"q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 64, "v_head_dim": 32,
                       "index_n_heads": 16, "index_head_dim": 64, "index_topk": 32, "linear_head_dim": 32,
-                      "linear_num_heads": 4},
+                      "linear_num_heads": 4,
+                      "vision_config": {"out_hidden_size": 128, "depth": 1, "hidden_size": 64, "num_heads": 2,
+                                        "intermediate_size": 128}},
 }
 NEW_SMALL = {name: HFShape(name, s.registry, s.published, {**s.cut, **_TINY, **_TINY_EXTRA[name]}, s.n_nextn)
              for name, s in NEW.items()}
