@@ -9,6 +9,7 @@ from chatglm.cli.common import OneLineErrors
 from chatglm.cli.convert import convert_cmd
 from chatglm.cli.info import info_cmd
 from chatglm.cli.lora import lora_cmd
+from chatglm.cli.models import list_cmd, rm_cmd, show_cmd
 from chatglm.cli.perplexity import perplexity_cmd
 from chatglm.cli.quantize import quantize_cmd
 from chatglm.cli.run import run_cmd
@@ -24,6 +25,9 @@ app.command("bench")(bench_cmd)
 app.command("perplexity")(perplexity_cmd)
 app.command("quantize")(quantize_cmd)
 app.command("lora")(lora_cmd)
+app.command("list")(list_cmd)
+app.command("show")(show_cmd)
+app.command("rm")(rm_cmd)
 
 
 def main() -> None:

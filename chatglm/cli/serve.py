@@ -15,6 +15,7 @@ from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, Threads, handle
                                setup_logging)
 from chatglm.errors import ChatGLMError, InputError
 from chatglm.limits import MAX_CONTEXT
+from chatglm.store import resolve
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ MAX_PARALLEL = 64  # model instances, each a full copy of the weights
 MAX_QUEUE = 100_000
 HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")  # a DNS name, an IPv4 or [IPv6]
 
-ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
+ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file or a stored model name (`chatglm list`); the "
+                                                        "bundled demo model when omitted.")]
 
 
 @handle_errors
@@ -110,6 +112,7 @@ def resolve_model(model: Optional[Path]) -> Path:
         from chatglm.demo import demo_gguf
 
         model = demo_gguf()
+    model = resolve(model)
     if not model.is_file():
         raise InputError("not a regular file" if model.exists() else "no such file", model)
     read_header(model)
