@@ -164,7 +164,10 @@ class Store:
 
     def find(self, ref: Ref | str) -> Entry:
         """The entry ``ref`` names: with no type, the only one stored under the name, else the default type."""
+        from chatglm.known_models import repo_of
+
         ref = parse_ref(ref) if isinstance(ref, str) else ref
+        ref = Ref(repo_of(ref.name), ref.type)
         folder = self.folder(ref.name)
         if ref.type is None:
             types = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
@@ -180,10 +183,8 @@ class Store:
 
     # -- writing ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def adding(self, ref: Ref, manifest: dict) -> Iterator[Path]:
-        """Yield the path to write ``ref``'s GGUF to (its projector may be written beside it as ``mmproj-<name>``);
-        on success the GGUF is renamed into place and the manifest written, all under the name's lock. On failure
-        the store is as it was."""
+    def _writing(self, ref: Ref) -> Iterator[Path]:
+        """The name's lock held and its folder made; yields the folder."""
         if ref.type is None:
             raise InputError("a type is needed to add a model to the store", ref.name)
         folder = self.folder(ref.name)
@@ -192,26 +193,56 @@ class Store:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise OutputError(f"cannot write here: {describe_os_error(exc)}", folder) from None
+            yield folder
+
+    @contextlib.contextmanager
+    def adding(self, ref: Ref, manifest: dict) -> Iterator[Path]:
+        """Yield the path to write ``ref``'s GGUF to; on success it is renamed into place and the manifest written,
+        all under the name's lock. On failure the store is as it was."""
+        with self._writing(ref):
             with atomic_path(self.gguf_path(ref)) as tmp:
                 yield tmp
             self._write_manifest(ref, manifest)
 
-    def add_file(self, ref: Ref, source: os.PathLike | str, manifest: dict) -> Entry:
-        """Copy a GGUF (and its ``mmproj-`` projector, if one is beside it) into the store as ``ref``."""
+    def add_file(self, ref: Ref, source: os.PathLike | str, manifest: dict, *, move: bool = False) -> Entry:
+        """Put a GGUF (and its ``mmproj-`` projector, if one is beside it) into the store as ``ref``: copied, or with
+        ``move`` renamed (a file already on the store's file system, e.g. converted into :meth:`scratch`)."""
         from chatglm.gguf_file import read_header
 
         source = Path(source)
-        read_header(source)  # a file the store would refuse to show is refused now
         projector = source.with_name(f"mmproj-{source.name}")
-        with self.adding(ref, manifest) as tmp:
-            with open(source, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            if projector.is_file():
-                read_header(projector)
-                with atomic_output(self.gguf_path(ref).with_name(f"mmproj-{ref.type}.gguf")) as dst, \
-                        open(projector, "rb") as src:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+        read_header(source)  # a file the store would refuse to show is refused now
+        if projector.is_file():
+            read_header(projector)
+        with self._writing(ref):
+            pairs = [(p, d) for p, d in ((projector, self.gguf_path(ref).with_name(f"mmproj-{ref.type}.gguf")),
+                                         (source, self.gguf_path(ref))) if p.is_file()]
+            for src, dst in pairs:
+                if move:
+                    try:
+                        os.replace(src, dst)
+                    except OSError as exc:
+                        raise OutputError(f"cannot write here: {describe_os_error(exc)}", dst) from None
+                else:
+                    with atomic_path(dst) as out:
+                        _copy(src, out)
+            self._write_manifest(ref, manifest)
         return self.find(ref)
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A private folder on the store's file system (for a conversion to be moved in whole); always removed."""
+        import tempfile
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.root))
+        except OSError as exc:
+            raise OutputError(f"cannot write here: {describe_os_error(exc)}", self.root) from None
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _write_manifest(self, ref: Ref, manifest: dict) -> None:
         data = {"version": MANIFEST_VERSION, **manifest, "name": ref.name, "type": ref.type,
@@ -235,6 +266,11 @@ class Store:
                     folder.rmdir()  # only when empty
                 folder = folder.parent
         return entry
+
+
+def _copy(src: Path, dst: Path) -> None:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
 
 
 def resolve(model: os.PathLike | str, store: Optional[Store] = None) -> Path:

@@ -11,6 +11,7 @@ from chatglm.cli.info import info_cmd
 from chatglm.cli.lora import lora_cmd
 from chatglm.cli.models import list_cmd, rm_cmd, show_cmd
 from chatglm.cli.perplexity import perplexity_cmd
+from chatglm.cli.pull import pull_cmd
 from chatglm.cli.quantize import quantize_cmd
 from chatglm.cli.run import run_cmd
 from chatglm.cli.serve import serve_cmd
@@ -25,6 +26,7 @@ app.command("bench")(bench_cmd)
 app.command("perplexity")(perplexity_cmd)
 app.command("quantize")(quantize_cmd)
 app.command("lora")(lora_cmd)
+app.command("pull")(pull_cmd)
 app.command("list")(list_cmd)
 app.command("show")(show_cmd)
 app.command("rm")(rm_cmd)
