@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from chatglm.cli.bench import bench_cmd
@@ -15,9 +17,19 @@ from chatglm.cli.pull import pull_cmd
 from chatglm.cli.quantize import quantize_cmd
 from chatglm.cli.run import run_cmd
 from chatglm.cli.serve import serve_cmd
+from chatglm.cli.version import version_callback
 
 app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Convert ChatGLM / GLM checkpoints to GGUF and chat with them.")
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                                help="Versions and the backends compiled in, then exit.")] = False,
+          ) -> None:
+    """Convert ChatGLM / GLM checkpoints to GGUF and chat with them."""
+
+
 app.command("convert")(convert_cmd)
 app.command("run")(run_cmd)
 app.command("info")(info_cmd)
