@@ -71,7 +71,8 @@ def serve_cmd(
     except BaseException:
         sock.close()
         raise
-    config = ServerConfig(model_id=model_id or path.stem, api_key=api_key or None, cors_origin=cors_origin,
+    named = model is not None and path != model  # a store name: the name is the model's id
+    config = ServerConfig(model_id=model_id or (str(model) if named else path.stem), api_key=api_key or None, cors_origin=cors_origin,
                           max_queue=queue_size, allowed_hosts=hosts)
     server = uvicorn.Server(uvicorn.Config(create_app(models, config, parallel), log_level="info" if verbose
                                            else "warning", access_log=verbose, timeout_graceful_shutdown=5))

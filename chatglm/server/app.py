@@ -11,6 +11,7 @@ or the queue.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
@@ -18,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
@@ -29,6 +30,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from chatglm.server.body import MAX_BODY_BYTES, ParsedRequest, check_content_type, parse_request, too_large
+from chatglm.server import ollama
 from chatglm.server.errors import APIError, internal
 from chatglm.server.guard import CatchAll, HostGuard
 from chatglm.server.mapping import (
@@ -41,6 +43,7 @@ from chatglm.server.mapping import (
     usage_chunk,
 )
 from chatglm.server.pool import CLOSED, ModelPool
+from chatglm.server.strictjson import loads
 from chatglm.server.worker import Generation, chat_job, completion_job
 
 log = logging.getLogger(__name__)
@@ -72,8 +75,21 @@ def page_html() -> str:
     return resources.files("chatglm.server").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class Framing:
+    """How a stream is written: OpenAI's server-sent events, or Ollama's JSON lines."""
+
+    media_type: str
+    encode: Callable[[dict], str]
+    error: Callable[[APIError], dict]
+    end: str = ""
+
+
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE = Framing("text/event-stream", sse, APIError.body, "data: [DONE]\n\n")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -191,14 +207,16 @@ class Server:
                            code="invalid_api_key")
 
     async def respond(self, request: Request, gen: Generation, stream: bool,
-                      whole: Callable[[Outcome], dict], chunks: Callable[[Generation], AsyncIterator[dict]]):
+                      whole: Callable[[Outcome], dict], chunks: Callable[[Generation], AsyncIterator[dict]],
+                      framing: "Framing" = None):
+        framing = framing or SSE
         self.active.add(gen)
         streaming = False
         try:
             await until_disconnect(request, gen.start())
             if stream:
                 streaming = True
-                return StreamingResponse(self._sse(gen, chunks), media_type="text/event-stream",
+                return StreamingResponse(self._stream(gen, chunks, framing), media_type=framing.media_type,
                                          headers=SSE_HEADERS, background=BackgroundTask(self._end, gen))
             return JSONResponse(whole(await until_disconnect(request, gen.outcome())))
         except ClientGone:
@@ -208,18 +226,20 @@ class Server:
             if not streaming:
                 self._end(gen)
 
-    async def _sse(self, gen: Generation, chunks: Callable[[Generation], AsyncIterator[dict]]) -> AsyncIterator[str]:
+    async def _stream(self, gen: Generation, chunks: Callable[[Generation], AsyncIterator[dict]],
+                      framing: "Framing") -> AsyncIterator[str]:
         try:
             async for obj in chunks(gen):
-                yield sse(obj)
+                yield framing.encode(obj)
         except APIError as exc:
-            yield sse(exc.body())
+            yield framing.encode(framing.error(exc))
         except Exception as exc:  # a bug mid-stream: the client gets an error event and a clean end
             log.error("streaming failed: %s: %s", type(exc).__name__, exc)
-            yield sse(internal().body())
+            yield framing.encode(framing.error(internal()))
         finally:
             self._end(gen)  # on a disconnect Starlette cancels us: the model stops before its next token
-        yield "data: [DONE]\n\n"
+        if framing.end:
+            yield framing.end
 
     def _end(self, gen: Generation) -> None:
         gen.close()
@@ -270,7 +290,112 @@ def create_app(load_models: Callable[[], Sequence[Any]] | Sequence[Any], config:
         return JSONResponse(status, status_code=200 if status["status"] == "ok" else 503)
 
     app.include_router(_v1_router(server), prefix="/v1")
+    app.include_router(_ollama_router(server), prefix="/api")
     return app
+
+
+NDJSON = Framing("application/x-ndjson", lambda obj: json.dumps(obj, ensure_ascii=False) + "\n", ollama.error_body)
+
+
+def _ollama_router(server: Server) -> APIRouter:
+    """Ollama's API (``/api/...``) over the same pool: chat and generate (NDJSON streams), tags, show, ps, version."""
+    router = APIRouter(dependencies=[Depends(server.authorize)])
+    model_id = server.config.model_id
+    limit = server.config.max_body_bytes
+
+    def check(name: Optional[str]) -> str:
+        if name not in (model_id, f"{model_id}:latest"):
+            raise ollama.not_found(name or "")
+        return name
+
+    def served() -> tuple[Any, dict]:
+        m = server.pool.first()
+        if m is None:
+            raise server.pool.unavailable()
+        st = m.info.path.stat()
+        digest = hashlib.sha256(f"{m.info.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+        return m.info, ollama.model_card(model_id, m.info, _file_type(m.info.path), st.st_mtime, digest)
+
+    @router.get("/version")
+    async def version() -> dict:
+        from chatglm import __version__
+
+        return {"version": __version__}
+
+    @router.get("/tags")
+    async def tags() -> dict:
+        return {"models": [served()[1]] if server.pool.first() is not None else []}
+
+    @router.get("/ps")
+    async def ps() -> dict:
+        if server.pool.first() is None:
+            return {"models": []}
+        info, card = served()
+        return {"models": [{**card, "expires_at": "2318-01-01T00:00:00Z", "size_vram": 0,
+                            "context_length": info.n_ctx}]}
+
+    @router.post("/show")
+    async def show(request: Request) -> dict:
+        body = loads(await read_body(request, limit))
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        check(name if isinstance(name, str) else None)
+        info, card = served()
+        return {"modelfile": "", "parameters": "", "template": info.chat_template, "details": card["details"],
+                "model_info": {"general.architecture": info.arch, "general.parameter_count": info.n_params,
+                               f"{info.arch}.context_length": info.n_ctx_train},
+                "capabilities": ["completion"], "modified_at": card["modified_at"]}
+
+    @router.post("/chat")
+    async def chat(request: Request):
+        parsed = await read_request(request, "/api/chat", limit)
+        req, name, started = parsed.request, check(parsed.request.model), time.monotonic()
+        gen = Generation(server.pool, server.executor, chat_job(parsed.messages, req.sampling_kwargs(), req.stops(),
+                                                                req.template_kwargs()))
+        return await server.respond(request, gen, req.stream, lambda out: ollama.chat_reply(name, out, started),
+                                    lambda g: _ollama_chat_lines(g, name, started), NDJSON)
+
+    @router.post("/generate")
+    async def generate(request: Request):
+        parsed = await read_request(request, "/api/generate", limit)
+        req, name, started = parsed.request, check(parsed.request.model), time.monotonic()
+        job = (chat_job(parsed.messages, req.sampling_kwargs(), req.stops(), req.template_kwargs())
+               if parsed.messages is not None else completion_job(req.prompt_text(), req.sampling_kwargs(),
+                                                                  req.stops()))
+        gen = Generation(server.pool, server.executor, job)
+        return await server.respond(request, gen, req.stream, lambda out: ollama.generate_reply(name, out, started),
+                                    lambda g: _ollama_generate_lines(g, name, started), NDJSON)
+
+    return router
+
+
+def _file_type(path) -> Optional[str]:
+    import gguf
+
+    from chatglm.gguf_file import read_header
+
+    value = read_header(path).get("general.file_type")
+    names = {f.value: f.name.removeprefix("MOSTLY_") for f in gguf.LlamaFileType}
+    return names.get(value) if isinstance(value, int) else None
+
+
+async def _ollama_chat_lines(gen: Generation, name: str, started: float) -> AsyncIterator[dict]:
+    out = Outcome()
+    async for kind, value in gen.events():
+        if kind in ("delta", "reasoning"):
+            yield ollama.chat_line(name, value, thinking=kind == "reasoning")
+        else:
+            out = value
+    yield ollama.chat_reply(name, replace(out, content="", reasoning=""), started)
+
+
+async def _ollama_generate_lines(gen: Generation, name: str, started: float) -> AsyncIterator[dict]:
+    out = Outcome()
+    async for kind, value in gen.events():
+        if kind == "delta":
+            yield ollama.generate_line(name, value)
+        elif kind != "reasoning":
+            out = value
+    yield ollama.generate_reply(name, out, started, text="")
 
 
 def _v1_router(server: Server) -> APIRouter:
@@ -347,9 +472,11 @@ async def completion_chunks(gen: Generation, rid: str, model_id: str, include_us
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        if request.url.path.startswith("/api/"):  # Ollama's routes answer in Ollama's shape
+            return JSONResponse(ollama.error_body(exc), status_code=exc.status, headers=exc.headers)
         return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail), code=None).response()
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return await api_error(request, APIError(exc.status_code, str(exc.detail), code=None))

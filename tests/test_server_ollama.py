@@ -1,0 +1,93 @@
+"""The Ollama API of `chatglm serve`, through the official `ollama` client, unchanged, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import ollama
+import pytest
+
+from fixtures_server import http, openai_client, serve
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def live(glm3_gguf):
+    from chatglm.runtime.model import load
+
+    with serve(lambda: [load(glm3_gguf, n_ctx=256, n_threads=1)], model_id=NAME) as live:
+        assert live.wait_ready()["status"] == "ok"
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return ollama.Client(host=live.url)
+
+
+OPTS = {"temperature": 0, "num_predict": 8, "seed": 1}
+
+
+def test_chat_whole_and_streamed_agree(client):
+    msgs = [{"role": "user", "content": "hello"}]
+    whole = client.chat(model=NAME, messages=msgs, options=OPTS, stream=False, keep_alive="5m")
+    assert whole.done and whole.message.role == "assistant" and whole.done_reason in ("stop", "length")
+    assert 0 < whole.eval_count <= 8 and whole.prompt_eval_count > 0
+    parts = list(client.chat(model=NAME, messages=msgs, options=OPTS, stream=True))
+    assert parts[-1].done and not any(p.done for p in parts[:-1])
+    assert "".join(p.message.content for p in parts) == whole.message.content
+    assert parts[-1].eval_count == whole.eval_count
+
+
+def test_generate_whole_and_streamed_agree(client):
+    whole = client.generate(model=NAME, prompt="hello", options=OPTS)
+    assert whole.done and 0 < whole.eval_count <= 8
+    parts = list(client.generate(model=NAME, prompt="hello", options=OPTS, stream=True))
+    assert "".join(p.response for p in parts) == whole.response and parts[-1].done
+    raw = client.generate(model=NAME, prompt="def f(x):", options=OPTS, raw=True)
+    assert raw.done and raw.eval_count <= 8
+
+
+def test_num_predict_bounds_the_reply(client):
+    r = client.chat(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                    options={"temperature": 0, "num_predict": 2})
+    assert r.eval_count <= 2
+
+
+def test_list_show_ps_version(client, live):
+    models = client.list().models
+    assert [m.model for m in models] == [NAME] and models[0].details.format == "gguf"
+    assert models[0].size > 0 and models[0].details.family
+    shown = client.show(NAME)
+    assert shown.details.format == "gguf" and shown.modelinfo["general.architecture"] == "chatglm"
+    running = client.ps().models
+    assert [m.model for m in running] == [NAME] and running[0].context_length == 256
+    assert http().get(live.url + "/api/version").json()["version"]
+
+
+def test_an_unknown_model_is_an_error_in_ollamas_shape(client, live):
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="nothing", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 404 and "model 'nothing' not found" in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:
+        client.show("nothing")
+    assert err.value.status_code == 404
+    r = http().post(live.url + "/api/chat", json={"model": NAME, "messages": "no"})
+    assert r.status_code == 400 and set(r.json()) == {"error"}
+    r = http().post(live.url + "/api/generate", json={"model": NAME, "prompt": "x", "options": {"temperature": 9}})
+    assert r.status_code == 400 and "temperature" in r.json()["error"]
+
+
+def test_ndjson_lines_on_the_wire(live):
+    r = http().post(live.url + "/api/chat", json={"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                                                  "options": OPTS})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert lines[-1]["done"] is True and all(line["done"] is False for line in lines[:-1])
+
+
+def test_the_openai_client_still_works(live):
+    reply = openai_client(live).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                                         max_tokens=4, temperature=0)
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens <= 4
