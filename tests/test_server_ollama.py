@@ -12,11 +12,17 @@ from fixtures_server import http, openai_client, serve
 NAME = "tiny"
 
 
+def store_pull(name: str):
+    from chatglm.pull import pull
+
+    return pull(name)
+
+
 @pytest.fixture(scope="module")
 def live(glm3_gguf):
     from chatglm.runtime.model import load
 
-    with serve(lambda: [load(glm3_gguf, n_ctx=256, n_threads=1)], model_id=NAME) as live:
+    with serve(lambda: [load(glm3_gguf, n_ctx=256, n_threads=1)], model_id=NAME, pull=store_pull) as live:
         assert live.wait_ready()["status"] == "ok"
         yield live
 
@@ -91,3 +97,31 @@ def test_the_openai_client_still_works(live):
     reply = openai_client(live).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
                                                          max_tokens=4, temperature=0)
     assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens <= 4
+
+
+def test_pull_goes_to_the_store(client, glm3, tmp_path, monkeypatch):
+    import importlib
+
+    import huggingface_hub.constants as constants
+
+    from chatglm.store import Store
+    from tests.fixtures_hub import Hub
+
+    hub = Hub()
+    hub.add("THUDM/tiny-glm3", glm3.ckpt)
+    monkeypatch.setenv("CHATGLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    importlib.reload(constants)
+    try:
+        statuses = [p.status for p in client.pull("THUDM/tiny-glm3:q8_0", stream=True)]
+        assert statuses == ["pulled THUDM/tiny-glm3:q8_0", "success"]
+        assert Store().find("THUDM/tiny-glm3:q8_0").gguf.is_file()
+        with pytest.raises(ollama.ResponseError) as err:
+            client.pull("THUDM/none-such")
+        assert err.value.status_code == 400 and "no such repository on the hub" in err.value.error
+    finally:
+        hub.close()
+        monkeypatch.undo()
+        importlib.reload(constants)

@@ -73,7 +73,7 @@ def serve_cmd(
         raise
     named = model is not None and path != model  # a store name: the name is the model's id
     config = ServerConfig(model_id=model_id or (str(model) if named else path.stem), api_key=api_key or None, cors_origin=cors_origin,
-                          max_queue=queue_size, allowed_hosts=hosts)
+                          max_queue=queue_size, allowed_hosts=hosts, pull=store_pull)
     server = uvicorn.Server(uvicorn.Config(create_app(models, config, parallel), log_level="info" if verbose
                                            else "warning", access_log=verbose, timeout_graceful_shutdown=5))
     warn_if_exposed(host, api_key)
@@ -103,6 +103,13 @@ def allowed_hosts(host: str, api_key: Optional[str], extra: list[str]) -> Option
             log.info("--allow-host is not needed: the Host header is checked only on loopback without --api-key")
         return None
     return LOOPBACK_HOSTS + tuple(names)
+
+
+def store_pull(name: str):
+    """/api/pull: into the store (the model served does not change)."""
+    from chatglm.pull import pull
+
+    return pull(name)
 
 
 def resolve_model(model: Optional[Path]) -> Path:

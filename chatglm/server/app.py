@@ -29,9 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from chatglm.server.body import MAX_BODY_BYTES, ParsedRequest, check_content_type, parse_request, too_large
+from chatglm.errors import ChatGLMError, InputError
 from chatglm.server import ollama
-from chatglm.server.errors import APIError, internal
+from chatglm.server.body import MAX_BODY_BYTES, ParsedRequest, check_content_type, parse_request, too_large
+from chatglm.server.errors import APIError, internal, invalid
 from chatglm.server.guard import CatchAll, HostGuard
 from chatglm.server.mapping import (
     Outcome,
@@ -65,6 +66,7 @@ class ServerConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     on_load_failed: Optional[Callable[[BaseException], None]] = None
     allowed_hosts: Optional[tuple[str, ...]] = None  # Host names answered (any port); None: no Host check
+    pull: Optional[Callable[[str], Any]] = None  # /api/pull: the store's pull (given by the CLI), or none
 
 
 class ClientGone(Exception):
@@ -344,6 +346,23 @@ def _ollama_router(server: Server) -> APIRouter:
                 "model_info": {"general.architecture": info.arch, "general.parameter_count": info.n_params,
                                f"{info.arch}.context_length": info.n_ctx_train},
                 "capabilities": ["completion"], "modified_at": card["modified_at"]}
+
+    @router.post("/pull")
+    async def pull(request: Request):
+        body = loads(await read_body(request, limit))
+        name = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            raise invalid("model is required", "model")
+        if server.config.pull is None:
+            raise APIError(501, "this server does not pull models", code="not_implemented")
+        try:
+            entry = await asyncio.to_thread(server.config.pull, name)
+        except ChatGLMError as exc:
+            raise APIError(400 if isinstance(exc, InputError) else 500, str(exc), code="pull_failed") from None
+        done = [{"status": f"pulled {entry.ref}"}, {"status": "success"}]
+        if isinstance(body, dict) and body.get("stream") is False:
+            return done[-1]
+        return StreamingResponse(iter([NDJSON.encode(x) for x in done]), media_type=NDJSON.media_type)
 
     @router.post("/chat")
     async def chat(request: Request):
