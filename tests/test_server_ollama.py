@@ -125,3 +125,56 @@ def test_pull_goes_to_the_store(client, glm3, tmp_path, monkeypatch):
         hub.close()
         monkeypatch.undo()
         importlib.reload(constants)
+
+
+@pytest.fixture(scope="module")
+def store_live(glm3_gguf, tmp_path_factory):
+    """A server over a store of two models (the same tiny GGUF under two names), one resident at a time."""
+    from chatglm.runtime.model import load
+    from chatglm.store import Ref, Store
+
+    store = Store(tmp_path_factory.mktemp("store"))
+    for name in ("org/a", "org/b"):
+        store.add_file(Ref(name, "f32"), glm3_gguf, {"source": {"repo": name}})
+    opened = []
+
+    def open_model(name):
+        entry = store.find(name)
+        opened.append(entry.ref)
+        return entry.ref, load(entry.gguf, n_ctx=128, n_threads=1)
+
+    with serve(lambda: [], open_model=open_model, max_models=1,
+               list_store=lambda: [(e.ref, e.gguf) for e in store.entries()]) as live:
+        assert live.wait_ready()["status"] == "ok"
+        live.opened = opened
+        yield live
+
+
+def test_serving_the_store_loads_on_demand_and_unloads(store_live):
+    import time
+
+    client = ollama.Client(host=store_live.url)
+    assert sorted(m.model for m in client.list().models) == ["org/a:f32", "org/b:f32"]
+    assert client.ps().models == []
+    msgs = [{"role": "user", "content": "hi"}]
+    a = client.chat(model="org/a", messages=msgs, options=OPTS)
+    assert a.model == "org/a:f32" and [m.model for m in client.ps().models] == ["org/a:f32"]
+    client.chat(model="org/a:f32", messages=msgs, options=OPTS)  # resident: not loaded again
+    assert store_live.opened == ["org/a:f32"]
+    b = client.generate(model="org/b", prompt="hi", options=OPTS)  # --max-models 1: a makes room for b
+    assert b.model == "org/b:f32" and [m.model for m in client.ps().models] == ["org/b:f32"]
+    assert b.response == a.message.content or b.eval_count > 0
+    assert client.show("org/a:f32").modelinfo["general.architecture"] == "chatglm"
+    client.chat(model="org/b", messages=msgs, options=OPTS, keep_alive=0.3)
+    deadline = time.monotonic() + 10
+    while client.ps().models and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.ps().models == []  # unloaded after its keep_alive
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="org/none", messages=msgs)
+    assert err.value.status_code == 404 and "no such model in the store" in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="org/a", messages=msgs, keep_alive="soon")
+    assert err.value.status_code == 400 and "keep_alive" in err.value.error
+    reply = openai_client(store_live).chat.completions.create(model="org/a", messages=msgs, max_tokens=3)
+    assert reply.model == "org/a:f32"

@@ -43,6 +43,7 @@ from chatglm.server.mapping import (
     tool_call_deltas,
     usage_chunk,
 )
+from chatglm.server.modelset import ModelSet, keep_alive_seconds
 from chatglm.server.pool import CLOSED, ModelPool
 from chatglm.server.strictjson import loads
 from chatglm.server.worker import Generation, chat_job, completion_job
@@ -67,6 +68,11 @@ class ServerConfig:
     on_load_failed: Optional[Callable[[BaseException], None]] = None
     allowed_hosts: Optional[tuple[str, ...]] = None  # Host names answered (any port); None: no Host check
     pull: Optional[Callable[[str], Any]] = None  # /api/pull: the store's pull (given by the CLI), or none
+    # Serving the store: name -> (its canonical name, the loaded model); the store's (name, path) list; the most
+    # models resident at once. None: the models given to create_app are served.
+    open_model: Optional[Callable[[str], tuple[str, Any]]] = None
+    list_store: Optional[Callable[[], list]] = None
+    max_models: int = 1
 
 
 class ClientGone(Exception):
@@ -154,12 +160,23 @@ class Server:
         self.executor = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="chatglm-gen")
         self.active: set[Generation] = set()
         self.started = time.time()
+        self.modelset = (ModelSet(config.open_model, config.max_models, config.max_queue)
+                         if config.open_model is not None else None)
+
+    async def pool_for(self, name: Optional[str], keep_alive: Any = None) -> tuple[str, ModelPool]:
+        """The pool a request's model runs on: the store's model of that name (serving the store), else the one
+        pool (any name accepted, answered with the served model's id)."""
+        if self.modelset is None:
+            return self.config.model_id, self.pool
+        if not name:
+            raise invalid("model is required: name a model of the store (GET /api/tags lists them)", "model")
+        return await self.modelset.pool(name, keep_alive_seconds(keep_alive))
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> Optional[threading.Thread]:
         """Ready at once with models loaded beforehand; otherwise start loading them on a thread."""
-        if not callable(self.load_models):
-            self.pool.set_ready(list(self.load_models))
+        if self.modelset is not None or not callable(self.load_models):
+            self.pool.set_ready([] if self.modelset is not None else list(self.load_models))
             return None
         return self.start_loading(loop)
 
@@ -197,6 +214,8 @@ class Server:
             gen.close()
         self.executor.shutdown(wait=True)
         close_all(self.pool.models)
+        if self.modelset is not None:
+            self.modelset.close()
 
     # -- requests -----------------------------------------------------------------------------------------------
     async def authorize(self, request: Request) -> None:
@@ -310,13 +329,37 @@ def _ollama_router(server: Server) -> APIRouter:
             raise ollama.not_found(name or "")
         return name
 
+    def card(name: str, info: Any) -> dict:
+        st = info.path.stat()
+        digest = hashlib.sha256(f"{info.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+        return ollama.model_card(name, info, _file_type(info.path), st.st_mtime, digest)
+
+    def stored() -> dict[str, Any]:
+        """Serving the store: every stored model's name and header description."""
+        from chatglm.gguf_file import read_header
+        from chatglm.runtime.loader import describe
+
+        return {name: describe(read_header(path)) for name, path in server.config.list_store()}
+
     def served() -> tuple[Any, dict]:
         m = server.pool.first()
         if m is None:
             raise server.pool.unavailable()
-        st = m.info.path.stat()
-        digest = hashlib.sha256(f"{m.info.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-        return m.info, ollama.model_card(model_id, m.info, _file_type(m.info.path), st.st_mtime, digest)
+        return m.info, card(model_id, m.info)
+
+    def resident() -> list[tuple[str, Any]]:
+        if server.modelset is not None:
+            return [(r.name, r.model.info) for r in server.modelset.resident.values()]
+        return [(model_id, server.pool.first().info)] if server.pool.first() is not None else []
+
+    async def parsed_and_pool(request: Request, route: str):
+        body = await read_body(request, limit)
+        parsed = parse_request(body, request.headers.get("content-type", ""), route, limit)
+        if server.modelset is None:
+            return parsed, check(parsed.request.model), server.pool
+        raw = loads(body)
+        name, pool = await server.pool_for(parsed.request.model, raw.get("keep_alive"))
+        return parsed, name, pool
 
     @router.get("/version")
     async def version() -> dict:
@@ -326,26 +369,32 @@ def _ollama_router(server: Server) -> APIRouter:
 
     @router.get("/tags")
     async def tags() -> dict:
+        if server.modelset is not None:
+            return {"models": [card(name, info) for name, info in (await asyncio.to_thread(stored)).items()]}
         return {"models": [served()[1]] if server.pool.first() is not None else []}
 
     @router.get("/ps")
     async def ps() -> dict:
-        if server.pool.first() is None:
-            return {"models": []}
-        info, card = served()
-        return {"models": [{**card, "expires_at": "2318-01-01T00:00:00Z", "size_vram": 0,
-                            "context_length": info.n_ctx}]}
+        return {"models": [{**card(name, info), "expires_at": "2318-01-01T00:00:00Z", "size_vram": 0,
+                            "context_length": info.n_ctx} for name, info in resident()]}
 
     @router.post("/show")
     async def show(request: Request) -> dict:
         body = loads(await read_body(request, limit))
         name = body.get("model") or body.get("name") if isinstance(body, dict) else None
-        check(name if isinstance(name, str) else None)
-        info, card = served()
-        return {"modelfile": "", "parameters": "", "template": info.chat_template, "details": card["details"],
+        if server.modelset is not None:
+            infos = await asyncio.to_thread(stored)
+            key = next((k for k in infos if name in (k, f"{k}:latest")), None)
+            if key is None:
+                raise ollama.not_found(name if isinstance(name, str) else "")
+            info, card_ = infos[key], card(key, infos[key])
+        else:
+            check(name if isinstance(name, str) else None)
+            info, card_ = served()
+        return {"modelfile": "", "parameters": "", "template": info.chat_template, "details": card_["details"],
                 "model_info": {"general.architecture": info.arch, "general.parameter_count": info.n_params,
                                f"{info.arch}.context_length": info.n_ctx_train},
-                "capabilities": ["completion"], "modified_at": card["modified_at"]}
+                "capabilities": ["completion"], "modified_at": card_["modified_at"]}
 
     @router.post("/pull")
     async def pull(request: Request):
@@ -366,21 +415,21 @@ def _ollama_router(server: Server) -> APIRouter:
 
     @router.post("/chat")
     async def chat(request: Request):
-        parsed = await read_request(request, "/api/chat", limit)
-        req, name, started = parsed.request, check(parsed.request.model), time.monotonic()
-        gen = Generation(server.pool, server.executor, chat_job(parsed.messages, req.sampling_kwargs(), req.stops(),
+        parsed, name, pool = await parsed_and_pool(request, "/api/chat")
+        req, started = parsed.request, time.monotonic()
+        gen = Generation(pool, server.executor, chat_job(parsed.messages, req.sampling_kwargs(), req.stops(),
                                                                 req.template_kwargs()))
         return await server.respond(request, gen, req.stream, lambda out: ollama.chat_reply(name, out, started),
                                     lambda g: _ollama_chat_lines(g, name, started), NDJSON)
 
     @router.post("/generate")
     async def generate(request: Request):
-        parsed = await read_request(request, "/api/generate", limit)
-        req, name, started = parsed.request, check(parsed.request.model), time.monotonic()
+        parsed, name, pool = await parsed_and_pool(request, "/api/generate")
+        req, started = parsed.request, time.monotonic()
         job = (chat_job(parsed.messages, req.sampling_kwargs(), req.stops(), req.template_kwargs())
                if parsed.messages is not None else completion_job(req.prompt_text(), req.sampling_kwargs(),
                                                                   req.stops()))
-        gen = Generation(server.pool, server.executor, job)
+        gen = Generation(pool, server.executor, job)
         return await server.respond(request, gen, req.stream, lambda out: ollama.generate_reply(name, out, started),
                                     lambda g: _ollama_generate_lines(g, name, started), NDJSON)
 
@@ -439,22 +488,24 @@ def _v1_router(server: Server) -> APIRouter:
     async def chat_completions(request: Request):
         parsed = await read_request(request, "/v1/chat/completions", server.config.max_body_bytes)
         req = parsed.request
-        gen = Generation(server.pool, server.executor, chat_job(parsed.messages, req.sampling_kwargs(), req.stops(),
+        served_id, pool = await server.pool_for(req.model)
+        gen = Generation(pool, server.executor, chat_job(parsed.messages, req.sampling_kwargs(), req.stops(),
                                                                 req.template_kwargs()))
         rid = new_id("chatcmpl")
-        return await server.respond(request, gen, req.stream, lambda out: chat_completion(rid, model_id, out),
-                                    lambda g: chat_chunks(g, rid, model_id, req.include_usage()))
+        return await server.respond(request, gen, req.stream, lambda out: chat_completion(rid, served_id, out),
+                                    lambda g: chat_chunks(g, rid, served_id, req.include_usage()))
 
     @router.post("/completions")
     async def completions(request: Request):
         req = (await read_request(request, "/v1/completions", server.config.max_body_bytes)).request
-        gen = Generation(server.pool, server.executor, completion_job(req.prompt_text(), req.sampling_kwargs(),
+        served_id, pool = await server.pool_for(req.model)
+        gen = Generation(pool, server.executor, completion_job(req.prompt_text(), req.sampling_kwargs(),
                                                                       req.stops()))
         rid = new_id("cmpl")
         return await server.respond(
             request, gen, req.stream,
-            lambda out: text_completion(rid, model_id, out.content, out.finish_reason, out.usage()),
-            lambda g: completion_chunks(g, rid, model_id, req.include_usage()))
+            lambda out: text_completion(rid, served_id, out.content, out.finish_reason, out.usage()),
+            lambda g: completion_chunks(g, rid, served_id, req.include_usage()))
 
     return router
 
