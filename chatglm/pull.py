@@ -94,9 +94,9 @@ def verify(folder: Path, hub: Optional[dict[str, HubFile]], repo: str) -> dict[s
             raise InputError("a code file was downloaded, which pull never asks for", f"{repo}/{name}")
         sha256, sha1 = _hashes(path)
         want = hub.get(name) if hub is not None else None
-        if want is not None and (path.stat().st_size != want.size or
-                                 (want.sha256 or sha1) != (sha256 if want.sha256 else sha1) or
-                                 (want.sha256 is None and want.blob_id not in (None, sha1))):
+        if want is not None and (path.stat().st_size != want.size
+                                 or (want.sha256 is not None and sha256 != want.sha256)
+                                 or (want.sha256 is None and want.blob_id not in (None, sha1))):
             blob = path.resolve()
             for p in {path, blob}:
                 p.unlink(missing_ok=True)
