@@ -75,15 +75,16 @@ def test_a_cut_connection_resumes(env, hub, monkeypatch):
     assert len(ranges) == 2 and ranges[0] == "" and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
 
 
-def test_a_hash_mismatch_is_refused_and_nothing_enters_the_store(env, hub):
-    hub.corrupt.add("model.safetensors")
+@pytest.mark.parametrize("name, digest", [("model.safetensors", "sha256"), ("config.json", "sha1")])
+def test_a_hash_mismatch_is_refused_and_nothing_enters_the_store(env, hub, name, digest):
+    hub.corrupt.add(name)  # an LFS file (sha256) or a plain git blob (sha1)
     try:
         r = invoke("pull", f"{REPO}:q8_0")
     finally:
         hub.corrupt.clear()
-    assert r.exit_code == 2 and "does not match the hub's sha256" in r.output, r.output
+    assert r.exit_code == 2 and f"does not match the hub's {digest}" in r.output, r.output
     errors = [line for line in r.output.replace("\r", "\n").splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "model.safetensors" in errors[0] and "Traceback" not in r.output
+    assert len(errors) == 1 and name in errors[0] and "Traceback" not in r.output
     assert not (env / "home" / "models").exists() or not any((env / "home" / "models").rglob("*.json"))
     r = invoke("pull", f"{REPO}:q8_0")  # the bad file was removed from the cache: fetched again, now right
     assert r.exit_code == 0, r.output
