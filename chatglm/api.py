@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from chatglm.runtime import model as runtime
 from chatglm.runtime.sampling import SamplingParams
+from chatglm.store import resolve
 
 
 def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
@@ -17,12 +18,14 @@ def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = Non
          on_progress: Optional[runtime.ProgressCallback] = None,
          lora: Sequence[tuple[os.PathLike | str, float]] = (),
          mmproj: Optional[os.PathLike | str] = None) -> runtime.Model:
-    """Load a GGUF (or, with no path, the bundled demo model, converted into the cache on first use) and return a
+    """Load a GGUF (a path, or a store name such as ``ORG/REPO:q4_k_m``; a path that exists wins; with no path, the
+    bundled demo model, converted into the cache on first use) and return a
     :class:`~chatglm.runtime.model.Model`; the keywords are :func:`chatglm.runtime.model.load`'s."""
     if path is None:
         from chatglm.demo import demo_gguf
 
         path = demo_gguf()
+    path = resolve(path)
     return runtime.load(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                         kv_type=kv_type, chat_format=chat_format, sampling=sampling, on_progress=on_progress,
                         lora=lora, mmproj=mmproj)

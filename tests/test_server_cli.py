@@ -116,3 +116,26 @@ def test_serve_answers_on_a_free_port_and_stops_on_ctrl_c(glm3_gguf):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=5)
+
+
+def test_serve_without_a_model_serves_the_store(glm3_gguf, tmp_path):
+    from chatglm.store import Ref, Store
+
+    Store(tmp_path).add_file(Ref("org/tiny", "f32"), glm3_gguf, {})
+    env = {**os.environ, "CHATGLM_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", RUN_SERVE, "--port", "0", "--n-ctx", "128", "--threads", "1",
+                             "--max-models", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stderr = StderrReader(proc)
+        url = stderr.wait_url(60)
+        assert [m["name"] for m in http().get(url + "/api/tags").json()["models"]] == ["org/tiny:f32"]
+        r = http().post(url + "/api/chat", json={"model": "org/tiny", "stream": False, "options": {"num_predict": 3},
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.json()["done"] and r.json()["model"] == "org/tiny:f32"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+        assert "serving the store" in stderr.text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)

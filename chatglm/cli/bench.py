@@ -14,13 +14,14 @@ from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, Threads, Verbos
                                setup_logging)
 from chatglm.errors import InputError
 from chatglm.limits import MAX_CONTEXT, MAX_SEED
+from chatglm.store import resolve
 
 REPETITIONS = 1000  # most timed runs per test
 
 
 @handle_errors
 def bench_cmd(
-    model: Annotated[Path, typer.Argument(help="A .gguf file.")],
+    model: Annotated[Path, typer.Argument(help="A .gguf file or a stored model name.")],
     n_prompt: Annotated[Optional[list[int]], number(
         ("-p", "--n-prompt"), "Prompt length of a pp test (repeat for several; 0 skips pp).", 0, MAX_CONTEXT)] = None,
     n_gen: Annotated[Optional[list[int]], number(
@@ -48,6 +49,7 @@ def bench_cmd(
     check_spec(spec, ctx)
     if ctx is None:  # room for the longest test and the generation prefix some families need
         ctx = max(spec.n_prompt) + max(spec.n_gen) + max((len(p) for p in CAUSAL_PREFIX.values()), default=0)
+    model = resolve(model)
     if not model.is_file():
         raise InputError("file not found", model)
     progress = _Progress(enabled=sys.stderr.isatty() and not verbose)

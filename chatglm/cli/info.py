@@ -18,6 +18,7 @@ import typer
 
 from chatglm.cli.common import KVTypeOpt, handle_errors, number
 from chatglm.limits import MAX_CONTEXT
+from chatglm.store import resolve
 
 
 def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
@@ -161,14 +162,14 @@ def text_lines(d: dict) -> list[str]:
 
 @handle_errors
 def info_cmd(
-    model: Annotated[Path, typer.Argument(help="A .gguf file.")],
+    model: Annotated[Path, typer.Argument(help="A .gguf file or a stored model name.")],
     ctx: Annotated[Optional[int], number(("-c", "--ctx"), "Context size for the memory estimate.", 1,
                                          MAX_CONTEXT)] = None,
     kv_type: KVTypeOpt = "f16",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show a GGUF's architecture, sizes, tensor types, tokenizer and memory needs."""
-    d = describe_file(model, ctx, kv_type)
+    d = describe_file(resolve(model), ctx, kv_type)
     if as_json:
         typer.echo(json.dumps(d, ensure_ascii=False, indent=2, default=str))
         return

@@ -12,11 +12,12 @@ import typer
 from chatglm.cli.common import FlashAttn, GpuLayers, KVTypeOpt, Threads, handle_errors, number, setup_logging
 from chatglm.errors import InputError
 from chatglm.limits import MAX_CONTEXT
+from chatglm.store import resolve
 
 
 @handle_errors
 def perplexity_cmd(
-    model: Annotated[Path, typer.Argument(help="A .gguf file.")],
+    model: Annotated[Path, typer.Argument(help="A .gguf file or a stored model name.")],
     text_file: Annotated[Path, typer.Argument(help="A UTF-8 text file (scored as plain text).")],
     window: Annotated[int, number(("-w", "--window", "-l", "--max-length"),
                                   "Tokens per window (the context each window is scored in).", 2, MAX_CONTEXT)] = 1024,
@@ -35,6 +36,7 @@ def perplexity_cmd(
     setup_logging(verbose)
     check_window(window, stride)
     read_text(text_file)  # fail on a missing or empty file before loading the model
+    model = resolve(model)
     if not model.is_file():
         raise InputError("file not found", model)
     n_prefix = max((len(p) for p in CAUSAL_PREFIX.values()), default=0)

@@ -15,6 +15,7 @@ from chatglm.cli.common import (Context, FlashAttn, GpuLayers, KVTypeOpt, Thread
                                sampling_options, setup_logging)
 from chatglm.limits import MAX_LORA_SCALE
 from chatglm.runtime.messages import Message
+from chatglm.store import resolve
 
 class ReasoningEffort(str, Enum):
     low = "low"
@@ -22,7 +23,8 @@ class ReasoningEffort(str, Enum):
     max = "max"
 
 
-ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
+ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file or a stored model name (`chatglm list`); the "
+                                                        "bundled demo model when omitted.")]
 
 
 @handle_errors
@@ -72,7 +74,7 @@ def run_cmd(
     tool_list = read_tools(tools) if tools is not None else None
     media = tuple(load_media(p, "image") for p in image or ())  # checked before the model loads
     media += tuple(load_media(p, "audio") for p in audio or ())
-    model = model or demo_path()
+    model = resolve(model) if model is not None else demo_path()
     if media and find_projector(model, mmproj) is None:
         raise fail(f"{media[0].name}: {model.name} takes text only (no projector mmproj-{model.stem}.gguf beside "
                    "it; name one with --mmproj)")

@@ -15,6 +15,7 @@ from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, Threads, handle
                                setup_logging)
 from chatglm.errors import ChatGLMError, InputError
 from chatglm.limits import MAX_CONTEXT
+from chatglm.store import resolve
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,9 @@ MAX_PARALLEL = 64  # model instances, each a full copy of the weights
 MAX_QUEUE = 100_000
 HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")  # a DNS name, an IPv4 or [IPv6]
 
-ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file; the bundled demo model when omitted.")]
+ModelArg = Annotated[Optional[Path], typer.Argument(help="A .gguf file or a stored model name (`chatglm list`); "
+                                                        "when omitted, the store (the bundled demo model if the "
+                                                        "store is empty).")]
 
 
 @handle_errors
@@ -45,18 +48,25 @@ def serve_cmd(
                                                        help="Allow this one web origin.")] = None,
     model_id: Annotated[Optional[str], typer.Option("--model-id", callback=non_empty,
                                                     help="Name in /v1/models (file stem).")] = None,
+    max_models: Annotated[int, number(("--max-models",), "Serving the store: models resident at once.", 1,
+                                      MAX_PARALLEL)] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests and model loading.")] = False,
     allow_host: Annotated[Optional[list[str]], typer.Option(
         "--allow-host", help="Also answer requests for this Host name (repeatable; loopback without a key "
                              "answers only localhost, 127.0.0.1 and [::1]).")] = None,
 ) -> None:
-    """Serve a GGUF model over the OpenAI API, with a chat page at /."""
+    """Serve a GGUF model over the OpenAI and Ollama APIs, with a chat page at /; with no model, the store (each
+    model loaded on the first request naming it, unloaded after its keep_alive)."""
     import uvicorn
 
     from chatglm.server import ServerConfig, create_app
 
     setup_logging(verbose)
-    path = resolve_model(model)
+    from chatglm.store import Store
+
+    store = Store()
+    serving_store = model is None and bool(store.entries())  # an empty store: the demo model, as before
+    path = None if serving_store else resolve_model(model)
     hosts = allowed_hosts(host, api_key, allow_host or [])
     if threads is None:
         from chatglm.runtime.llama_native import physical_cores
@@ -64,19 +74,32 @@ def serve_cmd(
         threads = max(1, physical_cores() // parallel)
     sock = bind(host, port)  # bound, not listening: a taken port fails before the load, and nothing answers yet
     try:
-        models = load_instances(path, parallel, ctx, threads, n_gpu_layers, kv_type, flash_attn)
+        models = [] if serving_store else load_instances(path, parallel, ctx, threads, n_gpu_layers, kv_type,
+                                                         flash_attn)
         sock.listen(128)
     except BaseException:
         sock.close()
         raise
-    config = ServerConfig(model_id=model_id or path.stem, api_key=api_key or None, cors_origin=cors_origin,
-                          max_queue=queue_size, allowed_hosts=hosts)
+    named = model is not None and path != model  # a store name: the name is the model's id
+    store_options = {}
+    if serving_store:
+        def open_model(name: str):
+            entry = Store(store.root).find(name)
+            return entry.ref, load_instances(entry.gguf, 1, ctx, threads, n_gpu_layers, kv_type, flash_attn)[0]
+
+        store_options = {"open_model": open_model, "max_models": max_models,
+                         "list_store": lambda: [(e.ref, e.gguf) for e in Store(store.root).entries()]}
+    config = ServerConfig(model_id=model_id or ("store" if serving_store else str(model) if named else path.stem),
+                          api_key=api_key or None, cors_origin=cors_origin, max_queue=queue_size,
+                          allowed_hosts=hosts, pull=store_pull, **store_options)
     server = uvicorn.Server(uvicorn.Config(create_app(models, config, parallel), log_level="info" if verbose
                                            else "warning", access_log=verbose, timeout_graceful_shutdown=5))
     warn_if_exposed(host, api_key)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    typer.echo(f"chatglm: serving {path.name} at http://{shown}:{bound[1]}/ (OpenAI API under /v1)", err=True)
+    what = f"the store ({store.root}; models load on first use)" if serving_store else path.name
+    typer.echo(f"chatglm: serving {what} at http://{shown}:{bound[1]}/ (OpenAI API under /v1, Ollama's under /api)",
+               err=True)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: stopping is the normal way out
@@ -102,6 +125,13 @@ def allowed_hosts(host: str, api_key: Optional[str], extra: list[str]) -> Option
     return LOOPBACK_HOSTS + tuple(names)
 
 
+def store_pull(name: str):
+    """/api/pull: into the store (the model served does not change)."""
+    from chatglm.pull import pull
+
+    return pull(name)
+
+
 def resolve_model(model: Optional[Path]) -> Path:
     """The GGUF to serve, its header checked now so a wrong path fails before the server starts."""
     from chatglm.gguf_file import read_header
@@ -110,6 +140,7 @@ def resolve_model(model: Optional[Path]) -> Path:
         from chatglm.demo import demo_gguf
 
         model = demo_gguf()
+    model = resolve(model)
     if not model.is_file():
         raise InputError("not a regular file" if model.exists() else "no such file", model)
     read_header(model)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from chatglm.runtime.messages import Message
+from chatglm.server import ollama
 from chatglm.server.errors import APIError
 from chatglm.server.mapping import to_messages
 from chatglm.server.schema import ChatRequest, CompletionRequest, parse_chat, parse_completion
@@ -60,9 +61,20 @@ def _completion(body: Any) -> ParsedRequest:
     return ParsedRequest("/v1/completions", req)
 
 
+def _ollama_chat(body: Any) -> ParsedRequest:
+    return _chat(ollama.chat_body(body))
+
+
+def _ollama_generate(body: Any) -> ParsedRequest:
+    translated, as_chat = ollama.generate_body(body)
+    return _chat(translated) if as_chat else _completion(translated)
+
+
 ROUTES: dict[str, Callable[[Any], ParsedRequest]] = {
     "/v1/chat/completions": _chat,
     "/v1/completions": _completion,
+    "/api/chat": _ollama_chat,  # Ollama's bodies, checked as the OpenAI ones they map to
+    "/api/generate": _ollama_generate,
 }
 
 
