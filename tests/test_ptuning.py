@@ -1,0 +1,166 @@
+"""P-Tuning v2 (issue 22): a ChatGLM2/3 checkpoint with a trained prefix converts into one GGUF and runs with the
+prefix as the first cells of every layer's KV cache, against transformers' GLM (float64) fed the same prefix as its
+past key values, the way the published modeling_chatglm.py feeds it (never rotated, positions from 0)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from chatglm.convert.pipeline import convert
+from chatglm.errors import InputError
+from chatglm.gguf_file import read_header
+from chatglm.runtime import ptuning as rt_ptuning
+from chatglm.schema import keys
+
+P = 6
+
+
+def _layout(model):
+    cfg = model.config
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+
+
+def _prefix_dir(ckpt, out, emb: np.ndarray, **config) -> object:
+    out.mkdir()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(config)
+    (out / "config.json").write_text(json.dumps(cfg))
+    torch.save({"transformer.prefix_encoder.embedding.weight": torch.from_numpy(emb)}, out / "pytorch_model.bin")
+    return out
+
+
+@pytest.fixture(scope="module")
+def pt(glm3, tmp_path_factory):
+    """(prefix-only folder, the prefix as (n_layer, 2, P, width), the GGUF)."""
+    root = tmp_path_factory.mktemp("ptuning")
+    n_layer, n_kv, head_dim = _layout(glm3.model)
+    emb = np.random.default_rng(7).normal(0, 1, (P, n_layer * 2 * n_kv * head_dim)).astype(np.float32)
+    folder = _prefix_dir(glm3.ckpt, root / "pt", emb, pre_seq_len=P, prefix_projection=False)
+    gguf = convert(glm3.ckpt, root / "pt.gguf", "f32", ptuning=folder).path
+    prefix = emb.reshape(P, n_layer, 2, n_kv * head_dim).transpose(1, 2, 0, 3)
+    return folder, prefix, gguf
+
+
+def reference(model, prefix: np.ndarray, ids) -> np.ndarray:
+    """float64 logits of ``ids`` after the prefix, as the published code computes them."""
+    from transformers import DynamicCache
+
+    m = model.to(torch.float64)
+    try:
+        n_layer, _, n, width = prefix.shape
+        n_kv, head_dim = m.config.num_key_value_heads, m.config.head_dim
+        cache = DynamicCache(config=m.config)
+        for il in range(n_layer):
+            k, v = (torch.from_numpy(prefix[il, j].astype(np.float64)).reshape(n, n_kv, head_dim).transpose(0, 1)[None]
+                    for j in (0, 1))
+            cache.update(k, v, il)
+        with torch.no_grad():
+            out = m(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
+                    position_ids=torch.arange(len(ids))[None], attention_mask=torch.ones(1, n + len(ids))).logits
+        return out[0].numpy()
+    finally:
+        model.to(torch.float32)
+
+
+def _rel(got, ref) -> float:
+    return float(np.max(np.abs(got - ref).max(axis=-1) / np.abs(ref).max(axis=-1)))
+
+
+def test_gguf_carries_the_prefix(pt):
+    _, prefix, gguf = pt
+    h = read_header(gguf)
+    assert h.get(keys.PTUNING_PRE_SEQ_LEN) == P
+    np.testing.assert_array_equal(rt_ptuning.read_prefix(h), prefix)
+
+
+def test_logits_and_greedy_match_the_published_forward(glm3, pt, tmp_path):
+    from chatglm.runtime.model import load
+
+    _, prefix, gguf = pt
+    ids = [glm3.special["[gMASK]"], glm3.special["sop"]] + list(range(100, 120))
+    ref = reference(glm3.model, prefix, ids)
+    with load(gguf, n_ctx=128, n_threads=1, kv_type="f32", flash_attn=False) as m:
+        assert m.info.pre_seq_len == P and m.info.n_ctx >= 128  # llama.cpp pads P + 128 up
+        got = m.engine.all_logits(ids)
+        err = _rel(got, ref)
+        assert err < 1e-4, err
+        # without the prefix the logits differ (so the check above can fail)
+        plain = reference(glm3.model, np.zeros_like(prefix[:, :, :0]), ids)
+        assert _rel(plain, ref) > 1e-2
+        # greedy, 32 steps, through prefill + step (KV reuse across calls)
+        seq = list(ids[:4])
+        m.engine.reset()
+        m.engine.prefill(seq)
+        for _ in range(32):
+            seq.append(int(np.argmax(m.engine.logits())))
+            m.engine.step(seq[-1])
+        want = list(ids[:4])
+        for _ in range(32):
+            want.append(int(np.argmax(reference(glm3.model, prefix, want)[-1])))
+        assert seq == want
+        # a second turn reusing the cache, and a reset, keep the prefix
+        m.engine.prefill(seq[:20] + [300, 301])
+        np.testing.assert_allclose(m.engine.logits(), reference(glm3.model, prefix, seq[:20] + [300, 301])[-1],
+                                   rtol=0, atol=1e-4 * np.abs(ref).max())
+        m.engine.reset()
+        m.engine.prefill(ids)
+        assert _rel(m.engine.logits()[None], ref[-1:]) < 1e-4
+
+
+def test_prefix_projection_is_evaluated_at_convert_time(glm3, tmp_path):
+    n_layer, n_kv, head_dim = _layout(glm3.model)
+    width, hidden = n_layer * 2 * n_kv * head_dim, glm3.model.config.hidden_size
+    rng = np.random.default_rng(3)
+    emb = rng.normal(0, 1, (P, hidden)).astype(np.float32)
+    w0, b0 = rng.normal(0, 0.2, (hidden, hidden)), rng.normal(0, 0.2, hidden)
+    w2, b2 = rng.normal(0, 0.2, (width, hidden)), rng.normal(0, 0.2, width)
+    folder = _prefix_dir(glm3.ckpt, tmp_path / "proj", emb, pre_seq_len=P, prefix_projection=True)
+    state = torch.load(folder / "pytorch_model.bin")
+    for name, arr in (("trans.0.weight", w0), ("trans.0.bias", b0), ("trans.2.weight", w2), ("trans.2.bias", b2)):
+        state[f"transformer.prefix_encoder.{name}"] = torch.from_numpy(arr.astype(np.float32))
+    torch.save(state, folder / "pytorch_model.bin")
+    gguf = convert(glm3.ckpt, tmp_path / "proj.gguf", "f16", ptuning=folder).path
+    f32 = lambda a: a.astype(np.float32).astype(np.float64)  # noqa: E731 - the checkpoint holds float32
+    kv = np.tanh(f32(emb) @ f32(w0).T + f32(b0)) @ f32(w2).T + f32(b2)
+    want = kv.reshape(P, n_layer, 2, n_kv * head_dim).transpose(1, 2, 0, 3)
+    np.testing.assert_allclose(rt_ptuning.read_prefix(read_header(gguf)), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_full_ptuning_checkpoint_converts_on_its_own(glm3, pt, tmp_path):
+    folder, prefix, _ = pt
+    full = tmp_path / "full"
+    shutil.copytree(glm3.ckpt, full)
+    cfg = json.loads((full / "config.json").read_text())
+    cfg.update(pre_seq_len=P)
+    (full / "config.json").write_text(json.dumps(cfg))
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(full / "model.safetensors")  # the fine-tuning scripts save the prefix beside the weights
+    weights["transformer.prefix_encoder.embedding.weight"] = np.ascontiguousarray(
+        prefix.transpose(2, 0, 1, 3).reshape(P, -1))
+    save_file(weights, full / "model.safetensors")
+    gguf = convert(full, tmp_path / "full.gguf", "f32").path
+    np.testing.assert_array_equal(rt_ptuning.read_prefix(read_header(gguf)), prefix)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"pre_seq_len": P + 1}, "disagrees with the prefix tensor's 6 rows"),
+    ({"width": 8}, "a prefix of another model"),
+    ({"nan": True}, "NaN or infinite"),
+])
+def test_bad_prefixes_are_one_line_errors_and_nothing_is_written(glm3, tmp_path, change, message):
+    n_layer, n_kv, head_dim = _layout(glm3.model)
+    width = change.get("width", n_layer * 2 * n_kv * head_dim)
+    emb = np.ones((P, width), dtype=np.float32)
+    if change.get("nan"):
+        emb[2, 3] = np.nan
+    folder = _prefix_dir(glm3.ckpt, tmp_path / "bad", emb, pre_seq_len=change.get("pre_seq_len", P))
+    with pytest.raises(InputError, match=message) as err:
+        convert(glm3.ckpt, tmp_path / "x.gguf", "f16", ptuning=folder)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "x.gguf").exists()
