@@ -164,3 +164,64 @@ def test_bad_prefixes_are_one_line_errors_and_nothing_is_written(glm3, tmp_path,
         convert(glm3.ckpt, tmp_path / "x.gguf", "f16", ptuning=folder)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "x.gguf").exists()
+
+
+# ------------------------------------------------------------------ peer check: chatglm.cpp's own P-Tuning test tensors
+from test_chat_templates import REFERENCE  # noqa: E402  (the suite's CHATGLM_REFERENCE lookup)
+
+GLM3_PT = REFERENCE / "chatglm.cpp-tests" / "glm3_ptuning_v2_model.data"
+GLM2_TOKENIZER = REFERENCE / "tokenizers" / "chatglm2-6b" / "tokenizer.model"
+WEIGHTS = [("transformer.embedding.word_embeddings.weight", (5, 32)),
+           ("transformer.encoder.layers.0.input_layernorm.weight", (32,)),
+           ("transformer.encoder.layers.0.self_attention.query_key_value.weight", (48, 32)),
+           ("transformer.encoder.layers.0.self_attention.query_key_value.bias", (48,)),
+           ("transformer.encoder.layers.0.self_attention.dense.weight", (32, 32)),
+           ("transformer.encoder.layers.0.post_attention_layernorm.weight", (32,)),
+           ("transformer.encoder.layers.0.mlp.dense_h_to_4h.weight", (96, 32)),
+           ("transformer.encoder.layers.0.mlp.dense_4h_to_h.weight", (32, 48)),
+           ("transformer.encoder.final_layernorm.weight", (32,))]
+
+
+@pytest.mark.skipif(not GLM3_PT.is_file(), reason=f"{GLM3_PT} not found (set CHATGLM_REFERENCE)")
+def test_chatglm_cpp_glm3_ptuning_tensors(tmp_path):
+    """chatglm.cpp's ChatGLM3 P-Tuning v2 tensors (written with the published modeling_chatglm.py): our converted
+    GGUF reproduces its final hidden states (an identity lm_head makes logits[:32] those states)."""
+    from safetensors.numpy import save_file
+
+    from chatglm.devtools.checkpoints import published_config, published_tokenizer_config, tiny_glm_config
+    from chatglm.runtime.model import load
+
+    raw = GLM3_PT.read_bytes()
+    pkv = np.frombuffer(raw, np.float16, 80).reshape(2, 2, 5, 4).astype(np.float32)  # (layers*2, kv heads, P, head)
+    at, state = 160, {}
+    for name, shape in WEIGHTS:
+        n = int(np.prod(shape))
+        state[name] = np.frombuffer(raw, np.float32, n, at).reshape(shape).copy()
+        at += 4 * n
+    tail = np.frombuffer(raw, np.uint8, len(raw) - at, at)
+    x1, y1 = tail[:12].view(np.int32), tail[12:396].view(np.float32).reshape(3, 32)
+    y2, y3 = tail[400:528].view(np.float32), tail[532:660].view(np.float32)
+    n_vocab = 65024
+    emb = np.zeros((n_vocab, 32), np.float32)
+    emb[:5] = state["transformer.embedding.word_embeddings.weight"]
+    state["transformer.embedding.word_embeddings.weight"] = emb
+    head = np.zeros((n_vocab, 32), np.float32)
+    head[:32] = np.eye(32)
+    state["transformer.output_layer.weight"] = head
+    state["transformer.prefix_encoder.embedding.weight"] = np.ascontiguousarray(pkv.transpose(2, 0, 1, 3).reshape(5, -1))
+    ckpt = tmp_path / "glm3-pt"
+    ckpt.mkdir()
+    save_file(state, ckpt / "model.safetensors")
+    cfg = published_config(tiny_glm_config(hidden_size=32, num_attention_heads=8, num_key_value_heads=2, head_dim=4,
+                                           intermediate_size=48, num_hidden_layers=1, vocab_size=n_vocab,
+                                           rms_norm_eps=1e-5), "chatglm3", "float32", "THUDM/chatglm3-6b")
+    cfg.update(pre_seq_len=5)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(GLM2_TOKENIZER, ckpt / "tokenizer.model")
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(published_tokenizer_config("THUDM/chatglm3-6b",
+                                                                                      "chatglm3")))
+    gguf = convert(ckpt, tmp_path / "pt.gguf", "f32").path
+    with load(gguf, n_ctx=64, n_threads=1, kv_type="f32", flash_attn=False) as m:
+        got = m.engine.all_logits([int(i) for i in x1] + [3, 4])[:, :32]
+    want = np.concatenate([y1, y2[None], y3[None]])
+    assert np.abs(got - want).max() < 2e-4, np.abs(got - want).max()  # measured 1.04e-4: the stored prefix is f16
