@@ -225,3 +225,23 @@ def test_chatglm_cpp_glm3_ptuning_tensors(tmp_path):
         got = m.engine.all_logits([int(i) for i in x1] + [3, 4])[:, :32]
     want = np.concatenate([y1, y2[None], y3[None]])
     assert np.abs(got - want).max() < 2e-4, np.abs(got - want).max()  # measured 1.04e-4: the stored prefix is f16
+
+
+def test_info_run_and_flash_attention_cache_types(glm3, pt):
+    """`info` shows the prefix; `run` works; f16 / bf16 caches with flash attention (values not transposed) agree
+    with the f32 cache to their rounding."""
+    from typer.testing import CliRunner
+
+    from chatglm.cli.app import app
+    from chatglm.runtime.model import load
+
+    _, prefix, gguf = pt
+    r = CliRunner().invoke(app, ["info", str(gguf)])
+    assert r.exit_code == 0 and f"P-Tuning v2    prefix of {P} entries" in r.output, r.output
+    r = CliRunner().invoke(app, ["run", str(gguf), "-p", "hi", "-n", "3", "--temp", "0"])
+    assert r.exit_code == 0, r.output
+    ids = [glm3.special["[gMASK]"], glm3.special["sop"]] + list(range(200, 216))
+    ref = reference(glm3.model, prefix, ids)
+    for kv_type, flash, bound in (("f16", True, 5e-3), ("bf16", True, 3e-2), ("f16", False, 5e-3)):
+        with load(gguf, n_ctx=64, n_threads=1, kv_type=kv_type, flash_attn=flash) as m:
+            assert _rel(m.engine.all_logits(ids), ref) < bound, (kv_type, flash)

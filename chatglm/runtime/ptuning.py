@@ -28,7 +28,7 @@ from chatglm.gguf_file import GGUFHeader
 from chatglm.ggml import quants
 from chatglm.schema import keys
 
-F32, F16 = 0, 1
+F32, F16, BF16 = 0, 1, 30
 IO_MAGIC = 0xAF143CD8  # llama-context.cpp's io_magic, in front of every sequence state
 
 
@@ -84,6 +84,9 @@ def _encode(rows: np.ndarray, ggml_type: int) -> bytes:
         return rows.tobytes()
     if ggml_type == F16:
         return rows.astype(np.float16).tobytes()
+    if ggml_type == BF16:  # round to nearest even, as ggml_fp32_to_bf16 does (the values are finite)
+        bits = rows.view(np.uint32).astype(np.uint64)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
     return quants.quantize(rows, ggml_type, threads=1).tobytes()
 
 
