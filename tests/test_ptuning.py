@@ -245,3 +245,27 @@ def test_info_run_and_flash_attention_cache_types(glm3, pt):
     for kv_type, flash, bound in (("f16", True, 5e-3), ("bf16", True, 3e-2), ("f16", False, 5e-3)):
         with load(gguf, n_ctx=64, n_threads=1, kv_type=kv_type, flash_attn=flash) as m:
             assert _rel(m.engine.all_logits(ids), ref) < bound, (kv_type, flash)
+
+
+def test_turns_trimming_and_clear_keep_the_prefix(glm3, pt):
+    """A conversation that outgrows the context drops old rounds (KV reuse of what stays), then /clear: the cache
+    still holds the prefix in front of whatever it holds (its last logits are the published ones)."""
+    from chatglm.runtime.model import load
+
+    _, prefix, gguf = pt
+
+    def check(m):
+        toks = list(m.engine.tokens)
+        assert m.engine.prefill(toks) == 1  # everything before the last token comes from the cache
+        ref = reference(glm3.model, prefix, toks)[-1]
+        assert np.abs(m.engine.logits() - ref).max() / np.abs(ref).max() < 1e-4
+
+    with load(gguf, n_ctx=64, n_threads=1, kv_type="f32", flash_attn=False) as m:
+        s = m.session(temperature=0, max_tokens=4)
+        for turn in range(6):
+            s.send(" ".join(["hello world"] * 30) + f" {turn}")
+            check(m)
+        assert len(s.messages) < 12  # old rounds were dropped
+        s.clear()
+        s.send("hello")
+        check(m)

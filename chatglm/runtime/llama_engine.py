@@ -58,8 +58,10 @@ class LlamaEngine(Engine):
             ll.llama_set_abort_callback(self._ctx, self._abort_cb, None)
             self._vocab = ll.llama_model_get_vocab(self._model)
             self._mem = ll.llama_get_memory(self._ctx)
-            self.n_batch = n_batch
-            self._batch = ll.llama_batch_init(n_batch, 0, 1)
+            # llama.cpp clamps n_batch to the n_ctx asked for and then pads n_ctx up to 256: chunk by what it kept
+            # (a batch above it is a GGML_ASSERT in llama_decode)
+            self.n_batch = min(n_batch, ll.llama_n_batch(self._ctx))
+            self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
             self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
             self._pieces: dict[int, bytes] = {}
             # SentencePiece vocabularies with a dummy prefix: decoding drops the space it stands for (see detokenize)
@@ -67,7 +69,7 @@ class LlamaEngine(Engine):
                 and header.get("tokenizer.ggml.add_space_prefix") is True
             self.info = native.complete_info(info, self._model, self._ctx)
             if prefix is not None:
-                ptuning.install(ll, self._ctx, self._mem, self._batch, n_batch, prefix,
+                ptuning.install(ll, self._ctx, self._mem, self._batch, self.n_batch, prefix,
                                 ptuning.rope_settings(header, prefix), native.fill_batch)
                 self.info = replace(self.info, n_ctx=self.info.n_ctx - self.n_prefix, pre_seq_len=self.n_prefix)
         except BaseException:
