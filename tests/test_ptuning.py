@@ -269,3 +269,26 @@ def test_turns_trimming_and_clear_keep_the_prefix(glm3, pt):
         s.clear()
         s.send("hello")
         check(m)
+
+
+def test_a_gguf_whose_prefix_does_not_fit_is_refused_before_llama_cpp(pt, tmp_path):
+    """A prefix edited out of shape (other layer count) or with NaN: one line at load, nothing reaches llama.cpp."""
+    import gguf as gguf_py
+
+    from chatglm.runtime.model import load
+
+    _, prefix, src = pt
+    reader = gguf_py.GGUFReader(src)
+    for name, edit in (("layers", lambda f: f.parts[f.data[0]].__setitem__(0, prefix.shape[0] + 1)),
+                       ("nan", lambda f: f.parts[f.data[5]].__setitem__(0, np.nan))):
+        bad = tmp_path / f"{name}.gguf"
+        shutil.copy(src, bad)
+        r = gguf_py.GGUFReader(bad, "r+")
+        key = keys.PTUNING_LAYOUT if name == "layers" else keys.PTUNING_PREFIX
+        edit(r.fields[key])
+        r.data.flush() if hasattr(r.data, "flush") else None
+        del r
+        with pytest.raises(InputError) as err:
+            load(bad, n_ctx=64, n_threads=1)
+        assert "\n" not in str(err.value) and "P-Tuning prefix" in str(err.value)
+    assert reader.fields[keys.PTUNING_PRE_SEQ_LEN].parts[-1][0] == P
