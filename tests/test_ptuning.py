@@ -182,6 +182,30 @@ WEIGHTS = [("transformer.embedding.word_embeddings.weight", (5, 32)),
            ("transformer.encoder.final_layernorm.weight", (32,))]
 
 
+def read_data(path, n_kv_heads: int, weights, n_vocab: int, plays) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
+    """A chatglm.cpp P-Tuning .data file (shared/reference/README.md) as (the prefix in the encoder's layout
+    (5, layers * 2 * kv width), the weights with the embedding rows at the ids in ``plays``, an identity head,
+    the expected final hidden states (5, 32) of prefill, step, step)."""
+    raw = path.read_bytes()
+    n_pkv = 2 * n_kv_heads * 5 * 4
+    pkv = np.frombuffer(raw, np.float16, n_pkv).reshape(2, n_kv_heads, 5, 4).astype(np.float32)
+    at, w = 2 * n_pkv, {}
+    for name, shape in weights:
+        n = int(np.prod(shape))
+        w[name] = np.frombuffer(raw, np.float32, n, at).reshape(shape).copy()
+        at += 4 * n
+    tail = np.frombuffer(raw, np.uint8, len(raw) - at, at)
+    want = np.concatenate([tail[12:396].view(np.float32).reshape(3, 32), tail[400:528].view(np.float32)[None],
+                           tail[532:660].view(np.float32)[None]])
+    emb_name = weights[0][0]
+    emb = np.zeros((n_vocab, 32), np.float32)
+    emb[list(plays)] = w[emb_name]
+    w[emb_name] = emb
+    head = np.zeros((n_vocab, 32), np.float32)
+    head[:32] = np.eye(32)
+    return np.ascontiguousarray(pkv.transpose(2, 0, 1, 3).reshape(5, -1)), w, head, want
+
+
 @pytest.mark.skipif(not GLM3_PT.is_file(), reason=f"{GLM3_PT} not found (set CHATGLM_REFERENCE)")
 def test_chatglm_cpp_glm3_ptuning_tensors(tmp_path):
     """chatglm.cpp's ChatGLM3 P-Tuning v2 tensors (written with the published modeling_chatglm.py): our converted
@@ -191,24 +215,10 @@ def test_chatglm_cpp_glm3_ptuning_tensors(tmp_path):
     from chatglm.devtools.checkpoints import published_config, published_tokenizer_config, tiny_glm_config
     from chatglm.runtime.model import load
 
-    raw = GLM3_PT.read_bytes()
-    pkv = np.frombuffer(raw, np.float16, 80).reshape(2, 2, 5, 4).astype(np.float32)  # (layers*2, kv heads, P, head)
-    at, state = 160, {}
-    for name, shape in WEIGHTS:
-        n = int(np.prod(shape))
-        state[name] = np.frombuffer(raw, np.float32, n, at).reshape(shape).copy()
-        at += 4 * n
-    tail = np.frombuffer(raw, np.uint8, len(raw) - at, at)
-    x1, y1 = tail[:12].view(np.int32), tail[12:396].view(np.float32).reshape(3, 32)
-    y2, y3 = tail[400:528].view(np.float32), tail[532:660].view(np.float32)
     n_vocab = 65024
-    emb = np.zeros((n_vocab, 32), np.float32)
-    emb[:5] = state["transformer.embedding.word_embeddings.weight"]
-    state["transformer.embedding.word_embeddings.weight"] = emb
-    head = np.zeros((n_vocab, 32), np.float32)
-    head[:32] = np.eye(32)
+    prefix, state, head, want = read_data(GLM3_PT, 2, WEIGHTS, n_vocab, range(5))
     state["transformer.output_layer.weight"] = head
-    state["transformer.prefix_encoder.embedding.weight"] = np.ascontiguousarray(pkv.transpose(2, 0, 1, 3).reshape(5, -1))
+    state["transformer.prefix_encoder.embedding.weight"] = prefix
     ckpt = tmp_path / "glm3-pt"
     ckpt.mkdir()
     save_file(state, ckpt / "model.safetensors")
@@ -222,8 +232,7 @@ def test_chatglm_cpp_glm3_ptuning_tensors(tmp_path):
                                                                                       "chatglm3")))
     gguf = convert(ckpt, tmp_path / "pt.gguf", "f32").path
     with load(gguf, n_ctx=64, n_threads=1, kv_type="f32", flash_attn=False) as m:
-        got = m.engine.all_logits([int(i) for i in x1] + [3, 4])[:, :32]
-    want = np.concatenate([y1, y2[None], y3[None]])
+        got = m.engine.all_logits([0, 1, 2, 3, 4])[:, :32]
     assert np.abs(got - want).max() < 2e-4, np.abs(got - want).max()  # measured 1.04e-4: the stored prefix is f16
 
 
@@ -292,3 +301,38 @@ def test_a_gguf_whose_prefix_does_not_fit_is_refused_before_llama_cpp(pt, tmp_pa
             load(bad, n_ctx=64, n_threads=1)
         assert "\n" not in str(err.value) and "P-Tuning prefix" in str(err.value)
     assert reader.fields[keys.PTUNING_PRE_SEQ_LEN].parts[-1][0] == P
+
+
+GLM1_PT = REFERENCE / "chatglm.cpp-tests" / "glm_ptuning_v2_model.data"
+GLM1_WEIGHTS = [("transformer.word_embeddings.weight", (5, 32))] + [
+    (f"transformer.layers.0.{n}", s) for n, s in (
+        ("input_layernorm.weight", (32,)), ("input_layernorm.bias", (32,)),
+        ("attention.query_key_value.weight", (96, 32)), ("attention.query_key_value.bias", (96,)),
+        ("attention.dense.weight", (32, 32)), ("attention.dense.bias", (32,)),
+        ("post_attention_layernorm.weight", (32,)), ("post_attention_layernorm.bias", (32,)),
+        ("mlp.dense_h_to_4h.weight", (128, 32)), ("mlp.dense_h_to_4h.bias", (128,)),
+        ("mlp.dense_4h_to_h.weight", (32, 128)), ("mlp.dense_4h_to_h.bias", (32,)))] + [
+    ("transformer.final_layernorm.weight", (32,)), ("transformer.final_layernorm.bias", (32,))]
+
+
+@pytest.mark.skipif(not GLM1_PT.is_file(), reason=f"{GLM1_PT} not found (set CHATGLM_REFERENCE)")
+def test_chatglm_cpp_glm1_ptuning_tensors(tmp_path):
+    """ChatGLM-6B on our own graph: chatglm.cpp's P-Tuning v2 tensors, ids 0..4 played by a, [gMASK], <sop>, b, c."""
+    from chatglm.devtools.glm1 import save_glm1_checkpoint, tiny_config, train_ice_tokenizer, ReferenceTokenizer
+    from chatglm.runtime.model import load
+
+    ice = train_ice_tokenizer(tmp_path / "ice_text.model")
+    ref = ReferenceTokenizer(ice, 0)
+    n_vocab = -(-ref.sp.vocab_size() // 64) * 64
+    config = tiny_config(n_vocab, ref["<sop>"], ref["<eop>"], ref["[MASK]"], ref["[gMASK]"], hidden_size=32,
+                         inner_hidden_size=128, num_layers=1, num_attention_heads=8, pre_seq_len=5)
+    plays = [200, ref["[gMASK]"], ref["<sop>"], 201, 202]
+    prefix, w, head, want = read_data(GLM1_PT, 8, GLM1_WEIGHTS, n_vocab, plays)
+    w["lm_head.weight"] = head
+    w["transformer.prefix_encoder.embedding.weight"] = prefix
+    ckpt = save_glm1_checkpoint(tmp_path / "glm1-pt", ice, config, w)
+    gguf = convert(ckpt, tmp_path / "pt.gguf", "f32").path
+    with load(gguf, n_ctx=64, n_threads=1, kv_type="f32") as m:
+        assert m.info.pre_seq_len == 5
+        got = m.engine.all_logits(plays)[:, :32]
+    assert np.abs(got - want).max() < 2e-4, np.abs(got - want).max()

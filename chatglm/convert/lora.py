@@ -41,8 +41,8 @@ UNSUPPORTED_KEYS = {
     "lora_magnitude_vector": "DoRA (use_dora)",
     "modules_to_save": "fully trained extra modules (modules_to_save)",
 }
-PTUNING = ("P-Tuning v2 / prefix tuning is not a LoRA adapter: THUDM's P-Tuning v2 checkpoints (ChatGLM2-6B / "
-           "ChatGLM3-6B) convert with `chatglm convert BASE --ptuning DIR`, which carries the prefix in the GGUF; "
+PTUNING = ("P-Tuning v2 / prefix tuning is not a LoRA adapter: THUDM's P-Tuning v2 checkpoints (ChatGLM-6B, "
+           "ChatGLM2-6B, ChatGLM3-6B) convert with `chatglm convert BASE --ptuning DIR`, which carries the prefix in the GGUF; "
            "PEFT prefix/prompt-tuning adapters are not supported")
 
 

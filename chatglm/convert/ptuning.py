@@ -1,9 +1,9 @@
 """P-Tuning v2 prefixes: the trained keys and values in front of every layer's attention, read in numpy.
 
-THUDM's ``PrefixEncoder`` (``modeling_chatglm.py`` of ChatGLM2-6B / ChatGLM3-6B) maps the prefix tokens
+THUDM's ``PrefixEncoder`` (``modeling_chatglm.py`` of ChatGLM-6B, ChatGLM2-6B and ChatGLM3-6B) maps the prefix tokens
 ``0..pre_seq_len-1`` to ``(pre_seq_len, n_layer * 2 * n_head_kv * head_dim)``: an embedding, or with
 ``prefix_projection`` an embedding of width ``hidden_size`` followed by ``Linear -> tanh -> Linear``. ``get_prompt``
-views that as ``(pre_seq_len, n_layer * 2, n_head_kv, head_dim)``: layer ``l``'s keys are slice ``2l``, its values
+views that as ``(pre_seq_len, n_layer * 2, n_head_kv, head_dim)`` (ChatGLM-6B: n_head_kv = n_head): layer ``l``'s keys are slice ``2l``, its values
 ``2l + 1``. The prefix is evaluated here once, at convert time, and written as the plain per-layer array.
 """
 
@@ -54,7 +54,8 @@ def read_prefix(ckpt: Checkpoint | CheckpointView, config: dict[str, Any], where
     ``(n_layer, n_head_kv, head_dim)`` (None: the family runs no prefix)."""
     where = Path(where)
     if layout is None:
-        raise UnsupportedModelError("P-Tuning v2 prefixes run only on ChatGLM2-6B / ChatGLM3-6B models", where)
+        raise UnsupportedModelError("P-Tuning v2 prefixes run only on ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B "
+                                    "models", where)
     names = _prefix_names(ckpt)
     if EMBEDDING not in names:
         raise InputError(f"no {PREFIX}{EMBEDDING} tensor: not a P-Tuning v2 checkpoint", where)

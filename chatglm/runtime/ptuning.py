@@ -78,7 +78,7 @@ def rotated_keys(k: np.ndarray, pos: int, *, n_rot: int, head_dim: int, freq_bas
     return x.reshape(k.shape).astype(np.float32)
 
 
-def _encode(rows: np.ndarray, ggml_type: int) -> bytes:
+def encode(rows: np.ndarray, ggml_type: int) -> bytes:
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if ggml_type == F32:
         return rows.tobytes()
@@ -122,21 +122,21 @@ def _rebuilt_state(blob: bytes, prefix: np.ndarray, keys_rot: list[np.ndarray]) 
 
     for il in range(n_layer):
         k_type, row = take("<iQ")
-        data = _encode(keys_rot[il], k_type)
+        data = encode(keys_rot[il], k_type)
         if len(data) != row * n:
             raise ModelRuntimeError(f"KV cache key rows of {row} bytes do not fit a prefix {width} wide")
         put(data)
     for il in range(n_layer):
         if not v_trans:
             v_type, row = take("<iQ")
-            data = _encode(prefix[il, 1], v_type)
+            data = encode(prefix[il, 1], v_type)
             if len(data) != row * n:
                 raise ModelRuntimeError(f"KV cache value rows of {row} bytes do not fit a prefix {width} wide")
         else:
             v_type, _el, n_embd = take("<iII")
             if n_embd != width:
                 raise ModelRuntimeError(f"KV cache values {n_embd} wide, the prefix {width}")
-            data = _encode(prefix[il, 1].T, v_type)  # one row per dimension, one element per cell
+            data = encode(prefix[il, 1].T, v_type)  # one row per dimension, one element per cell
         put(data)
     if at != len(out):
         raise ModelRuntimeError("unexpected KV cache state (trailing bytes)")
