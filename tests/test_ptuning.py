@@ -236,8 +236,8 @@ def test_chatglm_cpp_glm3_ptuning_tensors(tmp_path):
     assert np.abs(got - want).max() < 2e-4, np.abs(got - want).max()  # measured 1.04e-4: the stored prefix is f16
 
 
-def test_info_run_and_flash_attention_cache_types(glm3, pt):
-    """`info` shows the prefix; `run` works; f16 / bf16 caches with flash attention (values not transposed) agree
+def test_info_run_and_flash_attention_cache_types(glm3, pt, tmp_path):
+    """`chatglm convert --ptuning` writes it, `info` shows the prefix; `run` works; f16 / bf16 caches with flash attention (values not transposed) agree
     with the f32 cache to their rounding."""
     from typer.testing import CliRunner
 
@@ -245,6 +245,11 @@ def test_info_run_and_flash_attention_cache_types(glm3, pt):
     from chatglm.runtime.model import load
 
     _, prefix, gguf = pt
+    folder = pt[0]
+    out = tmp_path / "cli.gguf"
+    r = CliRunner().invoke(app, ["convert", str(glm3.ckpt), "--ptuning", str(folder), "-t", "q8_0", "-o", str(out)])
+    assert r.exit_code == 0 and out.is_file(), r.output
+    assert read_header(out).get(keys.PTUNING_PRE_SEQ_LEN) == P
     r = CliRunner().invoke(app, ["info", str(gguf)])
     assert r.exit_code == 0 and f"P-Tuning v2    prefix of {P} entries" in r.output, r.output
     r = CliRunner().invoke(app, ["run", str(gguf), "-p", "hi", "-n", "3", "--temp", "0"])
@@ -335,4 +340,11 @@ def test_chatglm_cpp_glm1_ptuning_tensors(tmp_path):
     with load(gguf, n_ctx=64, n_threads=1, kv_type="f32") as m:
         assert m.info.pre_seq_len == 5
         got = m.engine.all_logits(plays)[:, :32]
+        m.engine.reset()  # prefill, then two cached steps, as the file's three calls
+        m.engine.prefill(plays[:3])
+        steps = [m.engine.logits()[:32].copy()]
+        for tok in plays[3:]:
+            m.engine.step(tok)
+            steps.append(m.engine.logits()[:32].copy())
+    assert np.abs(np.array(steps) - want[2:]).max() < 2e-4
     assert np.abs(got - want).max() < 2e-4, np.abs(got - want).max()
