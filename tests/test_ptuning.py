@@ -348,3 +348,20 @@ def test_chatglm_cpp_glm1_ptuning_tensors(tmp_path):
             steps.append(m.engine.logits()[:32].copy())
     assert np.abs(np.array(steps) - want[2:]).max() < 2e-4
     assert np.abs(got - want).max() < 2e-4, np.abs(got - want).max()
+
+
+def test_serve_answers_as_the_python_api_does(pt):
+    """`serve` runs the prefix model: its greedy reply is the Python API's."""
+    from fixtures_server import http, serve
+
+    from chatglm.runtime.model import load
+
+    _, _, gguf = pt
+    with load(gguf, n_ctx=128, n_threads=1) as m:
+        direct = m.chat([{"role": "user", "content": "hello world"}], temperature=0, max_tokens=6).content
+        with serve([m]) as live:
+            r = http().post(live.url + "/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "messages": [{"role": "user", "content": "hello world"}], "temperature": 0,
+                "max_tokens": 6})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == direct
