@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from chatglm import limits
 from chatglm.errors import InputError, ModelRuntimeError
 from chatglm.gguf_file import GGUFHeader
 from chatglm.ggml import quants
@@ -52,8 +53,13 @@ def read_prefix(header: GGUFHeader) -> Optional[np.ndarray]:
     n = header.get(keys.PTUNING_PRE_SEQ_LEN)
     if n is None:
         return None
-    layout = [int(v) for v in header.array(keys.PTUNING_LAYOUT)]
-    values = np.asarray(header.array(keys.PTUNING_PREFIX), dtype=np.float32)
+    if type(n) is not int or not 0 < n <= limits.MAX_CONTEXT:
+        raise InputError(f"{keys.PTUNING_PRE_SEQ_LEN} must be a positive integer, got {n!r}", header.path)
+    try:
+        layout = [int(v) for v in header.array(keys.PTUNING_LAYOUT)]
+        values = np.asarray(header.array(keys.PTUNING_PREFIX), dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InputError("the P-Tuning prefix's layout or values are not numbers", header.path) from None
     n_layer = int(header.arch_get("block_count", 0))
     n_kv = int(header.arch_get("attention.head_count_kv", header.arch_get("attention.head_count", 0)))
     want = [n_layer, 2, int(n), n_kv * _head_dim(header)]
