@@ -365,3 +365,23 @@ def test_serve_answers_as_the_python_api_does(pt):
                 "max_tokens": 6})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == direct
+
+
+def test_quantized_caches_take_the_prefix(workdir, sp_model, tmp_path):
+    """q8_0 / q4_0 KV caches (flash attention: values in rows) with a model whose head size is one block, and a
+    ChatGLM2-6B-32K-style linear RoPE (the prefix keys are rotated by the scaled position)."""
+    from conftest import make_tiny
+
+    from chatglm.runtime.model import load
+
+    tiny = make_tiny(workdir, sp_model, "chatglm2", seed=5, head_dim=32, num_attention_heads=2, rope_linear=4.0)
+    n_layer, n_kv, head_dim = _layout(tiny.model)
+    emb = np.random.default_rng(9).normal(0, 1, (P, n_layer * 2 * n_kv * head_dim)).astype(np.float32)
+    folder = _prefix_dir(tiny.ckpt, tmp_path / "pt", emb, pre_seq_len=P)
+    gguf = convert(tiny.ckpt, tmp_path / "pt.gguf", "f32", ptuning=folder).path
+    prefix = emb.reshape(P, n_layer, 2, n_kv * head_dim).transpose(1, 2, 0, 3)
+    ids = [tiny.special["[gMASK]"], tiny.special["sop"]] + list(range(300, 316))
+    ref = reference(tiny.model, prefix, ids)
+    for kv_type, flash, bound in (("f32", False, 1e-4), ("q8_0", True, 3e-2), ("q4_0", True, 2e-1)):
+        with load(gguf, n_ctx=64, n_threads=1, kv_type=kv_type, flash_attn=flash) as m:
+            assert _rel(m.engine.all_logits(ids), ref) < bound, kv_type
