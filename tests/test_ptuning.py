@@ -385,3 +385,16 @@ def test_quantized_caches_take_the_prefix(workdir, sp_model, tmp_path):
     for kv_type, flash, bound in (("f32", False, 1e-4), ("q8_0", True, 3e-2), ("q4_0", True, 2e-1)):
         with load(gguf, n_ctx=64, n_threads=1, kv_type=kv_type, flash_attn=flash) as m:
             assert _rel(m.engine.all_logits(ids), ref) < bound, kv_type
+
+
+def test_a_prompt_longer_than_the_asked_context_but_within_the_padded_one(glm3, glm3_gguf):
+    """llama.cpp clamps n_batch to the n_ctx asked (64) and then pads n_ctx to 256: a 100-token prompt fits the
+    context the engine reports and must be fed in batches llama.cpp accepts (it was a GGML_ASSERT abort)."""
+    from chatglm.runtime.model import load
+
+    ids = list(range(100, 200))
+    with load(glm3_gguf, n_ctx=64, n_threads=1, kv_type="f32", flash_attn=False) as m:
+        assert m.info.n_ctx >= len(ids)
+        m.engine.prefill(ids)
+        ref = glm3.logits(ids)[-1]
+        assert np.abs(m.engine.logits() - ref).max() / np.abs(ref).max() < 1e-4
