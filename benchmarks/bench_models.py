@@ -36,6 +36,7 @@ import numpy as np
 from chatglm.convert import qtypes
 from chatglm.convert.family import check_complete
 from chatglm.convert.pipeline import _plan_types, write_model_metadata
+from chatglm.convert.ptuning import write_prefix
 from chatglm.fsutil import atomic_path
 from chatglm.ggml import quants
 
@@ -78,10 +79,12 @@ class RowBank:
 
 
 def build_gguf(shape: Shape | HFShape, qtype: str, out_dir: Path, *, threads: int = 2, seed: int = 0,
-               header_only: bool = False) -> Path:
+               header_only: bool = False, prefix: Optional[np.ndarray] = None) -> Path:
     """The synthetic GGUF of ``shape`` in ``qtype`` (cached: an existing file is reused). The family's converter
-    plans it from the weightless checkpoint (its checks included); ``header_only`` stops after the header."""
-    dest = out_dir / f"{shape.name}-{qtype}{'-header' if header_only else ''}.gguf"
+    plans it from the weightless checkpoint (its checks included); ``header_only`` stops after the header;
+    ``prefix`` is a P-Tuning v2 prefix written into its metadata (benchmarks/ptuning.py)."""
+    tag = f"-pt{prefix.shape[2]}" if prefix is not None else ""
+    dest = out_dir / f"{shape.name}-{qtype}{tag}{'-header' if header_only else ''}.gguf"
     if dest.is_file():
         return dest
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,8 @@ def build_gguf(shape: Shape | HFShape, qtype: str, out_dir: Path, *, threads: in
         w = gguf.GGUFWriter(tmp, family.arch)
         write_model_metadata(w, family, recipe, f"synthetic {shape.name}",
                              "benchmarks/bench_models.py (synthetic weights)")
+        if prefix is not None:
+            write_prefix(w, prefix)
         for p in planned:
             w.add_tensor_info(p.tensor.name, p.tensor.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
         w.write_header_to_file()

@@ -75,7 +75,7 @@ def edited(glm1, tmp_path, name: str, **changes):
 
 @pytest.mark.parametrize("changes, error, message", [
     ({"quantization_bit": 4}, UnsupportedModelError, "pre-quantized ChatGLM-6B"),
-    ({"pre_seq_len": 128}, UnsupportedModelError, "prefix tuning is not supported"),
+    ({"pre_seq_len": 128}, InputError, "no prefix_encoder.embedding.weight tensor"),  # P-Tuning without its prefix
     ({"position_encoding_2d": False}, UnsupportedModelError, "position_encoding_2d=False"),
     ({"num_attention_heads": 5}, InputError, "head size"),
     ({"vocab_size": 100}, InputError, "more than vocab_size 100"),

@@ -205,7 +205,7 @@ def test_adapter_for_the_wrong_base_shape_is_refused(glm3, tmp_path):
     ({"r": 8}, "adapter_config.json says rank 8, the tensors have 4"),
     ({"use_dora": True}, "DoRA adapters"),
     ({"peft_type": "IA3"}, "peft_type IA3 is not supported"),
-    ({"peft_type": "PREFIX_TUNING"}, "P-Tuning v2 / prefix tuning is not supported"),
+    ({"peft_type": "PREFIX_TUNING"}, "P-Tuning v2 / prefix tuning is not a LoRA adapter"),
     ({"target_modules": ["dense"]}, "is not among target_modules"),
     ({"lora_alpha": "big"}, "lora_alpha must be a positive number"),
 ])
@@ -257,17 +257,16 @@ def clone(ckpt: Path, dest: Path, **config) -> Path:
     return dest
 
 
-def test_ptuning_checkpoints_are_refused_with_the_reason(glm3, tmp_path):
-    with pytest.raises(UnsupportedModelError, match=r"llama.cpp offers no way to feed those .*pre_seq_len=128"):
-        convert(clone(glm3.ckpt, tmp_path / "pt", pre_seq_len=128), tmp_path / "x.gguf", "f16")
-    # THUDM's P-Tuning trainer saves only the prefix encoder, next to a config that still says pre_seq_len=null.
-    only = tmp_path / "prefix-only"
-    only.mkdir()
-    (only / "config.json").write_text((glm3.ckpt / "config.json").read_text())
-    torch.save({"transformer.prefix_encoder.embedding.weight": torch.zeros(128, 2 * 2 * 32)},
-               only / "pytorch_model.bin")
-    with pytest.raises(UnsupportedModelError, match="found tensor 'transformer.prefix_encoder.embedding.weight'"):
-        convert(only, tmp_path / "x.gguf", "f16")
+def test_ptuning_checkpoints_are_no_lora_base_and_need_their_prefix(glm3, adapters, tmp_path):
+    """P-Tuning v2 converts with --ptuning (tests/test_ptuning.py); a pre_seq_len without the prefix tensor is an
+    error, and `chatglm lora` refuses a P-Tuning base with the way to convert it."""
+    from chatglm.convert.lora_gguf import write_lora_gguf
+
+    pt = clone(glm3.ckpt, tmp_path / "pt", pre_seq_len=128)
+    with pytest.raises(InputError, match="no prefix_encoder.embedding.weight tensor"):
+        convert(pt, tmp_path / "x.gguf", "f16")
+    with pytest.raises(UnsupportedModelError, match=r"--ptuning DIR.*pre_seq_len=128"):
+        write_lora_gguf(pt, adapters[0] / "two", tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
 

@@ -21,6 +21,8 @@ def convert_cmd(
     lora: Annotated[Optional[List[Path]], typer.Option(
         "--lora", metavar="DIR", help="PEFT LoRA adapter folder to merge into the weights (repeatable).")] = None,
     lora_scale: LoraScales = None,
+    ptuning: Annotated[Optional[Path], typer.Option(
+        "--ptuning", metavar="DIR", help="P-Tuning v2 folder (its trained prefix_encoder) to carry in the GGUF.")] = None,
     mmproj_type: Annotated[str, typer.Option(
         "--mmproj-type", help="Projector (mmproj) type for vision/speech checkpoints: f32, f16, bf16, q8_0.")] = "f16",
     no_mmproj: Annotated[bool, typer.Option("--no-mmproj", help="Do not write the projector.")] = False,
@@ -32,7 +34,8 @@ def convert_cmd(
     setup_logging(verbose)
     with ByteProgress("converting") as progress:
         result = convert(model_dir, output, outtype, imatrix=imatrix, threads=threads, progress=progress,
-                         lora=lora or (), lora_scale=lora_scale or 1.0, mmproj=not no_mmproj, mmproj_type=mmproj_type)
+                         lora=lora or (), lora_scale=lora_scale or 1.0, ptuning=ptuning, mmproj=not no_mmproj,
+                         mmproj_type=mmproj_type)
     typer.echo(f"wrote {result.path}: {result.family} ({result.arch}), {result.n_tensors} tensors, {result.qtype}, "
                f"{result.nbytes / 2**20:.1f} MiB in {result.seconds:.1f}s")
     if result.mmproj is not None:

@@ -53,6 +53,7 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         "special_ids": {k.removeprefix("tokenizer.ggml.").removesuffix("_token_id"): v for k, v in header.kv.items()
                         if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")},
         "memory": None, "attention": None, "mtp_layers": mtp_layers(header), "projector": None,
+        "ptuning": ptuning(header),
     }
     if problem is None:
         flash = None
@@ -61,6 +62,17 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         d["memory"] = memory(header, n_ctx, kv_type, flash is not False)
         d["projector"] = projector(path, d["memory"])
     return d
+
+
+def ptuning(header) -> Optional[dict]:
+    """The P-Tuning v2 prefix the GGUF carries (checked as loading checks it), None without one."""
+    from chatglm.runtime.ptuning import read_prefix
+
+    prefix = read_prefix(header)
+    if prefix is None:
+        return None
+    n_layer, _, n, width = prefix.shape
+    return {"pre_seq_len": n, "layers": n_layer, "width": width, "bytes": prefix.nbytes}
 
 
 def projector(path: Path, mem: dict) -> Optional[dict]:
@@ -142,6 +154,11 @@ def text_lines(d: dict) -> list[str]:
             "  special        " + ", ".join(f"{k}={v}" for k, v in d["special_tokens"].items()),
             "  ids            " + ", ".join(f"{k}={v}" for k, v in d["special_ids"].items()),
         ]
+    if d["ptuning"]:
+        pt = d["ptuning"]
+        lines.append(f"  P-Tuning v2    prefix of {pt['pre_seq_len']} entries in front of each of {pt['layers']} "
+                     f"layers' keys and values ({pt['width']} wide, {human(pt['bytes'])} f32); it takes "
+                     f"{pt['pre_seq_len']} cells of the KV cache besides the context")
     if d["mtp_layers"]:
         lines.append(f"  MTP layers     {d['mtp_layers']} (NextN blocks usable for speculative decoding; plain "
                      "generation runs the trunk only)")

@@ -18,6 +18,7 @@ import numpy as np
 
 from chatglm import families
 from chatglm.convert.checkpoint import Checkpoint
+from chatglm.convert.ptuning import weight_names
 from chatglm.convert.config_types import is_number as _finite_number, shown as _shown
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.limits import FLOAT32_MAX, MAX_LAYERS, UINT32_MAX
@@ -76,6 +77,11 @@ class Family(ABC):
 
     def projector(self) -> "Projector | None":
         """The checkpoint's media encoder and projector (written as ``mmproj-<model>.gguf``), None for text only."""
+        return None
+
+    def prefix_layout(self) -> "tuple[int, int, int] | None":
+        """(n_layer, n_head_kv, head_dim) of a P-Tuning v2 prefix this family runs (convert/ptuning.py), None when
+        it runs none."""
         return None
 
     @property
@@ -215,7 +221,8 @@ def check_complete(family: Family, plan: list[OutTensor], projector_plan: Sequen
         raise InputError(f"checkpoint lacks tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""),
                          ckpt.dir)
     ignored = [re.compile(p) for p in family.ignored_sources]
-    leftover = sorted(n for n in present - used if not any(p.fullmatch(n) for p in ignored))
+    # a P-Tuning prefix encoder is the pipeline's (convert/ptuning.py), read before this check
+    leftover = sorted(n for n in present - used - weight_names(ckpt) if not any(p.fullmatch(n) for p in ignored))
     if leftover:
         raise InputError(f"checkpoint has tensors this {family.name} converter does not know: "
                          f"{', '.join(leftover[:8])}" + (" ..." if len(leftover) > 8 else ""), ckpt.dir)

@@ -41,9 +41,9 @@ UNSUPPORTED_KEYS = {
     "lora_magnitude_vector": "DoRA (use_dora)",
     "modules_to_save": "fully trained extra modules (modules_to_save)",
 }
-PTUNING = ("P-Tuning v2 / prefix tuning is not supported: its trained prefix enters every layer as extra attention "
-           "keys and values, and llama.cpp offers no way to feed those (its API takes only tokens or input "
-           "embeddings). Convert the base model instead, or fine-tune with LoRA and use --lora.")
+PTUNING = ("P-Tuning v2 / prefix tuning is not a LoRA adapter: THUDM's P-Tuning v2 checkpoints (ChatGLM-6B, "
+           "ChatGLM2-6B, ChatGLM3-6B) convert with `chatglm convert BASE --ptuning DIR`, which carries the prefix in the GGUF; "
+           "PEFT prefix/prompt-tuning adapters are not supported")
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ def merged(ckpt: Checkpoint | CheckpointView, adapters: Sequence[os.PathLike | s
 
 
 def refuse_prefix_tuning(ckpt: Checkpoint | CheckpointView) -> None:
-    """P-Tuning v2 checkpoints (``pre_seq_len`` in config.json, ``prefix_encoder.*`` tensors) cannot be served."""
+    """P-Tuning v2 checkpoints (``pre_seq_len`` in config.json, ``prefix_encoder.*`` tensors) are no LoRA base."""
     pre_seq_len: Optional[Any] = ckpt.config.get("pre_seq_len")
     prefix = sorted(n for n in ckpt.names() if n.startswith("prefix_encoder.") or ".prefix_encoder." in n)
     if pre_seq_len or prefix:

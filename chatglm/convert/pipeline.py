@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -21,7 +22,8 @@ from chatglm.convert.checkpoint import Checkpoint, CheckpointView
 from chatglm.convert.family import Family, OutTensor, check_complete, detect
 from chatglm.convert.mmproj import (CLIP_ARCH, DEFAULT_MMPROJ_TYPE, KEY_PROJ_TYPE, MMPROJ_FTYPES, Projector, mmproj_path, mmproj_qtype,
                                     plan_projector, stored_type)
-from chatglm.convert.lora import merged, refuse_prefix_tuning
+from chatglm.convert.lora import merged
+from chatglm.convert.ptuning import has_prefix, prefix_source, read_prefix, write_prefix
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError
 from chatglm.fsutil import atomic_path
@@ -65,21 +67,26 @@ def convert(
     lora_scale: float | Sequence[float] = 1.0,
     mmproj: bool = True,
     mmproj_type: str = DEFAULT_MMPROJ_TYPE,
+    ptuning: Optional[os.PathLike | str] = None,
 ) -> ConvertResult:
     """Convert a Hugging Face checkpoint folder to a GGUF file of the given type (or mixed recipe).
 
     THUDM int4/int8 checkpoints are dequantized on the fly; ``lora`` adapters (PEFT folders) are merged into the
     weights, each scaled by ``lora_scale`` (one value for all, or one per adapter). A vision or speech checkpoint's
     projector is written beside the output as ``mmproj-<stem>.gguf`` (``mmproj_type``; ``mmproj=False`` skips it);
-    both files appear together or neither does.
+    both files appear together or neither does. A P-Tuning v2 prefix (``ptuning``, a folder with the trained
+    ``prefix_encoder``, or ``model_dir`` itself when it is a full P-Tuning checkpoint) is evaluated and written into
+    the GGUF's metadata (``convert/ptuning.py``).
     """
     start = time.perf_counter()
     recipe = qtypes.get_recipe(qtype)
     model_dir = Path(model_dir)
-    with Checkpoint(model_dir) as raw:
-        refuse_prefix_tuning(raw)
+    with Checkpoint(model_dir) as raw, (Checkpoint(Path(ptuning)) if ptuning is not None else nullcontext()) as pt:
         ckpt = merged(dequantized(raw), lora, lora_scale)
         family = detect(ckpt)
+        prefix = None
+        if pt is not None or has_prefix(raw):
+            prefix = read_prefix(*prefix_source(raw, pt), layout=family.prefix_layout())
         plan = family.tensors()
         projector = family.projector()
         projector_plan = plan_projector(projector) if projector is not None else []
@@ -90,9 +97,11 @@ def convert(
         planned = _plan_types(family, plan, recipe, has_imatrix=importance is not None)
         dest = Path(out) if out is not None else default_output(model_dir, qtype)
         total = sum(p.nbytes for p in planned)
-        with atomic_path(dest, sources=[model_dir, imatrix, *lora]) as tmp:  # never over one of the inputs
+        with atomic_path(dest, sources=[model_dir, imatrix, ptuning, *lora]) as tmp:  # never over one of the inputs
             writer = CheckedWriter(tmp, family.arch, family.config_path)
             write_model_metadata(writer, family, recipe, display_name(family.ckpt.dir))
+            if prefix is not None:
+                write_prefix(writer, prefix)
             alignment = write_header(writer, [TensorInfo(p.tensor.name, p.tensor.shape, p.qtype, p.nbytes)
                                               for p in planned])
             with open(tmp, "r+b") as fh:

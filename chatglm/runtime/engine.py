@@ -36,6 +36,7 @@ class ModelInfo:
     eog: frozenset[int] = frozenset()  # end-of-generation ids
     chat_template: str = ""  # the GGUF's tokenizer.chat_template (the sandboxed Jinja path renders it)
     added: dict[str, int] = field(default_factory=dict)  # every control and user-defined token (text -> id)
+    pre_seq_len: int = 0  # a P-Tuning v2 prefix's entries in front of every layer's cache (runtime/ptuning.py)
 
 
 class TokenSampler(Protocol):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,7 +19,7 @@ from chatglm.errors import Cancelled, ModelRuntimeError
 from chatglm.families.descriptor import ENGINE_LLAMA
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime import llama_native as native
-from chatglm.runtime import pages
+from chatglm.runtime import pages, ptuning
 from chatglm.runtime.engine import Engine, ModelInfo, ProgressFn
 from chatglm.runtime.validate import check_context
 
@@ -38,6 +39,9 @@ class LlamaEngine(Engine):
         self._cancel_event: Optional[threading.Event] = None
         self._model = self._ctx = self._batch = None
         self._loras: list = []
+        # a P-Tuning prefix holds cells 0..P-1 of the cache, outside self.tokens; the tokens run at positions P...
+        prefix = ptuning.read_prefix(header)
+        self.n_prefix = 0 if prefix is None else prefix.shape[2]
         # the repacked weights' source pages would otherwise stay resident beside their copies
         releaser = pages.TensorPageReleaser(header)
         self._model = native.load_model(header.path, n_gpu_layers=n_gpu_layers, on_progress=on_progress,
@@ -48,20 +52,26 @@ class LlamaEngine(Engine):
         try:
             # every native handle is owned by this object from the moment it exists: on any failure close() frees
             # each one once and clears it, so nothing (not __del__ either) frees it again
-            self._ctx = native.new_context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                                           flash_attn=flash_attn, kv_type=kv_type)
+            self._ctx = native.new_context(self._model, n_ctx=n_ctx + self.n_prefix, n_batch=n_batch,
+                                           n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type)
             self._abort_cb = native.ABORT_CALLBACK(self._should_abort)
             ll.llama_set_abort_callback(self._ctx, self._abort_cb, None)
             self._vocab = ll.llama_model_get_vocab(self._model)
             self._mem = ll.llama_get_memory(self._ctx)
-            self.n_batch = n_batch
-            self._batch = ll.llama_batch_init(n_batch, 0, 1)
+            # llama.cpp clamps n_batch to the n_ctx asked for and then pads n_ctx up to 256: chunk by what it kept
+            # (a batch above it is a GGML_ASSERT in llama_decode)
+            self.n_batch = min(n_batch, ll.llama_n_batch(self._ctx))
+            self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
             self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
             self._pieces: dict[int, bytes] = {}
             # SentencePiece vocabularies with a dummy prefix: decoding drops the space it stands for (see detokenize)
             self._dummy_prefix = header.get("tokenizer.ggml.model") == "llama" \
                 and header.get("tokenizer.ggml.add_space_prefix") is True
             self.info = native.complete_info(info, self._model, self._ctx)
+            if prefix is not None:
+                ptuning.install(ll, self._ctx, self._mem, self._batch, self.n_batch, prefix,
+                                ptuning.rope_settings(header, prefix), native.fill_batch)
+                self.info = replace(self.info, n_ctx=self.info.n_ctx - self.n_prefix, pre_seq_len=self.n_prefix)
         except BaseException:
             self.close()
             raise
@@ -111,7 +121,7 @@ class LlamaEngine(Engine):
     # -- evaluation -------------------------------------------------------------------------------------------
     def _truncate(self, n_keep: int) -> bool:
         # sequence 0, the only one used: llama.cpp's recurrent memory refuses seq_id -1 (linear-attention models)
-        if not native.lib().llama_memory_seq_rm(self._mem, 0, n_keep, -1):
+        if not native.lib().llama_memory_seq_rm(self._mem, 0, self.n_prefix + n_keep, -1):
             return False
         del self.tokens[n_keep:]
         return True
@@ -132,7 +142,8 @@ class LlamaEngine(Engine):
         try:
             for start in range(0, total, self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
-                native.fill_batch(self._batch, chunk, len(self.tokens), logits_last=start + len(chunk) == total)
+                native.fill_batch(self._batch, chunk, self.n_prefix + len(self.tokens),
+                                  logits_last=start + len(chunk) == total)
                 rc = ll.llama_decode(self._ctx, self._batch)
                 if rc == 2 or (cancel is not None and cancel.is_set()):
                     # llama.cpp keeps what it evaluated of an aborted batch only partly: drop the whole chunk.
@@ -172,7 +183,7 @@ class LlamaEngine(Engine):
         out = np.empty((len(tokens), self._n_vocab), dtype=np.float32)
         for start in range(0, len(tokens), self.n_batch):
             chunk = list(tokens[start:start + self.n_batch])
-            native.fill_batch(self._batch, chunk, len(self.tokens), logits_last=True, logits_all=True)
+            native.fill_batch(self._batch, chunk, self.n_prefix + len(self.tokens), logits_last=True, logits_all=True)
             rc = ll.llama_decode(self._ctx, self._batch)
             if rc != 0:
                 raise ModelRuntimeError(f"llama_decode failed with code {rc}")

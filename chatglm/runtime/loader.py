@@ -175,7 +175,10 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
         n_threads = physical_cores()
     check_context(n_ctx, 1, n_threads)
     if n_gpu_layers == 0:  # everything stays in host memory
-        check_fits(header, n_ctx, kv_type, flash_attn is not False, extra_memory)
+        # a P-Tuning prefix takes its own cells beside the context (runtime/ptuning.py)
+        n_prefix = header.get(keys.PTUNING_PRE_SEQ_LEN)
+        check_fits(header, n_ctx + (n_prefix if type(n_prefix) is int and n_prefix > 0 else 0), kv_type,
+                   flash_attn is not False, extra_memory)
     info = describe(header)
     module, _, cls = target.partition(":")
     engine_cls = getattr(importlib.import_module(module), cls)

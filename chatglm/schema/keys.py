@@ -16,3 +16,9 @@ GLM1_IMAGE_TOKENS = "chatglm1.tokenizer.image_tokens"  # u32: ids below it are <
 GLM1_MAX_BLANK = "chatglm1.tokenizer.max_blank_length"  # u32: longest <|blank_N|> piece
 GLM1_GMASK = "chatglm1.gmask_token_id"  # u32: [gMASK]
 GLM1_END = "chatglm1.end_token_id"  # u32: "</s>"
+
+# P-Tuning v2 (a trained prefix of keys and values in front of every layer's attention; see convert/ptuning.py).
+PTUNING_PRE_SEQ_LEN = "glm.ptuning.pre_seq_len"  # u32: prefix entries per layer
+PTUNING_LAYOUT = "glm.ptuning.layout"  # u32[4]: the prefix array's shape (n_layer, 2, pre_seq_len, n_head_kv * head_dim)
+PTUNING_PREFIX = "glm.ptuning.prefix"  # f32[]: (n_layer, 2 (key, value), pre_seq_len, n_head_kv * head_dim), C order;
+# keys as the published PrefixEncoder gives them: never rotated (rotary embedding applies to the new tokens only)

@@ -91,9 +91,6 @@ class ChatGLM1(Family):
             raise UnsupportedModelError(
                 f"quantization_bit={self.config['quantization_bit']!r}: this is a pre-quantized "
                 "ChatGLM-6B (int4/int8); convert the original float16 THUDM/chatglm-6b instead", self.config_path)
-        if self.config.get("pre_seq_len") is not None:
-            raise UnsupportedModelError("pre_seq_len is set (a P-tuning prefix model); merge or drop "
-                                        "the prefix encoder first", self.config_path)
         self.hp = self._hparams()
         self.vocab = load_ice_vocab(ckpt.dir / TOKENIZER_FILE, self._image_tokens())
         self.ids = self._special_ids()
@@ -144,6 +141,9 @@ class ChatGLM1(Family):
         return ids
 
     # -- metadata ---------------------------------------------------------------------------------------------
+    def prefix_layout(self) -> tuple[int, int, int]:
+        return self.hp.n_layer, self.hp.n_head, self.hp.head_dim
+
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         hp = self.hp
         w.add_context_length(hp.n_ctx)

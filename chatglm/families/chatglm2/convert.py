@@ -174,6 +174,9 @@ class ChatGLM(Family):
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         write_hparams(w, self.hp, n_rot=self.hp.head_dim // 2)
 
+    def prefix_layout(self) -> tuple[int, int, int]:
+        return self.hp.n_layer, self.hp.n_head_kv, self.hp.head_dim
+
     def write_vocab(self, w: gguf.GGUFWriter) -> None:
         path = self.ckpt.dir / "tokenizer.model"
         sp = load_sentencepiece(path)

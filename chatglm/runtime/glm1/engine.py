@@ -20,6 +20,7 @@ from chatglm.ggml.backend import Allocator, Backend, Buffer, cpu_buffer_type, te
 from chatglm.ggml.ops import Graph
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime import llama_native as native
+from chatglm.runtime import ptuning
 from chatglm.runtime.engine import Engine, ModelInfo, ProgressFn
 from chatglm.runtime.glm1 import graph as G
 from chatglm.runtime.glm1 import layout
@@ -55,19 +56,25 @@ class GLM1Engine(Engine):
         self.layout_ids = layout.SpecialIds(bos=self.ids["bos"], mask=self.ids["mask"], gmask=self.ids["gmask"])
         self.n_batch = n_batch
         self._parts: list = []
+        # a P-Tuning v2 prefix: cache columns 0..P-1 (keys never rotated, as the published code keeps them), which
+        # every token attends to; the tokens' own positions are computed from their index as without it
+        prefix = ptuning.read_prefix(header)
+        self.n_prefix = 0 if prefix is None else prefix.shape[2]
         try:
             self.backend = self._own(Backend(n_threads))
             self.model: ModelWeights = self._own(load_weights(header, self.cfg, self.backend, repack, on_progress))
             if self.model.repacked:  # ggml logs each one at debug level; one line here for --verbose
                 log.info("%s: %d weight matrices repacked for this CPU's kernels", header.path, self.model.repacked)
-            self.kv, kv_parts = _new_cache(self.cfg, n_ctx, KV_TYPES[kv_type].ggml_type)
+            self.kv, kv_parts = _new_cache(self.cfg, n_ctx + self.n_prefix, KV_TYPES[kv_type].ggml_type)
             self._parts += kv_parts
+            if prefix is not None:
+                _write_prefix(self.cfg, self.kv, prefix, KV_TYPES[kv_type].ggml_type)
             self.allocator = self._own(Allocator(cpu_buffer_type()))
         except BaseException:
             self.close()
             raise
         eog = frozenset({self.ids["eos"], self.ids["end"]})
-        self.info = replace(info, n_ctx=n_ctx, n_vocab=self.cfg.n_vocab, eog=eog)
+        self.info = replace(info, n_ctx=n_ctx, n_vocab=self.cfg.n_vocab, eog=eog, pre_seq_len=self.n_prefix)
         self._logits = np.zeros(self.cfg.n_vocab, dtype=np.float32)
         self._has_logits = False
         self.timing = EvalTiming()
@@ -105,8 +112,9 @@ class GLM1Engine(Engine):
         if bad:
             raise ModelRuntimeError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.n_vocab - 1})")
         full = self.tokens + tokens
-        if len(full) > self.kv.n_ctx:
-            raise ContextOverflowError(f"{len(full)} tokens do not fit the context of {self.kv.n_ctx} tokens")
+        if len(full) > self.kv.n_ctx - self.n_prefix:
+            raise ContextOverflowError(f"{len(full)} tokens do not fit the context of "
+                                       f"{self.kv.n_ctx - self.n_prefix} tokens")
         ids = self.layout_ids
         context = layout.context_length(full, ids)
         start = 0 if context > len(self.tokens) else len(self.tokens)  # a grown context spoils every cached token
@@ -135,7 +143,8 @@ class GLM1Engine(Engine):
     def _run(self, full: list[int], first: int, last: int, pos: np.ndarray, block_pos: np.ndarray, context: int,
              all_logits: bool, cancel: Optional[threading.Event]) -> np.ndarray:
         t0 = time.perf_counter()
-        fwd = G.build(self.cfg, self.model.weights, self.kv, first, last - first, all_logits)
+        n = self.n_prefix
+        fwd = G.build(self.cfg, self.model.weights, self.kv, n + first, last - first, all_logits)
         try:
             t1 = time.perf_counter()
             self.allocator.allocate(fwd.graph)
@@ -143,7 +152,10 @@ class GLM1Engine(Engine):
             tensor_set(inp.tokens, np.asarray(full[first:last], dtype=np.int32))
             tensor_set(inp.pos, np.ascontiguousarray(pos[first:last]))
             tensor_set(inp.block_pos, np.ascontiguousarray(block_pos[first:last]))
-            tensor_set(inp.mask, layout.attention_mask(first, last, context))
+            mask = layout.attention_mask(first, last, context)
+            if n:
+                mask = np.ascontiguousarray(np.concatenate([np.zeros((last - first, n), np.float32), mask], axis=1))
+            tensor_set(inp.mask, mask)
             t2 = time.perf_counter()
             self._has_logits = False
             if not self.backend.compute(fwd.graph, cancel.is_set if cancel is not None else None):
@@ -208,6 +220,18 @@ def _special_ids(header: GGUFHeader, cfg: G.GLM1Config) -> dict[str, int]:
             raise InputError(f"GGUF lacks a valid {key}", header.path)
         ids[name] = value
     return ids
+
+
+def _write_prefix(cfg: G.GLM1Config, kv: G.KVCache, prefix: np.ndarray, kv_type: int) -> None:
+    """The prefix into cache columns 0..P-1 of every layer (keys (hd, nh, n_ctx), values (n_ctx, hd, nh))."""
+    n = prefix.shape[2]
+    for il in range(cfg.n_layer):
+        k = np.zeros((kv.n_ctx, cfg.n_head, cfg.head_dim), np.float32)
+        k[:n] = prefix[il, 0].reshape(n, cfg.n_head, cfg.head_dim)
+        v = np.zeros((cfg.n_head, cfg.head_dim, kv.n_ctx), np.float32)
+        v[:, :, :n] = prefix[il, 1].reshape(n, cfg.n_head, cfg.head_dim).transpose(1, 2, 0)
+        for t, data in ((kv.k[il], k), (kv.v[il], v)):
+            tensor_set(t, np.frombuffer(ptuning.encode(data.reshape(-1, data.shape[-1]), kv_type), np.uint8))
 
 
 def _new_cache(cfg: G.GLM1Config, n_ctx: int, kv_type: int) -> tuple[G.KVCache, list]:
