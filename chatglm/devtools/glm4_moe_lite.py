@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from chatglm.devtools.glm4 import FIXTURE_TEMPLATES, _random_like, nextn_layer, published_state, tokenizer_config
+from chatglm.devtools.glm4 import FIXTURE_TEMPLATES, nextn_layer, published_state, randomize, tokenizer_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import tokenizers
@@ -38,13 +38,7 @@ def tiny_lite_model(vocab_size: int, seed: int = 0, rope_theta: float = 10000.0,
     settings["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
     config = transformers.Glm4MoeLiteConfig(**settings)
     model = transformers.Glm4MoeLiteForCausalLM(config).to(torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(_random_like(name, param, gen))
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.copy_(0.3 * torch.randn(buf.shape, generator=gen))
+    randomize(model, seed)
     return model
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from chatglm.devtools.checkpoints import _write_weights
-from chatglm.devtools.glm4 import (FIXTURE_TEMPLATES, _random_like, nextn_layer, published_state,
-                                   tokenizer_config)
+from chatglm.devtools.glm4 import FIXTURE_TEMPLATES, nextn_layer, published_state, randomize, tokenizer_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import tokenizers
@@ -44,13 +43,7 @@ def tiny_dsa_model(vocab_size: int, seed: int = 0, rope_theta: float = 10000.0, 
     settings["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
     config = transformers.GlmMoeDsaConfig(**settings)
     model = transformers.GlmMoeDsaForCausalLM(config).to(torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(_random_like(name, param, gen))
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.copy_(0.3 * torch.randn(buf.shape, generator=gen))
+    randomize(model, seed)
     return model
 
 
