@@ -78,6 +78,28 @@ def _pairs(n: int) -> np.ndarray:
     return np.stack([np.arange(n // 2), np.arange(n // 2) + n // 2], axis=1).reshape(-1)
 
 
+def write_mla_metadata(w: gguf.GGUFWriter, hp, n_block: int, qk_dim: int) -> None:
+    """The sizes llama.cpp's latent-attention archs read (deepseek2, glm-dsa): MLA stored as MQA, one KV head whose
+    key is [latent | rope] (``key_length``) and whose value is the latent; per head, once decompressed, ``qk_dim``
+    (nope + rope) and ``v_dim``."""
+    w.add_context_length(hp.n_ctx)
+    w.add_embedding_length(hp.n_embd)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_block_count(n_block)
+    w.add_head_count(hp.n_head)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(hp.eps)
+    w.add_rope_freq_base(hp.rope_base)
+    w.add_rope_dimension_count(hp.rope)
+    w.add_vocab_size(hp.n_vocab)
+    w.add_q_lora_rank(hp.q_lora)
+    w.add_kv_lora_rank(hp.kv_lora)
+    w.add_key_length(hp.kv_lora + hp.rope)
+    w.add_value_length(hp.kv_lora)
+    w.add_key_length_mla(qk_dim)
+    w.add_value_length_mla(hp.v_dim)
+
+
 class Glm4MoeLite(Glm4Moe):
     name = FAMILY.variants[0]
     arch = FAMILY.arch
@@ -143,23 +165,7 @@ class Glm4MoeLite(Glm4Moe):
 
     # -- GGUF -----------------------------------------------------------------------------------------------------
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
-        hp = self.hp
-        w.add_context_length(hp.n_ctx)
-        w.add_embedding_length(hp.n_embd)
-        w.add_feed_forward_length(hp.n_ff)
-        w.add_block_count(self.n_block)
-        w.add_head_count(hp.n_head)
-        w.add_head_count_kv(hp.n_head_kv)
-        w.add_layer_norm_rms_eps(hp.eps)
-        w.add_rope_freq_base(hp.rope_base)
-        w.add_rope_dimension_count(hp.rope)
-        w.add_vocab_size(hp.n_vocab)
-        w.add_q_lora_rank(hp.q_lora)
-        w.add_kv_lora_rank(hp.kv_lora)
-        w.add_key_length(hp.kv_lora + hp.rope)
-        w.add_value_length(hp.kv_lora)
-        w.add_key_length_mla(hp.qk_dim)
-        w.add_value_length_mla(hp.v_dim)
+        write_mla_metadata(w, self.hp, self.n_block, self.hp.qk_dim)
         self.write_moe_metadata(w)
 
     def block_tensors(self, bid: int) -> list[OutTensor]:

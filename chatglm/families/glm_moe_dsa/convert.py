@@ -35,6 +35,7 @@ from chatglm.convert.nextn import nextn_tensors, write_nextn
 from chatglm.errors import UnsupportedModelError
 from chatglm.families import glm4_moe
 from chatglm.families.glm4_moe.convert import Glm4Moe, MoeHparams, write_expert_metadata
+from chatglm.families.glm4_moe_lite.convert import write_mla_metadata
 from chatglm.families.glm_moe_dsa import FAMILY
 
 T = gguf.MODEL_TENSOR
@@ -150,21 +151,7 @@ class GlmMoeDsa(Glm4Moe):
     # -- GGUF -----------------------------------------------------------------------------------------------------
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         hp = self.hp
-        w.add_context_length(hp.n_ctx)
-        w.add_embedding_length(hp.n_embd)
-        w.add_feed_forward_length(hp.n_ff)
-        w.add_block_count(hp.n_layer)
-        w.add_head_count(hp.n_head)
-        w.add_head_count_kv(1)
-        w.add_key_length(hp.kv_lora + hp.rope)
-        w.add_value_length(hp.kv_lora)
-        w.add_key_length_mla(hp.nope + hp.rope)
-        w.add_value_length_mla(hp.v_dim)
-        w.add_q_lora_rank(hp.q_lora)
-        w.add_kv_lora_rank(hp.kv_lora)
-        w.add_layer_norm_rms_eps(hp.eps)
-        w.add_rope_dimension_count(hp.rope)
-        w.add_rope_freq_base(hp.rope_base)
+        write_mla_metadata(w, hp, hp.n_layer, hp.nope + hp.rope)  # GLM-4.7-Flash's latent attention
         write_expert_metadata(w, hp)
         w.add_indexer_head_count(hp.index_heads)
         w.add_indexer_key_length(hp.index_dim)
