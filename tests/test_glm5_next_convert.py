@@ -6,7 +6,6 @@ layer and the vision tower; its test sequence is longer than index_topk, the k-p
 
 from __future__ import annotations
 
-import logging
 import re
 
 import gguf
@@ -22,7 +21,7 @@ from chatglm.runtime.model import load
 from fixtures_glm5_next import glm5, rewrite_gguf  # noqa: F401  (fixture)
 from tests.hostile import cli
 from test_logits_glm import rel_err
-from test_memory import NativeLog
+from test_memory import native_log  # noqa: F401  (fixture)
 from test_qtypes import llama_quantize
 
 TOL = 1e-4
@@ -194,16 +193,6 @@ def test_softplus_gate_and_a_tied_flag_with_its_own_head(glm5, workdir):
     with load(path, n_ctx=256, kv_type="f32", n_threads=2) as m:
         assert rel_err(m.engine.all_logits(ids), glm5_next.reference_logits(model, ids)) < TOL
 
-
-@pytest.fixture
-def native_log():
-    logger = logging.getLogger("llama.cpp")
-    handler, level = NativeLog(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 @pytest.mark.parametrize("n_ctx,kv_type,flash", [(512, "f16", True), (8192, "f16", True), (8192, "f32", False)])

@@ -518,15 +518,8 @@ class Glm5NextHParams(HParams):
     the k-pool indexer and the hyper-connections."""
 
     recurrent: tuple[bool, ...] = ()  # head_count_kv 0: a linear-attention (KDA) layer
-    indexer_full: tuple[bool, ...] = ()  # per trunk layer
     kda_dim: int = 0
     d_conv: int = 0
-    q_lora: int = 0
-    kv_lora: int = 0
-    head_k_mla: int = 0
-    head_v_mla: int = 0
-    idx_heads: int = 0
-    idx_dim: int = 0
     kpool: int = 0
     hc_mult: int = 4
 
@@ -595,13 +588,14 @@ def _glm5next_hparams(header: GGUFHeader) -> Glm5NextHParams:
     return Glm5NextHParams(
         header.arch, n_layer, n_nextn, n_embd, n_head, 1, head_k, head_k, n_ff, _vocab_size(header),
         **_experts(header, n_layer, n_ff), recurrent=recurrent,
-        indexer_full=_glm5next_indexer(header, n_layer - n_nextn, recurrent),
         kda_dim=_int(header, "kda.head_dim", required=True), d_conv=d_conv,
-        q_lora=_int(header, "attention.q_lora_rank", required=True), kv_lora=kv_lora,
-        head_k_mla=_int(header, "attention.key_length_mla", required=True),
-        head_v_mla=_int(header, "attention.value_length_mla", required=True),
-        idx_heads=_int(header, "attention.indexer.head_count", required=True),
-        idx_dim=_int(header, "attention.indexer.key_length", required=True), kpool=kpool, hc_mult=hc)
+        mla=MlaHParams(_int(header, "attention.q_lora_rank", required=True), kv_lora,
+                       _int(header, "attention.key_length_mla", required=True),
+                       _int(header, "attention.value_length_mla", required=True), 0,
+                       _int(header, "attention.indexer.head_count", required=True),
+                       _int(header, "attention.indexer.key_length", required=True),
+                       _glm5next_indexer(header, n_layer - n_nextn, recurrent)),
+        kpool=kpool, hc_mult=hc)
 
 
 def _clamps(header: GGUFHeader, key: str, n_layer: int) -> None:

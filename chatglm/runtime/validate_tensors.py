@@ -179,13 +179,13 @@ def _glm5next_layer(hp: "HParams", il: int, names: Collection[str]) -> Spec:
                      f"{p}ssm_g_b.weight": ((d, inner), True), f"{p}ssm_norm.weight": ((d,), True),
                      f"{p}attn_output.weight": ((inner, e), True)})
     else:
-        ql, kl, nope, v = hp.q_lora, hp.kv_lora, hp.head_k_mla, hp.head_v_mla
+        ql, kl, nope, v = hp.mla.q_lora, hp.mla.kv_lora, hp.mla.head_k_mla, hp.mla.head_v_mla
         spec.update({f"{p}attn_q_a_norm.weight": ((ql,), True), f"{p}attn_kv_a_norm.weight": ((kl,), True),
                      f"{p}attn_q_a.weight": ((e, ql), True), f"{p}attn_q_b.weight": ((ql, h * nope), True),
                      f"{p}attn_kv_a_mqa.weight": ((e, kl), True), f"{p}attn_k_b.weight": ((nope, kl, h), True),
                      f"{p}attn_v_b.weight": ((kl, v, h), True), f"{p}attn_output.weight": ((h * v, e), True)})
-        full = not trunk or hp.indexer_full[il]
-        di, hi = hp.idx_dim, hp.idx_heads
+        full = not trunk or hp.mla.index_full[il]
+        di, hi = hp.mla.index_dim, hp.mla.index_heads
         spec.update({f"{p}indexer.k_norm.weight": ((di,), full), f"{p}indexer.k_norm.bias": ((di,), full),
                      f"{p}indexer.proj.weight": ((e, hi), full), f"{p}indexer.attn_k.weight": ((e, di), full),
                      f"{p}indexer.attn_q_b.weight": ((ql, hi * di), full),
