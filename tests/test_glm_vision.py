@@ -21,7 +21,8 @@ import pytest
 from chatglm.convert.pipeline import convert
 from chatglm.devtools import glm5_next
 from chatglm.devtools.glm_vision import (build_glm45v_checkpoint, build_glm_ocr_checkpoint, checkpoint_processor,
-                                    fixture_png, image_features, image_inputs, vision_tokenizer)
+                                    fixture_png, image_features, image_inputs, save_vision_checkpoint, tiny_glm45v,
+                                    vision_tokenizer)
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.gguf_file import read_header
 from chatglm.runtime.media import load_media
@@ -272,3 +273,16 @@ def test_a_bfloat16_checkpoint_encodes_as_transformers_reads_it(vision, tmp_path
     with load(result.path, **F32) as engine:
         got = engine.media.embeddings(load_media(png, "image"))
     assert relative(got, image_features(model, image_inputs(vision[5], png))) < 1e-3
+
+
+def test_glm45v_attention_bias_is_on_qkv_only(tok, tmp_path):
+    """GLM-4.5V's vision ``attention_bias`` biases qkv, not the output projection (GLM-OCR's biases both)."""
+    model = tiny_glm45v(tok, seed=2, attention_bias=True)
+    folder = save_vision_checkpoint(model, tmp_path / "ck", tok)
+    result = convert(folder, tmp_path / "v.gguf", "f32", mmproj_type="f32")
+    names = set(read_header(result.mmproj).tensors)
+    assert "v.blk.0.attn_qkv.bias" in names and "v.blk.0.attn_out.bias" not in names
+    png = fixture_png(112, 112, seed=3)
+    ref = image_features(model, image_inputs(checkpoint_processor(folder, "Glm4vProcessor"), png))
+    with load(result.path, **F32) as m:
+        assert relative(m.media.embeddings(load_media(png, "image")), ref) < 1e-3

@@ -62,13 +62,13 @@ def token_ids(tok: "tokenizers.Tokenizer") -> dict[str, int]:
             "video_start_token_id": ids["<|begin_of_video|>"], "video_end_token_id": ids["<|end_of_video|>"]}
 
 
-def tiny_glm45v(tok: "tokenizers.Tokenizer", seed: int = 0, extra_rows: int = 7):
+def tiny_glm45v(tok: "tokenizers.Tokenizer", seed: int = 0, extra_rows: int = 7, **vision_overrides: Any):
     """A float32 ``Glm4vMoeForConditionalGeneration`` with seeded random weights."""
     import torch
     import transformers
 
     text = {**TINY_MOE_TEXT, "vocab_size": tok.get_vocab_size() + extra_rows}
-    vision = {**TINY_VISION, "out_hidden_size": text["hidden_size"]}
+    vision = {**TINY_VISION, "out_hidden_size": text["hidden_size"], **vision_overrides}
     config = transformers.Glm4vMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
                                          **token_ids(tok))
     model = transformers.Glm4vMoeForConditionalGeneration(config).to(torch.float32).eval()

@@ -103,6 +103,8 @@ class Glm4vProjector(Projector):
     f32_tensors = ("v.position_embd.weight",)
     prefix = VISION_PREFIX
     qk_norm = False  # GLM-OCR: per-head RMSNorm of q and k
+    # attention_bias puts a bias on qkv; GLM-4.5V's output projection has none (GLM-OCR's and GLM-5.3-Flash's do)
+    out_bias = False
 
     def tower_ff(self) -> int:
         """The width of the ViT blocks' MLP (GLM-4.5V: ``out_hidden_size``)."""
@@ -238,8 +240,9 @@ class Glm4vProjector(Projector):
                 OutTensor(f"{blk}.attn_qkv.weight", (3 * d, d), (self.src(src + "attn.qkv.weight"),)),
                 OutTensor(f"{blk}.attn_out.weight", (d, d), (self.src(src + "attn.proj.weight"),))]
         if self.bias:
-            plan += [OutTensor(f"{blk}.attn_qkv.bias", (3 * d,), (self.src(src + "attn.qkv.bias"),)),
-                     OutTensor(f"{blk}.attn_out.bias", (d,), (self.src(src + "attn.proj.bias"),))]
+            plan.append(OutTensor(f"{blk}.attn_qkv.bias", (3 * d,), (self.src(src + "attn.qkv.bias"),)))
+        if self.bias and self.out_bias:
+            plan.append(OutTensor(f"{blk}.attn_out.bias", (d,), (self.src(src + "attn.proj.bias"),)))
         if self.qk_norm:
             head = d // self.n_head
             plan += [OutTensor(f"{blk}.attn_q_norm.weight", (head,), (self.src(src + "attn.q_norm.weight"),)),
@@ -291,6 +294,7 @@ class Glm5vProjector(Glm4vProjector):
 
     projector_type = "glm5v"
     qk_norm = True
+    out_bias = True
 
     def __init__(self, family):
         names = family.ckpt.names()

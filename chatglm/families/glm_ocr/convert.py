@@ -89,6 +89,7 @@ def _rows(order: np.ndarray):
 
 class GlmOcrProjector(Glm4vProjector):
     qk_norm = True
+    out_bias = True
 
     def tower_ff(self) -> int:
         return self.vint("intermediate_size")
