@@ -27,6 +27,8 @@ ALLOW = ["config.json", "generation_config.json", "tokenizer*", "*.model", "*.ti
          "pytorch_model*.bin", "pytorch_model*.bin.index.json"]
 NEVER = ["*.py", "**/*.py"]
 _SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+# A type tag of a GGUF repository (q4_k_m, iq2_xxs, ud_q4_k_xl, bf16, mxfp4_moe...) names one of ggml's block formats.
+_TYPE_TAG = re.compile(r"(?:^|_)(?:i?q[1-8]|bf16|f16|f32|mxfp4|nvfp4|tq[12])(?:_|$)")
 
 
 @dataclass
@@ -136,10 +138,12 @@ def _type_of_file(name: str) -> str:
                 "gguf")
 
 
-def check_type(qtype: str) -> None:
+def check_type(qtype: str, *, gguf_tags: bool = False) -> None:
+    """``qtype`` is one we convert to; with ``gguf_tags``, a type a GGUF repository may name files by is also taken
+    (checked before any hub call, so a typo is not reported as a missing repository or cache)."""
     from chatglm.convert.qtypes import RECIPES
 
-    if qtype not in RECIPES:
+    if qtype not in RECIPES and not (gguf_tags and _TYPE_TAG.search(qtype)):
         raise InputError(f"unknown type {qtype!r}; one of {', '.join(RECIPES)}", qtype)
 
 
@@ -152,6 +156,8 @@ def pull(text: str, *, revision: Optional[str] = None, store: Optional[Store] = 
     if "/" not in repo:
         raise InputError("unknown model name: give ORG/REPO, or a short name from `chatglm pull --list-known`",
                          ref.name)
+    if ref.type is not None:
+        check_type(ref.type, gguf_tags=True)
     store = store or Store()
     offline = bool(constants.HF_HUB_OFFLINE)
     try:

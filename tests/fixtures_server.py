@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 import pytest
 
 from chatglm.runtime.engine import ModelInfo
-from chatglm.runtime.messages import Message, as_messages
+from chatglm.runtime.messages import Message, as_messages, declared_tools
 from chatglm.runtime.model import GenerationStats
 from chatglm.runtime.prompts import get_format
 
@@ -113,7 +113,7 @@ class ScriptedModel:
             if visible.startswith(shown) and len(visible) > len(shown):
                 yield visible[len(shown):]
                 shown = visible
-        self.last_reply = self.format.parse_reply(text)
+        self.last_reply = self.format.parse_reply(text, declared_tools(messages))
         if on_thinking is not None and self.last_reply.thinking.startswith(thought) \
                 and len(self.last_reply.thinking) > len(thought):
             on_thinking(self.last_reply.thinking[len(thought):])

@@ -43,10 +43,10 @@ def glm47(replies=(), **kw) -> ScriptedModel:
 # -------------------------------------------------------------------------------------------------- Python API
 
 
-def toy_glm47(reply: bytes) -> Model:
+def toy_glm47(reply: bytes, n_ctx: int = 512) -> Model:
     """GLM-4.7's format over the toy engine; the toy's vocabulary has no ``<think>`` token, so the prompt's closing
     ``<think>`` is text and the script (counted from ``<|assistant|>``) starts with it."""
-    engine = ToyEngine(n_ctx=512, script=list(b"<think>" + reply))
+    engine = ToyEngine(n_ctx=n_ctx, script=list(b"<think>" + reply))
     special = {**engine.info.special, "<sop>": engine.info.special["sop"], "<|endoftext|>": engine.info.special["</s>"]}
     engine.info = replace(engine.info, special=special)
     return Model(engine, chat_format="glm47")
@@ -61,6 +61,31 @@ def test_python_api_keeps_thinking_apart_and_streams_it_to_on_thinking():
     assert "".join(pieces) == reply.thinking and len(pieces) > 1  # piece by piece, never a marker
     assert "".join(shown) == "The answer is 5." and not any("<" in p for p in pieces + shown)
     assert model.chat("2+3?").thinking == reply.thinking
+
+
+TYPED_CALL = ("</think><tool_call>lookup<arg_key>code</arg_key><arg_value>42</arg_value><arg_key>n</arg_key>"
+              "<arg_value>42</arg_value><arg_key>flag</arg_key><arg_value>true</arg_value><arg_key>zip</arg_key>"
+              "<arg_value>[1]</arg_value><arg_key>kind</arg_key><arg_value>null</arg_value><arg_key>free</arg_key>"
+              "<arg_value>7</arg_value></tool_call>")
+TYPED_TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {
+    "code": {"type": "string"}, "n": {"type": "integer"}, "flag": {"type": "boolean"}, "zip": {"type": ["string"]},
+    "kind": {"enum": ["null", "a"]}, "free": {}}}}}]
+
+
+def test_call_arguments_take_the_types_the_tools_declare():
+    """The XML call format writes a string argument without quotes, so ``42`` may be the string "42": a value whose
+    schema admits only strings stays as written; others are JSON where they parse; with no tools, JSON first."""
+    expected = {"code": "42", "n": 42, "flag": True, "zip": "[1]", "kind": "null", "free": 7}
+    system = {"role": "system", "content": "", "tools": TYPED_TOOLS}
+    assert toy_glm47(TYPED_CALL.encode(), 4096).chat([system, {"role": "user", "content": "go"}]).tool_calls == [
+        ToolCall("lookup", expected)]
+    model = toy_glm47(TYPED_CALL.encode(), 4096)
+    list(model.stream_chat([system, {"role": "user", "content": "go"}]))
+    assert model.last_reply.tool_calls[0].arguments == expected
+    session = toy_glm47(TYPED_CALL.encode(), 4096).session(tools=TYPED_TOOLS)
+    assert session.chat("go").tool_calls[0].arguments == expected
+    untyped = toy_glm47(TYPED_CALL.encode(), 4096).chat("go").tool_calls[0].arguments
+    assert untyped == {"code": 42, "n": 42, "flag": True, "zip": [1], "kind": None, "free": 7}
 
 
 def test_template_options_reach_the_prompt_from_the_api_and_sessions():
@@ -135,7 +160,8 @@ def test_template_kwargs_and_ids_reach_the_model():
     call = ('<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>'
             '<arg_key>days</arg_key><arg_value>2</arg_value></tool_call>')
     model = glm47([call, "Done.</think>Sunny."])
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "string"}}}}}]
     with serve([model]) as live:
         client = openai_client(live)
         first = client.chat.completions.create(
@@ -144,7 +170,7 @@ def test_template_kwargs_and_ids_reach_the_model():
         calls = first.choices[0].message.tool_calls
         assert first.choices[0].finish_reason == "tool_calls"
         assert [(c.function.name, c.function.arguments) for c in calls] == [("get_weather",
-                                                                              '{"city": "Paris", "days": 2}')]
+                                                                              '{"city": "Paris", "days": "2"}')]
         assert extra(first.choices[0].message, "reasoning_content") is None  # thinking was off
         second = client.chat.completions.create(model="tiny", tools=tools, messages=[
             {"role": "user", "content": "weather?"},
@@ -160,7 +186,7 @@ def test_template_kwargs_and_ids_reach_the_model():
     assert text_of(model.prompts[0]).startswith("[gMASK]<sop><|system|>\n# Tools")
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text_of(model.prompts[0])
     sent = model.received[1]
-    assert sent[2].tool_calls == [ToolCall("get_weather", {"city": "Paris", "days": 2})]
+    assert sent[2].tool_calls == [ToolCall("get_weather", {"city": "Paris", "days": "2"})]
     assert sent[2].tool_calls[0].id == calls[0].id and sent[3].tool_call_id == calls[0].id
     assert sent[2].thinking == "need weather"
 

@@ -263,7 +263,8 @@ class _CharTokenizer:
 # ------------------------------------------------------------------------------------------ hostile templates
 
 HOSTILE = {
-    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}": "steps",
+    # the step bound, or on a loaded machine the time bound, whichever comes first
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}": ("steps", "longer than 5 s"),
     "{{ 'x' * 100000000 }}": "longer than",
     "{{ 9 ** 999999 }}": "too large",
     "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}":
@@ -285,7 +286,8 @@ def test_hostile_templates_are_refused_in_one_line(source):
         jinja_chat.render(source, [{"role": "user", "content": "hi"}])
     assert time.monotonic() - start < 8
     message = str(info.value)
-    assert HOSTILE[source] in message and "\n" not in message and len(message) < 300
+    expected = HOSTILE[source] if isinstance(HOSTILE[source], tuple) else (HOSTILE[source],)
+    assert any(e in message for e in expected) and "\n" not in message and len(message) < 300, message
 
 
 def test_template_size_is_bounded():

@@ -113,6 +113,8 @@ def test_offline_uses_the_cache_or_says_it_is_not_there(env, hub, monkeypatch):
     assert hub.requests == []
     r = invoke("pull", "THUDM/not-cached")
     assert r.exit_code == 2 and "not in the Hugging Face cache" in r.output
+    r = invoke("pull", "THUDM/not-cached:q9_z")  # a bad type is named first, not hidden behind the cache
+    assert r.exit_code == 2 and "unknown type 'q9_z'" in r.output and "cache" not in r.output, r.output
 
 
 @pytest.mark.parametrize("args, message", [

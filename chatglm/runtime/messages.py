@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:
     from chatglm.runtime.media import Media
@@ -89,6 +89,11 @@ def content_parts(parts: list) -> tuple[str, tuple]:
             raise InputError(f"a content part must be {{'type': 'text', 'text': ...}} or {{'type': 'image', 'image': "
                              f"path or bytes}}, got {str(part)[:60]}")
     return "".join(texts), tuple(media)
+
+
+def declared_tools(messages: Sequence[Message]) -> list[dict]:
+    """Every tool the conversation's system messages declare, in order."""
+    return [t for m in messages if m.role == "system" and m.tools for t in m.tools]
 
 
 def tools_only(m: Message) -> bool:

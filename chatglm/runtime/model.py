@@ -21,7 +21,7 @@ from chatglm.runtime.engine import Engine, ModelInfo
 from chatglm.runtime.generation import (Generation, GenerationStats, MessagesLike, ModelBusyError, as_conversation,
                                         drain)
 from chatglm.runtime.loader import open_engine
-from chatglm.runtime.messages import Message, ToolCall
+from chatglm.runtime.messages import Message, ToolCall, declared_tools
 from chatglm.runtime.jinja_chat import chat_format as make_format
 from chatglm.runtime.prompts import ChatFormat, split_options, template_options
 from chatglm.runtime.sampling import SamplingParams
@@ -117,7 +117,7 @@ class Model:
         conversation = as_conversation(messages)
         media = self.media_of(conversation)
         gen = drain(self.run(self.prompt_ids(conversation, **options), self._params(sampling), cancel, chat=True,
-                             media=media))
+                             media=media, tools=declared_tools(conversation)))
         assert gen.reply is not None  # run(chat=True) always parses the reply
         return gen.reply
 
@@ -132,7 +132,8 @@ class Model:
         conversation = as_conversation(messages)
         media = self.media_of(conversation)
         ids = self.prompt_ids(conversation, **options)
-        return self._reply_of(self.stream_reply(ids, self._params(sampling), cancel, on_thinking, media))
+        return self._reply_of(self.stream_reply(ids, self._params(sampling), cancel, on_thinking, media,
+                                                declared_tools(conversation)))
 
     @staticmethod
     def _reply_of(stream: Generator[str, None, Generation]) -> Generator[str, None, Message]:
@@ -173,11 +174,11 @@ class Model:
     # -- generation -------------------------------------------------------------------------------------------
     def stream_reply(self, ids: list[int], params: SamplingParams, cancel: Optional[threading.Event],
                      on_thinking: Optional[Callable[[str], None]] = None,
-                     media: Sequence["Media"] = ()) -> Generator[str, None, Generation]:
+                     media: Sequence["Media"] = (), tools: Sequence[dict] = ()) -> Generator[str, None, Generation]:
         """Generate a chat reply after ``ids`` (whose placeholders stand for ``media``): yield its visible text,
         return the :class:`Generation`; the thinking goes to ``on_thinking`` piece by piece (markers never
-        half-written)."""
-        raw = self.run(ids, params, cancel, chat=True, media=media)
+        half-written); ``tools`` are the conversation's, which type the reply's call arguments."""
+        raw = self.run(ids, params, cancel, chat=True, media=media, tools=tools)
         text = shown = thought = ""
         thinking_of = getattr(self.format, "visible_thinking", None) if on_thinking is not None else None
         try:
@@ -202,7 +203,8 @@ class Model:
         return gen
 
     def run(self, ids: list[int], params: SamplingParams, cancel: Optional[threading.Event] = None, *,
-            chat: bool = False, media: Sequence["Media"] = ()) -> Generator[str, None, Generation]:
+            chat: bool = False, media: Sequence["Media"] = (),
+            tools: Sequence[dict] = ()) -> Generator[str, None, Generation]:
         """The generation behind every method: yield raw text pieces after ``ids``, return the :class:`Generation`.
 
         The model is taken when the generator starts and given back when it ends or is closed."""
@@ -216,7 +218,7 @@ class Model:
         try:
             gen = yield from self._decode(ids, params, event, media)
             if chat:
-                gen.reply = self.last_reply = self.format.parse_reply(gen.text)
+                gen.reply = self.last_reply = self.format.parse_reply(gen.text, tools)
             return gen
         finally:
             self._active = None

@@ -82,8 +82,9 @@ class ChatFormat(ABC):
         body = tok.tokenize(text)
         return pre + body + post if body else []
 
-    def parse_reply(self, text: str) -> Message:
-        """The generated text (special tokens removed) as an assistant message."""
+    def parse_reply(self, text: str, tools: Sequence[Any] = ()) -> Message:
+        """The generated text (special tokens removed) as an assistant message; ``tools`` (the conversation's
+        declared tools) type the arguments of the calls it makes where a format writes them untyped."""
         return Message("assistant", text.strip())
 
     def visible(self, text: str) -> str:

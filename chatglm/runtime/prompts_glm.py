@@ -128,7 +128,7 @@ class GLMFormat(Thinking, ChatFormat):
         return m.tool_calls[0]
 
     # -- replies ----------------------------------------------------------------------------------------------
-    def parse_reply(self, text: str) -> Message:
+    def parse_reply(self, text: str, tools: Sequence[Any] = ()) -> Message:
         thinking, rest, _ = self.split_thinking(text)
         if thinking or self.thinks:
             rest = rest.lstrip("\n")  # after thinking, the metadata line may follow blank lines
@@ -175,16 +175,46 @@ def call_arguments(call: ToolCall, model: str) -> dict:
     return args
 
 
-def parse_xml_calls(text: str) -> tuple[str, list[ToolCall]]:
+def declared_strings(tools: Sequence[Any]) -> set[tuple[str, str]]:
+    """(tool, argument) pairs whose JSON schema admits only strings: their values are kept as written, since the
+    templates write a string argument without quotes (``"42"`` and ``42`` look the same in a call)."""
+    out = set()
+    for tool in tools:
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        params = function.get("parameters") if isinstance(function, dict) else None
+        props = params.get("properties") if isinstance(params, dict) else None
+        if not isinstance(function, dict) or not isinstance(props, dict):
+            continue
+        for key, schema in props.items():
+            if isinstance(schema, dict) and _string_only(schema):
+                out.add((function.get("name"), key))
+    return out
+
+
+def _string_only(schema: dict) -> bool:
+    kind = schema.get("type")
+    if kind is None:  # an enum of strings alone
+        enum = schema.get("enum")
+        return isinstance(enum, list) and bool(enum) and all(isinstance(v, str) for v in enum)
+    kinds = kind if isinstance(kind, list) else [kind]
+    return bool(kinds) and all(k == "string" for k in kinds)
+
+
+def parse_xml_calls(text: str, tools: Sequence[Any] = ()) -> tuple[str, list[ToolCall]]:
     """(the text outside the calls, the calls) of ``<tool_call>NAME[\\n]<arg_key>K</arg_key>[\\n]<arg_value>V
-    </arg_value>...</tool_call>`` (GLM-4.5's form with newlines and GLM-4.7's without). Values are JSON where they
-    parse as JSON (the templates JSON-encode every non-string value); nothing is evaluated."""
+    </arg_value>...</tool_call>`` (GLM-4.5's form with newlines and GLM-4.7's without). A value is the string as
+    written where the tool's schema declares a string, else JSON where it parses as JSON (the templates JSON-encode
+    every non-string value); nothing is evaluated."""
+    strings = declared_strings(tools)
     calls = []
     for body in _CALL.findall(text):
         cut = min((i for i in (body.find("\n"), body.find("<arg_key>")) if i >= 0), default=len(body))
         name = body[:cut].strip()
         if name:
-            calls.append(ToolCall(name, {k.strip(): argument_value(v) for k, v in _ARG.findall(body[cut:])}))
+            args = {}
+            for k, v in _ARG.findall(body[cut:]):
+                args[k.strip()] = v if (name, k.strip()) in strings else argument_value(v)
+            calls.append(ToolCall(name, args))
     return _CALL.sub("", text).strip(), calls
 
 
@@ -193,9 +223,9 @@ class XmlReplies(Thinking):
 
     keep_special_text = XML_MARKERS  # must stay in the generated text for parse_reply
 
-    def parse_reply(self, text: str) -> Message:
+    def parse_reply(self, text: str, tools: Sequence[Any] = ()) -> Message:
         thinking, rest, _ = self.split_thinking(text)
-        content, calls = parse_xml_calls(rest)
+        content, calls = parse_xml_calls(rest, tools)
         return Message("assistant", content, tool_calls=calls, thinking=thinking)
 
     def visible(self, text: str) -> str:

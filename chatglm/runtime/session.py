@@ -26,7 +26,7 @@ from chatglm.fsutil import atomic_output
 from chatglm.runtime.chatfiles import FILE_KIND, FILE_VERSION, read_conversation
 from chatglm.runtime.generation import (Generation, GenerationStats, MessagesLike, ModelBusyError, as_conversation,
                                         drain)
-from chatglm.runtime.messages import TOOLS_SYSTEM, Message
+from chatglm.runtime.messages import TOOLS_SYSTEM, Message, declared_tools
 from chatglm.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -166,7 +166,8 @@ class ChatSession:
                 prompt = self._prompt(new, params, options)
             ids, kept, dropped = prompt
             media = self.model.media_of(kept + new)
-            gen = yield from self.model.stream_reply(ids, params, cancel, on_thinking, media)
+            gen = yield from self.model.stream_reply(ids, params, cancel, on_thinking, media,
+                                                     declared_tools(kept + new))
             return self._commit(gen, kept, new, dropped)
         finally:
             self._lock.release()

@@ -14,7 +14,7 @@ scripts put their ``source_prefix``.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 from chatglm.runtime.messages import Message
 from chatglm.families.chatglm1 import FAMILY
@@ -53,7 +53,7 @@ class ChatGLM1Format(ChatFormat):
         rounds, query = rounds_of([m for m in messages if m.role != "system"])
         return tok.tokenize(prefix + build_prompt(query, rounds)) + [self.sp("[gMASK]"), self.sp("<sop>")]
 
-    def parse_reply(self, text: str) -> Message:
+    def parse_reply(self, text: str, tools: Sequence[Any] = ()) -> Message:
         return Message("assistant", process_response(text))
 
     def visible(self, text: str) -> str:

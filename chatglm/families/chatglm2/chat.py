@@ -5,7 +5,7 @@ interpreter), as the published tokenization_chatglm.py builds them, and ChatGLM3
 from __future__ import annotations
 
 import json
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from chatglm.families.chatglm2 import FAMILY
 from chatglm.runtime.messages import Message, ToolCall
@@ -59,7 +59,7 @@ class ChatGLM3Format(ChatFormat):
             ids += self.message_ids(m, tok)
         return ids + [self.sp("<|assistant|>")]
 
-    def parse_reply(self, text: str) -> Message:
+    def parse_reply(self, text: str, tools: Sequence[Any] = ()) -> Message:
         metadata, content = reply_parts(text)
         if metadata is None:
             return Message("assistant", content.strip())
