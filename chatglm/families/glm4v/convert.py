@@ -193,9 +193,9 @@ class Glm4vProjector(Projector):
         w.add_uint32("clip.vision.projection_dim", self.n_out)
         w.add_uint32("clip.vision.attention.head_count", self.n_head)
         w.add_float32("clip.vision.attention.layer_norm_epsilon", float(self.eps))
-        w.add_uint32("clip.vision.spatial_merge_size", self.merge)
         w.add_array("clip.vision.image_mean", self.mean)
         w.add_array("clip.vision.image_std", self.std)
+        w.add_uint32("clip.vision.spatial_merge_size", self.merge)
 
     def tensors(self) -> list[OutTensor]:
         e, o, f, p, m = self.n_embd, self.n_out, self.n_ff_merger, self.patch, self.merge
@@ -217,10 +217,10 @@ class Glm4vProjector(Projector):
             src, dst = f"{vis}blocks.{i}.", f"v.blk.{i}."
             plan += [
                 OutTensor(dst + "ln1.weight", (e,), (src + "norm1.weight",)),
-                OutTensor(dst + "attn_qkv.weight", (3 * e, e), (src + "attn.qkv.weight",)),
-                *([OutTensor(dst + "attn_qkv.bias", (3 * e,), (src + "attn.qkv.bias",))] if self.bias else []),
-                OutTensor(dst + "attn_out.weight", (e, e), (src + "attn.proj.weight",)),
                 OutTensor(dst + "ln2.weight", (e,), (src + "norm2.weight",)),
+                OutTensor(dst + "attn_qkv.weight", (3 * e, e), (src + "attn.qkv.weight",)),
+                OutTensor(dst + "attn_out.weight", (e, e), (src + "attn.proj.weight",)),
+                *([OutTensor(dst + "attn_qkv.bias", (3 * e,), (src + "attn.qkv.bias",))] if self.bias else []),
                 OutTensor(dst + "ffn_gate.weight", (o, e), (src + "mlp.gate_proj.weight",)),
                 OutTensor(dst + "ffn_up.weight", (o, e), (src + "mlp.up_proj.weight",)),
                 OutTensor(dst + "ffn_down.weight", (e, o), (src + "mlp.down_proj.weight",)),
