@@ -6,9 +6,9 @@ and after the MLP, fused ``gate_up_proj``), no attention biases, read from under
 transformers has it) of each head with the M-RoPE sections; llama.cpp's M-RoPE rotates NeoX halves, so the rotated
 rows of Q and K are reordered (even dimensions first, then odd) within each head, which leaves q·k unchanged.
 
-Projector: GLM-4.5V's (``chatglm/families/glm4v_moe``) with per-head RMSNorm of q and k, no learned position table
-and no norm after the patch embedding; the tower's MLP is ``intermediate_size`` wide (with biases when
-``attention_bias``), the merger's ``out_hidden_size * in_channels``.
+Projector: GLM-4.1V's writer (``chatglm/families/glm4v/vision.py``) with ``TOWER`` below: per-head RMSNorm of q
+and k, no learned position table and no norm after the patch embedding; the tower's MLP is ``intermediate_size``
+wide (with biases when ``attention_bias``), the merger's ``out_hidden_size * in_channels``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,19 @@ from chatglm.convert.family import OutTensor, check_shape
 from chatglm.convert.hf_layout import template_format
 from chatglm.families.glm4_0414 import FAMILY as GLM4_0414
 from chatglm.families.glm4_0414.convert import Glm4HF
-from chatglm.families.glm4v_moe.convert import Glm4vProjector, LanguageModelView, mrope_sections, sub_config
+from chatglm.families.glm4v import FAMILY as GLM4V
+from chatglm.families.glm4v.convert import neox_rows
+from chatglm.families.glm4v.vision import GlmVisionProjector, Tower, sub_config
+from chatglm.families.glm4v_moe.convert import LanguageModelView, mrope_sections
 from chatglm.families.glm_ocr import FAMILY
 
 Q_K = ("attn_q.", "attn_k.")
+# GLM-4.1V's tower (chatglm/families/glm4v/vision.py) with per-head q/k norms and no learned positions; its MLP is
+# intermediate_size wide, its merger out_hidden_size * in_channels; attention_bias biases qkv, the output projection
+# and the MLP
+TOWER = Tower(GLM4V.projectors[0].projector_type, tower_ff=("intermediate_size",),
+              merger_ff=("out_hidden_size", "in_channels"), positions=False, qk_norm=True,
+              biased=("qkv", "out", "ffn"))
 
 
 def ocr_text_view(ckpt) -> LanguageModelView:
@@ -37,12 +46,6 @@ def ocr_text_view(ckpt) -> LanguageModelView:
     if "tie_word_embeddings" in ckpt.config:
         text["tie_word_embeddings"] = ckpt.config["tie_word_embeddings"]
     return LanguageModelView(ckpt, text)
-
-
-def neox_order(n_head: int, head_dim: int, n_rot: int) -> np.ndarray:
-    """Row order taking each head's interleaved rotary pairs (0,1), (2,3)... to halves (0..n/2-1 | n/2..n-1)."""
-    head = np.concatenate([np.arange(0, n_rot, 2), np.arange(1, n_rot, 2), np.arange(n_rot, head_dim)])
-    return (np.arange(n_head)[:, None] * head_dim + head[None, :]).reshape(-1)
 
 
 class GlmOcr(Glm4HF):
@@ -68,7 +71,7 @@ class GlmOcr(Glm4HF):
             kind = next((k for k in Q_K if t.name.startswith(f"blk.{bid}.{k}")), None)
             if kind is not None:
                 heads = hp.n_head if kind == Q_K[0] else hp.n_head_kv
-                t.build = _rows(neox_order(heads, hp.head_dim, hp.n_rot))
+                t.build = _rows(neox_rows(heads, hp.head_dim, hp.n_rot))
         return plan
 
     def check_shapes(self, plan: list[OutTensor]) -> None:
@@ -77,29 +80,14 @@ class GlmOcr(Glm4HF):
             if len(t.sources) == 1 and not t.is_copy:  # the reordered Q/K rows
                 check_shape(self, t.sources[0], t.shape)
 
-    def projector(self) -> "GlmOcrProjector":
-        return GlmOcrProjector(self)
+    def projector(self) -> GlmVisionProjector:
+        return GlmVisionProjector(self, TOWER)
 
 
 def _rows(order: np.ndarray):
     def build(arrays: Sequence[np.ndarray]) -> np.ndarray:
         return arrays[0][order]
     return build
-
-
-class GlmOcrProjector(Glm4vProjector):
-    qk_norm = True
-    out_bias = True
-
-    def tower_ff(self) -> int:
-        return self.vint("intermediate_size")
-
-    def merger_ff(self) -> int:
-        return self.vint("out_hidden_size") * self.vint("in_channels", 3)
-
-    @property
-    def mlp_bias(self) -> bool:
-        return self.bias
 
 
 CONVERTER = GlmOcr
