@@ -22,12 +22,26 @@ from chatglm.convert.hf_layout import template_format
 from chatglm.families.glm4_0414 import FAMILY as GLM4_0414
 from chatglm.families.glm4_0414.convert import Glm4HF
 from chatglm.families.glm4v import FAMILY
-from chatglm.families.glm4v.vision import CLIP_NORM, GlmVisionProjector, Tower
+from chatglm.families.glm4v.vision import CLIP_NORM, GlmVisionProjector, Tower, sub_config
+
+DEFAULT_MROPE = [8, 12, 12]  # transformers' mrope_section when the config names none
 
 # The tower (chatglm/families/glm4v/vision.py): the MLP out_hidden_size wide, the merger's intermediate_size; learned
 # positions; attention_bias on qkv alone; CLIP's normalization when preprocessor_config.json is absent.
 TOWER = Tower(FAMILY.projectors[0].projector_type, tower_ff=("out_hidden_size",), merger_ff=("intermediate_size",),
               positions=True, qk_norm=False, biased=("qkv",), default_norm=CLIP_NORM)
+
+
+def mrope_sections(family) -> list[int]:
+    """``mrope_section`` (frequency pairs per time/height/width), checked to cover the rotated dimensions; padded to
+    the four llama.cpp's ``rope.dimension_sections`` holds."""
+    params = family.config.get("rope_parameters") or family.config.get("rope_scaling") or {}
+    sections = params.get("mrope_section", DEFAULT_MROPE) if isinstance(params, dict) else None
+    if (not isinstance(sections, list) or not 1 <= len(sections) <= 4
+            or any(type(s) is not int or s < 0 for s in sections) or sum(sections) * 2 != family.hp.n_rot):
+        raise family.bad(f"'mrope_section' must be up to 4 non-negative integers summing to half the rotated "
+                         f"dimensions ({family.hp.n_rot // 2}), got {shown(sections)}")
+    return sections + [0] * (4 - len(sections))
 
 
 def neox_rows(n_head: int, head_dim: int, n_rot: int) -> np.ndarray:
@@ -49,31 +63,18 @@ class Glm4v(Glm4HF):
         legacy = "model.language_model.embed_tokens.weight" not in names and "model.embed_tokens.weight" in names
         self.text_prefix = "model." if legacy else type(self).text_prefix
         super().__init__(ckpt)
+        self.sections = mrope_sections(self)
 
     def text_config(self) -> dict:
-        text = self.ckpt.config.get("text_config")
-        if not isinstance(text, dict):
-            raise self.bad("'text_config' must be an object (the language model's settings)")
         top = {k: self.ckpt.config[k] for k in ("tie_word_embeddings",) if k in self.ckpt.config}
-        return {**top, **text}
+        return {**top, **sub_config(self.ckpt, "text_config")}
 
     def detect_chat_format(self, template: str) -> str:
         return template_format(template, GLM4_0414.chat_formats[0])
 
-    def mrope_sections(self) -> list[int]:
-        """``mrope_section`` (temporal, height, width frequency runs), checked to cover the rotated half-dims."""
-        params = self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
-        sections = params.get("mrope_section") if isinstance(params, dict) else None
-        n_half = self.hp.n_rot // 2
-        if (not isinstance(sections, list) or len(sections) != 3
-                or not all(type(s) is int and s > 0 for s in sections) or sum(sections) != n_half):
-            raise self.bad(f"'mrope_section' must be three positive integers adding up to {n_half} (half the "
-                           f"rotated dims), got {shown(sections)}")
-        return sections
-
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         super().write_metadata(w)
-        w.add_rope_dimension_sections([*self.mrope_sections(), 0])
+        w.add_rope_dimension_sections(self.sections)
 
     def _permuted(self, t: OutTensor, n_head: int) -> OutTensor:
         order = neox_rows(n_head, self.hp.head_dim, self.hp.n_rot)

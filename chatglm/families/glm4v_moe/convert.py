@@ -19,9 +19,9 @@ import gguf
 import numpy as np
 
 from chatglm.convert.checkpoint import CheckpointView
-from chatglm.convert.config_types import shown
 from chatglm.families.glm4_moe.convert import Glm4Moe
 from chatglm.families.glm4v import FAMILY as GLM4V
+from chatglm.families.glm4v.convert import mrope_sections
 from chatglm.families.glm4v.vision import GlmVisionProjector, Tower, sub_config
 from chatglm.families.glm4v_moe import FAMILY
 
@@ -29,7 +29,6 @@ TEXT_PREFIX = "model.language_model."
 # GLM-4.1V's tower (chatglm/families/glm4v/vision.py), preprocessor_config.json required
 TOWER = Tower(GLM4V.projectors[0].projector_type, tower_ff=("out_hidden_size",), merger_ff=("intermediate_size",),
               positions=True, qk_norm=False, biased=("qkv",))
-DEFAULT_MROPE = [8, 12, 12]  # transformers' mrope_section when the config names none
 
 
 class LanguageModelView(CheckpointView):
@@ -61,17 +60,6 @@ def text_view(ckpt) -> LanguageModelView:
     if "tie_word_embeddings" in ckpt.config:
         text["tie_word_embeddings"] = ckpt.config["tie_word_embeddings"]
     return LanguageModelView(ckpt, text)
-
-
-def mrope_sections(family) -> list[int]:
-    """``mrope_section`` (frequency pairs per time/height/width), checked to cover the rotated dimensions."""
-    params = family.config.get("rope_parameters") or family.config.get("rope_scaling") or {}
-    sections = params.get("mrope_section", DEFAULT_MROPE)
-    if (not isinstance(sections, list) or not 1 <= len(sections) <= 4
-            or any(type(s) is not int or s < 0 for s in sections) or sum(sections) * 2 != family.hp.n_rot):
-        raise family.bad(f"'mrope_section' must be up to 4 non-negative integers summing to half the rotated "
-                         f"dimensions ({family.hp.n_rot // 2}), got {shown(sections)}")
-    return sections + [0] * (4 - len(sections))
 
 
 class Glm4vMoe(Glm4Moe):
