@@ -16,6 +16,7 @@ normalization used when preprocessor_config.json is absent (none: the file is re
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -145,14 +146,14 @@ class GlmVisionProjector(Projector):
         return value
 
     def width(self, keys: tuple[str, ...]) -> int:
-        return int(np.prod([self.vint(key, SIZES.get(key)) for key in keys]))
+        return math.prod(self.vint(key, SIZES.get(key)) for key in keys)
 
     def check_sizes(self) -> None:
         s, family = self.size, self.family
         if s["temporal_patch_size"] != 2:
             raise UnsupportedModelError(f"vision_config.temporal_patch_size={s['temporal_patch_size']} is not "
-                                        "supported: libmtmd's glm4v takes temporal_patch_size=2 (a kernel two "
-                                        "frames deep)", family.config_path)
+                                        f"supported: libmtmd's {self.projector_type} takes temporal_patch_size=2 (a "
+                                        "kernel two frames deep)", family.config_path)
         if s["in_channels"] != 3:
             raise family.bad(f"vision_config.in_channels must be 3 (RGB), got {s['in_channels']}")
         d, n_head = s["hidden_size"], s["num_heads"]
