@@ -162,3 +162,15 @@ def test_the_pre_4_52_tower_names_give_the_same_plan(folders, tmp_path, name):
     _, published = projector_of(folders[name])
     assert [(t.name, t.shape) for t in plan] == [(t.name, t.shape) for t in published]
     assert all(s.startswith("visual.") for t in plan for s in t.sources)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_attention_bias_left_out_takes_the_familys_default(folders, tmp_path, name):
+    """transformers' default: biases in GLM-OCR's and GLM-5.3-Flash's towers, none in GLM-4.1V's and GLM-4.5V's (the
+    tiny checkpoints were saved with those defaults, so the plan is the published one)."""
+    folder = copy_edited(folders[name], tmp_path / name, "config.json",
+                         lambda c: c["vision_config"].pop("attention_bias"))
+    _, plan = projector_of(folder)
+    _, published = projector_of(folders[name])
+    assert [t.name for t in plan] == [t.name for t in published]
+    assert ("v.blk.0.attn_out.bias" in {t.name for t in plan}) == (name in ("glm-ocr", "glm5.3-flash"))

@@ -91,6 +91,7 @@ class Tower:
     positions: bool  # a learned position table and an RMSNorm after the patch embedding
     qk_norm: bool  # per-head RMSNorm of q and k
     biased: tuple[str, ...]  # the bias groups ("qkv", "out", "ffn") vision_config.attention_bias turns on
+    bias_default: bool = False  # attention_bias when vision_config has none (transformers' default for the family)
     default_norm: tuple[Sequence[float], Sequence[float]] | None = None  # mean/std without preprocessor_config.json
 
 
@@ -128,7 +129,7 @@ class GlmVisionProjector(Projector):
         self.eps = self.vision.get("rms_norm_eps", 1e-5)
         if not is_number(self.eps) or not 0 < self.eps < MAX_NORM_EPS:
             raise family.bad(f"vision_config.rms_norm_eps must be a small positive number, got {shown(self.eps)}")
-        bias = self.vision.get("attention_bias", False)
+        bias = self.vision.get("attention_bias", tower.bias_default)
         if type(bias) is not bool:
             raise family.bad(f"vision_config.attention_bias must be true or false, got {shown(bias)}")
         self.parts = {*(("positions",) if tower.positions else ()), *(("qk_norm",) if tower.qk_norm else ()),

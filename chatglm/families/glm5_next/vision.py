@@ -16,7 +16,8 @@ from chatglm.families.glm5_next import FAMILY
 KV = gguf.Keys.ClipVision
 KEY_SWIGLU_CLAMP = "clip.vision.swiglu_clamp"  # clip-impl.h's KEY_SWIGLU_CLAMP; gguf-py 0.19 predates it
 TOWER = Tower(FAMILY.projectors[0].projector_type, tower_ff=("intermediate_size",),
-              merger_ff=("projection_intermediate_size",), positions=False, qk_norm=True, biased=("qkv", "out", "ffn"))
+              merger_ff=("projection_intermediate_size",), positions=False, qk_norm=True, biased=("qkv", "out", "ffn"),
+              bias_default=True)
 # preprocessor_config.json's token bounds with transformers' defaults
 TOKEN_BUDGET = (("min_image_tokens", 16), ("max_image_tokens", 8000))
 

@@ -7,8 +7,8 @@ default for GLM-OCR), and the top-level ``tie_word_embeddings`` over ``text_conf
 
 Projector: GLM-4.1V's writer (``chatglm/families/glm4v/vision.py``) with ``TOWER`` below: per-head RMSNorm of q
 and k, no learned position table and no norm after the patch embedding; the tower's MLP is ``intermediate_size``
-wide, the merger's ``out_hidden_size * in_channels``; ``attention_bias`` biases qkv, the output projection and the
-MLP.
+wide, the merger's ``out_hidden_size * in_channels``; ``attention_bias`` (true unless said otherwise) biases qkv, the
+output projection and the MLP.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from chatglm.families.glm_ocr import FAMILY
 
 TOWER = Tower(GLM4V.projectors[0].projector_type, tower_ff=("intermediate_size",),
               merger_ff=("out_hidden_size", "in_channels"), positions=False, qk_norm=True,
-              biased=("qkv", "out", "ffn"))
+              biased=("qkv", "out", "ffn"), bias_default=True)
 
 
 class GlmOcr(Glm4v):
