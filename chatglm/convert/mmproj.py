@@ -31,9 +31,9 @@ MMPROJ_FTYPES: dict[QT, gguf.LlamaFileType] = {
 }
 DEFAULT_MMPROJ_TYPE = "f16"
 # clip.cpp's keys (tools/mtmd/clip-impl.h) that every projector writes.
-KEY_PROJ_TYPE = "clip.projector_type"
-KEY_HAS_VISION = "clip.has_vision_encoder"
-KEY_HAS_AUDIO = "clip.has_audio_encoder"
+KEY_PROJ_TYPE = gguf.Keys.Clip.PROJECTOR_TYPE
+KEY_HAS_VISION = gguf.Keys.Clip.HAS_VISION_ENCODER
+KEY_HAS_AUDIO = gguf.Keys.Clip.HAS_AUDIO_ENCODER
 
 
 def mmproj_path(model_path: Path) -> Path:

@@ -2,8 +2,9 @@
 
 A hybrid of linear-attention layers (Kimi delta attention, KDA) and nope-only latent attention layers (MLA) whose
 sparse selection comes from a DSA indexer over k-pools, with hyper-connection residual streams and a DeepSeek-style
-mixture of experts. ``convert.py``: the converter (the vision tower's tensors are left out, see issue #19; the NextN
-layer is kept as ``blk.{L}.nextn.*``). ``chat.py``: the ``glm53flash`` format (the official template, token for token).
+mixture of experts. ``convert.py``: the converter (the NextN layer kept as ``blk.{L}.nextn.*``); ``vision.py``:
+the vision tower as libmtmd's ``glm5v`` projector; ``chat.py``: the ``glm53flash`` format (the official template,
+token for token).
 """
 
 from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect, MediaProjector

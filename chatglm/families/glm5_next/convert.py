@@ -21,7 +21,7 @@ a shared expert; every SwiGLU clamps gate and up at ``swiglu_limit``. After the 
 config.json: transformers saves the text settings in ``text_config`` with flat ``linear_*`` keys; published files may
 have them at the top level with a nested ``linear_attn_config``, and ``first_k_dense_replace``: both are read. Weights:
 ``model.language_model.`` (transformers) or ``model.`` prefixes. The vision tower (``model.visual.*``) is the
-``glm5v`` projector (``Glm5vProjector``, beside GLM-4.5V's in ``chatglm/families/glm4v_moe``); the language model
+``glm5v`` projector (``vision.py``, on GLM-4.1V's writer in ``chatglm/families/glm4v``); the language model
 also loads and chats alone. The ``num_nextn_predict_layers`` NextN (MTP) layers
 after the last one are kept as ``blk.{L}.nextn.*`` (a latent-attention layer with a full indexer; llama.cpp's NextN
 block has no hyper-connections), for speculative decoding.
@@ -42,8 +42,8 @@ from chatglm.convert.hf_layout import HFGlmFamily, template_format
 from chatglm.convert.vocab_bpe import chat_template_of
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.families.glm4_moe.convert import write_expert_metadata
-from chatglm.families.glm4v_moe.convert import Glm5vProjector
 from chatglm.families.glm5_next import FAMILY
+from chatglm.families.glm5_next.vision import Glm5vProjector
 from chatglm.limits import MAX_EXPERTS, MAX_NORM_EPS
 
 T = gguf.MODEL_TENSOR
@@ -504,7 +504,6 @@ class Glm5Next(HFGlmFamily):
                 check_shape(self, t.sources[0], (hp.n_head,))
             elif t.build is _conv4:
                 check_shape(self, t.sources[0], (hp.kda_dim * hp.n_head, 1, hp.d_conv))
-
 
     def projector(self) -> Glm5vProjector:
         """The vision tower (``model.visual.*``): libmtmd's ``glm5v``."""
