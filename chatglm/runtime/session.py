@@ -14,7 +14,6 @@ When the conversation outgrows the context, the oldest whole rounds are dropped 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Generator, Optional, Sequence
 
 from chatglm.errors import ContextOverflowError, InputError
 from chatglm.fsutil import atomic_output
-from chatglm.runtime.chatfiles import FILE_KIND, FILE_VERSION, read_conversation
+from chatglm.runtime.chatfiles import conversation_bytes, read_conversation
 from chatglm.runtime.generation import (Generation, GenerationStats, MessagesLike, ModelBusyError, as_conversation,
                                         drain)
 from chatglm.runtime.messages import TOOLS_SYSTEM, Message
@@ -245,17 +244,22 @@ class ChatSession:
 
     # -- files ------------------------------------------------------------------------------------------------
     def save(self, path: os.PathLike | str) -> None:
-        """Write the conversation as JSON (``{"kind": "chatglm-conversation", "version": 1, "messages": [...]}``)."""
-        data = {"kind": FILE_KIND, "version": FILE_VERSION, "model": self.model.info.description,
-                "messages": [m.to_dict() for m in self._messages]}
+        """Write the conversation as JSON (``{"kind": "chatglm-conversation", "version": 1, "messages": [...]}``;
+        images and audio by path and sha256, or inline when given as bytes: :mod:`chatglm.runtime.chatfiles`)."""
+        data = conversation_bytes(self._messages, self.model.info.description, path)
         with atomic_output(path, sources=[self.model.info.path]) as fh:  # renamed at the end; never over the model
-            fh.write((json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+            fh.write(data)
 
     def load(self, path: os.PathLike | str) -> None:
         """Replace the conversation with one saved by :meth:`save` (or a JSON list of messages).
 
-        The messages must be ones this model's chat format can continue with a user message."""
+        The messages must be ones this model's chat format can continue with a user message; their media (each file
+        read again and checked against its sha256) ones it takes."""
         messages = read_conversation(path)
+        try:
+            self.model.media_of(messages)
+        except InputError as exc:
+            raise InputError(exc.problem, path) from None
         if messages:
             try:
                 self.model.prompt_ids(messages + [Message("user", "")])
