@@ -45,3 +45,7 @@ MAX_IMAGE_SIDE = 16384  # pixels per side; stb_image's own bound is 1 << 24 (STB
 MAX_IMAGE_PIXELS = 1 << 26  # 8192 x 8192: stb_image decodes to 8-bit RGB, 192 MiB at this size
 MAX_AUDIO_SECONDS = 600.0  # miniaudio decodes the whole file to f32 PCM at the projector's rate before chunking
 MAX_MEDIA_PER_REQUEST = 16  # images and audio clips in one chat request
+
+# -- server (issue #19): the request body, which carries images and audio inline as base64 ---------------------------
+MAX_BODY_MIB = 32  # the default body limit (`serve --max-body`): a few phone photos (3-6 MB, 4/3 more as base64)
+MAX_BODY_MIB_SETTING = 1024  # the most --max-body takes (16 files of 32 MiB are 683 MiB as base64)

@@ -178,6 +178,35 @@ def test_session_send_streams_and_cancels(loaded):
     assert loaded.last_stats.finish_reason == "cancelled"
 
 
+def test_a_saved_conversation_keeps_its_images(loaded, tmp_path):
+    """/save and /load (ChatSession.save/load) of a conversation with an image from a file and one given as bytes:
+    the loaded session writes the same prompt, images in place; a changed file is refused in one line."""
+    from chatglm.devtools.glm4v import png_bytes, test_image
+    from chatglm.errors import InputError
+    from chatglm.runtime.messages import Message
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes(test_image(112, 112, 5)))
+    session = loaded.session(max_tokens=3, temperature=0)
+    session.chat([Message.from_dict({"role": "user", "content": [
+        {"type": "text", "text": "Compare"}, {"type": "image", "image": str(photo)}, {"type": "text", "text": "with"},
+        {"type": "image", "image": image(112, 112, 6)[1].data}]})])
+    session.save(tmp_path / "conv.json")
+    restored = loaded.session()
+    restored.load(tmp_path / "conv.json")
+    nxt = [Message("user", "And now?")]
+    def media(s):  # (a medium's name says where it came from: a saved one's is its part)
+        return [[(x.kind, x.data, x.offset, x.path) for x in m.media] for m in s.messages]
+
+    assert media(restored) == media(session) and media(session)[0][0][1:] == (photo.read_bytes(), 7, str(photo))
+    assert loaded.prompt_ids(restored.messages + nxt) == loaded.prompt_ids(session.messages + nxt)
+    photo.write_bytes(png_bytes(test_image(112, 112, 7)))
+    with pytest.raises(InputError, match=r"conv\.json: messages\[0\]\.content\[1\]: the saved image .*photo\.png "
+                                         r"has changed since the conversation was saved"):
+        restored.load(tmp_path / "conv.json")
+    assert len(restored.messages) == 2  # the conversation stays as it was
+
+
 def test_a_later_turn_keeps_the_image_in_the_cache(loaded, built, processor):
     from chatglm.runtime.messages import Message
 

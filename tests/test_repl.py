@@ -222,3 +222,30 @@ def test_terminal_ctrl_c(tmp_path):
     c.expect(pexpect.EOF)  # Ctrl-C at an empty prompt leaves
     c.close()
     assert c.exitstatus == 0
+
+
+def test_images_stand_where_typed_and_survive_save_and_load(tmp_path, capsys):
+    """/image before a message puts the picture before its text; a /image line inside a multi-line message puts it
+    there; /save and /load keep them (the toy engine sees no pixels: media_of is told the model takes them)."""
+    from chatglm.devtools import media_files as mf
+
+    import numpy as np
+
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    first.write_bytes(mf.png(np.zeros((4, 6, 3), dtype=np.uint8)))
+    second.write_bytes(mf.png(np.full((2, 3, 3), 200, dtype=np.uint8)))
+    saved = tmp_path / "conv.json"
+    session = toy_model().session()
+    session.model.media_of = lambda messages: ()  # the toy model "takes" images (its prompts stay text)
+    lines = [f"/image {first}", '"""Compare', f"/image {second}", "with", f"  /image {first}  ", 'this"""',
+             '"""/image missing.png', 'not sent"""', f"/save {saved}", "/clear", f"/load {saved}", "/exit"]
+    Repl(session, editor=ScriptedEditor(lines)).run()
+    err = capsys.readouterr().err
+    assert f"attached {first} (6x4) to the next message" in err
+    assert "error: missing.png: file not found" in err
+    user = [m for m in session.messages if m.role == "user"]
+    assert len(user) == 1 and user[0].content == "Compare\nwith\nthis"
+    assert [(x.path, x.offset) for x in user[0].media] == [(str(first), 0), (str(second), 8), (str(first), 13)]
+    assert f"loaded 2 messages from {saved}" in err  # /load after /clear brought the images back
+    parts = json.loads(saved.read_text(encoding="utf-8"))["messages"][0]["content"]
+    assert [p.get("text", p["type"]) for p in parts] == ["image", "Compare\n", "image", "with\n", "image", "this"]

@@ -3,6 +3,8 @@ exit code 2 before anything starts."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -139,3 +141,48 @@ def test_serve_without_a_model_serves_the_store(glm3_gguf, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=5)
+
+
+
+@contextlib.contextmanager
+def serving(gguf, *args: str):
+    """``chatglm serve GGUF ARGS`` in a child process on a free port: (the process, its stderr, the port) once it
+    answers /health; killed at the end if it is still running."""
+    from fixtures_server import raw_request
+
+    proc = subprocess.Popen([sys.executable, "-c", RUN_SERVE, str(gguf), "--port", "0", "--n-ctx", "128",
+                             "--threads", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stderr = StderrReader(proc)
+        port = int(stderr.wait_url(60).rpartition(":")[2])
+        deadline = time.monotonic() + 30
+        while raw_request(port, "GET", "/health").status != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.05)
+        yield proc, stderr, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@pytest.mark.parametrize("value", ["0", "1025", "lots"])
+def test_max_body_out_of_range_is_exit_2(cli, glm3_gguf, value):
+    result = CliRunner().invoke(cli, [str(glm3_gguf), "--port", "0", "--max-body", value])
+    assert result.exit_code == 2 and "--max-body" in result.output
+
+
+def test_max_body_sets_the_request_limit(glm3_gguf):
+    """``--max-body 1``: a body of exactly 1 MiB is served, one byte more is a 413 naming the limit."""
+    from fixtures_server import raw_request
+
+    with serving(glm3_gguf, "--max-body", "1") as (proc, _, port):
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()[:-1]
+        headers = {"Content-Type": "application/json"}
+        under = body + b" " * ((1 << 20) - len(body) - 1) + b"}"
+        assert len(under) == 1 << 20
+        assert raw_request(port, "POST", "/v1/chat/completions", under, headers).status == 200
+        over = raw_request(port, "POST", "/v1/chat/completions", under[:-1] + b" }", headers)
+        assert over.status == 413 and "the server's limit of 1048576 bytes" in over.json()["error"]["message"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0

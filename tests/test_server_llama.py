@@ -119,7 +119,7 @@ BAD = [
     ("missing messages", {"json": {"model": "tiny"}}, 400, None, "messages: Field required"),
     ("unknown role", {"json": {"messages": [{"role": "wizard", "content": "x"}]}}, 400, None, "unknown role 'wizard'"),
     ("negative max_tokens", {"json": {"messages": user("x"), "max_tokens": -1}}, 400, None, "max_tokens"),
-    ("10 MB body", {"json": {"messages": user("x" * (10 << 20))}}, 413, "request_too_large", "larger than"),
+    ("40 MB body", {"json": {"messages": user("x" * (40 << 20))}}, 413, "request_too_large", "larger than"),
     ("wrong API key", {"json": {"messages": user("x")}, "headers": {"Authorization": "Bearer nope"}},
      401, "invalid_api_key", "invalid API key"),
     ("no API key", {"json": {"messages": user("x")}, "headers": {"Authorization": ""}},

@@ -9,14 +9,17 @@ and the server keeps serving after each bad request. The official ``openai`` cli
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import openai
 import pytest
-from fixtures_server import LLAMA_KEY, ScriptedModel, answer, http, llama_server, openai_client, serve  # noqa: F401
+from fixtures_server import (LLAMA_KEY, ScriptedModel, answer, http, llama_server, openai_client,  # noqa: F401
+                             raw_request, serve)
 
 from chatglm.devtools import media_files as mf
 from chatglm.limits import MAX_MEDIA_PER_REQUEST
+from chatglm.server.body import MAX_BODY_BYTES, parse_request
 
 PIXELS = np.random.default_rng(7).integers(0, 256, (14, 28, 3), dtype=np.uint8)
 PNG = mf.png(PIXELS)
@@ -147,3 +150,41 @@ def test_the_real_text_only_glm_refuses_an_image_and_keeps_serving(llama_server)
     assert "takes text only; it cannot read audio" in info.value.body["message"]
     reply = client.chat.completions.create(model="tiny", messages=user(TEXT), max_tokens=2)
     assert reply.usage.completion_tokens >= 1
+
+
+def padded(body: bytes, size: int) -> bytes:
+    """``body`` (a JSON object) grown to exactly ``size`` bytes with whitespace before its closing brace."""
+    assert body.endswith(b"}") and len(body) <= size
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def test_the_default_body_limit_takes_32_mib_and_not_a_byte_more(seeing):
+    """The default limit is sized for a few images (base64 in the body); one byte past it is a 413, the body read
+    only up to the limit (the rest drained, not kept)."""
+    model, live, _ = seeing
+    assert MAX_BODY_BYTES == 32 << 20
+    body = json.dumps({"messages": user(image_part(), TEXT), "max_tokens": 2}).encode()
+    headers = {"Content-Type": "application/json"}
+    under = raw_request(live.port, "POST", "/v1/chat/completions", padded(body, MAX_BODY_BYTES), headers, timeout=60)
+    assert under.status == 200, under.body[:300]
+    assert model.received[-1][0].media[0].data == PNG
+    over = raw_request(live.port, "POST", "/v1/chat/completions", padded(body, MAX_BODY_BYTES + 1), headers,
+                       timeout=60)
+    assert over.status == 413 and over.json() == {"error": {
+        "message": f"the request body is larger than the server's limit of {MAX_BODY_BYTES} bytes",
+        "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
+    assert b"\n" not in over.body.strip()
+
+
+def test_ollama_images_stand_before_the_text():
+    """Ollama's ``images`` go before the message's text (as Ollama places them), each named by its part."""
+    jpeg = mf.jpeg(16, 8)
+    body = {"model": "m", "messages": [{"role": "user", "content": "What is this?",
+                                        "images": [base64.b64encode(x).decode() for x in (PNG, jpeg)]}]}
+    (message,) = parse_request(json.dumps(body).encode(), "application/json", "/api/chat").messages
+    assert message.content == "What is this?"
+    assert [(m.format, m.offset, m.name) for m in message.media] == [
+        ("png", 0, "messages[0].content[0]"), ("jpeg", 0, "messages[0].content[1]")]
+    generate = {"model": "m", "prompt": "Describe.", "images": [base64.b64encode(PNG).decode()]}
+    (message,) = parse_request(json.dumps(generate).encode(), "application/json", "/api/generate").messages
+    assert message.content == "Describe." and [m.offset for m in message.media] == [0]

@@ -7,11 +7,12 @@ and returns to the prompt (the SIGINT handler only sets the reply's cancel event
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -36,10 +37,12 @@ HELP = f"""Commands:
   /show                 model information and current settings
   /save FILE            write the conversation as JSON
   /load FILE            replace the conversation with one saved by /save
-  /image PATH           attach an image to the next message (a model with a projector)
+  /image PATH           attach an image to the next message, before its text (a model with a projector)
   /audio FILE           attach audio (WAV, MP3, FLAC) to the next message (speech models)
   /exit                 leave (also /quit, /bye, Ctrl-D, or Ctrl-C at an empty prompt)
-Input: {FENCE} starts and ends a multi-line message. Ctrl-C stops a reply."""
+Input: {FENCE} starts and ends a multi-line message; inside one, a line /image PATH (or /audio FILE) puts the
+image where the line is. Ctrl-C stops a reply."""
+MEDIA_LINE = re.compile(r"/(image|audio)\s+(\S.*)")  # a line of a multi-line message that places a medium
 SETTINGS: dict[str, type] = {name: k.kind for name, k in knobs().items()}  # /set NAME VALUE: SamplingParams
 
 
@@ -135,11 +138,10 @@ class Repl:
                 text = self.read_message()
                 if not text.strip():
                     continue
-                if text.startswith("/"):
+                if text.startswith("/") and not ("\n" in text and MEDIA_LINE.fullmatch(text.partition("\n")[0])):
                     self.command(text.strip())
                 else:
-                    media, self.attached = tuple(self.attached), []
-                    self.turn(Message("user", text, media=media))
+                    self.send(text)
         except Leave:
             pass
         finally:
@@ -176,6 +178,31 @@ class Repl:
                 out("\n")
                 if not self.editor.pending().strip():
                     raise Leave from None
+
+    def send(self, text: str) -> None:
+        try:
+            message = self.compose(text)
+        except ChatGLMError as exc:
+            note(f"error: {exc}")
+            return
+        self.attached = []
+        self.turn(message)
+
+    def compose(self, text: str) -> Message:
+        """The user message typed: media attached with /image or /audio before it stand before its text; in a
+        multi-line message, a line ``/image PATH`` (or ``/audio``) puts that medium where the line is."""
+        lines = text.split("\n")
+        kept: list[str] = []
+        media = list(self.attached)
+        for line in lines:
+            match = MEDIA_LINE.fullmatch(line.strip()) if len(lines) > 1 else None
+            if match is None:
+                kept.append(line)
+                continue
+            at = len("\n".join(kept)) + bool(kept)  # the start of the next line
+            media.append(replace(self.checked(match[1], match[2]), offset=at))
+        body = "\n".join(kept)
+        return Message("user", body, media=tuple(replace(x, offset=min(x.offset, len(body))) for x in media))
 
     # -- replies ----------------------------------------------------------------------------------------------
     def turn(self, message: Optional[Message]) -> None:
@@ -254,15 +281,20 @@ class Repl:
 
     def attach(self, kind: str, arg: str) -> None:
         """/image, /audio: check the file now (a text-only model refuses it now), send it with the next message."""
+        media = self.checked(kind, arg)
+        self.attached.append(media)
+        size = f"{media.width}x{media.height}" if kind == "image" else f"{media.frames / max(media.sample_rate, 1):.1f} s"
+        note(f"attached {media.name} ({size}) to the next message")
+
+    def checked(self, kind: str, arg: str):
+        """The medium a /image or /audio names, read and checked (a text-only model refuses it now)."""
         from chatglm.runtime.media import load_media
 
         if not arg:
             raise InputError(f"/{kind} needs a file name")
         media = load_media(Path(arg).expanduser(), kind)
         self.model.media_of([Message("user", "", media=(media,))])
-        self.attached.append(media)
-        size = f"{media.width}x{media.height}" if kind == "image" else f"{media.frames / max(media.sample_rate, 1):.1f} s"
-        note(f"attached {media.name} ({size}) to the next message")
+        return media
 
     def cmd_help(self, _arg: str) -> None:
         note(HELP)

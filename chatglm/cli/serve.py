@@ -14,7 +14,7 @@ import typer
 from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, Threads, handle_errors, non_empty, number,
                                setup_logging)
 from chatglm.errors import ChatGLMError, InputError
-from chatglm.limits import MAX_CONTEXT
+from chatglm.limits import MAX_BODY_MIB, MAX_BODY_MIB_SETTING, MAX_CONTEXT
 from chatglm.store import resolve
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ def serve_cmd(
                                                     help="Name in /v1/models (file stem).")] = None,
     max_models: Annotated[int, number(("--max-models",), "Serving the store: models resident at once.", 1,
                                       MAX_PARALLEL)] = 1,
+    max_body: Annotated[int, number(("--max-body",), "Largest request body, in MiB (images travel inside it).", 1,
+                                    MAX_BODY_MIB_SETTING)] = MAX_BODY_MIB,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests and model loading.")] = False,
     allow_host: Annotated[Optional[list[str]], typer.Option(
         "--allow-host", help="Also answer requests for this Host name (repeatable; loopback without a key "
@@ -91,7 +93,7 @@ def serve_cmd(
                          "list_store": lambda: [(e.ref, e.gguf) for e in Store(store.root).entries()]}
     config = ServerConfig(model_id=model_id or ("store" if serving_store else str(model) if named else path.stem),
                           api_key=api_key or None, cors_origin=cors_origin, max_queue=queue_size,
-                          allowed_hosts=hosts, pull=store_pull, **store_options)
+                          max_body_bytes=max_body << 20, allowed_hosts=hosts, pull=store_pull, **store_options)
     server = uvicorn.Server(uvicorn.Config(create_app(models, config, parallel), log_level="info" if verbose
                                            else "warning", access_log=verbose, timeout_graceful_shutdown=5))
     warn_if_exposed(host, api_key)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -198,3 +199,35 @@ def bf16_copy(folder: str | Path, dest: str | Path) -> Path:
         state = load_file(shard)
         save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(shard), metadata={"format": "pt"})
     return dest
+
+
+@contextmanager
+def ggml_conv_precision(model):
+    """Inside the block, ``model``'s vision tower computes its two convolutions (the patch embedding and the patch
+    merger's ``downsample``) at the precision libmtmd's glm4v graph does: ``ggml_conv_2d`` (ggml/src/ggml.c) builds
+    its im2col in F16 for every kernel type but BF16, and ``ggml_mul_mat`` converts the f32 kernel to that type, so
+    the convolution's input and kernel are both rounded to f16 (products summed in f32). docs/vision_precision.md
+    has the measurements; the weights are restored on leaving."""
+    import torch
+
+    visual = model.model.visual
+    convs = [visual.patch_embed.proj, visual.downsample]
+    saved = [conv.weight.detach().clone() for conv in convs]
+    hooks = [conv.register_forward_pre_hook(lambda _mod, args: (_to_f16(args[0]), *args[1:])) for conv in convs]
+    try:
+        with torch.no_grad():
+            for conv in convs:
+                conv.weight.copy_(_to_f16(conv.weight))
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
+        with torch.no_grad():
+            for conv, weight in zip(convs, saved):
+                conv.weight.copy_(weight)
+
+
+def _to_f16(t):
+    import torch
+
+    return t.to(torch.float16).to(t.dtype)

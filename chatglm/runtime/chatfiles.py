@@ -2,16 +2,32 @@
 
 Every problem is one :class:`InputError` naming the file and the field, as a path into the JSON value
 (``messages[2].role: expected a string, got a list``), before any of it reaches a chat format.
+
+A message with images or audio is saved with its content as parts in their order (``{"type": "text", "text": ...}``,
+``{"type": "image", "image": ..., "sha256": ...}``, ``"audio"`` likewise): a medium read from a file as its absolute
+path and the sha256 of the bytes the model saw, one given as bytes (the API, the server) inline as a base64
+``data:`` URL, the whole file within the :data:`~chatglm.fsutil.MAX_JSON_BYTES` that reading takes. Loading reads
+each file again and refuses one that is missing or whose sha256 differs; a relative path is taken from the
+conversation file's folder. Files without media are as before.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import json
 import os
-from typing import Any, Optional
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from chatglm.errors import InputError
-from chatglm.fsutil import read_json
-from chatglm.runtime.messages import ROLE_ALIASES, ROLES, Message
+from chatglm.fsutil import MAX_JSON_BYTES, read_bytes, read_json
+from chatglm.limits import MAX_MEDIA_BYTES
+from chatglm.runtime.media import KINDS, Media, load_media
+from chatglm.runtime.messages import ROLE_ALIASES, ROLES, Message, in_order
 
 FILE_KIND = "chatglm-conversation"
 FILE_VERSION = 1
@@ -21,6 +37,10 @@ _JSON_TYPES = ((type(None), "null"), (bool, "true/false"), (int, "a number"), (f
                (str, "a string"), (list, "a list"), (dict, "an object"))
 # Optional text fields of a message (null means absent).
 _TEXT_FIELDS = ("metadata", "thinking", "reasoning_content")
+MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "bmp": "image/bmp", "gif": "image/gif", "wav": "audio/wav",
+              "mp3": "audio/mpeg", "flac": "audio/flac"}  # a data: URL's type for each format load_media takes
+MAX_BASE64 = (MAX_MEDIA_BYTES + 2) // 3 * 4  # the longest base64 text of an accepted medium
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def read_json_file(path: os.PathLike | str) -> Any:
@@ -86,12 +106,69 @@ class Shape:
         if calls is not None:
             for i, call in enumerate(self.expect(calls, list, f"{where}.tool_calls")):
                 self.tool_call(call, f"{where}.tool_calls[{i}]")
+        media: tuple[Media, ...] = ()
+        if type(item.get("content")) is list:
+            text, media = self.parts(item["content"], f"{where}.content")
+            item = {**item, "content": text}
         self.text(item, "content", where, required=not (role == "assistant" and calls))
         for key in _TEXT_FIELDS:
             self.text(item, key, where)
         if item.get("tools") is not None:
             self.tools(item["tools"], f"{where}.tools")
-        return Message.from_dict(item)
+        return replace(Message.from_dict(item), media=media)
+
+    def parts(self, parts: list, where: str) -> tuple[str, tuple[Media, ...]]:
+        """A content list: the texts joined, each medium at its place among them."""
+        texts, media = [], []
+        for j, part in enumerate(parts):
+            at = f"{where}[{j}]"
+            self.expect(part, dict, at)
+            kind = self.text(part, "type", at, required=True)
+            if kind == "text":
+                texts.append(self.text(part, "text", at, required=True))
+            elif kind in KINDS:
+                media.append(replace(self.medium(part, kind, at), offset=sum(map(len, texts))))
+            else:
+                raise self.fail(f"{at}.type", f"unknown content part {kind!r}; expected text, {' or '.join(KINDS)}")
+        return "".join(texts), tuple(media)
+
+    def medium(self, part: dict, kind: str, at: str) -> Media:
+        """A saved image or audio part: a file (its sha256 checked when given) or a base64 ``data:`` URL."""
+        source = self.text(part, kind, at, required=True)
+        digest = self.text(part, "sha256", at)
+        if digest is not None and not SHA256.fullmatch(digest):
+            raise self.fail(f"{at}.sha256", "expected 64 lowercase hex digits")
+        if source.startswith("data:"):
+            data, shown = self.inline(source, kind, at), ""
+        else:
+            file = Path(self.path).parent / Path(source).expanduser()  # (an absolute path stays as it is)
+            shown = str(file)
+            if not os.path.lexists(file):
+                raise self.fail(at, f"the saved {kind} {shown} is missing")
+            try:
+                data = read_bytes(file, max_bytes=MAX_MEDIA_BYTES, what=f"the {kind} file")
+            except InputError as exc:
+                raise self.fail(at, f"the saved {kind} {shown}: {exc.problem}") from None
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+            raise self.fail(at, f"the saved {kind} {shown or 'inline'} has changed since the conversation was saved "
+                                "(its sha256 differs)")
+        try:
+            media = load_media(data, kind, name=shown or at)
+        except InputError as exc:
+            raise self.fail(at, f"the saved {kind} {shown}: {exc.problem}" if shown else exc.problem) from None
+        return replace(media, path=os.path.abspath(shown)) if shown else media
+
+    def inline(self, url: str, kind: str, at: str) -> bytes:
+        """The bytes of a base64 ``data:`` URL, bounded before decoding."""
+        head, comma, payload = url[5:].partition(",")
+        if not comma or not head.endswith(";base64"):
+            raise self.fail(f"{at}.{kind}", "a data: URL must be base64 (data:TYPE;base64,...)")
+        if len(payload) > MAX_BASE64:
+            raise self.fail(f"{at}.{kind}", f"the {kind} is larger than the {MAX_MEDIA_BYTES} bytes accepted")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise self.fail(f"{at}.{kind}", "not valid base64") from None
 
     def tool_call(self, call: Any, where: str) -> None:
         self.expect(call, dict, where)
@@ -120,6 +197,32 @@ class Shape:
                                 f"got {json_type(data)}")
         self.expect(data, list, "messages")
         return [self.message(item, f"messages[{i}]") for i, item in enumerate(data)]
+
+
+def media_part(x: Media) -> dict:
+    """How a saved conversation keeps one medium: its file and sha256, or (given as bytes) its bytes inline."""
+    if x.path:
+        return {"type": x.kind, x.kind: x.path, "sha256": hashlib.sha256(x.data).hexdigest()}
+    return {"type": x.kind, x.kind: f"data:{MIME_TYPES[x.format]};base64,{base64.b64encode(x.data).decode()}"}
+
+
+def message_record(m: Message) -> dict:
+    """A message as a conversation file holds it (:meth:`Message.to_dict`, the content as parts when it has media)."""
+    out = m.to_dict()
+    if m.media:
+        out["content"] = [{"type": "text", "text": x} if isinstance(x, str) else media_part(x) for x in in_order(m)]
+    return out
+
+
+def conversation_bytes(messages: Sequence[Message], model: str, path: os.PathLike | str) -> bytes:
+    """The UTF-8 JSON of a conversation file; refused when reading it back would be (more than the JSON bound)."""
+    data = {"kind": FILE_KIND, "version": FILE_VERSION, "model": model,
+            "messages": [message_record(m) for m in messages]}
+    out = (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+    if len(out) > MAX_JSON_BYTES:
+        raise InputError(f"the conversation would take {len(out)} bytes, more than the {MAX_JSON_BYTES} a conversation "
+                         "file may hold (its media given as bytes are kept inline: attach big ones from files)", path)
+    return out
 
 
 def read_conversation(path: os.PathLike | str) -> list[Message]:

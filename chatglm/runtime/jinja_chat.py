@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 from chatglm.errors import InputError
 from chatglm.limits import MAX_CHAT_TEMPLATE
-from chatglm.runtime.messages import Message, tools_only
+from chatglm.runtime.messages import Message, in_order, tools_only
 from chatglm.runtime.prompts import ChatFormat, Tokenizer, get_format
 from chatglm.runtime.prompts_glm import GLM4_STOPS, XmlReplies
 from chatglm.schema import keys
@@ -221,9 +221,9 @@ def hf_messages(messages: Sequence[Message]) -> tuple[list[dict], Optional[list]
             if tools_only(m):
                 continue
         d: dict[str, Any] = {"role": "tool" if m.role == "observation" else m.role, "content": m.content}
-        if m.media:  # transformers' content parts: the media first, then the text
-            d["content"] = [{"type": x.kind} for x in m.media] + ([{"type": "text", "text": m.content}]
-                                                                  if m.content else [])
+        if m.media:  # transformers' content parts, each medium where it stands in the text
+            d["content"] = [{"type": "text", "text": x} if isinstance(x, str) else {"type": x.kind}
+                            for x in in_order(m)]
         if m.role == "assistant":
             if m.thinking:
                 d["reasoning_content"] = m.thinking
@@ -266,6 +266,7 @@ class JinjaFormat(XmlReplies, ChatFormat):
     name = JINJA_FORMAT
     stop_tokens = GLM4_STOPS
     openai_tools = True
+    places_media = True
 
     def __init__(self, special: dict[str, int], template: str, added: Optional[dict[str, int]] = None):
         super().__init__(special)
@@ -291,3 +292,15 @@ def chat_format(name: str, special: dict[str, int], template: str = "",
     if not template:
         raise InputError("the jinja chat format needs the model's chat template, and this GGUF carries none")
     return JinjaFormat(special, template, added)
+
+
+def media_format(fmt: ChatFormat, special: dict[str, int], template: str = "",
+                 added: Optional[dict[str, int]] = None) -> Optional[ChatFormat]:
+    """The format that renders conversations holding images or audio: ``fmt`` when it places media; else, for a
+    builder that reproduces the checkpoint's template for text (GLM-5.3-Flash's ``glm53flash``), that template
+    itself, sandboxed (it writes each image part where it stands, as ``apply_chat_template`` does); else None."""
+    if fmt.places_media:
+        return fmt
+    if template and fmt.renders_template:
+        return JinjaFormat(special, template, added)
+    return None

@@ -23,7 +23,7 @@ readers of each format are in :mod:`chatglm.runtime.media_formats`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
@@ -51,6 +51,7 @@ class Media:
     channels: int = 0
     frames: int = 0  # audio samples per channel
     offset: int = 0  # where it stands in its message's text (characters before it): 0 is before the text
+    path: str = ""  # the file it was read from (absolute), "" for bytes: a saved conversation names it
 
     @property
     def seconds(self) -> float:
@@ -67,11 +68,12 @@ def load_media(source: Union[str, bytes, os.PathLike], kind: str, name: str = ""
         data, name = bytes(source), name or f"the {kind}"
         if len(data) > MAX_MEDIA_BYTES:
             raise InputError(f"is {len(data)} bytes, more than the {MAX_MEDIA_BYTES} accepted for one {kind}", name)
+        path = ""
     else:
-        name = name or os.fspath(source)
+        name, path = name or os.fspath(source), os.path.abspath(source)
         data = fsutil.read_bytes(Path(source), max_bytes=MAX_MEDIA_BYTES, what=f"the {kind} file")
     try:
-        return _check(data, kind, name)
+        return replace(_check(data, kind, name), path=path)
     except BadMedia as exc:
         raise InputError(str(exc), name) from None
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 if TYPE_CHECKING:
     from chatglm.runtime.media import Media
@@ -31,7 +31,7 @@ class Message:
     tools: Optional[list[dict]] = None  # on a system message: the tools the model may call
     thinking: str = ""  # GLM-Z1 / GLM-4.5 <think> text, kept apart from the answer
     tool_call_id: str = ""  # on a tool result: the id of the call it answers (GLM-5.3-Flash orders results by it)
-    media: tuple["Media", ...] = ()  # images and audio of this message, in order (placed before its text)
+    media: tuple["Media", ...] = ()  # images and audio of this message, in order, each at its ``offset`` in the text
 
     @classmethod
     def from_dict(cls, data: dict) -> "Message":
@@ -74,7 +74,7 @@ class Message:
 
 def content_parts(parts: list) -> tuple[str, tuple]:
     """transformers' content parts: ``{"type": "text", "text": ...}`` joined, ``{"type": "image", "image": path or
-    bytes}`` (and ``"audio"``) loaded and checked, in order."""
+    bytes}`` (and ``"audio"``) loaded and checked, each medium at its place among the texts (``Media.offset``)."""
     from chatglm.errors import InputError
     from chatglm.runtime.media import KINDS, load_media
 
@@ -84,7 +84,7 @@ def content_parts(parts: list) -> tuple[str, tuple]:
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind in KINDS and isinstance(part.get(kind), (str, bytes, os.PathLike)):
-            media.append(load_media(part[kind], kind))
+            media.append(replace(load_media(part[kind], kind), offset=sum(map(len, texts))))
         else:
             raise InputError(f"a content part must be {{'type': 'text', 'text': ...}} or {{'type': 'image', 'image': "
                              f"path or bytes}}, got {str(part)[:60]}")
@@ -94,6 +94,26 @@ def content_parts(parts: list) -> tuple[str, tuple]:
 def declared_tools(messages: Sequence[Message]) -> list[dict]:
     """Every tool the conversation's system messages declare, in order."""
     return [t for m in messages if m.role == "system" and m.tools for t in m.tools]
+
+
+def in_order(m: Message) -> list[Union[str, "Media"]]:
+    """The message's text and media as content parts in their order: each medium where its ``offset`` puts it, the
+    text split around it (no empty texts). A message without media is its text alone."""
+    from chatglm.errors import InputError
+
+    out: list[Union[str, "Media"]] = []
+    at = 0
+    for x in m.media:
+        if not at <= x.offset <= len(m.content):
+            raise InputError(f"{x.name}: its place in the message (offset {x.offset}) is outside the text's "
+                             f"{len(m.content)} characters or before the medium ahead of it")
+        if x.offset > at:
+            out.append(m.content[at:x.offset])
+        out.append(x)
+        at = x.offset
+    if at < len(m.content):
+        out.append(m.content[at:])
+    return out
 
 
 def tools_only(m: Message) -> bool:

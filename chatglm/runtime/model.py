@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Generator, Iterator, Optional, Sequence
 
@@ -23,6 +24,7 @@ from chatglm.runtime.generation import (Generation, GenerationStats, MessagesLik
 from chatglm.runtime.loader import open_engine
 from chatglm.runtime.messages import Message, ToolCall, declared_tools
 from chatglm.runtime.jinja_chat import chat_format as make_format
+from chatglm.runtime.jinja_chat import media_format
 from chatglm.runtime.prompts import ChatFormat, split_options, template_options
 from chatglm.runtime.sampling import SamplingParams
 
@@ -91,8 +93,24 @@ class Model:
         """The conversation as the model sees it, ending with the prompt for the assistant's reply. ``options``: the
         template options (``enable_thinking``, ``clear_thinking``, ``reasoning_effort``, ``template_kwargs={...}``)."""
         self._check_open()
-        with self.format.using(template_options(options)):
-            return self.format.prompt_ids(as_conversation(messages), self.engine)
+        conversation = as_conversation(messages)
+        fmt = self.format_for(conversation)
+        with fmt.using(template_options(options)):
+            return fmt.prompt_ids(conversation, self.engine)
+
+    @cached_property
+    def media_format(self) -> Optional[ChatFormat]:
+        """What renders a conversation holding media: the format itself, or the template a builder stands for
+        (made on first use: a text-only chat never compiles it)."""
+        info = self.engine.info
+        return media_format(self.format, info.special, info.chat_template, info.added)
+
+    def format_for(self, messages: Sequence[Message]) -> ChatFormat:
+        """The chat format that writes ``messages``: :attr:`media_format` when one of them holds an image or audio
+        (and there is one), else :attr:`format`."""
+        if any(m.media for m in messages) and self.media_format is not None:
+            return self.media_format
+        return self.format
 
     def media_of(self, messages: Sequence[Message]) -> tuple["Media", ...]:
         """Every medium of the conversation, in prompt order; refused when this model cannot take them."""

@@ -35,6 +35,9 @@ class ChatFormat(ABC):
     # Whether the format stands for a Jinja chat template the checkpoint ships (GLM-4.5 and later), so that a GGUF
     # carrying another template is better served by rendering that one (the sandboxed path) than by this builder.
     renders_template: ClassVar[bool] = False
+    # Whether prompt_ids writes each medium of a message (its placeholder token) where it stands; a format that
+    # does not leaves conversations with media to the checkpoint's template (``jinja_chat.media_format``).
+    places_media: ClassVar[bool] = False
     # Template options the format reads (``enable_thinking``, ``clear_thinking``, ``reasoning_effort``); the others
     # ignore them, as their templates do.
     option_names: ClassVar[tuple[str, ...]] = ()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+from chatglm.limits import MAX_BODY_MIB
 from chatglm.runtime.messages import Message
 from chatglm.server import ollama
 from chatglm.server.errors import APIError
@@ -18,7 +19,7 @@ from chatglm.server.mapping import to_messages
 from chatglm.server.schema import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from chatglm.server.strictjson import loads
 
-MAX_BODY_BYTES = 4 << 20
+MAX_BODY_BYTES = MAX_BODY_MIB << 20
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,9 @@ def _message(raw: Any, i: int) -> Any:
         return {k: v for k, v in raw.items() if k != "images"}
     if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
         raise invalid("images must be a list of base64 strings", f"messages[{i}].images")
-    parts = [{"type": "text", "text": raw.get("content") or ""}]
-    parts += [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{x}"}} for x in images]
+    # Ollama puts a message's images before its text
+    parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{x}"}} for x in images]
+    parts.append({"type": "text", "text": raw.get("content") or ""})
     return {**{k: v for k, v in raw.items() if k != "images"}, "content": parts}
 
 
