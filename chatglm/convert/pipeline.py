@@ -23,7 +23,7 @@ from chatglm.convert.family import Family, OutTensor, check_complete, detect
 from chatglm.convert.mmproj import (CLIP_ARCH, DEFAULT_MMPROJ_TYPE, KEY_PROJ_TYPE, MMPROJ_FTYPES, Projector, mmproj_path, mmproj_qtype,
                                     plan_projector, stored_type)
 from chatglm.convert.lora import merged
-from chatglm.convert.ptuning import has_prefix, prefix_source, read_prefix, write_prefix
+from chatglm.convert.ptuning import has_prefix, open_ptuning, prefix_source, read_prefix, write_prefix
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError
 from chatglm.fsutil import atomic_path
@@ -75,18 +75,18 @@ def convert(
     weights, each scaled by ``lora_scale`` (one value for all, or one per adapter). A vision or speech checkpoint's
     projector is written beside the output as ``mmproj-<stem>.gguf`` (``mmproj_type``; ``mmproj=False`` skips it);
     both files appear together or neither does. A P-Tuning v2 prefix (``ptuning``, a folder with the trained
-    ``prefix_encoder``, or ``model_dir`` itself when it is a full P-Tuning checkpoint) is evaluated and written into
-    the GGUF's metadata (``convert/ptuning.py``).
+    ``prefix_encoder``, a PEFT prefix-tuning adapter, or ``model_dir`` itself when it is a full P-Tuning checkpoint)
+    is evaluated and written into the GGUF's metadata (``convert/ptuning.py``).
     """
     start = time.perf_counter()
     recipe = qtypes.get_recipe(qtype)
     model_dir = Path(model_dir)
-    with Checkpoint(model_dir) as raw, (Checkpoint(Path(ptuning)) if ptuning is not None else nullcontext()) as pt:
+    with Checkpoint(model_dir) as raw, (open_ptuning(ptuning) if ptuning is not None else nullcontext()) as pt:
         ckpt = merged(dequantized(raw), lora, lora_scale)
         family = detect(ckpt)
         prefix = None
         if pt is not None or has_prefix(raw):
-            prefix = read_prefix(*prefix_source(raw, pt), layout=family.prefix_layout())
+            prefix = read_prefix(*prefix_source(raw, pt, family.arch), layout=family.prefix_layout())
         plan = family.tensors()
         projector = family.projector()
         projector_plan = plan_projector(projector) if projector is not None else []
