@@ -34,6 +34,25 @@ def glm4_pt(tmp_path_factory):
     return model, tok, base, folder, prefix, gguf
 
 
+def test_the_transformers_layout_is_refused_in_one_line(glm4_pt, tmp_path):
+    """GlmForCausalLM (glm-4-9b-chat-hf): transformers' forward numbers the tokens after a cached prefix from P, not
+    0 as THUDM's does, so neither a THUDM prefix nor a PEFT adapter (sized for it by PEFT) is taken."""
+    from test_ptuning_peft import write_peft_prefix
+
+    from chatglm.errors import UnsupportedModelError
+
+    model, tok, _, folder, prefix, _ = glm4_pt
+    _, hf = build_checkpoint("glm4-hf", tmp_path / "hf", tok, seed=4)
+    n_layer, n_kv, head_dim = _layout(model)
+    rows = np.ascontiguousarray(prefix.transpose(2, 0, 1, 3).reshape(P, -1))
+    peft = write_peft_prefix(tmp_path / "peft", rows, n_layer=n_layer, n_heads=n_kv, token_dim=n_kv * head_dim)
+    for source in (folder, peft):
+        with pytest.raises(UnsupportedModelError, match="prefixes run only on .* in THUDM's layout") as err:
+            convert(hf, tmp_path / "x.gguf", "f32", ptuning=source)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def prompt(tok, text: str) -> list[int]:
     ids = special_ids(tok)
     return [ids["[gMASK]"], ids["<sop>"], ids["<|user|>"], *tok.encode(text, add_special_tokens=False).ids,
