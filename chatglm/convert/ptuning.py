@@ -204,11 +204,28 @@ def prefix_source(base: Checkpoint | CheckpointView, ptuning: "Checkpoint | Peft
     return base, dict(base.config), base.dir
 
 
-def write_prefix(w, prefix: np.ndarray) -> None:
-    """The prefix metadata (``schema/keys.py``): pre_seq_len, the layout and the float32 values."""
+PREFIX_TYPES = ("f32", "f16")
+
+
+def check_prefix_type(prefix_type: str, prefix: Optional[np.ndarray] = None, where: Optional[Path] = None) -> None:
+    """``prefix_type`` is one we store, and ``prefix`` (when given) fits it."""
+    if prefix_type not in PREFIX_TYPES:
+        raise InputError(f"the P-Tuning prefix is stored as {' or '.join(PREFIX_TYPES)}, not {prefix_type!r}")
+    if prefix is not None and prefix_type == "f16" and np.abs(prefix).max(initial=0.0) > np.finfo(np.float16).max:
+        raise InputError("the prefix overflows float16: store it as f32 (--ptuning-type f32)", where)
+
+
+def write_prefix(w, prefix: np.ndarray, prefix_type: str = "f32") -> None:
+    """The prefix metadata (``schema/keys.py``): pre_seq_len, the layout and the values, float32 or (``f16``, half
+    the size) IEEE half bits in a u16 array, GGUF metadata having no f16 type (:func:`check_prefix_type` first)."""
     import gguf
 
+    values = prefix.reshape(-1)
+    if prefix_type == "f16":
+        values, item = values.astype(np.float16).view(np.uint16), gguf.GGUFValueType.UINT16
+        w.add_string(keys.PTUNING_PREFIX_TYPE, prefix_type)
+    else:
+        item = gguf.GGUFValueType.FLOAT32
     w.add_uint32(keys.PTUNING_PRE_SEQ_LEN, prefix.shape[2])
     w.add_array(keys.PTUNING_LAYOUT, list(prefix.shape))
-    w.add_key_value(keys.PTUNING_PREFIX, prefix.reshape(-1).tolist(), gguf.GGUFValueType.ARRAY,
-                    gguf.GGUFValueType.FLOAT32)
+    w.add_key_value(keys.PTUNING_PREFIX, values.tolist(), gguf.GGUFValueType.ARRAY, item)

@@ -57,8 +57,8 @@ def read_prefix(header: GGUFHeader) -> Optional[np.ndarray]:
         raise InputError(f"{keys.PTUNING_PRE_SEQ_LEN} must be a positive integer, got {n!r}", header.path)
     try:
         layout = [int(v) for v in header.array(keys.PTUNING_LAYOUT)]
-        values = np.asarray(header.array(keys.PTUNING_PREFIX), dtype=np.float32)
-    except (TypeError, ValueError):
+        values = _values(header)
+    except (TypeError, ValueError, OverflowError):
         raise InputError("the P-Tuning prefix's layout or values are not numbers", header.path) from None
     n_layer = int(header.arch_get("block_count", 0))
     n_kv = int(header.arch_get("attention.head_count_kv", header.arch_get("attention.head_count", 0)))
@@ -69,6 +69,19 @@ def read_prefix(header: GGUFHeader) -> Optional[np.ndarray]:
     if not np.isfinite(values).all():
         raise InputError("the P-Tuning prefix holds NaN or infinite values", header.path)
     return values.reshape(want)
+
+
+def _values(header: GGUFHeader) -> np.ndarray:
+    """The stored values as float32: an f32 array, or IEEE half bits in a u16 one (``prefix_type`` f16)."""
+    kind = header.get(keys.PTUNING_PREFIX_TYPE, "f32")
+    raw = np.asarray(header.array(keys.PTUNING_PREFIX))
+    if kind == "f32":
+        return raw.astype(np.float32)
+    if kind != "f16":
+        raise InputError(f"{keys.PTUNING_PREFIX_TYPE} must be f32 or f16, got {kind!r}", header.path)
+    if raw.size and (raw.dtype.kind not in "iu" or raw.min() < 0 or raw.max() > 0xFFFF):
+        raise InputError("the f16 P-Tuning prefix is not an array of 16-bit values", header.path)
+    return raw.astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def rotated_keys(k: np.ndarray, pos: int, *, n_rot: int, head_dim: int, freq_base: float,
