@@ -17,10 +17,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from chatglm import limits
+from chatglm import families, limits
 from chatglm.convert.checkpoint import Checkpoint, CheckpointView, read_json
 from chatglm.convert.lora import ADAPTER_CONFIG, open_weights
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.families.descriptor import ENGINE_LLAMA
 from chatglm.schema import keys
 
 PREFIX = "prefix_encoder."
@@ -28,10 +29,6 @@ EMBEDDING = "embedding.weight"
 MLP = ("trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias")
 PEFT_TENSOR = "prompt_embeddings"  # peft's BasePromptEncoder._get_adapter_state_dict
 PEFT_SIZES = ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads")
-# GGUF architectures whose published forward takes a PEFT prefix as THUDM's get_prompt feeds it (keys never rotated,
-# positions from 0, every token sees it). ChatGLM-6B's forward drops its 2D positions and mask when handed
-# past_key_values, so a PEFT prefix has no published meaning there.
-PEFT_ARCHS = frozenset({"chatglm"})
 
 
 def _prefix_names(ckpt: Checkpoint | CheckpointView) -> dict[str, str]:
@@ -187,13 +184,21 @@ def open_ptuning(folder: os.PathLike | str) -> "Checkpoint | PeftPrefix":
     return PeftPrefix(folder) if (folder / ADAPTER_CONFIG).is_file() else Checkpoint(folder)
 
 
+def _takes_peft(arch: str) -> bool:
+    """Whether models of ``arch`` take a PEFT prefix as THUDM's get_prompt feeds theirs (keys never rotated,
+    positions from 0, seen by every token): the second-generation ones llama.cpp runs. ChatGLM-6B (our GLM-1
+    engine) does not: its published forward drops its 2D positions and mask when handed past_key_values, so a PEFT
+    prefix has no published meaning there."""
+    return any(f.engine == ENGINE_LLAMA for f in families.of_arch(arch))
+
+
 def prefix_source(base: Checkpoint | CheckpointView, ptuning: "Checkpoint | PeftPrefix | None",
                   arch: str) -> tuple[Any, dict, Path]:
     """Where the prefix comes from: the ``--ptuning`` folder (THUDM's, whose config.json may lack pre_seq_len
     when the trainer saved only the encoder, or a PEFT adapter) or the base folder when it is a full P-Tuning
-    checkpoint. ``arch``: the GGUF architecture, for PEFT adapters (:data:`PEFT_ARCHS`)."""
+    checkpoint. ``arch``: the GGUF architecture, for PEFT adapters (:func:`_takes_peft`)."""
     if isinstance(ptuning, PeftPrefix):
-        if arch not in PEFT_ARCHS:
+        if not _takes_peft(arch):
             raise UnsupportedModelError(f"PEFT prefix-tuning adapters run only on ChatGLM2-6B / ChatGLM3-6B / "
                                         f"GLM-4-9B (THUDM layout), not on a {arch} model", ptuning.dir)
         return ptuning, ptuning.config, ptuning.dir
