@@ -46,8 +46,9 @@ def pt(glm3, tmp_path_factory):
     return folder, prefix, gguf
 
 
-def reference(model, prefix: np.ndarray, ids) -> np.ndarray:
-    """float64 logits of ``ids`` after the prefix, as the published code computes them."""
+def reference(model, prefix: np.ndarray, ids, *, cache_positions: bool = False) -> np.ndarray:
+    """float64 logits of ``ids`` after the prefix, as the published code computes them: THUDM's numbers the tokens
+    from 0; with ``cache_positions`` transformers' own numbering (from P, after the cached prefix) as PEFT runs it."""
     from transformers import DynamicCache
 
     m = model.to(torch.float64)
@@ -60,8 +61,9 @@ def reference(model, prefix: np.ndarray, ids) -> np.ndarray:
                     for j in (0, 1))
             cache.update(k, v, il)
         with torch.no_grad():
-            out = m(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
-                    position_ids=torch.arange(len(ids))[None], attention_mask=torch.ones(1, n + len(ids))).logits
+            positions = None if cache_positions else torch.arange(len(ids))[None]
+            out = m(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, position_ids=positions,
+                    attention_mask=torch.ones(1, n + len(ids))).logits
         return out[0].numpy()
     finally:
         model.to(torch.float32)

@@ -34,23 +34,37 @@ def glm4_pt(tmp_path_factory):
     return model, tok, base, folder, prefix, gguf
 
 
-def test_the_transformers_layout_is_refused_in_one_line(glm4_pt, tmp_path):
-    """GlmForCausalLM (glm-4-9b-chat-hf): transformers' forward numbers the tokens after a cached prefix from P, not
-    0 as THUDM's does, so neither a THUDM prefix nor a PEFT adapter (sized for it by PEFT) is taken."""
+def test_a_peft_adapter_on_the_transformers_layout_runs_as_peft_runs_it(glm4_pt, tmp_path):
+    """GlmForCausalLM (glm-4-9b-chat-hf): PEFT sizes the prefix by num_key_value_heads, and transformers' forward
+    numbers the tokens after the cached prefix from P (PEFT's generate moves cache_position by P too), so the GGUF
+    records first position P and the keys stay as trained. A THUDM P-Tuning folder is refused in one line."""
     from test_ptuning_peft import write_peft_prefix
 
     from chatglm.errors import UnsupportedModelError
+    from chatglm.runtime.loader import open_engine
 
     model, tok, _, folder, prefix, _ = glm4_pt
-    _, hf = build_checkpoint("glm4-hf", tmp_path / "hf", tok, seed=4)
-    n_layer, n_kv, head_dim = _layout(model)
+    hf_model, hf = build_checkpoint("glm4-hf", tmp_path / "hf", tok, seed=6)
+    n_layer, n_kv, head_dim = _layout(hf_model)
     rows = np.ascontiguousarray(prefix.transpose(2, 0, 1, 3).reshape(P, -1))
     peft = write_peft_prefix(tmp_path / "peft", rows, n_layer=n_layer, n_heads=n_kv, token_dim=n_kv * head_dim)
-    for source in (folder, peft):
-        with pytest.raises(UnsupportedModelError, match="prefixes run only on .* in THUDM's layout") as err:
-            convert(hf, tmp_path / "x.gguf", "f32", ptuning=source)
-        assert "\n" not in str(err.value)
-    assert not (tmp_path / "x.gguf").exists()
+    gguf = convert(hf, tmp_path / "peft.gguf", "f32", ptuning=peft).path
+    assert read_header(gguf).get(keys.PTUNING_FIRST_POSITION) == P
+    ids = prompt(tok, "def f(x): return x * 2")
+    ref = reference(hf_model, prefix, ids, cache_positions=True)
+    assert _rel(reference(hf_model, prefix, ids), ref) > 1e-3  # THUDM's numbering gives other logits
+    with open_engine(gguf, n_ctx=64, n_threads=1, kv_type="f32", flash_attn=False) as engine:
+        err = _rel(engine.all_logits(ids), ref)
+        assert err < REL, err
+        engine.reset()
+        engine.prefill(ids[:-2])
+        for token in ids[-2:]:  # decode on the cache
+            engine.step(token)
+        err = _rel(engine.logits()[None], ref[-1:])
+        assert err < REL, err
+    with pytest.raises(UnsupportedModelError, match="belongs to THUDM's remote-code layout") as err:
+        convert(hf, tmp_path / "x.gguf", "f32", ptuning=folder)
+    assert "\n" not in str(err.value) and not (tmp_path / "x.gguf").exists()
 
 
 def prompt(tok, text: str) -> list[int]:

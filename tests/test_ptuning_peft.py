@@ -101,6 +101,26 @@ def test_peft_prefixes_are_refused_for_chatglm_6b(glm1, tmp_path):
     rows = np.ones((P, c["num_layers"] * 2 * c["hidden_size"]), np.float32)
     folder = write_peft_prefix(tmp_path / "peft1", rows, n_layer=c["num_layers"], n_heads=c["num_attention_heads"],
                                token_dim=c["hidden_size"])
-    with pytest.raises(UnsupportedModelError, match="PEFT prefix-tuning adapters run only on .* not on a chatglm1"):
+    with pytest.raises(UnsupportedModelError, match="PEFT prefix-tuning adapters run on the models llama.cpp runs, not on a chatglm1 model"):
         convert(glm1.ckpt, tmp_path / "x.gguf", "f32", ptuning=folder)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_the_first_position_is_zero_or_the_prefix_length(tmp_path):
+    """glm.ptuning.first_position: absent or 0 (THUDM) and P (PEFT on transformers' layout) only; anything else,
+    a hand-edited GGUF, is one line before llama.cpp or our graph sees it."""
+    from chatglm.schema import keys
+
+    class Header:
+        path = tmp_path / "x.gguf"
+
+        def __init__(self, value):
+            self.kv = {} if value is None else {keys.PTUNING_FIRST_POSITION: value}
+
+        def get(self, key, default=None):
+            return self.kv.get(key, default)
+
+    assert [rt_ptuning.first_position(Header(v), 6) for v in (None, 0, 6)] == [0, 0, 6]
+    for bad in (3, 7, "6", True):
+        with pytest.raises(InputError, match="first_position must be 0 or the prefix's 6 entries"):
+            rt_ptuning.first_position(Header(bad), 6)

@@ -23,8 +23,7 @@ from chatglm.convert.family import Family, OutTensor, check_complete, detect
 from chatglm.convert.mmproj import (CLIP_ARCH, DEFAULT_MMPROJ_TYPE, KEY_PROJ_TYPE, MMPROJ_FTYPES, Projector, mmproj_path, mmproj_qtype,
                                     plan_projector, stored_type)
 from chatglm.convert.lora import merged
-from chatglm.convert.ptuning import (check_prefix_type, has_prefix, open_ptuning, prefix_source, read_prefix,
-                                     write_prefix)
+from chatglm.convert.ptuning import check_prefix_type, has_prefix, load_prefix, open_ptuning, write_prefix
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError
 from chatglm.fsutil import atomic_path
@@ -89,9 +88,7 @@ def convert(
         family = detect(ckpt)
         prefix = None
         if pt is not None or has_prefix(raw):
-            source, cfg, where = prefix_source(raw, pt, family.arch)
-            prefix = read_prefix(source, cfg, where, layout=family.prefix_layout())
-            check_prefix_type(ptuning_type, prefix, where)
+            prefix = load_prefix(raw, pt, family, ptuning_type)
         plan = family.tensors()
         projector = family.projector()
         projector_plan = plan_projector(projector) if projector is not None else []
@@ -106,7 +103,7 @@ def convert(
             writer = CheckedWriter(tmp, family.arch, family.config_path)
             write_model_metadata(writer, family, recipe, display_name(family.ckpt.dir))
             if prefix is not None:
-                write_prefix(writer, prefix, ptuning_type)
+                write_prefix(writer, prefix)
             alignment = write_header(writer, [TensorInfo(p.tensor.name, p.tensor.shape, p.qtype, p.nbytes)
                                               for p in planned])
             with open(tmp, "r+b") as fh:

@@ -12,6 +12,7 @@ convert time, and written as the plain per-layer array.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -185,28 +186,51 @@ def open_ptuning(folder: os.PathLike | str) -> "Checkpoint | PeftPrefix":
 
 
 def _takes_peft(arch: str) -> bool:
-    """Whether models of ``arch`` take a PEFT prefix as THUDM's get_prompt feeds theirs (keys never rotated,
-    positions from 0, seen by every token): the second-generation ones llama.cpp runs. ChatGLM-6B (our GLM-1
-    engine) does not: its published forward drops its 2D positions and mask when handed past_key_values, so a PEFT
-    prefix has no published meaning there."""
+    """Whether models of ``arch`` take a PEFT prefix: the ones llama.cpp runs. ChatGLM-6B (our GLM-1 engine) does
+    not: its published forward drops its 2D positions and mask when handed past_key_values, so a PEFT prefix has no
+    published meaning there."""
     return any(f.engine == ENGINE_LLAMA for f in families.of_arch(arch))
 
 
-def prefix_source(base: Checkpoint | CheckpointView, ptuning: "Checkpoint | PeftPrefix | None",
-                  arch: str) -> tuple[Any, dict, Path]:
+def _source(base: Checkpoint | CheckpointView, ptuning: "Checkpoint | PeftPrefix | None") -> tuple[Any, dict, Path]:
     """Where the prefix comes from: the ``--ptuning`` folder (THUDM's, whose config.json may lack pre_seq_len
     when the trainer saved only the encoder, or a PEFT adapter) or the base folder when it is a full P-Tuning
-    checkpoint. ``arch``: the GGUF architecture, for PEFT adapters (:func:`_takes_peft`)."""
+    checkpoint."""
     if isinstance(ptuning, PeftPrefix):
-        if not _takes_peft(arch):
-            raise UnsupportedModelError(f"PEFT prefix-tuning adapters run only on ChatGLM2-6B / ChatGLM3-6B / "
-                                        f"GLM-4-9B (THUDM layout), not on a {arch} model", ptuning.dir)
         return ptuning, ptuning.config, ptuning.dir
     if ptuning is not None:
         cfg = dict(base.config)
         cfg.update({k: v for k, v in ptuning.config.items() if v is not None})
         return ptuning, cfg, ptuning.dir
     return base, dict(base.config), base.dir
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """What the GGUF carries: the values, how they are stored, and where the published forward numbers the first
+    token (0: THUDM's remote code; P: transformers' own classes, whose positions continue after a cached prefix)."""
+
+    values: np.ndarray  # float32 (n_layer, 2, P, n_head_kv * head_dim)
+    stored: str  # "f32" or "f16"
+    first_position: int
+
+
+def load_prefix(base: Checkpoint | CheckpointView, ptuning: "Checkpoint | PeftPrefix | None", family,
+                prefix_type: str = "f32") -> Prefix:
+    """The prefix of ``--ptuning`` (or of a full P-Tuning checkpoint ``base``) for ``family`` (its
+    ``prefix_layout`` and ``prefix_positions_follow_cache``), checked and ready to write."""
+    source, config, where = _source(base, ptuning)
+    follows = family.prefix_positions_follow_cache
+    if isinstance(source, PeftPrefix) and not _takes_peft(family.arch):
+        raise UnsupportedModelError(f"PEFT prefix-tuning adapters run on the models llama.cpp runs, not on a "
+                                    f"{family.arch} model", where)
+    if follows and not isinstance(source, PeftPrefix):
+        raise UnsupportedModelError("a THUDM P-Tuning v2 prefix belongs to THUDM's remote-code layout "
+                                    "(ChatGLMModel); this checkpoint is in transformers' layout, which takes PEFT "
+                                    "prefix-tuning adapters", where)
+    values = read_prefix(source, config, where, layout=family.prefix_layout())
+    check_prefix_type(prefix_type, values, where)
+    return Prefix(values, prefix_type, values.shape[2] if follows else 0)
 
 
 PREFIX_TYPES = ("f32", "f16")
@@ -220,17 +244,19 @@ def check_prefix_type(prefix_type: str, prefix: Optional[np.ndarray] = None, whe
         raise InputError("the prefix overflows float16: store it as f32 (--ptuning-type f32)", where)
 
 
-def write_prefix(w, prefix: np.ndarray, prefix_type: str = "f32") -> None:
-    """The prefix metadata (``schema/keys.py``): pre_seq_len, the layout and the values, float32 or (``f16``, half
-    the size) IEEE half bits in a u16 array, GGUF metadata having no f16 type (:func:`check_prefix_type` first)."""
+def write_prefix(w, prefix: Prefix) -> None:
+    """The prefix metadata (``schema/keys.py``): pre_seq_len, the layout, the first position when not 0, and the
+    values, float32 or (``f16``, half the size) IEEE half bits in a u16 array, GGUF metadata having no f16 type."""
     import gguf
 
-    values = prefix.reshape(-1)
-    if prefix_type == "f16":
+    values = prefix.values.reshape(-1)
+    if prefix.stored == "f16":
         values, item = values.astype(np.float16).view(np.uint16), gguf.GGUFValueType.UINT16
-        w.add_string(keys.PTUNING_PREFIX_TYPE, prefix_type)
+        w.add_string(keys.PTUNING_PREFIX_TYPE, prefix.stored)
     else:
         item = gguf.GGUFValueType.FLOAT32
-    w.add_uint32(keys.PTUNING_PRE_SEQ_LEN, prefix.shape[2])
-    w.add_array(keys.PTUNING_LAYOUT, list(prefix.shape))
+    w.add_uint32(keys.PTUNING_PRE_SEQ_LEN, prefix.values.shape[2])
+    if prefix.first_position:
+        w.add_uint32(keys.PTUNING_FIRST_POSITION, prefix.first_position)
+    w.add_array(keys.PTUNING_LAYOUT, list(prefix.values.shape))
     w.add_key_value(keys.PTUNING_PREFIX, values.tolist(), gguf.GGUFValueType.ARRAY, item)

@@ -36,6 +36,12 @@ class GlmHF(HFGlmFamily):
                                         f"= hidden_size ({hp.n_head} x {hp.head_dim} != {hp.n_embd})",
                                         self.config_path)
 
+    prefix_positions_follow_cache = True  # transformers' GlmModel numbers the tokens after a cached prefix from P
+
+    def prefix_layout(self) -> tuple[int, int, int]:
+        """A PEFT prefix-tuning adapter's: PEFT sizes it by num_key_value_heads and head_dim (convert/ptuning.py)."""
+        return self.hp.n_layer, self.hp.n_head_kv, self.hp.head_dim
+
     def detect_chat_format(self, template: str) -> str:
         """glm-4-9b-chat-hf keeps GLM-4's ``[gMASK]<sop>`` template; GLM-Edge's template has no prefix."""
         if template.strip() and "[gMASK]" not in template:
