@@ -34,17 +34,19 @@ def glm4_pt(tmp_path_factory):
     return model, tok, base, folder, prefix, gguf
 
 
-def test_a_peft_adapter_on_the_transformers_layout_runs_as_peft_runs_it(glm4_pt, tmp_path):
-    """GlmForCausalLM (glm-4-9b-chat-hf): PEFT sizes the prefix by num_key_value_heads, and transformers' forward
-    numbers the tokens after the cached prefix from P (PEFT's generate moves cache_position by P too), so the GGUF
-    records first position P and the keys stay as trained. A THUDM P-Tuning folder is refused in one line."""
+@pytest.mark.parametrize("layout", ["glm4-hf", "glm4-0414"])
+def test_a_peft_adapter_on_the_transformers_layout_runs_as_peft_runs_it(glm4_pt, tmp_path, layout):
+    """GlmForCausalLM (glm-4-9b-chat-hf) and Glm4ForCausalLM (GLM-4-0414, llama.cpp's glm4): PEFT sizes the prefix
+    by num_key_value_heads, and transformers' forward numbers the tokens after the cached prefix from P (PEFT's
+    generate moves cache_position by P too), so the GGUF records first position P and the keys stay as trained.
+    A THUDM P-Tuning folder is refused in one line."""
     from test_ptuning_peft import write_peft_prefix
 
     from chatglm.errors import UnsupportedModelError
     from chatglm.runtime.loader import open_engine
 
     model, tok, _, folder, prefix, _ = glm4_pt
-    hf_model, hf = build_checkpoint("glm4-hf", tmp_path / "hf", tok, seed=6)
+    hf_model, hf = build_checkpoint(layout, tmp_path / "hf", tok, seed=6)
     n_layer, n_kv, head_dim = _layout(hf_model)
     rows = np.ascontiguousarray(prefix.transpose(2, 0, 1, 3).reshape(P, -1))
     peft = write_peft_prefix(tmp_path / "peft", rows, n_layer=n_layer, n_heads=n_kv, token_dim=n_kv * head_dim)

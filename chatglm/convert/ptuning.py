@@ -185,6 +185,17 @@ def open_ptuning(folder: os.PathLike | str) -> "Checkpoint | PeftPrefix":
     return PeftPrefix(folder) if (folder / ADAPTER_CONFIG).is_file() else Checkpoint(folder)
 
 
+class TransformersPrefix:
+    """For the families of transformers' own classes (``hp`` with n_layer, n_head_kv, head_dim) that take PEFT
+    prefix-tuning adapters: PEFT sizes the prefix by num_key_value_heads and head_dim, and transformers' forward
+    numbers the tokens after a cached prefix from P (see ``Family.prefix_positions_follow_cache``)."""
+
+    prefix_positions_follow_cache = True
+
+    def prefix_layout(self) -> tuple[int, int, int]:
+        return self.hp.n_layer, self.hp.n_head_kv, self.hp.head_dim
+
+
 def _takes_peft(arch: str) -> bool:
     """Whether models of ``arch`` take a PEFT prefix: the ones llama.cpp runs. ChatGLM-6B (our GLM-1 engine) does
     not: its published forward drops its 2D positions and mask when handed past_key_values, so a PEFT prefix has no

@@ -9,6 +9,7 @@ import gguf
 
 from chatglm.convert.family import OutTensor, refuse_vision_tower
 from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily
+from chatglm.convert.ptuning import TransformersPrefix
 from chatglm.errors import UnsupportedModelError
 from chatglm.families.glm4 import FAMILY as THUDM_GLM4
 from chatglm.families.glm4_hf import FAMILY
@@ -19,7 +20,7 @@ EDGE_FORMAT = FAMILY.chat_formats[0]
 GLM4_FORMAT = THUDM_GLM4.chat_formats[0]  # glm-4-9b-chat-hf keeps the THUDM checkpoint's chat format
 
 
-class GlmHF(HFGlmFamily):
+class GlmHF(TransformersPrefix, HFGlmFamily):
     """``GlmForCausalLM``: ChatGLM's graph in transformers' names (llama.cpp ``chatglm``)."""
 
     name = HF_VARIANT
@@ -35,12 +36,6 @@ class GlmHF(HFGlmFamily):
             raise UnsupportedModelError(f"llama.cpp's chatglm graph needs num_attention_heads x head_dim "
                                         f"= hidden_size ({hp.n_head} x {hp.head_dim} != {hp.n_embd})",
                                         self.config_path)
-
-    prefix_positions_follow_cache = True  # transformers' GlmModel numbers the tokens after a cached prefix from P
-
-    def prefix_layout(self) -> tuple[int, int, int]:
-        """A PEFT prefix-tuning adapter's: PEFT sizes it by num_key_value_heads and head_dim (convert/ptuning.py)."""
-        return self.hp.n_layer, self.hp.n_head_kv, self.hp.head_dim
 
     def detect_chat_format(self, template: str) -> str:
         """glm-4-9b-chat-hf keeps GLM-4's ``[gMASK]<sop>`` template; GLM-Edge's template has no prefix."""
