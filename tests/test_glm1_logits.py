@@ -4,12 +4,15 @@ The reference below follows THUDM/chatglm-6b's final modeling_chatglm.py: 2D pos
 the context, then the [gMASK] index; block position id = 0, then 1, 2, ... from <sop>), the prefix-bidirectional
 mask filled with -10000, rotate-half rotary embeddings on the two halves of each head, scores / sqrt(head_dim),
 LayerNorms with bias, residuals alpha * LN(x) + sublayer with alpha = sqrt(2 * 28), tanh GELU. Angles in float64.
+A P-Tuning v2 prefix (``prefix``) is what the published ``get_prompt`` feeds as past keys/values: per layer, P keys and
+values in front of the tokens' own, never rotated, visible to every token; the tokens' 2D positions stay as without it.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from typing import Optional
 
 import gguf
 import numpy as np
@@ -38,13 +41,14 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def reference_logits(weights: dict, config: dict, ids: list[int]) -> np.ndarray:
-    """(T, vocab) float64 logits of the published model for ``ids`` (a full forward, no cache)."""
+def reference_logits(weights: dict, config: dict, ids: list[int], prefix: Optional[np.ndarray] = None) -> np.ndarray:
+    """(T, vocab) float64 logits of the published model for ``ids`` (a full forward, no cache); ``prefix``: a
+    P-Tuning v2 prefix (n_layer, 2 (keys, values), P, hidden) as convert/ptuning.py reads it."""
     with torch_threads(1):
-        return _reference(weights, config, list(ids))
+        return _reference(weights, config, list(ids), prefix)
 
 
-def _reference(weights: dict, config: dict, ids: list[int]) -> np.ndarray:
+def _reference(weights: dict, config: dict, ids: list[int], prefix: Optional[np.ndarray]) -> np.ndarray:
     t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in weights.items()}
     n, c = len(ids), ids.index(config["bos_token_id"]) if config["bos_token_id"] in ids else len(ids)
     mask_token = config["gmask_token_id"] if config["gmask_token_id"] in ids else config["mask_token_id"]
@@ -56,6 +60,10 @@ def _reference(weights: dict, config: dict, ids: list[int]) -> np.ndarray:
     allowed[:, :c] = 1
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     hd = hidden // heads
+    past = torch.zeros(config["num_layers"], 2, 0, heads, hd, dtype=torch.float64)  # (L, k|v, P, heads, hd)
+    if prefix is not None:
+        past = torch.from_numpy(np.asarray(prefix, dtype=np.float64)).reshape(*prefix.shape[:3], heads, hd)
+    allowed = torch.cat([torch.ones(n, past.shape[2]), allowed], 1)  # every token sees the prefix
     rd = hd // 2
     inv_freq = 1.0 / 10000 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd)
 
@@ -83,7 +91,8 @@ def _reference(weights: dict, config: dict, ids: list[int]) -> np.ndarray:
         qkv = linear(h, p + "attention.query_key_value").view(n, heads, 3 * hd)  # per head [q | k | v]
         q, k, v = qkv[..., :hd], qkv[..., hd:2 * hd], qkv[..., 2 * hd:]
         q = torch.cat([rotate(q[..., :rd], pos), rotate(q[..., rd:], block)], -1)
-        k = torch.cat([rotate(k[..., :rd], pos), rotate(k[..., rd:], block)], -1)
+        k = torch.cat([past[i, 0], torch.cat([rotate(k[..., :rd], pos), rotate(k[..., rd:], block)], -1)])
+        v = torch.cat([past[i, 1], v])  # (P + n, heads, hd)
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
         probs = scores.masked_fill(allowed[None] < 0.5, -10000.0).softmax(-1)
         out = torch.einsum("hqk,khd->qhd", probs, v).reshape(n, hidden)

@@ -46,8 +46,9 @@ def pt(glm3, tmp_path_factory):
     return folder, prefix, gguf
 
 
-def reference(model, prefix: np.ndarray, ids) -> np.ndarray:
-    """float64 logits of ``ids`` after the prefix, as the published code computes them."""
+def reference(model, prefix: np.ndarray, ids, *, cache_positions: bool = False) -> np.ndarray:
+    """float64 logits of ``ids`` after the prefix, as the published code computes them: THUDM's numbers the tokens
+    from 0; with ``cache_positions`` transformers' own numbering (from P, after the cached prefix) as PEFT runs it."""
     from transformers import DynamicCache
 
     m = model.to(torch.float64)
@@ -60,8 +61,9 @@ def reference(model, prefix: np.ndarray, ids) -> np.ndarray:
                     for j in (0, 1))
             cache.update(k, v, il)
         with torch.no_grad():
-            out = m(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
-                    position_ids=torch.arange(len(ids))[None], attention_mask=torch.ones(1, n + len(ids))).logits
+            positions = None if cache_positions else torch.arange(len(ids))[None]
+            out = m(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, position_ids=positions,
+                    attention_mask=torch.ones(1, n + len(ids))).logits
         return out[0].numpy()
     finally:
         model.to(torch.float32)
@@ -398,3 +400,36 @@ def test_a_prompt_longer_than_the_asked_context_but_within_the_padded_one(glm3, 
         m.engine.prefill(ids)
         ref = glm3.logits(ids)[-1]
         assert np.abs(m.engine.logits() - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_an_f16_prefix_halves_the_metadata_and_runs(glm3, pt, tmp_path):
+    """`--ptuning-type f16`: IEEE half bits in a u16 metadata array (GGUF has no f16 value type), which llama.cpp's
+    loader takes; the model runs the f16-rounded prefix exactly as the published forward does."""
+    from typer.testing import CliRunner
+
+    from chatglm.cli.app import app
+    from chatglm.runtime.model import load
+
+    folder, prefix, f32_gguf = pt
+    out = tmp_path / "half.gguf"
+    r = CliRunner().invoke(app, ["convert", str(glm3.ckpt), "--ptuning", str(folder), "-t", "f32",
+                                 "--ptuning-type", "f16", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    h = read_header(out)
+    assert h.get(keys.PTUNING_PREFIX_TYPE) == "f16"
+    half = prefix.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(rt_ptuning.read_prefix(h), half)
+    saved = f32_gguf.stat().st_size - out.stat().st_size  # 2 bytes per value, give or take the data alignment
+    assert abs(saved - 2 * prefix.size) <= 64, (saved, prefix.size)
+    ids = [glm3.special["[gMASK]"], glm3.special["sop"]] + list(range(140, 160))
+    with load(out, n_ctx=64, n_threads=1, kv_type="f32", flash_attn=False) as m:
+        err = _rel(m.engine.all_logits(ids), reference(glm3.model, half, ids))
+    assert err < 1e-5, err
+    r = CliRunner().invoke(app, ["convert", str(glm3.ckpt), "--ptuning", str(folder), "--ptuning-type", "q8_0",
+                                 "-o", str(tmp_path / "x.gguf")])
+    assert r.exit_code == 2 and "stored as f32 or f16, not 'q8_0'" in r.output, r.output
+    big = _prefix_dir(glm3.ckpt, tmp_path / "big", np.full(prefix.transpose(2, 0, 1, 3).reshape(P, -1).shape, 7e4,
+                                                           np.float32), pre_seq_len=P)
+    with pytest.raises(InputError, match="overflows float16"):
+        convert(glm3.ckpt, tmp_path / "x.gguf", "f32", ptuning=big, ptuning_type="f16")
+    assert not (tmp_path / "x.gguf").exists()

@@ -22,7 +22,10 @@ def convert_cmd(
         "--lora", metavar="DIR", help="PEFT LoRA adapter folder to merge into the weights (repeatable).")] = None,
     lora_scale: LoraScales = None,
     ptuning: Annotated[Optional[Path], typer.Option(
-        "--ptuning", metavar="DIR", help="P-Tuning v2 folder (its trained prefix_encoder) to carry in the GGUF.")] = None,
+        "--ptuning", metavar="DIR", help="P-Tuning v2 folder (its trained prefix_encoder) or PEFT prefix-tuning "
+        "adapter to carry in the GGUF.")] = None,
+    ptuning_type: Annotated[str, typer.Option(
+        "--ptuning-type", help="How the prefix is stored: f32, or f16 (half the size).")] = "f32",
     mmproj_type: Annotated[str, typer.Option(
         "--mmproj-type", help="Projector (mmproj) type for vision/speech checkpoints: f32, f16, bf16, q8_0.")] = "f16",
     no_mmproj: Annotated[bool, typer.Option("--no-mmproj", help="Do not write the projector.")] = False,
@@ -34,7 +37,8 @@ def convert_cmd(
     setup_logging(verbose)
     with ByteProgress("converting") as progress:
         result = convert(model_dir, output, outtype, imatrix=imatrix, threads=threads, progress=progress,
-                         lora=lora or (), lora_scale=lora_scale or 1.0, ptuning=ptuning, mmproj=not no_mmproj,
+                         lora=lora or (), lora_scale=lora_scale or 1.0, ptuning=ptuning, ptuning_type=ptuning_type,
+                         mmproj=not no_mmproj,
                          mmproj_type=mmproj_type)
     typer.echo(f"wrote {result.path}: {result.family} ({result.arch}), {result.n_tensors} tensors, {result.qtype}, "
                f"{result.nbytes / 2**20:.1f} MiB in {result.seconds:.1f}s")

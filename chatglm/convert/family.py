@@ -79,6 +79,10 @@ class Family(ABC):
         """The checkpoint's media encoder and projector (written as ``mmproj-<model>.gguf``), None for text only."""
         return None
 
+    # Where the published forward numbers the first token after a cached P-Tuning prefix: False, 0 (THUDM's remote
+    # code, which feeds P-Tuning v2 prefixes); True, P (transformers' own classes, which PEFT's prefix tuning drives).
+    prefix_positions_follow_cache = False
+
     def prefix_layout(self) -> "tuple[int, int, int] | None":
         """(n_layer, n_head_kv, head_dim) of a P-Tuning v2 prefix this family runs (convert/ptuning.py), None when
         it runs none."""

@@ -43,7 +43,7 @@ UNSUPPORTED_KEYS = {
 }
 PTUNING = ("P-Tuning v2 / prefix tuning is not a LoRA adapter: THUDM's P-Tuning v2 checkpoints (ChatGLM-6B, "
            "ChatGLM2-6B, ChatGLM3-6B) convert with `chatglm convert BASE --ptuning DIR`, which carries the prefix in the GGUF; "
-           "PEFT prefix/prompt-tuning adapters are not supported")
+           "a PEFT prefix-tuning adapter converts the same way (`--ptuning ADAPTER_DIR`)")
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
-def _open_weights(folder: Path) -> TensorSource:
+def open_weights(folder: Path) -> TensorSource:
+    """adapter_model.safetensors or adapter_model.bin of a PEFT folder (LoRA here, prefix tuning in ptuning.py)."""
     for name in ADAPTER_WEIGHTS:
         if (folder / name).is_file():
             return SafetensorsFile(folder / name) if name.endswith(".safetensors") else TorchFile(folder / name)
@@ -142,7 +143,7 @@ def open_adapter(folder: os.PathLike | str) -> Adapter:
     if not folder.is_dir():
         raise InputError("LoRA adapter: not a directory" if folder.exists() else "LoRA adapter: not found", folder)
     cfg = _read_config(folder)
-    source = _open_weights(folder)
+    source = open_weights(folder)
     try:
         adapter = Adapter(folder, cfg, source, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)))
         halves = _sort_keys(adapter)

@@ -23,7 +23,7 @@ from chatglm.convert.family import Family, OutTensor, check_complete, detect
 from chatglm.convert.mmproj import (CLIP_ARCH, DEFAULT_MMPROJ_TYPE, KEY_PROJ_TYPE, MMPROJ_FTYPES, Projector, mmproj_path, mmproj_qtype,
                                     plan_projector, stored_type)
 from chatglm.convert.lora import merged
-from chatglm.convert.ptuning import has_prefix, prefix_source, read_prefix, write_prefix
+from chatglm.convert.ptuning import check_prefix_type, has_prefix, load_prefix, open_ptuning, write_prefix
 from chatglm.convert.thudm_quant import dequantized
 from chatglm.errors import InputError
 from chatglm.fsutil import atomic_path
@@ -68,6 +68,7 @@ def convert(
     mmproj: bool = True,
     mmproj_type: str = DEFAULT_MMPROJ_TYPE,
     ptuning: Optional[os.PathLike | str] = None,
+    ptuning_type: str = "f32",
 ) -> ConvertResult:
     """Convert a Hugging Face checkpoint folder to a GGUF file of the given type (or mixed recipe).
 
@@ -75,18 +76,19 @@ def convert(
     weights, each scaled by ``lora_scale`` (one value for all, or one per adapter). A vision or speech checkpoint's
     projector is written beside the output as ``mmproj-<stem>.gguf`` (``mmproj_type``; ``mmproj=False`` skips it);
     both files appear together or neither does. A P-Tuning v2 prefix (``ptuning``, a folder with the trained
-    ``prefix_encoder``, or ``model_dir`` itself when it is a full P-Tuning checkpoint) is evaluated and written into
-    the GGUF's metadata (``convert/ptuning.py``).
+    ``prefix_encoder``, a PEFT prefix-tuning adapter, or ``model_dir`` itself when it is a full P-Tuning checkpoint)
+    is evaluated and written into the GGUF's metadata (``convert/ptuning.py``) as ``ptuning_type`` (f32 or f16).
     """
     start = time.perf_counter()
     recipe = qtypes.get_recipe(qtype)
+    check_prefix_type(ptuning_type)
     model_dir = Path(model_dir)
-    with Checkpoint(model_dir) as raw, (Checkpoint(Path(ptuning)) if ptuning is not None else nullcontext()) as pt:
+    with Checkpoint(model_dir) as raw, (open_ptuning(ptuning) if ptuning is not None else nullcontext()) as pt:
         ckpt = merged(dequantized(raw), lora, lora_scale)
         family = detect(ckpt)
         prefix = None
         if pt is not None or has_prefix(raw):
-            prefix = read_prefix(*prefix_source(raw, pt), layout=family.prefix_layout())
+            prefix = load_prefix(raw, pt, family, ptuning_type)
         plan = family.tensors()
         projector = family.projector()
         projector_plan = plan_projector(projector) if projector is not None else []

@@ -39,13 +39,25 @@ def _head_dim(header: GGUFHeader) -> int:
 
 
 def rope_settings(header: GGUFHeader, prefix: np.ndarray) -> dict:
-    """What llama.cpp's chatglm graph rotates keys with (llama-model.cpp's hparams of the arch)."""
+    """What llama.cpp's chatglm graph rotates keys with (llama-model.cpp's hparams of the arch), and the position
+    ``pos`` to rotate the prefix keys by: P - the first token's published position (P for THUDM's prefixes, 0 for
+    PEFT's on transformers' classes, whose keys then stay as trained)."""
     head_dim = _head_dim(header)
     factor = header.arch_get("rope.scaling.factor") or 1.0
     linear = header.arch_get("rope.scaling.type", "linear") in ("linear", "none") and factor
     return {"n_rot": int(header.arch_get("rope.dimension_count", head_dim)), "head_dim": head_dim,
             "freq_base": float(header.arch_get("rope.freq_base", 10000.0)),
-            "freq_scale": 1.0 / float(factor) if linear else 1.0}
+            "freq_scale": 1.0 / float(factor) if linear else 1.0,
+            "pos": prefix.shape[2] - first_position(header, prefix.shape[2])}
+
+
+def first_position(header: GGUFHeader, n: int) -> int:
+    """Where the published forward numbers the first token after the prefix of ``n`` entries: 0 or ``n``."""
+    value = header.get(keys.PTUNING_FIRST_POSITION, 0)
+    if type(value) is not int or value not in (0, n):
+        raise InputError(f"{keys.PTUNING_FIRST_POSITION} must be 0 or the prefix's {n} entries, got {value!r}",
+                         header.path)
+    return value
 
 
 def read_prefix(header: GGUFHeader) -> Optional[np.ndarray]:
@@ -57,8 +69,8 @@ def read_prefix(header: GGUFHeader) -> Optional[np.ndarray]:
         raise InputError(f"{keys.PTUNING_PRE_SEQ_LEN} must be a positive integer, got {n!r}", header.path)
     try:
         layout = [int(v) for v in header.array(keys.PTUNING_LAYOUT)]
-        values = np.asarray(header.array(keys.PTUNING_PREFIX), dtype=np.float32)
-    except (TypeError, ValueError):
+        values = _values(header)
+    except (TypeError, ValueError, OverflowError):
         raise InputError("the P-Tuning prefix's layout or values are not numbers", header.path) from None
     n_layer = int(header.arch_get("block_count", 0))
     n_kv = int(header.arch_get("attention.head_count_kv", header.arch_get("attention.head_count", 0)))
@@ -68,10 +80,24 @@ def read_prefix(header: GGUFHeader) -> Optional[np.ndarray]:
                          header.path)
     if not np.isfinite(values).all():
         raise InputError("the P-Tuning prefix holds NaN or infinite values", header.path)
+    first_position(header, int(n))
     return values.reshape(want)
 
 
-def rotated_keys(k: np.ndarray, pos: int, *, n_rot: int, head_dim: int, freq_base: float,
+def _values(header: GGUFHeader) -> np.ndarray:
+    """The stored values as float32: an f32 array, or IEEE half bits in a u16 one (``prefix_type`` f16)."""
+    kind = header.get(keys.PTUNING_PREFIX_TYPE, "f32")
+    raw = np.asarray(header.array(keys.PTUNING_PREFIX))
+    if kind == "f32":
+        return raw.astype(np.float32)
+    if kind != "f16":
+        raise InputError(f"{keys.PTUNING_PREFIX_TYPE} must be f32 or f16, got {kind!r}", header.path)
+    if raw.size and (raw.dtype.kind not in "iu" or raw.min() < 0 or raw.max() > 0xFFFF):
+        raise InputError("the f16 P-Tuning prefix is not an array of 16-bit values", header.path)
+    return raw.astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def rotated_keys(k: np.ndarray, *, pos: int, n_rot: int, head_dim: int, freq_base: float,
                  freq_scale: float = 1.0) -> np.ndarray:
     """Keys (P, n_head_kv * head_dim) rotated as llama.cpp's normal RoPE rotates a key at position ``pos``."""
     x = k.astype(np.float64).reshape(k.shape[0], -1, head_dim).copy()
@@ -160,7 +186,7 @@ def install(ll, ctx, mem, batch, n_batch: int, prefix: np.ndarray, rope: dict, f
     size = ll.llama_state_seq_get_size(ctx, 0)
     buf = (ctypes.c_uint8 * size)()
     got = ll.llama_state_seq_get_data(ctx, buf, size, 0)
-    keys_rot = [rotated_keys(prefix[il, 0], n, **rope) for il in range(n_layer)]
+    keys_rot = [rotated_keys(prefix[il, 0], **rope) for il in range(n_layer)]
     blob = _rebuilt_state(bytes(buf[:got]), prefix, keys_rot)
     ll.llama_memory_seq_rm(mem, 0, -1, -1)
     src = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)

@@ -22,3 +22,7 @@ PTUNING_PRE_SEQ_LEN = "glm.ptuning.pre_seq_len"  # u32: prefix entries per layer
 PTUNING_LAYOUT = "glm.ptuning.layout"  # u32[4]: the prefix array's shape (n_layer, 2, pre_seq_len, n_head_kv * head_dim)
 PTUNING_PREFIX = "glm.ptuning.prefix"  # f32[]: (n_layer, 2 (key, value), pre_seq_len, n_head_kv * head_dim), C order;
 # keys as the published PrefixEncoder gives them: never rotated (rotary embedding applies to the new tokens only)
+PTUNING_FIRST_POSITION = "glm.ptuning.first_position"  # u32: the published position of the first token after the
+# prefix: absent or 0 (THUDM's remote code), or pre_seq_len (transformers' classes under PEFT prefix tuning)
+PTUNING_PREFIX_TYPE = "glm.ptuning.prefix_type"  # str, "f16" when the prefix is stored as f16 (u16[] of IEEE half
+# bits: GGUF metadata has no f16 type); absent or "f32": f32[]

@@ -9,13 +9,14 @@ import gguf
 
 from chatglm.convert.family import OutTensor
 from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily
+from chatglm.convert.ptuning import TransformersPrefix
 from chatglm.families.glm4_0414 import FAMILY
 
 T = gguf.MODEL_TENSOR
 GLM4_0414, GLM_Z1 = FAMILY.variants  # variants and chat formats have the same names
 
 
-class Glm4HF(HFGlmFamily):
+class Glm4HF(TransformersPrefix, HFGlmFamily):
     """``Glm4ForCausalLM`` (GLM-4-0414, GLM-Z1): llama.cpp ``glm4``, with post-attention and post-MLP norms."""
 
     name = GLM4_0414

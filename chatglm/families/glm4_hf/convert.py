@@ -9,6 +9,7 @@ import gguf
 
 from chatglm.convert.family import OutTensor, refuse_vision_tower
 from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily
+from chatglm.convert.ptuning import TransformersPrefix
 from chatglm.errors import UnsupportedModelError
 from chatglm.families.glm4 import FAMILY as THUDM_GLM4
 from chatglm.families.glm4_hf import FAMILY
@@ -19,7 +20,7 @@ EDGE_FORMAT = FAMILY.chat_formats[0]
 GLM4_FORMAT = THUDM_GLM4.chat_formats[0]  # glm-4-9b-chat-hf keeps the THUDM checkpoint's chat format
 
 
-class GlmHF(HFGlmFamily):
+class GlmHF(TransformersPrefix, HFGlmFamily):
     """``GlmForCausalLM``: ChatGLM's graph in transformers' names (llama.cpp ``chatglm``)."""
 
     name = HF_VARIANT

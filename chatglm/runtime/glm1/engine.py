@@ -60,6 +60,8 @@ class GLM1Engine(Engine):
         # every token attends to; the tokens' own positions are computed from their index as without it
         prefix = ptuning.read_prefix(header)
         self.n_prefix = 0 if prefix is None else prefix.shape[2]
+        if self.n_prefix and ptuning.first_position(header, self.n_prefix):
+            raise InputError("ChatGLM-6B runs THUDM's P-Tuning v2 prefixes (first position 0) only", header.path)
         try:
             self.backend = self._own(Backend(n_threads))
             self.model: ModelWeights = self._own(load_weights(header, self.cfg, self.backend, repack, on_progress))
