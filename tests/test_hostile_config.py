@@ -123,6 +123,34 @@ def test_checked_writer_refuses_what_gguf_cannot_hold(tmp_path, value, vtype, pr
     assert value_problem([0.5, -1.0], gguf.GGUFValueType.ARRAY) is None
 
 
+def test_a_numpy_array_packs_whole_as_the_list_would(tmp_path):
+    """A large metadata array (a P-Tuning prefix) is packed in one piece: the file equals the item-by-item one; a
+    NaN, a wrong dtype, a nested array or an item type it does not pack whole is refused the same way."""
+    values = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    files = []
+    for i, val in enumerate([values.tolist(), values]):
+        w = CheckedWriter(tmp_path / f"{i}.gguf", "chatglm", tmp_path / "config.json")
+        w.add_key_value("chatglm.prefix", val, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32)
+        w.add_key_value("chatglm.bits", np.arange(5, dtype=np.uint16) if i else list(range(5)),
+                        gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT16)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        files.append((tmp_path / f"{i}.gguf").read_bytes())
+    assert files[0] == files[1]
+    read = gguf.GGUFReader(tmp_path / "1.gguf").fields["chatglm.prefix"]
+    assert np.array_equal(np.concatenate([read.parts[j] for j in read.data]), values)
+    w = CheckedWriter(tmp_path / "x.gguf", "chatglm", tmp_path / "config.json")
+    bad = values.copy()
+    bad[7] = np.nan
+    for val, sub, problem in [(bad, gguf.GGUFValueType.FLOAT32, "item 7 is not a finite number"),
+                              (values.astype(np.float64), gguf.GGUFValueType.FLOAT32, "float64 array, not float32"),
+                              (values.reshape(10, 100), gguf.GGUFValueType.FLOAT32, "not a non-empty flat array"),
+                              (values, gguf.GGUFValueType.STRING, "does not pack whole")]:
+        with pytest.raises(InputError, match=problem):
+            w.add_key_value("chatglm.prefix", val, gguf.GGUFValueType.ARRAY, sub)
+
+
 # ----------------------------------------------------------------------------------------------- bullet 4: JSON types
 
 

@@ -112,6 +112,23 @@ def value_problem(value: Any, vtype: V, sub_type: Optional[V] = None) -> Optiona
     return None
 
 
+# numpy dtypes of the array item types a whole numpy array is packed as at once (``CheckedWriter``)
+ARRAY_DTYPES = {V.FLOAT32: np.float32, V.UINT16: np.uint16, V.INT32: np.int32, V.UINT32: np.uint32}
+
+
+def ndarray_problem(value: np.ndarray, sub_type: Optional[V]) -> Optional[str]:
+    """What is wrong with a numpy array as a GGUF array of ``sub_type`` (None when it packs as written)."""
+    if sub_type not in ARRAY_DTYPES:
+        return f"is a numpy array of a GGUF item type this writer does not pack whole ({sub_type!r})"
+    if value.ndim != 1 or not value.size:
+        return "is not a non-empty flat array"
+    if value.dtype != ARRAY_DTYPES[sub_type]:
+        return f"is a {value.dtype} array, not {np.dtype(ARRAY_DTYPES[sub_type])}"
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        return f"item {int(np.flatnonzero(~np.isfinite(value))[0])} is not a finite number"
+    return None
+
+
 class CheckedWriter(gguf.GGUFWriter):
     """A GGUFWriter that refuses, when added, any metadata value its GGUF type cannot hold.
 
@@ -123,10 +140,21 @@ class CheckedWriter(gguf.GGUFWriter):
         super().__init__(path, arch, **kwargs)
 
     def add_key_value(self, key: str, val: Any, vtype: V, sub_type: Optional[V] = None) -> None:
-        problem = value_problem(val, vtype, sub_type)
+        if isinstance(val, np.ndarray) and vtype == V.ARRAY:  # a large array (a P-Tuning prefix): packed whole
+            problem = ndarray_problem(val, sub_type)
+        else:
+            problem = value_problem(val, vtype, sub_type)
         if problem:
             raise InputError(f"the value for GGUF key {key} {problem}", self.source)
         super().add_key_value(key, val, vtype, sub_type)
+
+    def _pack_val(self, val: Any, vtype: V, add_vtype: bool, sub_type: Optional[V] = None) -> bytes:
+        if not isinstance(val, np.ndarray):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        order = "<" if self.endianess == gguf.GGUFEndian.LITTLE else ">"
+        head = self._pack("I", vtype) if add_vtype else b""
+        return head + self._pack("I", sub_type) + self._pack("Q", val.size) + \
+            val.astype(np.dtype(ARRAY_DTYPES[sub_type]).newbyteorder(order), copy=False).tobytes()
 
 
 def display_name(folder: Path) -> str:

@@ -270,4 +270,4 @@ def write_prefix(w, prefix: Prefix) -> None:
     if prefix.first_position:
         w.add_uint32(keys.PTUNING_FIRST_POSITION, prefix.first_position)
     w.add_array(keys.PTUNING_LAYOUT, list(prefix.values.shape))
-    w.add_key_value(keys.PTUNING_PREFIX, values.tolist(), gguf.GGUFValueType.ARRAY, item)
+    w.add_key_value(keys.PTUNING_PREFIX, np.ascontiguousarray(values), gguf.GGUFValueType.ARRAY, item)
