@@ -153,6 +153,17 @@ def test_split_logits_and_greedy_ids_equal_single_process(servers, glm3_model, g
         assert m.engine.logits().shape == (m.info.n_vocab,)
 
 
+def test_run_verbose_prints_what_each_device_gets_and_answers(both_up, glm3_gguf):
+    servers = ",".join(s.endpoint for s in both_up)
+    out = cli("run", str(glm3_gguf), "-p", "你好", "-n", "4", "--temp", "0", "-t", "1", "--rpc", servers,
+              "--tensor-split", "1,1", "--verbose")
+    assert out.returncode == 0, out.stderr
+    plan = [line for line in out.stderr.splitlines() if line.startswith("[127.0.0.1:") or "[this machine" in line]
+    assert [line.split(":")[1] if line.startswith("[127") else "here" for line in plan] == \
+        [str(both_up[0].port), str(both_up[1].port), "here"], out.stderr
+    assert "layers 0-1, weights" in plan[0] and "layers output, weights" in plan[1] and "layers none" in plan[2]
+
+
 # -- faults ---------------------------------------------------------------------------------------------------------
 def test_a_server_killed_mid_generation_fails_that_call_and_the_next_reconnects(both_up, glm3_gguf, glm3_model):
     ids = glm3_model.format.completion_ids(TEXT, glm3_model.engine)
@@ -184,6 +195,33 @@ def test_a_chat_keeps_its_history_across_a_lost_server(both_up, glm3_gguf):
         both_up[0].start()
         chat.chat("再说一遍", temperature=0, max_tokens=8)
         assert chat.messages[:len(history)] == history and len(chat.messages) == len(history) + 2
+
+
+def test_the_repl_reports_a_lost_server_and_keeps_the_conversation(both_up, glm3_gguf, capsys):
+    from chatglm.cli.repl import LineEditor, Repl
+
+    class Typed(LineEditor):
+        """Lines typed in turn; a callable item is run (a server killed or started) before the next line."""
+
+        def __init__(self, items):
+            super().__init__(None)
+            self.items = list(items)
+
+        def read(self, prompt: str) -> str:
+            while self.items and callable(self.items[0]):
+                self.items.pop(0)()
+            if not self.items:
+                raise EOFError
+            return self.items.pop(0)
+
+    with split_load(glm3_gguf, both_up) as m:
+        m.sampling = m.sampling.updated(temperature=0, max_tokens=6)
+        session = m.session()
+        Repl(session, editor=Typed(["你好", both_up[1].kill, "再说一遍", both_up[1].start, "再说一遍"])).run()
+    err = capsys.readouterr().err
+    assert err.count("error: the RPC engine stopped") == 1, err
+    assert [x.role for x in session.messages] == ["user", "assistant"] * 2
+    assert session.messages[0].content == "你好" and session.messages[2].content == "再说一遍"
 
 
 def test_serve_answers_503_for_a_lost_server_and_recovers(both_up, glm3_gguf):
