@@ -151,6 +151,9 @@ def test_split_logits_and_greedy_ids_equal_single_process(servers, glm3_model, g
         assert m.tokenize(TEXT) == glm3_model.tokenize(TEXT)
         assert m.generate(ids, temperature=0, max_tokens=24) == want
         assert m.engine.logits().shape == (m.info.n_vocab,)
+        os.kill(m.engine._worker.proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the worker too
+        time.sleep(0.5)
+        assert m.generate(ids, temperature=0, max_tokens=24) == want and m.engine.restarts == 0
 
 
 def test_run_verbose_prints_what_each_device_gets_and_answers(both_up, glm3_gguf):
@@ -272,7 +275,7 @@ class GarbageListener:
 @pytest.mark.parametrize("reply, message", [
     (b"HTTP/1.1 400 Bad Request\r\n\r\n" + bytes(range(256)) * 4, "not a ggml RPC server"),
     (b"", "no answer within 1 s"),
-])
+], ids=["garbage", "silent"])
 def test_a_port_that_is_not_an_rpc_server_is_an_error_not_a_hang(need_rpc, reply, message):
     listener = GarbageListener(reply)
     try:

@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import signal
 import tempfile
 import threading
 import time
@@ -85,6 +86,7 @@ def child_main(conn, spec: WorkerSpec, cancel, log_path: str) -> None:
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 2)  # native messages (ggml's abort line) and our log go to the file the parent reads
     os.environ["GGML_NO_BACKTRACE"] = "1"  # an abort would otherwise run gdb for a backtrace first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent cancels
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from chatglm.gguf_file import read_header
     from chatglm.runtime.llama_engine import LlamaEngine
@@ -281,7 +283,7 @@ class RemoteEngine(Engine):
         self._generation = 0  # counts workers: a sampler of a dead one is never called again
         self._start(on_progress, probed)
 
-    def _start(self, on_progress: Optional[ProgressFn] = None, probed: bool = False) -> None:
+    def _start(self, on_progress: Optional[ProgressFn] = None, probed: bool = False, retry: bool = True) -> None:
         if not probed:
             probe_all(self.spec.servers)  # down, busy or not a server: one line, and no child is started
         worker = _Worker(self.spec)
@@ -289,6 +291,13 @@ class RemoteEngine(Engine):
             self.info: ModelInfo = worker.call("", progress=on_progress, timeout=START_TIMEOUT)
             worker.shm = shared_memory.SharedMemory(create=True, size=max(4, 4 * self.info.n_vocab))
             worker.call("attach", worker.shm.name)
+        except EngineLostError as exc:
+            worker.kill()
+            if not retry:
+                raise
+            # a server that answered the probe and then refused or dropped the worker's connection: once more
+            log.info("the RPC worker stopped while loading (%s); trying once more", exc)
+            return self._start(on_progress, retry=False)
         except BaseException:
             worker.kill()
             raise
