@@ -167,6 +167,25 @@ def test_run_verbose_prints_what_each_device_gets_and_answers(both_up, glm3_gguf
     assert "layers 0-1, weights" in plan[0] and "layers output, weights" in plan[1] and "layers none" in plan[2]
 
 
+def test_perplexity_and_bench_take_rpc(both_up, glm3_gguf, tmp_path):
+    import json
+
+    text = tmp_path / "text.txt"
+    text.write_text("你好，世界。Hello, world! " * 40, encoding="utf-8")
+    common = [str(glm3_gguf), str(text), "-w", "64", "-s", "32", "-t", "1", "--kv-type", "f32", "--no-flash-attn",
+              "--json"]
+    here = cli("perplexity", *common)
+    split = cli("perplexity", *common, "--rpc", ",".join(s.endpoint for s in both_up))
+    assert here.returncode == 0 and split.returncode == 0, split.stderr
+    a, b = json.loads(here.stdout), json.loads(split.stdout)
+    assert a["n_scored"] == b["n_scored"] > 0 and abs(a["perplexity"] - b["perplexity"]) <= 1e-5 * a["perplexity"]
+    bench = cli("bench", str(glm3_gguf), "-p", "16", "-n", "4", "-r", "1", "-t", "1", "--json", "--rpc",
+                both_up[0].endpoint)
+    assert bench.returncode == 0, bench.stderr
+    report = json.loads(bench.stdout)
+    assert report["engine"] == "RemoteEngine" and [r["test"] for r in report["results"]] == ["pp16", "tg4"]
+
+
 # -- faults ---------------------------------------------------------------------------------------------------------
 def test_a_server_killed_mid_generation_fails_that_call_and_the_next_reconnects(both_up, glm3_gguf, glm3_model):
     ids = glm3_model.format.completion_ids(TEXT, glm3_model.engine)
