@@ -213,9 +213,9 @@ class _Worker:
 
     def call(self, op: str, *args, cancel: Optional[threading.Event] = None, progress: Optional[ProgressFn] = None,
              timeout: Optional[float] = None) -> Any:
+        self.cancel.clear()  # before the call: the child must not see a previous call's cancel
         if op:
             self.conn.send((op, args))
-        self.cancel.clear()
         started, cancelled_at = time.monotonic(), None
         while True:
             if self.conn.poll(POLL):
