@@ -151,6 +151,13 @@ def test_split_logits_and_greedy_ids_equal_single_process(servers, glm3_model, g
         assert m.tokenize(TEXT) == glm3_model.tokenize(TEXT)
         assert m.generate(ids, temperature=0, max_tokens=24) == want
         assert m.engine.logits().shape == (m.info.n_vocab,)
+        stop = threading.Event()
+        stop.set()
+        from chatglm.errors import Cancelled
+
+        with pytest.raises(Cancelled):  # the worker's llama_decode is aborted; the cache keeps what it had
+            m.engine.prefill(ids + ids[:8], cancel=stop)
+        assert m.engine.tokens == list(ids)[:len(m.engine.tokens)]
         os.kill(m.engine._worker.proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the worker too
         time.sleep(0.5)
         assert m.generate(ids, temperature=0, max_tokens=24) == want and m.engine.restarts == 0

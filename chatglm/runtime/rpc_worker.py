@@ -214,9 +214,12 @@ class _Worker:
     def call(self, op: str, *args, cancel: Optional[threading.Event] = None, progress: Optional[ProgressFn] = None,
              timeout: Optional[float] = None) -> Any:
         self.cancel.clear()  # before the call: the child must not see a previous call's cancel
+        started, cancelled_at = time.monotonic(), None
+        if cancel is not None and cancel.is_set():
+            self.cancel.set()
+            cancelled_at = started
         if op:
             self.conn.send((op, args))
-        started, cancelled_at = time.monotonic(), None
         while True:
             if self.conn.poll(POLL):
                 try:
