@@ -168,9 +168,10 @@ def test_run_verbose_prints_what_each_device_gets_and_answers(both_up, glm3_gguf
     out = cli("run", str(glm3_gguf), "-p", "你好", "-n", "4", "--temp", "0", "-t", "1", "--rpc", servers,
               "--tensor-split", "1,1", "--verbose")
     assert out.returncode == 0, out.stderr
-    plan = [line for line in out.stderr.splitlines() if line.startswith("[127.0.0.1:") or "[this machine" in line]
-    assert [line.split(":")[1] if line.startswith("[127") else "here" for line in plan] == \
-        [str(both_up[0].port), str(both_up[1].port), "here"], out.stderr
+    plan = [line.split(": ", 1)[1] for line in out.stderr.splitlines() if line.startswith("INFO chatglm.runtime.rpc")
+            and "layers" in line]
+    assert [line.split(":")[1] if line.startswith("[127") else line[:13] for line in plan] == \
+        [str(both_up[0].port), str(both_up[1].port), "[this machine"], out.stderr
     assert "layers 0-1, weights" in plan[0] and "layers output, weights" in plan[1] and "layers none" in plan[2]
 
 

@@ -80,35 +80,3 @@ def check_port_free(host: str, port: int) -> None:
     finally:
         sock.close()
 
-
-def print_device_plan(path: Path, n_ctx: Optional[int], kv_type: str, n_gpu_layers: int, rpc: tuple = (),
-                      tensor_split: tuple = ()) -> None:
-    """What each RPC device (and this machine) gets of the model: layers, weights and KV cache (``run --verbose``)."""
-    from chatglm.gguf_file import read_header
-    from chatglm.runtime import rpc as rpc_mod
-    from chatglm.runtime.memory import default_context, human, kv_per_token
-
-    header = read_header(path)
-    servers = rpc_mod.probe_all(rpc_mod.parse_servers(list(rpc)))
-    names, free = rpc_mod.device_names(servers)
-    split = rpc_mod.parse_split(tensor_split or None, len(names))
-    ctx = n_ctx or default_context(header, kv_type)
-    plan = rpc_mod.device_plan(header, names, free, split, n_gpu_layers or -1, int(kv_per_token(header, kv_type) * ctx))
-    for share in plan:
-        layers = _ranges(share.layers, header.arch_get("block_count", 0))
-        typer.echo(f"[{share.name}: layers {layers or 'none'}, weights {human(share.weights)}, {kv_type} KV cache "
-                   f"{human(share.kv_cache)}]", err=True)
-
-
-def _ranges(layers: tuple[int, ...], n_layer: int) -> str:
-    """``0-13, output`` for layer indices (n_layer stands for the output layer)."""
-    out, run = [], []
-    for il in [x for x in layers if x < n_layer] + [None]:
-        if run and (il is None or il != run[-1] + 1):
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        if il is not None:
-            run.append(il)
-    if n_layer in layers:
-        out.append("output")
-    return ", ".join(out)

@@ -82,11 +82,7 @@ def run_cmd(
                    "it; name one with --mmproj)")
     placement = rpc_options(rpc, tensor_split)
     if verbose:
-        print_estimate(model, ctx, kv_type, flash_attn, mmproj, media)
-        if rpc:
-            from chatglm.cli.rpc_server import print_device_plan
-
-            print_device_plan(model, ctx, kv_type, n_gpu_layers, **placement)
+        print_estimate(model, ctx, kv_type, flash_attn, mmproj, media)  # over RPC, the load logs each device's part
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
                   flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()], mmproj=mmproj,
                   **placement) as m:

@@ -169,8 +169,13 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
         flash_attn, note = resolve_flash_attn(kv_type, flash_attn)
         check_kv_head(header, kv_type)
         log.info("%s", note)
-    if n_ctx is None:  # over RPC the weights are elsewhere: the training context, capped as for small models
-        n_ctx = default_context(header, kv_type) if not rpc else min(describe(header).n_ctx_train or 4096, 4096)
+    if n_ctx is None:
+        if rpc:  # the weights are on the servers: this machine's memory does not bound the context
+            from chatglm.runtime.rpc import default_context as split_context
+
+            n_ctx = split_context(header)
+        else:
+            n_ctx = default_context(header, kv_type)
     if n_threads is None:
         from chatglm.runtime.llama_native import physical_cores
 

@@ -323,3 +323,37 @@ def device_names(servers: Sequence[ServerInfo]) -> tuple[list[str], list[int]]:
             names.append(str(info.endpoint) + (f"#{i}" if len(info.memory) > 1 else ""))
             free.append(avail)
     return names, free
+
+
+def default_context(header: GGUFHeader) -> int:
+    """The context of a split model when none is given: its training context, at most 4096 (the weights are on the
+    servers, so this machine's memory does not bound it)."""
+    n_train = header.arch_get("context_length", 0)
+    return min(n_train if type(n_train) is int and n_train > 0 else 4096, 4096)
+
+
+def plan_lines(header: GGUFHeader, servers: Sequence[ServerInfo], split: Sequence[float], n_gpu_layers: int,
+               n_ctx: Optional[int], kv_type: str) -> list[str]:
+    """``127.0.0.1:50052: layers 0-13, weights 1.2 GiB, f16 KV cache 96.0 MiB`` for each device, then this machine."""
+    from chatglm.runtime.memory import human, kv_per_token
+
+    names, free = device_names(servers)
+    kv = int(kv_per_token(header, kv_type) * (n_ctx or default_context(header)))
+    n_layer = header.arch_get("block_count", 0)
+    plan = device_plan(header, names, free, parse_split(split or None, len(names)), n_gpu_layers or -1, kv)
+    return [f"{s.name}: layers {_ranges(s.layers, n_layer) or 'none'}, weights {human(s.weights)}, {kv_type} KV cache "
+            f"{human(s.kv_cache)}" for s in plan]
+
+
+def _ranges(layers: tuple[int, ...], n_layer: int) -> str:
+    """``0-13, output`` for layer indices (n_layer stands for the output layer)."""
+    out, run = [], []
+    for il in [x for x in layers if x < n_layer] + [None]:
+        if run and (il is None or il != run[-1] + 1):
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        if il is not None:
+            run.append(il)
+    if n_layer in layers:
+        out.append("output")
+    return ", ".join(out)

@@ -76,6 +76,8 @@ def remote_engine(header: GGUFHeader, info: ModelInfo, servers: Sequence, tensor
     rpc.require()
     infos = probe_all(endpoints)
     split = rpc.parse_split(tensor_split or None, sum(len(i.memory) for i in infos))
+    for line in rpc.plan_lines(header, infos, split, n_gpu_layers, n_ctx, kv_type):
+        log.info("[%s]", line)  # what each device gets (--verbose)
     spec = WorkerSpec(header.path, info, endpoints, split, n_ctx, n_threads, n_gpu_layers or -1, flash_attn, kv_type)
     return RemoteEngine(spec, on_progress, probed=True)
 
