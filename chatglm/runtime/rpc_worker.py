@@ -29,6 +29,7 @@ import numpy as np
 from chatglm import errors
 from chatglm.errors import ChatGLMError, EngineLostError, ModelRuntimeError
 from chatglm.runtime.engine import Engine, ModelInfo, ProgressFn
+from chatglm.runtime.llama_native import lib
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime import rpc
 from chatglm.runtime.rpc import Endpoint, RPCError, probe_all
@@ -75,7 +76,11 @@ def remote_engine(header: GGUFHeader, info: ModelInfo, servers: Sequence, tensor
     endpoints = endpoints_of(servers)
     rpc.require()
     infos = probe_all(endpoints)
-    split = rpc.parse_split(tensor_split or None, sum(len(i.memory) for i in infos))
+    n_devices = sum(len(i.memory) for i in infos)
+    if n_devices > lib().llama_max_devices():  # llama.cpp reads one split weight per device from a fixed array
+        raise errors.InputError(f"--rpc: the servers offer {n_devices} devices, more than the "
+                                f"{lib().llama_max_devices()} llama.cpp can split a model over")
+    split = rpc.parse_split(tensor_split or None, n_devices)
     for line in rpc.plan_lines(header, infos, split, n_gpu_layers, n_ctx, kv_type):
         log.info("[%s]", line)  # what each device gets (--verbose)
     spec = WorkerSpec(header.path, info, endpoints, split, n_ctx, n_threads, n_gpu_layers or -1, flash_attn, kv_type)
