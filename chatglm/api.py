@@ -17,7 +17,8 @@ def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = Non
          chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
          on_progress: Optional[runtime.ProgressCallback] = None,
          lora: Sequence[tuple[os.PathLike | str, float]] = (),
-         mmproj: Optional[os.PathLike | str] = None) -> runtime.Model:
+         mmproj: Optional[os.PathLike | str] = None, rpc: Sequence[str] = (),
+         tensor_split: Sequence[float] = ()) -> runtime.Model:
     """Load a GGUF (a path, or a store name such as ``ORG/REPO:q4_k_m``; a path that exists wins; with no path, the
     bundled demo model, converted into the cache on first use) and return a
     :class:`~chatglm.runtime.model.Model`; the keywords are :func:`chatglm.runtime.model.load`'s."""
@@ -28,4 +29,4 @@ def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = Non
     path = resolve(path)
     return runtime.load(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                         kv_type=kv_type, chat_format=chat_format, sampling=sampling, on_progress=on_progress,
-                        lora=lora, mmproj=mmproj)
+                        lora=lora, mmproj=mmproj, rpc=rpc, tensor_split=tensor_split)

@@ -51,3 +51,15 @@ class Cancelled(ChatGLMError):
     """A generation or conversion was cancelled by the caller."""
 
     exit_code = 130
+
+
+class BackendUnavailableError(ChatGLMError):
+    """A remote backend (an RPC server) is down, busy or not one: try again once it is back (``serve``: 503)."""
+
+    exit_code = 2
+
+
+class EngineLostError(BackendUnavailableError):
+    """The engine's worker process ended mid-call (an RPC server went away); the next call starts a new one."""
+
+    exit_code = 1

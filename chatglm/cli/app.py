@@ -15,6 +15,7 @@ from chatglm.cli.models import list_cmd, rm_cmd, show_cmd
 from chatglm.cli.perplexity import perplexity_cmd
 from chatglm.cli.pull import pull_cmd
 from chatglm.cli.quantize import quantize_cmd
+from chatglm.cli.rpc_server import rpc_server_cmd
 from chatglm.cli.run import run_cmd
 from chatglm.cli.serve import serve_cmd
 from chatglm.cli.version import version_callback
@@ -42,6 +43,7 @@ app.command("pull")(pull_cmd)
 app.command("list")(list_cmd)
 app.command("show")(show_cmd)
 app.command("rm")(rm_cmd)
+app.command("rpc-server")(rpc_server_cmd)
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, Threads, Verbose, handle_errors, number,
-                               setup_logging)
+from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, RPCServers, TensorSplit, Threads, Verbose,
+                               handle_errors, number, rpc_options, setup_logging)
 from chatglm.errors import InputError
 from chatglm.limits import MAX_CONTEXT, MAX_SEED
 from chatglm.store import resolve
@@ -37,6 +37,8 @@ def bench_cmd(
     seed: Annotated[int, number(("--seed",), "Seed of the random tokens.", 0, MAX_SEED)] = 1234,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     verbose: Verbose = False,
+    rpc: RPCServers = None,
+    tensor_split: TensorSplit = None,
 ) -> None:
     """Measure prompt (pp) and generation (tg) tokens/s: median and spread over repetitions."""
     from chatglm.runtime.bench import BenchSpec, check_spec, peak_rss_bytes, run_bench
@@ -54,7 +56,7 @@ def bench_cmd(
         raise InputError("file not found", model)
     progress = _Progress(enabled=sys.stderr.isatty() and not verbose)
     with open_engine(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-                     kv_type=kv_type) as engine:
+                     kv_type=kv_type, **rpc_options(rpc, tensor_split)) as engine:
         results = run_bench(engine, spec, progress=progress)
         progress.done()
         report = bench_report(engine, results, threads=engine_threads(threads), n_gpu_layers=n_gpu_layers,

@@ -197,6 +197,44 @@ LoraScales = Annotated[Optional[list[float]], number(
     limits.MAX_LORA_SCALE)]
 
 
+def _rpc_servers(value: Optional[str]) -> Optional[list[str]]:
+    from chatglm.errors import InputError
+    from chatglm.runtime.rpc import parse_servers
+
+    if value is None:
+        return None
+    try:
+        return [str(e) for e in parse_servers(value)]
+    except InputError as exc:
+        raise typer.BadParameter(exc.problem.split(": ", 1)[-1]) from None
+
+
+def _tensor_split(value: Optional[str]) -> Optional[tuple[float, ...]]:
+    from chatglm.errors import InputError
+    from chatglm.runtime.rpc import parse_split
+
+    try:
+        return parse_split(value) or None
+    except InputError as exc:
+        raise typer.BadParameter(exc.problem.split(": ", 1)[-1]) from None
+
+
+RPCServers = Annotated[Optional[str], typer.Option(
+    "--rpc", metavar="HOST:PORT,...", callback=_rpc_servers,
+    help="Split the model over these `chatglm rpc-server` processes (llama.cpp's RPC backend): every layer on them "
+         "unless -ngl N puts only the last N there.")]
+TensorSplit = Annotated[Optional[str], typer.Option(
+    "--tensor-split", metavar="W0,W1,...", callback=_tensor_split,
+    help="With --rpc: the share of the layers of each server's device, in order (default: by their free memory).")]
+
+
+def rpc_options(rpc: Optional[list[str]], tensor_split: Optional[tuple[float, ...]]) -> dict:
+    """The engine arguments of --rpc and --tensor-split (refused without --rpc)."""
+    if tensor_split and not rpc:
+        raise fail("--tensor-split weighs the devices of --rpc: give --rpc too")
+    return {"rpc": tuple(rpc or ()), "tensor_split": tuple(tensor_split or ())}
+
+
 def sampling_options(command: Callable) -> Callable:
     """Give a command one option per :class:`~chatglm.runtime.sampling.SamplingParams` field (flags, help and range
     from the field's metadata), after its own options; the command gets them as ``sampling``, a dict of those given."""

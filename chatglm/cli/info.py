@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import gguf
 import typer
 
-from chatglm.cli.common import KVTypeOpt, handle_errors, number
+from chatglm.cli.common import KVTypeOpt, fail, handle_errors, number
 from chatglm.limits import MAX_CONTEXT
 from chatglm.store import resolve
 
@@ -179,13 +179,22 @@ def text_lines(d: dict) -> list[str]:
 
 @handle_errors
 def info_cmd(
-    model: Annotated[Path, typer.Argument(help="A .gguf file or a stored model name.")],
+    model: Annotated[Optional[Path], typer.Argument(help="A .gguf file or a stored model name.")] = None,
     ctx: Annotated[Optional[int], number(("-c", "--ctx"), "Context size for the memory estimate.", 1,
                                          MAX_CONTEXT)] = None,
     kv_type: KVTypeOpt = "f16",
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    system: Annotated[bool, typer.Option("--system", help="Versions and the backends compiled in (RPC "
+                                                          "included), instead of a model.")] = False,
 ) -> None:
     """Show a GGUF's architecture, sizes, tensor types, tokenizer and memory needs."""
+    if system:
+        from chatglm.cli.version import version_text
+
+        typer.echo(version_text())
+        return
+    if model is None:
+        raise fail("give a model (or --system)")
     d = describe_file(resolve(model), ctx, kv_type)
     if as_json:
         typer.echo(json.dumps(d, ensure_ascii=False, indent=2, default=str))

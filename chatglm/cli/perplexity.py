@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from chatglm.cli.common import FlashAttn, GpuLayers, KVTypeOpt, Threads, handle_errors, number, setup_logging
+from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, RPCServers, TensorSplit, Threads, handle_errors,
+                               number, rpc_options, setup_logging)
 from chatglm.errors import InputError
 from chatglm.limits import MAX_CONTEXT
 from chatglm.store import resolve
@@ -28,6 +29,8 @@ def perplexity_cmd(
     kv_type: KVTypeOpt = "f16",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every window's perplexity.")] = False,
+    rpc: RPCServers = None,
+    tensor_split: TensorSplit = None,
 ) -> None:
     """Perplexity of TEXT_FILE: windows of --window tokens every --stride tokens, each token scored once."""
     from chatglm.runtime.loader import open_engine
@@ -41,7 +44,7 @@ def perplexity_cmd(
         raise InputError("file not found", model)
     n_prefix = max((len(p) for p in CAUSAL_PREFIX.values()), default=0)
     with open_engine(model, n_ctx=window + n_prefix, n_threads=threads, n_gpu_layers=n_gpu_layers,
-                     flash_attn=flash_attn, kv_type=kv_type) as engine, \
+                     flash_attn=flash_attn, kv_type=kv_type, **rpc_options(rpc, tensor_split)) as engine, \
             _WindowBar(enabled=sys.stderr.isatty() and not verbose) as bar:
         result = perplexity_of_file(engine, text_file, window=window, stride=stride, progress=bar)
     if as_json:

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from chatglm.cli.chatout import ThinkingPrinter, context_notes, format_tool_call, print_stats
-from chatglm.cli.common import (Context, FlashAttn, GpuLayers, KVTypeOpt, Threads, fail, handle_errors, number,
-                               sampling_options, setup_logging)
+from chatglm.cli.common import (Context, FlashAttn, GpuLayers, KVTypeOpt, RPCServers, TensorSplit, Threads, fail,
+                               handle_errors, number, rpc_options, sampling_options, setup_logging)
 from chatglm.limits import MAX_LORA_SCALE
 from chatglm.runtime.messages import Message
 from chatglm.store import resolve
@@ -57,6 +57,8 @@ def run_cmd(
     audio: Annotated[Optional[list[Path]], typer.Option(
         "--audio", metavar="FILE", help="Audio (WAV, MP3, FLAC) for the first message (speech models, e.g. "
         "GLM-ASR; repeatable).")] = None,
+    rpc: RPCServers = None,
+    tensor_split: TensorSplit = None,
     sampling: Optional[dict] = None,
 ) -> None:
     """Chat with a GGUF model."""
@@ -78,10 +80,12 @@ def run_cmd(
     if media and find_projector(model, mmproj) is None:
         raise fail(f"{media[0].name}: {model.name} takes text only (no projector mmproj-{model.stem}.gguf beside "
                    "it; name one with --mmproj)")
+    placement = rpc_options(rpc, tensor_split)
     if verbose:
-        print_estimate(model, ctx, kv_type, flash_attn, mmproj, media)
+        print_estimate(model, ctx, kv_type, flash_attn, mmproj, media)  # over RPC, the load logs each device's part
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
-                  flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()], mmproj=mmproj) as m:
+                  flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()], mmproj=mmproj,
+                  **placement) as m:
         m.sampling = m.sampling.updated(**sampling or {})
         if sys.stderr.isatty():
             m.prefill_progress = show_prefill

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, Threads, handle_errors, non_empty, number,
-                               setup_logging)
+from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, RPCServers, TensorSplit, Threads, fail,
+                               handle_errors, non_empty, number, rpc_options, setup_logging)
 from chatglm.errors import ChatGLMError, InputError
 from chatglm.limits import MAX_BODY_MIB, MAX_BODY_MIB_SETTING, MAX_CONTEXT
 from chatglm.store import resolve
@@ -56,6 +56,8 @@ def serve_cmd(
     allow_host: Annotated[Optional[list[str]], typer.Option(
         "--allow-host", help="Also answer requests for this Host name (repeatable; loopback without a key "
                              "answers only localhost, 127.0.0.1 and [::1]).")] = None,
+    rpc: RPCServers = None,
+    tensor_split: TensorSplit = None,
 ) -> None:
     """Serve a GGUF model over the OpenAI and Ollama APIs, with a chat page at /; with no model, the store (each
     model loaded on the first request naming it, unloaded after its keep_alive)."""
@@ -68,6 +70,10 @@ def serve_cmd(
 
     store = Store()
     serving_store = model is None and bool(store.entries())  # an empty store: the demo model, as before
+    placement = rpc_options(rpc, tensor_split)
+    if rpc and (parallel > 1 or serving_store):  # a second connection would wait behind the first for ever
+        raise fail("--rpc serves one model instance (an rpc-server serves one client at a time): give a model and "
+                   "no --parallel")
     path = None if serving_store else resolve_model(model)
     hosts = allowed_hosts(host, api_key, allow_host or [])
     if threads is None:
@@ -77,7 +83,7 @@ def serve_cmd(
     sock = bind(host, port)  # bound, not listening: a taken port fails before the load, and nothing answers yet
     try:
         models = [] if serving_store else load_instances(path, parallel, ctx, threads, n_gpu_layers, kv_type,
-                                                         flash_attn)
+                                                         flash_attn, placement)
         sock.listen(128)
     except BaseException:
         sock.close()
@@ -150,7 +156,7 @@ def resolve_model(model: Optional[Path]) -> Path:
 
 
 def load_instances(path: Path, parallel: int, n_ctx: Optional[int], threads: int, n_gpu_layers: int,
-                   kv_type: str = "f16", flash_attn: Optional[bool] = None) -> list:
+                   kv_type: str = "f16", flash_attn: Optional[bool] = None, placement: Optional[dict] = None) -> list:
     from chatglm.runtime.model import load
 
     models = []
@@ -158,7 +164,7 @@ def load_instances(path: Path, parallel: int, n_ctx: Optional[int], threads: int
         for i in range(parallel):
             log.info("loading instance %d of %d from %s", i + 1, parallel, path)
             models.append(load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
-                               flash_attn=flash_attn))
+                               flash_attn=flash_attn, **(placement or {})))
     except Exception as exc:
         close_all(models)
         if isinstance(exc, ChatGLMError):

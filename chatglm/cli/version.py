@@ -35,9 +35,28 @@ def version_text() -> str:
     found = backends(info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info))
     lines = [f"chatglm {chatglm.__version__}", f"llama-cpp-python {llama_cpp.__version__}"]
     lines += [f"  {name:<8} {' '.join(features) or '-'}" for name, features in found.items()]
-    lines.append(f"  GPU offload {'yes' if llama_cpp.llama_supports_gpu_offload() else 'no'}, "
-                 f"RPC {'yes' if llama_cpp.llama_supports_rpc() else 'no'}")
+    lines.append(f"  GPU offload {'yes' if local_gpu() else 'no'}, RPC {rpc_text()}")
     return "\n".join(lines)
+
+
+def local_gpu() -> bool:
+    """A GPU backend is compiled in (llama_supports_gpu_offload also says yes for RPC alone, whose devices count as
+    GPUs)."""
+    from chatglm.runtime import rpc
+
+    r = rpc.registry()
+    return any(r.dev_type(r.dev_get(i)) in (rpc.DEV_GPU, rpc.DEV_IGPU) for i in range(r.dev_count()))
+
+
+def rpc_text() -> str:
+    """Whether llama.cpp's RPC backend is compiled in (its library shipped and its backend registered)."""
+    from chatglm.runtime import rpc
+
+    problem = rpc.missing()
+    if problem:
+        return f"no ({problem.split('; ', 1)[-1]})"
+    lib = rpc.library_file()
+    return f"yes ({lib.name if lib is not None else 'built in'}, protocol {rpc.PROTO_MAJOR}.{rpc.PROTO_MINOR})"
 
 
 def version_callback(value: bool) -> None:

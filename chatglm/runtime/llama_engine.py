@@ -32,7 +32,8 @@ LLAMA_ARCHES = tuple(dict.fromkeys(f.arch for f in families.families() if f.engi
 class LlamaEngine(Engine):
     def __init__(self, header: GGUFHeader, info: ModelInfo, *, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
                  n_batch: int = 512, flash_attn: Optional[bool] = None, kv_type: str = "f16",
-                 on_progress: Optional[ProgressFn] = None):
+                 on_progress: Optional[ProgressFn] = None, devices: Sequence[int] = (),
+                 tensor_split: Sequence[float] = ()):
         super().__init__()
         ll = native.lib()
         check_context(n_ctx, n_batch, n_threads)
@@ -45,7 +46,7 @@ class LlamaEngine(Engine):
         # the repacked weights' source pages would otherwise stay resident beside their copies
         releaser = pages.TensorPageReleaser(header)
         self._model = native.load_model(header.path, n_gpu_layers=n_gpu_layers, on_progress=on_progress,
-                                        on_repacked=releaser)
+                                        on_repacked=releaser, devices=devices, tensor_split=tensor_split)
         self.released_bytes = releaser.released
         if releaser.released:
             log.debug("released %.1f MiB of mapped pages held by repacked copies", releaser.released / 2**20)

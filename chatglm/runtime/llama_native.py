@@ -91,15 +91,27 @@ def physical_cores() -> int:
 
 
 def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressFn],
-               on_repacked: Optional[Callable[[list[str]], None]] = None):
+               on_repacked: Optional[Callable[[list[str]], None]] = None, devices: Sequence[int] = (),
+               tensor_split: Sequence[float] = ()):
     """Load (memory-mapped) and return the model. ``on_repacked`` is called, during the load and at its end, with the
     names of the weights llama.cpp has finished copying into its CPU repack buffer since the last call, so that their
-    mapped source pages can be released (``runtime/pages.py``) before the next ones are copied."""
+    mapped source pages can be released (``runtime/pages.py``) before the next ones are copied. ``devices`` (ggml
+    device handles, e.g. RPC servers') take the offloaded layers instead of the local GPUs, weighed by
+    ``tensor_split`` (at most one weight per device)."""
     global _repacked
     ll = lib()
     params = ll.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
     params.load_mode = 1  # LLAMA_LOAD_MODE_MMAP
+    if devices:  # both arrays are read during the load only
+        device_list = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+        params.devices = ctypes.cast(device_list, ctypes.c_void_p).value
+    if tensor_split:
+        n_max = ll.llama_max_devices()
+        if len(tensor_split) > min(n_max, len(devices) or n_max):
+            raise InputError(f"--tensor-split gives {len(tensor_split)} weights for {len(devices) or n_max} devices")
+        split = (ctypes.c_float * n_max)(*tensor_split)
+        params.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
     handed = 0  # how many of the reported names were given to on_repacked
 
     def hand_over() -> None:

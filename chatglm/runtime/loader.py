@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import gguf
 import numpy as np
@@ -154,7 +154,9 @@ def _count(shape) -> int:
 
 def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
                 flash_attn: Optional[bool] = None, kv_type: str = "f16", on_progress=None,
-                extra_memory: int = 0) -> Engine:
+                extra_memory: int = 0, rpc: Sequence = (), tensor_split: Sequence[float] = ()) -> Engine:
+    """The engine for the GGUF at ``path``. ``rpc``: RPC servers (``host:port`` texts or Endpoints) to split the
+    model over, by ``tensor_split`` weights; such an engine runs in a worker process (``runtime/rpc_worker.py``)."""
     check_kv_type(kv_type)
     if flash_attn not in (None, True, False):
         raise InputError(f"flash_attn must be True, False or None, got {flash_attn!r}")
@@ -168,18 +170,28 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
         check_kv_head(header, kv_type)
         log.info("%s", note)
     if n_ctx is None:
-        n_ctx = default_context(header, kv_type)
+        if rpc:  # the weights are on the servers: this machine's memory does not bound the context
+            from chatglm.runtime.rpc import default_context as split_context
+
+            n_ctx = split_context(header)
+        else:
+            n_ctx = default_context(header, kv_type)
     if n_threads is None:
         from chatglm.runtime.llama_native import physical_cores
 
         n_threads = physical_cores()
     check_context(n_ctx, 1, n_threads)
-    if n_gpu_layers == 0:  # everything stays in host memory
+    if n_gpu_layers == 0 and not rpc:  # everything stays in host memory
         # a P-Tuning prefix takes its own cells beside the context (runtime/ptuning.py)
         n_prefix = header.get(keys.PTUNING_PRE_SEQ_LEN)
         check_fits(header, n_ctx + (n_prefix if type(n_prefix) is int and n_prefix > 0 else 0), kv_type,
                    flash_attn is not False, extra_memory)
     info = describe(header)
+    if rpc:
+        from chatglm.runtime.rpc_worker import remote_engine
+
+        return remote_engine(header, info, rpc, tensor_split, n_ctx=n_ctx, n_threads=n_threads,
+                             n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress)
     module, _, cls = target.partition(":")
     engine_cls = getattr(importlib.import_module(module), cls)
     return engine_cls(header, info, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,

@@ -348,27 +348,36 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
          chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
          on_progress: Optional[ProgressCallback] = None,
          lora: Sequence[tuple[os.PathLike | str, float]] = (),
-         mmproj: Optional[os.PathLike | str] = None) -> Model:
+         mmproj: Optional[os.PathLike | str] = None, rpc: Sequence[str] = (),
+         tensor_split: Sequence[float] | str = ()) -> Model:
     """Load a GGUF and return a :class:`Model` (``chatglm.load``, :mod:`chatglm.api`, adds the demo model).
 
     ``n_ctx`` defaults to the model's training context capped at 4096; ``n_threads`` to the physical cores;
     ``n_gpu_layers`` layers are offloaded (-1: all); ``on_progress(done, total)`` is called while loading;
     ``lora`` lists (adapter GGUF, scale) pairs applied at run time (llama.cpp engine); the projector of a
     multimodal model (``mmproj``, by default ``mmproj-<stem>.gguf`` beside it) is checked against the model before
-    the engine loads and then opened with libmtmd.
+    the engine loads and then opened with libmtmd; ``rpc`` (``host:port`` of ``chatglm rpc-server`` processes)
+    splits the model over those servers by ``tensor_split``, the engine in a worker process (text only).
     """
     from chatglm.runtime.mtmd import check_projector, find_projector, projector_estimate
 
     start = time.perf_counter()
     projector_path = find_projector(Path(path), Path(mmproj) if mmproj is not None else None)
     projector = None
+    if projector_path is not None and rpc:  # libmtmd needs the model in this process
+        if mmproj is not None:
+            raise InputError("a model split over RPC servers takes text only: run it without --rpc to use its "
+                             "projector", projector_path)
+        log.warning("%s: not used: a model split over RPC servers takes text only", projector_path)
+        projector_path = None
     if projector_path is not None:
         from chatglm.gguf_file import read_header
 
         projector = check_projector(projector_path, read_header(Path(path)))
     extra = projector_estimate(Path(path), projector.path).total if projector is not None else 0
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                         flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, extra_memory=extra)
+                         flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, extra_memory=extra,
+                         rpc=rpc, tensor_split=tensor_split)
     try:
         engine.apply_lora([(Path(p), float(scale)) for p, scale in lora])
         model = Model(engine, chat_format=chat_format, sampling=sampling,

@@ -6,7 +6,7 @@ from typing import Optional
 
 from starlette.responses import JSONResponse
 
-from chatglm.errors import ChatGLMError, ContextOverflowError, InputError
+from chatglm.errors import BackendUnavailableError, ChatGLMError, ContextOverflowError, InputError
 
 #: status -> OpenAI error type
 ERROR_TYPES = {
@@ -54,6 +54,8 @@ def from_library(exc: ChatGLMError) -> APIError:
         return APIError(400, exc.problem, code="context_length_exceeded", param="messages")
     if isinstance(exc, InputError):
         return APIError(400, exc.problem, param="messages")
+    if isinstance(exc, BackendUnavailableError):  # an RPC server down or gone: the next request reconnects
+        return APIError(503, str(exc), code="backend_unavailable", headers={"Retry-After": "1"})
     return APIError(500, str(exc), code="generation_failed")
 
 
