@@ -241,14 +241,17 @@ def rounds(runners: dict[str, Callable[[], tuple[dict[str, float], float]]], not
             probe = LoadProbe()
             tps, own = runners[side]()
             runs.append(Run(side, r + 1, tps, probe.stop(own)))
-        log.info("round %d/%d done", r + 1, n_rounds)
+            log.info("round %d/%d, %s: %s t/s; load %s", r + 1, n_rounds, side,
+                     ", ".join(f"{t} {v:.2f}" for t, v in tps.items()), runs[-1].load.text())
     return runs
 
 
 def per_run_table(runs: list[Run], tests: list[str]) -> str:
     head = ["round", "side", *(f"{t} t/s" for t in tests), "load avg, others' CPU"]
-    rows = [[str(x.round), x.side, *([f"{x.tps[t]:.2f}" for t in tests] if x.tps else [x.note] + [""] * (len(tests) - 1)),
-             x.load.text() if x.load else "-"] for x in runs]
+    rows = []
+    for x in runs:
+        cells = [f"{x.tps[t]:.2f}" for t in tests] if x.tps else [x.note] + [""] * (len(tests) - 1)
+        rows.append([str(x.round), x.side, *cells, x.load.text() if x.load else "-"])
     return _table(head, rows)
 
 
