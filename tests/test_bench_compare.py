@@ -66,7 +66,8 @@ def test_three_sides_interleaved(glm3_gguf, tmp_path, capsys):
         (2, "llama-cpp-python"), (2, "llama-bench"), (2, "chatglm bench")]  # the order rotates
     for r in runs:
         assert set(r["tps"]) == {"pp8", "tg2", "pp8+tg2"} and all(v > 0 for v in r["tps"].values())
-        assert r["load"]["load1"] >= 0 and 0 <= r["load"]["others"] <= 1
+        others = r["load"]["others"]  # None when a run is shorter than a clock tick (the tiny model's can be)
+        assert r["load"]["load1"] >= 0 and (others is None or 0 <= others <= 1)
     summary = rows(text, "side", 1)
     assert summary["llama-bench"][1:4] == ["108.00", "102.00", "110.00"]  # the fake's avg_ts
     assert all(float(c) > 0 for c in summary["llama-bench"][4:] + summary["llama-cpp-python"][1:])
