@@ -9,8 +9,8 @@ layers and experts) can be named with ``--models`` too (``benchmarks/real_shapes
 ggml and repeated, so building a 6 GB file costs about as long as writing it. Files are cached under
 ``benchmarks/.cache/`` (git ignores it); ``--shape small`` uses scaled-down models for a quick run.
 
-Every model is measured by ``chatglm bench --json`` in a child process of this one, one after another; the table
-gives pp/tg tokens/s (median of the repetitions) and the child's peak RSS (touched model pages included).
+Every model is measured by ``chatglm bench -o json`` in a child process of this one, one after another; the table
+gives pp/tg tokens/s (median ± stdev of the repetitions) and the child's peak RSS (touched model pages included).
 
     python benchmarks/bench_models.py                      # real shapes, q4_0 q4_k_m q8_0, pp512 tg128
     python benchmarks/bench_models.py --shape small -r 2
@@ -39,6 +39,7 @@ from chatglm.convert.pipeline import _plan_types, write_model_metadata
 from chatglm.convert.ptuning import write_prefix
 from chatglm.fsutil import atomic_path
 from chatglm.ggml import quants
+from chatglm.runtime.bench_report import test_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import (CHATGLM3_1B, REAL, SHAPE_SETS, SMALL, HFShape, NotMerged, Shape, family_for,  # noqa: E402,F401
@@ -121,7 +122,7 @@ def build_gguf(shape: Shape | HFShape, qtype: str, out_dir: Path, *, threads: in
 def bench_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``chatglm bench --json`` on one model in a child process; its report (or an "error")."""
     cmd = [sys.executable, "-c", "from chatglm.cli.app import main; main()", "bench", str(path),
-           "-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", str(args.repetitions), "--json"]
+           "-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", str(args.repetitions), "-o", "json"]
     if args.threads:
         cmd += ["-t", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -134,13 +135,13 @@ def table(rows: list[dict[str, Any]], n_prompt: int, n_gen: int) -> str:
     head = ["model", "type", "size", f"pp{n_prompt} t/s", f"tg{n_gen} t/s", "peak RSS"]
     lines = []
     for r in rows:
-        rep = r["report"]
+        rep = r["report"]  # chatglm bench's llama-bench records, one per test
         if "error" in rep:
             lines.append([r["model"], r["type"], "-", "-", "-", f"error: {rep['error']}"])
             continue
-        tps = {x["test"]: f"{x['median_tps']:.2f} ± {x['stdev_tps']:.2f}" for x in rep["results"]}
-        lines.append([r["model"], r["type"], size(rep["model"]["size_bytes"]), tps.get(f"pp{n_prompt}", "-"),
-                      tps.get(f"tg{n_gen}", "-"), size(rep["peak_rss_bytes"])])
+        tps = {test_name(x["n_prompt"], x["n_gen"]): f"{x['median_ts']:.2f} ± {x['stddev_ts']:.2f}" for x in rep}
+        lines.append([r["model"], r["type"], size(rep[0]["model_size"]), tps.get(f"pp{n_prompt}", "-"),
+                      tps.get(f"tg{n_gen}", "-"), size(max(x["peak_rss_bytes"] for x in rep))])
     widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in lines])

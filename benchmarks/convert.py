@@ -19,6 +19,7 @@ type is also made llama.cpp's way, its converter to bf16 then ``llama-quantize``
     python benchmarks/convert.py                  # ChatGLM3-6B shape: ~12.5 GB of bf16 input, ~25 GB of outputs
     python benchmarks/convert.py --shape small    # a quick run of the same steps
     python benchmarks/convert.py --types q4_0 --no-baseline --json results.json
+    python benchmarks/convert.py --shape small --types q4_k_m --threads-sweep 1,2,4   # scaling with threads
     python benchmarks/convert.py --model GLM-4.7 --types q4_k_m --no-baseline --llama-src /work/native-src \
         --llama-quantize /work/native/bin/llama-quantize
 """
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_models, beside
 from bench_models import SHAPE_SETS, HFShape, Shape, machine, size  # noqa: E402
 from shapes import GLM4_TOKENIZER, NotMerged, weightless_checkpoint  # noqa: E402
 
+from chatglm.convert.threads import usable_cpus  # noqa: E402
 from chatglm.devtools.glm4 import FIXTURE_TEMPLATES  # noqa: E402
 from chatglm.devtools.weightless import published_glm4_tokenizer, save_safetensors  # noqa: E402
 
@@ -170,6 +172,37 @@ def llama_steps(tools: LlamaTools, ckpt: Path, out_dir: Path, qtype: str, thread
     return runs
 
 
+def sweep(ckpt: Path, out_dir: Path, types: list[str], counts: list[int]) -> list[tuple[int, Run]]:
+    """``chatglm convert -t TYPE --threads N`` for every type and thread count, the counts interleaved per type."""
+    runs = []
+    for qtype in types:
+        out = out_dir / f"sweep-{qtype}.gguf"
+        for n in counts:
+            runs.append((n, run_child(f"convert -t {qtype}", chatglm("convert", ckpt, "-o", out, "-t", qtype,
+                                                                      "--threads", n), out)))
+            out.unlink(missing_ok=True)
+    return runs
+
+
+def scaling_table(runs: list[tuple[int, Run]], n_input: int) -> str:
+    """Wall time per type and thread count, the speed-up over the type's fewest threads and its efficiency
+    (speed-up / thread ratio: 100% is linear scaling)."""
+    head = ["step", "threads", "wall", "MB/s of input", "speed-up", "efficiency"]
+    base: dict[str, tuple[int, float]] = {}
+    rows = []
+    for n, r in runs:
+        if r.error:
+            rows.append([r.step, str(n), "-", "-", "-", f"error: {r.error}"])
+            continue
+        n0, s0 = base.setdefault(r.step, (n, r.seconds))
+        up = s0 / r.seconds
+        rows.append([r.step, str(n), f"{r.seconds:.1f} s", f"{n_input / 1e6 / r.seconds:.0f}", f"{up:.2f}x",
+                     f"{up / (n / n0):.0%}"])
+    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in rows])
+
+
 def nextn_layers(path: Path) -> int:
     """The GGUF's ``<arch>.nextn_predict_layers`` (0 when absent)."""
     from chatglm.gguf_file import read_header
@@ -219,7 +252,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="a llama.cpp source tree: compare with its convert_hf_to_gguf.py + llama-quantize")
     p.add_argument("--llama-quantize", default=shutil.which("llama-quantize"), help="default: on PATH")
     p.add_argument("--types", default=",".join(TYPES), help="comma-separated output types (default: %(default)s)")
-    p.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 2, help="quantization threads")
+    p.add_argument("-t", "--threads", type=int, default=usable_cpus(),
+                   help="quantization threads (default: the CPUs this process may run on, %(default)s)")
+    p.add_argument("--threads-sweep", type=lambda v: [int(x) for x in v.split(",")], metavar="N,N,...",
+                   help="only convert each type once per thread count and print how it scales")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip f16 + separate quantize")
     p.add_argument("--keep", action="store_true", help="keep the output GGUFs (default: delete each after its run)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -244,6 +280,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_dir = CACHE / "convert-out"
     out_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
+    if args.threads_sweep:
+        runs = sweep(ckpt, out_dir, args.types.split(","), args.threads_sweep)
+        print(f"\n{shape.name} shape, {n_input / 1e9:.2f} GB of bf16 input; {machine()}; load average "
+              f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n")
+        print(scaling_table(runs, n_input))
+        return 1 if any(r.error for _, r in runs) else 0
     llama = LlamaTools(args.llama_src, args.llama_quantize) if args.llama_src or args.llama_quantize else None
     runs = measure(ckpt, out_dir, args.types.split(","), args.threads, args.baseline, args.keep, llama)
     load_after = os.getloadavg()

@@ -185,7 +185,8 @@ OutTypeArg = Annotated[OutType, choice((), OutType, "Output type or llama.cpp mi
 LoraTypeOpt = Annotated[LoraType, choice(("-t", "--type"), LoraType, "Adapter tensor type.")]
 Threads = Annotated[Optional[int], number(("-t", "--threads"), "CPU threads (default: physical cores).",
                                           1, limits.MAX_THREADS)]
-QuantThreads = Annotated[Optional[int], number(("--threads",), "Quantization threads.", 1, limits.MAX_THREADS)]
+QuantThreads = Annotated[Optional[int], number(
+    ("--threads",), "Quantization threads (default: every CPU this process may run on).", 1, limits.MAX_THREADS)]
 Context = Annotated[Optional[int], number(("-c", "--ctx"), "Context size in tokens.", 1, limits.MAX_CONTEXT)]
 GpuLayers = Annotated[int, number(("-ngl", "--n-gpu-layers"), "Layers offloaded to a GPU (-1: all).", -1,
                                   limits.MAX_GPU_LAYERS)]

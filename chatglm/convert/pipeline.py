@@ -25,6 +25,7 @@ from chatglm.convert.mmproj import (CLIP_ARCH, DEFAULT_MMPROJ_TYPE, KEY_PROJ_TYP
 from chatglm.convert.lora import merged
 from chatglm.convert.ptuning import check_prefix_type, has_prefix, load_prefix, open_ptuning, write_prefix
 from chatglm.convert.thudm_quant import dequantized
+from chatglm.convert.threads import quant_threads
 from chatglm.errors import InputError
 from chatglm.fsutil import atomic_path
 from chatglm.ggml import quants
@@ -82,6 +83,7 @@ def convert(
     start = time.perf_counter()
     recipe = qtypes.get_recipe(qtype)
     check_prefix_type(ptuning_type)
+    threads = quant_threads(threads)
     model_dir = Path(model_dir)
     with Checkpoint(model_dir) as raw, (open_ptuning(ptuning) if ptuning is not None else nullcontext()) as pt:
         ckpt = merged(dequantized(raw), lora, lora_scale)
@@ -109,12 +111,12 @@ def convert(
             with open(tmp, "r+b") as fh:
                 section = DataSection(fh, alignment, total, progress)
                 for p in planned:
-                    section.write(p.tensor.name, p.nbytes, encoded_blocks(family.ckpt, p, importance, threads or 2))
+                    section.write(p.tensor.name, p.nbytes, encoded_blocks(family.ckpt, p, importance, threads))
             side = mmproj_path(dest) if projector is not None and mmproj else None
             if side is not None:
                 with atomic_path(side, sources=[model_dir, imatrix, *lora]) as side_tmp:
                     write_projector(projector, projector_plan, side_tmp, mmproj_type, display_name(family.ckpt.dir),
-                                    threads or 2)
+                                    threads)
     seconds = time.perf_counter() - start
     log.info("wrote %s: %d tensors, %d bytes in %.1fs", dest, len(planned), total, seconds)
     return ConvertResult(dest, family.name, family.arch, recipe.name, len(planned), dest.stat().st_size, seconds,
@@ -122,7 +124,7 @@ def convert(
 
 
 def write_projector(projector: Projector, plan: list[OutTensor], tmp: Path, qtype: str, name: str,
-                    threads: int = 2) -> int:
+                    threads: Optional[int] = None) -> int:
     """Write the projector to ``tmp`` (the caller's atomic path, a ``clip`` GGUF); returns the bytes of tensor
     data written."""
     choice = mmproj_qtype(qtype)
@@ -141,7 +143,7 @@ def write_projector(projector: Projector, plan: list[OutTensor], tmp: Path, qtyp
     with open(tmp, "r+b") as fh:
         section = DataSection(fh, alignment, total)
         for p in planned:
-            section.write(p.tensor.name, p.nbytes, encoded_blocks(projector.ckpt, p, None, threads))
+            section.write(p.tensor.name, p.nbytes, encoded_blocks(projector.ckpt, p, None, quant_threads(threads)))
     return total
 
 

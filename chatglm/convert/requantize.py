@@ -30,6 +30,7 @@ from chatglm.convert import qtypes
 from chatglm.convert.gguf_writer import DataSection, Progress, TensorInfo, write_header
 from chatglm.convert.pipeline import encode_rows, importance_for, row_blocks
 from chatglm.convert.tensors import bf16_to_f32
+from chatglm.convert.threads import quant_threads
 from chatglm.errors import InputError
 from chatglm.fsutil import atomic_path, check_destination, open_regular, reading
 from chatglm.gguf_file import GGUFHeader, TensorEntry, read_header
@@ -81,6 +82,7 @@ def quantize_gguf(
     """
     start = time.perf_counter()
     recipe = qtypes.get_recipe(qtype)
+    threads = quant_threads(threads)
     src, dest = Path(src), Path(dest)
     check_destination(dest, [src, imatrix])  # before any work: never over the file being requantized
     header = read_header(src)
@@ -95,7 +97,7 @@ def quantize_gguf(
         with open_regular(src) as fin, open(tmp, "r+b") as fout:
             section = DataSection(fout, alignment, total, progress)
             for p in planned:
-                blocks = _encoded_blocks(fin, header, p, (importance or {}).get(p.entry.name), threads or 2)
+                blocks = _encoded_blocks(fin, header, p, (importance or {}).get(p.entry.name), threads)
                 section.write(p.entry.name, p.nbytes, blocks)
     seconds = time.perf_counter() - start
     n_changed = sum(p.changes for p in planned)

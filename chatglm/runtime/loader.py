@@ -154,7 +154,8 @@ def _count(shape) -> int:
 
 def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
                 flash_attn: Optional[bool] = None, kv_type: str = "f16", on_progress=None,
-                extra_memory: int = 0, rpc: Sequence = (), tensor_split: Sequence[float] = ()) -> Engine:
+                extra_memory: int = 0, n_batch: int = 512, rpc: Sequence = (),
+                tensor_split: Sequence[float] = ()) -> Engine:
     """The engine for the GGUF at ``path``. ``rpc``: RPC servers (``host:port`` texts or Endpoints) to split the
     model over, by ``tensor_split`` weights; such an engine runs in a worker process (``runtime/rpc_worker.py``)."""
     check_kv_type(kv_type)
@@ -180,7 +181,7 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
         from chatglm.runtime.llama_native import physical_cores
 
         n_threads = physical_cores()
-    check_context(n_ctx, 1, n_threads)
+    check_context(n_ctx, n_batch, n_threads)
     if n_gpu_layers == 0 and not rpc:  # everything stays in host memory
         # a P-Tuning prefix takes its own cells beside the context (runtime/ptuning.py)
         n_prefix = header.get(keys.PTUNING_PRE_SEQ_LEN)
@@ -195,4 +196,4 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
     module, _, cls = target.partition(":")
     engine_cls = getattr(importlib.import_module(module), cls)
     return engine_cls(header, info, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                      flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress)
+                      flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, n_batch=n_batch)
