@@ -9,8 +9,10 @@ Semantics follow the published modeling_chatglm.py of THUDM/chatglm-6b (final re
   1/sqrt(head_dim); the context (tokens before <sop>) attends bidirectionally, later tokens causally.
 - mlp: dense_h_to_4h, exact tanh GELU, dense_4h_to_h, both with biases.
 
-Position ids, block position ids and the mask are computed on the host (:mod:`chatglm.runtime.glm1.layout`) and
-fed as inputs, so one builder serves prefill chunks and single-token decode steps alike.
+Position ids, block position ids, the cache cells written and the mask are computed on the host
+(:mod:`chatglm.runtime.glm1.layout`) and fed as inputs, so a graph depends only on its shape (tokens, cells attended
+to): the engine builds the single-token decode graph once per span of cells and reuses it step after step.
+Attention is ggml's flash attention over the f16 (or f32/bf16) cache; masked cells are skipped, not computed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatglm.errors import InputError
-from chatglm.ggml.ops import F32, I32, Graph, Tensor
+from chatglm.ggml.ops import F16, I32, Graph, Tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)  # the published gelu_impl's 0.7978845608028654
 TENSORS_PER_LAYER = 64  # an upper bound on the tensors one layer's builders create (43 today)
@@ -106,7 +108,8 @@ class Weights:
 
 @dataclass
 class KVCache:
-    """Per layer K as (head_dim, n_head, n_ctx) and V transposed as (n_ctx, head_dim, n_head), f16/bf16/f32."""
+    """Per layer K and V as (head_dim, n_head, n_ctx), f16/bf16/f32: one row of n_embd per cell, as flash
+    attention reads them (keys and values alike, not transposed)."""
 
     k: list[Tensor]
     v: list[Tensor]
@@ -115,10 +118,13 @@ class KVCache:
 
 @dataclass
 class Inputs:
+    """Everything that changes between evaluations of one graph shape: the graph itself never holds a position."""
+
     tokens: Tensor  # i32 (T,)
     pos: Tensor  # i32 (T,): position ids
     block_pos: Tensor  # i32 (T,): block position ids
-    mask: Tensor  # f32 (n_kv, T): 0 where a query may attend, -inf elsewhere
+    rows: Tensor  # i32 (T,): the cache cell each token's key and value go to
+    mask: Tensor  # f16 (n_kv, T): 0 where a query may attend, -inf elsewhere (cells past the used ones included)
 
 
 @dataclass
@@ -126,6 +132,10 @@ class Forward:
     graph: Graph
     inputs: Inputs
     logits: Tensor  # f32 (n_vocab, T) or (n_vocab, 1)
+    n_kv: int  # cache cells 0..n_kv-1 are attended to (through the mask)
+
+    def close(self) -> None:
+        self.graph.close()
 
 
 # --------------------------------------------------------------------------------------------------------- blocks
@@ -141,9 +151,9 @@ def gelu_tanh(g: Graph, x: Tensor) -> Tensor:
 
 
 def attention(g: Graph, cfg: GLM1Config, w: LayerWeights, kv: KVCache, il: int, h: Tensor, inp: Inputs,
-              n_past: int) -> Tensor:
+              n_kv: int) -> Tensor:
     hd, nh, T = cfg.head_dim, cfg.n_head, h.ne[1]
-    n_kv, rot, es = n_past + T, cfg.rot_dims, 4
+    rot, es = cfg.rot_dims, 4
     qkv = g.add(g.mul_mat(w.qkv, h), w.qkv_b)  # (3 * n_embd, T): per head [q | k | v]
     # q and k of every head as one (hd, 2, T, nh) view: both rotated by two ops, first half by the position id,
     # second half by the block position id.
@@ -151,20 +161,16 @@ def attention(g: Graph, cfg: GLM1Config, w: LayerWeights, kv: KVCache, il: int, 
     qk = g.rope_neox(g.rope_neox(qk, inp.pos, rot, cfg.rope_base), inp.block_pos, rot, cfg.rope_base, offset=rot)
     q = g.view(qk, (hd, T, nh), (qk.nb[2], qk.nb[3]), 0)  # (hd, T, nh)
     k = g.view(qk, (hd, T, nh), (qk.nb[2], qk.nb[3]), hd * es)
-    v = g.view(qkv, (hd, nh, T), (3 * hd * es, qkv.nb[1]), 2 * hd * es)  # (hd, nh, T)
+    v = g.view(qkv, (hd, T, nh), (qkv.nb[1], 3 * hd * es), 2 * hd * es)  # (hd, T, nh)
 
     kc, vc = kv.k[il], kv.v[il]
-    k_dst = g.view(kc, (hd, nh, T), (kc.nb[1], kc.nb[2]), n_past * kc.nb[2])
-    v_dst = g.view(vc, (T, hd, nh), (vc.nb[1], vc.nb[2]), n_past * vc.nb[0])
-    g.expand(g.cpy(g.permute(k, 0, 2, 1), k_dst))  # the cache writes come before the reads below in node order
-    g.expand(g.cpy(g.permute(v, 1, 2, 0), v_dst))  # v as (T, hd, nh)
-
+    for cache, new in ((kc, k), (vc, v)):  # the writes come before the reads below in node order
+        cells = g.view(cache, (hd, kv.n_ctx, nh), (cache.nb[2], cache.nb[1]), 0)  # (hd, n_ctx, nh)
+        g.expand(g.set_rows(cells, new, inp.rows))
     keys = g.view(kc, (hd, n_kv, nh), (kc.nb[2], kc.nb[1]), 0)  # (hd, n_kv, nh)
-    values = g.view(vc, (n_kv, hd, nh), (vc.nb[1], vc.nb[2]), 0)  # (n_kv, hd, nh)
-    scores = g.mul_mat(keys, q)  # (n_kv, T, nh)
-    probs = g.soft_max(scores, inp.mask, 1.0 / math.sqrt(hd))
-    ctx = g.mul_mat(values, probs)  # (hd, T, nh)
-    ctx = g.reshape(g.cont(g.permute(ctx, 0, 2, 1)), (cfg.n_embd, T))  # heads concatenated: (n_embd, T)
+    values = g.view(vc, (hd, n_kv, nh), (vc.nb[2], vc.nb[1]), 0)
+    ctx = g.flash_attn(q, keys, values, inp.mask, 1.0 / math.sqrt(hd))  # (hd, nh, T)
+    ctx = g.reshape(ctx, (cfg.n_embd, T))  # heads concatenated: (n_embd, T)
     return g.add(g.mul_mat(w.attn_out, ctx), w.attn_out_b)
 
 
@@ -174,33 +180,34 @@ def mlp(g: Graph, w: LayerWeights, h: Tensor) -> Tensor:
 
 
 def block(g: Graph, cfg: GLM1Config, w: LayerWeights, kv: KVCache, il: int, x: Tensor, inp: Inputs,
-          n_past: int) -> Tensor:
+          n_kv: int) -> Tensor:
     h = layer_norm(g, x, w.attn_norm, w.attn_norm_b, cfg.eps)
-    x = g.add(g.scale(h, cfg.alpha), attention(g, cfg, w, kv, il, h, inp, n_past))
+    x = g.add(g.scale(h, cfg.alpha), attention(g, cfg, w, kv, il, h, inp, n_kv))
     h = layer_norm(g, x, w.ffn_norm, w.ffn_norm_b, cfg.eps)
     return g.add(g.scale(h, cfg.alpha), mlp(g, w, h))
 
 
-def build(cfg: GLM1Config, weights: Weights, kv: KVCache, n_past: int, n_tokens: int, all_logits: bool) -> Forward:
-    """The graph evaluating ``n_tokens`` new tokens after ``n_past`` cached ones."""
-    if n_tokens < 1 or n_past < 0 or n_past + n_tokens > kv.n_ctx:
-        raise InputError(f"cannot evaluate {n_tokens} tokens after {n_past} in a context of {kv.n_ctx}")
+def build(cfg: GLM1Config, weights: Weights, kv: KVCache, n_kv: int, n_tokens: int, all_logits: bool) -> Forward:
+    """The graph evaluating ``n_tokens`` new tokens that attend to cache cells 0..n_kv-1 (themselves included).
+
+    Positions, the cells written and the mask are inputs: one graph serves every step with the same shape."""
+    if not 1 <= n_tokens <= n_kv <= kv.n_ctx:
+        raise InputError(f"cannot evaluate {n_tokens} tokens over {n_kv} cells of a context of {kv.n_ctx}")
     max_tensors = TENSORS_PER_LAYER * (cfg.n_layer + 1)
     g = Graph(max_tensors, max_tensors + weights.count() + 2 * cfg.n_layer)
     try:
-        n_kv = n_past + n_tokens
         inp = Inputs(g.input(I32, (n_tokens,), "tokens"), g.input(I32, (n_tokens,), "pos"),
-                     g.input(I32, (n_tokens,), "block_pos"), g.input(F32, (n_kv, n_tokens), "mask"))
+                     g.input(I32, (n_tokens,), "block_pos"), g.input(I32, (n_tokens,), "kv_rows"),
+                     g.input(F16, (n_kv, n_tokens), "mask"))
         x = g.get_rows(weights.tok_embd, inp.tokens)  # (n_embd, T)
         for il, w in enumerate(weights.layers):
-            x = block(g, cfg, w, kv, il, x, inp, n_past)
+            x = block(g, cfg, w, kv, il, x, inp, n_kv)
         if not all_logits:
             x = g.view(x, (cfg.n_embd, 1), (x.nb[1],), (n_tokens - 1) * x.nb[1])  # the last token only
         x = layer_norm(g, x, weights.out_norm, weights.out_norm_b, cfg.eps)
         logits = g.output(g.mul_mat(weights.output, x))  # (n_vocab, T or 1)
         g.expand(logits)
-        return Forward(g, inp, logits)
+        return Forward(g, inp, logits, n_kv)
     except BaseException:
         g.close()
         raise
-
