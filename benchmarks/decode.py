@@ -211,7 +211,6 @@ def profile_decode(path: Path, args: argparse.Namespace, threads: int) -> str:
     """Per-op times of GLM-1's decode graph after an ``n_prompt`` prompt (chatglm.ggml.profile)."""
     import numpy as np
 
-    from chatglm.ggml.profile import profile
     from chatglm.ggml.profile import table as op_table
 
     with open_engine(path, n_ctx=args.ctx, n_threads=threads, kv_type="f16") as e:
@@ -219,7 +218,7 @@ def profile_decode(path: Path, args: argparse.Namespace, threads: int) -> str:
         e.prefill(random_tokens(e.info, args.n_prompt - 2, rng) + causal_prefix(e.info))
         for tok in random_tokens(e.info, 3, rng):
             e.step(tok)
-        return op_table(profile(e.backend, e.decode_graph.graph))
+        return op_table(e.profile_last_step())
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -113,3 +113,18 @@ def test_attention_builders_refuse_instead_of_aborting():
         with pytest.raises(ops.GGMLError, match="rows .* into"):
             g.set_rows(k, g.new(ops.F32, (4, 1, 2)), rows)
         assert g.set_rows(k, q, rows).ne == k.ne
+
+
+def test_profile_of_the_decode_step(glm1, glm1_engine):
+    """Every op of the decode graph is timed once per layer as built; profiling leaves the cache valid."""
+    seq = chat_ids(glm1, "测一测")
+    glm1_engine.reset()
+    glm1_engine.prefill(seq)
+    errors = greedy_steps(glm1_engine, glm1, seq, 1)
+    nodes = {o.op: o.n_nodes for o in glm1_engine.profile_last_step(repeats=1).ops}
+    n_layer = glm1.config["num_layers"]
+    assert nodes["FLASH_ATTN_EXT"] == n_layer and nodes["SET_ROWS"] == 2 * n_layer
+    assert nodes["MUL_MAT"] == 4 * n_layer + 1 and nodes["ROPE"] == 2 * n_layer
+    assert "SOFT_MAX" not in nodes and "CPY" not in nodes
+    errors += greedy_steps(glm1_engine, glm1, seq, 2)
+    assert max(errors) < REL, errors

@@ -1,10 +1,11 @@
 """Where a graph's compute time goes, op by op: each node of an allocated graph computed alone, timed.
 
 The CPU backend has no per-node timer, so every node is run as a graph of its own (``ggml_graph_add_node`` into a
-one-node graph over the same tensors) and timed; the cost of one compute call on a node that does nothing (a view,
-which the CPU backend skips) is measured the same way and taken off each. Inputs and the KV cache are left as the
-full graph's last run left them, so a profile is taken right after a real evaluation. Nodes are summed per op
-(``ggml_op_desc``: unary ops by their own name); the total is compared with the full graph's own compute time.
+one-node graph over the same tensors), in the graph's order, and timed; the cost of one compute call on a node that
+does nothing (a view, which the CPU backend skips) is measured the same way and taken off each. ggml-alloc lets
+later nodes reuse the memory of inputs already consumed, so each pass starts with ``set_inputs`` and runs every node
+in order, as the whole graph does. Nodes are summed per op (``ggml_op_desc``: unary ops by their own name); the sum
+is printed beside the whole graph's own compute time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from chatglm.ggml.backend import Backend
 from chatglm.ggml.ops import Graph, TensorStruct, api
@@ -44,38 +46,44 @@ def _one_node_graph(node: int) -> Graph:
     return g
 
 
-def _time(backend: Backend, g: Graph, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        backend.compute(g)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def _timed(backend: Backend, g: Graph) -> float:
+    start = time.perf_counter()
+    backend.compute(g)
+    return time.perf_counter() - start
 
 
-def profile(backend: Backend, graph: Graph, repeats: int = 5) -> Profile:
-    """Per-op compute time of ``graph`` (allocated, its inputs set)."""
+def profile(backend: Backend, graph: Graph, set_inputs: Callable[[], None], repeats: int = 5) -> Profile:
+    """Per-op compute time of ``graph`` (allocated); ``set_inputs`` fills its inputs before every pass."""
     a = api()
     nodes = [a.graph_node(graph.graph, i) for i in range(graph.n_nodes)]
-    graph_s = _time(backend, graph, repeats)
     names = [(a.op_desc(p) or b"?").decode() for p in nodes]
-    empty = next((p for p, n in zip(nodes, names) if n in EMPTY_OPS), None)
-    overhead = 0.0
-    if empty is not None:
-        with _one_node_graph(empty) as g:
-            overhead = _time(backend, g, 4 * repeats)
+    whole = []
+    for _ in range(repeats):
+        set_inputs()
+        whole.append(_timed(backend, graph))
+    singles = [g for g in (_one_node_graph(p) for p, n in zip(nodes, names) if n not in EMPTY_OPS)]
+    try:
+        empty = next((p for p, n in zip(nodes, names) if n in EMPTY_OPS), None)
+        overhead = 0.0
+        if empty is not None:
+            with _one_node_graph(empty) as g:
+                overhead = statistics.median(_timed(backend, g) for _ in range(8 * repeats))
+        passes = []
+        for _ in range(repeats):
+            set_inputs()
+            passes.append([_timed(backend, g) for g in singles])
+        per_node = [max(0.0, statistics.median(column) - overhead) for column in zip(*passes)]
+    finally:
+        for g in singles:
+            g.close()
     ops: dict[str, OpTime] = {}
-    for ptr, name in zip(nodes, names):
-        if name in EMPTY_OPS:
-            continue
-        with _one_node_graph(ptr) as g:
-            seconds = max(0.0, _time(backend, g, repeats) - overhead)
-        t = TensorStruct.from_address(ptr)
+    for ptr, name, seconds in zip([p for p, n in zip(nodes, names) if n not in EMPTY_OPS],
+                                  [n for n in names if n not in EMPTY_OPS], per_node):
         entry = ops.setdefault(name, OpTime(name))
         entry.n_nodes += 1
         entry.seconds += seconds
-        entry.shapes.add(tuple(int(n) for n in t.ne))
-    return Profile(sorted(ops.values(), key=lambda o: -o.seconds), overhead, graph_s)
+        entry.shapes.add(tuple(int(n) for n in TensorStruct.from_address(ptr).ne))
+    return Profile(sorted(ops.values(), key=lambda o: -o.seconds), overhead, statistics.median(whole))
 
 
 def table(p: Profile) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 from chatglm.errors import Cancelled, ContextOverflowError, InputError, ModelRuntimeError
 from chatglm.ggml.backend import Allocator, Backend, Buffer, cpu_buffer_type, tensor_get, tensor_set
 from chatglm.ggml.ops import Graph
+from chatglm.ggml.profile import Profile, profile
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime import llama_native as native
 from chatglm.runtime import ptuning
@@ -87,6 +88,7 @@ class GLM1Engine(Engine):
         self._logits = np.zeros(self.cfg.n_vocab, dtype=np.float32)
         self._has_logits = False
         self._decode: Optional[G.Forward] = None  # the kept single-token graph (allocated by _decode_allocator)
+        self._decode_feed: Optional[tuple] = None  # the inputs of its last step
         self.kv_pad = KV_PAD
         self.timing = EvalTiming()
 
@@ -164,9 +166,11 @@ class GLM1Engine(Engine):
             if not keep:
                 self.allocator.allocate(fwd.graph)
             t2 = time.perf_counter()
-            rows = np.arange(n + first, n + last, dtype=np.int32)
-            _feed(fwd.inputs, full[first:last], pos[first:last], block_pos[first:last], rows,
-                  _mask(first, last, context, n, fwd.n_kv), self.kv.n_ctx)
+            feed = (full[first:last], pos[first:last], block_pos[first:last],
+                    np.arange(n + first, n + last, dtype=np.int32), _mask(first, last, context, n, fwd.n_kv))
+            _feed(fwd.inputs, *feed, self.kv.n_ctx)
+            if keep:
+                self._decode_feed = feed
             self._has_logits = False
             if not self.backend.compute(fwd.graph, cancel.is_set if cancel is not None else None):
                 raise Cancelled("cancelled")
@@ -188,6 +192,13 @@ class GLM1Engine(Engine):
         """The kept single-token graph (None before the first step): for profiling and tests."""
         return self._decode
 
+    def profile_last_step(self, repeats: int = 5) -> Profile:
+        """Per-op times of the last decode step, evaluated again (it writes the same cache cell again)."""
+        if self._decode is None or self._decode_feed is None:
+            raise ModelRuntimeError("no decode step to profile: step() first")
+        fwd, feed = self._decode, self._decode_feed
+        return profile(self.backend, fwd.graph, lambda: _feed(fwd.inputs, *feed, self.kv.n_ctx), repeats)
+
     def _decode_graph(self, n_used: int) -> G.Forward:
         """The single-token graph attending to ``n_used`` cells, rounded up to a multiple of ``kv_pad``: the kept
         one when its span is that, else a new one (built and allocated once, kept until the span changes)."""
@@ -196,7 +207,7 @@ class GLM1Engine(Engine):
             return self._decode
         if self._decode is not None:
             self._decode.close()
-            self._decode = None
+            self._decode, self._decode_feed = None, None
         fwd = G.build(self.cfg, self.model.weights, self.kv, n_kv, 1, False)
         try:
             self._decode_allocator.allocate(fwd.graph)
