@@ -90,8 +90,8 @@ def test_inputs_are_checked_before_compute(glm1_engine):
     mask = np.zeros((1, fwd.n_kv), np.float16)
     for bad in (-1, glm1_engine.kv.n_ctx):
         with pytest.raises(ModelRuntimeError, match="outside the"):
-            glm1_engine_module._feed(fwd.inputs, [5], np.zeros(1, np.int32), np.zeros(1, np.int32),
-                                     np.array([bad], np.int32), mask, glm1_engine.kv.n_ctx)
+            glm1_engine_module._feed(fwd.inputs, [5], np.zeros(2, np.int32), np.array([bad], np.int32), mask,
+                                     glm1_engine.kv.n_ctx)
 
 
 def test_attention_builders_refuse_instead_of_aborting():
@@ -123,8 +123,10 @@ def test_profile_of_the_decode_step(glm1, glm1_engine):
     errors = greedy_steps(glm1_engine, glm1, seq, 1)
     nodes = {o.op: o.n_nodes for o in glm1_engine.profile_last_step(repeats=1).ops}
     n_layer = glm1.config["num_layers"]
-    assert nodes["FLASH_ATTN_EXT"] == n_layer and nodes["SET_ROWS"] == 2 * n_layer
-    assert nodes["MUL_MAT"] == 4 * n_layer + 1 and nodes["ROPE"] == 2 * n_layer
-    assert "SOFT_MAX" not in nodes and "CPY" not in nodes
+    assert nodes["FLASH_ATTN_EXT"] == n_layer
+    # one token: one rope (both halves), one cache write, 3 element-wise ops per LayerNorm with its residual term
+    assert nodes["MUL_MAT"] == 4 * n_layer + 1 and nodes["ROPE"] == n_layer and nodes["SET_ROWS"] == n_layer
+    assert nodes["NORM"] == 2 * n_layer + 1 and "SOFT_MAX" not in nodes and "CPY" not in nodes
+    assert sum(nodes.values()) == 22 * n_layer + 5
     errors += greedy_steps(glm1_engine, glm1, seq, 2)
     assert max(errors) < REL, errors

@@ -66,6 +66,7 @@ _BASE = {
     "ggml_view_4d": (P, [P, P, I64, I64, I64, I64, SZ, SZ, SZ, SZ]),
     "ggml_soft_max_ext": (P, [P, P, P, F, F]),
     "ggml_rope_ext": (P, [P, P, P, P, INT, INT, INT, F, F, F, F, F, F]), "ggml_rope_set_offset": (P, [P, INT]),
+    "ggml_rope_ext_inplace": (P, [P, P, P, P, INT, INT, INT, F, F, F, F, F, F]),
     "ggml_flash_attn_ext": (P, [P, P, P, P, P, F, F, F]), "ggml_set_rows": (P, [P, P, P, P]),
     "ggml_graph_node": (P, [P, INT]), "ggml_graph_add_node": (None, [P, P]), "ggml_op_desc": (ctypes.c_char_p, [P]),
     "ggml_backend_graph_compute": (INT, [P, P]), "ggml_backend_free": (None, [P]),
@@ -335,11 +336,13 @@ class Graph:
         self._reserve()
         return self._made(self._a.soft_max_ext(self.ctx, a.ptr, mask.ptr if mask else None, scale, 0.0), F32, a.ne)
 
-    def rope_neox(self, a: Tensor, pos: Tensor, n_dims: int, base: float, offset: int = 0) -> Tensor:
+    def rope_neox(self, a: Tensor, pos: Tensor, n_dims: int, base: float, offset: int = 0,
+                  inplace: bool = False) -> Tensor:
         """Rotate dims [offset, offset + n_dims) of every row (rotate-half pairs i, i + n_dims/2) by ``pos``.
 
-        ``a``: (head_dim, n_head, T) f32, rows contiguous (may be a strided view); ``pos``: i32 (T,). The result is
-        contiguous; the dims outside the rotated range are copied.
+        ``a``: (row, n, T, ...) f32, rows contiguous (may be a strided view); ``pos``: i32 (T,): row r of dim-2
+        index t turns by pos[t]. The result is contiguous, the dims outside the rotated range copied; ``inplace``
+        writes into ``a`` instead and returns it (a view with its strides).
         """
         if a.type != F32 or a.nb[0] != 4:
             raise GGMLError("rope: needs f32 rows")
@@ -348,10 +351,11 @@ class Graph:
         if n_dims <= 0 or n_dims % 2 or offset < 0 or offset % 2 or offset + n_dims > a.ne[0]:
             raise GGMLError(f"rope: cannot rotate dims {offset}..{offset + n_dims} of rows of {a.ne[0]}")
         self._reserve()
-        ptr = self._a.rope_ext(self.ctx, a.ptr, pos.ptr, None, n_dims, ROPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0)
+        fn = self._a.rope_ext_inplace if inplace else self._a.rope_ext
+        ptr = fn(self.ctx, a.ptr, pos.ptr, None, n_dims, ROPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0)
         if offset:
             self._a.rope_set_offset(ptr, offset)
-        return self._made(ptr, F32, a.ne)
+        return self._made(ptr, F32, a.ne, a.nb, a, 0) if inplace else self._made(ptr, F32, a.ne)
 
     def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
         """softmax(q·kᵀ * scale + mask)·v per head, in one op: q (D, T, H) f32, k and v (D, n_kv, H) of one of

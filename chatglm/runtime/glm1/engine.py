@@ -166,7 +166,7 @@ class GLM1Engine(Engine):
             if not keep:
                 self.allocator.allocate(fwd.graph)
             t2 = time.perf_counter()
-            feed = (full[first:last], pos[first:last], block_pos[first:last],
+            feed = (full[first:last], np.concatenate([pos[first:last], block_pos[first:last]]),
                     np.arange(n + first, n + last, dtype=np.int32), _mask(first, last, context, n, fwd.n_kv))
             _feed(fwd.inputs, *feed, self.kv.n_ctx)
             if keep:
@@ -273,14 +273,13 @@ def _special_ids(header: GGUFHeader, cfg: G.GLM1Config) -> dict[str, int]:
     return ids
 
 
-def _feed(inp: G.Inputs, tokens: Sequence[int], pos: np.ndarray, block_pos: np.ndarray, rows: np.ndarray,
-          mask: np.ndarray, n_cells: int) -> None:
+def _feed(inp: G.Inputs, tokens: Sequence[int], positions: np.ndarray, rows: np.ndarray, mask: np.ndarray,
+          n_cells: int) -> None:
     """A graph's inputs, each checked: ggml asserts while computing that every cell written is inside the cache."""
     if rows.size and not 0 <= int(rows.min()) <= int(rows.max()) < n_cells:
         raise ModelRuntimeError(f"cache cells {rows.min()}..{rows.max()} are outside the {n_cells} cells")
     tensor_set(inp.tokens, np.asarray(tokens, dtype=np.int32))
-    tensor_set(inp.pos, np.ascontiguousarray(pos, dtype=np.int32))
-    tensor_set(inp.block_pos, np.ascontiguousarray(block_pos, dtype=np.int32))
+    tensor_set(inp.positions, np.ascontiguousarray(positions, dtype=np.int32))
     tensor_set(inp.rows, rows)
     tensor_set(inp.mask, mask)
 
@@ -294,25 +293,23 @@ def _mask(first: int, last: int, context: int, n_prefix: int, n_kv: int) -> np.n
 
 
 def _write_prefix(cfg: G.GLM1Config, kv: G.KVCache, prefix: np.ndarray, kv_type: int) -> None:
-    """The prefix into cache columns 0..P-1 of every layer (keys and values alike (hd, nh, n_ctx))."""
+    """The prefix into cache cells 0..P-1 of every layer (each cell per head [k | v]: (2 hd, nh, n_ctx))."""
     n = prefix.shape[2]
     for il in range(cfg.n_layer):
-        k = np.zeros((kv.n_ctx, cfg.n_head, cfg.head_dim), np.float32)
-        k[:n] = prefix[il, 0].reshape(n, cfg.n_head, cfg.head_dim)
-        v = np.zeros((kv.n_ctx, cfg.n_head, cfg.head_dim), np.float32)
-        v[:n] = prefix[il, 1].reshape(n, cfg.n_head, cfg.head_dim)
-        for t, data in ((kv.k[il], k), (kv.v[il], v)):
-            tensor_set(t, np.frombuffer(ptuning.encode(data.reshape(-1, data.shape[-1]), kv_type), np.uint8))
+        cells = np.zeros((kv.n_ctx, cfg.n_head, 2, cfg.head_dim), np.float32)
+        for i in range(2):  # keys, values
+            cells[:n, :, i] = prefix[il, i].reshape(n, cfg.n_head, cfg.head_dim)
+        rows = cells.reshape(-1, 2 * cfg.head_dim)
+        tensor_set(kv.kv[il], np.frombuffer(ptuning.encode(rows, kv_type), np.uint8))
 
 
 def _new_cache(cfg: G.GLM1Config, n_ctx: int, kv_type: int) -> tuple[G.KVCache, list]:
-    ctx = Graph(2 * cfg.n_layer)
+    ctx = Graph(cfg.n_layer)
     try:
-        k = [ctx.new(kv_type, (cfg.head_dim, cfg.n_head, n_ctx), f"cache_k{il}") for il in range(cfg.n_layer)]
-        v = [ctx.new(kv_type, (cfg.head_dim, cfg.n_head, n_ctx), f"cache_v{il}") for il in range(cfg.n_layer)]
+        kv = [ctx.new(kv_type, (2 * cfg.head_dim, cfg.n_head, n_ctx), f"cache_kv{il}") for il in range(cfg.n_layer)]
         buf = Buffer.for_tensors(ctx.ctx, cpu_buffer_type())
     except BaseException:
         ctx.close()
         raise
     buf.clear()
-    return G.KVCache(k, v, n_ctx), [ctx, buf]
+    return G.KVCache(kv, n_ctx), [ctx, buf]

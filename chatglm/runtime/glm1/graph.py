@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
+
+import numpy as np
 
 from chatglm.errors import InputError
 from chatglm.ggml.ops import F16, I32, Graph, Tensor
@@ -92,6 +94,20 @@ class LayerWeights:
     ffn_up_b: Tensor  # (n_ff,)
     ffn_down: Tensor  # (n_ff, n_embd)
     ffn_down_b: Tensor
+    # derived when loading (see pair_tensors): per sublayer [norm weight, alpha * norm weight] and [norm bias,
+    # alpha * norm bias + the sublayer's output bias], each (n_embd, 2)
+    attn_pair_w: Optional[Tensor] = None
+    attn_pair_b: Optional[Tensor] = None
+    ffn_pair_w: Optional[Tensor] = None
+    ffn_pair_b: Optional[Tensor] = None
+
+
+def pair_tensors(alpha: float, norm_w: np.ndarray, norm_b: np.ndarray, out_b: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The (2, n_embd) f32 rows of a sublayer's pair tensors: one multiply-add of LN(x) by them gives the
+    sublayer's input h = LN(x)·w + b and its residual term alpha·h + out_b side by side."""
+    w = np.stack([norm_w, np.float32(alpha) * norm_w]).astype(np.float32)
+    b = np.stack([norm_b, alpha * norm_b.astype(np.float64) + out_b]).astype(np.float32)
+    return w, b
 
 
 @dataclass
@@ -103,16 +119,16 @@ class Weights:
     output: Tensor  # (n_embd, n_vocab); the embeddings when tied
 
     def count(self) -> int:
-        return 5 + 12 * len(self.layers)
+        return 5 + 16 * len(self.layers)
 
 
 @dataclass
 class KVCache:
-    """Per layer K and V as (head_dim, n_head, n_ctx), f16/bf16/f32: one row of n_embd per cell, as flash
-    attention reads them (keys and values alike, not transposed)."""
+    """Per layer one (2 * head_dim, n_head, n_ctx) tensor, f16/bf16/f32: each cell holds every head's key and
+    value side by side, [k | v], as the fused projection lays them out (one write per layer), and flash attention
+    reads keys and values as two strided views, not transposed."""
 
-    k: list[Tensor]
-    v: list[Tensor]
+    kv: list[Tensor]
     n_ctx: int
 
 
@@ -121,8 +137,7 @@ class Inputs:
     """Everything that changes between evaluations of one graph shape: the graph itself never holds a position."""
 
     tokens: Tensor  # i32 (T,)
-    pos: Tensor  # i32 (T,): position ids
-    block_pos: Tensor  # i32 (T,): block position ids
+    positions: Tensor  # i32 (2T,): the position ids, then the block position ids
     rows: Tensor  # i32 (T,): the cache cell each token's key and value go to
     mask: Tensor  # f16 (n_kv, T): 0 where a query may attend, -inf elsewhere (cells past the used ones included)
 
@@ -143,6 +158,18 @@ def layer_norm(g: Graph, x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
     return g.add(g.mul(g.norm(x, eps), w), b)
 
 
+def sublayer_input(g: Graph, cfg: GLM1Config, x: Tensor, w: Tensor, b: Tensor, pair_w: Tensor, pair_b: Tensor,
+                   out_b: Tensor) -> tuple[Tensor, Tensor]:
+    """(h, r): h = LN(x)·w + b, the sublayer's input, and r = alpha·h + out_b, what its output (without bias) is
+    added to. One token: both from LN(x) in one broadcast multiply-add with the pair tensors, (n_embd, 2)."""
+    n = g.norm(x, cfg.eps)
+    if x.ne[1] == 1:
+        hr = g.add(g.mul(pair_w, n), pair_b)  # (n_embd, 2): [h | r]
+        return g.view(hr, (cfg.n_embd, 1), (hr.nb[1],), 0), g.view(hr, (cfg.n_embd, 1), (hr.nb[1],), hr.nb[1])
+    h = g.add(g.mul(n, w), b)
+    return h, g.add(g.scale(h, cfg.alpha), out_b)
+
+
 def gelu_tanh(g: Graph, x: Tensor) -> Tensor:
     """0.5 x (1 + tanh(c x (1 + 0.044715 x^2))) = x sigmoid(2c x (1 + 0.044715 x^2)), c = sqrt(2/pi): exact ops
     (ggml_gelu reads an f16 table), 5 of them."""
@@ -150,41 +177,53 @@ def gelu_tanh(g: Graph, x: Tensor) -> Tensor:
     return g.mul(x, g.sigmoid(z))
 
 
+def rotate(g: Graph, cfg: GLM1Config, qkv: Tensor, inp: Inputs) -> Tensor:
+    """q and k of every head rotated in place inside ``qkv``: the first half of each by the position id, the second
+    by the block position id. Returns the tensor to take q, k and v from (it depends on every rotation)."""
+    hd, nh, T, rot, es = cfg.head_dim, cfg.n_head, qkv.ne[1], cfg.rot_dims, 4
+    if T == 1:  # rows (half, q/k, head): dim 2 is the half, which picks the position id or the block position id
+        view = g.view(qkv, (rot, 2, 2, nh), (hd * es, rot * es, 3 * hd * es), 0)
+        return g.rope_neox(view, inp.positions, rot, cfg.rope_base, inplace=True)
+    pos = g.view(inp.positions, (T,), (), 0)
+    block_pos = g.view(inp.positions, (T,), (), T * 4)
+    first = g.rope_neox(g.view(qkv, (rot, 2, T, nh), (hd * es, qkv.nb[1], 3 * hd * es), 0), pos, rot,
+                        cfg.rope_base, inplace=True)
+    second = g.view(first, (rot, 2, T, nh), (hd * es, qkv.nb[1], 3 * hd * es), rot * es)
+    g.expand(g.rope_neox(second, block_pos, rot, cfg.rope_base, inplace=True))  # before every read of q and k
+    return first
+
+
 def attention(g: Graph, cfg: GLM1Config, w: LayerWeights, kv: KVCache, il: int, h: Tensor, inp: Inputs,
               n_kv: int) -> Tensor:
-    hd, nh, T = cfg.head_dim, cfg.n_head, h.ne[1]
-    rot, es = cfg.rot_dims, 4
-    qkv = g.add(g.mul_mat(w.qkv, h), w.qkv_b)  # (3 * n_embd, T): per head [q | k | v]
-    # q and k of every head as one (hd, 2, T, nh) view: both rotated by two ops, first half by the position id,
-    # second half by the block position id.
-    qk = g.view(qkv, (hd, 2, T, nh), (hd * es, qkv.nb[1], 3 * hd * es), 0)
-    qk = g.rope_neox(g.rope_neox(qk, inp.pos, rot, cfg.rope_base), inp.block_pos, rot, cfg.rope_base, offset=rot)
-    q = g.view(qk, (hd, T, nh), (qk.nb[2], qk.nb[3]), 0)  # (hd, T, nh)
-    k = g.view(qk, (hd, T, nh), (qk.nb[2], qk.nb[3]), hd * es)
-    v = g.view(qkv, (hd, T, nh), (qkv.nb[1], 3 * hd * es), 2 * hd * es)  # (hd, T, nh)
+    """The attention output before its bias (which the residual term carries)."""
+    hd, nh, T, es = cfg.head_dim, cfg.n_head, h.ne[1], 4
+    proj = g.add(g.mul_mat(w.qkv, h), w.qkv_b)  # (3 * n_embd, T): per head [q | k | v]
+    token, head = proj.nb[1], 3 * hd * es  # bytes from one token to the next, from one head's q to the next
+    qkv = rotate(g, cfg, proj, inp)
+    q = g.view(qkv, (hd, T, nh), (token, head), 0)  # (hd, T, nh)
+    new = g.view(qkv, (2 * hd, T, nh), (token, head), hd * es)  # [k | v]: (2 hd, T, nh)
 
-    kc, vc = kv.k[il], kv.v[il]
-    for cache, new in ((kc, k), (vc, v)):  # the writes come before the reads below in node order
-        cells = g.view(cache, (hd, kv.n_ctx, nh), (cache.nb[2], cache.nb[1]), 0)  # (hd, n_ctx, nh)
-        g.expand(g.set_rows(cells, new, inp.rows))
-    keys = g.view(kc, (hd, n_kv, nh), (kc.nb[2], kc.nb[1]), 0)  # (hd, n_kv, nh)
-    values = g.view(vc, (hd, n_kv, nh), (vc.nb[2], vc.nb[1]), 0)
+    cache = kv.kv[il]  # (2 hd, nh, n_ctx)
+    cells = g.view(cache, (2 * hd, kv.n_ctx, nh), (cache.nb[2], cache.nb[1]), 0)
+    g.expand(g.set_rows(cells, new, inp.rows))  # the write comes before the reads below in node order
+    keys = g.view(cache, (hd, n_kv, nh), (cache.nb[2], cache.nb[1]), 0)  # (hd, n_kv, nh)
+    values = g.view(cache, (hd, n_kv, nh), (cache.nb[2], cache.nb[1]), hd * cache.nb[0])
     ctx = g.flash_attn(q, keys, values, inp.mask, 1.0 / math.sqrt(hd))  # (hd, nh, T)
-    ctx = g.reshape(ctx, (cfg.n_embd, T))  # heads concatenated: (n_embd, T)
-    return g.add(g.mul_mat(w.attn_out, ctx), w.attn_out_b)
+    return g.mul_mat(w.attn_out, g.reshape(ctx, (cfg.n_embd, T)))  # heads concatenated: (n_embd, T)
 
 
 def mlp(g: Graph, w: LayerWeights, h: Tensor) -> Tensor:
+    """The MLP output before its bias (which the residual term carries)."""
     up = g.add(g.mul_mat(w.ffn_up, h), w.ffn_up_b)  # (n_ff, T)
-    return g.add(g.mul_mat(w.ffn_down, gelu_tanh(g, up)), w.ffn_down_b)  # (n_embd, T)
+    return g.mul_mat(w.ffn_down, gelu_tanh(g, up))  # (n_embd, T)
 
 
 def block(g: Graph, cfg: GLM1Config, w: LayerWeights, kv: KVCache, il: int, x: Tensor, inp: Inputs,
           n_kv: int) -> Tensor:
-    h = layer_norm(g, x, w.attn_norm, w.attn_norm_b, cfg.eps)
-    x = g.add(g.scale(h, cfg.alpha), attention(g, cfg, w, kv, il, h, inp, n_kv))
-    h = layer_norm(g, x, w.ffn_norm, w.ffn_norm_b, cfg.eps)
-    return g.add(g.scale(h, cfg.alpha), mlp(g, w, h))
+    h, r = sublayer_input(g, cfg, x, w.attn_norm, w.attn_norm_b, w.attn_pair_w, w.attn_pair_b, w.attn_out_b)
+    x = g.add(r, attention(g, cfg, w, kv, il, h, inp, n_kv))
+    h, r = sublayer_input(g, cfg, x, w.ffn_norm, w.ffn_norm_b, w.ffn_pair_w, w.ffn_pair_b, w.ffn_down_b)
+    return g.add(r, mlp(g, w, h))
 
 
 def build(cfg: GLM1Config, weights: Weights, kv: KVCache, n_kv: int, n_tokens: int, all_logits: bool) -> Forward:
@@ -194,11 +233,10 @@ def build(cfg: GLM1Config, weights: Weights, kv: KVCache, n_kv: int, n_tokens: i
     if not 1 <= n_tokens <= n_kv <= kv.n_ctx:
         raise InputError(f"cannot evaluate {n_tokens} tokens over {n_kv} cells of a context of {kv.n_ctx}")
     max_tensors = TENSORS_PER_LAYER * (cfg.n_layer + 1)
-    g = Graph(max_tensors, max_tensors + weights.count() + 2 * cfg.n_layer)
+    g = Graph(max_tensors, max_tensors + weights.count() + cfg.n_layer)
     try:
-        inp = Inputs(g.input(I32, (n_tokens,), "tokens"), g.input(I32, (n_tokens,), "pos"),
-                     g.input(I32, (n_tokens,), "block_pos"), g.input(I32, (n_tokens,), "kv_rows"),
-                     g.input(F16, (n_kv, n_tokens), "mask"))
+        inp = Inputs(g.input(I32, (n_tokens,), "tokens"), g.input(I32, (2 * n_tokens,), "positions"),
+                     g.input(I32, (n_tokens,), "kv_rows"), g.input(F16, (n_kv, n_tokens), "mask"))
         x = g.get_rows(weights.tok_embd, inp.tokens)  # (n_embd, T)
         for il, w in enumerate(weights.layers):
             x = block(g, cfg, w, kv, il, x, inp, n_kv)
