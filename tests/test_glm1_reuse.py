@@ -130,3 +130,12 @@ def test_profile_of_the_decode_step(glm1, glm1_engine):
     assert sum(nodes.values()) == 22 * n_layer + 5
     errors += greedy_steps(glm1_engine, glm1, seq, 2)
     assert max(errors) < REL, errors
+
+
+def test_context_and_sop_in_one_pass(glm1, glm1_engine):
+    """The bidirectional context and the causal tokens after it share a chunk: <sop> costs no pass of its own."""
+    ids = chat_ids(glm1, "一次就够") + glm1.tok.encode("好")
+    glm1_engine.reset()
+    glm1_engine.prefill(ids)
+    assert glm1_engine.timing.n_tokens == len(ids)
+    assert rel_err(glm1_engine.logits(), reference_logits(glm1.weights, glm1.config, ids)[-1]) < REL

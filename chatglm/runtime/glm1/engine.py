@@ -145,11 +145,14 @@ class GLM1Engine(Engine):
         return np.concatenate(rows) if all_logits else None
 
     def _chunks(self, start: int, end: int, context: int) -> list[tuple[int, int]]:
-        """[first, last) spans of at most n_batch tokens; the context (if any is left) in the first, whole."""
+        """[first, last) spans of at most n_batch tokens; the context (if any is left) in the first, whole, with the
+        tokens after it that still fit (``<sop>`` and a prompt's reply prefix: no pass of the weights for them
+        alone)."""
         spans, first = [], start
         if first < context:
-            spans.append((first, context))
-            first = context
+            last = max(context, min(end, first + self.n_batch))
+            spans.append((first, last))
+            first = last
         spans += [(a, min(a + self.n_batch, end)) for a in range(first, end, self.n_batch)]
         return spans
 
