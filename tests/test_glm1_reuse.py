@@ -125,7 +125,8 @@ def test_profile_of_the_decode_step(glm1, glm1_engine):
     n_layer = glm1.config["num_layers"]
     assert nodes["FLASH_ATTN_EXT"] == n_layer
     # one token: one rope (both halves), one cache write, 3 element-wise ops per LayerNorm with its residual term
-    assert nodes["MUL_MAT"] == 4 * n_layer + 1 and nodes["ROPE"] == n_layer and nodes["SET_ROWS"] == n_layer
+    assert nodes["MUL_MAT f32"] == 4 * n_layer + 1  # the fixture's weights are f32; the cache is read by FA
+    assert nodes["ROPE"] == n_layer and nodes["SET_ROWS"] == n_layer
     assert nodes["NORM"] == 2 * n_layer + 1 and "SOFT_MAX" not in nodes and "CPY" not in nodes
     assert sum(nodes.values()) == 22 * n_layer + 5
     errors += greedy_steps(glm1_engine, glm1, seq, 2)

@@ -4,8 +4,8 @@ The CPU backend has no per-node timer, so every node is run as a graph of its ow
 one-node graph over the same tensors), in the graph's order, and timed; the cost of one compute call on a node that
 does nothing (a view, which the CPU backend skips) is measured the same way and taken off each. ggml-alloc lets
 later nodes reuse the memory of inputs already consumed, so each pass starts with ``set_inputs`` and runs every node
-in order, as the whole graph does. Nodes are summed per op (``ggml_op_desc``: unary ops by their own name); the sum
-is printed beside the whole graph's own compute time.
+in order, as the whole graph does. Nodes are summed per op (``ggml_op_desc``: unary ops by their own name, matrix products by
+the type of their first operand); the sum is printed beside the whole graph's own compute time.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from chatglm.ggml.backend import Backend
-from chatglm.ggml.ops import Graph, TensorStruct, api
+from chatglm.ggml.ops import Graph, TensorStruct, api, type_name
 
 EMPTY_OPS = frozenset({"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"})  # the CPU backend skips them
 
@@ -40,6 +40,14 @@ class Profile:
         return sum(o.seconds for o in self.ops)
 
 
+def _label(node: int) -> str:
+    """The op's name; a matrix product also by its first operand's type (weights apart from the f16 cache)."""
+    name = (api().op_desc(node) or b"?").decode()
+    if name != "MUL_MAT":
+        return name
+    return f"{name} {type_name(TensorStruct.from_address(TensorStruct.from_address(node).src[0]).type)}"
+
+
 def _one_node_graph(node: int) -> Graph:
     g = Graph(0, 1)
     api().graph_add_node(g.graph, node)
@@ -56,7 +64,7 @@ def profile(backend: Backend, graph: Graph, set_inputs: Callable[[], None], repe
     """Per-op compute time of ``graph`` (allocated); ``set_inputs`` fills its inputs before every pass."""
     a = api()
     nodes = [a.graph_node(graph.graph, i) for i in range(graph.n_nodes)]
-    names = [(a.op_desc(p) or b"?").decode() for p in nodes]
+    names = [_label(p) for p in nodes]
     whole = []
     for _ in range(repeats):
         set_inputs()
