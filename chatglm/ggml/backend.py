@@ -30,15 +30,21 @@ class Backend:
         a.backend_cpu_set_n_threads(self.ptr, n_threads)
         self._should_abort: Callable[[], bool] = lambda: False
         self._abort_cb = ABORT_CALLBACK(lambda _data: bool(self._should_abort()))
-        a.backend_cpu_set_abort_callback(self.ptr, self._abort_cb, None)
 
     def compute(self, graph: Graph, should_abort: Optional[Callable[[], bool]] = None) -> bool:
-        """Run the graph; False when ``should_abort`` stopped it."""
-        self._should_abort = should_abort or (lambda: False)
+        """Run the graph; False when ``should_abort`` stopped it. ggml asks the hook after every node, and each
+        call into Python costs ~0.6 us of CPU (0.5 ms of a 28-layer decode step's ~800 nodes, measured), so
+        without ``should_abort`` no hook is set at all."""
+        a = api()
+        if should_abort is not None:
+            self._should_abort = should_abort
+            a.backend_cpu_set_abort_callback(self.ptr, self._abort_cb, None)
         try:
-            status = api().backend_graph_compute(self.ptr, graph.graph)
+            status = a.backend_graph_compute(self.ptr, graph.graph)
         finally:
-            self._should_abort = lambda: False
+            if should_abort is not None:
+                a.backend_cpu_set_abort_callback(self.ptr, ABORT_CALLBACK(), None)
+                self._should_abort = lambda: False
         if status == STATUS_ABORTED:
             return False
         if status != 0:

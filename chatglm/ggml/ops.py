@@ -21,7 +21,8 @@ from gguf import GGMLQuantizationType
 from chatglm.errors import ChatGLMError
 from chatglm.ggml import lib
 
-F32, F16, I32, BF16 = 0, 1, 26, 30  # ggml_type ids used directly by graphs
+F32, F16, I32, I64, BF16 = 0, 1, 26, 27, 30  # ggml_type ids used directly by graphs
+ATTN_KV_TYPES = (F32, F16, BF16)  # K/V types flash attention reads on the CPU
 ROPE_NEOX = 2
 MAX_DIMS = 4
 
@@ -65,6 +66,9 @@ _BASE = {
     "ggml_view_4d": (P, [P, P, I64, I64, I64, I64, SZ, SZ, SZ, SZ]),
     "ggml_soft_max_ext": (P, [P, P, P, F, F]),
     "ggml_rope_ext": (P, [P, P, P, P, INT, INT, INT, F, F, F, F, F, F]), "ggml_rope_set_offset": (P, [P, INT]),
+    "ggml_rope_ext_inplace": (P, [P, P, P, P, INT, INT, INT, F, F, F, F, F, F]),
+    "ggml_flash_attn_ext": (P, [P, P, P, P, P, F, F, F]), "ggml_set_rows": (P, [P, P, P, P]),
+    "ggml_graph_node": (P, [P, INT]), "ggml_graph_add_node": (None, [P, P]), "ggml_op_desc": (ctypes.c_char_p, [P]),
     "ggml_backend_graph_compute": (INT, [P, P]), "ggml_backend_free": (None, [P]),
     "ggml_backend_get_device": (P, [P]), "ggml_backend_dev_supports_op": (B, [P, P]),
     "ggml_backend_dev_backend_reg": (P, [P]), "ggml_backend_reg_get_proc_address": (P, [P, ctypes.c_char_p]),
@@ -332,11 +336,13 @@ class Graph:
         self._reserve()
         return self._made(self._a.soft_max_ext(self.ctx, a.ptr, mask.ptr if mask else None, scale, 0.0), F32, a.ne)
 
-    def rope_neox(self, a: Tensor, pos: Tensor, n_dims: int, base: float, offset: int = 0) -> Tensor:
+    def rope_neox(self, a: Tensor, pos: Tensor, n_dims: int, base: float, offset: int = 0,
+                  inplace: bool = False) -> Tensor:
         """Rotate dims [offset, offset + n_dims) of every row (rotate-half pairs i, i + n_dims/2) by ``pos``.
 
-        ``a``: (head_dim, n_head, T) f32, rows contiguous (may be a strided view); ``pos``: i32 (T,). The result is
-        contiguous; the dims outside the rotated range are copied.
+        ``a``: (row, n, T, ...) f32, rows contiguous (may be a strided view); ``pos``: i32 (T,): row r of dim-2
+        index t turns by pos[t]. The result is contiguous, the dims outside the rotated range copied; ``inplace``
+        writes into ``a`` instead and returns it (a view with its strides).
         """
         if a.type != F32 or a.nb[0] != 4:
             raise GGMLError("rope: needs f32 rows")
@@ -345,10 +351,42 @@ class Graph:
         if n_dims <= 0 or n_dims % 2 or offset < 0 or offset % 2 or offset + n_dims > a.ne[0]:
             raise GGMLError(f"rope: cannot rotate dims {offset}..{offset + n_dims} of rows of {a.ne[0]}")
         self._reserve()
-        ptr = self._a.rope_ext(self.ctx, a.ptr, pos.ptr, None, n_dims, ROPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0)
+        fn = self._a.rope_ext_inplace if inplace else self._a.rope_ext
+        ptr = fn(self.ctx, a.ptr, pos.ptr, None, n_dims, ROPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0)
         if offset:
             self._a.rope_set_offset(ptr, offset)
-        return self._made(ptr, F32, a.ne)
+        return self._made(ptr, F32, a.ne, a.nb, a, 0) if inplace else self._made(ptr, F32, a.ne)
+
+    def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+        """softmax(q·kᵀ * scale + mask)·v per head, in one op: q (D, T, H) f32, k and v (D, n_kv, H) of one of
+        ``ATTN_KV_TYPES`` (rows contiguous, may be strided views), mask f16 (n_kv, >= T), contiguous, broadcast over
+        heads; -inf there skips the key. Result (D, H, T) f32, contiguous: heads already side by side per token."""
+        if q.type != F32 or q.nb[0] != 4:
+            raise GGMLError("flash_attn: q must be f32 with contiguous rows")
+        for what, t in (("k", k), ("v", v)):
+            if t.type not in ATTN_KV_TYPES or t.nb[0] != type_traits(t.type)[1]:
+                raise GGMLError(f"flash_attn: {what} must be f32/f16/bf16 with contiguous rows")
+        if k.ne[0] != q.ne[0] or v.ne[1:] != k.ne[1:] or q.ne[2] % k.ne[2] or q.ne[3] != k.ne[3]:
+            raise GGMLError(f"flash_attn: q {list(q.ne)}, k {list(k.ne)}, v {list(v.ne)} do not fit")
+        if mask.type != F16 or not mask.is_contiguous() or mask.ne[0] != k.ne[1] or mask.ne[1] < q.ne[1] \
+                or mask.ne[2:] != (1, 1):
+            raise GGMLError(f"flash_attn: mask {list(mask.ne)} must be contiguous f16 ({k.ne[1]}, >= {q.ne[1]})")
+        self._reserve()
+        ptr = self._a.flash_attn_ext(self.ctx, q.ptr, k.ptr, v.ptr, mask.ptr, scale, 0.0, 0.0)
+        return self._made(ptr, F32, (v.ne[0], q.ne[2], q.ne[1], q.ne[3]))
+
+    def set_rows(self, dst: Tensor, src: Tensor, rows: Tensor) -> Tensor:
+        """Write row i of ``src`` (f32 (D, T, H)) into row ``rows[i]`` of ``dst`` ((D, N, H), any f32/f16/bf16 view)
+        for every H; returns the written view, to be expanded. The row ids are checked by whoever fills them:
+        ggml asserts 0 <= id < N while computing."""
+        if src.type != F32 or src.nb[0] != 4 or dst.type not in ATTN_KV_TYPES or dst.nb[0] != type_traits(dst.type)[1]:
+            raise GGMLError("set_rows: f32 rows into f32/f16/bf16 rows, each contiguous")
+        if rows.type != I32 or rows.ne[1:] != (1, 1, 1) or rows.ne[0] != src.ne[1]:
+            raise GGMLError(f"set_rows: {list(rows.ne)} row ids for {src.ne[1]} rows")
+        if dst.ne[0] != src.ne[0] or dst.ne[2:] != src.ne[2:]:
+            raise GGMLError(f"set_rows: rows {list(src.ne)} into {list(dst.ne)}")
+        self._reserve()
+        return self._made(self._a.set_rows(self.ctx, dst.ptr, src.ptr, rows.ptr), dst.type, dst.ne, dst.nb, dst, 0)
 
     # -- layout -----------------------------------------------------------------------------------------------
     def view(self, a: Tensor, ne: Sequence[int], nb: Sequence[int], offset: int) -> Tensor:

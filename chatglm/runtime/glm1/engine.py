@@ -2,7 +2,10 @@
 
 The KV cache is ours (two ggml tensors per layer); prefill runs in chunks of ``n_batch`` tokens, except that the
 bidirectional context (every token before ``<sop>``) is always evaluated in one chunk, since each of its tokens
-attends to all others. Decode evaluates one token per graph. ggml-alloc reuses one compute buffer for all graphs.
+attends to all others; each chunk builds its graph. Decode evaluates one token per step through one graph, built once
+per span of ``kv_pad`` cache cells and reused step after step (positions, the cell written and the mask are its
+inputs; cells past the used ones are masked, which flash attention skips), with a compute buffer of its own so that
+prefill graphs never move its memory. ggml-alloc reuses one compute buffer for all prefill graphs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 from chatglm.errors import Cancelled, ContextOverflowError, InputError, ModelRuntimeError
 from chatglm.ggml.backend import Allocator, Backend, Buffer, cpu_buffer_type, tensor_get, tensor_set
 from chatglm.ggml.ops import Graph
+from chatglm.ggml.profile import Profile, profile
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime import llama_native as native
 from chatglm.runtime import ptuning
@@ -32,15 +36,20 @@ from chatglm.schema import keys
 log = logging.getLogger(__name__)
 
 
+KV_PAD = 256  # the decode graph attends to a multiple of this many cells (as llama.cpp pads n_kv)
+
+
 @dataclass
 class EvalTiming:
-    """Where the last graph's time went (seconds): building it in Python, allocating, computing."""
+    """Where the last graph's time went (seconds): building it in Python, allocating, setting inputs, computing;
+    ``reused`` when the graph was the kept decode graph (nothing built or allocated)."""
 
     n_tokens: int = 0
     n_nodes: int = 0
     build_s: float = 0.0
     alloc_s: float = 0.0
     compute_s: float = 0.0
+    reused: bool = False
 
 
 class GLM1Engine(Engine):
@@ -72,6 +81,7 @@ class GLM1Engine(Engine):
             if prefix is not None:
                 _write_prefix(self.cfg, self.kv, prefix, KV_TYPES[kv_type].ggml_type)
             self.allocator = self._own(Allocator(cpu_buffer_type()))
+            self._decode_allocator = self._own(Allocator(cpu_buffer_type()))
         except BaseException:
             self.close()
             raise
@@ -79,6 +89,9 @@ class GLM1Engine(Engine):
         self.info = replace(info, n_ctx=n_ctx, n_vocab=self.cfg.n_vocab, eog=eog, pre_seq_len=self.n_prefix)
         self._logits = np.zeros(self.cfg.n_vocab, dtype=np.float32)
         self._has_logits = False
+        self._decode: Optional[G.Forward] = None  # the kept single-token graph (allocated by _decode_allocator)
+        self._decode_feed: Optional[tuple] = None  # the inputs of its last step
+        self.kv_pad = KV_PAD
         self.timing = EvalTiming()
 
     def _own(self, part):
@@ -134,31 +147,35 @@ class GLM1Engine(Engine):
         return np.concatenate(rows) if all_logits else None
 
     def _chunks(self, start: int, end: int, context: int) -> list[tuple[int, int]]:
-        """[first, last) spans of at most n_batch tokens; the context (if any is left) in the first, whole."""
+        """[first, last) spans of at most n_batch tokens; the context (if any is left) in the first, whole, with the
+        tokens after it that still fit (``<sop>`` and a prompt's reply prefix: no pass of the weights for them
+        alone)."""
         spans, first = [], start
         if first < context:
-            spans.append((first, context))
-            first = context
+            last = max(context, min(end, first + self.n_batch))
+            spans.append((first, last))
+            first = last
         spans += [(a, min(a + self.n_batch, end)) for a in range(first, end, self.n_batch)]
         return spans
 
     def _run(self, full: list[int], first: int, last: int, pos: np.ndarray, block_pos: np.ndarray, context: int,
              all_logits: bool, cancel: Optional[threading.Event]) -> np.ndarray:
         t0 = time.perf_counter()
-        n = self.n_prefix
-        fwd = G.build(self.cfg, self.model.weights, self.kv, n + first, last - first, all_logits)
+        n, T = self.n_prefix, last - first
+        keep = T == 1 and not all_logits  # the decode graph: kept for the next steps
+        kept = keep and self._decode is not None and self._decode.n_kv == self._span(n + last)
+        fwd = self._decode_graph(n + last) if keep else G.build(self.cfg, self.model.weights, self.kv, n + last, T,
+                                                                all_logits)
         try:
             t1 = time.perf_counter()
-            self.allocator.allocate(fwd.graph)
-            inp = fwd.inputs
-            tensor_set(inp.tokens, np.asarray(full[first:last], dtype=np.int32))
-            tensor_set(inp.pos, np.ascontiguousarray(pos[first:last]))
-            tensor_set(inp.block_pos, np.ascontiguousarray(block_pos[first:last]))
-            mask = layout.attention_mask(first, last, context)
-            if n:
-                mask = np.ascontiguousarray(np.concatenate([np.zeros((last - first, n), np.float32), mask], axis=1))
-            tensor_set(inp.mask, mask)
+            if not keep:
+                self.allocator.allocate(fwd.graph)
             t2 = time.perf_counter()
+            feed = (full[first:last], np.concatenate([pos[first:last], block_pos[first:last]]),
+                    np.arange(n + first, n + last, dtype=np.int32), _mask(first, last, context, n, fwd.n_kv))
+            _feed(fwd.inputs, *feed, self.kv.n_ctx)
+            if keep:
+                self._decode_feed = feed
             self._has_logits = False
             if not self.backend.compute(fwd.graph, cancel.is_set if cancel is not None else None):
                 raise Cancelled("cancelled")
@@ -166,10 +183,44 @@ class GLM1Engine(Engine):
             out = tensor_get(fwd.logits, np.empty((n_rows, self.cfg.n_vocab), dtype=np.float32))
             self._logits[:] = out[-1]
             self._has_logits = True
-            self.timing = EvalTiming(last - first, fwd.graph.n_nodes, t1 - t0, t2 - t1, time.perf_counter() - t2)
+            self.timing = EvalTiming(T, fwd.graph.n_nodes, t1 - t0, t2 - t1, time.perf_counter() - t2, kept)
             return out
         finally:
-            fwd.graph.close()
+            if not keep:
+                fwd.close()
+
+    def _span(self, n_used: int) -> int:
+        return min(self.kv.n_ctx, -(-n_used // self.kv_pad) * self.kv_pad)
+
+    @property
+    def decode_graph(self) -> Optional[G.Forward]:
+        """The kept single-token graph (None before the first step): for profiling and tests."""
+        return self._decode
+
+    def profile_last_step(self, repeats: int = 5) -> Profile:
+        """Per-op times of the last decode step, evaluated again (it writes the same cache cell again)."""
+        if self._decode is None or self._decode_feed is None:
+            raise ModelRuntimeError("no decode step to profile: step() first")
+        fwd, feed = self._decode, self._decode_feed
+        return profile(self.backend, fwd.graph, lambda: _feed(fwd.inputs, *feed, self.kv.n_ctx), repeats)
+
+    def _decode_graph(self, n_used: int) -> G.Forward:
+        """The single-token graph attending to ``n_used`` cells, rounded up to a multiple of ``kv_pad``: the kept
+        one when its span is that, else a new one (built and allocated once, kept until the span changes)."""
+        n_kv = self._span(n_used)
+        if self._decode is not None and self._decode.n_kv == n_kv:
+            return self._decode
+        if self._decode is not None:
+            self._decode.close()
+            self._decode, self._decode_feed = None, None
+        fwd = G.build(self.cfg, self.model.weights, self.kv, n_kv, 1, False)
+        try:
+            self._decode_allocator.allocate(fwd.graph)
+        except BaseException:
+            fwd.close()
+            raise
+        self._decode = fwd
+        return fwd
 
     def logits(self) -> np.ndarray:
         if not self._has_logits:
@@ -185,6 +236,9 @@ class GLM1Engine(Engine):
         return self._eval(tokens, all_logits=True)  # type: ignore[return-value]
 
     def close(self) -> None:
+        if getattr(self, "_decode", None) is not None:
+            self._decode.close()
+            self._decode = None
         for part in reversed(getattr(self, "_parts", [])):
             part.close()
         self._parts = []
@@ -208,8 +262,8 @@ def _check_settings(cfg: G.GLM1Config, n_ctx: int, n_batch: int, n_threads: int,
                     cfg.n_ctx_train)
     if n_gpu_layers:
         log.warning("the GLM-1 engine runs on the CPU; ignoring n_gpu_layers=%d", n_gpu_layers)
-    if flash_attn:
-        log.info("the GLM-1 engine has no flash attention; using the standard attention")
+    if flash_attn is False:
+        log.info("the GLM-1 engine always uses flash attention (ggml_flash_attn_ext); ignoring flash_attn=False")
 
 
 def _special_ids(header: GGUFHeader, cfg: G.GLM1Config) -> dict[str, int]:
@@ -224,26 +278,43 @@ def _special_ids(header: GGUFHeader, cfg: G.GLM1Config) -> dict[str, int]:
     return ids
 
 
+def _feed(inp: G.Inputs, tokens: Sequence[int], positions: np.ndarray, rows: np.ndarray, mask: np.ndarray,
+          n_cells: int) -> None:
+    """A graph's inputs, each checked: ggml asserts while computing that every cell written is inside the cache."""
+    if rows.size and not 0 <= int(rows.min()) <= int(rows.max()) < n_cells:
+        raise ModelRuntimeError(f"cache cells {rows.min()}..{rows.max()} are outside the {n_cells} cells")
+    tensor_set(inp.tokens, np.asarray(tokens, dtype=np.int32))
+    tensor_set(inp.positions, np.ascontiguousarray(positions, dtype=np.int32))
+    tensor_set(inp.rows, rows)
+    tensor_set(inp.mask, mask)
+
+
+def _mask(first: int, last: int, context: int, n_prefix: int, n_kv: int) -> np.ndarray:
+    """f16 (T, n_kv): the prefix cells visible to all, then the layout's mask, then -inf up to ``n_kv``."""
+    mask = np.full((last - first, n_kv), -np.inf, dtype=np.float16)
+    mask[:, :n_prefix] = 0
+    mask[:, n_prefix:n_prefix + last] = layout.attention_mask(first, last, context)
+    return mask
+
+
 def _write_prefix(cfg: G.GLM1Config, kv: G.KVCache, prefix: np.ndarray, kv_type: int) -> None:
-    """The prefix into cache columns 0..P-1 of every layer (keys (hd, nh, n_ctx), values (n_ctx, hd, nh))."""
+    """The prefix into cache cells 0..P-1 of every layer (each cell per head [k | v]: (2 hd, nh, n_ctx))."""
     n = prefix.shape[2]
     for il in range(cfg.n_layer):
-        k = np.zeros((kv.n_ctx, cfg.n_head, cfg.head_dim), np.float32)
-        k[:n] = prefix[il, 0].reshape(n, cfg.n_head, cfg.head_dim)
-        v = np.zeros((cfg.n_head, cfg.head_dim, kv.n_ctx), np.float32)
-        v[:, :, :n] = prefix[il, 1].reshape(n, cfg.n_head, cfg.head_dim).transpose(1, 2, 0)
-        for t, data in ((kv.k[il], k), (kv.v[il], v)):
-            tensor_set(t, np.frombuffer(ptuning.encode(data.reshape(-1, data.shape[-1]), kv_type), np.uint8))
+        cells = np.zeros((kv.n_ctx, cfg.n_head, 2, cfg.head_dim), np.float32)
+        for i in range(2):  # keys, values
+            cells[:n, :, i] = prefix[il, i].reshape(n, cfg.n_head, cfg.head_dim)
+        rows = cells.reshape(-1, 2 * cfg.head_dim)
+        tensor_set(kv.kv[il], np.frombuffer(ptuning.encode(rows, kv_type), np.uint8))
 
 
 def _new_cache(cfg: G.GLM1Config, n_ctx: int, kv_type: int) -> tuple[G.KVCache, list]:
-    ctx = Graph(2 * cfg.n_layer)
+    ctx = Graph(cfg.n_layer)
     try:
-        k = [ctx.new(kv_type, (cfg.head_dim, cfg.n_head, n_ctx), f"cache_k{il}") for il in range(cfg.n_layer)]
-        v = [ctx.new(kv_type, (n_ctx, cfg.head_dim, cfg.n_head), f"cache_v{il}") for il in range(cfg.n_layer)]
+        kv = [ctx.new(kv_type, (2 * cfg.head_dim, cfg.n_head, n_ctx), f"cache_kv{il}") for il in range(cfg.n_layer)]
         buf = Buffer.for_tensors(ctx.ctx, cpu_buffer_type())
     except BaseException:
         ctx.close()
         raise
     buf.clear()
-    return G.KVCache(k, v, n_ctx), [ctx, buf]
+    return G.KVCache(kv, n_ctx), [ctx, buf]

@@ -9,18 +9,22 @@ Semantics follow the published modeling_chatglm.py of THUDM/chatglm-6b (final re
   1/sqrt(head_dim); the context (tokens before <sop>) attends bidirectionally, later tokens causally.
 - mlp: dense_h_to_4h, exact tanh GELU, dense_4h_to_h, both with biases.
 
-Position ids, block position ids and the mask are computed on the host (:mod:`chatglm.runtime.glm1.layout`) and
-fed as inputs, so one builder serves prefill chunks and single-token decode steps alike.
+Position ids, block position ids, the cache cells written and the mask are computed on the host
+(:mod:`chatglm.runtime.glm1.layout`) and fed as inputs, so a graph depends only on its shape (tokens, cells attended
+to): the engine builds the single-token decode graph once per span of cells and reuses it step after step.
+Attention is ggml's flash attention over the f16 (or f32/bf16) cache; masked cells are skipped, not computed.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
+
+import numpy as np
 
 from chatglm.errors import InputError
-from chatglm.ggml.ops import F32, I32, Graph, Tensor
+from chatglm.ggml.ops import F16, I32, Graph, Tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)  # the published gelu_impl's 0.7978845608028654
 TENSORS_PER_LAYER = 64  # an upper bound on the tensors one layer's builders create (43 today)
@@ -90,6 +94,20 @@ class LayerWeights:
     ffn_up_b: Tensor  # (n_ff,)
     ffn_down: Tensor  # (n_ff, n_embd)
     ffn_down_b: Tensor
+    # derived when loading (see pair_tensors): per sublayer [norm weight, alpha * norm weight] and [norm bias,
+    # alpha * norm bias + the sublayer's output bias], each (n_embd, 2)
+    attn_pair_w: Optional[Tensor] = None
+    attn_pair_b: Optional[Tensor] = None
+    ffn_pair_w: Optional[Tensor] = None
+    ffn_pair_b: Optional[Tensor] = None
+
+
+def pair_tensors(alpha: float, norm_w: np.ndarray, norm_b: np.ndarray, out_b: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The (2, n_embd) f32 rows of a sublayer's pair tensors: one multiply-add of LN(x) by them gives the
+    sublayer's input h = LN(x)·w + b and its residual term alpha·h + out_b side by side."""
+    w = np.stack([norm_w, np.float32(alpha) * norm_w]).astype(np.float32)
+    b = np.stack([norm_b, alpha * norm_b.astype(np.float64) + out_b]).astype(np.float32)
+    return w, b
 
 
 @dataclass
@@ -101,24 +119,27 @@ class Weights:
     output: Tensor  # (n_embd, n_vocab); the embeddings when tied
 
     def count(self) -> int:
-        return 5 + 12 * len(self.layers)
+        return 5 + 16 * len(self.layers)
 
 
 @dataclass
 class KVCache:
-    """Per layer K as (head_dim, n_head, n_ctx) and V transposed as (n_ctx, head_dim, n_head), f16/bf16/f32."""
+    """Per layer one (2 * head_dim, n_head, n_ctx) tensor, f16/bf16/f32: each cell holds every head's key and
+    value side by side, [k | v], as the fused projection lays them out (one write per layer), and flash attention
+    reads keys and values as two strided views, not transposed."""
 
-    k: list[Tensor]
-    v: list[Tensor]
+    kv: list[Tensor]
     n_ctx: int
 
 
 @dataclass
 class Inputs:
+    """Everything that changes between evaluations of one graph shape: the graph itself never holds a position."""
+
     tokens: Tensor  # i32 (T,)
-    pos: Tensor  # i32 (T,): position ids
-    block_pos: Tensor  # i32 (T,): block position ids
-    mask: Tensor  # f32 (n_kv, T): 0 where a query may attend, -inf elsewhere
+    positions: Tensor  # i32 (2T,): the position ids, then the block position ids
+    rows: Tensor  # i32 (T,): the cache cell each token's key and value go to
+    mask: Tensor  # f16 (n_kv, T): 0 where a query may attend, -inf elsewhere (cells past the used ones included)
 
 
 @dataclass
@@ -126,11 +147,27 @@ class Forward:
     graph: Graph
     inputs: Inputs
     logits: Tensor  # f32 (n_vocab, T) or (n_vocab, 1)
+    n_kv: int  # cache cells 0..n_kv-1 are attended to (through the mask)
+
+    def close(self) -> None:
+        self.graph.close()
 
 
 # --------------------------------------------------------------------------------------------------------- blocks
 def layer_norm(g: Graph, x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
     return g.add(g.mul(g.norm(x, eps), w), b)
+
+
+def sublayer_input(g: Graph, cfg: GLM1Config, x: Tensor, w: Tensor, b: Tensor, pair_w: Tensor, pair_b: Tensor,
+                   out_b: Tensor) -> tuple[Tensor, Tensor]:
+    """(h, r): h = LN(x)·w + b, the sublayer's input, and r = alpha·h + out_b, what its output (without bias) is
+    added to. One token: both from LN(x) in one broadcast multiply-add with the pair tensors, (n_embd, 2)."""
+    n = g.norm(x, cfg.eps)
+    if x.ne[1] == 1:
+        hr = g.add(g.mul(pair_w, n), pair_b)  # (n_embd, 2): [h | r]
+        return g.view(hr, (cfg.n_embd, 1), (hr.nb[1],), 0), g.view(hr, (cfg.n_embd, 1), (hr.nb[1],), hr.nb[1])
+    h = g.add(g.mul(n, w), b)
+    return h, g.add(g.scale(h, cfg.alpha), out_b)
 
 
 def gelu_tanh(g: Graph, x: Tensor) -> Tensor:
@@ -140,67 +177,75 @@ def gelu_tanh(g: Graph, x: Tensor) -> Tensor:
     return g.mul(x, g.sigmoid(z))
 
 
+def rotate(g: Graph, cfg: GLM1Config, qkv: Tensor, inp: Inputs) -> Tensor:
+    """q and k of every head rotated in place inside ``qkv``: the first half of each by the position id, the second
+    by the block position id. Returns the tensor to take q, k and v from (it depends on every rotation)."""
+    hd, nh, T, rot, es = cfg.head_dim, cfg.n_head, qkv.ne[1], cfg.rot_dims, 4
+    if T == 1:  # rows (half, q/k, head): dim 2 is the half, which picks the position id or the block position id
+        view = g.view(qkv, (rot, 2, 2, nh), (hd * es, rot * es, 3 * hd * es), 0)
+        return g.rope_neox(view, inp.positions, rot, cfg.rope_base, inplace=True)
+    pos = g.view(inp.positions, (T,), (), 0)
+    block_pos = g.view(inp.positions, (T,), (), T * 4)
+    first = g.rope_neox(g.view(qkv, (rot, 2, T, nh), (hd * es, qkv.nb[1], 3 * hd * es), 0), pos, rot,
+                        cfg.rope_base, inplace=True)
+    second = g.view(first, (rot, 2, T, nh), (hd * es, qkv.nb[1], 3 * hd * es), rot * es)
+    g.expand(g.rope_neox(second, block_pos, rot, cfg.rope_base, inplace=True))  # before every read of q and k
+    return first
+
+
 def attention(g: Graph, cfg: GLM1Config, w: LayerWeights, kv: KVCache, il: int, h: Tensor, inp: Inputs,
-              n_past: int) -> Tensor:
-    hd, nh, T = cfg.head_dim, cfg.n_head, h.ne[1]
-    n_kv, rot, es = n_past + T, cfg.rot_dims, 4
-    qkv = g.add(g.mul_mat(w.qkv, h), w.qkv_b)  # (3 * n_embd, T): per head [q | k | v]
-    # q and k of every head as one (hd, 2, T, nh) view: both rotated by two ops, first half by the position id,
-    # second half by the block position id.
-    qk = g.view(qkv, (hd, 2, T, nh), (hd * es, qkv.nb[1], 3 * hd * es), 0)
-    qk = g.rope_neox(g.rope_neox(qk, inp.pos, rot, cfg.rope_base), inp.block_pos, rot, cfg.rope_base, offset=rot)
-    q = g.view(qk, (hd, T, nh), (qk.nb[2], qk.nb[3]), 0)  # (hd, T, nh)
-    k = g.view(qk, (hd, T, nh), (qk.nb[2], qk.nb[3]), hd * es)
-    v = g.view(qkv, (hd, nh, T), (3 * hd * es, qkv.nb[1]), 2 * hd * es)  # (hd, nh, T)
+              n_kv: int) -> Tensor:
+    """The attention output before its bias (which the residual term carries)."""
+    hd, nh, T, es = cfg.head_dim, cfg.n_head, h.ne[1], 4
+    proj = g.add(g.mul_mat(w.qkv, h), w.qkv_b)  # (3 * n_embd, T): per head [q | k | v]
+    token, head = proj.nb[1], 3 * hd * es  # bytes from one token to the next, from one head's q to the next
+    qkv = rotate(g, cfg, proj, inp)
+    q = g.view(qkv, (hd, T, nh), (token, head), 0)  # (hd, T, nh)
+    new = g.view(qkv, (2 * hd, T, nh), (token, head), hd * es)  # [k | v]: (2 hd, T, nh)
 
-    kc, vc = kv.k[il], kv.v[il]
-    k_dst = g.view(kc, (hd, nh, T), (kc.nb[1], kc.nb[2]), n_past * kc.nb[2])
-    v_dst = g.view(vc, (T, hd, nh), (vc.nb[1], vc.nb[2]), n_past * vc.nb[0])
-    g.expand(g.cpy(g.permute(k, 0, 2, 1), k_dst))  # the cache writes come before the reads below in node order
-    g.expand(g.cpy(g.permute(v, 1, 2, 0), v_dst))  # v as (T, hd, nh)
-
-    keys = g.view(kc, (hd, n_kv, nh), (kc.nb[2], kc.nb[1]), 0)  # (hd, n_kv, nh)
-    values = g.view(vc, (n_kv, hd, nh), (vc.nb[1], vc.nb[2]), 0)  # (n_kv, hd, nh)
-    scores = g.mul_mat(keys, q)  # (n_kv, T, nh)
-    probs = g.soft_max(scores, inp.mask, 1.0 / math.sqrt(hd))
-    ctx = g.mul_mat(values, probs)  # (hd, T, nh)
-    ctx = g.reshape(g.cont(g.permute(ctx, 0, 2, 1)), (cfg.n_embd, T))  # heads concatenated: (n_embd, T)
-    return g.add(g.mul_mat(w.attn_out, ctx), w.attn_out_b)
+    cache = kv.kv[il]  # (2 hd, nh, n_ctx)
+    cells = g.view(cache, (2 * hd, kv.n_ctx, nh), (cache.nb[2], cache.nb[1]), 0)
+    g.expand(g.set_rows(cells, new, inp.rows))  # the write comes before the reads below in node order
+    keys = g.view(cache, (hd, n_kv, nh), (cache.nb[2], cache.nb[1]), 0)  # (hd, n_kv, nh)
+    values = g.view(cache, (hd, n_kv, nh), (cache.nb[2], cache.nb[1]), hd * cache.nb[0])
+    ctx = g.flash_attn(q, keys, values, inp.mask, 1.0 / math.sqrt(hd))  # (hd, nh, T)
+    return g.mul_mat(w.attn_out, g.reshape(ctx, (cfg.n_embd, T)))  # heads concatenated: (n_embd, T)
 
 
 def mlp(g: Graph, w: LayerWeights, h: Tensor) -> Tensor:
+    """The MLP output before its bias (which the residual term carries)."""
     up = g.add(g.mul_mat(w.ffn_up, h), w.ffn_up_b)  # (n_ff, T)
-    return g.add(g.mul_mat(w.ffn_down, gelu_tanh(g, up)), w.ffn_down_b)  # (n_embd, T)
+    return g.mul_mat(w.ffn_down, gelu_tanh(g, up))  # (n_embd, T)
 
 
 def block(g: Graph, cfg: GLM1Config, w: LayerWeights, kv: KVCache, il: int, x: Tensor, inp: Inputs,
-          n_past: int) -> Tensor:
-    h = layer_norm(g, x, w.attn_norm, w.attn_norm_b, cfg.eps)
-    x = g.add(g.scale(h, cfg.alpha), attention(g, cfg, w, kv, il, h, inp, n_past))
-    h = layer_norm(g, x, w.ffn_norm, w.ffn_norm_b, cfg.eps)
-    return g.add(g.scale(h, cfg.alpha), mlp(g, w, h))
+          n_kv: int) -> Tensor:
+    h, r = sublayer_input(g, cfg, x, w.attn_norm, w.attn_norm_b, w.attn_pair_w, w.attn_pair_b, w.attn_out_b)
+    x = g.add(r, attention(g, cfg, w, kv, il, h, inp, n_kv))
+    h, r = sublayer_input(g, cfg, x, w.ffn_norm, w.ffn_norm_b, w.ffn_pair_w, w.ffn_pair_b, w.ffn_down_b)
+    return g.add(r, mlp(g, w, h))
 
 
-def build(cfg: GLM1Config, weights: Weights, kv: KVCache, n_past: int, n_tokens: int, all_logits: bool) -> Forward:
-    """The graph evaluating ``n_tokens`` new tokens after ``n_past`` cached ones."""
-    if n_tokens < 1 or n_past < 0 or n_past + n_tokens > kv.n_ctx:
-        raise InputError(f"cannot evaluate {n_tokens} tokens after {n_past} in a context of {kv.n_ctx}")
+def build(cfg: GLM1Config, weights: Weights, kv: KVCache, n_kv: int, n_tokens: int, all_logits: bool) -> Forward:
+    """The graph evaluating ``n_tokens`` new tokens that attend to cache cells 0..n_kv-1 (themselves included).
+
+    Positions, the cells written and the mask are inputs: one graph serves every step with the same shape."""
+    if not 1 <= n_tokens <= n_kv <= kv.n_ctx:
+        raise InputError(f"cannot evaluate {n_tokens} tokens over {n_kv} cells of a context of {kv.n_ctx}")
     max_tensors = TENSORS_PER_LAYER * (cfg.n_layer + 1)
-    g = Graph(max_tensors, max_tensors + weights.count() + 2 * cfg.n_layer)
+    g = Graph(max_tensors, max_tensors + weights.count() + cfg.n_layer)
     try:
-        n_kv = n_past + n_tokens
-        inp = Inputs(g.input(I32, (n_tokens,), "tokens"), g.input(I32, (n_tokens,), "pos"),
-                     g.input(I32, (n_tokens,), "block_pos"), g.input(F32, (n_kv, n_tokens), "mask"))
+        inp = Inputs(g.input(I32, (n_tokens,), "tokens"), g.input(I32, (2 * n_tokens,), "positions"),
+                     g.input(I32, (n_tokens,), "kv_rows"), g.input(F16, (n_kv, n_tokens), "mask"))
         x = g.get_rows(weights.tok_embd, inp.tokens)  # (n_embd, T)
         for il, w in enumerate(weights.layers):
-            x = block(g, cfg, w, kv, il, x, inp, n_past)
+            x = block(g, cfg, w, kv, il, x, inp, n_kv)
         if not all_logits:
             x = g.view(x, (cfg.n_embd, 1), (x.nb[1],), (n_tokens - 1) * x.nb[1])  # the last token only
         x = layer_norm(g, x, weights.out_norm, weights.out_norm_b, cfg.eps)
         logits = g.output(g.mul_mat(weights.output, x))  # (n_vocab, T or 1)
         g.expand(logits)
-        return Forward(g, inp, logits)
+        return Forward(g, inp, logits, n_kv)
     except BaseException:
         g.close()
         raise
-

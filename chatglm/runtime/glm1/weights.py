@@ -7,6 +7,7 @@ into that buffer instead. 1-D tensors (norms, biases) are converted to f32 in a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import mmap
 from dataclasses import dataclass
@@ -19,10 +20,10 @@ from chatglm import limits
 from chatglm.errors import InputError
 from chatglm.fsutil import open_regular
 from chatglm.ggml import ops
-from chatglm.ggml.backend import Backend, Buffer, cpu_buffer_type, tensor_set
+from chatglm.ggml.backend import Backend, Buffer, cpu_buffer_type, tensor_get, tensor_set
 from chatglm.ggml.ops import F32, Graph, Tensor
 from chatglm.gguf_file import GGUFHeader, TensorEntry
-from chatglm.runtime.glm1.graph import GLM1Config, LayerWeights, Weights
+from chatglm.runtime.glm1.graph import GLM1Config, LayerWeights, Weights, pair_tensors
 from chatglm.runtime.pages import release_mmap_range
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def load_weights(header: GGUFHeader, cfg: GLM1Config, backend: Backend, repack: 
         mapping = _Mapping(header.path)
         parts.append(mapping)
         tensors, n_repacked = _place(header, shapes, backend, mapping, parts, repack, on_progress)
-        weights = _assemble(cfg, tensors)
+        weights = _with_pairs(cfg, _assemble(cfg, tensors), parts)
     except BaseException:
         for part in reversed(parts):
             part.close()
@@ -172,3 +173,25 @@ def _assemble(cfg: GLM1Config, tensors: dict[str, Tensor]) -> Weights:
     output = tensors.get("output.weight", tensors["token_embd.weight"])
     return Weights(tensors["token_embd.weight"], layers, tensors["output_norm.weight"], tensors["output_norm.bias"],
                    output)
+
+
+PAIRS = {"attn": ("attn_norm", "attn_norm_b", "attn_out_b"), "ffn": ("ffn_norm", "ffn_norm_b", "ffn_down_b")}
+
+
+def _with_pairs(cfg: GLM1Config, weights: Weights, parts: list) -> Weights:
+    """Each layer's pair tensors (graph.pair_tensors), computed from its f32 norms and biases, in a buffer of
+    their own."""
+    ctx = Graph(len(PAIRS) * 2 * cfg.n_layer)
+    parts.append(ctx)
+    made = [{f"{k}_pair_{x}": ctx.new(F32, (cfg.n_embd, 2), f"blk.{il}.{k}_pair_{x}") for k in PAIRS for x in "wb"}
+            for il in range(cfg.n_layer)]
+    buf = Buffer.for_tensors(ctx.ctx, cpu_buffer_type())
+    parts.append(buf)
+    layers = []
+    for layer, fields in zip(weights.layers, made):
+        for kind, names in PAIRS.items():
+            values = [tensor_get(getattr(layer, n), np.empty(cfg.n_embd, np.float32)) for n in names]
+            for x, rows in zip("wb", pair_tensors(cfg.alpha, *values)):
+                tensor_set(fields[f"{kind}_pair_{x}"], np.ascontiguousarray(rows))
+        layers.append(dataclasses.replace(layer, **fields))
+    return dataclasses.replace(weights, layers=layers)
