@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Optional
 
 import typer
@@ -16,6 +17,7 @@ from typer.core import TyperGroup
 
 from chatglm import limits
 from chatglm.errors import ChatGLMError
+from chatglm.runtime.speculative import MAX_DRAFT
 
 DEBUG_ENV = "CHATGLM_DEBUG"
 
@@ -195,6 +197,24 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
 LoraScales = Annotated[Optional[list[float]], number(
     ("--lora-scale",), "Scale of the LoRA update: one for all adapters or one per --lora.", -limits.MAX_LORA_SCALE,
     limits.MAX_LORA_SCALE)]
+
+
+# speculative decoding (chatglm/runtime/speculative.py): run, serve
+Lookup = Annotated[int, number(("--lookup",), "Speculative decoding: draft up to N tokens by prompt lookup (the "
+                               "last n-gram's earlier continuation in the prompt and reply; 0: off).", 0,
+                               MAX_DRAFT)]
+DraftModel = Annotated[Optional[Path], typer.Option(
+    "--draft", metavar="MODEL", help="Speculative decoding: a small GGUF with the same vocabulary drafts tokens "
+    "(a file or a stored model name).")]
+DraftMax = Annotated[int, number(("--draft-max",), "The most tokens --draft drafts at once.", 1, MAX_DRAFT)]
+
+
+def speculative_config(lookup: int, draft: Optional[Path], draft_max: int):
+    """The runtime's speculative settings from the options (a store name for --draft resolved)."""
+    from chatglm.runtime.speculative import SpeculativeConfig
+    from chatglm.store import resolve
+
+    return SpeculativeConfig(lookup=lookup, draft=resolve(draft) if draft is not None else None, draft_max=draft_max)
 
 
 def sampling_options(command: Callable) -> Callable:

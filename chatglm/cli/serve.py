@@ -11,10 +11,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, Threads, handle_errors, non_empty, number,
-                               setup_logging)
+from chatglm.cli.common import (DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup, Threads, handle_errors,
+                               non_empty, number, setup_logging, speculative_config)
 from chatglm.errors import ChatGLMError, InputError
 from chatglm.limits import MAX_CONTEXT
+from chatglm.runtime.speculative import DEFAULT_DRAFT
 from chatglm.store import resolve
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ def serve_cmd(
                                                     help="Name in /v1/models (file stem).")] = None,
     max_models: Annotated[int, number(("--max-models",), "Serving the store: models resident at once.", 1,
                                       MAX_PARALLEL)] = 1,
+    lookup: Lookup = 0,
+    draft: DraftModel = None,
+    draft_max: DraftMax = DEFAULT_DRAFT,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests and model loading.")] = False,
     allow_host: Annotated[Optional[list[str]], typer.Option(
         "--allow-host", help="Also answer requests for this Host name (repeatable; loopback without a key "
@@ -72,10 +76,11 @@ def serve_cmd(
         from chatglm.runtime.llama_native import physical_cores
 
         threads = max(1, physical_cores() // parallel)
+    speculative = speculative_config(lookup, draft, draft_max)
     sock = bind(host, port)  # bound, not listening: a taken port fails before the load, and nothing answers yet
     try:
         models = [] if serving_store else load_instances(path, parallel, ctx, threads, n_gpu_layers, kv_type,
-                                                         flash_attn)
+                                                         flash_attn, speculative)
         sock.listen(128)
     except BaseException:
         sock.close()
@@ -85,7 +90,8 @@ def serve_cmd(
     if serving_store:
         def open_model(name: str):
             entry = Store(store.root).find(name)
-            return entry.ref, load_instances(entry.gguf, 1, ctx, threads, n_gpu_layers, kv_type, flash_attn)[0]
+            return entry.ref, load_instances(entry.gguf, 1, ctx, threads, n_gpu_layers, kv_type, flash_attn,
+                                             speculative)[0]
 
         store_options = {"open_model": open_model, "max_models": max_models,
                          "list_store": lambda: [(e.ref, e.gguf) for e in Store(store.root).entries()]}
@@ -148,7 +154,7 @@ def resolve_model(model: Optional[Path]) -> Path:
 
 
 def load_instances(path: Path, parallel: int, n_ctx: Optional[int], threads: int, n_gpu_layers: int,
-                   kv_type: str = "f16", flash_attn: Optional[bool] = None) -> list:
+                   kv_type: str = "f16", flash_attn: Optional[bool] = None, speculative=None) -> list:
     from chatglm.runtime.model import load
 
     models = []
@@ -156,7 +162,7 @@ def load_instances(path: Path, parallel: int, n_ctx: Optional[int], threads: int
         for i in range(parallel):
             log.info("loading instance %d of %d from %s", i + 1, parallel, path)
             models.append(load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
-                               flash_attn=flash_attn))
+                               flash_attn=flash_attn, speculative=speculative))
     except Exception as exc:
         close_all(models)
         if isinstance(exc, ChatGLMError):

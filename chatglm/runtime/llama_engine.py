@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from chatglm import families
-from chatglm.errors import Cancelled, ModelRuntimeError
+from chatglm.errors import Cancelled, ContextOverflowError, ModelRuntimeError
 from chatglm.families.descriptor import ENGINE_LLAMA
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime import llama_native as native
@@ -32,7 +32,7 @@ LLAMA_ARCHES = tuple(dict.fromkeys(f.arch for f in families.families() if f.engi
 class LlamaEngine(Engine):
     def __init__(self, header: GGUFHeader, info: ModelInfo, *, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
                  n_batch: int = 512, flash_attn: Optional[bool] = None, kv_type: str = "f16",
-                 on_progress: Optional[ProgressFn] = None):
+                 on_progress: Optional[ProgressFn] = None, n_rollback: int = 0):
         super().__init__()
         ll = native.lib()
         check_context(n_ctx, n_batch, n_threads)
@@ -52,8 +52,11 @@ class LlamaEngine(Engine):
         try:
             # every native handle is owned by this object from the moment it exists: on any failure close() frees
             # each one once and clears it, so nothing (not __del__ either) frees it again
+            # a recurrent state rolls back only as far as llama.cpp keeps snapshots of it (speculative decoding)
+            self._recurrent = bool(ll.llama_model_is_recurrent(self._model) or ll.llama_model_is_hybrid(self._model))
             self._ctx = native.new_context(self._model, n_ctx=n_ctx + self.n_prefix, n_batch=n_batch,
-                                           n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type)
+                                           n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type,
+                                           n_rs_seq=n_rollback if self._recurrent else 0)
             self._abort_cb = native.ABORT_CALLBACK(self._should_abort)
             ll.llama_set_abort_callback(self._ctx, self._abort_cb, None)
             self._vocab = ll.llama_model_get_vocab(self._model)
@@ -131,8 +134,21 @@ class LlamaEngine(Engine):
         if not self._truncate(len(self.tokens)):
             self._truncate(0)
 
+    can_speculate = True
+
+    @property
+    def rollback_window(self) -> Optional[int]:
+        return native.lib().llama_n_rs_seq(self._ctx) if self._recurrent else None
+
+    def eval_all(self, tokens: Sequence[int]) -> None:
+        if len(tokens) > self.n_batch:
+            raise ModelRuntimeError(f"{len(tokens)} tokens to verify, more than the batch of {self.n_batch}")
+        if len(self.tokens) + self.extra_cells + len(tokens) > self.info.n_ctx:
+            raise ContextOverflowError(f"the context of {self.info.n_ctx} tokens is full")
+        self._eval(tokens, logits_all=True)
+
     def _eval(self, tokens: Sequence[int], *, cancel: Optional[threading.Event] = None,
-              progress: Optional[ProgressFn] = None) -> None:
+              progress: Optional[ProgressFn] = None, logits_all: bool = False) -> None:
         ll = native.lib()
         for tok in tokens:
             if not 0 <= tok < self._n_vocab:
@@ -143,7 +159,7 @@ class LlamaEngine(Engine):
             for start in range(0, total, self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
                 native.fill_batch(self._batch, chunk, self.n_prefix + len(self.tokens),
-                                  logits_last=start + len(chunk) == total)
+                                  logits_last=start + len(chunk) == total, logits_all=logits_all)
                 rc = ll.llama_decode(self._ctx, self._batch)
                 if rc == 2 or (cancel is not None and cancel.is_set()):
                     # llama.cpp keeps what it evaluated of an aborted batch only partly: drop the whole chunk.

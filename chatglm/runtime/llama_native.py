@@ -130,7 +130,9 @@ def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressF
     return model
 
 
-def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: Optional[bool], kv_type: str):
+def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: Optional[bool], kv_type: str,
+                n_rs_seq: int = 0):
+    """A context for ``model``; ``n_rs_seq``: how many tokens a recurrent state can roll back (snapshots kept)."""
     ll = lib()
     check_kv_type(kv_type)
     check_context(n_ctx, n_batch, n_threads)
@@ -139,6 +141,7 @@ def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: 
     params.n_batch = n_batch
     params.n_ubatch = n_batch
     params.n_seq_max = 1
+    params.n_rs_seq = n_rs_seq
     params.n_threads = n_threads
     params.n_threads_batch = n_threads
     params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
@@ -243,6 +246,10 @@ class NativeSampler:
     def __call__(self) -> int:
         # Samples from the last output's logits and records the token (for the repeat penalty).
         return lib().llama_sampler_sample(self._chain, self._ctx, -1)
+
+    def at(self, i: int) -> int:
+        """Sample from the logits of output ``i`` of the last batch (a drafted position), recording the token."""
+        return lib().llama_sampler_sample(self._chain, self._ctx, i)
 
     def close(self) -> None:
         if self._chain:

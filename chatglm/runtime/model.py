@@ -25,11 +25,14 @@ from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.jinja_chat import chat_format as make_format
 from chatglm.runtime.prompts import ChatFormat, split_options, template_options
 from chatglm.runtime.sampling import SamplingParams
+from chatglm.runtime.speculative import (SpeculativeConfig, check_speculation, open_drafter, plain_tokens,
+                                         same_vocabulary, speculative_tokens)
 
 if TYPE_CHECKING:  # pragma: no cover
     from chatglm.runtime.media import Media
     from chatglm.runtime.mtmd import MediaContext
     from chatglm.runtime.session import ChatSession
+    from chatglm.runtime.speculative import Drafter
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class Model:
         self._active: Optional[threading.Event] = None  # the cancel event of the running generation
         self._closed = False
         self.media: Optional["MediaContext"] = None  # libmtmd over this engine, when a projector was loaded
+        self.drafter: Optional["Drafter"] = None  # speculative decoding (runtime/speculative.py), up to n_draft
+        self.n_draft = 0
 
     def __repr__(self) -> str:
         i = self.info
@@ -246,12 +251,17 @@ class Model:
         sample, token_bytes, kept = engine.sampler(params), engine.token_bytes, self.kept_special
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         out, pieces, reason = gen.tokens, [], "length"
+        tokens = self._tokens(sample, limit, stats)
         try:
             while len(out) < limit:
                 if cancel.is_set():
                     reason = "cancelled"
                     break
-                token = sample()
+                try:
+                    token = next(tokens)  # evaluates the token before (its logits sampled this one)
+                except Cancelled:
+                    reason = "cancelled"
+                    break
                 if token in stop_ids:
                     reason = "stop"
                     break
@@ -260,12 +270,6 @@ class Model:
                 if text:
                     pieces.append(text)
                     yield text
-                if len(out) < limit:
-                    try:
-                        engine.step(token)
-                    except Cancelled:
-                        reason = "cancelled"
-                        break
             tail = decode(b"", final=True)
             if tail:
                 pieces.append(tail)
@@ -274,11 +278,18 @@ class Model:
             reason = "cancelled"
             raise
         finally:
+            tokens.close()
             sample.close()
             stats.finish_reason, stats.generated_tokens = reason, len(out)
             stats.decode_seconds = time.perf_counter() - started
             gen.text = "".join(pieces)
         return gen
+
+    def _tokens(self, sample, limit: int, stats: GenerationStats) -> Iterator[int]:
+        """The generated tokens, one evaluation each, or several when drafts are verified (runtime/speculative.py)."""
+        if self.drafter is None or not self.n_draft:
+            return plain_tokens(self.engine, sample)
+        return speculative_tokens(self.engine, sample, self.drafter, self.n_draft, limit, self.stop_ids, stats)
 
     # -- lifetime ---------------------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:
@@ -293,6 +304,8 @@ class Model:
             self._closed = True
             if self.media is not None:
                 self.media.close()
+            if self.drafter is not None:
+                self.drafter.close()
             self.engine.close()
         finally:
             self.engine.lock.release()
@@ -315,6 +328,18 @@ def open_media(engine: Engine, projector, n_threads: Optional[int]) -> "MediaCon
     return MediaContext(engine, projector, n_threads=n_threads or physical_cores())
 
 
+def check_draft_model(path: Path, spec: SpeculativeConfig) -> None:
+    """A draft model's file must be one this tool runs, with the model's vocabulary (checked before either loads)."""
+    if spec.draft is None:
+        return
+    from chatglm.gguf_file import read_header
+    from chatglm.runtime.loader import validate
+
+    draft = read_header(Path(spec.draft))
+    validate(draft)
+    same_vocabulary(read_header(path), draft)
+
+
 def _relay_growth(now: str, before: str, sink: Callable[[str], None]) -> str:
     """Send what ``now`` adds to ``before`` (when it only grows); returns what has been sent."""
     if len(now) > len(before) and now.startswith(before):
@@ -328,14 +353,16 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
          chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
          on_progress: Optional[ProgressCallback] = None,
          lora: Sequence[tuple[os.PathLike | str, float]] = (),
-         mmproj: Optional[os.PathLike | str] = None) -> Model:
+         mmproj: Optional[os.PathLike | str] = None,
+         speculative: Optional[SpeculativeConfig] = None) -> Model:
     """Load a GGUF and return a :class:`Model` (``chatglm.load``, :mod:`chatglm.api`, adds the demo model).
 
     ``n_ctx`` defaults to the model's training context capped at 4096; ``n_threads`` to the physical cores;
     ``n_gpu_layers`` layers are offloaded (-1: all); ``on_progress(done, total)`` is called while loading;
     ``lora`` lists (adapter GGUF, scale) pairs applied at run time (llama.cpp engine); the projector of a
     multimodal model (``mmproj``, by default ``mmproj-<stem>.gguf`` beside it) is checked against the model before
-    the engine loads and then opened with libmtmd.
+    the engine loads and then opened with libmtmd; ``speculative`` says what drafts tokens for speculative decoding
+    (prompt lookup, a draft model: :class:`~chatglm.runtime.speculative.SpeculativeConfig`).
     """
     from chatglm.runtime.mtmd import check_projector, find_projector, projector_estimate
 
@@ -347,15 +374,27 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
 
         projector = check_projector(projector_path, read_header(Path(path)))
     extra = projector_estimate(Path(path), projector.path).total if projector is not None else 0
+    spec = speculative if speculative is not None and speculative.enabled else None
+    if spec is not None:
+        check_draft_model(Path(path), spec)
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                         flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, extra_memory=extra)
+                         flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, extra_memory=extra,
+                         n_rollback=spec.n_max if spec is not None else 0)
+    model = None
     try:
         engine.apply_lora([(Path(p), float(scale)) for p, scale in lora])
         model = Model(engine, chat_format=chat_format, sampling=sampling,
                       load_seconds=time.perf_counter() - start)
         if projector is not None:
             model.media = open_media(engine, projector, n_threads)
+        if spec is not None:
+            check_speculation(engine, spec)
+            model.drafter, model.n_draft = open_drafter(engine, spec, lambda draft: open_engine(
+                draft, n_ctx=engine.info.n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                kv_type=kv_type, n_rollback=spec.draft_max)), spec.n_max
     except BaseException:
+        if model is not None and model.media is not None:
+            model.media.close()
         engine.close()
         raise
     log.info("loaded %s (%s, %s format, n_ctx %d) in %.2f s", path, model.info.family, model.format.name,
