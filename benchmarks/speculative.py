@@ -22,8 +22,8 @@ loaded model; rounds are interleaved (none, lookup, draft, both, none, ...) and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -48,7 +48,7 @@ QUICK_DRAFT = Shape("chatglm3-quick-draft", "chatglm3", 128, 1, 2, 2, 352, 65024
 def code_file() -> str:
     """A long, plausible Python file (the edit task's input)."""
     parts = []
-    for i in range(12):
+    for i in range(6):
         parts.append(f'''def handler_{i}(request, store, limit={10 + i}):
     """Answer request {i}: read at most limit items from the store."""
     items = store.read(request.key, limit=limit)
@@ -118,13 +118,15 @@ def main(argv=None) -> int:
     target, draft = (QUICK_TARGET, QUICK_DRAFT) if args.quick else (TARGET, DRAFT)
     rounds = 3 if args.quick else args.rounds
     target_path = build_gguf(target, args.type, CACHE / "speculative")
-    draft_path = build_gguf(dataclasses.replace(draft), args.type, CACHE / "speculative")
-    print(f"{machine()}; {args.threads} threads; target {target.name} {args.type}, draft {draft.name} {args.type}; "
-          f"greedy, {args.n_gen} tokens, median of {rounds} interleaved rounds")
+    draft_path = build_gguf(draft, args.type, CACHE / "speculative")
+    print(f"{machine()} (load average {os.getloadavg()[0]:.1f} at the start); {args.threads} threads; target "
+          f"{target.name} {args.type}, draft {draft.name} {args.type}; greedy, {args.n_gen} tokens, median of {rounds} "
+          "interleaved rounds")
     models = {}
     try:
         for name, spec in configs(draft_path, args.lookup).items():
-            models[name] = load(target_path, n_ctx=2048, n_threads=args.threads, speculative=spec)
+            models[name] = load(target_path, n_ctx=4096, n_threads=args.threads, speculative=spec)
+            models[name].stop_ids = frozenset()  # every reply n_gen tokens long (a random model may say eos early)
         for task, prompt in TASKS.items():
             print(f"\n{task} ({len(models['none'].prompt_ids([Message('user', prompt)]))} prompt tokens)\n")
             print(table(run_task(models, prompt, rounds, args.n_gen)))

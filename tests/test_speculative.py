@@ -280,3 +280,39 @@ def test_recurrent_without_snapshots_refused(glm5_next_gguf, monkeypatch):
     monkeypatch.setattr(llama_engine.LlamaEngine, "rollback_window", property(lambda self: 0))
     with pytest.raises(UnsupportedModelError, match="recurrent .* roll back 0 tokens, fewer than the 6"):
         load(glm5_next_gguf, speculative=SpeculativeConfig(lookup=6), **SETTINGS)
+
+
+# ----------------------------------------------------------------------------------------------- MTP (NextN)
+@pytest.fixture(scope="module")
+def glm45_gguf(tmp_path_factory):
+    """A tiny GLM-4.5 (glm4moe) f32 GGUF with its MTP layer (random, like the rest)."""
+    from chatglm.convert.pipeline import convert
+    from chatglm.devtools.glm4 import build_checkpoint, train_glm4_bpe
+
+    root = tmp_path_factory.mktemp("spec-glm45")
+    _, folder = build_checkpoint("glm45", root / "ckpt", train_glm4_bpe())
+    return convert(folder, root / "glm45.gguf", "f32").path
+
+
+def test_mtp_greedy_identical(glm45_gguf):
+    """The MTP layer drafts one token per step (through the public C API: the target's output embeddings are its
+    hidden state, the pairs go into an MTP context with llama_batch_ext); the output is plain decoding's."""
+    want, got, stats = same_output(glm45_gguf, SpeculativeConfig(mtp=True))
+    assert got == want
+    for s in stats:  # one draft per verification, each a vocabulary id
+        assert s.verifications == s.drafted_tokens > 20
+
+
+def test_mtp_with_lookup(glm45_gguf):
+    want, got, _ = same_output(glm45_gguf, SpeculativeConfig(mtp=True, lookup=4))
+    assert got == want
+
+
+def test_mtp_refused_without_a_usable_layer(glm45_gguf, glm4_ggufs, tmp_path):
+    from fixtures_glm5_next import rewrite_gguf
+
+    with pytest.raises(UnsupportedModelError, match="MTP drafting runs on glm4moe models, not 'glm4'"):
+        load(glm4_ggufs["glm4-0414"], speculative=SpeculativeConfig(mtp=True), **SETTINGS)
+    broken = rewrite_gguf(glm45_gguf, tmp_path / "no-eh.gguf", {}, drop=("blk.3.nextn.eh_proj.weight",))
+    with pytest.raises(InputError, match=r"NextN layer lacks blk\.3\.nextn\.eh_proj\.weight"):
+        load(broken, speculative=SpeculativeConfig(mtp=True), **SETTINGS)

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from chatglm.cli.chatout import ThinkingPrinter, context_notes, format_tool_call, print_stats
-from chatglm.cli.common import (Context, DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup, Threads, fail,
-                               handle_errors, number, sampling_options, setup_logging, speculative_config)
+from chatglm.cli.common import (Context, DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup, Mtp, Threads,
+                               fail, handle_errors, number, sampling_options, setup_logging, speculative_config)
 from chatglm.limits import MAX_LORA_SCALE
 from chatglm.runtime.messages import Message
 from chatglm.runtime.speculative import DEFAULT_DRAFT
@@ -61,6 +61,7 @@ def run_cmd(
     lookup: Lookup = 0,
     draft: DraftModel = None,
     draft_max: DraftMax = DEFAULT_DRAFT,
+    mtp: Mtp = False,
     sampling: Optional[dict] = None,
 ) -> None:
     """Chat with a GGUF model."""
@@ -86,7 +87,7 @@ def run_cmd(
         print_estimate(model, ctx, kv_type, flash_attn, mmproj, media)
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
                   flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()], mmproj=mmproj,
-                  speculative=speculative_config(lookup, draft, draft_max)) as m:
+                  speculative=speculative_config(lookup, draft, draft_max, mtp)) as m:
         m.sampling = m.sampling.updated(**sampling or {})
         if sys.stderr.isatty():
             m.prefill_progress = show_prefill

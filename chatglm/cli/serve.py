@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import (DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup, Threads, handle_errors,
-                               non_empty, number, setup_logging, speculative_config)
+from chatglm.cli.common import (DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup, Mtp, Threads,
+                               handle_errors, non_empty, number, setup_logging, speculative_config)
 from chatglm.errors import ChatGLMError, InputError
 from chatglm.limits import MAX_CONTEXT
 from chatglm.runtime.speculative import DEFAULT_DRAFT
@@ -54,6 +54,7 @@ def serve_cmd(
     lookup: Lookup = 0,
     draft: DraftModel = None,
     draft_max: DraftMax = DEFAULT_DRAFT,
+    mtp: Mtp = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests and model loading.")] = False,
     allow_host: Annotated[Optional[list[str]], typer.Option(
         "--allow-host", help="Also answer requests for this Host name (repeatable; loopback without a key "
@@ -76,7 +77,7 @@ def serve_cmd(
         from chatglm.runtime.llama_native import physical_cores
 
         threads = max(1, physical_cores() // parallel)
-    speculative = speculative_config(lookup, draft, draft_max)
+    speculative = speculative_config(lookup, draft, draft_max, mtp)
     sock = bind(host, port)  # bound, not listening: a taken port fails before the load, and nothing answers yet
     try:
         models = [] if serving_store else load_instances(path, parallel, ctx, threads, n_gpu_layers, kv_type,

@@ -32,20 +32,22 @@ LLAMA_ARCHES = tuple(dict.fromkeys(f.arch for f in families.families() if f.engi
 class LlamaEngine(Engine):
     def __init__(self, header: GGUFHeader, info: ModelInfo, *, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
                  n_batch: int = 512, flash_attn: Optional[bool] = None, kv_type: str = "f16",
-                 on_progress: Optional[ProgressFn] = None, n_rollback: int = 0):
+                 on_progress: Optional[ProgressFn] = None, n_rollback: int = 0, load_mtp: bool = False):
         super().__init__()
         ll = native.lib()
         check_context(n_ctx, n_batch, n_threads)
         self._cancel_event: Optional[threading.Event] = None
         self._model = self._ctx = self._batch = None
         self._loras: list = []
+        self.n_threads, self.flash_attn, self.kv_type, self.mtp_loaded = n_threads, flash_attn, kv_type, load_mtp
+        self.observer = None  # told of every evaluation and truncation (MTP drafting: runtime/speculative_mtp.py)
         # a P-Tuning prefix holds cells 0..P-1 of the cache, outside self.tokens; the tokens run at positions P...
         prefix = ptuning.read_prefix(header)
         self.n_prefix = 0 if prefix is None else prefix.shape[2]
         # the repacked weights' source pages would otherwise stay resident beside their copies
         releaser = pages.TensorPageReleaser(header)
         self._model = native.load_model(header.path, n_gpu_layers=n_gpu_layers, on_progress=on_progress,
-                                        on_repacked=releaser)
+                                        on_repacked=releaser, load_mtp=load_mtp)
         self.released_bytes = releaser.released
         if releaser.released:
             log.debug("released %.1f MiB of mapped pages held by repacked copies", releaser.released / 2**20)
@@ -127,6 +129,8 @@ class LlamaEngine(Engine):
         if not native.lib().llama_memory_seq_rm(self._mem, 0, self.n_prefix + n_keep, -1):
             return False
         del self.tokens[n_keep:]
+        if self.observer is not None:
+            self.observer.dropped(self.n_prefix + n_keep)
         return True
 
     def _drop_unsaved(self) -> None:
@@ -158,8 +162,9 @@ class LlamaEngine(Engine):
         try:
             for start in range(0, total, self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
-                native.fill_batch(self._batch, chunk, self.n_prefix + len(self.tokens),
-                                  logits_last=start + len(chunk) == total, logits_all=logits_all)
+                pos0 = self.n_prefix + len(self.tokens)
+                native.fill_batch(self._batch, chunk, pos0, logits_last=start + len(chunk) == total,
+                                  logits_all=logits_all or self.observer is not None)
                 rc = ll.llama_decode(self._ctx, self._batch)
                 if rc == 2 or (cancel is not None and cancel.is_set()):
                     # llama.cpp keeps what it evaluated of an aborted batch only partly: drop the whole chunk.
@@ -171,6 +176,8 @@ class LlamaEngine(Engine):
                                             + (" (no room left in the KV cache)" if rc == 1 else ""))
                 self.tokens.extend(chunk)
                 self.n_evaluated += len(chunk)
+                if self.observer is not None:
+                    self.observer.evaluated(chunk, pos0)
                 if progress:
                     progress(start + len(chunk), total)
         finally:

@@ -91,7 +91,7 @@ def physical_cores() -> int:
 
 
 def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressFn],
-               on_repacked: Optional[Callable[[list[str]], None]] = None):
+               on_repacked: Optional[Callable[[list[str]], None]] = None, load_mtp: bool = False):
     """Load (memory-mapped) and return the model. ``on_repacked`` is called, during the load and at its end, with the
     names of the weights llama.cpp has finished copying into its CPU repack buffer since the last call, so that their
     mapped source pages can be released (``runtime/pages.py``) before the next ones are copied."""
@@ -100,6 +100,7 @@ def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressF
     params = ll.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
     params.load_mode = 1  # LLAMA_LOAD_MODE_MMAP
+    params.load_mtp = load_mtp  # the NextN layers too (MTP drafting, runtime/speculative_mtp.py)
     handed = 0  # how many of the reported names were given to on_repacked
 
     def hand_over() -> None:
@@ -131,8 +132,9 @@ def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressF
 
 
 def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: Optional[bool], kv_type: str,
-                n_rs_seq: int = 0):
-    """A context for ``model``; ``n_rs_seq``: how many tokens a recurrent state can roll back (snapshots kept)."""
+                n_rs_seq: int = 0, ctx_type: int = 0, ctx_other=None):
+    """A context for ``model``; ``n_rs_seq``: how many tokens a recurrent state can roll back (snapshots kept);
+    ``ctx_type`` 1 with ``ctx_other`` the model's context: its MTP layer's context."""
     ll = lib()
     check_kv_type(kv_type)
     check_context(n_ctx, n_batch, n_threads)
@@ -142,6 +144,9 @@ def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: 
     params.n_ubatch = n_batch
     params.n_seq_max = 1
     params.n_rs_seq = n_rs_seq
+    params.ctx_type = ctx_type
+    if ctx_other is not None:
+        params.ctx_other = ctx_other
     params.n_threads = n_threads
     params.n_threads_batch = n_threads
     params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]

@@ -154,9 +154,9 @@ def _count(shape) -> int:
 
 def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
                 flash_attn: Optional[bool] = None, kv_type: str = "f16", on_progress=None,
-                extra_memory: int = 0, n_rollback: int = 0) -> Engine:
+                extra_memory: int = 0, n_rollback: int = 0, load_mtp: bool = False) -> Engine:
     """The engine for ``path``; ``n_rollback``: how many tokens a recurrent state must be able to drop after an
-    evaluation (speculative decoding, llama.cpp engine only)."""
+    evaluation, ``load_mtp``: load the NextN layers too (speculative decoding, llama.cpp engine only)."""
     check_kv_type(kv_type)
     if flash_attn not in (None, True, False):
         raise InputError(f"flash_attn must be True, False or None, got {flash_attn!r}")
@@ -167,7 +167,7 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
     target = ENGINES[header.arch]
     options = {}
     if families.arch_value(header.arch, "engine") == ENGINE_LLAMA:
-        options["n_rollback"] = n_rollback
+        options.update(n_rollback=n_rollback, load_mtp=load_mtp)
         flash_attn, note = resolve_flash_attn(kv_type, flash_attn)
         check_kv_head(header, kv_type)
         log.info("%s", note)

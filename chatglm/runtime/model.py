@@ -329,15 +329,19 @@ def open_media(engine: Engine, projector, n_threads: Optional[int]) -> "MediaCon
 
 
 def check_draft_model(path: Path, spec: SpeculativeConfig) -> None:
-    """A draft model's file must be one this tool runs, with the model's vocabulary (checked before either loads)."""
-    if spec.draft is None:
-        return
+    """A draft model's file must be one this tool runs, with the model's vocabulary; MTP drafting needs an MTP
+    layer llama.cpp's graph can run (both checked before anything loads)."""
     from chatglm.gguf_file import read_header
     from chatglm.runtime.loader import validate
 
-    draft = read_header(Path(spec.draft))
-    validate(draft)
-    same_vocabulary(read_header(path), draft)
+    if spec.mtp:
+        from chatglm.runtime.speculative_mtp import check_mtp
+
+        check_mtp(read_header(path))
+    if spec.draft is not None:
+        draft = read_header(Path(spec.draft))
+        validate(draft)
+        same_vocabulary(read_header(path), draft)
 
 
 def _relay_growth(now: str, before: str, sink: Callable[[str], None]) -> str:
@@ -379,7 +383,8 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
         check_draft_model(Path(path), spec)
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                          flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, extra_memory=extra,
-                         n_rollback=spec.n_max if spec is not None else 0)
+                         n_rollback=spec.n_max if spec is not None else 0,
+                         load_mtp=spec is not None and spec.mtp)
     model = None
     try:
         engine.apply_lora([(Path(p), float(scale)) for p, scale in lora])

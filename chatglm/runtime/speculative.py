@@ -40,12 +40,13 @@ VOCAB_IDS = ("bos", "eos", "eot", "eom", "pad", "unknown", "sep", "mask")
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """What drafts for a model: prompt lookup of up to ``lookup`` tokens, a draft model (``draft``, up to
-    ``draft_max`` tokens), or both (lookup first, the draft model when lookup finds nothing)."""
+    """What drafts for a model: prompt lookup of up to ``lookup`` tokens, the model's own MTP layer (``mtp``, one
+    token), a draft model (``draft``, up to ``draft_max`` tokens); several: each in that order until one drafts."""
 
     lookup: int = 0
     draft: Optional[Path] = None
     draft_max: int = DEFAULT_DRAFT
+    mtp: bool = False
 
     def __post_init__(self) -> None:
         for name, value in (("lookup", self.lookup), ("draft_max", self.draft_max)):
@@ -56,12 +57,12 @@ class SpeculativeConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.lookup > 0 or self.draft is not None
+        return self.lookup > 0 or self.draft is not None or self.mtp
 
     @property
     def n_max(self) -> int:
         """The most tokens drafted for one verification (what a recurrent state must be able to roll back)."""
-        return max(self.lookup, self.draft_max if self.draft is not None else 0)
+        return max(self.lookup, self.draft_max if self.draft is not None else 0, int(self.mtp))
 
 
 class Drafter(Protocol):
@@ -254,6 +255,10 @@ def open_drafter(engine: "Engine", config: SpeculativeConfig, open_draft: Callab
     drafters: list[tuple[Drafter, int]] = []
     if config.lookup:
         drafters.append((LookupDrafter(), config.lookup))
+    if config.mtp:
+        from chatglm.runtime.speculative_mtp import MtpDrafter
+
+        drafters.append((MtpDrafter(engine), 1))
     if config.draft is not None:
         drafters.append((ModelDrafter(open_draft(Path(config.draft))), config.draft_max))
     return drafters[0][0] if len(drafters) == 1 else ChainDrafter(drafters)
