@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from chatglm.errors import InputError, UnsupportedModelError
@@ -284,14 +285,85 @@ def test_recurrent_without_snapshots_refused(glm5_next_gguf, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- MTP (NextN)
 @pytest.fixture(scope="module")
-def glm45_gguf(tmp_path_factory):
-    """A tiny GLM-4.5 (glm4moe) f32 GGUF with its MTP layer (random, like the rest)."""
+def glm45(tmp_path_factory):
+    """A tiny GLM-4.5 (glm4moe) with its MTP layer (random, like the rest): (transformers model, f32 GGUF)."""
     from chatglm.convert.pipeline import convert
     from chatglm.devtools.glm4 import build_checkpoint, train_glm4_bpe
 
     root = tmp_path_factory.mktemp("spec-glm45")
-    _, folder = build_checkpoint("glm45", root / "ckpt", train_glm4_bpe())
-    return convert(folder, root / "glm45.gguf", "f32").path
+    model, folder = build_checkpoint("glm45", root / "ckpt", train_glm4_bpe())
+    return model, convert(folder, root / "glm45.gguf", "f32").path
+
+
+@pytest.fixture(scope="module")
+def glm45_gguf(glm45):
+    return glm45[1]
+
+
+def mtp_reference(model, ids):
+    """The MTP layer's logits in torch, row p for the pair (h[p-1], ids[p]) (h: the trunk's hidden state after the
+    output norm; zeros before the first token, as llama.cpp's own driver pairs it): what it drafts after ids[p]."""
+    import copy
+
+    import torch
+    import transformers
+
+    from chatglm.devtools.glm4 import nextn_layer
+
+    cfg, n = copy.deepcopy(model.config), model.config.num_hidden_layers
+    cfg.num_hidden_layers, cfg.first_k_dense_replace = 1, 0  # the NextN block alone, an expert layer
+    pre = f"model.layers.{n}."
+    w = {k[len(pre):]: v for k, v in nextn_layer(model, 1).items()}  # what build_checkpoint saved (seed + 1)
+    n_exp = cfg.n_routed_experts
+    experts = {"mlp.experts.gate_up_proj": torch.stack([torch.cat([w.pop(f"mlp.experts.{x}.gate_proj.weight"),
+                                                                   w.pop(f"mlp.experts.{x}.up_proj.weight")])
+                                                        for x in range(n_exp)]),
+               "mlp.experts.down_proj": torch.stack([w.pop(f"mlp.experts.{x}.down_proj.weight")
+                                                     for x in range(n_exp)])}
+    head_parts = {k: w.pop(k) for k in [k for k in w if k.startswith(("eh_proj", "enorm", "hnorm", "shared_head",
+                                                                     "embed_tokens"))]}
+    block = transformers.Glm4MoeModel(cfg).eval()
+    state = {f"layers.0.{k}": v for k, v in {**w, **experts}.items()}
+    state["norm.weight"] = head_parts["shared_head.norm.weight"]
+    missing, unexpected = block.load_state_dict(state, strict=False)
+    assert missing == ["embed_tokens.weight"] and not unexpected
+    eps = cfg.rms_norm_eps
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    with torch.no_grad():
+        h = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (T, H), after the output norm
+        h_prev = torch.cat([torch.zeros_like(h[:1]), h[:-1]])  # (T, H): h[p-1], zeros at p = 0
+        e = head_parts["embed_tokens.weight"][torch.tensor(ids)]  # (T, H)
+        x = torch.cat([rms(e, head_parts["enorm.weight"]), rms(h_prev, head_parts["hnorm.weight"])], -1) \
+            @ head_parts["eh_proj.weight"].T  # (T, H)
+        out = block(inputs_embeds=x[None], position_ids=torch.arange(len(ids))[None]).last_hidden_state[0]
+        return (out @ head_parts["shared_head.head.weight"].T).numpy()  # (T, V)
+
+
+def test_mtp_drafts_what_the_layer_predicts(glm45):
+    """Each draft is the argmax of the MTP layer for the pending token and the hidden state before it, as computed
+    in torch from the checkpoint: the pairs llama.cpp's MTP context sees are the right ones."""
+    model, path = glm45
+    drafts = []
+    with load(path, speculative=SpeculativeConfig(mtp=True), **SETTINGS) as m:
+        ids = repetitive_prompt(m)[:60]
+        drafter, inner = m.drafter, m.drafter.draft
+
+        def logged(history, n):
+            guess = inner(history, n)
+            drafts.append((len(history) - 1, guess))
+            return guess
+
+        drafter.draft = logged
+        tokens, _ = generate(m, ids, SamplingParams(temperature=0.0, max_tokens=16))
+    full = ids + tokens
+    ref = mtp_reference(model, full)
+    assert len(drafts) >= 10
+    for pos, guess in drafts:
+        row = ref[pos]
+        assert guess and row[guess[0]] >= row.max() - 1e-4 * np.abs(row).max(), (pos, guess, int(row.argmax()))
 
 
 def test_mtp_greedy_identical(glm45_gguf):
