@@ -7,15 +7,15 @@ Two tasks, greedy, one table each:
   (a trained model copies most of the file, so most drafts are right);
 - **chat**: a short free-chat question.
 
-Models are synthetic ChatGLM3-layout GGUFs built by ``bench_models.py`` (cached under ``benchmarks/.cache/``): a
-~0.3B target and a ~30M draft model sharing its tokenizer. Their weights are random, so what the acceptance measures
+Models are synthetic GGUFs built by ``bench_models.py`` (cached under ``benchmarks/.cache/``): a ~0.15B ChatGLM3
+target and a ~30M draft model sharing its tokenizer; for MTP, GLM-4.7's layout cut to ~0.2B with its NextN layer. Their weights are random, so what the acceptance measures
 here is how often a random model's greedy continuation repeats what the context already holds (random models fall
 into loops, which lookup catches; they do not copy a file as a trained model does), and how often an unrelated random
 draft model happens to agree with the target (almost never). The speed columns measure the cost side honestly:
 what a verification batch costs against one-token steps, and what drafting costs. Each configuration is its own
 loaded model; rounds are interleaved (none, lookup, draft, both, none, ...) and the table gives medians.
 
-    python benchmarks/speculative.py                 # 5 rounds, 2 threads, 128 tokens
+    python benchmarks/speculative.py                 # 5 rounds, 2 threads, 64 tokens
     python benchmarks/speculative.py --quick         # tiny models, 3 rounds: seconds
 """
 
@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import CACHE, Shape, build_gguf, machine  # noqa: E402
+from shapes import NEW, HFShape  # noqa: E402
 
 from chatglm.runtime.generation import drain  # noqa: E402
 from chatglm.runtime.messages import Message  # noqa: E402
@@ -39,10 +40,19 @@ from chatglm.runtime.speculative import SpeculativeConfig  # noqa: E402
 
 log = logging.getLogger("speculative")
 
-TARGET = Shape("chatglm3-0.3b", "chatglm3", 1024, 12, 16, 2, 2816, 65024, 8192)
+TARGET = Shape("chatglm3-0.15b", "chatglm3", 768, 8, 12, 2, 2048, 65024, 8192)
 DRAFT = Shape("chatglm3-30m", "chatglm3", 256, 2, 4, 2, 704, 65024, 8192)
 QUICK_TARGET = Shape("chatglm3-quick", "chatglm3", 256, 4, 4, 2, 704, 65024, 8192)
 QUICK_DRAFT = Shape("chatglm3-quick-draft", "chatglm3", 128, 1, 2, 2, 352, 65024, 8192)
+# GLM-4.7's layout (glm4moe, its MTP layer kept) cut to ~0.2B: 4 layers + the NextN one, 8 experts, width 1024
+_MTP_CUT = {"num_hidden_layers": 4, "first_k_dense_replace": 1, "n_routed_experts": 8, "num_experts_per_tok": 2,
+            "hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 512, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 32768, "pad_token_id": None,
+            "eos_token_id": None}
+MTP_TARGET = HFShape("GLM-4.7-mtp-0.2b", "glm4_moe", NEW["GLM-4.7"].published, _MTP_CUT)
+QUICK_MTP_TARGET = HFShape("GLM-4.7-mtp-quick", "glm4_moe", NEW["GLM-4.7"].published,
+                           {**_MTP_CUT, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
+                            "num_attention_heads": 4, "head_dim": 64})
 
 
 def code_file() -> str:
@@ -70,6 +80,11 @@ def configs(draft: Path, n: int) -> dict[str, SpeculativeConfig | None]:
     return {"none": None, f"lookup {n}": SpeculativeConfig(lookup=n),
             "draft 4": SpeculativeConfig(draft=draft, draft_max=4),
             f"lookup {n} + draft 4": SpeculativeConfig(lookup=n, draft=draft, draft_max=4)}
+
+
+def mtp_configs(n: int) -> dict[str, SpeculativeConfig | None]:
+    return {"none": None, "mtp": SpeculativeConfig(mtp=True), f"lookup {n}": SpeculativeConfig(lookup=n),
+            f"lookup {n} + mtp": SpeculativeConfig(lookup=n, mtp=True)}
 
 
 def measure(m, prompt: str, n_gen: int) -> tuple[float, int, int]:
@@ -109,31 +124,41 @@ def main(argv=None) -> int:
     logging.getLogger("gguf").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-r", "--rounds", type=int, default=5)
-    ap.add_argument("-n", "--n-gen", type=int, default=128)
+    ap.add_argument("-n", "--n-gen", type=int, default=64)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--lookup", type=int, default=8)
     ap.add_argument("--type", default="q8_0")
     ap.add_argument("--quick", action="store_true", help="tiny models, 3 rounds")
+    ap.add_argument("--only", choices=("draft", "mtp"), help="one of the two comparisons")
     args = ap.parse_args(argv)
-    target, draft = (QUICK_TARGET, QUICK_DRAFT) if args.quick else (TARGET, DRAFT)
-    rounds = 3 if args.quick else args.rounds
-    target_path = build_gguf(target, args.type, CACHE / "speculative")
-    draft_path = build_gguf(draft, args.type, CACHE / "speculative")
-    print(f"{machine()} (load average {os.getloadavg()[0]:.1f} at the start); {args.threads} threads; target "
-          f"{target.name} {args.type}, draft {draft.name} {args.type}; greedy, {args.n_gen} tokens, median of {rounds} "
-          "interleaved rounds")
+    quick = args.quick
+    rounds = 3 if quick else args.rounds
+    print(f"{machine()} (load average {os.getloadavg()[0]:.1f} at the start); {args.threads} threads; greedy, "
+          f"{args.n_gen} tokens a reply, median of {rounds} interleaved rounds")
+    if args.only != "mtp":
+        target, draft = (QUICK_TARGET, QUICK_DRAFT) if quick else (TARGET, DRAFT)
+        draft_path = build_gguf(draft, args.type, CACHE / "speculative")
+        print(f"\n## {target.name} {args.type}, draft model {draft.name} {args.type}")
+        compare(build_gguf(target, args.type, CACHE / "speculative"), configs(draft_path, args.lookup), args, rounds)
+    if args.only != "draft":
+        target = QUICK_MTP_TARGET if quick else MTP_TARGET
+        print(f"\n## {target.name} {args.type} (glm4moe with its MTP layer)")
+        compare(build_gguf(target, args.type, CACHE / "speculative"), mtp_configs(args.lookup), args, rounds)
+    return 0
+
+
+def compare(path: Path, specs: dict[str, SpeculativeConfig | None], args: argparse.Namespace, rounds: int) -> None:
     models = {}
     try:
-        for name, spec in configs(draft_path, args.lookup).items():
-            models[name] = load(target_path, n_ctx=4096, n_threads=args.threads, speculative=spec)
+        for name, spec in specs.items():
+            models[name] = load(path, n_ctx=4096, n_threads=args.threads, **(spec.options() if spec is not None else {}))
             models[name].stop_ids = frozenset()  # every reply n_gen tokens long (a random model may say eos early)
         for task, prompt in TASKS.items():
             print(f"\n{task} ({len(models['none'].prompt_ids([Message('user', prompt)]))} prompt tokens)\n")
-            print(table(run_task(models, prompt, rounds, args.n_gen)))
+            print(table(run_task(models, prompt, rounds, args.n_gen)), flush=True)
     finally:
         for m in models.values():
             m.close()
-    return 0
 
 
 if __name__ == "__main__":

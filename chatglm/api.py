@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from chatglm.runtime import model as runtime
 from chatglm.runtime.sampling import SamplingParams
-from chatglm.runtime.speculative import DEFAULT_DRAFT, SpeculativeConfig
+from chatglm.runtime.speculative import DEFAULT_DRAFT
 from chatglm.store import resolve
 
 
@@ -34,6 +34,5 @@ def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = Non
     path = resolve(path)
     return runtime.load(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                         kv_type=kv_type, chat_format=chat_format, sampling=sampling, on_progress=on_progress,
-                        lora=lora, mmproj=mmproj, speculative=SpeculativeConfig(
-                            lookup=lookup, draft=resolve(draft) if draft is not None else None, draft_max=draft_max,
-                            mtp=mtp))
+                        lora=lora, mmproj=mmproj, lookup=lookup, draft=resolve(draft) if draft is not None else None,
+                        draft_max=draft_max, mtp=mtp)

@@ -15,6 +15,7 @@ from chatglm.runtime.model import load
 from chatglm.runtime.sampling import SamplingParams
 from chatglm.runtime.speculative import LookupDrafter, SpeculativeConfig
 
+from fixtures_glm1 import glm1, glm1_dir, glm1_gguf, ice_model  # noqa: F401  (fixtures)
 from hostile import cli
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
@@ -54,6 +55,10 @@ def repetitive_prompt(m) -> list[int]:
     return m.format.completion_ids(text, m.engine)
 
 
+def opts(spec) -> dict:
+    return spec.options() if spec is not None else {}
+
+
 def generate(m, ids, params=GREEDY):
     gen = drain(m.run(list(ids), params))
     return gen.tokens, gen.stats
@@ -73,7 +78,7 @@ def same_output(path, spec: SpeculativeConfig, params=GREEDY, rounds=2):
     with load(path, **SETTINGS) as plain:
         ids = repetitive_prompt(plain)
         want = [generate(plain, ids + [0] * r, params)[0] for r in range(rounds)]
-    with load(path, speculative=spec, **SETTINGS) as m:
+    with load(path, **opts(spec), **SETTINGS) as m:
         got, stats = [], []
         for r in range(rounds):
             tokens, s = generate(m, ids + [0] * r, params)
@@ -153,7 +158,7 @@ def test_chat_session_and_stats_line(glm4_ggufs, capsys):
     path = glm4_ggufs["glm4"]
     replies = []
     for spec in (None, SpeculativeConfig(lookup=4)):
-        with load(path, speculative=spec, **SETTINGS) as m:
+        with load(path, **opts(spec), **SETTINGS) as m:
             s = m.session(temperature=0, max_tokens=24)
             replies.append([s.chat("hello hello hello"), s.chat("again: hello hello")])
             assert cache_matches(m)
@@ -165,7 +170,7 @@ def test_chat_session_and_stats_line(glm4_ggufs, capsys):
 
 def test_max_tokens_and_stop_respected(glm4_ggufs):
     path = glm4_ggufs["glm4-0414"]
-    with load(path, speculative=SpeculativeConfig(draft=path, draft_max=8), **SETTINGS) as m:
+    with load(path, draft=path, draft_max=8, **SETTINGS) as m:
         ids = repetitive_prompt(m)
         for n in (0, 1, 2, 5):
             tokens, stats = generate(m, ids, SamplingParams(temperature=0, max_tokens=n))
@@ -175,7 +180,7 @@ def test_max_tokens_and_stop_respected(glm4_ggufs):
 
 def test_cancel_stops(glm4_ggufs):
     path = glm4_ggufs["glm4-0414"]
-    with load(path, speculative=SpeculativeConfig(lookup=4), **SETTINGS) as m:
+    with load(path, lookup=4, **SETTINGS) as m:
         cancel = threading.Event()
         stream = m.run(repetitive_prompt(m), GREEDY, cancel)
         next(stream)
@@ -194,7 +199,7 @@ def test_other_vocabulary_refused_before_loading(glm3_gguf, glm4_ggufs, monkeypa
 
     monkeypatch.setattr(model_module, "open_engine", no_native)
     with pytest.raises(InputError, match="cannot draft for .*vocabulary has .* tokens") as err:
-        load(glm4_ggufs["glm4"], speculative=SpeculativeConfig(draft=glm3_gguf), **SETTINGS)
+        load(glm4_ggufs["glm4"], draft=glm3_gguf, **SETTINGS)
     assert glm3_gguf.name in str(err.value) and "\n" not in str(err.value)
 
 
@@ -263,7 +268,7 @@ def test_recurrent_state_rolls_back(glm5_next_gguf, wrong):
     with load(glm5_next_gguf, **SETTINGS) as plain:
         ids = repetitive_prompt(plain)
         want = generate(plain, ids)[0]
-    with load(glm5_next_gguf, speculative=SpeculativeConfig(lookup=6), **SETTINGS) as m:
+    with load(glm5_next_gguf, lookup=6, **SETTINGS) as m:
         assert m.engine.rollback_window == 6
         m.drafter = ScriptedDrafter(len(ids), want, wrong)
         got, s = generate(m, ids)
@@ -280,7 +285,7 @@ def test_recurrent_without_snapshots_refused(glm5_next_gguf, monkeypatch):
 
     monkeypatch.setattr(llama_engine.LlamaEngine, "rollback_window", property(lambda self: 0))
     with pytest.raises(UnsupportedModelError, match="recurrent .* roll back 0 tokens, fewer than the 6"):
-        load(glm5_next_gguf, speculative=SpeculativeConfig(lookup=6), **SETTINGS)
+        load(glm5_next_gguf, lookup=6, **SETTINGS)
 
 
 # ----------------------------------------------------------------------------------------------- MTP (NextN)
@@ -347,7 +352,7 @@ def test_mtp_drafts_what_the_layer_predicts(glm45):
     in torch from the checkpoint: the pairs llama.cpp's MTP context sees are the right ones."""
     model, path = glm45
     drafts = []
-    with load(path, speculative=SpeculativeConfig(mtp=True), **SETTINGS) as m:
+    with load(path, mtp=True, **SETTINGS) as m:
         ids = repetitive_prompt(m)[:60]
         drafter, inner = m.drafter, m.drafter.draft
 
@@ -384,7 +389,18 @@ def test_mtp_refused_without_a_usable_layer(glm45_gguf, glm4_ggufs, tmp_path):
     from fixtures_glm5_next import rewrite_gguf
 
     with pytest.raises(UnsupportedModelError, match="MTP drafting runs on glm4moe models, not 'glm4'"):
-        load(glm4_ggufs["glm4-0414"], speculative=SpeculativeConfig(mtp=True), **SETTINGS)
+        load(glm4_ggufs["glm4-0414"], mtp=True, **SETTINGS)
     broken = rewrite_gguf(glm45_gguf, tmp_path / "no-eh.gguf", {}, drop=("blk.3.nextn.eh_proj.weight",))
     with pytest.raises(InputError, match=r"NextN layer lacks blk\.3\.nextn\.eh_proj\.weight"):
-        load(broken, speculative=SpeculativeConfig(mtp=True), **SETTINGS)
+        load(broken, mtp=True, **SETTINGS)
+
+
+def test_glm1_engine_refused(glm1_gguf):
+    """ChatGLM-6B runs on our own graph, which evaluates one token at a time: speculation is refused in one line."""
+    with pytest.raises(UnsupportedModelError, match="speculative decoding needs the llama.cpp engine; chatglm1"):
+        load(glm1_gguf, n_ctx=128, n_threads=1, lookup=4)
+
+
+def test_info_says_mtp_drafts(glm45_gguf):
+    r = cli(["info", str(glm45_gguf)])
+    assert r.code == 0 and "chatglm run --mtp drafts with them" in r.out

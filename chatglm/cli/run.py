@@ -87,7 +87,7 @@ def run_cmd(
         print_estimate(model, ctx, kv_type, flash_attn, mmproj, media)
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
                   flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()], mmproj=mmproj,
-                  speculative=speculative_config(lookup, draft, draft_max, mtp)) as m:
+                  **speculative_config(lookup, draft, draft_max, mtp).options()) as m:
         m.sampling = m.sampling.updated(**sampling or {})
         if sys.stderr.isatty():
             m.prefill_progress = show_prefill

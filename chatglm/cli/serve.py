@@ -163,7 +163,7 @@ def load_instances(path: Path, parallel: int, n_ctx: Optional[int], threads: int
         for i in range(parallel):
             log.info("loading instance %d of %d from %s", i + 1, parallel, path)
             models.append(load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
-                               flash_attn=flash_attn, speculative=speculative))
+                               flash_attn=flash_attn, **(speculative.options() if speculative is not None else {})))
     except Exception as exc:
         close_all(models)
         if isinstance(exc, ChatGLMError):

@@ -25,7 +25,7 @@ from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.jinja_chat import chat_format as make_format
 from chatglm.runtime.prompts import ChatFormat, split_options, template_options
 from chatglm.runtime.sampling import SamplingParams
-from chatglm.runtime.speculative import (SpeculativeConfig, check_speculation, open_drafter, plain_tokens,
+from chatglm.runtime.speculative import (DEFAULT_DRAFT, SpeculativeConfig, check_speculation, open_drafter, plain_tokens,
                                          same_vocabulary, speculative_tokens)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -357,16 +357,17 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
          chat_format: Optional[str] = None, sampling: Optional[SamplingParams] = None,
          on_progress: Optional[ProgressCallback] = None,
          lora: Sequence[tuple[os.PathLike | str, float]] = (),
-         mmproj: Optional[os.PathLike | str] = None,
-         speculative: Optional[SpeculativeConfig] = None) -> Model:
+         mmproj: Optional[os.PathLike | str] = None, lookup: int = 0,
+         draft: Optional[os.PathLike | str] = None, draft_max: int = DEFAULT_DRAFT, mtp: bool = False) -> Model:
     """Load a GGUF and return a :class:`Model` (``chatglm.load``, :mod:`chatglm.api`, adds the demo model).
 
     ``n_ctx`` defaults to the model's training context capped at 4096; ``n_threads`` to the physical cores;
     ``n_gpu_layers`` layers are offloaded (-1: all); ``on_progress(done, total)`` is called while loading;
     ``lora`` lists (adapter GGUF, scale) pairs applied at run time (llama.cpp engine); the projector of a
     multimodal model (``mmproj``, by default ``mmproj-<stem>.gguf`` beside it) is checked against the model before
-    the engine loads and then opened with libmtmd; ``speculative`` says what drafts tokens for speculative decoding
-    (prompt lookup, a draft model: :class:`~chatglm.runtime.speculative.SpeculativeConfig`).
+    the engine loads and then opened with libmtmd. Speculative decoding (docs/speculative.md): ``lookup=N`` drafts up
+    to N tokens by prompt lookup, ``draft`` is a small GGUF with the same vocabulary drafting up to ``draft_max``,
+    ``mtp=True`` lets the model's own MTP layer draft one token a step.
     """
     from chatglm.runtime.mtmd import check_projector, find_projector, projector_estimate
 
@@ -378,7 +379,9 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
 
         projector = check_projector(projector_path, read_header(Path(path)))
     extra = projector_estimate(Path(path), projector.path).total if projector is not None else 0
-    spec = speculative if speculative is not None and speculative.enabled else None
+    spec: Optional[SpeculativeConfig] = SpeculativeConfig(
+        lookup=lookup, draft=Path(draft) if draft is not None else None, draft_max=draft_max, mtp=mtp)
+    spec = spec if spec.enabled else None
     if spec is not None:
         check_draft_model(Path(path), spec)
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,

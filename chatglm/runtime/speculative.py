@@ -55,6 +55,10 @@ class SpeculativeConfig:
         if self.draft is not None and self.draft_max < 1:
             raise InputError("draft_max must be at least 1 with a draft model")
 
+    def options(self) -> dict:
+        """The keywords of ``load`` that ask for this."""
+        return {"lookup": self.lookup, "draft": self.draft, "draft_max": self.draft_max, "mtp": self.mtp}
+
     @property
     def enabled(self) -> bool:
         return self.lookup > 0 or self.draft is not None or self.mtp

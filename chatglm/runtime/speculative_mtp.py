@@ -24,6 +24,7 @@ import ctypes
 import logging
 from typing import TYPE_CHECKING, Sequence
 
+import gguf
 import numpy as np
 
 from chatglm.errors import InputError, ModelRuntimeError, UnsupportedModelError
@@ -35,7 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-MTP_ARCHES = ("glm4moe",)  # architectures whose MTP graph is checked here (greedy-identical test, one NextN block)
+# llama.cpp architectures whose MTP graph is checked here (greedy-identical test, one NextN block)
+MTP_ARCHES = (gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GLM4_MOE],)
 CONTEXT_TYPE_MTP = 1  # LLAMA_CONTEXT_TYPE_MTP
 PROCESS_DECODE = 1  # LLAMA_PROCESS_TYPE_DECODE
 # the tensors llama.cpp's MTP graph asserts on (blk.N is the first layer past the trunk)
