@@ -26,6 +26,7 @@ import logging
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -129,22 +130,54 @@ def main(argv=None) -> int:
     ap.add_argument("--lookup", type=int, default=8)
     ap.add_argument("--type", default="q8_0")
     ap.add_argument("--quick", action="store_true", help="tiny models, 3 rounds")
-    ap.add_argument("--only", choices=("draft", "mtp"), help="one of the two comparisons")
+    ap.add_argument("--only", choices=("draft", "mtp", "cost"), help="one of the comparisons")
     args = ap.parse_args(argv)
     quick = args.quick
     rounds = 3 if quick else args.rounds
     print(f"{machine()} (load average {os.getloadavg()[0]:.1f} at the start); {args.threads} threads; greedy, "
           f"{args.n_gen} tokens a reply, median of {rounds} interleaved rounds")
-    if args.only != "mtp":
+    if args.only in (None, "cost"):
+        target = QUICK_TARGET if quick else TARGET
+        print(f"\n## verification cost, {target.name} {args.type}\n")
+        print(verification_cost(build_gguf(target, args.type, CACHE / "speculative"), args.threads, 7), flush=True)
+    if args.only in (None, "draft"):
         target, draft = (QUICK_TARGET, QUICK_DRAFT) if quick else (TARGET, DRAFT)
         draft_path = build_gguf(draft, args.type, CACHE / "speculative")
         print(f"\n## {target.name} {args.type}, draft model {draft.name} {args.type}")
         compare(build_gguf(target, args.type, CACHE / "speculative"), configs(draft_path, args.lookup), args, rounds)
-    if args.only != "draft":
+    if args.only in (None, "mtp"):
         target = QUICK_MTP_TARGET if quick else MTP_TARGET
         print(f"\n## {target.name} {args.type} (glm4moe with its MTP layer)")
         compare(build_gguf(target, args.type, CACHE / "speculative"), mtp_configs(args.lookup), args, rounds)
     return 0
+
+
+def verification_cost(path: Path, threads: int, rounds: int, sizes=(2, 5, 9)) -> str:
+    """What one batch of k tokens with logits at every position costs, in one-token steps (median of ``rounds``
+    interleaved pairs after a 1,000-token prompt): the price of a verification that accepts nothing."""
+    from chatglm.runtime.loader import open_engine
+
+    rows = []
+    with open_engine(path, n_ctx=2048, n_threads=threads) as e:
+        e.prefill([100 + i % 1000 for i in range(1000)])
+        n = len(e.tokens)
+        for k in sizes:
+            ratios = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                for i in range(k):
+                    e.step(200 + i)
+                single = (time.perf_counter() - start) / k
+                e.drop_after(n)
+                start = time.perf_counter()
+                e.eval_all([200 + i for i in range(k)])
+                ratios.append((time.perf_counter() - start) / single)
+                e.drop_after(n)
+            rows.append([str(k), f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}-{max(ratios):.2f}"])
+    head = ["batch of k", "cost in steps (median)", "range"]
+    widths = [max(len(x[i]) for x in [head] + rows) for i in range(3)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in rows])
 
 
 def compare(path: Path, specs: dict[str, SpeculativeConfig | None], args: argparse.Namespace, rounds: int) -> None:
