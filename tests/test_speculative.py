@@ -404,3 +404,11 @@ def test_glm1_engine_refused(glm1_gguf):
 def test_info_says_mtp_drafts(glm45_gguf):
     r = cli(["info", str(glm45_gguf)])
     assert r.code == 0 and "chatglm run --mtp drafts with them" in r.out
+
+
+def test_draft_that_is_not_a_gguf_refused(glm4_ggufs, tmp_path):
+    junk = tmp_path / "draft.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    with pytest.raises(InputError) as err:
+        load(glm4_ggufs["glm4"], draft=junk, **SETTINGS)
+    assert "draft.gguf" in str(err.value) and "\n" not in str(err.value)

@@ -257,12 +257,16 @@ def check_speculation(engine: "Engine", config: SpeculativeConfig) -> None:
 def open_drafter(engine: "Engine", config: SpeculativeConfig, open_draft: Callable[[Path], "Engine"]) -> Drafter:
     """The drafter ``config`` asks for; ``open_draft`` loads the draft model (its vocabulary already checked)."""
     drafters: list[tuple[Drafter, int]] = []
-    if config.lookup:
-        drafters.append((LookupDrafter(), config.lookup))
-    if config.mtp:
-        from chatglm.runtime.speculative_mtp import MtpDrafter
+    try:
+        if config.lookup:
+            drafters.append((LookupDrafter(), config.lookup))
+        if config.mtp:
+            from chatglm.runtime.speculative_mtp import MtpDrafter
 
-        drafters.append((MtpDrafter(engine), 1))
-    if config.draft is not None:
-        drafters.append((ModelDrafter(open_draft(Path(config.draft))), config.draft_max))
+            drafters.append((MtpDrafter(engine), 1))
+        if config.draft is not None:
+            drafters.append((ModelDrafter(open_draft(Path(config.draft))), config.draft_max))
+    except BaseException:
+        ChainDrafter(drafters).close()  # the ones made so far (an MTP context) go with the failed load
+        raise
     return drafters[0][0] if len(drafters) == 1 else ChainDrafter(drafters)
