@@ -273,6 +273,35 @@ def test_serve_answers_503_for_a_lost_server_and_recovers(both_up, glm3_gguf):
         assert http().post(url, json=body, timeout=120).status_code == 200
 
 
+def test_serve_survives_a_server_killed_mid_stream(both_up, glm3_gguf):
+    """The RPC server dies while an answer streams: that stream ends with an error event naming RPC (the worker
+    process died, not the server), the server stays up, and once the RPC server is back a request answers again."""
+    import json
+
+    from fixtures_server import http, serve
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 200, "temperature": 0,
+            "stream": True}
+    with serve(lambda: [split_load(glm3_gguf, both_up)]) as live:
+        assert live.wait_ready(120).get("status") == "ok"
+        url = live.url + "/v1/chat/completions"
+        events = []
+        with http().stream("POST", url, json=body, timeout=120) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                events.append(json.loads(line[6:]))
+                if len(events) == 3:  # the answer is under way: the role chunk and two pieces came
+                    both_up[1].kill()
+        finishes = [c["finish_reason"] for e in events for c in e.get("choices", []) if c.get("finish_reason")]
+        assert finishes == [] and "RPC" in events[-1]["error"]["message"], events[-3:]
+        assert http().get(live.url + "/health", timeout=10).status_code == 200
+        both_up[1].start()
+        again = http().post(url, json={**body, "stream": False, "max_tokens": 4}, timeout=120)
+        assert again.status_code == 200, again.text
+
+
 class GarbageListener:
     """A TCP port that is not an rpc-server: it answers every connection with ``reply`` (or nothing) and holds it."""
 

@@ -64,4 +64,15 @@ def format_tool_call(call) -> str:
 def print_stats(m) -> None:
     s = m.last_stats
     typer.echo(f"[prompt {s.prompt_tokens} tokens ({s.evaluated_tokens} evaluated, {s.prefill_tps:.1f} tok/s), "
-               f"reply {s.generated_tokens} tokens ({s.decode_tps:.1f} tok/s), {s.finish_reason}]", err=True)
+               f"reply {s.generated_tokens} tokens ({s.decode_tps:.1f} tok/s){speculation_text(m)}, "
+               f"{s.finish_reason}]", err=True)
+
+
+def speculation_text(m) -> str:
+    """", drafts 30/40 accepted (75%)" after a reply with speculative decoding ("" without)."""
+    s = m.last_stats
+    if getattr(m, "drafter", None) is None:
+        return ""
+    if not s.drafted_tokens:
+        return ", nothing drafted"
+    return f", {m.drafter.name} drafts {s.accepted_tokens}/{s.drafted_tokens} accepted ({100 * s.acceptance:.0f}%)"

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Optional
 
 import typer
@@ -16,6 +17,7 @@ from typer.core import TyperGroup
 
 from chatglm import limits
 from chatglm.errors import ChatGLMError
+from chatglm.runtime.speculative import MAX_DRAFT
 
 DEBUG_ENV = "CHATGLM_DEBUG"
 
@@ -234,6 +236,27 @@ def rpc_options(rpc: Optional[list[str]], tensor_split: Optional[tuple[float, ..
     if tensor_split and not rpc:
         raise fail("--tensor-split weighs the devices of --rpc: give --rpc too")
     return {"rpc": tuple(rpc or ()), "tensor_split": tuple(tensor_split or ())}
+
+
+# speculative decoding (chatglm/runtime/speculative.py): run, serve
+Lookup = Annotated[int, number(("--lookup",), "Speculative decoding: draft up to N tokens by prompt lookup (the "
+                               "last n-gram's earlier continuation in the prompt and reply; 0: off).", 0,
+                               MAX_DRAFT)]
+DraftModel = Annotated[Optional[Path], typer.Option(
+    "--draft", metavar="MODEL", help="Speculative decoding: a small GGUF with the same vocabulary drafts tokens "
+    "(a file or a stored model name).")]
+DraftMax = Annotated[int, number(("--draft-max",), "The most tokens --draft drafts at once.", 1, MAX_DRAFT)]
+Mtp = Annotated[bool, typer.Option("--mtp", help="Speculative decoding: the model's own MTP (NextN) layer drafts "
+                                   "one token a step (GLM-4.5/4.6/4.7 GGUFs that kept it).")]
+
+
+def speculative_config(lookup: int, draft: Optional[Path], draft_max: int, mtp: bool = False):
+    """The runtime's speculative settings from the options (a store name for --draft resolved)."""
+    from chatglm.runtime.speculative import SpeculativeConfig
+    from chatglm.store import resolve
+
+    return SpeculativeConfig(lookup=lookup, draft=resolve(draft) if draft is not None else None, draft_max=draft_max,
+                             mtp=mtp)
 
 
 def sampling_options(command: Callable) -> Callable:

@@ -53,6 +53,7 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         "special_ids": {k.removeprefix("tokenizer.ggml.").removesuffix("_token_id"): v for k, v in header.kv.items()
                         if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")},
         "memory": None, "attention": None, "mtp_layers": mtp_layers(header), "projector": None,
+        "mtp_drafting": mtp_usable(header) if mtp_layers(header) else None,
         "ptuning": ptuning(header),
     }
     if problem is None:
@@ -101,6 +102,18 @@ def memory(header, n_ctx: Optional[int], kv_type: str, flash_attn: bool) -> dict
     mem = estimate(header, ctx, kv_type, flash_attn=flash_attn)
     return {"n_ctx": ctx, "kv_type": kv_type, "weights": mem.weights, "kv_cache": mem.kv_cache,
             "compute": mem.buffers, "total": mem.total}
+
+
+def mtp_usable(header) -> str:
+    """Whether ``chatglm run --mtp`` drafts with the file's NextN layer, or why not."""
+    from chatglm.errors import ChatGLMError
+    from chatglm.runtime.speculative_mtp import check_mtp
+
+    try:
+        check_mtp(header)
+    except ChatGLMError as exc:
+        return f"not by --mtp here: {str(exc).split(': ', 1)[-1]}"
+    return "chatglm run --mtp drafts with them"
 
 
 def mtp_layers(header) -> int:
@@ -160,8 +173,8 @@ def text_lines(d: dict) -> list[str]:
                      f"layers' keys and values ({pt['width']} wide, {human(pt['bytes'])} f32); it takes "
                      f"{pt['pre_seq_len']} cells of the KV cache besides the context")
     if d["mtp_layers"]:
-        lines.append(f"  MTP layers     {d['mtp_layers']} (NextN blocks usable for speculative decoding; plain "
-                     "generation runs the trunk only)")
+        lines.append(f"  MTP layers     {d['mtp_layers']} (NextN blocks usable for speculative decoding: "
+                     f"{d['mtp_drafting']}; plain generation runs the trunk only)")
     lines.append("  tensor types   " + "; ".join(f"{c}: " + ", ".join(f"{t}×{n}" for t, n in ts.items())
                                              for c, ts in d["tensor_types"].items()))
     mem, proj = d["memory"], d["projector"]

@@ -119,6 +119,7 @@ class Repl:
         self.session.on_truncate = self._truncated
         self._told_truncation = False
         self._dropped = 0  # messages dropped to fit the context during the current reply
+        self.drafts = [0, 0]  # speculative decoding in this chat: drafts accepted, drafted
         self.commands: dict[str, Callable[[str], None]] = {
             "/help": self.cmd_help, "/?": self.cmd_help, "/clear": self.cmd_clear, "/system": self.cmd_system,
             "/set": self.cmd_set, "/show": self.cmd_show, "/save": self.cmd_save, "/load": self.cmd_load,
@@ -236,6 +237,8 @@ class Repl:
             return None
         out("\n")
         self.tell_context()
+        stats = self.model.last_stats
+        self.drafts = [self.drafts[0] + stats.accepted_tokens, self.drafts[1] + stats.drafted_tokens]
         if self.verbose:
             print_stats(self.model)
         return self.session.last_reply
@@ -359,6 +362,12 @@ class Repl:
             f"tools       {', '.join(str(t.get('name', '?')) for t in self.session.tools or []) or '(none)'}",
             settings_line(self.session),
         ]
+        drafter = getattr(self.model, "drafter", None)
+        if drafter is not None:
+            accepted, drafted = self.drafts
+            rate = f"{100 * accepted / drafted:.0f}%" if drafted else "-"
+            lines.append(f"speculative {drafter.name}, up to {self.model.n_draft} tokens a step; this chat "
+                         f"{accepted}/{drafted} drafts accepted ({rate})")
         out("\n".join(lines) + "\n")
 
     def cmd_save(self, arg: str) -> None:

@@ -11,10 +11,12 @@ from typing import Annotated, Optional
 import typer
 
 from chatglm.cli.chatout import ThinkingPrinter, context_notes, format_tool_call, print_stats
-from chatglm.cli.common import (Context, FlashAttn, GpuLayers, KVTypeOpt, RPCServers, TensorSplit, Threads, fail,
-                               handle_errors, number, rpc_options, sampling_options, setup_logging)
+from chatglm.cli.common import (Context, DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup, Mtp,
+                               RPCServers, TensorSplit, Threads, fail, handle_errors, number, rpc_options,
+                               sampling_options, setup_logging, speculative_config)
 from chatglm.limits import MAX_LORA_SCALE
 from chatglm.runtime.messages import Message
+from chatglm.runtime.speculative import DEFAULT_DRAFT
 from chatglm.store import resolve
 
 class ReasoningEffort(str, Enum):
@@ -59,6 +61,10 @@ def run_cmd(
         "GLM-ASR; repeatable).")] = None,
     rpc: RPCServers = None,
     tensor_split: TensorSplit = None,
+    lookup: Lookup = 0,
+    draft: DraftModel = None,
+    draft_max: DraftMax = DEFAULT_DRAFT,
+    mtp: Mtp = False,
     sampling: Optional[dict] = None,
 ) -> None:
     """Chat with a GGUF model."""
@@ -85,7 +91,7 @@ def run_cmd(
         print_estimate(model, ctx, kv_type, flash_attn, mmproj, media)  # over RPC, the load logs each device's part
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
                   flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()], mmproj=mmproj,
-                  **placement) as m:
+                  **placement, **speculative_config(lookup, draft, draft_max, mtp).options()) as m:
         m.sampling = m.sampling.updated(**sampling or {})
         if sys.stderr.isatty():
             m.prefill_progress = show_prefill
@@ -167,6 +173,9 @@ def one_shot(session, prompt: str, as_json: bool, verbose: bool, media=()) -> No
             "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens},
             "timings": {"load_s": round(m.load_seconds, 4), "prefill_tokens_per_s": round(s.prefill_tps, 2),
                         "decode_tokens_per_s": round(s.decode_tps, 2)},
+            **({"speculative": {"drafter": m.drafter.name, "drafted_tokens": s.drafted_tokens,
+                                "accepted_tokens": s.accepted_tokens, "acceptance": round(s.acceptance, 4)}}
+               if m.drafter is not None else {}),
             "notes": context_notes(m, sum(dropped)),
         }, ensure_ascii=False))
         return

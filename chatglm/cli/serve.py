@@ -11,10 +11,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import (FlashAttn, GpuLayers, KVTypeOpt, RPCServers, TensorSplit, Threads, fail,
-                               handle_errors, non_empty, number, rpc_options, setup_logging)
+from chatglm.cli.common import (DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup, Mtp, RPCServers,
+                               TensorSplit, Threads, fail, handle_errors, non_empty, number, rpc_options,
+                               setup_logging, speculative_config)
 from chatglm.errors import ChatGLMError, InputError
 from chatglm.limits import MAX_BODY_MIB, MAX_BODY_MIB_SETTING, MAX_CONTEXT
+from chatglm.runtime.speculative import DEFAULT_DRAFT
 from chatglm.store import resolve
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,10 @@ def serve_cmd(
                                       MAX_PARALLEL)] = 1,
     max_body: Annotated[int, number(("--max-body",), "Largest request body, in MiB (images travel inside it).", 1,
                                     MAX_BODY_MIB_SETTING)] = MAX_BODY_MIB,
+    lookup: Lookup = 0,
+    draft: DraftModel = None,
+    draft_max: DraftMax = DEFAULT_DRAFT,
+    mtp: Mtp = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests and model loading.")] = False,
     allow_host: Annotated[Optional[list[str]], typer.Option(
         "--allow-host", help="Also answer requests for this Host name (repeatable; loopback without a key "
@@ -80,10 +86,11 @@ def serve_cmd(
         from chatglm.runtime.llama_native import physical_cores
 
         threads = max(1, physical_cores() // parallel)
+    speculative = speculative_config(lookup, draft, draft_max, mtp)
     sock = bind(host, port)  # bound, not listening: a taken port fails before the load, and nothing answers yet
     try:
         models = [] if serving_store else load_instances(path, parallel, ctx, threads, n_gpu_layers, kv_type,
-                                                         flash_attn, placement)
+                                                         flash_attn, {**placement, **speculative.options()})
         sock.listen(128)
     except BaseException:
         sock.close()
@@ -93,7 +100,8 @@ def serve_cmd(
     if serving_store:
         def open_model(name: str):
             entry = Store(store.root).find(name)
-            return entry.ref, load_instances(entry.gguf, 1, ctx, threads, n_gpu_layers, kv_type, flash_attn)[0]
+            return entry.ref, load_instances(entry.gguf, 1, ctx, threads, n_gpu_layers, kv_type, flash_attn,
+                                             speculative)[0]
 
         store_options = {"open_model": open_model, "max_models": max_models,
                          "list_store": lambda: [(e.ref, e.gguf) for e in Store(store.root).entries()]}
@@ -156,7 +164,7 @@ def resolve_model(model: Optional[Path]) -> Path:
 
 
 def load_instances(path: Path, parallel: int, n_ctx: Optional[int], threads: int, n_gpu_layers: int,
-                   kv_type: str = "f16", flash_attn: Optional[bool] = None, placement: Optional[dict] = None) -> list:
+                   kv_type: str = "f16", flash_attn: Optional[bool] = None, options: Optional[dict] = None) -> list:
     from chatglm.runtime.model import load
 
     models = []
@@ -164,7 +172,7 @@ def load_instances(path: Path, parallel: int, n_ctx: Optional[int], threads: int
         for i in range(parallel):
             log.info("loading instance %d of %d from %s", i + 1, parallel, path)
             models.append(load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
-                               flash_attn=flash_attn, **(placement or {})))
+                               flash_attn=flash_attn, **(options or {})))
     except Exception as exc:
         close_all(models)
         if isinstance(exc, ChatGLMError):

@@ -139,6 +139,24 @@ class Engine(ABC):
     def logits(self) -> np.ndarray:
         """float32 logits (n_vocab,) of the last evaluated token; valid until the next evaluation."""
 
+    # -- speculative decoding (runtime/speculative.py) ------------------------------------------------------------
+    can_speculate = False  # whether eval_all and drop_after work
+
+    @property
+    def rollback_window(self) -> Optional[int]:
+        """How many of the last tokens the cache can drop after an evaluation (None: any number)."""
+        return None
+
+    def eval_all(self, tokens: Sequence[int]) -> None:
+        """Evaluate ``tokens`` in one batch with logits at every position (for drafts to be verified)."""
+        raise NotImplementedError
+
+    def drop_after(self, n_keep: int) -> None:
+        """Drop the cached tokens from ``n_keep`` on (rejected drafts)."""
+        if self._truncate(n_keep) is False:
+            raise ModelRuntimeError(f"the cache cannot drop its tokens after {n_keep}")
+        del self.tokens[n_keep:]
+
     def all_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits of every position of ``tokens`` evaluated from an empty cache: (len(tokens), n_vocab)."""
         raise NotImplementedError

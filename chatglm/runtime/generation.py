@@ -26,6 +26,9 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finish_reason: str = ""  # "stop", "length" or "cancelled"
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, drafts accepted, batches verified
+    accepted_tokens: int = 0
+    verifications: int = 0
 
     @property
     def cached_tokens(self) -> int:
@@ -34,6 +37,11 @@ class GenerationStats:
     @property
     def prefill_tps(self) -> float:
         return self.evaluated_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """The share of drafted tokens the model accepted (0 when nothing was drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def decode_tps(self) -> float:

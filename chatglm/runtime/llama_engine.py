@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from chatglm import families
-from chatglm.errors import Cancelled, ModelRuntimeError
+from chatglm.errors import Cancelled, ContextOverflowError, ModelRuntimeError
 from chatglm.families.descriptor import ENGINE_LLAMA
 from chatglm.gguf_file import GGUFHeader
 from chatglm.runtime import llama_native as native
@@ -33,28 +33,34 @@ class LlamaEngine(Engine):
     def __init__(self, header: GGUFHeader, info: ModelInfo, *, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
                  n_batch: int = 512, flash_attn: Optional[bool] = None, kv_type: str = "f16",
                  on_progress: Optional[ProgressFn] = None, devices: Sequence[int] = (),
-                 tensor_split: Sequence[float] = ()):
+                 tensor_split: Sequence[float] = (), n_rollback: int = 0, load_mtp: bool = False):
         super().__init__()
         ll = native.lib()
         check_context(n_ctx, n_batch, n_threads)
         self._cancel_event: Optional[threading.Event] = None
         self._model = self._ctx = self._batch = None
         self._loras: list = []
+        self.n_threads, self.flash_attn, self.kv_type, self.mtp_loaded = n_threads, flash_attn, kv_type, load_mtp
+        self.observer = None  # told of every evaluation and truncation (MTP drafting: runtime/speculative_mtp.py)
         # a P-Tuning prefix holds cells 0..P-1 of the cache, outside self.tokens; the tokens run at positions P...
         prefix = ptuning.read_prefix(header)
         self.n_prefix = 0 if prefix is None else prefix.shape[2]
         # the repacked weights' source pages would otherwise stay resident beside their copies
         releaser = pages.TensorPageReleaser(header)
         self._model = native.load_model(header.path, n_gpu_layers=n_gpu_layers, on_progress=on_progress,
-                                        on_repacked=releaser, devices=devices, tensor_split=tensor_split)
+                                        on_repacked=releaser, devices=devices, tensor_split=tensor_split,
+                                        load_mtp=load_mtp)
         self.released_bytes = releaser.released
         if releaser.released:
             log.debug("released %.1f MiB of mapped pages held by repacked copies", releaser.released / 2**20)
         try:
             # every native handle is owned by this object from the moment it exists: on any failure close() frees
             # each one once and clears it, so nothing (not __del__ either) frees it again
+            # a recurrent state rolls back only as far as llama.cpp keeps snapshots of it (speculative decoding)
+            self._recurrent = bool(ll.llama_model_is_recurrent(self._model) or ll.llama_model_is_hybrid(self._model))
             self._ctx = native.new_context(self._model, n_ctx=n_ctx + self.n_prefix, n_batch=n_batch,
-                                           n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type)
+                                           n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type,
+                                           n_rs_seq=n_rollback if self._recurrent else 0)
             self._abort_cb = native.ABORT_CALLBACK(self._should_abort)
             ll.llama_set_abort_callback(self._ctx, self._abort_cb, None)
             self._vocab = ll.llama_model_get_vocab(self._model)
@@ -125,6 +131,8 @@ class LlamaEngine(Engine):
         if not native.lib().llama_memory_seq_rm(self._mem, 0, self.n_prefix + n_keep, -1):
             return False
         del self.tokens[n_keep:]
+        if self.observer is not None:
+            self.observer.dropped(self.n_prefix + n_keep)
         return True
 
     def _drop_unsaved(self) -> None:
@@ -132,8 +140,21 @@ class LlamaEngine(Engine):
         if not self._truncate(len(self.tokens)):
             self._truncate(0)
 
+    can_speculate = True
+
+    @property
+    def rollback_window(self) -> Optional[int]:
+        return native.lib().llama_n_rs_seq(self._ctx) if self._recurrent else None
+
+    def eval_all(self, tokens: Sequence[int]) -> None:
+        if len(tokens) > self.n_batch:
+            raise ModelRuntimeError(f"{len(tokens)} tokens to verify, more than the batch of {self.n_batch}")
+        if len(self.tokens) + self.extra_cells + len(tokens) > self.info.n_ctx:
+            raise ContextOverflowError(f"the context of {self.info.n_ctx} tokens is full")
+        self._eval(tokens, logits_all=True)
+
     def _eval(self, tokens: Sequence[int], *, cancel: Optional[threading.Event] = None,
-              progress: Optional[ProgressFn] = None) -> None:
+              progress: Optional[ProgressFn] = None, logits_all: bool = False) -> None:
         ll = native.lib()
         for tok in tokens:
             if not 0 <= tok < self._n_vocab:
@@ -143,8 +164,9 @@ class LlamaEngine(Engine):
         try:
             for start in range(0, total, self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
-                native.fill_batch(self._batch, chunk, self.n_prefix + len(self.tokens),
-                                  logits_last=start + len(chunk) == total)
+                pos0 = self.n_prefix + len(self.tokens)
+                native.fill_batch(self._batch, chunk, pos0, logits_last=start + len(chunk) == total,
+                                  logits_all=logits_all or self.observer is not None)
                 rc = ll.llama_decode(self._ctx, self._batch)
                 if rc == 2 or (cancel is not None and cancel.is_set()):
                     # llama.cpp keeps what it evaluated of an aborted batch only partly: drop the whole chunk.
@@ -156,6 +178,8 @@ class LlamaEngine(Engine):
                                             + (" (no room left in the KV cache)" if rc == 1 else ""))
                 self.tokens.extend(chunk)
                 self.n_evaluated += len(chunk)
+                if self.observer is not None:
+                    self.observer.evaluated(chunk, pos0)
                 if progress:
                     progress(start + len(chunk), total)
         finally:

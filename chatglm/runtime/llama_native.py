@@ -92,7 +92,7 @@ def physical_cores() -> int:
 
 def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressFn],
                on_repacked: Optional[Callable[[list[str]], None]] = None, devices: Sequence[int] = (),
-               tensor_split: Sequence[float] = ()):
+               tensor_split: Sequence[float] = (), load_mtp: bool = False):
     """Load (memory-mapped) and return the model. ``on_repacked`` is called, during the load and at its end, with the
     names of the weights llama.cpp has finished copying into its CPU repack buffer since the last call, so that their
     mapped source pages can be released (``runtime/pages.py``) before the next ones are copied. ``devices`` (ggml
@@ -112,6 +112,7 @@ def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressF
             raise InputError(f"--tensor-split gives {len(tensor_split)} weights for {len(devices) or n_max} devices")
         split = (ctypes.c_float * n_max)(*tensor_split)
         params.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
+    params.load_mtp = load_mtp  # the NextN layers too (MTP drafting, runtime/speculative_mtp.py)
     handed = 0  # how many of the reported names were given to on_repacked
 
     def hand_over() -> None:
@@ -142,7 +143,10 @@ def load_model(path: Path, *, n_gpu_layers: int, on_progress: Optional[ProgressF
     return model
 
 
-def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: Optional[bool], kv_type: str):
+def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: Optional[bool], kv_type: str,
+                n_rs_seq: int = 0, ctx_type: int = 0, ctx_other=None):
+    """A context for ``model``; ``n_rs_seq``: how many tokens a recurrent state can roll back (snapshots kept);
+    ``ctx_type`` 1 with ``ctx_other`` the model's context: its MTP layer's context."""
     ll = lib()
     check_kv_type(kv_type)
     check_context(n_ctx, n_batch, n_threads)
@@ -151,6 +155,10 @@ def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, flash_attn: 
     params.n_batch = n_batch
     params.n_ubatch = n_batch
     params.n_seq_max = 1
+    params.n_rs_seq = n_rs_seq
+    params.ctx_type = ctx_type
+    if ctx_other is not None:
+        params.ctx_other = ctx_other
     params.n_threads = n_threads
     params.n_threads_batch = n_threads
     params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]
@@ -255,6 +263,10 @@ class NativeSampler:
     def __call__(self) -> int:
         # Samples from the last output's logits and records the token (for the repeat penalty).
         return lib().llama_sampler_sample(self._chain, self._ctx, -1)
+
+    def at(self, i: int) -> int:
+        """Sample from the logits of output ``i`` of the last batch (a drafted position), recording the token."""
+        return lib().llama_sampler_sample(self._chain, self._ctx, i)
 
     def close(self) -> None:
         if self._chain:

@@ -155,9 +155,11 @@ def _count(shape) -> int:
 def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
                 flash_attn: Optional[bool] = None, kv_type: str = "f16", on_progress=None,
                 extra_memory: int = 0, n_batch: int = 512, rpc: Sequence = (),
-                tensor_split: Sequence[float] = ()) -> Engine:
+                tensor_split: Sequence[float] = (), n_rollback: int = 0, load_mtp: bool = False) -> Engine:
     """The engine for the GGUF at ``path``. ``rpc``: RPC servers (``host:port`` texts or Endpoints) to split the
-    model over, by ``tensor_split`` weights; such an engine runs in a worker process (``runtime/rpc_worker.py``)."""
+    model over, by ``tensor_split`` weights; such an engine runs in a worker process (``runtime/rpc_worker.py``).
+    ``n_rollback``: how many tokens a recurrent state must be able to drop after an evaluation, ``load_mtp``: load
+    the NextN layers too (speculative decoding, llama.cpp engine only)."""
     check_kv_type(kv_type)
     if flash_attn not in (None, True, False):
         raise InputError(f"flash_attn must be True, False or None, got {flash_attn!r}")
@@ -166,7 +168,9 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
     header = read_header(path)
     validate(header)
     target = ENGINES[header.arch]
+    options = {}
     if families.arch_value(header.arch, "engine") == ENGINE_LLAMA:
+        options.update(n_rollback=n_rollback, load_mtp=load_mtp)
         flash_attn, note = resolve_flash_attn(kv_type, flash_attn)
         check_kv_head(header, kv_type)
         log.info("%s", note)
@@ -196,4 +200,4 @@ def open_engine(path: Path, *, n_ctx: Optional[int] = None, n_threads: Optional[
     module, _, cls = target.partition(":")
     engine_cls = getattr(importlib.import_module(module), cls)
     return engine_cls(header, info, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                      flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, n_batch=n_batch)
+                      flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, n_batch=n_batch, **options)

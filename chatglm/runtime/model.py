@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Generator, Iterator, Optional, Sequence
 
-from chatglm.errors import Cancelled, InputError, ModelRuntimeError
+from chatglm.errors import Cancelled, InputError, ModelRuntimeError, UnsupportedModelError
 from chatglm.runtime.engine import Engine, ModelInfo
 from chatglm.runtime.generation import (Generation, GenerationStats, MessagesLike, ModelBusyError, as_conversation,
                                         drain)
@@ -27,11 +27,14 @@ from chatglm.runtime.jinja_chat import chat_format as make_format
 from chatglm.runtime.jinja_chat import media_format
 from chatglm.runtime.prompts import ChatFormat, split_options, template_options
 from chatglm.runtime.sampling import SamplingParams
+from chatglm.runtime.speculative import (DEFAULT_DRAFT, SpeculativeConfig, check_speculation, open_drafter, plain_tokens,
+                                         same_vocabulary, speculative_tokens)
 
 if TYPE_CHECKING:  # pragma: no cover
     from chatglm.runtime.media import Media
     from chatglm.runtime.mtmd import MediaContext
     from chatglm.runtime.session import ChatSession
+    from chatglm.runtime.speculative import Drafter
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ class Model:
         self._active: Optional[threading.Event] = None  # the cancel event of the running generation
         self._closed = False
         self.media: Optional["MediaContext"] = None  # libmtmd over this engine, when a projector was loaded
+        self.drafter: Optional["Drafter"] = None  # speculative decoding (runtime/speculative.py), up to n_draft
+        self.n_draft = 0
 
     def __repr__(self) -> str:
         i = self.info
@@ -266,12 +271,17 @@ class Model:
         sample, token_bytes, kept = engine.sampler(params), engine.token_bytes, self.kept_special
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         out, pieces, reason = gen.tokens, [], "length"
+        tokens = self._tokens(sample, limit, stats)
         try:
             while len(out) < limit:
                 if cancel.is_set():
                     reason = "cancelled"
                     break
-                token = sample()
+                try:
+                    token = next(tokens)  # evaluates the token before (its logits sampled this one)
+                except Cancelled:
+                    reason = "cancelled"
+                    break
                 if token in stop_ids:
                     reason = "stop"
                     break
@@ -280,12 +290,6 @@ class Model:
                 if text:
                     pieces.append(text)
                     yield text
-                if len(out) < limit:
-                    try:
-                        engine.step(token)
-                    except Cancelled:
-                        reason = "cancelled"
-                        break
             tail = decode(b"", final=True)
             if tail:
                 pieces.append(tail)
@@ -294,11 +298,18 @@ class Model:
             reason = "cancelled"
             raise
         finally:
+            tokens.close()
             sample.close()
             stats.finish_reason, stats.generated_tokens = reason, len(out)
             stats.decode_seconds = time.perf_counter() - started
             gen.text = "".join(pieces)
         return gen
+
+    def _tokens(self, sample, limit: int, stats: GenerationStats) -> Iterator[int]:
+        """The generated tokens, one evaluation each, or several when drafts are verified (runtime/speculative.py)."""
+        if self.drafter is None or not self.n_draft:
+            return plain_tokens(self.engine, sample)
+        return speculative_tokens(self.engine, sample, self.drafter, self.n_draft, limit, self.stop_ids, stats)
 
     # -- lifetime ---------------------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:
@@ -313,6 +324,8 @@ class Model:
             self._closed = True
             if self.media is not None:
                 self.media.close()
+            if self.drafter is not None:
+                self.drafter.close()
             self.engine.close()
         finally:
             self.engine.lock.release()
@@ -335,6 +348,22 @@ def open_media(engine: Engine, projector, n_threads: Optional[int]) -> "MediaCon
     return MediaContext(engine, projector, n_threads=n_threads or physical_cores())
 
 
+def check_draft_model(path: Path, spec: SpeculativeConfig) -> None:
+    """A draft model's file must be one this tool runs, with the model's vocabulary; MTP drafting needs an MTP
+    layer llama.cpp's graph can run (both checked before anything loads)."""
+    from chatglm.gguf_file import read_header
+    from chatglm.runtime.loader import validate
+
+    if spec.mtp:
+        from chatglm.runtime.speculative_mtp import check_mtp
+
+        check_mtp(read_header(path))
+    if spec.draft is not None:
+        draft = read_header(Path(spec.draft))
+        validate(draft)
+        same_vocabulary(read_header(path), draft)
+
+
 def _relay_growth(now: str, before: str, sink: Callable[[str], None]) -> str:
     """Send what ``now`` adds to ``before`` (when it only grows); returns what has been sent."""
     if len(now) > len(before) and now.startswith(before):
@@ -349,7 +378,8 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
          on_progress: Optional[ProgressCallback] = None,
          lora: Sequence[tuple[os.PathLike | str, float]] = (),
          mmproj: Optional[os.PathLike | str] = None, rpc: Sequence[str] = (),
-         tensor_split: Sequence[float] | str = ()) -> Model:
+         tensor_split: Sequence[float] | str = (), lookup: int = 0, draft: Optional[os.PathLike | str] = None,
+         draft_max: int = DEFAULT_DRAFT, mtp: bool = False) -> Model:
     """Load a GGUF and return a :class:`Model` (``chatglm.load``, :mod:`chatglm.api`, adds the demo model).
 
     ``n_ctx`` defaults to the model's training context capped at 4096; ``n_threads`` to the physical cores;
@@ -357,7 +387,9 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
     ``lora`` lists (adapter GGUF, scale) pairs applied at run time (llama.cpp engine); the projector of a
     multimodal model (``mmproj``, by default ``mmproj-<stem>.gguf`` beside it) is checked against the model before
     the engine loads and then opened with libmtmd; ``rpc`` (``host:port`` of ``chatglm rpc-server`` processes)
-    splits the model over those servers by ``tensor_split``, the engine in a worker process (text only).
+    splits the model over those servers by ``tensor_split``, the engine in a worker process (text only). Speculative decoding (docs/speculative.md): ``lookup=N`` drafts up
+    to N tokens by prompt lookup, ``draft`` is a small GGUF with the same vocabulary drafting up to ``draft_max``,
+    ``mtp=True`` lets the model's own MTP layer draft one token a step.
     """
     from chatglm.runtime.mtmd import check_projector, find_projector, projector_estimate
 
@@ -375,16 +407,33 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
 
         projector = check_projector(projector_path, read_header(Path(path)))
     extra = projector_estimate(Path(path), projector.path).total if projector is not None else 0
+    spec: Optional[SpeculativeConfig] = SpeculativeConfig(
+        lookup=lookup, draft=Path(draft) if draft is not None else None, draft_max=draft_max, mtp=mtp)
+    spec = spec if spec.enabled else None
+    if spec is not None and rpc:
+        raise UnsupportedModelError("speculative decoding does not run over RPC yet: give --rpc or "
+                                    "--lookup/--draft/--mtp, not both", Path(path))
+    if spec is not None:
+        check_draft_model(Path(path), spec)
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                          flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, extra_memory=extra,
-                         rpc=rpc, tensor_split=tensor_split)
+                         rpc=rpc, tensor_split=tensor_split, n_rollback=spec.n_max if spec is not None else 0,
+                         load_mtp=spec is not None and spec.mtp)
+    model = None
     try:
         engine.apply_lora([(Path(p), float(scale)) for p, scale in lora])
         model = Model(engine, chat_format=chat_format, sampling=sampling,
                       load_seconds=time.perf_counter() - start)
         if projector is not None:
             model.media = open_media(engine, projector, n_threads)
+        if spec is not None:
+            check_speculation(engine, spec)
+            model.drafter, model.n_draft = open_drafter(engine, spec, lambda draft: open_engine(
+                draft, n_ctx=engine.info.n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                kv_type=kv_type, n_rollback=spec.draft_max)), spec.n_max
     except BaseException:
+        if model is not None and model.media is not None:
+            model.media.close()
         engine.close()
         raise
     log.info("loaded %s (%s, %s format, n_ctx %d) in %.2f s", path, model.info.family, model.format.name,
