@@ -86,11 +86,11 @@ def serve_cmd(
         from chatglm.runtime.llama_native import physical_cores
 
         threads = max(1, physical_cores() // parallel)
-    speculative = speculative_config(lookup, draft, draft_max, mtp)
+    options = {**placement, **speculative_config(lookup, draft, draft_max, mtp).options()}
     sock = bind(host, port)  # bound, not listening: a taken port fails before the load, and nothing answers yet
     try:
         models = [] if serving_store else load_instances(path, parallel, ctx, threads, n_gpu_layers, kv_type,
-                                                         flash_attn, {**placement, **speculative.options()})
+                                                         flash_attn, options)
         sock.listen(128)
     except BaseException:
         sock.close()
@@ -101,7 +101,7 @@ def serve_cmd(
         def open_model(name: str):
             entry = Store(store.root).find(name)
             return entry.ref, load_instances(entry.gguf, 1, ctx, threads, n_gpu_layers, kv_type, flash_attn,
-                                             speculative)[0]
+                                             options)[0]
 
         store_options = {"open_model": open_model, "max_models": max_models,
                          "list_store": lambda: [(e.ref, e.gguf) for e in Store(store.root).entries()]}
