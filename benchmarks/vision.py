@@ -97,8 +97,9 @@ def main(argv=None) -> int:
                 m.media.embeddings(media)
 
             def encode_theirs():
-                chunks, i = m.media._tokenize(media)
-                mt.mtmd_encode_chunk(ctx, mt.mtmd_input_chunks_get(chunks, i))
+                chunks, found = m.media._tokenize(media)  # (chunks, the indices of the image's chunks)
+                for i in found:
+                    mt.mtmd_encode_chunk(ctx, mt.mtmd_input_chunks_get(chunks, i))
                 mt.mtmd_input_chunks_free(chunks)
 
             ours(), theirs()  # warm up

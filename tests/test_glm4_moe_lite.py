@@ -351,3 +351,25 @@ def test_detection_and_info(lite, tmp_path):
     bad = edited_copy(folder, tmp_path, architectures=["Glm4MoeForCausalLM"])
     with pytest.raises(UnsupportedModelError, match="unknown architecture"):
         convert(bad, tmp_path / "out.gguf", "f32")
+
+
+def test_experts_stream_one_matrix_at_a_time(lite, tmp_path, monkeypatch):
+    """Stacked expert tensors are read a block of rows of one expert at a time, never whole (a real GLM-5.3 layer's
+    256 experts would be 12.9 GB in float32), and the file is the one the whole-tensor path writes, byte for byte."""
+    from chatglm.convert.checkpoint import Checkpoint
+    from chatglm.convert.family import OutTensor
+
+    _, folder, _ = lite
+    whole = Checkpoint.load
+
+    def load(self, name):
+        assert ".experts." not in name, f"{name} loaded whole"
+        return whole(self, name)
+
+    monkeypatch.setattr(Checkpoint, "load", load)
+    streamed = convert(folder, tmp_path / "streamed.gguf", "q4_k_m").path
+    monkeypatch.setattr(Checkpoint, "load", whole)
+    monkeypatch.setattr(OutTensor, "is_expert_stack", property(lambda self: False))
+    materialized = convert(folder, tmp_path / "whole.gguf", "q4_k_m").path
+    assert any("_exps." in n for n in read_header(streamed).tensors)
+    assert streamed.read_bytes() == materialized.read_bytes()

@@ -31,6 +31,11 @@ def _identity(arrays: Sequence[np.ndarray]) -> np.ndarray:
     return arrays[0]
 
 
+def stack_experts(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """One matrix per expert stacked into llama.cpp's 3-D ``ffn_*_exps`` (the pipeline streams it expert by expert)."""
+    return np.stack(arrays, axis=0)  # (n_expert, rows, cols)
+
+
 @dataclass
 class OutTensor:
     """One GGUF tensor: its name, numpy-order shape, the source tensors it is built from, and how."""
@@ -44,6 +49,11 @@ class OutTensor:
     def is_copy(self) -> bool:
         """Copied unchanged from exactly one source tensor."""
         return len(self.sources) == 1 and self.build is _identity
+
+    @property
+    def is_expert_stack(self) -> bool:
+        """One source matrix per expert, stacked unchanged (:func:`stack_experts`)."""
+        return self.build is stack_experts and len(self.shape) == 3 and len(self.sources) == self.shape[0]
 
 
 class Family(ABC):

@@ -234,6 +234,9 @@ def encoded_blocks(ckpt: Checkpoint | CheckpointView, p: Planned, importance, th
     """The planned tensor in its file encoding, as consecutive blocks of rows (one block unless it streams)."""
     t, source = p.tensor, p.tensor.sources[0]
     imatrix = importance.get(t.name) if importance else None
+    if isinstance(ckpt, Checkpoint) and t.is_expert_stack:
+        yield from _expert_blocks(ckpt, p, imatrix, threads)
+        return
     if not _streams(ckpt, t):
         yield _materialize(ckpt, p, imatrix, threads)
         return
@@ -246,6 +249,29 @@ def encoded_blocks(ckpt: Checkpoint | CheckpointView, p: Planned, importance, th
             yield encode_rows(rows, p.qtype, imatrix, threads, first)
         except InputError as exc:
             raise InputError(f"tensor {source!r}: {exc.problem}", ckpt.file_of(source)) from None
+
+
+def _expert_blocks(ckpt: Checkpoint, p: Planned, imatrix, threads: int) -> Iterator[np.ndarray]:
+    """A stack of expert matrices encoded expert by expert, a block of rows at a time (the bytes of the stacked
+    tensor: ggml quantizes row by row, each expert with its own importance row), so memory stays one block however
+    many experts there are (GLM-5.3: 256 of 2048 x 6144 each per projection and layer)."""
+    t = p.tensor
+    n_expert, n_cols = t.shape[0], t.shape[-1]
+    per_expert = None if imatrix is None else np.asarray(imatrix, dtype=np.float32).reshape(-1)
+    if per_expert is not None and per_expert.size != n_expert * n_cols:
+        raise InputError(f"the importance matrix of {t.name} has {per_expert.size} values, the tensor needs "
+                         f"{n_expert} x {n_cols}")
+    for e, source in enumerate(t.sources):
+        if tuple(ckpt.info(source).shape) != t.shape[1:]:
+            raise InputError(f"tensor {source!r} has shape {list(ckpt.info(source).shape)}, expected "
+                             f"{list(t.shape[1:])}", ckpt.file_of(source))
+        imat = None if per_expert is None else per_expert[e * n_cols:(e + 1) * n_cols]
+        for _, first, stop in row_blocks(t.shape[1:]):
+            rows = np.ascontiguousarray(ckpt.load_rows(source, first, stop), dtype=np.float32)  # (rows, cols)
+            try:
+                yield encode_rows(rows, p.qtype, imat, threads, first)
+            except InputError as exc:
+                raise InputError(f"tensor {source!r}: {exc.problem}", ckpt.file_of(source)) from None
 
 
 def _materialize(ckpt: Checkpoint | CheckpointView, p: Planned, imatrix, threads: int) -> np.ndarray:

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
 
 import gguf
-import numpy as np
 
-from chatglm.convert.family import OutTensor, check_shape
+from chatglm.convert.family import OutTensor, check_shape, stack_experts
 from chatglm.convert.glm_hparams import write_hparams
 from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily, HFHparams, template_format
 from chatglm.convert.nextn import NEXTN_KEY, nextn_count, nextn_tensors, write_nextn
@@ -50,9 +48,6 @@ class MoeHparams:
     def __getattr__(self, name: str):  # n_layer, n_head, ... come from the shared HF hyperparameters
         return getattr(self.base, name)
 
-
-def _stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    return np.stack(arrays, axis=0)  # (n_expert, rows, cols)
 
 
 def write_expert_metadata(w: gguf.GGUFWriter, hp) -> None:
@@ -179,7 +174,7 @@ class Glm4Moe(HFGlmFamily):
                                   (T.FFN_DOWN_EXP, "down_proj", (hp.n_embd, hp.n_ff_exp))):
             sources = tuple(f"{MLP.format(bid=bid)}experts.{x}.{proj}.weight" for x in range(hp.n_expert))
             name = f"{gguf.TENSOR_NAMES[kind].format(bid=bid)}.weight"
-            plan.append(OutTensor(name, (hp.n_expert, *shape), sources, _stack))
+            plan.append(OutTensor(name, (hp.n_expert, *shape), sources, stack_experts))
         plan += self.out(T.FFN_GATE_SHEXP, bid, (n_sh, hp.n_embd), MLP + "shared_experts.gate_proj")
         plan += self.out(T.FFN_UP_SHEXP, bid, (n_sh, hp.n_embd), MLP + "shared_experts.up_proj")
         return plan + self.out(T.FFN_DOWN_SHEXP, bid, (hp.n_embd, n_sh), MLP + "shared_experts.down_proj")
@@ -187,7 +182,7 @@ class Glm4Moe(HFGlmFamily):
     def check_shapes(self, plan: list[OutTensor]) -> None:
         super().check_shapes(plan)
         for t in plan:
-            if t.build is _stack:
+            if t.build is stack_experts:
                 for source in t.sources:
                     check_shape(self, source, t.shape[1:])
 

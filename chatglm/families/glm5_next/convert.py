@@ -37,7 +37,7 @@ import gguf
 import numpy as np
 
 from chatglm.convert.config_types import is_number, shown
-from chatglm.convert.family import Family, OutTensor, check_shape
+from chatglm.convert.family import Family, OutTensor, check_shape, stack_experts
 from chatglm.convert.hf_layout import HFGlmFamily, template_format
 from chatglm.convert.vocab_bpe import chat_template_of
 from chatglm.errors import InputError, UnsupportedModelError
@@ -111,9 +111,6 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     top = {k: v for k, v in config.items() if k not in ("text_config", "vision_config")}
     return {**top, **inner} if isinstance(inner, dict) else top
 
-
-def _stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    return np.stack(arrays, axis=0)  # (n_expert, rows, cols)
 
 
 def _neg_exp(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -471,7 +468,7 @@ class Glm5Next(HFGlmFamily):
         for kind, proj, shape in (("gate", "gate_proj", (fe, e)), ("up", "up_proj", (fe, e)),
                                   ("down", "down_proj", (e, fe))):
             sources = tuple(self.src(bid, f"mlp.experts.{x}.{proj}.weight") for x in range(hp.n_expert))
-            plan.append(OutTensor(f"{p}ffn_{kind}_exps.weight", (hp.n_expert, *shape), sources, _stack))
+            plan.append(OutTensor(f"{p}ffn_{kind}_exps.weight", (hp.n_expert, *shape), sources, stack_experts))
         plan += self.put(f"{p}ffn_gate_shexp.weight", (n_sh, e), s + "shared_experts.gate_proj.weight")
         plan += self.put(f"{p}ffn_up_shexp.weight", (n_sh, e), s + "shared_experts.up_proj.weight")
         return plan + self.put(f"{p}ffn_down_shexp.weight", (e, n_sh), s + "shared_experts.down_proj.weight")
@@ -495,7 +492,7 @@ class Glm5Next(HFGlmFamily):
         super().check_shapes(plan)
         hp = self.hp
         for t in plan:
-            if t.build is _stack:
+            if t.build is stack_experts:
                 for source in t.sources:
                     check_shape(self, source, t.shape[1:])
             elif t.name.endswith("attn_k_b.weight"):
