@@ -44,6 +44,15 @@ def _held(directory: Path, name: str) -> list[Path]:
     return sorted(p for p in held if p.parent == directory and (p.name == name or p.name.startswith(name + ".")))
 
 
+def bind(target: object, handle: ctypes.CDLL, table: dict, prefix: str) -> None:
+    """Declare each function of ``table`` (C name -> (restype, argtypes)) from ``handle`` and set it on ``target``
+    under its name less ``prefix``."""
+    for name, (restype, argtypes) in table.items():
+        fn = handle[name]
+        fn.restype, fn.argtypes = restype, argtypes
+        setattr(target, name.removeprefix(prefix), fn)
+
+
 @functools.cache
 def base() -> ctypes.CDLL:
     """libggml-base: tensors, op builders, quantization, gguf."""

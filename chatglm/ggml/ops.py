@@ -92,10 +92,7 @@ class _Api:
 
     def __init__(self) -> None:
         for handle, table in ((lib.base(), _BASE), (lib.cpu(), _CPU)):
-            for name, (restype, argtypes) in table.items():
-                fn = handle[name]
-                fn.restype, fn.argtypes = restype, argtypes
-                setattr(self, name.removeprefix("ggml_"), fn)
+            lib.bind(self, handle, table, "ggml_")
 
 
 @functools.cache

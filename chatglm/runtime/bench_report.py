@@ -60,10 +60,12 @@ def system_fields() -> dict[str, Any]:
     reads them (the build is llama-cpp-python's: its llama.cpp commit is not recorded in the wheel)."""
     import llama_cpp
 
-    g = _registry()
-    devices = [g.ggml_backend_dev_get(i) for i in range(g.ggml_backend_dev_count())]
-    kinds = {d: g.ggml_backend_dev_type(d) for d in devices}
-    text = lambda d: g.ggml_backend_dev_description(d).decode("utf-8", "replace")  # noqa: E731
+    from chatglm.runtime.rpc import registry
+
+    g = registry()  # libggml's backend registry, declared once
+    devices = [g.dev_get(i) for i in range(g.dev_count())]
+    kinds = {d: g.dev_type(d) for d in devices}
+    text = lambda d: g.dev_description(d).decode("utf-8", "replace")  # noqa: E731
     cpu = [text(d) for d in devices if kinds[d] in (0, 3)]  # GGML_BACKEND_DEVICE_TYPE_CPU, _ACCEL
     gpu = [text(d) for d in devices if kinds[d] in (1, 2)]  # _GPU, _IGPU
     return {"build_commit": f"llama-cpp-python {llama_cpp.__version__}", "build_number": 0,
@@ -79,23 +81,9 @@ def backends_text(registered: Sequence[tuple[str, int]]) -> str:
     return ",".join(names) or "CPU"
 
 
-def _registry() -> ctypes.CDLL:
-    from chatglm.ggml.lib import ggml
-
-    g, p, size = ggml(), ctypes.c_void_p, ctypes.c_size_t
-    for name, restype, argtypes in (
-            ("ggml_backend_reg_count", size, []), ("ggml_backend_reg_get", p, [size]),
-            ("ggml_backend_reg_name", ctypes.c_char_p, [p]), ("ggml_backend_reg_dev_count", size, [p]),
-            ("ggml_backend_dev_count", size, []), ("ggml_backend_dev_get", p, [size]),
-            ("ggml_backend_dev_type", ctypes.c_int, [p]), ("ggml_backend_dev_description", ctypes.c_char_p, [p])):
-        fn = getattr(g, name)
-        fn.restype, fn.argtypes = restype, argtypes
-    return g
-
-
-def _registered(g: ctypes.CDLL) -> list[tuple[str, int]]:
-    regs = [g.ggml_backend_reg_get(i) for i in range(g.ggml_backend_reg_count())]
-    return [(g.ggml_backend_reg_name(r).decode("utf-8", "replace"), g.ggml_backend_reg_dev_count(r)) for r in regs]
+def _registered(g) -> list[tuple[str, int]]:
+    regs = [g.reg_get(i) for i in range(g.reg_count())]
+    return [(g.reg_name(r).decode("utf-8", "replace"), g.reg_dev_count(r)) for r in regs]
 
 
 def model_type(engine) -> str:

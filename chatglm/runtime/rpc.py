@@ -175,6 +175,8 @@ def probe_all(endpoints: Sequence[Endpoint], timeout: float = PROBE_TIMEOUT) -> 
 # -- native binding -------------------------------------------------------------------------------------------------
 P, SZ = ctypes.c_void_p, ctypes.c_size_t
 _REGISTRY = {  # libggml's backend registry (ggml-backend.h): name -> (restype, argtypes)
+    "ggml_backend_reg_count": (SZ, []), "ggml_backend_reg_get": (P, [SZ]),
+    "ggml_backend_reg_name": (ctypes.c_char_p, [P]), "ggml_backend_dev_description": (ctypes.c_char_p, [P]),
     "ggml_backend_reg_by_name": (P, [ctypes.c_char_p]),
     "ggml_backend_reg_get_proc_address": (P, [P, ctypes.c_char_p]),
     "ggml_backend_reg_dev_count": (SZ, [P]), "ggml_backend_reg_dev_get": (P, [P, SZ]),
@@ -191,11 +193,7 @@ class _Registry:
     def __init__(self) -> None:
         from chatglm.ggml import lib
 
-        handle = lib.ggml()
-        for name, (restype, argtypes) in _REGISTRY.items():
-            fn = handle[name]
-            fn.restype, fn.argtypes = restype, argtypes
-            setattr(self, name.removeprefix("ggml_backend_"), fn)
+        lib.bind(self, lib.ggml(), _REGISTRY, "ggml_backend_")
 
 
 @functools.cache
