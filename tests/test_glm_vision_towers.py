@@ -174,3 +174,39 @@ def test_attention_bias_left_out_takes_the_familys_default(folders, tmp_path, na
     _, published = projector_of(folders[name])
     assert [t.name for t in plan] == [t.name for t in published]
     assert ("v.blk.0.attn_out.bias" in {t.name for t in plan}) == (name in ("glm-ocr", "glm5.3-flash"))
+
+
+class Refused(Exception):
+    pass
+
+
+def header_of(kv: dict, shapes: dict):
+    """A projector header holding these keys and tensors (numpy-order ``shapes``, stored in ggml order)."""
+    from pathlib import Path
+
+    from chatglm.gguf_file import GGUFHeader, TensorEntry
+
+    tensors = {n: TensorEntry(n, tuple(s)[::-1], 0, 0, 0) for n, s in shapes.items()}
+    return GGUFHeader(Path("mmproj-x.gguf"), 3, dict(kv), tensors, 0, 0)
+
+
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_the_writers_output_passes_the_runtime_check_and_any_one_shape_off_fails(folders, name):
+    """One table (``glm4v/tower.py``) for the writer and the runtime: the plan passes the check of its projector
+    type's family; each tensor in turn one wider fails it, in one line naming that tensor."""
+    from chatglm import families
+
+    projector, plan = projector_of(folders[name])
+    w = Keys()
+    projector.write_metadata(w)
+    owner = families.part(families.projector_owner(projector.projector_type), "chat")
+    shapes = {t.name: t.shape for t in plan}
+    owner.check_projector(header_of(w.kv, shapes), Refused)
+    for victim, shape in shapes.items():
+        wider = {**shapes, victim: (*shape[:-1], shape[-1] + 1)}
+        with pytest.raises(Refused) as err:
+            owner.check_projector(header_of(w.kv, wider), Refused)
+        assert str(err.value) == f"tensor {victim} has shape {list(wider[victim])[::-1]}, expected {list(shape)[::-1]}"
+    dropped = {n: s for n, s in shapes.items() if n != "v.blk.0.ffn_down.weight"}
+    with pytest.raises(Refused, match=r"^lacks tensor v.blk.0.ffn_down.weight$"):
+        owner.check_projector(header_of(w.kv, dropped), Refused)

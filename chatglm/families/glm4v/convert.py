@@ -22,7 +22,8 @@ from chatglm.convert.hf_layout import template_format
 from chatglm.families.glm4_0414 import FAMILY as GLM4_0414
 from chatglm.families.glm4_0414.convert import Glm4HF
 from chatglm.families.glm4v import FAMILY
-from chatglm.families.glm4v.vision import CLIP_NORM, GlmVisionProjector, Tower, sub_config
+from chatglm.families.glm4v.tower import Tower
+from chatglm.families.glm4v.vision import CLIP_NORM, GlmVisionProjector, sub_config
 
 DEFAULT_MROPE = [8, 12, 12]  # transformers' mrope_section when the config names none
 

@@ -11,14 +11,14 @@ merger: linear (``mm.model.fc``), LayerNorm (``mm.post_norm``), GELU, SwiGLU (``
 What the towers differ in each family declares as a :class:`Tower`: the widths of the two MLPs, the learned position
 table with the RMSNorm after the patch embedding (GLM-4.1V, GLM-4.5V; libmtmd resamples the table to each image's
 grid), per-head q/k RMS norms (GLM-OCR, GLM-5.3-Flash), which tensors ``attention_bias`` gives biases, and the image
-normalization used when preprocessor_config.json is absent (none: the file is required).
+normalization used when preprocessor_config.json is absent (none: the file is required). The tensors themselves
+and their shapes are ``tower.py``'s table, which the runtime's projector check reads too.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import gguf
@@ -29,6 +29,7 @@ from chatglm.convert.config_types import is_number, shown
 from chatglm.convert.family import OutTensor, check_shape
 from chatglm.convert.mmproj import KEY_HAS_VISION, Projector
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.families.glm4v.tower import Tower, layout
 from chatglm.limits import MAX_NORM_EPS
 
 T = gguf.MODEL_TENSOR
@@ -43,57 +44,6 @@ SIZES = {"depth": None, "hidden_size": None, "num_heads": None, "out_hidden_size
 # preprocessor_config.json key -> the vision_config size it must equal
 PROCESSOR_SIZES = {"patch_size": "patch_size", "merge_size": "spatial_merge_size",
                    "temporal_patch_size": "temporal_patch_size"}
-
-# (GGUF tensor, source below the tower's prefix, numpy shape in the names of ``sizes``, the part it belongs to;
-# None: always there). Parts: "positions" (Tower.positions), "qk_norm", and the bias groups "qkv", "out", "ffn"
-# present when attention_bias is and the Tower lists them.
-STEM = (
-    (T.V_ENC_EMBD_PATCH, "patch_embed.proj.bias", ("d",), None),
-    (T.V_ENC_EMBD_NORM, "post_conv_layernorm.weight", ("d",), "positions"),
-    (T.V_ENC_EMBD_POS, "embeddings.position_embedding.weight", ("n_pos", "d"), "positions"),
-)
-BLOCK = (  # below ``blocks.{bid}.``
-    (T.V_ENC_INPUT_NORM, "norm1.weight", ("d",), None),
-    (T.V_ENC_POST_ATTN_NORM, "norm2.weight", ("d",), None),
-    (T.V_ENC_ATTN_QKV, "attn.qkv.weight", ("3d", "d"), None),
-    (T.V_ENC_ATTN_O, "attn.proj.weight", ("d", "d"), None),
-    (T.V_ENC_ATTN_QKV, "attn.qkv.bias", ("3d",), "qkv"),
-    (T.V_ENC_ATTN_O, "attn.proj.bias", ("d",), "out"),
-    (T.V_ENC_ATTN_Q_NORM, "attn.q_norm.weight", ("head",), "qk_norm"),
-    (T.V_ENC_ATTN_K_NORM, "attn.k_norm.weight", ("head",), "qk_norm"),
-    (T.V_ENC_FFN_GATE, "mlp.gate_proj.weight", ("ff", "d"), None),
-    (T.V_ENC_FFN_GATE, "mlp.gate_proj.bias", ("ff",), "ffn"),
-    (T.V_ENC_FFN_UP, "mlp.up_proj.weight", ("ff", "d"), None),
-    (T.V_ENC_FFN_UP, "mlp.up_proj.bias", ("ff",), "ffn"),
-    (T.V_ENC_FFN_DOWN, "mlp.down_proj.weight", ("d", "ff"), None),
-    (T.V_ENC_FFN_DOWN, "mlp.down_proj.bias", ("d",), "ffn"),
-)
-HEAD = (
-    (T.V_POST_NORM, "post_layernorm.weight", ("d",), None),
-    (T.V_MM_PATCH_MERGER, "downsample.weight", ("o", "d", "m", "m"), None),
-    (T.V_MM_PATCH_MERGER, "downsample.bias", ("o",), None),
-    (T.V_MMPROJ_FC, "merger.proj.weight", ("o", "o"), None),
-    (T.V_MM_POST_NORM, "merger.post_projection_norm.weight", ("o",), None),
-    (T.V_MM_POST_NORM, "merger.post_projection_norm.bias", ("o",), None),
-    (T.V_MM_GATE, "merger.gate_proj.weight", ("merger_ff", "o"), None),
-    (T.V_MM_UP, "merger.up_proj.weight", ("merger_ff", "o"), None),
-    (T.V_MM_DOWN, "merger.down_proj.weight", ("o", "merger_ff"), None),
-)
-
-
-@dataclass(frozen=True)
-class Tower:
-    """What one family's vision tower has of its own."""
-
-    projector_type: str  # libmtmd's name
-    tower_ff: tuple[str, ...]  # the vision_config keys whose product is the ViT blocks' MLP width
-    merger_ff: tuple[str, ...]  # the same for the merger's SwiGLU
-    positions: bool  # a learned position table and an RMSNorm after the patch embedding
-    qk_norm: bool  # per-head RMSNorm of q and k
-    biased: tuple[str, ...]  # the bias groups ("qkv", "out", "ffn") vision_config.attention_bias turns on
-    bias_default: bool = False  # attention_bias when vision_config has none (transformers' default for the family)
-    default_norm: tuple[Sequence[float], Sequence[float]] | None = None  # mean/std without preprocessor_config.json
-
 
 def sub_config(ckpt, key: str) -> dict[str, Any]:
     """``config.json``'s ``text_config``/``vision_config`` (a dict, or one line naming the file)."""
@@ -225,24 +175,16 @@ class GlmVisionProjector(Projector):
         d, p = s["hidden_size"], s["patch_size"]
         return {"d": d, "3d": 3 * d, "head": d // s["num_heads"], "ff": self.width(self.tower.tower_ff),
                 "o": s["out_hidden_size"], "merger_ff": self.width(self.tower.merger_ff), "p": p,
-                "m": s["spatial_merge_size"], "n_pos": (s["image_size"] // p) ** 2}
-
-    def rows(self, table, sizes: dict[str, int], bid: int | None = None) -> list[OutTensor]:
-        below = self.prefix if bid is None else f"{self.prefix}blocks.{bid}."
-        return [OutTensor(gguf.TENSOR_NAMES[t].format(bid=bid) + "." + source.rsplit(".", 1)[1],
-                          tuple(sizes[x] for x in shape), (below + source,))
-                for t, source, shape, part in table if part is None or part in self.parts]
+                "m": s["spatial_merge_size"], "n_pos": (s["image_size"] // p) ** 2, "rgb": s["in_channels"]}
 
     def tensors(self) -> list[OutTensor]:
-        sizes = self.sizes()
-        d, p = sizes["d"], sizes["p"]
-        conv, name = self.prefix + "patch_embed.proj.weight", gguf.TENSOR_NAMES[T.V_ENC_EMBD_PATCH]
-        plan = [OutTensor(f"{name}.weight{suffix}", (d, 3, p, p), (conv,), _frame(k))
-                for k, suffix in enumerate(("", ".1"))]
-        plan += self.rows(STEM, sizes)
-        for bid in range(self.size["depth"]):
-            plan += self.rows(BLOCK, sizes, bid)
-        return plan + self.rows(HEAD, sizes)
+        """The rows of the shared table (``tower.py``) for this tower's parts; each patch frame cut from the Conv3d."""
+        plan = []
+        for r in layout(self.sizes(), self.size["depth"], self.parts):
+            sources = (self.prefix + r.source,)
+            plan.append(OutTensor(r.name, r.shape, sources) if r.frame is None
+                        else OutTensor(r.name, r.shape, sources, _frame(r.frame)))
+        return plan
 
     def check_shapes(self, plan: list[OutTensor]) -> None:
         super().check_shapes(plan)

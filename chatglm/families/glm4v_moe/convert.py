@@ -22,7 +22,8 @@ from chatglm.convert.checkpoint import CheckpointView
 from chatglm.families.glm4_moe.convert import Glm4Moe
 from chatglm.families.glm4v import FAMILY as GLM4V
 from chatglm.families.glm4v.convert import mrope_sections
-from chatglm.families.glm4v.vision import GlmVisionProjector, Tower, sub_config
+from chatglm.families.glm4v.tower import Tower
+from chatglm.families.glm4v.vision import GlmVisionProjector, sub_config
 from chatglm.families.glm4v_moe import FAMILY
 
 TEXT_PREFIX = "model.language_model."

@@ -17,6 +17,9 @@ What it renders (transformers' ``trim_blocks``/``lstrip_blocks``):
   result's id names a call (otherwise in the order given);
 - generation prompt ``<|assistant|><think>`` (the official template has no switch for thinking: ``enable_thinking``
   is not read).
+
+:func:`check_projector`: the ``glm5v`` projector's tower, GLM-4.1V's table (``chatglm/families/glm4v/tower.py``),
+checked before libmtmd sees the file.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 from typing import Sequence
 
 from chatglm.families.glm4_moe.chat import GLM47Format
+from chatglm.families.glm4v.tower import check_tower
 from chatglm.families.glm5_next import FAMILY
 from chatglm.runtime.messages import Message, ToolCall
 from chatglm.runtime.prompts_glm import Piece
@@ -84,3 +88,4 @@ class GLM53FlashFormat(GLM47Format):
 
 
 FORMATS = (GLM53FlashFormat,)
+check_projector = check_tower

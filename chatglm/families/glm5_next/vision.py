@@ -10,7 +10,8 @@ import gguf
 
 from chatglm.convert.config_types import is_number, shown
 from chatglm.errors import InputError
-from chatglm.families.glm4v.vision import GlmVisionProjector, Tower
+from chatglm.families.glm4v.tower import Tower
+from chatglm.families.glm4v.vision import GlmVisionProjector
 from chatglm.families.glm5_next import FAMILY
 
 KV = gguf.Keys.ClipVision

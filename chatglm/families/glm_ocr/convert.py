@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from chatglm.families.glm4v import FAMILY as GLM4V
 from chatglm.families.glm4v.convert import Glm4v
-from chatglm.families.glm4v.vision import GlmVisionProjector, Tower
+from chatglm.families.glm4v.tower import Tower
+from chatglm.families.glm4v.vision import GlmVisionProjector
 from chatglm.families.glm_ocr import FAMILY
 
 TOWER = Tower(GLM4V.projectors[0].projector_type, tower_ff=("intermediate_size",),
