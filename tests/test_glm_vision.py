@@ -357,17 +357,18 @@ def glm53flash_official(tok, tmp_path_factory):
 
 
 def test_glm53flash_places_images_with_its_official_template(glm53flash_official):
-    """The token-exact text builder writes no images: a conversation holding one is rendered by the official
-    template itself, and its expanded ids equal the processor's (a text-only one stays the builder's)."""
+    """The token-exact builder places images itself (no template fallback): its ids with the placeholders
+    expanded equal the processor's for the official template, in the full order (text, image, text, image)."""
     path, processor = glm53flash_official
-    hf_parts, ours, used = parts_of(ORDERS["text-image-text"], [fixture_png(112, 112, seed=9)])
+    hf_parts, ours, used = parts_of(["Compare ", "image", " with ", "image", " please."],
+                                    [fixture_png(112, 112, seed=9), fixture_png(168, 112, seed=10)])
     text = processor.apply_chat_template([{"role": "user", "content": hf_parts}], add_generation_prompt=True,
                                          tokenize=False, reasoning_effort="high")
     inputs = image_inputs(processor, used, text)
     message = Message.from_dict({"role": "user", "content": ours})
     with load(path, **F32) as model:
-        assert model.format.name == "glm53flash" and model.format_for([message]) is model.media_format
-        assert model.format_for([Message("user", "hi")]) is model.format
+        assert model.format.name == "glm53flash" and model.format.places_media
+        assert model.format_for([message]) is model.format is model.media_format
         ids = model.prompt_ids([message], reasoning_effort="high")
         assert model.media.expanded_ids(ids, message.media) == inputs["input_ids"][0].tolist()
         session = model.session(reasoning_effort="high")

@@ -89,11 +89,12 @@ def conversation(order: list[str], pngs: list[bytes]) -> tuple[list[dict], list[
     return hf, ours
 
 
-def reference_ids(tok, template: str, messages: list[dict]) -> list[int]:
+def reference_ids(tok, template: str, messages: list[dict], **options) -> list[int]:
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(tokenizer_object=tok)
-    text = hf.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+    text = hf.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False,
+                                  **options)
     return tok.encode(text, add_special_tokens=False).ids
 
 
@@ -131,21 +132,47 @@ def test_images_stand_where_their_parts_are_token_for_token(tok, added, pngs, na
         assert tok.decode(got[first + 2:last], skip_special_tokens=False).count("Compare") == 1
 
 
-@pytest.mark.parametrize("name", ["GLM-5.3-Flash.jinja", "GLM-5.3-Flash.04c4e9e9.jinja"])
-def test_glm53flash_renders_media_through_its_own_template(tok, added, pngs, name):
-    """The token-exact builder writes no images: a conversation holding them is rendered by the template it
-    stands for, with the same options, and equals transformers' rendering."""
+GLM53_TEMPLATES = ("GLM-5.3-Flash.jinja", "GLM-5.3-Flash.04c4e9e9.jinja")
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+@pytest.mark.parametrize("name", GLM53_TEMPLATES)
+def test_glm53flash_places_media_itself_token_for_token(tok, added, pngs, name, order):
+    """The token-exact builder writes each image where its part is (``places_media``: no template fallback), with
+    the template's options, equal to transformers' rendering of the official template."""
     template = template_of(name)
     fmt = GLM53FlashFormat(added)
-    chosen = jinja_chat.media_format(fmt, added, template, added)
-    assert isinstance(chosen, jinja_chat.JinjaFormat) and chosen.template == template
-    assert jinja_chat.media_format(fmt, added, "", added) is None  # no template: nothing places them
-    hf, ours = conversation(ORDERS["text-image-text"], pngs)
-    from transformers import PreTrainedTokenizerFast
+    assert fmt.places_media and jinja_chat.media_format(fmt, added, template, added) is fmt
+    assert jinja_chat.media_format(fmt, added, "", added) is fmt  # no template in the GGUF: the builder still does
+    hf, ours = conversation(ORDERS[order], pngs)
+    for options in ({}, {"reasoning_effort": "low"}):
+        expected = reference_ids(tok, template, hf, **options)
+        with fmt.using(options):
+            got = fmt.prompt_ids(ours, BPE(tok))
+        assert got == expected
+        assert got.count(added["<|image|>"]) == 1 + ORDERS[order].count("image")
 
-    text = PreTrainedTokenizerFast(tokenizer_object=tok).apply_chat_template(
-        hf, chat_template=template, add_generation_prompt=True, tokenize=False, reasoning_effort="low")
-    with chosen.using({"reasoning_effort": "low"}):
-        assert chosen.prompt_ids(ours, BPE(tok)) == tok.encode(text, add_special_tokens=False).ids
-    text_only = [Message("user", "hi")]
-    assert fmt.prompt_ids(text_only, BPE(tok)) == chosen.prompt_ids(text_only, BPE(tok))  # the same for text
+
+@pytest.mark.parametrize("name", GLM53_TEMPLATES)
+def test_glm53flash_places_an_image_inside_a_tool_result(tok, added, pngs, name):
+    from chatglm.runtime.messages import ToolCall
+
+    template = template_of(name)
+    call = {"id": "c1", "type": "function", "function": {"name": "snap", "arguments": {"zoom": 2}}}
+    hf = [{"role": "user", "content": "Take a picture."}, {"role": "assistant", "content": "", "tool_calls": [call]},
+          {"role": "tool", "tool_call_id": "c1", "content": hf_parts(["here: ", "image", " done"])}]
+    ours = [Message("user", "Take a picture."), Message("assistant", "", tool_calls=[ToolCall("snap", {"zoom": 2}, "c1")]),
+            Message.from_dict({"role": "tool", "tool_call_id": "c1",
+                               "content": our_parts(["here: ", "image", " done"], pngs)})]
+    assert GLM53FlashFormat(added).prompt_ids(ours, BPE(tok)) == reference_ids(tok, template, hf)
+
+
+def test_glm53flash_refuses_media_it_cannot_place_in_one_line(tok, added, pngs):
+    image = load_media(pngs[0], "image", name="photo.png")
+    with pytest.raises(InputError, match=r"^photo.png: glm53flash places media in user, system and tool turns, not "
+                                         r"in an assistant's reply$"):
+        GLM53FlashFormat(added).prompt_ids([Message("user", "hi"), Message("assistant", "a", media=(image,)),
+                                            Message("user", "and?")], BPE(tok))
+    lacking = {k: v for k, v in added.items() if k != "<|end_of_image|>"}
+    with pytest.raises(InputError, match=r"^photo.png: glm53flash places images only, and only with "):
+        GLM53FlashFormat(lacking).prompt_ids([Message("user", "hi", media=(image,))], BPE(tok))

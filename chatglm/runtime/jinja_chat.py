@@ -296,9 +296,10 @@ def chat_format(name: str, special: dict[str, int], template: str = "",
 
 def media_format(fmt: ChatFormat, special: dict[str, int], template: str = "",
                  added: Optional[dict[str, int]] = None) -> Optional[ChatFormat]:
-    """The format that renders conversations holding images or audio: ``fmt`` when it places media; else, for a
-    builder that reproduces the checkpoint's template for text (GLM-5.3-Flash's ``glm53flash``), that template
-    itself, sandboxed (it writes each image part where it stands, as ``apply_chat_template`` does); else None."""
+    """The format that renders conversations holding images or audio: ``fmt`` when it places media (the Jinja path,
+    GLM-5.3-Flash's ``glm53flash``); else, for a builder that reproduces the checkpoint's template for text alone
+    (``renders_template``), that template itself, sandboxed (it writes each image part where it stands, as
+    ``apply_chat_template`` does); else None."""
     if fmt.places_media:
         return fmt
     if template and fmt.renders_template:

@@ -125,6 +125,10 @@ class GLM45Format(XmlReplies, GLMFormat):
             content += NOTHINK
         return "\n" + content
 
+    def turn_pieces(self, m: Message) -> list[Piece]:
+        """A user or system turn: its role token and text (a format that places media writes them here too)."""
+        return [self.role(m.role), self.user_text(m.content) if m.role == "user" else self.nl + m.content]
+
     def results_pieces(self, results: list[Message], calls: Sequence) -> list[Piece]:
         """A run of tool results after the call that asked for them."""
         nl = self.nl
@@ -157,10 +161,8 @@ class GLM45Format(XmlReplies, GLMFormat):
                 continue
             if m.role == "assistant":
                 pieces += self.assistant_pieces(m, i > last_user)
-            elif m.role == "user":
-                pieces += [self.role("user"), self.user_text(m.content)]
             else:
-                pieces += [self.role(m.role), self.nl + m.content]
+                pieces += self.turn_pieces(m)
             i += 1
         self.thinks = self.opens_thinking()
         return self.encode(pieces + [self.role("assistant"), *self.text(self.generation_prompt())], tok)

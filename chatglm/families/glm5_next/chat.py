@@ -16,7 +16,11 @@ What it renders (transformers' ``trim_blocks``/``lstrip_blocks``):
   order of the calls of the assistant turn before when every result and call has an id, the ids are unique and each
   result's id names a call (otherwise in the order given);
 - generation prompt ``<|assistant|><think>`` (the official template has no switch for thinking: ``enable_thinking``
-  is not read).
+  is not read);
+- each image of a user, system or tool-result message where it stands in the text (``Media.offset``), as
+  ``<|begin_of_image|><|image|><|end_of_image|>`` (libmtmd's chunk takes the place of ``<|image|>``), so the format
+  places media itself (``places_media``); the builder refuses media in an assistant turn, which the template would
+  fold into the reply's text before splitting off its thinking.
 
 :func:`check_projector`: the ``glm5v`` projector's tower, GLM-4.1V's table (``chatglm/families/glm4v/tower.py``),
 checked before libmtmd sees the file.
@@ -30,12 +34,15 @@ from typing import Sequence
 from chatglm.families.glm4_moe.chat import GLM47Format
 from chatglm.families.glm4v.tower import check_tower
 from chatglm.families.glm5_next import FAMILY
-from chatglm.runtime.messages import Message, ToolCall
+from chatglm.errors import InputError
+from chatglm.runtime.messages import Message, ToolCall, in_order
 from chatglm.runtime.prompts_glm import Piece
 
 FORMAT_NAME = FAMILY.chat_formats[0]
 EFFORTS = {"low": "Low", "high": "High"}  # anything else: Max
 DROPPED_KEYS = ("defer_loading", "strict")
+# what the template writes for a medium's content part (its ``emit_image``), by medium kind
+MEDIA_MARKERS = {"image": ("<|begin_of_image|>", FAMILY.projectors[0].placeholder, "<|end_of_image|>")}
 
 
 def tool_json(function: dict) -> str:
@@ -60,6 +67,31 @@ class GLM53FlashFormat(GLM47Format):
     option_names = ("reasoning_effort", "clear_thinking")
     trims_reasoning = False
 
+    places_media = True
+
+    def media_pieces(self, m: Message, text=lambda s: [s]) -> list[Piece]:
+        """The message's text (each stretch through ``text``) with each medium's markers, as ids, where it stands."""
+        pieces: list[Piece] = []
+        for part in in_order(m):
+            if isinstance(part, str):
+                pieces += text(part)
+                continue
+            markers = MEDIA_MARKERS.get(part.kind)
+            if markers is None or not all(t in self.special for t in markers):
+                raise InputError(f"{self.name} places images only, and only with {', '.join(MEDIA_MARKERS['image'])} "
+                                 f"in the vocabulary: cannot place this {part.kind}", part.name)
+            pieces += [self.sp(t) for t in markers]
+        return pieces
+
+    def turn_pieces(self, m: Message) -> list[Piece]:
+        return [self.role(m.role), *self.media_pieces(m)]
+
+    def assistant_pieces(self, m: Message, after_last_user: bool) -> list[Piece]:
+        if m.media:
+            raise InputError(f"{self.name} places media in user, system and tool turns, not in an assistant's "
+                             "reply", m.media[0].name)
+        return super().assistant_pieces(m, after_last_user)
+
     def head_pieces(self, tools: list) -> list[Piece]:
         effort = EFFORTS.get(self.option("reasoning_effort", "max"), "Max")
         return [self.sp("[gMASK]"), self.sp("<sop>"), self.role("system"), f"Reasoning Effort: {effort}",
@@ -77,8 +109,10 @@ class GLM53FlashFormat(GLM47Format):
 
     def results_pieces(self, results: list[Message], calls: Sequence) -> list[Piece]:
         ordered = result_order(results, calls)
-        return [self.role("observation"),
-                *self.text("".join(f"<tool_response>{r.content}</tool_response>" for r in ordered))]
+        pieces: list[Piece] = [self.role("observation")]
+        for r in ordered:
+            pieces += [*self.text("<tool_response>"), *self.media_pieces(r, self.text), *self.text("</tool_response>")]
+        return pieces
 
     def generation_prompt(self) -> str:
         return "<think>"
