@@ -154,6 +154,41 @@ def test_two_images_in_one_message(loaded, built, processor):
     assert rel(loaded.engine.logits(), logits) < TOL
 
 
+def test_the_whole_order_in_a_conversation_matches_transformers(files, built, processor):
+    """Text, image, text, image, text in the last turn (each image at its ``Media.offset``), after a system turn,
+    an image-first turn and a reply; three images of three sizes: the ids with the images expanded equal the
+    processor's for the same messages and images, and the logits after them are within 1e-3 (f32 weights and cache)."""
+    import chatglm
+    from chatglm.devtools.glm4v import png_bytes
+    from chatglm.runtime.messages import Message
+
+    rgbs = [image(*size, seed)[0] for size, seed in (((112, 112), 7), ((168, 112), 8), ((112, 168), 9))]
+    first = [("image", rgbs[0]), ("text", "Describe it.")]
+    last = [("text", "Compare "), ("image", rgbs[1]), ("text", " with "), ("image", rgbs[2]),
+            ("text", ", then say which is brighter.")]
+
+    def parts(items, hf: bool):
+        return [{"type": "text", "text": x} if kind == "text" else {"type": "image"} if hf else
+                {"type": "image", "image": png_bytes(x)} for kind, x in items]
+
+    hf = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts(first, True)},
+          {"role": "assistant", "content": "A gradient."}, {"role": "user", "content": parts(last, True)}]
+    ours = [Message("system", "Be brief."), Message.from_dict({"role": "user", "content": parts(first, False)}),
+            Message("assistant", "A gradient."), Message.from_dict({"role": "user", "content": parts(last, False)})]
+    assert [x.offset for x in ours[1].media] == [0] and [x.offset for x in ours[3].media] == [8, 14]
+    text = processor.apply_chat_template(hf, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=rgbs, return_tensors="pt")
+    media = [x for m in ours for x in m.media]
+    with chatglm.load(files.path, n_threads=2, kv_type="f32", flash_attn=False) as m:
+        ids = m.prompt_ids(ours)
+        assert ids.count(m.media.placeholder_id) == 3
+        assert m.media.expanded_ids(ids, media) == inputs["input_ids"][0].tolist()
+        m.media.prefill(ids, media)
+        with torch.no_grad():
+            ref = built[0](**inputs).logits[0, -1].numpy()
+        assert rel(m.engine.logits(), ref) < TOL
+
+
 def test_text_alone_with_the_same_gguf(loaded, built, processor):
     ids = processor.tokenizer("[gMASK]<sop><|user|>\nhello there, how are you?<|assistant|>\n")["input_ids"]
     with torch.no_grad():
