@@ -173,12 +173,16 @@ def test_page_shows_reasoning_dimmed_and_apart_from_the_answer(chromium):  # noq
         assert float(opacity) < 1
 
 
+def open_page(browser, live) -> None:
+    live.wait_ready()
+    browser.open(live.url + "/")
+    browser.wait_for("document.getElementById('status').textContent === 'ready'")
+
+
 def test_page_scales_a_huge_picture_down_before_sending(chromium):  # noqa: F811
     model = SeeingModel([answer("A wide one.")])
     with serve([model]) as live:
-        live.wait_ready()
-        chromium.open(live.url + "/")
-        chromium.wait_for("document.getElementById('status').textContent === 'ready'")
+        open_page(chromium, live)
         chromium.eval("const c = document.createElement('canvas'); c.width = 6000; c.height = 300;"
                       "c.getContext('2d').fillRect(0, 0, 3000, 300);"
                       "c.toBlob((blob) => { const t = new DataTransfer();"
@@ -189,5 +193,64 @@ def test_page_scales_a_huge_picture_down_before_sending(chromium):  # noqa: F811
         type_and_send(chromium, "")
         chromium.wait_for("document.body.dataset.state === 'idle' && "
                           "document.getElementById('status').textContent === 'ready'")
+        notice = chromium.eval("document.querySelector('.msg.user .note').textContent")
     (image,) = model.received[0][-1].media
     assert (image.format, image.width, image.height) == ("jpeg", 2048, 102)
+    assert re.fullmatch(r"wide\.png: scaled from 6000×300 \(\d+ KiB\) to 2048×102 \(\d+ KiB\) \(more than 4096 "
+                        r"pixels a side\)", notice), notice
+
+
+def attach_noise_png(browser, width: int, height: int, name: str) -> dict:
+    """Attach a PNG of random pixels drawn in the page (so it hardly compresses); its size and SHA-256 as the
+    browser has it."""
+    browser.eval(
+        f"const c = document.createElement('canvas'); c.width = {width}; c.height = {height};"
+        f"const g = c.getContext('2d'); const d = g.createImageData({width}, {height});"
+        "for (let i = 0; i < d.data.length; i++) d.data[i] = i % 4 === 3 ? 255 : Math.random() * 256;"
+        "g.putImageData(d, 0, 0); window.picture = null;"
+        "c.toBlob(async (blob) => { const bytes = new Uint8Array(await blob.arrayBuffer());"
+        "  const hash = new Uint8Array(await crypto.subtle.digest('SHA-256', bytes));"
+        "  window.picture = {size: bytes.length, sha256: [...hash].map(b => b.toString(16).padStart(2, '0')).join('')};"
+        f"  const t = new DataTransfer(); t.items.add(new File([blob], {js_str(name)}, {{type: 'image/png'}}));"
+        "  const input = document.getElementById('attach'); input.files = t.files;"
+        "  input.dispatchEvent(new Event('change')); }, 'image/png'); true")
+    browser.wait_for("window.picture !== null && document.querySelectorAll('#attachments img').length === 1")
+    return browser.eval("window.picture")
+
+
+def send_and_wait(browser) -> None:
+    type_and_send(browser, "What is it?")
+    browser.wait_for("document.body.dataset.state === 'idle' && "
+                     "document.getElementById('status').textContent === 'ready'")
+
+
+def test_page_sends_a_4_mb_png_as_it_is_within_the_body_limit(chromium):  # noqa: F811
+    """Over the page's old 3 MB cut but within ``serve --max-body`` (32 MiB by default): sent byte for byte."""
+    import hashlib
+
+    model = SeeingModel([answer("Noise.")])
+    with serve([model]) as live:
+        open_page(chromium, live)
+        assert chromium.eval("document.querySelector('meta[name=\"max-body-bytes\"]').content") == str(32 << 20)
+        sent = attach_noise_png(chromium, 1200, 1200, "noise.png")
+        send_and_wait(chromium)
+        assert chromium.eval("document.querySelectorAll('.msg .note').length") == 0
+    (image,) = model.received[0][-1].media
+    assert sent["size"] > 4_000_000 and len(image.data) == sent["size"]
+    assert (image.format, image.width, image.height) == ("png", 1200, 1200)
+    assert hashlib.sha256(image.data).hexdigest() == sent["sha256"]
+
+
+def test_page_scales_a_picture_the_request_cannot_carry_and_says_so(chromium):  # noqa: F811
+    model = SeeingModel([answer("Smaller noise.")])
+    with serve([model], max_body_bytes=2 << 20) as live:
+        open_page(chromium, live)
+        sent = attach_noise_png(chromium, 1200, 1200, "noise.png")
+        send_and_wait(chromium)
+        notice = chromium.eval("document.querySelector('.msg.user .note').textContent")
+        assert chromium.eval("document.querySelectorAll('.msg.error').length") == 0
+    (image,) = model.received[0][-1].media
+    assert image.format == "jpeg" and image.width == image.height < 1200 and len(image.data) < 2 << 20
+    old = f"{sent['size'] / 1048576:.1f}".rstrip("0").rstrip(".")
+    assert re.fullmatch(rf"noise\.png: scaled from 1200×1200 \({re.escape(old)} MiB\) to {image.width}×{image.width} "
+                        r"\((\d+ KiB|[\d.]+ MiB)\) to fit the server's 2 MiB request limit", notice), notice

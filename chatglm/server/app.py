@@ -79,8 +79,11 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-def page_html() -> str:
-    return resources.files("chatglm.server").joinpath("static/index.html").read_text(encoding="utf-8")
+def page_html(max_body_bytes: int = MAX_BODY_BYTES) -> str:
+    """The chat page, told the body limit (its ``max-body-bytes`` meta tag): it sends pictures as they are when the
+    request fits, and scales down only those that would not."""
+    page = resources.files("chatglm.server").joinpath("static/index.html").read_text(encoding="utf-8")
+    return page.replace("__MAX_BODY_BYTES__", str(int(max_body_bytes)), 1)
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,7 @@ def create_app(load_models: Callable[[], Sequence[Any]] | Sequence[Any], config:
     if config.allowed_hosts is not None:
         app.add_middleware(HostGuard, allowed=config.allowed_hosts)
     app.add_middleware(CatchAll)  # added last: the outermost of ours, so it also covers the two above
-    page = page_html()
+    page = page_html(config.max_body_bytes)
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
