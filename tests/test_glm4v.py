@@ -363,6 +363,26 @@ def test_crafted_projectors_are_refused_from_their_header(files, tmp_path, kv, d
         check_projector(bad)
 
 
+def test_the_written_projector_passes_the_shared_table_and_one_shape_off_is_named(files):
+    """The file the writer wrote passes the runtime's check (the same table, ``glm4v/tower.py``); the same header
+    with one tensor's shape changed is refused in one line naming it and both shapes."""
+    from dataclasses import replace
+
+    from chatglm.families.glm4v.chat import check_projector as check_tower
+    from chatglm.gguf_file import read_header
+    from chatglm.runtime.mtmd import check_projector
+
+    assert check_projector(files.mmproj).projector_type == "glm4v"
+    header = read_header(files.mmproj)
+    check_tower(header, InputError)
+    t = header.tensors["v.blk.1.ffn_down.weight"]
+    header.tensors[t.name] = replace(t, shape=(t.shape[0] + 1, t.shape[1]))
+    with pytest.raises(InputError) as err:
+        check_tower(header, InputError)
+    assert str(err.value) == (f"tensor v.blk.1.ffn_down.weight has shape [{t.shape[0] + 1}, {t.shape[1]}], "
+                              f"expected [{t.shape[0]}, {t.shape[1]}]")
+
+
 def test_repl_image_attaches_to_the_next_message(loaded, tmp_path, capsys):
     from test_repl import ScriptedEditor
 
