@@ -5,8 +5,10 @@ The language model is llama.cpp's ``glm4`` architecture with M-RoPE (``rope.dime
 ``mrope_section``, over frequencies) and Q/K rows permuted to NeoX order, so it also loads and chats with text alone;
 the vision tower and its merger are the projector beside it, ``mmproj-<model>.gguf``, libmtmd's ``glm4v`` type.
 ``convert.py``: the converter (its M-RoPE language model is GLM-OCR's too). ``vision.py``: the vision-tower writer
-of every GLM vision family (GLM-4.1V, GLM-4.5V, GLM-OCR, GLM-5.3-Flash). ``chat.py``: no builder; the checkpoint's own
-template takes the sandboxed Jinja path, which places each image as ``<|begin_of_image|><|image|><|end_of_image|>``.
+of every GLM vision family (GLM-4.1V, GLM-4.5V, GLM-OCR, GLM-5.3-Flash), planned from ``tower.py``'s table of the
+tower's tensors, which the runtime's projector check reads too. ``chat.py``: no builder; the checkpoint's own
+template takes the sandboxed Jinja path, which places each image as ``<|begin_of_image|><|image|><|end_of_image|>``;
+the projector check.
 """
 
 from chatglm.families.descriptor import ENGINE_LLAMA, Descriptor, Detect, MediaProjector
