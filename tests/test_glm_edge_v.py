@@ -222,7 +222,7 @@ def test_bad_checkpoints_are_refused_in_one_line(edge, tmp_path, edit, error, pr
 
 
 def test_cli_convert_q4_k_m_and_run_with_an_image(edge, tmp_path):
-    from tests.hostile import cli
+    from tests.hostile import assert_refused, cli
 
     out = tmp_path / "m.gguf"
     done = cli(["convert", edge[1], "-t", "q4_k_m", "-o", out])
@@ -236,6 +236,9 @@ def test_cli_convert_q4_k_m_and_run_with_an_image(edge, tmp_path):
     usage = json.loads(run.out.strip().splitlines()[-1])["usage"]
     assert usage["prompt_tokens"] == len(template_ids(edge[1], 1)) - N_IMAGE + 1  # the image's run as one id
     assert 0 < usage["completion_tokens"] <= 3
+    bad = rewrite_gguf(tmp_path / "mmproj-m.gguf", tmp_path / "mmproj-bad.gguf", {}, ("adapter.boi",))
+    refused = cli(["run", out, "--mmproj", bad, "--image", png, "-p", QUESTION, "--max-tokens", "3"])
+    assert_refused(refused, "mmproj-bad.gguf", code=None, problem="lacks tensor adapter.boi")
 
 
 def test_runs_of_the_image_token_become_one_placeholder_each():

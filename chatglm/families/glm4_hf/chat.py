@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 from chatglm.errors import InputError
 from chatglm.families.glm4_hf import FAMILY
@@ -32,18 +32,6 @@ class GLMEdgeFormat(GLMFormat):
         return self.encode(pieces + [self.role("assistant")], tok)
 
 
-class GLMEdgeVFormat(GLMEdgeFormat):
-    """GLM-Edge-V chat: text prompts as GLM-Edge's; a conversation with images takes the checkpoint's own template
-    (:class:`GLMEdgeVTemplate`)."""
-
-    name = FAMILY.chat_formats[1]
-    renders_template = True
-
-    @staticmethod
-    def media_template(special: dict[str, int], template: str, added: Optional[dict[str, int]] = None):
-        return GLMEdgeVTemplate(special, template, added)
-
-
 class GLMEdgeVTemplate(JinjaFormat):
     """GLM-Edge-V's template, sandboxed: it writes each image as a run of ``<|begin_of_image|>`` tokens, one per
     embedding the model puts there (boi, the image's, eoi); each run becomes the one placeholder the runtime
@@ -58,8 +46,19 @@ class GLMEdgeVTemplate(JinjaFormat):
             if isinstance(m["content"], str):
                 m["content"] = [{"type": "text", "text": m["content"]}]
         text = render(self.template, hf, tools, True, **template_kwargs(self.options))
-        return collapse_runs(added_token_ids(text, self.added, tok), self.added[IMAGE_TOKEN],
-                             sum(len(m.media) for m in messages))
+        token = self.added.get(IMAGE_TOKEN)
+        if token is None:
+            raise InputError(f"the model's vocabulary has no {IMAGE_TOKEN} token, which its images take")
+        return collapse_runs(added_token_ids(text, self.added, tok), token, sum(len(m.media) for m in messages))
+
+
+class GLMEdgeVFormat(GLMEdgeFormat):
+    """GLM-Edge-V chat: text prompts as GLM-Edge's; a conversation with images takes the checkpoint's own template
+    (:class:`GLMEdgeVTemplate`)."""
+
+    name = FAMILY.chat_formats[1]
+    renders_template = True
+    media_template = GLMEdgeVTemplate  # what jinja_chat.media_format renders the template with
 
 
 def collapse_runs(ids: list[int], token: int, n_media: int) -> list[int]:
