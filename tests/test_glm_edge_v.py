@@ -249,3 +249,12 @@ def test_runs_of_the_image_token_become_one_placeholder_each():
     assert collapse_runs([1, 7, 3], 7, 0) == [1, 7, 3]  # no media: the ids as the template wrote them
     with pytest.raises(InputError, match="wrote 5 <\\|begin_of_image\\|> tokens for 2 images"):
         collapse_runs([1, 7, 7, 7, 2, 7, 7, 3], 7, 2)
+
+
+def test_siglip_position_ids_buffer_is_left_out(edge, tmp_path):
+    """Files saved by older transformers hold SigLIP's position-id buffer; the pooling head is always there."""
+    ids = np.arange(64, dtype=np.int64)[None]
+    folder = edited_checkpoint(edge, tmp_path, tensors={
+        "model.vision.vit.model.vision_model.embeddings.position_ids": ids})
+    result = convert(folder, tmp_path / "out.gguf", "f32")
+    assert "v.position_ids" not in read_header(result.mmproj).tensors and result.path.is_file()

@@ -39,7 +39,9 @@ TOWER = "model.vision.vit.model.vision_model."
 ADAPTER_PREFIX = "model.vision.adapter."
 PROJECTOR_TYPE, IMAGE_TOKEN = FAMILY.projectors[0].projector_type, FAMILY.projectors[0].placeholder
 SIGLIP_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # SiglipImageProcessor's defaults
-IGNORED = (r"model\.vision\.vit\.model\.vision_model\.head\..*",)  # SigLIP's pooling head: unused
+# SigLIP's pooling head (unused) and the position-id buffer older transformers saved
+IGNORED = (r"model\.vision\.vit\.model\.vision_model\.head\..*",
+           r"model\.vision\.vit\.model\.vision_model\.embeddings\.position_ids")
 # vision_config sizes with SiglipVisionConfig's defaults (None: required)
 SIZES = {"hidden_size": None, "intermediate_size": None, "num_hidden_layers": None, "num_attention_heads": None,
          "image_size": 224, "patch_size": 16, "num_channels": 3}
