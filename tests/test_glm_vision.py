@@ -238,7 +238,6 @@ def test_a_vocabulary_without_image_tokens_converts_only_the_text_model(vision, 
 
 @pytest.mark.parametrize("layout,problem", [
     ("glm4", "glm-4v-9b (ChatGLMModel with a vision tower) is not supported: its EVA2-CLIP tower"),
-    ("glm-edge", "GLM-Edge-V (GlmForCausalLM with a vision tower) is not converted yet"),
     ("cogvlm2", "CogVLM2 is not supported: its vision tower puts a 2x2 convolution"),
 ])
 def test_vision_checkpoints_no_projector_computes_are_refused_in_one_line(tok, tmp_path, layout, problem):

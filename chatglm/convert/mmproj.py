@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import gguf
 
+from chatglm.convert.checkpoint import read_json
+from chatglm.convert.config_types import is_number, shown
 from chatglm.convert.family import OutTensor, check_shape
 from chatglm.errors import InputError
 
@@ -70,6 +72,27 @@ class Projector(ABC):
     def n_embd_out(self) -> int:
         """The width of the embeddings the projector gives the language model (its ``embedding_length``)."""
         return self.family.hp.n_embd
+
+
+def missing_added_tokens(folder: Path, tokens: Sequence[str]) -> list[str]:
+    """Those of ``tokens`` that tokenizer.json's ``added_tokens`` lack (all of them when there is no such file)."""
+    path = folder / "tokenizer.json"
+    added = read_json(path, "tokenizer.json").get("added_tokens") if path.is_file() else None
+    have = {t.get("content") for t in added if isinstance(t, dict)} if isinstance(added, list) else set()
+    return [t for t in tokens if t not in have]
+
+
+def image_normalization(pre: dict, default: tuple, path: Path) -> tuple[list[float], list[float]]:
+    """preprocessor_config.json's image_mean/image_std (``pre``), each three numbers, std positive; ``default``'s
+    (mean, std) where a key is absent (None: required)."""
+    out = []
+    for key, fallback in zip(("image_mean", "image_std"), default):
+        value = pre.get(key, None if fallback is None else list(fallback))
+        if (not isinstance(value, list) or len(value) != 3 or not all(is_number(v) and abs(v) < 1e6 for v in value)
+                or (key == "image_std" and not all(v > 0 for v in value))):
+            raise InputError(f"{key} must be three numbers (std positive), got {shown(value)}", path)
+        out.append([float(v) for v in value])
+    return out[0], out[1]
 
 
 def stored_type(name: str, shape: tuple[int, ...], choice: QT, keep_f32: tuple[str, ...] = ()) -> QT:

@@ -302,6 +302,6 @@ def media_format(fmt: ChatFormat, special: dict[str, int], template: str = "",
     ``apply_chat_template`` does); else None."""
     if fmt.places_media:
         return fmt
-    if template and fmt.renders_template:
-        return JinjaFormat(special, template, added)
+    if template and fmt.renders_template:  # a format may name its own way of rendering it (GLM-Edge-V)
+        return getattr(fmt, "media_template", JinjaFormat)(special, template, added)
     return None

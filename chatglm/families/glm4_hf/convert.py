@@ -1,22 +1,24 @@
-"""The converter of ``GlmForCausalLM`` checkpoints (glm-4-9b-chat-hf, glm-4-9b-hf, GLM-Edge 1.5B/4B chat): ChatGLM's
-graph in transformers' names, llama.cpp's ``chatglm`` architecture with split q/k/v. Config, tokenizer and the
-shared tensors are :class:`~chatglm.convert.hf_layout.HFGlmFamily`'s.
+"""The converter of ``GlmForCausalLM`` checkpoints (glm-4-9b-chat-hf, glm-4-9b-hf, GLM-Edge 1.5B/4B chat, GLM-Edge-V
+2B/5B): ChatGLM's graph in transformers' names, llama.cpp's ``chatglm`` architecture with split q/k/v. Config,
+tokenizer and the shared tensors are :class:`~chatglm.convert.hf_layout.HFGlmFamily`'s. A checkpoint with a
+``vision_config`` (GLM-Edge-V) also has its tower written as the projector beside the model (``vision.py``).
 """
 
 from __future__ import annotations
 
 import gguf
 
-from chatglm.convert.family import OutTensor, refuse_vision_tower
+from chatglm.convert.family import OutTensor
 from chatglm.convert.hf_layout import HF_LAYER, HFGlmFamily
 from chatglm.convert.ptuning import TransformersPrefix
 from chatglm.errors import UnsupportedModelError
 from chatglm.families.glm4 import FAMILY as THUDM_GLM4
 from chatglm.families.glm4_hf import FAMILY
+from chatglm.families.glm4_hf.vision import IGNORED, GlmEdgeVisionProjector
 
 T = gguf.MODEL_TENSOR
-HF_VARIANT, EDGE_VARIANT = FAMILY.variants
-EDGE_FORMAT = FAMILY.chat_formats[0]
+HF_VARIANT, EDGE_VARIANT, EDGE_V_VARIANT = FAMILY.variants
+EDGE_FORMAT, EDGE_V_FORMAT = FAMILY.chat_formats
 GLM4_FORMAT = THUDM_GLM4.chat_formats[0]  # glm-4-9b-chat-hf keeps the THUDM checkpoint's chat format
 
 
@@ -25,11 +27,10 @@ class GlmHF(TransformersPrefix, HFGlmFamily):
 
     name = HF_VARIANT
     arch = FAMILY.arch
+    ignored_sources = IGNORED
 
     def __init__(self, ckpt):
-        refuse_vision_tower(ckpt, "GLM-Edge-V (GlmForCausalLM with a vision tower) is not converted yet: libmtmd "
-                            "runs it (projector GLM_EDGE: SigLIP blocks, the 'adapter.*' convolution and GLU, "
-                            "boi/eoi), but its remote-code adapter has no transformers class to prove it against")
+        self.vision = "vision_config" in ckpt.config  # GLM-Edge-V (read by detect_chat_format)
         super().__init__(ckpt)
         hp = self.hp
         if hp.head_dim * hp.n_head != hp.n_embd:
@@ -39,6 +40,9 @@ class GlmHF(TransformersPrefix, HFGlmFamily):
 
     def detect_chat_format(self, template: str) -> str:
         """glm-4-9b-chat-hf keeps GLM-4's ``[gMASK]<sop>`` template; GLM-Edge's template has no prefix."""
+        if self.vision:
+            self.name = EDGE_V_VARIANT
+            return EDGE_V_FORMAT
         if template.strip() and "[gMASK]" not in template:
             self.name = EDGE_VARIANT
             return EDGE_FORMAT
@@ -53,6 +57,9 @@ class GlmHF(TransformersPrefix, HFGlmFamily):
             plan += self.out(T.FFN_UP, bid, (2 * hp.n_ff, hp.n_embd), HF_LAYER + "mlp.gate_up_proj")
             plan += self.out(T.FFN_DOWN, bid, (hp.n_embd, hp.n_ff), HF_LAYER + "mlp.down_proj")
         return plan + self.head_tensors()
+
+    def projector(self) -> GlmEdgeVisionProjector | None:
+        return GlmEdgeVisionProjector(self) if self.vision else None
 
 
 CONVERTER = GlmHF
