@@ -258,3 +258,14 @@ def test_siglip_position_ids_buffer_is_left_out(edge, tmp_path):
         "model.vision.vit.model.vision_model.embeddings.position_ids": ids})
     result = convert(folder, tmp_path / "out.gguf", "f32")
     assert "v.position_ids" not in read_header(result.mmproj).tensors and result.path.is_file()
+
+
+@pytest.mark.parametrize("size", [(112, 112), (640, 480)])
+def test_memory_estimate_counts_the_tokens_libmtmd_gives(edge, engine, size):
+    """libmtmd resizes every image to the projector's image_size: the estimate is the embeddings it really gives."""
+    from chatglm.runtime.mtmd import projector_estimate
+
+    est = projector_estimate(edge[2], images=[size])
+    assert est.projector_type == "adapter" and est.image_tokens == N_IMAGE
+    got = engine.media.embeddings(load_media(fixture_png(*size, seed=3), "image"))
+    assert got.shape[0] == est.image_tokens

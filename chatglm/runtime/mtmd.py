@@ -104,10 +104,17 @@ def check_projector(path: Path, model: Optional[GGUFHeader] = None) -> Projector
     return info
 
 
-def image_tokens(info: ProjectorInfo, width: int, height: int) -> int:
-    """Embeddings an image of ``width`` x ``height`` takes (an estimate for memory: the size libmtmd encodes it at)."""
+def image_cost(info: ProjectorInfo, width: int, height: int) -> tuple[int, int]:
+    """(embeddings, encoder patches) an image of ``width`` x ``height`` takes: an estimate for memory. The family that
+    owns the projector type may say it (``image_cost`` in its chat module: a projector that resizes every image to
+    one size, or adds begin/end embeddings); otherwise the image is cut in patches of its own size and merged."""
+    owner = families.part(families.projector_owner(info.projector_type), "chat")
+    hook = getattr(owner, "image_cost", None)
+    if hook is not None:
+        return hook(info, width, height)
     unit = max(1, info.patch_size * info.n_merge)
-    return max(1, (width // unit) * (height // unit))
+    tokens = max(1, (width // unit) * (height // unit))
+    return tokens, tokens * info.n_merge ** 2
 
 
 @dataclass(frozen=True)
@@ -134,8 +141,9 @@ def projector_estimate(model_path, mmproj=None, images=()) -> "ProjectorEstimate
         return None
     info = check_projector(path)
     sizes = list(images) or [(info.image_size, info.image_size)]
-    tokens = [image_tokens(info, w, h) for w, h in sizes]
-    patches = max(tokens) * info.n_merge ** 2
+    costs = [image_cost(info, w, h) for w, h in sizes]
+    tokens = [t for t, _ in costs]
+    patches = max(p for _, p in costs)
     # a ViT layer's activations (a few of n_embd per patch, float32) and one head's attention scores at a time
     compute = 4 * patches * (16 * info.n_embd_vision + max(1, info.n_head_vision) * patches)
     return ProjectorEstimate(str(path), info.projector_type, info.size_bytes, compute, sum(tokens))

@@ -113,6 +113,13 @@ def check_projector(header, fail: Callable[[str], Exception]) -> None:
         raise fail("a GLM-Edge projector has no class embedding (v.class_embd)")
 
 
+def image_cost(info, width: int, height: int) -> tuple[int, int]:
+    """(embeddings, encoder patches) of one image: libmtmd resizes every image to ``image_size``, the adapter's 2x2
+    convolution merges the patch grid, and the begin/end-of-image embeddings add two (578 for the published 2B/5B)."""
+    grid = info.image_size // max(1, info.patch_size)
+    return (grid // 2) ** 2 + 2, grid * grid
+
+
 def projector_shapes(d: int, ff: int, n: int, f: int, p: int, n_pos: int, n_layer: int) -> dict:
     """name -> (ggml shape, must be f32) of every tensor the GLM_EDGE graph reads."""
     out = {"v.patch_embd.weight": ((p, p, 3, d), False), "v.patch_embd.bias": ((d,), False),
