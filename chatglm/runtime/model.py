@@ -345,6 +345,12 @@ def open_media(engine: Engine, projector, n_threads: Optional[int]) -> "MediaCon
     if not isinstance(engine, LlamaEngine):
         raise InputError(f"{engine.info.arch} models run on their own engine, which takes no projector",
                          projector.path)
+    from chatglm.families.glm_asr import ROPE_PROJECTOR
+
+    if projector.projector_type == ROPE_PROJECTOR:  # GLM-ASR's rotary encoders: our own graph, not libmtmd
+        from chatglm.runtime.glmasr.context import AudioContext
+
+        return AudioContext(engine, projector, n_threads=n_threads or physical_cores())
     return MediaContext(engine, projector, n_threads=n_threads or physical_cores())
 
 
