@@ -28,6 +28,7 @@ from tests.hostile import cli
 from test_logits_glm import rel_err
 
 TOL = 1e-3
+F16_TOL = 5e-3  # the f16 projector (1.6e-3 measured)
 MEL_TOL = 2e-4  # float64 numpy against the extractor's float32 torch STFT (7e-5 measured)
 PROMPT = "Transcribe"
 SECONDS = 7.3
@@ -219,3 +220,53 @@ def test_cli_run_with_audio_answers(asr):
     out = cli(["run", asr.gguf, "--audio", asr.wav, "-p", PROMPT, "--temp", "0", "-n", "3", "--json", "-c", "1024"])
     assert out.code == 0, out.text
     assert json.loads(out.out.strip().splitlines()[-1])["usage"]["completion_tokens"] >= 1
+
+
+def test_session_audio_is_reused_from_the_cache(asr, model):
+    from chatglm.runtime.session import ChatSession
+
+    evaluated = []
+    for _ in range(2):
+        session = ChatSession(model, system="Write down what is said.")
+        reply = session.send(PROMPT, audio=[asr.wav], max_tokens=2, temperature=0.0)
+        assert isinstance(reply.content, str) and model.last_stats.generated_tokens >= 1
+        evaluated.append(model.last_stats.evaluated_tokens)
+    assert evaluated[0] > N_AUDIO > evaluated[1]  # the same audio at the same place stays cached
+
+
+def test_the_server_takes_input_audio(asr):
+    import base64
+
+    from fixtures_server import openai_client, serve
+
+    from chatglm.runtime.mtmd import PLACEHOLDER
+
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(asr.wav.read_bytes()).decode(),
+                                                   "format": "wav"}}
+    loaded = []  # the server owns (and closes) the model it serves
+    with serve(lambda: loaded.append(load(asr.gguf, n_ctx=1024, kv_type="f32", n_threads=2)) or loaded) as live:
+        reply = openai_client(live).chat.completions.create(
+            model="tiny", max_tokens=2, temperature=0.0,
+            messages=[{"role": "user", "content": [part, {"type": "text", "text": PROMPT}]}])
+        assert reply.usage.completion_tokens >= 1
+        assert loaded[0].engine.tokens.count(PLACEHOLDER) == N_AUDIO  # the cache holds the clip's embeddings
+
+
+def test_two_windows_and_the_default_f16_projector(asr, hf, model, tmp_path):
+    import torch
+
+    pcm = g.sweep(37.0, silence=0.5)
+    f = g.hf_processor(asr.ckpt).feature_extractor(
+        [pcm[:480000].astype(np.float32) / 32768.0, pcm[480000:].astype(np.float32) / 32768.0],
+        sampling_rate=16000, return_attention_mask=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf.model.get_audio_features(f["input_features"], f["attention_mask"]).pooler_output.numpy()
+    media = load_media(g.pcm_wav(pcm), "audio")
+    got = model.media.embeddings(media)
+    assert got.shape == ref.shape == (375 + 87, 64)
+    assert rel_err(got, ref) < TOL
+    result = convert(asr.ckpt, tmp_path / "asr16.gguf", "f32")  # the projector's matrices f16 by default
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(result.mmproj).tensors}
+    assert types["a.blk.0.attn_q.weight"] == types["a.conv1d.1.weight"] == gguf.GGMLQuantizationType.F16
+    with load(result.path, n_ctx=1024, kv_type="f32", n_threads=2) as m16:
+        assert rel_err(m16.media.embeddings(media), ref) < F16_TOL

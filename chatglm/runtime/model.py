@@ -117,6 +117,11 @@ class Model:
             return self.media_format
         return self.format
 
+    @property
+    def media_kinds(self) -> frozenset[str]:
+        """What the server may hand this model besides text: its projector's modality (none without one)."""
+        return frozenset({self.media.info.kind.modality}) if self.media is not None else frozenset()
+
     def media_of(self, messages: Sequence[Message]) -> tuple["Media", ...]:
         """Every medium of the conversation, in prompt order; refused when this model cannot take them."""
         media = tuple(x for m in messages for x in m.media)

@@ -67,6 +67,8 @@ class AudioContext(MediaContext):
 
     def embeddings(self, media: Media) -> np.ndarray:
         p, enc = self.params, self._encoder
+        if enc is None:
+            raise ModelRuntimeError("the audio encoder is closed")
         parts = [enc.encode(w.features)[:mel.n_tokens(w.frames, p.stack)] for w in clip_windows(media, p.n_mel)]
         if p.boa_eoa:
             w = self._weights.host
