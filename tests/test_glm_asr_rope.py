@@ -270,3 +270,40 @@ def test_two_windows_and_the_default_f16_projector(asr, hf, model, tmp_path):
     assert types["a.blk.0.attn_q.weight"] == types["a.conv1d.1.weight"] == gguf.GGMLQuantizationType.F16
     with load(result.path, n_ctx=1024, kv_type="f32", n_threads=2) as m16:
         assert rel_err(m16.media.embeddings(media), ref) < F16_TOL
+
+
+@pytest.mark.parametrize("change,what", [
+    ({"audio_config": {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}}, "rope type 'linear'"),
+    ({"audio_config": {"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.3125}}}, "rotates 5 of 16"),
+    ({"audio_config": {"intermediate_size": 192}}, "intermediate_size 192 is not 4 x hidden_size 64"),
+    ({"audio_config": {"num_key_value_heads": 3}}, "4 heads / 3 key-value heads"),
+    ({"projector_hidden_act": "relu"}, "projector_hidden_act='relu' is not supported"),
+], ids=["rope-type", "odd-rope-dim", "stack", "kv-heads", "act"])
+def test_unsupported_rotary_configs_are_one_line_and_leave_nothing(asr, tmp_path, change, what):
+    cfg = json.loads((asr.ckpt / "config.json").read_text())
+    for key, value in change.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in asr.ckpt.iterdir():
+        if f.name != "config.json":
+            (folder / f.name).symlink_to(f)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = cli(["convert", folder, "-t", "f32", "-o", tmp_path / "x.gguf"])
+    assert out.code != 0 and "Traceback" not in out.text and what in out.text, out.text
+    assert len(out.text.strip().splitlines()) == 1 and not list(tmp_path.glob("*.gguf"))
+
+
+def test_repl_audio_reaches_the_encoder(asr, model, capsys):
+    from test_repl import ScriptedEditor
+
+    from chatglm.cli.repl import Repl
+    from chatglm.runtime.mtmd import PLACEHOLDER
+    from chatglm.runtime.session import ChatSession
+
+    session = ChatSession(model, system="Listen.")
+    session.sampling = session.sampling.updated(max_tokens=2, temperature=0.0)
+    Repl(session, editor=ScriptedEditor([f"/audio {asr.wav}", PROMPT])).run()
+    user = [m for m in session.messages if m.role == "user"]
+    assert len(user) == 1 and len(user[0].media) == 1 and "attached " in capsys.readouterr().err
+    assert model.engine.tokens.count(PLACEHOLDER) == N_AUDIO

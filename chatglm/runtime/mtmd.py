@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CLIP_ARCH = "clip"
 MARKER = "<__chatglm_media__>"
+AUDIO_POSITIONS = 1500  # an audio encoder's positions per 30 s window (3000 mel frames, a stride-2 conv)
 PLACEHOLDER = -1  # what ``engine.tokens`` holds at a medium's positions (no prompt id equals it)
 
 
@@ -133,6 +134,10 @@ def projector_estimate(model_path, mmproj=None, images=()) -> "ProjectorEstimate
     if path is None:
         return None
     info = check_projector(path)
+    if info.kind.modality == "audio":  # a 30 s window at a time: 1500 positions, every head's scores at once
+        n = AUDIO_POSITIONS
+        compute = 4 * n * (16 * info.n_embd_vision + max(1, info.n_head_vision) * n)
+        return ProjectorEstimate(str(path), info.projector_type, info.size_bytes, compute, 0)
     sizes = list(images) or [(info.image_size, info.image_size)]
     tokens = [image_tokens(info, w, h) for w, h in sizes]
     patches = max(tokens) * info.n_merge ** 2
