@@ -173,11 +173,32 @@ def test_the_front_end_refuses_in_one_line(data, what):
     assert "\n" not in str(err.value) and "clip" in str(err.value)
 
 
-def test_a_stereo_wav_is_downmixed():
-    left = g.sweep(1.0)
-    both = np.stack([left, left], axis=1).reshape(-1)
-    got = mel.decode_wav(g.pcm_wav(both).replace(b"\x01\x00\x01\x00", b"\x01\x00\x02\x00", 1), "x")
-    assert len(got) == 16000
+def _float_wav(samples: np.ndarray, channels: int = 1, rate: int = 16000) -> bytes:
+    import struct
+
+    body = np.asarray(samples, dtype="<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, channels, rate, rate * 4 * channels, 4 * channels, 32)
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(body)) + body
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+def test_float_and_stereo_wavs_decode_to_the_same_mono_samples():
+    pcm = g.sweep(1.0)
+    mono = mel.decode_wav(g.pcm_wav(pcm), "x")
+    assert np.array_equal(mel.decode_wav(_float_wav(pcm / 32768.0), "x"), mono)
+    stereo = np.stack([pcm, np.zeros_like(pcm)], axis=1).reshape(-1)  # left the sweep, right silent
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(stereo.tobytes())
+    np.testing.assert_allclose(mel.decode_wav(out.getvalue(), "x"), mono / 2, atol=1e-7)
+    with pytest.raises(InputError, match="22050 Hz"):
+        mel.decode_wav(_float_wav(pcm / 32768.0, rate=22050), "x")
 
 
 @pytest.mark.parametrize("kv,drop,what", [

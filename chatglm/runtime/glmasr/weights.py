@@ -12,8 +12,8 @@ from typing import Callable
 import numpy as np
 
 from chatglm.errors import InputError
-from chatglm.families.glm_asr.rope_encoder import (KEY_BOA, KEY_EPS, KEY_K_BIAS, KEY_THETA, KEYS, POSITIONS,
-                                                   RopeEncoderParams, expected_tensors)
+from chatglm.families.glm_asr.rope_layout import (KEY_BOA, KEY_EPS, KEY_K_BIAS, KEY_THETA, KEYS, POSITIONS,
+                                                  RopeEncoderParams, expected_tensors)
 from chatglm.fsutil import open_regular
 from chatglm.ggml.backend import Buffer, cpu_buffer_type, tensor_set
 from chatglm.ggml.ops import F16, F32, Graph, Tensor
