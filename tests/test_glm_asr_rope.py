@@ -328,3 +328,14 @@ def test_repl_audio_reaches_the_encoder(asr, model, capsys):
     user = [m for m in session.messages if m.role == "user"]
     assert len(user) == 1 and len(user[0].media) == 1 and "attached " in capsys.readouterr().err
     assert model.engine.tokens.count(PLACEHOLDER) == N_AUDIO
+
+
+def test_conv1d_refuses_what_ggml_would_assert():
+    from chatglm.ggml.ops import F32, GGMLError, Graph
+
+    with Graph(16, 16) as gr:
+        kernel = gr.new(F32, (3, 8, 4))
+        for x, what in ((gr.new(F32, (10, 7)), "does not fit"), (gr.new(F32, (1, 8)), "shorter than the kernel")):
+            with pytest.raises(GGMLError, match=what):
+                gr.conv1d(kernel, x, 2, 0)
+        assert gr.conv1d(kernel, gr.new(F32, (10, 8)), 2, 1).ne[:2] == (4, 5)  # (C_out, L_out)

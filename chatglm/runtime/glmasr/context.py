@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 MAX_WINDOWS = 21  # GlmAsrProcessor's max_audio_len of 655 s, in whole 30 s windows
 
 
-def clip_windows(media: Media, n_mel: int) -> list[mel.Window]:
+def clip_samples(media: Media) -> np.ndarray:
     if media.kind != "audio":
         raise InputError(f"the GLM-ASR projector takes audio, not {media.kind}s", media.name)
-    return mel.windows(mel.decode_wav(media.data, media.name), n_mel, MAX_WINDOWS)
+    return mel.decode_wav(media.data, media.name)
 
 
 class AudioContext(MediaContext):
@@ -61,7 +61,8 @@ class AudioContext(MediaContext):
         return self.embeddings(media)
 
     def n_tokens(self, media: Media) -> tuple[int, int]:
-        n = sum(mel.n_tokens(w.frames, self.params.stack) for w in clip_windows(media, self.params.n_mel))
+        frames = mel.window_frames(len(clip_samples(media)), MAX_WINDOWS)
+        n = sum(mel.n_tokens(f, self.params.stack) for f in frames)
         n += 2 if self.params.boa_eoa else 0
         return n, n
 
@@ -69,7 +70,8 @@ class AudioContext(MediaContext):
         p, enc = self.params, self._encoder
         if enc is None:
             raise ModelRuntimeError("the audio encoder is closed")
-        parts = [enc.encode(w.features)[:mel.n_tokens(w.frames, p.stack)] for w in clip_windows(media, p.n_mel)]
+        windows = mel.windows(clip_samples(media), p.n_mel, MAX_WINDOWS)
+        parts = [enc.encode(w.features)[:mel.n_tokens(w.frames, p.stack)] for w in windows]
         if p.boa_eoa:
             w = self._weights.host
             parts = [w["a.boa"][None], *parts, w["a.eoa"][None]]

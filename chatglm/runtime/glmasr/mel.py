@@ -129,19 +129,22 @@ def log_mel(chunk: np.ndarray, filters: np.ndarray) -> np.ndarray:
     return ((spec + 4.0) / 4.0).T.astype(np.float32)
 
 
-def windows(samples: np.ndarray, n_mel: int, max_windows: int) -> list[Window]:
-    """The 30 s windows of a clip (the last one shorter, padded), as the processor splits it; at most
-    ``max_windows`` (a longer clip is refused by the caller's limits before this)."""
-    filters = mel_filters(n_mel)
-    n = max(1, -(-len(samples) // WINDOW_SAMPLES))
+def window_frames(n_samples: int, max_windows: int) -> list[int]:
+    """The mel frames holding audio in each 30 s window of a clip of ``n_samples`` (the processor's split: the last
+    window shorter, padded); more than ``max_windows`` windows is refused."""
+    n = max(1, -(-n_samples // WINDOW_SAMPLES))
     if n > max_windows:
-        raise InputError(f"audio of {len(samples) / SAMPLE_RATE:.0f} s is longer than the "
+        raise InputError(f"audio of {n_samples / SAMPLE_RATE:.0f} s is longer than the "
                          f"{max_windows * WINDOW_SECONDS} s this model takes")
-    out = []
-    for i in range(n):
-        chunk = samples[i * WINDOW_SAMPLES:(i + 1) * WINDOW_SAMPLES]
-        out.append(Window(log_mel(chunk, filters), -(-len(chunk) // HOP)))
-    return out
+    return [-(-min(WINDOW_SAMPLES, n_samples - i * WINDOW_SAMPLES) // HOP) for i in range(n)]
+
+
+def windows(samples: np.ndarray, n_mel: int, max_windows: int) -> list[Window]:
+    """The log-mel windows of a clip, as :func:`window_frames` splits it."""
+    filters = mel_filters(n_mel)
+    frames = window_frames(len(samples), max_windows)
+    return [Window(log_mel(samples[i * WINDOW_SAMPLES:(i + 1) * WINDOW_SAMPLES], filters), f)
+            for i, f in enumerate(frames)]
 
 
 def n_tokens(frames: int, stack: int) -> int:
