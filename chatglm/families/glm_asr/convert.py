@@ -171,11 +171,7 @@ class GlmaProjector(Projector):
     def __init__(self, family: GlmAsr):
         super().__init__(family)
         full = family.full
-        if family.layout == HF:
-            raise UnsupportedModelError(
-                "transformers' GlmAsrEncoder rotates queries and keys (RoPE), which libmtmd's glma graph (learned "
-                "positions, no rotary) cannot compute", family.config_path)
-        if full.get("use_rope", False) is not False:
+        if full.get("use_rope", False) is not False:  # true is RopeEncoderProjector's; anything else is no boolean
             raise UnsupportedModelError(
                 f"use_rope={shown(full.get('use_rope'))}: the encoder rotates queries and keys, which libmtmd's glma "
                 "graph (learned positions, no rotary) cannot compute", family.config_path)
