@@ -155,21 +155,25 @@ def test_a_wrong_audio_format_is_refused_in_one_line(model, data):
     assert "\n" not in str(err.value)
 
 
-def test_rotary_encoders_are_refused_in_one_line(asr, tmp_path):
+def test_rotary_encoders_never_become_glma_projectors(asr, tmp_path):
+    """use_rope true is our own projector (tests/test_glm_asr_rope.py); a use_rope that is no boolean is refused."""
     cfg = json.loads((asr.ckpt / "config.json").read_text())
-    rope = tmp_path / "rope"
-    rope.mkdir()
-    for f in asr.ckpt.iterdir():
-        (rope / f.name).symlink_to(f)
-    (rope / "config.json").unlink()
-    (rope / "config.json").write_text(json.dumps({**cfg, "use_rope": True}))
-    hf = g.save_hf_checkpoint(tmp_path / "hf", asr.tok)
-    for folder, what in ((rope, "use_rope=True"), (hf, "GlmAsrEncoder rotates")):
-        with pytest.raises(UnsupportedModelError, match=what):
-            convert(folder, tmp_path / "x.gguf", "f32")
-        out = cli(["convert", folder, "-t", "f32", "-o", tmp_path / "y.gguf"])
+    for value, what in ((True, None), ("yes", "use_rope='yes'")):
+        rope = tmp_path / f"rope-{value}"
+        rope.mkdir()
+        for f in asr.ckpt.iterdir():
+            if f.name != "config.json":
+                (rope / f.name).symlink_to(f)
+        (rope / "config.json").write_text(json.dumps({**cfg, "use_rope": value}))
+        if what is None:
+            result = convert(rope, tmp_path / "rope.gguf", "f32")
+            assert read_header(result.mmproj).get("clip.projector_type") == "chatglm_glmasr_rope"
+            continue
+        with pytest.raises(UnsupportedModelError, match=re.escape(what)):
+            convert(rope, tmp_path / "x.gguf", "f32")
+        out = cli(["convert", rope, "-t", "f32", "-o", tmp_path / "y.gguf"])
         assert out.code != 0 and "Traceback" not in out.text and what in out.text
-        assert not list(tmp_path.glob("*.gguf"))
+        assert not list(tmp_path.glob("[xy].gguf")) and not list(tmp_path.glob("mmproj-[xy].gguf"))
 
 
 @pytest.mark.parametrize("kv,drop,what", [

@@ -34,6 +34,8 @@ AUDIO_SPECIALS = ("<|begin_of_audio|>", "<|end_of_audio|>", "<|pad|>")
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>\n{% if m.content is string %}{{ m.content }}{% else %}"
             "{% for c in m.content %}{% if c.type == 'audio' %}<|pad|>{% else %}{{ c.text }}{% endif %}{% endfor %}"
             "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+# transformers' layout: the processor expands each <|pad|> to one per embedding, between begin/end-of-audio
+HF_TEMPLATE = TEMPLATE.replace("<|pad|>", "<|begin_of_audio|><|pad|><|end_of_audio|>")
 SAMPLE_RATE = 16000
 
 
@@ -150,14 +152,14 @@ def remote_config(m: RemoteGlmAsr, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
-def _write(out: Path, state: dict, cfg: dict, tok) -> Path:
+def _write(out: Path, state: dict, cfg: dict, tok, template: str = TEMPLATE) -> Path:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     tok.save(str(out / "tokenizer.json"))
-    tok_cfg = tokenizer_config(tok, TEMPLATE, tokenizer_class="PreTrainedTokenizerFast")
+    tok_cfg = tokenizer_config(tok, template, tokenizer_class="PreTrainedTokenizerFast")
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
     return out
 
@@ -211,12 +213,67 @@ def save_hf_checkpoint(out_dir: str | Path, tok, seed: int = 0) -> Path:
         audio_token_id=tok.token_to_id("<|pad|>"))
     torch.manual_seed(seed)
     model = GlmAsrForConditionalGeneration(cfg).eval()
+    for i, part in enumerate((model.model.audio_tower, model.model.multi_modal_projector, model.model.language_model)):
+        _randomize(part, seed * 10 + i)  # transformers' init leaves biases 0 and norms 1: nothing would test them
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     config = cfg.to_dict()
     config.pop("transformers_version", None)
     config.pop("dtype", None)
     config["architectures"] = ["GlmAsrForConditionalGeneration"]
-    return _write(Path(out_dir), state, config, tok)
+    return _write(Path(out_dir), state, config, tok, HF_TEMPLATE)
+
+
+def hf_processor(ckpt: str | Path):
+    """transformers' ``GlmAsrProcessor`` for a checkpoint of :func:`save_hf_checkpoint` (its feature extractor:
+    Whisper's, 128 mel bins, as the published processor)."""
+    from transformers import AutoTokenizer, GlmAsrProcessor, WhisperFeatureExtractor
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    return GlmAsrProcessor(WhisperFeatureExtractor(feature_size=128), tok, chat_template=HF_TEMPLATE)
+
+
+def rope_encoder_of(m: RemoteGlmAsr):
+    """transformers' ``GlmAsrEncoder`` holding the remote layout's encoder weights (its rotary settings left at
+    transformers' defaults, which a remote ``use_rope: true`` config does not name) and the adapter's LayerNorm as
+    its final norm: the reference for a remote checkpoint with ``use_rope: true``."""
+    import torch
+    from transformers.models.glmasr.configuration_glmasr import GlmAsrEncoderConfig
+    from transformers.models.glmasr.modeling_glmasr import GlmAsrEncoder
+
+    wc = m.whisper.config
+    cfg = GlmAsrEncoderConfig(hidden_size=wc.d_model, intermediate_size=wc.encoder_ffn_dim,
+                              num_hidden_layers=wc.encoder_layers, num_attention_heads=wc.encoder_attention_heads,
+                              num_mel_bins=wc.num_mel_bins)
+    cfg._attn_implementation = "eager"
+    enc = GlmAsrEncoder(cfg).eval()
+    names = {"input_layernorm": "self_attn_layer_norm", "post_attention_layernorm": "final_layer_norm",
+             "self_attn.o_proj": "self_attn.out_proj", "mlp.fc1": "fc1", "mlp.fc2": "fc2"}
+    src = m.whisper.state_dict()
+    state = {}
+    for key in enc.state_dict():
+        if key.startswith("norm."):
+            state[key] = m.layer_norm.state_dict()[key[5:]]
+            continue
+        theirs = key
+        for ours, name in names.items():
+            theirs = theirs.replace(f".{ours}.", f".{name}.")
+        state[key] = src[theirs]
+    with torch.no_grad():
+        enc.load_state_dict(state)
+    return enc
+
+
+def remote_rope_embeddings(m: RemoteGlmAsr, features: np.ndarray, n_tokens: int) -> np.ndarray:
+    """The rotary remote layout's audio path in f32 for one window: encoder, adapter on ``merge_factor`` stacked
+    frames, the first ``n_tokens`` kept, begin/end-of-audio around them: (n_tokens + 2, hidden)."""
+    import torch
+
+    enc = rope_encoder_of(m)
+    with torch.no_grad():
+        h = enc(torch.from_numpy(np.asarray(features, dtype=np.float32))[None]).last_hidden_state
+        out = m.adapting(h.reshape(1, -1, h.shape[-1] * m.merge_factor))[0, :n_tokens]
+        w = m.boa_eoa.weight
+        return torch.cat([w[:1], out, w[1:]], 0).numpy()
 
 
 def build(out_dir: str | Path, layout: str = "remote", seed: int = 0, tok: Optional[Any] = None) -> Path:

@@ -61,6 +61,7 @@ _BASE = {
     "ggml_get_rows": (P, [P, P, P]), "ggml_norm": (P, [P, P, F]), "ggml_add": (P, [P, P, P]),
     "ggml_mul": (P, [P, P, P]), "ggml_scale": (P, [P, P, F]), "ggml_scale_bias": (P, [P, P, F, F]),
     "ggml_sqr": (P, [P, P]), "ggml_tanh": (P, [P, P]), "ggml_sigmoid": (P, [P, P]), "ggml_mul_mat": (P, [P, P, P]),
+    "ggml_gelu_erf": (P, [P, P]), "ggml_im2col": (P, [P, P, P, INT, INT, INT, INT, INT, INT, B, INT]),
     "ggml_cont": (P, [P, P]), "ggml_cpy": (P, [P, P, P]), "ggml_permute": (P, [P, P, INT, INT, INT, INT]),
     "ggml_reshape_4d": (P, [P, P, I64, I64, I64, I64]),
     "ggml_view_4d": (P, [P, P, I64, I64, I64, I64, SZ, SZ, SZ, SZ]),
@@ -293,6 +294,10 @@ class Graph:
     def sigmoid(self, a: Tensor) -> Tensor:
         return self._unary(self._a.sigmoid, a, what="sigmoid")
 
+    def gelu_erf(self, a: Tensor) -> Tensor:
+        """GELU with erf (PyTorch's exact ``gelu``, not the tanh approximation)."""
+        return self._unary(self._a.gelu_erf, a, what="gelu_erf")
+
     def scale(self, a: Tensor, s: float) -> Tensor:
         return self._unary(self._a.scale, a, s, what="scale", rows_only=False)
 
@@ -313,6 +318,22 @@ class Graph:
             raise GGMLError("mul_mat: the second operand's rows are not contiguous")
         self._reserve()
         return self._made(self._a.mul_mat(self.ctx, a.ptr, b.ptr), F32, (a.ne[1], b.ne[1], b.ne[2], b.ne[3]))
+
+    def conv1d(self, kernel: Tensor, x: Tensor, stride: int, pad: int) -> Tensor:
+        """A 1-D convolution as im2col (f32) and mul_mat: ``kernel`` (K, C_in, C_out) of any matmul type, ``x``
+        (L, C_in) f32 contiguous (time along rows) -> (C_out, L_out) f32: channels along rows, one per step."""
+        k, c_in, c_out = kernel.ne[0], kernel.ne[1], kernel.ne[2]
+        if x.type != F32 or not x.is_contiguous() or x.ne[1] != c_in or x.ne[2:] != (1, 1) or kernel.ne[3] != 1:
+            raise GGMLError(f"conv1d: kernel {list(kernel.ne)} does not fit input {list(x.ne)}")
+        if stride < 1 or pad < 0 or not kernel.is_contiguous():
+            raise GGMLError("conv1d: needs a contiguous kernel, a positive stride and a non-negative padding")
+        n_out = (x.ne[0] + 2 * pad - k) // stride + 1
+        if n_out < 1:
+            raise GGMLError(f"conv1d: input of {x.ne[0]} steps is shorter than the kernel of {k}")
+        self._reserve()
+        ptr = self._a.im2col(self.ctx, kernel.ptr, x.ptr, stride, 0, pad, 0, 1, 0, False, F32)
+        cols = self._made(ptr, F32, (k * c_in, n_out, 1, 1))  # (K * C_in, L_out)
+        return self.mul_mat(self.reshape(kernel, (k * c_in, c_out)), cols)
 
     def get_rows(self, a: Tensor, ids: Tensor) -> Tensor:
         """Rows ``ids`` (i32 vector) of the matrix ``a`` as f32 (ne0, len(ids))."""

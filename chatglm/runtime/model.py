@@ -117,6 +117,11 @@ class Model:
             return self.media_format
         return self.format
 
+    @property
+    def media_kinds(self) -> frozenset[str]:
+        """What the server may hand this model besides text: its projector's modality (none without one)."""
+        return frozenset({self.media.info.kind.modality}) if self.media is not None else frozenset()
+
     def media_of(self, messages: Sequence[Message]) -> tuple["Media", ...]:
         """Every medium of the conversation, in prompt order; refused when this model cannot take them."""
         media = tuple(x for m in messages for x in m.media)
@@ -345,6 +350,12 @@ def open_media(engine: Engine, projector, n_threads: Optional[int]) -> "MediaCon
     if not isinstance(engine, LlamaEngine):
         raise InputError(f"{engine.info.arch} models run on their own engine, which takes no projector",
                          projector.path)
+    from chatglm.families.glm_asr import ROPE_PROJECTOR
+
+    if projector.projector_type == ROPE_PROJECTOR:  # GLM-ASR's rotary encoders: our own graph, not libmtmd
+        from chatglm.runtime.glmasr.context import AudioContext
+
+        return AudioContext(engine, projector, n_threads=n_threads or physical_cores())
     return MediaContext(engine, projector, n_threads=n_threads or physical_cores())
 
 

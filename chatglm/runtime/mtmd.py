@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CLIP_ARCH = "clip"
 MARKER = "<__chatglm_media__>"
+AUDIO_POSITIONS = 1500  # an audio encoder's positions per 30 s window (3000 mel frames, a stride-2 conv)
 PLACEHOLDER = -1  # what ``engine.tokens`` holds at a medium's positions (no prompt id equals it)
 
 
@@ -140,6 +141,10 @@ def projector_estimate(model_path, mmproj=None, images=()) -> "ProjectorEstimate
     if path is None:
         return None
     info = check_projector(path)
+    if info.kind.modality == "audio":  # a 30 s window at a time: 1500 positions, every head's scores at once
+        n = AUDIO_POSITIONS
+        compute = 4 * n * (16 * info.n_embd_vision + max(1, info.n_head_vision) * n)
+        return ProjectorEstimate(str(path), info.projector_type, info.size_bytes, compute, 0)
     sizes = list(images) or [(info.image_size, info.image_size)]
     costs = [image_cost(info, w, h) for w, h in sizes]
     tokens = [t for t, _ in costs]
@@ -187,12 +192,7 @@ class MediaContext:
 
     def __init__(self, engine, info: ProjectorInfo, *, n_threads: int):
         m = _mtmd()
-        self.engine, self.info = engine, info
-        self.placeholder_id = engine.info.added.get(info.kind.placeholder, engine.info.special.get(
-            info.kind.placeholder))
-        if self.placeholder_id is None:
-            raise InputError(f"the model's vocabulary has no {info.kind.placeholder} token for the "
-                             f"{info.projector_type} projector", info.path)
+        self._attach(engine, info)
         params = m.mtmd_context_params_default()
         params.use_gpu = False
         params.print_timings = False
@@ -200,11 +200,20 @@ class MediaContext:
         params.warmup = False
         self._marker = MARKER.encode()
         params.media_marker = self._marker
-        # cache position -> (positions, embeddings, bytes) of each medium the cache holds
-        self._evaluated: dict[int, tuple[int, int, bytes]] = {}
         self._ctx = m.mtmd_init_from_file(str(info.path).encode(), engine.native_model, params)
         if not self._ctx:
             raise InputError("libmtmd could not load this projector", info.path)
+
+    def _attach(self, engine, info: ProjectorInfo) -> None:
+        """The engine, the projector and its placeholder id; nothing evaluated yet."""
+        self.engine, self.info = engine, info
+        self.placeholder_id = engine.info.added.get(info.kind.placeholder, engine.info.special.get(
+            info.kind.placeholder))
+        if self.placeholder_id is None:
+            raise InputError(f"the model's vocabulary has no {info.kind.placeholder} token for the "
+                             f"{info.projector_type} projector", info.path)
+        # cache position -> (positions, embeddings, bytes) of each medium the cache holds
+        self._evaluated: dict[int, tuple[int, int, bytes]] = {}
 
     # -- media -> chunks ----------------------------------------------------------------------------------------
     def _tokenize(self, media: Media):
@@ -280,7 +289,6 @@ class MediaContext:
                 progress: Optional[ProgressFn] = None) -> int:
         """Make the engine's cache hold ``ids`` with each placeholder replaced by its medium; returns the entries
         evaluated. What the cache already holds of them (text and the same media at the same places) stays."""
-        m = _mtmd()
         engine = self.engine
         ids = list(ids)
         self.check_placeholders(ids, media)
@@ -293,8 +301,7 @@ class MediaContext:
         engine.extra_cells = sum(r[1] - r[0] for r in self._evaluated.values())
         tokenized = [self._tokenize(x) for x in media[n_media:]]
         try:
-            sizes = [r[1] for p, r in sorted(self._evaluated.items())] + [
-                m.mtmd_input_chunk_get_n_tokens(m.mtmd_input_chunks_get(c, i)) for c, found in tokenized for i in found]
+            sizes = [r[1] for p, r in sorted(self._evaluated.items())] + [self._n_embd(t) for t in tokenized]
             cells = len(ids) - len(media) + sum(sizes)
             if cells > engine.info.n_ctx:
                 raise ContextOverflowError(f"the prompt with its {len(media)} media needs {cells} tokens, more than "
@@ -310,9 +317,9 @@ class MediaContext:
                     engine._eval(segment, cancel=cancel)
                     done += len(segment)
                     segment = []
-                (chunks, found), medium = next(todo)
+                prepared, medium = next(todo)
                 pos = len(engine.tokens)
-                n = sum(self._eval_chunk(m.mtmd_input_chunks_get(chunks, i), cancel) for i in found)
+                n = self._eval_medium(prepared, cancel)
                 done += n
                 self._evaluated[pos] = (len(engine.tokens) - pos, n, medium.data)
                 engine.extra_cells += n - (len(engine.tokens) - pos)
@@ -323,8 +330,21 @@ class MediaContext:
                 done += len(segment)
             return done
         finally:
-            for chunks, _ in tokenized:
-                m.mtmd_input_chunks_free(chunks)
+            for t in tokenized:
+                self._release(t)
+
+    # what prefill does with one medium's _tokenize result: its embeddings, evaluating them, freeing it
+    def _n_embd(self, tokenized) -> int:
+        m = _mtmd()
+        chunks, found = tokenized
+        return sum(m.mtmd_input_chunk_get_n_tokens(m.mtmd_input_chunks_get(chunks, i)) for i in found)
+
+    def _eval_medium(self, tokenized, cancel: Optional[threading.Event]) -> int:
+        chunks, found = tokenized
+        return sum(self._eval_chunk(_mtmd().mtmd_input_chunks_get(chunks, i), cancel) for i in found)
+
+    def _release(self, tokenized) -> None:
+        _mtmd().mtmd_input_chunks_free(tokenized[0])
 
     def _reusable(self, ids: list[int], media: Sequence[Media]) -> tuple[int, int, int]:
         """(ids, cache positions, media) of the prompt the cache already holds: the same text, and the same media

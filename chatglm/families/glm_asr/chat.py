@@ -48,7 +48,15 @@ def _glma_tensors(header, fail: Callable[[str], Exception]) -> dict[str, tuple[O
 
 
 def check_projector(header, fail: Callable[[str], Exception]) -> None:
-    """Every tensor libmtmd's glma graph uses is there, shaped as the header's sizes say and typed as its ops take."""
+    """Every tensor libmtmd's glma graph uses is there, shaped as the header's sizes say and typed as its ops take;
+    our own rotary-encoder projector is checked by the module that runs it."""
+    from chatglm.families.glm_asr import ROPE_PROJECTOR
+
+    if header.get("clip.projector_type") == ROPE_PROJECTOR:
+        from chatglm.runtime.glmasr.weights import check_header
+
+        check_header(header, fail)
+        return
     for name, (shape, f32) in _glma_tensors(header, fail).items():
         t = header.tensors.get(name)
         if t is None:

@@ -12,9 +12,9 @@ Two layouts are read:
 libmtmd's ``glma`` graph (tools/mtmd/models/whisper-enc.cpp) is Whisper's encoder with a learned position table and
 no rotary embedding: conv1d x2 (gelu) + positions, pre-norm layers (q and v biased, k not), then the adapter's
 LayerNorm, ``stack_factor`` frames stacked, a gelu MLP, and the begin/end-of-audio embeddings around the result. An
-encoder that rotates its queries and keys (``use_rope``; transformers' ``GlmAsrEncoder`` always does) computes
-something that graph cannot, so it is refused, in one line, rather than converted into a projector that gives wrong
-embeddings.
+encoder that rotates its queries and keys (``use_rope: true``; transformers' ``GlmAsrEncoder`` always does)
+computes something that graph cannot: it is written as our own projector type (:mod:`.rope_encoder`), which
+chatglm/runtime/glmasr/ runs, never libmtmd.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from chatglm.convert.vocab_bpe import build_tokenizer_json_vocab, chat_template_
 from chatglm.errors import InputError, UnsupportedModelError
 from chatglm.families.glm4_hf import FAMILY as GLM_EDGE
 from chatglm.families.glm_asr import FAMILY
+from chatglm.families.glm_asr.rope_encoder import RopeEncoderProjector
 from chatglm.limits import MAX_NORM_EPS
 
 T = gguf.MODEL_TENSOR
@@ -93,6 +94,9 @@ class GlmAsr(Family):
         n_vocab = self.cfg_int("vocab_size")
         self.check_rows("vocab_size", n_vocab, embedding, 0, "rows")
         tied_default = self.full.get("tie_word_embeddings", self.layout == HF)
+        if self.layout == HF and isinstance(tied_default, bool):
+            # GlmAsrForConditionalGeneration ties by its own config, whatever text_config says
+            self.config = {**self.config, "tie_word_embeddings": tied_default}
         return HFHparams(
             n_layer=n_layer, n_embd=n_embd, n_ff=self.cfg_int("intermediate_size"), n_head=n_head,
             n_head_kv=n_head_kv, head_dim=head_dim, n_rot=head_dim, n_vocab=n_vocab,
@@ -150,7 +154,11 @@ class GlmAsr(Family):
             plan += self._out(T.OUTPUT, None, (hp.n_vocab, hp.n_embd), "lm_head")
         return plan
 
-    def projector(self) -> "GlmaProjector":
+    def projector(self) -> Projector:
+        """transformers' encoder and the remote one with ``use_rope: true`` rotate queries and keys: our own
+        projector type, run on our own graph (:mod:`rope_encoder`); the remote one without, libmtmd's ``glma``."""
+        if self.layout == HF or self.full.get("use_rope", False) is True:
+            return RopeEncoderProjector(self, remote=self.layout == REMOTE)
         return GlmaProjector(self)
 
 
@@ -163,11 +171,7 @@ class GlmaProjector(Projector):
     def __init__(self, family: GlmAsr):
         super().__init__(family)
         full = family.full
-        if family.layout == HF:
-            raise UnsupportedModelError(
-                "transformers' GlmAsrEncoder rotates queries and keys (RoPE), which libmtmd's glma graph (learned "
-                "positions, no rotary) cannot compute", family.config_path)
-        if full.get("use_rope", False) is not False:
+        if full.get("use_rope", False) is not False:  # true is RopeEncoderProjector's; anything else is no boolean
             raise UnsupportedModelError(
                 f"use_rope={shown(full.get('use_rope'))}: the encoder rotates queries and keys, which libmtmd's glma "
                 "graph (learned positions, no rotary) cannot compute", family.config_path)
