@@ -338,8 +338,8 @@ def engine_loop(engine, gen: list[int], params) -> float:
     return elapsed
 
 
-def layer_rows(path: Path, n: int, threads: int) -> list[tuple[str, dict[str, float]]]:
-    """Cumulative µs per token per layer (greedy, default sampler), llama_decode stubbed out."""
+def layer_rows(path: Path, n: int, threads: int) -> tuple[list[tuple[str, float]], dict[str, float]]:
+    """Cumulative µs per token per layer, greedy, llama_decode stubbed out; and the default sampler chain's cost."""
     from chatglm.runtime.sampling import SamplingParams
 
     n_ctx = 2 * (n + 64)
@@ -348,50 +348,52 @@ def layer_rows(path: Path, n: int, threads: int) -> list[tuple[str, dict[str, fl
     m = api.model
     gen = random_tokens(m.info, n + 2, np.random.default_rng(0))
     us = 1e6 / n
-    rows: list[tuple[str, dict[str, float]]] = []
-    both = {k: SamplingParams().updated(**s) for k, s in SAMPLERS.items()}
-
-    def row(label: str, fn: Callable[[dict, str], float]) -> None:
-        rows.append((label, {k: fn(s, k) * us for k, s in SAMPLERS.items()}))
-
+    rows: list[tuple[str, float]] = []
+    greedy = SamplingParams().updated(**GREEDY)
     try:
-        bare_s = stubbed(lambda: bare.decode(gen[2:]))
-        row("bare loop (batch slot, decode, sync)", lambda s, k: bare_s)
-        step_s = stubbed(lambda: engine_loop(m.engine, gen, None))
-        row("engine.step", lambda s, k: step_s)
-        row("+ sampler (llama.cpp chain)", lambda s, k: stubbed(lambda: engine_loop(m.engine, gen, both[k])))
-        row("+ Model.generate (stop ids, UTF-8)", lambda s, k: stubbed(
-            lambda: (m.engine.reset(), m.generate(PROMPT, max_tokens=n + 1, **s), m.last_stats.decode_seconds)[-1]))
-        row("+ session stream (chat format)", lambda s, k: stubbed(lambda: api.seconds(n, s)))
+        rows.append(("bare loop (batch slot, decode, sync)", stubbed(lambda: bare.decode(gen[2:])) * us))
+        step = stubbed(lambda: engine_loop(m.engine, gen, None)) * us
+        rows.append(("engine.step", step))
+        rows.append(("+ sampler", stubbed(lambda: engine_loop(m.engine, gen, greedy)) * us))
+        rows.append(("+ Model.generate (stop ids, UTF-8)", stubbed(
+            lambda: (m.engine.reset(), m.generate(PROMPT, max_tokens=n + 1, **GREEDY),
+                     m.last_stats.decode_seconds)[-1]) * us))
+        rows.append(("+ session stream (chat format)", stubbed(lambda: api.seconds(n, GREEDY), 9) * us))
+        chain = {k: stubbed(lambda s=s: engine_loop(m.engine, gen, SamplingParams().updated(**s))) * us - step
+                 for k, s in SAMPLERS.items()}
+        armed = getattr(m.engine, "_abort_armed", True)  # before the fix the callback was always installed
     finally:
         api.close()
         nodes, per_call = callback_nodes(bare), callback_call_us()
         bare.close()
     run = RunPath(path, n_ctx, threads, stub=True)
-    row("chatglm run -p to a pipe (child)", lambda s, k: statistics.median(run.seconds(n, s) for _ in range(3)))
+    rows.append(("chatglm run -p to a pipe (child)", statistics.median(run.seconds(n, GREEDY) for _ in range(5)) * us))
     run.close()
-    serve = ServePath(path, n_ctx, threads, stub=True)
+    serve = ServePath(path, 4 * n + 128, threads, stub=True)
     try:
-        row("chatglm serve, SSE read here", lambda s, k: statistics.median(serve.seconds(n, s) for _ in range(5)))
+        rows.append(("chatglm serve, SSE read here", statistics.median(
+            serve.seconds(4 * n, GREEDY) for _ in range(7)) * 1e6 / (4 * n)))
     finally:
         serve.close()
-    rows.append((f"(abort callback if installed: {nodes} nodes x {per_call:.2f} µs)",
-                 {k: nodes * per_call for k in SAMPLERS}))
-    return rows
+    chain["abort"] = nodes * per_call if armed else 0.0
+    chain["abort_text"] = f"{nodes} nodes x {per_call:.2f} µs, {'installed' if armed else 'not installed'} for steps"
+    return rows, chain
 
 
-def layer_table(rows: list[tuple[str, dict[str, float]]], title: str) -> str:
-    head = f"| {'layer (cumulative)':<44} | {'greedy µs':>9} | {'+Δ':>7} | {'default µs':>10} | {'+Δ':>7} |"
+def layer_table(rows: list[tuple[str, float]], extra: dict, title: str) -> str:
+    head = f"| {'layer (cumulative, greedy)':<40} | {'µs/token':>8} | {'+Δ µs':>7} |"
     lines = [title, "", head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     prev = None
     for label, v in rows:
-        d = {k: v[k] - prev[k] for k in v} if prev is not None and not label.startswith("(") else None
-        dg, dd = ("", "") if d is None else (f"{d['greedy']:+.1f}", f"{d['default']:+.1f}")
-        lines.append(f"| {label:<44} | {v['greedy']:>9.1f} | {dg:>7} | {v['default']:>10.1f} | {dd:>7} |")
-        if not label.startswith(("chatglm", "(")):
+        lines.append(f"| {label:<40} | {v:>8.1f} | {'' if prev is None else f'{v - prev:+.1f}':>7} |")
+        if not label.startswith("chatglm"):
             prev = v
-    lines.append("\n(+Δ of the run and serve rows: over the session stream row; the serve row is measured by the "
-                 "client, the request cost cancelled by a 1-token request)")
+    lines += ["", "(+Δ of the run and serve rows: over the session stream row; serve is measured by the client, the "
+              "request cost cancelled by a 1-token request)",
+              f"sampler call alone: greedy {extra['greedy']:.1f} µs, default chain {extra['default']:.1f} µs (the "
+              "chain's top-p sorts the whole nucleus: the whole vocabulary on random weights' flat logits)",
+              f"abort callback per decode step: {extra['abort']:.1f} µs ({extra['abort_text']}; not seen with "
+              "llama_decode stubbed)"]
     return "\n".join(lines)
 
 
@@ -419,8 +421,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print()
     if not args.paths_only:
         tiny = build_gguf(SMALL["chatglm3-6b"], "q4_0", CACHE / "small")
-        rows = layer_rows(tiny, args.n_gen, args.threads)
-        print(layer_table(rows, f"Per-token cost per layer, {tiny.name} (tiny), llama_decode stubbed out, "
+        rows, extra = layer_rows(tiny, args.n_gen, args.threads)
+        print(layer_table(rows, extra, f"Per-token cost per layer, {tiny.name} (tiny), llama_decode stubbed out, "
                                 f"n={args.n_gen}; load average {load_text()}"))
     return 0
 

@@ -279,12 +279,14 @@ class NativeSampler:
 
 class ArgmaxSampler:
     """Greedy decoding without a repeat penalty: the first largest logit, as llama.cpp's greedy sampler picks it,
-    read in place (the chain would first copy every logit into a candidate array: ~0.4 ms a token at a 65k
-    vocabulary)."""
+    read in place (the chain would first copy every logit into a candidate array: ~0.3 ms a token at a 65k
+    vocabulary). The numpy view of the logits is kept while llama.cpp keeps them at the same address."""
 
     def __init__(self, ctx, n_vocab: int):
         self._ctx, self._n_vocab = ctx, n_vocab
         self._get = lib().llama_get_logits_ith
+        self._row = ctypes.c_float * n_vocab
+        self._address, self._view = 0, np.empty(0, dtype=np.float32)
 
     def __call__(self) -> int:
         return self.at(-1)
@@ -294,7 +296,10 @@ class ArgmaxSampler:
         ptr = self._get(self._ctx, i)
         if not ptr:
             raise ModelRuntimeError(f"no logits for output {i} of the last batch")
-        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        address = ctypes.addressof(ptr.contents)
+        if address != self._address:
+            self._address, self._view = address, np.frombuffer(self._row.from_address(address), dtype=np.float32)
+        logits = self._view
         token = int(logits.argmax())
         if logits[token] != logits[token]:  # a NaN: the greedy sampler skips them (and keeps a NaN first one)
             token = 0 if logits[0] != logits[0] else int(np.nanargmax(logits))
