@@ -38,10 +38,11 @@ from chatglm.runtime.model import Model  # noqa: E402
 class BareLoop:
     """llama_model + llama_context + llama_batch, driven the way llama-bench drives them."""
 
-    def __init__(self, path: Path, *, n_ctx: int, n_batch: int, n_threads: int):
+    def __init__(self, path: Path, *, n_ctx: int, n_batch: int, n_threads: int, load_mode: int = 1):
         ll = self.ll = native.lib()
         params = ll.llama_model_default_params()
         params.n_gpu_layers = 0
+        params.load_mode = load_mode  # mmap: llama-bench's default (--mmap 1) and the engine's (the default is auto)
         self.model = ll.llama_model_load_from_file(os.fsencode(path), params)
         cparams = ll.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = n_ctx, n_batch, n_batch, 1
