@@ -172,7 +172,9 @@ def cost_report(engine, model: Model, bare: "BareLoop", gen: list[int], bare_tpt
             ("Model.generate greedy (whole loop)", python_cost_us(lambda: generate_seconds(model, n, 0.0), n)),
             ("Model.generate sampled t=0.8", python_cost_us(lambda: generate_seconds(model, n, 0.8), n))]
     nodes, per_call = callback_nodes(bare), callback_call_us()
-    rows.append((f"abort callback: {nodes} nodes x {per_call:.2f} us", nodes * per_call))
+    armed = getattr(engine, "_abort_armed", True)  # the engine installs it only while a prompt can be cancelled
+    rows.append((f"abort callback: {nodes} nodes x {per_call:.2f} us{'' if armed else ', not installed for steps'}",
+                 nodes * per_call if armed else 0.0))
     engine_total = rows[1][1] - rows[0][1] + rows[-1][1]
     lines = [f"Python cost per token, llama_decode stubbed out (bare decode: {bare_tpt_us:.0f} us/token):", ""]
     lines += [f"  {label:<52} {us:9.1f} us" for label, us in rows]
