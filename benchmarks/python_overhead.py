@@ -38,10 +38,11 @@ from chatglm.runtime.model import Model  # noqa: E402
 class BareLoop:
     """llama_model + llama_context + llama_batch, driven the way llama-bench drives them."""
 
-    def __init__(self, path: Path, *, n_ctx: int, n_batch: int, n_threads: int):
+    def __init__(self, path: Path, *, n_ctx: int, n_batch: int, n_threads: int, load_mode: int = 1):
         ll = self.ll = native.lib()
         params = ll.llama_model_default_params()
         params.n_gpu_layers = 0
+        params.load_mode = load_mode  # mmap: llama-bench's default (--mmap 1) and the engine's (the default is auto)
         self.model = ll.llama_model_load_from_file(os.fsencode(path), params)
         cparams = ll.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = n_ctx, n_batch, n_batch, 1
@@ -171,7 +172,9 @@ def cost_report(engine, model: Model, bare: "BareLoop", gen: list[int], bare_tpt
             ("Model.generate greedy (whole loop)", python_cost_us(lambda: generate_seconds(model, n, 0.0), n)),
             ("Model.generate sampled t=0.8", python_cost_us(lambda: generate_seconds(model, n, 0.8), n))]
     nodes, per_call = callback_nodes(bare), callback_call_us()
-    rows.append((f"abort callback: {nodes} nodes x {per_call:.2f} us", nodes * per_call))
+    armed = getattr(engine, "_abort_armed", True)  # the engine installs it only while a prompt can be cancelled
+    rows.append((f"abort callback: {nodes} nodes x {per_call:.2f} us{'' if armed else ', not installed for steps'}",
+                 nodes * per_call if armed else 0.0))
     engine_total = rows[1][1] - rows[0][1] + rows[-1][1]
     lines = [f"Python cost per token, llama_decode stubbed out (bare decode: {bare_tpt_us:.0f} us/token):", ""]
     lines += [f"  {label:<52} {us:9.1f} us" for label, us in rows]

@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+
 from chatglm import limits
 from chatglm.errors import InputError, ModelRuntimeError
 from chatglm.runtime.engine import ModelInfo, ProgressFn
@@ -60,6 +62,7 @@ def mtmd_lib():
     _keep.append(cb)
     return mtmd_cpp
 ABORT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)
+NO_ABORT = ctypes.cast(None, ABORT_CALLBACK)  # a NULL callback: ggml checks nothing between graph nodes
 
 
 _load_lock = threading.Lock()
@@ -272,6 +275,45 @@ class NativeSampler:
         if self._chain:
             lib().llama_sampler_free(self._chain)
             self._chain = None
+
+
+class ArgmaxSampler:
+    """Greedy decoding without a repeat penalty: the first largest logit, as llama.cpp's greedy sampler picks it,
+    read in place (the chain would first copy every logit into a candidate array: ~0.3 ms a token at a 65k
+    vocabulary). The numpy view of the logits is kept while llama.cpp keeps them at the same address."""
+
+    def __init__(self, ctx, n_vocab: int):
+        self._ctx, self._n_vocab = ctx, n_vocab
+        self._get = lib().llama_get_logits_ith
+        self._row = ctypes.c_float * n_vocab
+        self._address, self._view = 0, np.empty(0, dtype=np.float32)
+
+    def __call__(self) -> int:
+        return self.at(-1)
+
+    def at(self, i: int) -> int:
+        """The token of output ``i`` of the last batch (-1: the last output)."""
+        ptr = self._get(self._ctx, i)
+        if not ptr:
+            raise ModelRuntimeError(f"no logits for output {i} of the last batch")
+        address = ctypes.addressof(ptr.contents)
+        if address != self._address:
+            self._address, self._view = address, np.frombuffer(self._row.from_address(address), dtype=np.float32)
+        logits = self._view
+        token = int(logits.argmax())
+        if logits[token] != logits[token]:  # a NaN: the greedy sampler skips them (and keeps a NaN first one)
+            token = 0 if logits[0] != logits[0] else int(np.nanargmax(logits))
+        return token
+
+    def close(self) -> None:
+        pass
+
+
+def sampler_for(ctx, vocab, n_vocab: int, params, history: Sequence[int]):
+    """The sampler for one generation: llama.cpp's chain, or in place for plain greedy decoding."""
+    if params.greedy and (params.repeat_penalty == 1.0 or not params.repeat_last_n):
+        return ArgmaxSampler(ctx, n_vocab)
+    return NativeSampler(ctx, vocab, n_vocab, params, history)
 
 
 def load_lora(model, path: Path, arch: str):
