@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from chatglm.cli.chatout import ThinkingPrinter, context_notes, format_tool_call, print_stats
-from chatglm.cli.common import (Context, DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup, Mtp,
-                               RPCServers, TensorSplit, Threads, fail, handle_errors, number, rpc_options,
+from chatglm.cli.common import (Context, DraftFixed, DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup,
+                               Mtp, RPCServers, TensorSplit, Threads, fail, handle_errors, number, rpc_options,
                                sampling_options, setup_logging, speculative_config)
 from chatglm.limits import MAX_LORA_SCALE
 from chatglm.runtime.messages import Message
@@ -65,6 +65,7 @@ def run_cmd(
     draft: DraftModel = None,
     draft_max: DraftMax = DEFAULT_DRAFT,
     mtp: Mtp = False,
+    draft_fixed: DraftFixed = False,
     sampling: Optional[dict] = None,
 ) -> None:
     """Chat with a GGUF model."""
@@ -91,7 +92,7 @@ def run_cmd(
         print_estimate(model, ctx, kv_type, flash_attn, mmproj, media)  # over RPC, the load logs each device's part
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
                   flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()], mmproj=mmproj,
-                  **placement, **speculative_config(lookup, draft, draft_max, mtp).options()) as m:
+                  **placement, **speculative_config(lookup, draft, draft_max, mtp, draft_fixed).options()) as m:
         m.sampling = m.sampling.updated(**sampling or {})
         if sys.stderr.isatty():
             m.prefill_progress = show_prefill
@@ -174,7 +175,8 @@ def one_shot(session, prompt: str, as_json: bool, verbose: bool, media=()) -> No
             "timings": {"load_s": round(m.load_seconds, 4), "prefill_tokens_per_s": round(s.prefill_tps, 2),
                         "decode_tokens_per_s": round(s.decode_tps, 2)},
             **({"speculative": {"drafter": m.drafter.name, "drafted_tokens": s.drafted_tokens,
-                                "accepted_tokens": s.accepted_tokens, "acceptance": round(s.acceptance, 4)}}
+                                "accepted_tokens": s.accepted_tokens, "acceptance": round(s.acceptance, 4),
+                                "draft_lengths": {str(n): k for n, k in sorted(s.draft_lengths.items())}}}
                if m.drafter is not None else {}),
             "notes": context_notes(m, sum(dropped)),
         }, ensure_ascii=False))

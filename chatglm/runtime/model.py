@@ -379,7 +379,7 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
          lora: Sequence[tuple[os.PathLike | str, float]] = (),
          mmproj: Optional[os.PathLike | str] = None, rpc: Sequence[str] = (),
          tensor_split: Sequence[float] | str = (), lookup: int = 0, draft: Optional[os.PathLike | str] = None,
-         draft_max: int = DEFAULT_DRAFT, mtp: bool = False) -> Model:
+         draft_max: int = DEFAULT_DRAFT, mtp: bool = False, adaptive: bool = False) -> Model:
     """Load a GGUF and return a :class:`Model` (``chatglm.load``, :mod:`chatglm.api`, adds the demo model).
 
     ``n_ctx`` defaults to the model's training context capped at 4096; ``n_threads`` to the physical cores;
@@ -389,7 +389,7 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
     the engine loads and then opened with libmtmd; ``rpc`` (``host:port`` of ``chatglm rpc-server`` processes)
     splits the model over those servers by ``tensor_split``, the engine in a worker process (text only). Speculative decoding (docs/speculative.md): ``lookup=N`` drafts up
     to N tokens by prompt lookup, ``draft`` is a small GGUF with the same vocabulary drafting up to ``draft_max``,
-    ``mtp=True`` lets the model's own MTP layer draft one token a step.
+    ``mtp=True`` lets the model's own MTP layer draft one token a step; ``adaptive`` drafts only as many as pay.
     """
     from chatglm.runtime.mtmd import check_projector, find_projector, projector_estimate
 
@@ -408,7 +408,8 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
         projector = check_projector(projector_path, read_header(Path(path)))
     extra = projector_estimate(Path(path), projector.path).total if projector is not None else 0
     spec: Optional[SpeculativeConfig] = SpeculativeConfig(
-        lookup=lookup, draft=Path(draft) if draft is not None else None, draft_max=draft_max, mtp=mtp)
+        lookup=lookup, draft=Path(draft) if draft is not None else None, draft_max=draft_max, mtp=mtp,
+        adaptive=adaptive)
     spec = spec if spec.enabled else None
     if spec is not None and rpc:
         raise UnsupportedModelError("speculative decoding does not run over RPC yet: give --rpc or "
