@@ -27,8 +27,8 @@ from chatglm.runtime.jinja_chat import chat_format as make_format
 from chatglm.runtime.jinja_chat import media_format
 from chatglm.runtime.prompts import ChatFormat, split_options, template_options
 from chatglm.runtime.sampling import SamplingParams
-from chatglm.runtime.speculative import (DEFAULT_DRAFT, SpeculativeConfig, check_speculation, open_drafter, plain_tokens,
-                                         same_vocabulary, speculative_tokens)
+from chatglm.runtime.speculative import (DEFAULT_DRAFT, SpeculativeConfig, check_speculation, memory_estimate,
+                                         open_drafter, plain_tokens, same_vocabulary, speculative_tokens)
 
 if TYPE_CHECKING:  # pragma: no cover
     from chatglm.runtime.media import Media
@@ -364,6 +364,18 @@ def check_draft_model(path: Path, spec: SpeculativeConfig) -> None:
         same_vocabulary(read_header(path), draft)
 
 
+def speculation_memory(path: Path, spec: SpeculativeConfig, n_ctx: Optional[int], kv_type: str,
+                       flash_attn: Optional[bool]) -> int:
+    """The memory a draft model or the MTP context holds beside the model (not its mapped weights), so that the
+    fit check before loading counts it."""
+    from chatglm.gguf_file import read_header
+    from chatglm.runtime.memory import default_context
+
+    header = read_header(path)
+    ctx = n_ctx or default_context(header, kv_type)
+    return memory_estimate(header, spec, ctx, kv_type, flash_attn is not False).resident
+
+
 def _relay_growth(now: str, before: str, sink: Callable[[str], None]) -> str:
     """Send what ``now`` adds to ``before`` (when it only grows); returns what has been sent."""
     if len(now) > len(before) and now.startswith(before):
@@ -416,6 +428,7 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
                                     "--lookup/--draft/--mtp, not both", Path(path))
     if spec is not None:
         check_draft_model(Path(path), spec)
+        extra += speculation_memory(Path(path), spec, n_ctx, kv_type, flash_attn)
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                          flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, extra_memory=extra,
                          rpc=rpc, tensor_split=tensor_split, n_rollback=spec.n_max if spec is not None else 0,

@@ -290,3 +290,15 @@ def open_drafter(engine: "Engine", config: SpeculativeConfig, open_draft: Callab
     if config.adaptive:
         return AdaptiveDrafter(drafters)
     return drafters[0][0] if len(drafters) == 1 else ChainDrafter(drafters)
+
+
+def memory_estimate(header: "GGUFHeader", config: SpeculativeConfig, n_ctx: int, kv_type: str = "f16",
+                    flash_attn: bool = True, n_batch: int = 512):
+    """What ``config`` adds to the model's memory at ``n_ctx`` (``memory.speculation_estimate``): the draft model's
+    weights, KV cache and buffers at the same context; the MTP context's cache, buffer and hidden states."""
+    from chatglm.gguf_file import read_header
+    from chatglm.runtime.memory import speculation_estimate
+
+    draft = read_header(Path(config.draft)) if config.draft is not None else None
+    return speculation_estimate(header, n_ctx, kv_type, flash_attn, draft=draft, mtp=config.mtp,
+                                n_max=config.n_max, n_batch=n_batch)
