@@ -103,3 +103,18 @@ def test_run_verbose_estimate_counts_the_draft(glm4_ggufs):
     assert r.code == 0, r.err
     line = next(x for x in r.err.splitlines() if x.startswith("[memory:"))
     assert "speculation" in line and "draft model" in line
+
+
+def test_fit_check_before_loading_counts_the_draft(glm4_ggufs, monkeypatch):
+    """Memory for the model alone but not for its draft model beside it: refused before anything loads."""
+    from chatglm.errors import InputError
+    from chatglm.runtime import memory
+
+    target, draft = glm4_ggufs["glm4-0414"], glm4_ggufs["other"]
+    alone = estimate(read_header(target), 1024, "f16", flash_attn=True)
+    extra = memory_estimate(read_header(target), SpeculativeConfig(draft=draft, draft_max=4), 1024).resident
+    monkeypatch.setattr(memory, "available_memory", lambda: alone.kv_cache + alone.buffers + extra // 2)
+    with load(target, n_ctx=1024, **SETTINGS):
+        pass
+    with pytest.raises(InputError, match="a context of 1024 tokens needs about"):
+        load(target, n_ctx=1024, draft=draft, draft_max=4, **SETTINGS)
