@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Speculative decoding: decode tokens/s without and with each drafter, and the drafts' acceptance rate.
 
-Greedy, each configuration its own loaded model, rounds interleaved (none, lookup fixed, lookup adaptive, ...,
-none, ...), medians of the rounds; the load average is printed with each table (other processes slow a run down).
+Greedy, each configuration its own loaded model, rounds interleaved (none, lookup fixed, lookup adaptive, ...;
+each round starts one configuration further on), medians of the rounds; the load average is printed with each table (other processes slow a run down).
 
 1. **Random drafters** on two tasks: **edit** (the prompt holds a long code file and asks for it back with a
    change: the case prompt lookup is for) and **chat** (a short free question). Columns: no speculation, prompt
@@ -133,9 +133,10 @@ def measure(m, ids: list[int], n_gen: int) -> tuple[float, int, int, int]:
 
 def run_task(models: dict, ids: list[int], rounds: int, n_gen: int) -> list[list[str]]:
     results: dict[str, list[tuple[float, int, int, int]]] = {name: [] for name in models}
+    names = list(models)
     for r in range(rounds + 1):  # round 0 warms up (and fills each model's cache with the prompt)
-        for name, m in models.items():
-            got = measure(m, ids, n_gen)
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts one further on
+            got = measure(models[name], ids, n_gen)
             if r:
                 results[name].append(got)
     base = statistics.median(x[0] for x in results["none"])

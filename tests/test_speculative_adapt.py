@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from chatglm.runtime.speculative_adapt import MAX_WAIT, WARMUP, AdaptiveDrafter, CostModel, LengthController
+from chatglm.runtime.speculative_adapt import MAX_WAIT, STEP_EVERY, WARMUP, AdaptiveDrafter, CostModel, LengthController
 
 from chatglm.runtime.sampling import SamplingParams
 from chatglm.runtime.speculative import SpeculativeConfig
@@ -68,7 +68,7 @@ def test_always_wrong_drafter_shrinks_to_nothing(cheap):
     oracle = Oracle(cheap, right=False)
     d = AdaptiveDrafter([(oracle, 8)], costs(0.1))
     chosen = drive(d, oracle, 400)
-    assert chosen[:WARMUP] == [8] * WARMUP  # learns first
+    assert chosen[0] == 0 and chosen[1:1 + WARMUP] == [8] * WARMUP  # measures a plain step, then learns
     tail = chosen[100:]
     assert tail.count(0) >= 0.9 * len(tail)  # then mostly plain steps
     assert max(tail) <= 2  # probes only, short ones
@@ -77,15 +77,16 @@ def test_always_wrong_drafter_shrinks_to_nothing(cheap):
     else:
         probes = [i for i, n in enumerate(tail) if n]
         gaps = [b - a for a, b in zip(probes, probes[1:])]
-        assert 1 <= len(probes) <= 3 and gaps == sorted(gaps)  # ever rarer probes (the wait doubles)
+        assert 1 <= len(probes) <= 5 and gaps == sorted(gaps)  # ever rarer probes (the wait doubles)
         assert max(gaps, default=MAX_WAIT) >= 64
 
 
 def test_always_right_drafter_grows_to_the_most():
     oracle = Oracle(cheap=True)
     d = AdaptiveDrafter([(oracle, 8)], costs(0.1))
-    chosen = drive(d, oracle, 60)
-    assert all(n == 8 for n in chosen)
+    chosen = drive(d, oracle, 200)
+    assert chosen[0] == 0 and chosen[1:STEP_EVERY + 1] == [8] * STEP_EVERY  # after the first (plain) step
+    assert chosen.count(0) <= 1 + 200 // STEP_EVERY and set(chosen) == {0, 8}  # a plain step now and then
 
 
 @pytest.mark.parametrize("cheap", [False, True])
@@ -95,7 +96,7 @@ def test_recovers_when_drafts_become_right(cheap):
     assert drive(d, oracle, 200)[-50:].count(0) >= 45
     oracle.right = True
     chosen = drive(d, oracle, 300)
-    assert chosen[-20:] == [8] * 20  # back to the longest drafts, through probes
+    assert chosen[-20:].count(8) >= 19  # back to the longest drafts, through probes
 
 
 def test_expensive_batches_keep_drafts_short():
@@ -139,7 +140,7 @@ def test_chain_falls_through_to_the_next_drafter():
     wrong, right = Oracle(cheap=True, right=False), Oracle(cheap=False)
     d = AdaptiveDrafter([(wrong, 8), (right, 4)], costs(0.05))
     chosen = drive(d, wrong, 200)
-    assert chosen[-20:] == [4] * 20 and right.calls > 100
+    assert chosen[-20:].count(4) >= 19 and right.calls > 100
 
 
 # ----------------------------------------------------------------------------------------------- on a model
@@ -163,12 +164,36 @@ def test_adaptive_seeded_sampling_identical(glm4_ggufs):
     assert got == want and stats[0].drafted_tokens > 0
 
 
+class FrozenCosts(CostModel):
+    """Fixed costs (a step 1 s, a batch of b 1 + 0.3 (b - 1) s) that the run's timings do not move."""
+
+    def __init__(self):
+        super().__init__(slope=0.3)
+        self.step = 1.0
+
+    def stepped(self, seconds):
+        pass
+
+    def verified(self, size, seconds):
+        pass
+
+
 def test_adaptive_mtp_identical_and_stops(glm45_gguf):
-    """The random MTP layer is almost never right: after its first verifications it mostly stops drafting."""
-    want, got, stats = same_output(glm45_gguf, SpeculativeConfig(mtp=True, adaptive=True))
-    assert got == want
-    assert stats[0].verifications >= 1
-    assert stats[1].draft_lengths.get(0, 0) > stats[1].verifications  # mostly plain steps by the second reply
+    """The random MTP layer is almost never right: after its first verifications it mostly stops drafting (costs
+    frozen, so that the decision depends on the acceptance only)."""
+    from chatglm.runtime.model import load
+    from test_speculative import GREEDY, SETTINGS, generate, repetitive_prompt
+
+    with load(glm45_gguf, **SETTINGS) as plain:
+        ids = repetitive_prompt(plain)
+        want = [generate(plain, ids)[0] for _ in range(2)]
+    with load(glm45_gguf, mtp=True, adaptive=True, **SETTINGS) as m:
+        m.drafter.costs = FrozenCosts()
+        got = [generate(m, ids, GREEDY) for _ in range(2)]
+    assert [tokens for tokens, _ in got] == want
+    first, second = (s for _, s in got)
+    assert first.verifications >= 1
+    assert second.draft_lengths.get(0, 0) > 4 * second.verifications  # mostly plain steps by the second reply
 
 
 def test_cli_json_reports_lengths(glm4_ggufs):

@@ -10,9 +10,11 @@ takes the draft length n that maximises the expected tokens per second
                    T(n) = cost of a batch of n + 1 + cost of drafting n,
 
 against plain decoding's 1 token per step. When no length beats plain decoding by MARGIN it drafts nothing, and
-probes again after a wait that doubles up to MAX_WAIT while drafting keeps not paying. A drafter whose guesses cost
+probes again after a wait that doubles up to MAX_WAIT while drafting keeps not paying (and is long enough for
+probes to take at most PROBE_SHARE of the time: a draft model that sat idle must catch up on the tokens since). A drafter whose guesses cost
 nothing (prompt lookup) is also judged while it does not draft: its guess is compared with the token that comes.
-The first WARMUP verifications of each kind draft the longest length, to learn acceptance and the batch costs.
+The first WARMUP verifications of each kind draft the longest length, to learn acceptance and the batch costs; a
+plain step is taken at least every STEP_EVERY steps, to keep measuring what drafting is weighed against.
 
 None of this changes what is sampled: only how many tokens each evaluation checks.
 """
@@ -30,6 +32,8 @@ MARGIN = 0.1  # a draft length must promise this much more tokens per second tha
 WARMUP = 2  # verifications at the longest length before a kind of draft is judged
 FIRST_WAIT, MAX_WAIT = 2, 256  # one-token steps before probing again, doubling while drafting does not pay
 PROBE = 2  # tokens drafted by a probe
+PROBE_SHARE = 0.03  # once backed off, probes take at most this share of the time (a draft model catching up costs)
+STEP_EVERY = 64  # a plain step at least this often, to keep measuring what drafting is weighed against
 EMA = 0.2  # weight of a new timing
 
 
@@ -76,6 +80,8 @@ class LengthController:
         self.verifications = 0
         self.draft_seconds = 0.0  # per drafted token (moving average)
         self.wait, self.next_wait = 0, FIRST_WAIT
+        self.probing = False  # the last choice was a probe
+        self.probe_steps = 0.0  # what the last probe cost (drafting and verification), in one-token steps
 
     @property
     def rate(self) -> float:
@@ -109,6 +115,7 @@ class LengthController:
         room = min(room, self.most)
         if room <= 0:
             return 0
+        self.probing = False
         if self.verifications < WARMUP:
             return room
         n, _ = self.best(room, costs)
@@ -118,8 +125,10 @@ class LengthController:
         if self.wait > 0:
             self.wait -= 1
             return 0
-        self.wait, self.next_wait = self.next_wait, min(2 * self.next_wait, MAX_WAIT)
-        return 0 if self.cheap else min(PROBE, room)  # a cheap drafter is judged without verifying
+        self.wait = max(self.next_wait, int(self.probe_steps / PROBE_SHARE))
+        self.next_wait = min(2 * self.next_wait, MAX_WAIT)
+        self.probing = not self.cheap  # a cheap drafter is judged without verifying
+        return min(PROBE, room) if self.probing else 0
 
 
 class AdaptiveDrafter:
@@ -131,6 +140,8 @@ class AdaptiveDrafter:
         self.costs = costs or CostModel()
         self.controllers: dict[tuple[int, int], LengthController] = {}
         self._last: Optional[LengthController] = None
+        self._draft_seconds = 0.0  # the last draft's
+        self._since_step = STEP_EVERY  # verifications since the last plain step (the first step is plain)
         self._shadow: Optional[tuple[LengthController, int, int]] = None  # (judged, position, guessed token)
 
     def controller(self, index: int, kind: int) -> LengthController:
@@ -142,7 +153,9 @@ class AdaptiveDrafter:
 
     def draft(self, history: Sequence[int], room: int) -> list[int]:
         self._judge_shadow(history)
-        self._last = None
+        self._last, self._draft_seconds = None, 0.0
+        if self._since_step >= STEP_EVERY:
+            return []
         for i, (drafter, most) in enumerate(self.drafters):
             guess = self._draft_one(i, drafter, history, min(room, most))
             if guess:
@@ -168,7 +181,8 @@ class AdaptiveDrafter:
                 return []
             start = time.perf_counter()
             guess = drafter.draft(history, n)
-            ctl.drafted(len(guess), time.perf_counter() - start)
+            self._draft_seconds = time.perf_counter() - start
+            ctl.drafted(len(guess), self._draft_seconds)
         if guess:
             self._last = ctl
         return guess
@@ -185,10 +199,15 @@ class AdaptiveDrafter:
     def stepped(self, seconds: float) -> None:
         """A one-token step (evaluation and sampling) took ``seconds``."""
         self.costs.stepped(seconds)
+        self._since_step = 0
 
     def verified(self, drafted: int, accepted: int, seconds: float) -> None:
         """A verification of ``drafted`` drafts (a batch of ``drafted`` + 1) accepted ``accepted``."""
         self.costs.verified(drafted + 1, seconds)
+        self._since_step += 1
+        step = self.costs.step_seconds
+        if self._last is not None and self._last.probing and step:
+            self._last.probe_steps = (seconds + self._draft_seconds) / step
         if self._last is not None:
             self._last.observe(drafted, accepted)
             self._last.verifications += 1
