@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 log = logging.getLogger(__name__)
 
 DECAY = 0.95  # per observed draft token: the acceptance rate follows the last ~20
-MARGIN = 0.1  # a draft length must promise this much more tokens per second than plain steps (estimates are noisy)
+MARGIN = 0.05  # a draft length must promise this much more tokens per second than plain steps (estimates are noisy)
 WARMUP = 2  # verifications at the longest length before a kind of draft is judged
 FIRST_WAIT, MAX_WAIT = 2, 256  # one-token steps before probing again, doubling while drafting does not pay
 PROBE = 2  # tokens drafted by a probe
