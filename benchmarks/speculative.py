@@ -63,7 +63,7 @@ QUICK_MTP_TARGET = HFShape("GLM-4.7-mtp-quick", "glm4_moe", NEW["GLM-4.7"].publi
 def code_file() -> str:
     """A long, plausible Python file (the edit task's input)."""
     parts = []
-    for i in range(6):
+    for i in range(3):
         parts.append(f'''def handler_{i}(request, store, limit={10 + i}):
     """Answer request {i}: read at most limit items from the store."""
     items = store.read(request.key, limit=limit)
