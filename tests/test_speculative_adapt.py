@@ -151,8 +151,9 @@ def test_adaptive_greedy_identical(glm4_ggufs, spec):
     spec = SpeculativeConfig(adaptive=True, **{k: named.get(v, v) for k, v in spec.items()})
     want, got, stats = same_output(path, spec)
     assert got == want
+    assert stats[0].verifications >= 1  # the first verifications measure (later ones depend on the timings)
     for s in stats:
-        assert s.verifications >= 1 and s.accepted_tokens <= s.drafted_tokens
+        assert s.accepted_tokens <= s.drafted_tokens
         assert sum(n * k for n, k in s.draft_lengths.items()) == s.drafted_tokens
         assert sum(k for n, k in s.draft_lengths.items() if n) == s.verifications
 
