@@ -1,22 +1,26 @@
 #!/usr/bin/env python
 """Speculative decoding: decode tokens/s without and with each drafter, and the drafts' acceptance rate.
 
-Two tasks, greedy, one table each:
+Greedy, each configuration its own loaded model, rounds interleaved (none, lookup fixed, lookup adaptive, ...;
+each round starts one configuration further on), medians of the rounds; the load average is printed with each table (other processes slow a run down).
 
-- **edit**: the prompt holds a long code file and asks for it back with one change, the case prompt lookup is for
-  (a trained model copies most of the file, so most drafts are right);
-- **chat**: a short free-chat question.
+1. **Random drafters** on two tasks: **edit** (the prompt holds a long code file and asks for it back with a
+   change: the case prompt lookup is for) and **chat** (a short free question). Columns: no speculation, prompt
+   lookup with its fixed length (the old behaviour) and adaptive (``speculative_adapt.py``), a ~30M random draft
+   model fixed and adaptive. Random weights do not copy the file, so lookup's acceptance here is how often a random
+   model's greedy continuation repeats n-grams of the context, and the draft model almost never agrees: this
+   measures the cost side, and whether adaptive drafting stops paying for bad drafts (the goal: >= 0.97x of none).
+2. **Copy task** (edit): drafters whose guesses really are the target's continuation: the target drafting for
+   itself (every draft right: acceptance's upper bound, at a drafting cost as high as the target's), the target's
+   own weights requantized to q4_0 (mostly right, cheaper), and an oracle as free as lookup that drafts the plain
+   greedy reply (what lookup does when a trained model copies the file: the 1.5x goal's case).
 
 Models are synthetic GGUFs built by ``bench_models.py`` (cached under ``benchmarks/.cache/``): a ~0.15B ChatGLM3
-target and a ~30M draft model sharing its tokenizer; for MTP, GLM-4.7's layout cut to ~0.2B with its NextN layer. Their weights are random, so what the acceptance measures
-here is how often a random model's greedy continuation repeats what the context already holds (random models fall
-into loops, which lookup catches; they do not copy a file as a trained model does), and how often an unrelated random
-draft model happens to agree with the target (almost never). The speed columns measure the cost side honestly:
-what a verification batch costs against one-token steps, and what drafting costs. Each configuration is its own
-loaded model; rounds are interleaved (none, lookup, draft, both, none, ...) and the table gives medians.
+target and a ~30M draft model sharing its tokenizer; ``--only mtp``: GLM-4.7's layout cut to ~0.2B with its NextN
+layer; ``--only cost``: what a verification batch of k tokens costs in one-token steps.
 
-    python benchmarks/speculative.py                 # 5 rounds, 2 threads, 64 tokens
-    python benchmarks/speculative.py --quick         # tiny models, 3 rounds: seconds
+    python benchmarks/speculative.py                 # 5 rounds, 2 threads, 32 tokens a reply: a few minutes
+    python benchmarks/speculative.py --quick         # tiny models
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ QUICK_MTP_TARGET = HFShape("GLM-4.7-mtp-quick", "glm4_moe", NEW["GLM-4.7"].publi
 def code_file() -> str:
     """A long, plausible Python file (the edit task's input)."""
     parts = []
-    for i in range(6):
+    for i in range(3):
         parts.append(f'''def handler_{i}(request, store, limit={10 + i}):
     """Answer request {i}: read at most limit items from the store."""
     items = store.read(request.key, limit=limit)
@@ -77,47 +81,84 @@ TASKS = {
 }
 
 
-def configs(draft: Path, n: int) -> dict[str, SpeculativeConfig | None]:
-    return {"none": None, f"lookup {n}": SpeculativeConfig(lookup=n),
-            "draft 4": SpeculativeConfig(draft=draft, draft_max=4),
-            f"lookup {n} + draft 4": SpeculativeConfig(lookup=n, draft=draft, draft_max=4)}
+def configs(draft: Path, n: int, d: int) -> dict[str, SpeculativeConfig | None]:
+    """The main comparison: each drafter with its fixed length (the old behaviour) and adaptive."""
+    return {"none": None,
+            f"lookup {n} fixed": SpeculativeConfig(lookup=n), f"lookup {n} adaptive": SpeculativeConfig(lookup=n,
+                                                                                                    adaptive=True),
+            f"draft {d} fixed": SpeculativeConfig(draft=draft, draft_max=d),
+            f"draft {d} adaptive": SpeculativeConfig(draft=draft, draft_max=d, adaptive=True)}
+
+
+def copy_configs(target: Path, copy: Path, n: int, d: int) -> dict[str, SpeculativeConfig | None]:
+    """Drafters that really copy the target's greedy continuation: the target itself (every draft right: the upper
+    bound of acceptance), its own q4_0 copy, and an oracle as free as lookup that drafts the plain reply (what
+    lookup does when a trained model copies the file)."""
+    out: dict[str, SpeculativeConfig | None] = {"none": None}
+    for name, path in (("self", target), ("q4_0 copy", copy)):
+        out[f"{name} {d} fixed"] = SpeculativeConfig(draft=path, draft_max=d)
+        out[f"{name} {d} adaptive"] = SpeculativeConfig(draft=path, draft_max=d, adaptive=True)
+    out[f"oracle {n} fixed"] = SpeculativeConfig(lookup=n)
+    out[f"oracle {n} adaptive"] = SpeculativeConfig(lookup=n, adaptive=True)
+    return out
 
 
 def mtp_configs(n: int) -> dict[str, SpeculativeConfig | None]:
-    return {"none": None, "mtp": SpeculativeConfig(mtp=True), f"lookup {n}": SpeculativeConfig(lookup=n),
-            f"lookup {n} + mtp": SpeculativeConfig(lookup=n, mtp=True)}
+    return {"none": None, "mtp fixed": SpeculativeConfig(mtp=True),
+            "mtp adaptive": SpeculativeConfig(mtp=True, adaptive=True),
+            f"lookup {n} + mtp adaptive": SpeculativeConfig(lookup=n, mtp=True, adaptive=True)}
 
 
-def measure(m, prompt: str, n_gen: int) -> tuple[float, int, int]:
-    """(decode tokens/s, drafted, accepted) of one greedy reply (the prompt's cache kept from the last round)."""
-    ids = m.prompt_ids([Message("user", prompt)])
-    gen = drain(m.run(ids, SamplingParams(temperature=0.0, max_tokens=n_gen)))
-    s = gen.stats
-    return s.decode_tps, s.drafted_tokens, s.accepted_tokens
+class Oracle:
+    """Drafts the plain greedy reply (known in advance), free like prompt lookup: a copy task's upper bound."""
+
+    name, cheap, kind = "oracle", True, 0
+
+    def __init__(self, prompt_len: int, reply: list[int]):
+        self.prompt_len, self.reply = prompt_len, reply
+
+    def draft(self, history, n):
+        start = len(history) - self.prompt_len
+        return list(self.reply[start:start + n]) if start >= 0 else []
+
+    def close(self) -> None:
+        pass
 
 
-def run_task(models: dict, prompt: str, rounds: int, n_gen: int) -> list[list[str]]:
-    results: dict[str, list[tuple[float, int, int]]] = {name: [] for name in models}
+def measure(m, ids: list[int], n_gen: int) -> tuple[float, int, int, int]:
+    """(decode tokens/s, drafted, accepted, verifications) of one greedy reply (the prompt's cache kept)."""
+    s = drain(m.run(ids, SamplingParams(temperature=0.0, max_tokens=n_gen))).stats
+    return s.decode_tps, s.drafted_tokens, s.accepted_tokens, s.verifications
+
+
+def run_task(models: dict, ids: list[int], rounds: int, n_gen: int) -> list[list[str]]:
+    results: dict[str, list[tuple[float, int, int, int]]] = {name: [] for name in models}
+    names = list(models)
     for r in range(rounds + 1):  # round 0 warms up (and fills each model's cache with the prompt)
-        for name, m in models.items():
-            got = measure(m, prompt, n_gen)
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts one further on
+            got = measure(models[name], ids, n_gen)
             if r:
                 results[name].append(got)
     base = statistics.median(x[0] for x in results["none"])
     rows = []
     for name, xs in results.items():
         tps = statistics.median(x[0] for x in xs)
-        drafted, accepted = sum(x[1] for x in xs), sum(x[2] for x in xs)
+        drafted, accepted, verified = (sum(x[i] for x in xs) for i in (1, 2, 3))
         rate = f"{100 * accepted / drafted:.0f}%" if drafted else "-"
-        rows.append([name, f"{tps:.1f}", f"{tps / base:.2f}x", f"{drafted / len(xs):.0f}", rate])
+        mean = f"{drafted / verified:.1f}" if verified else "-"
+        rows.append([name, f"{tps:.1f}", f"{tps / base:.2f}x", f"{drafted / len(xs):.0f}", rate, mean])
     return rows
 
 
-def table(rows: list[list[str]]) -> str:
-    head = ["drafter", "decode t/s", "vs none", "drafted/reply", "accepted"]
-    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+def table(rows: list[list[str]], head=("drafter", "decode t/s", "vs none", "drafted/reply", "accepted",
+                                       "tokens/verification")) -> str:
+    widths = [max(len(x[i]) for x in [list(head)] + rows) for i in range(len(head))]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in rows])
+
+
+def load_text() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main(argv=None) -> int:
@@ -125,31 +166,45 @@ def main(argv=None) -> int:
     logging.getLogger("gguf").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-r", "--rounds", type=int, default=5)
-    ap.add_argument("-n", "--n-gen", type=int, default=64)
+    ap.add_argument("-n", "--n-gen", type=int, default=32)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--lookup", type=int, default=8)
+    ap.add_argument("--draft-max", type=int, default=4)
     ap.add_argument("--type", default="q8_0")
-    ap.add_argument("--quick", action="store_true", help="tiny models, 3 rounds")
-    ap.add_argument("--only", choices=("draft", "mtp", "cost"), help="one of the comparisons")
+    ap.add_argument("--quick", action="store_true", help="tiny models")
+    ap.add_argument("--only", choices=("draft", "copy", "mtp", "cost"), help="one of the comparisons (default: "
+                    "draft and copy)")
     args = ap.parse_args(argv)
-    quick = args.quick
-    rounds = 3 if quick else args.rounds
-    print(f"{machine()} (load average {os.getloadavg()[0]:.1f} at the start); {args.threads} threads; greedy, "
-          f"{args.n_gen} tokens a reply, median of {rounds} interleaved rounds")
-    if args.only in (None, "cost"):
-        target = QUICK_TARGET if quick else TARGET
-        print(f"\n## verification cost, {target.name} {args.type}\n")
-        print(verification_cost(build_gguf(target, args.type, CACHE / "speculative"), args.threads, 7), flush=True)
+    print(f"{machine()}; {args.threads} threads; greedy, {args.n_gen} tokens a reply, median of {args.rounds} "
+          f"interleaved rounds; {load_text()} at the start")
+    target_shape, draft_shape = (QUICK_TARGET, QUICK_DRAFT) if args.quick else (TARGET, DRAFT)
+    target = build_gguf(target_shape, args.type, CACHE / "speculative")
+    if args.only == "cost":
+        print(f"\n## verification cost, {target_shape.name} {args.type}\n")
+        print(verification_cost(target, args.threads, 7), flush=True)
     if args.only in (None, "draft"):
-        target, draft = (QUICK_TARGET, QUICK_DRAFT) if quick else (TARGET, DRAFT)
-        draft_path = build_gguf(draft, args.type, CACHE / "speculative")
-        print(f"\n## {target.name} {args.type}, draft model {draft.name} {args.type}")
-        compare(build_gguf(target, args.type, CACHE / "speculative"), configs(draft_path, args.lookup), args, rounds)
-    if args.only in (None, "mtp"):
-        target = QUICK_MTP_TARGET if quick else MTP_TARGET
-        print(f"\n## {target.name} {args.type} (glm4moe with its MTP layer)")
-        compare(build_gguf(target, args.type, CACHE / "speculative"), mtp_configs(args.lookup), args, rounds)
+        draft_path = build_gguf(draft_shape, args.type, CACHE / "speculative")
+        print(f"\n## {target_shape.name} {args.type}, draft model {draft_shape.name} {args.type} (random weights)")
+        compare(target, configs(draft_path, args.lookup, args.draft_max), args, TASKS)
+    if args.only in (None, "copy"):
+        copy = q4_copy(target)
+        print(f"\n## copy task: drafters that agree with {target_shape.name} {args.type}")
+        compare(target, copy_configs(target, copy, args.lookup, args.draft_max), args, {"edit": TASKS["edit"]})
+    if args.only == "mtp":
+        mtp_shape = QUICK_MTP_TARGET if args.quick else MTP_TARGET
+        print(f"\n## {mtp_shape.name} {args.type} (glm4moe with its MTP layer)")
+        compare(build_gguf(mtp_shape, args.type, CACHE / "speculative"), mtp_configs(args.lookup), args, TASKS)
     return 0
+
+
+def q4_copy(target: Path) -> Path:
+    """The target's own weights requantized to q4_0 (a draft model that mostly agrees with it)."""
+    from chatglm.convert.requantize import quantize_gguf
+
+    dest = target.with_name(target.stem + "-as-q4_0.gguf")
+    if not dest.is_file():
+        quantize_gguf(target, dest, "q4_0", allow_requantize=True)
+    return dest
 
 
 def verification_cost(path: Path, threads: int, rounds: int, sizes=(2, 5, 9)) -> str:
@@ -180,18 +235,37 @@ def verification_cost(path: Path, threads: int, rounds: int, sizes=(2, 5, 9)) ->
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in rows])
 
 
-def compare(path: Path, specs: dict[str, SpeculativeConfig | None], args: argparse.Namespace, rounds: int) -> None:
+def compare(path: Path, specs: dict[str, SpeculativeConfig | None], args: argparse.Namespace,
+            tasks: dict[str, str]) -> None:
     models = {}
     try:
+        start = time.perf_counter()
         for name, spec in specs.items():
             models[name] = load(path, n_ctx=4096, n_threads=args.threads, **(spec.options() if spec is not None else {}))
             models[name].stop_ids = frozenset()  # every reply n_gen tokens long (a random model may say eos early)
-        for task, prompt in TASKS.items():
-            print(f"\n{task} ({len(models['none'].prompt_ids([Message('user', prompt)]))} prompt tokens)\n")
-            print(table(run_task(models, prompt, rounds, args.n_gen)), flush=True)
+        for task, prompt in tasks.items():
+            ids = models["none"].prompt_ids([Message("user", prompt)])
+            install_oracles(models, ids, args.n_gen)
+            print(f"\n{task} ({len(ids)} prompt tokens)\n")
+            print(table(run_task(models, ids, args.rounds, args.n_gen)), flush=True)
+            print(f"\n({load_text()}; {time.perf_counter() - start:.0f} s so far)", flush=True)
     finally:
         for m in models.values():
             m.close()
+
+
+def install_oracles(models: dict, ids: list[int], n_gen: int) -> None:
+    """The "oracle" models draft the plain greedy reply to ``ids`` (fixed: always the most; adaptive: controlled)."""
+    from chatglm.runtime.speculative_adapt import AdaptiveDrafter
+
+    oracles = [name for name in models if name.startswith("oracle")]
+    if not oracles:
+        return
+    reply = drain(models["none"].run(ids, SamplingParams(temperature=0.0, max_tokens=n_gen + 1))).tokens
+    for name in oracles:
+        m, oracle = models[name], Oracle(len(ids), reply)
+        m.drafter.close()
+        m.drafter = AdaptiveDrafter([(oracle, m.n_draft)]) if "adaptive" in name else oracle
 
 
 if __name__ == "__main__":

@@ -75,4 +75,10 @@ def speculation_text(m) -> str:
         return ""
     if not s.drafted_tokens:
         return ", nothing drafted"
-    return f", {m.drafter.name} drafts {s.accepted_tokens}/{s.drafted_tokens} accepted ({100 * s.acceptance:.0f}%)"
+    return (f", {m.drafter.name} drafts {s.accepted_tokens}/{s.drafted_tokens} accepted ({100 * s.acceptance:.0f}%)"
+            f", lengths {lengths_text(s.draft_lengths)}")
+
+
+def lengths_text(lengths: dict) -> str:
+    """"0x12 4x3 8x5": how many steps drafted each number of tokens (0: a plain step)."""
+    return " ".join(f"{n}x{k}" for n, k in sorted(lengths.items()))

@@ -248,15 +248,17 @@ DraftModel = Annotated[Optional[Path], typer.Option(
 DraftMax = Annotated[int, number(("--draft-max",), "The most tokens --draft drafts at once.", 1, MAX_DRAFT)]
 Mtp = Annotated[bool, typer.Option("--mtp", help="Speculative decoding: the model's own MTP (NextN) layer drafts "
                                    "one token a step (GLM-4.5/4.6/4.7 GGUFs that kept it).")]
+DraftFixed = Annotated[bool, typer.Option("--draft-fixed", help="Speculative decoding: always draft the most tokens "
+                                          "(default: only as many as pay, measured while generating).")]
 
 
-def speculative_config(lookup: int, draft: Optional[Path], draft_max: int, mtp: bool = False):
+def speculative_config(lookup: int, draft: Optional[Path], draft_max: int, mtp: bool = False, fixed: bool = False):
     """The runtime's speculative settings from the options (a store name for --draft resolved)."""
     from chatglm.runtime.speculative import SpeculativeConfig
     from chatglm.store import resolve
 
     return SpeculativeConfig(lookup=lookup, draft=resolve(draft) if draft is not None else None, draft_max=draft_max,
-                             mtp=mtp)
+                             mtp=mtp, adaptive=not fixed)
 
 
 def sampling_options(command: Callable) -> Callable:

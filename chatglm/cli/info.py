@@ -16,12 +16,13 @@ from typing import Annotated, Optional
 import gguf
 import typer
 
-from chatglm.cli.common import KVTypeOpt, fail, handle_errors, number
+from chatglm.cli.common import DraftModel, KVTypeOpt, Mtp, fail, handle_errors, number
 from chatglm.limits import MAX_CONTEXT
 from chatglm.store import resolve
 
 
-def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
+def describe_file(path: Path, n_ctx: Optional[int], kv_type: str, draft: Optional[Path] = None,
+                  mtp: bool = False) -> dict:
     from chatglm.gguf_file import read_header
     from chatglm.runtime.loader import ENGINES, describe, not_runnable, validate
     from chatglm.runtime.validate import check_context, check_kv_type, resolve_flash_attn
@@ -52,7 +53,7 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
         "special_tokens": info.special,
         "special_ids": {k.removeprefix("tokenizer.ggml.").removesuffix("_token_id"): v for k, v in header.kv.items()
                         if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")},
-        "memory": None, "attention": None, "mtp_layers": mtp_layers(header), "projector": None,
+        "memory": None, "speculation": None, "attention": None, "mtp_layers": mtp_layers(header), "projector": None,
         "mtp_drafting": mtp_usable(header) if mtp_layers(header) else None,
         "ptuning": ptuning(header),
     }
@@ -62,7 +63,26 @@ def describe_file(path: Path, n_ctx: Optional[int], kv_type: str) -> dict:
             flash, d["attention"] = resolve_flash_attn(kv_type, None)
         d["memory"] = memory(header, n_ctx, kv_type, flash is not False)
         d["projector"] = projector(path, d["memory"])
+        d["speculation"] = speculation(path, header, d["memory"], draft, mtp, flash is not False)
     return d
+
+
+def speculation(path: Path, header, mem: dict, draft: Optional[Path], mtp: bool, flash_attn: bool) -> Optional[dict]:
+    """What --draft / --mtp add to the memory estimate (the draft model checked as `run` checks it)."""
+    from chatglm.runtime.model import check_draft_model
+    from chatglm.runtime.speculative import SpeculativeConfig, memory_estimate
+
+    if draft is None and not mtp:
+        return None
+    spec = SpeculativeConfig(draft=draft, mtp=mtp)
+    check_draft_model(path, spec)
+    est = memory_estimate(header, spec, mem["n_ctx"], mem["kv_type"], flash_attn)
+    mem["total"] += est.total
+    d = est.draft
+    return {"draft": None if d is None else {"path": str(draft), "weights": d.weights, "kv_cache": d.kv_cache,
+                                             "compute": d.buffers, "total": d.total},
+            "mtp": {"kv_cache": est.mtp_kv, "compute": est.mtp_compute, "states": est.mtp_states} if mtp else None,
+            "outputs": est.outputs, "total": est.total}
 
 
 def ptuning(header) -> Optional[dict]:
@@ -185,6 +205,15 @@ def text_lines(d: dict) -> list[str]:
         extra = f" + projector {human(proj['weights'] + proj['compute'])}" if proj else ""
         lines.append(f"  memory         {human(mem['total'])} at {mem['n_ctx']} tokens ({mem['kv_type']} KV): weights "
                      f"{human(mem['weights'])} + KV {human(mem['kv_cache'])} + compute {human(mem['compute'])}{extra}")
+    spec = d.get("speculation")
+    if spec and spec["draft"]:
+        dr = spec["draft"]
+        lines.append(f"  draft model    {dr['path']}: {human(dr['total'])}: weights {human(dr['weights'])} + KV "
+                     f"{human(dr['kv_cache'])} + compute {human(dr['compute'])} (counted in memory)")
+    if spec and spec["mtp"]:
+        mt = spec["mtp"]
+        lines.append(f"  MTP context    KV {human(mt['kv_cache'])} + compute {human(mt['compute'])} + hidden states "
+                     f"{human(mt['states'])} + logits of every position {human(spec['outputs'])} (counted in memory)")
     if d["attention"]:
         lines.append(f"  attention      {d['attention']}")
     return lines
@@ -199,6 +228,8 @@ def info_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     system: Annotated[bool, typer.Option("--system", help="Versions and the backends compiled in (RPC "
                                                           "included), instead of a model.")] = False,
+    draft: DraftModel = None,
+    mtp: Mtp = False,
 ) -> None:
     """Show a GGUF's architecture, sizes, tensor types, tokenizer and memory needs."""
     if system:
@@ -208,7 +239,7 @@ def info_cmd(
         return
     if model is None:
         raise fail("give a model (or --system)")
-    d = describe_file(resolve(model), ctx, kv_type)
+    d = describe_file(resolve(model), ctx, kv_type, resolve(draft) if draft is not None else None, mtp)
     if as_json:
         typer.echo(json.dumps(d, ensure_ascii=False, indent=2, default=str))
         return

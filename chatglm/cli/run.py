@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from chatglm.cli.chatout import ThinkingPrinter, context_notes, format_tool_call, print_stats
-from chatglm.cli.common import (Context, DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup, Mtp,
-                               RPCServers, TensorSplit, Threads, fail, handle_errors, number, rpc_options,
+from chatglm.cli.common import (Context, DraftFixed, DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup,
+                               Mtp, RPCServers, TensorSplit, Threads, fail, handle_errors, number, rpc_options,
                                sampling_options, setup_logging, speculative_config)
 from chatglm.limits import MAX_LORA_SCALE
 from chatglm.runtime.messages import Message
@@ -65,6 +65,7 @@ def run_cmd(
     draft: DraftModel = None,
     draft_max: DraftMax = DEFAULT_DRAFT,
     mtp: Mtp = False,
+    draft_fixed: DraftFixed = False,
     sampling: Optional[dict] = None,
 ) -> None:
     """Chat with a GGUF model."""
@@ -87,11 +88,12 @@ def run_cmd(
         raise fail(f"{media[0].name}: {model.name} takes text only (no projector mmproj-{model.stem}.gguf beside "
                    "it; name one with --mmproj)")
     placement = rpc_options(rpc, tensor_split)
-    if verbose:
-        print_estimate(model, ctx, kv_type, flash_attn, mmproj, media)  # over RPC, the load logs each device's part
+    spec = speculative_config(lookup, draft, draft_max, mtp, draft_fixed)
+    if verbose:  # over RPC, the load logs each device's part
+        print_estimate(model, ctx, kv_type, flash_attn, mmproj, media, spec)
     with api.load(model, n_ctx=ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv_type,
                   flash_attn=flash_attn, lora=[(p, lora_scale) for p in lora or ()], mmproj=mmproj,
-                  **placement, **speculative_config(lookup, draft, draft_max, mtp).options()) as m:
+                  **placement, **spec.options()) as m:
         m.sampling = m.sampling.updated(**sampling or {})
         if sys.stderr.isatty():
             m.prefill_progress = show_prefill
@@ -126,9 +128,9 @@ def demo_path() -> Path:
 
 
 def print_estimate(path: Path, n_ctx: Optional[int], kv_type: str, flash_attn: Optional[bool],
-                   mmproj: Optional[Path] = None, media=()) -> None:
-    """The memory the model (and its projector, with the images given) will take, before it is loaded
-    (``--verbose``)."""
+                   mmproj: Optional[Path] = None, media=(), spec=None) -> None:
+    """The memory the model (and its projector, with the images given; the draft model or MTP context of
+    ``spec``) will take, before it is loaded (``--verbose``)."""
     from chatglm.gguf_file import read_header
     from chatglm.runtime.memory import default_context, estimate, human
     from chatglm.runtime.mtmd import projector_estimate
@@ -139,6 +141,13 @@ def print_estimate(path: Path, n_ctx: Optional[int], kv_type: str, flash_attn: O
     proj = projector_estimate(path, mmproj, [(x.width, x.height) for x in media])
     extra = f", projector {human(proj.total)} ({proj.image_tokens} image tokens)" if proj is not None else ""
     total = mem.total + (proj.total if proj is not None else 0)
+    if spec is not None and spec.enabled:
+        from chatglm.runtime.speculative import memory_estimate
+
+        more = memory_estimate(header, spec, ctx, kv_type, flash_attn is not False)
+        total += more.total
+        extra += f", speculation {human(more.total)}" + (f" (draft model {human(more.draft.total)})"
+                                                          if more.draft is not None else "")
     typer.echo(f"[memory: about {human(total)} at {ctx} tokens: weights {human(mem.weights)}, "
                f"{kv_type} KV cache {human(mem.kv_cache)}, compute {human(mem.buffers)}{extra}]", err=True)
 
@@ -174,7 +183,8 @@ def one_shot(session, prompt: str, as_json: bool, verbose: bool, media=()) -> No
             "timings": {"load_s": round(m.load_seconds, 4), "prefill_tokens_per_s": round(s.prefill_tps, 2),
                         "decode_tokens_per_s": round(s.decode_tps, 2)},
             **({"speculative": {"drafter": m.drafter.name, "drafted_tokens": s.drafted_tokens,
-                                "accepted_tokens": s.accepted_tokens, "acceptance": round(s.acceptance, 4)}}
+                                "accepted_tokens": s.accepted_tokens, "acceptance": round(s.acceptance, 4),
+                                "draft_lengths": {str(n): k for n, k in sorted(s.draft_lengths.items())}}}
                if m.drafter is not None else {}),
             "notes": context_notes(m, sum(dropped)),
         }, ensure_ascii=False))

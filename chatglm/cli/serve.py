@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from chatglm.cli.common import (DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup, Mtp, RPCServers,
-                               TensorSplit, Threads, fail, handle_errors, non_empty, number, rpc_options,
+from chatglm.cli.common import (DraftFixed, DraftMax, DraftModel, FlashAttn, GpuLayers, KVTypeOpt, Lookup, Mtp,
+                               RPCServers, TensorSplit, Threads, fail, handle_errors, non_empty, number, rpc_options,
                                setup_logging, speculative_config)
 from chatglm.errors import ChatGLMError, InputError
 from chatglm.limits import MAX_BODY_MIB, MAX_BODY_MIB_SETTING, MAX_CONTEXT
@@ -58,6 +58,7 @@ def serve_cmd(
     draft: DraftModel = None,
     draft_max: DraftMax = DEFAULT_DRAFT,
     mtp: Mtp = False,
+    draft_fixed: DraftFixed = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log requests and model loading.")] = False,
     allow_host: Annotated[Optional[list[str]], typer.Option(
         "--allow-host", help="Also answer requests for this Host name (repeatable; loopback without a key "
@@ -86,7 +87,7 @@ def serve_cmd(
         from chatglm.runtime.llama_native import physical_cores
 
         threads = max(1, physical_cores() // parallel)
-    options = {**placement, **speculative_config(lookup, draft, draft_max, mtp).options()}
+    options = {**placement, **speculative_config(lookup, draft, draft_max, mtp, draft_fixed).options()}
     sock = bind(host, port)  # bound, not listening: a taken port fails before the load, and nothing answers yet
     try:
         models = [] if serving_store else load_instances(path, parallel, ctx, threads, n_gpu_layers, kv_type,

@@ -29,6 +29,7 @@ class GenerationStats:
     drafted_tokens: int = 0  # speculative decoding: tokens drafted, drafts accepted, batches verified
     accepted_tokens: int = 0
     verifications: int = 0
+    draft_lengths: dict[int, int] = field(default_factory=dict)  # tokens drafted for a step -> steps (0: none)
 
     @property
     def cached_tokens(self) -> int:

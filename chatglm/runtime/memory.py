@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import gguf
 
@@ -44,13 +45,18 @@ def kv_per_token(header: GGUFHeader, kv_type: str = "f16") -> float:
     n_layer = _size(header, "block_count", 0)
     n_nextn = _size(header, "nextn_predict_layers", 0)
     n_layer -= n_nextn if n_nextn < n_layer else 0
+    elements = n_layer * _kv_per_layer(header) + _indexer_keys(header, n_layer)
+    return elements * KV_TYPES[kv_type].bytes_per_element
+
+
+def _kv_per_layer(header: GGUFHeader) -> int:
+    """K and V values one attention layer caches per token."""
     n_embd = _size(header, "embedding_length", 0)
     n_head = _size(header, "attention.head_count", 1)
     n_head_kv = _size(header, "attention.head_count_kv", n_head)
     head_k = _size(header, "attention.key_length", n_embd // n_head)
     head_v = 0 if _is_mla(header) else _size(header, "attention.value_length", head_k)
-    elements = n_layer * n_head_kv * (head_k + head_v) + _indexer_keys(header, n_layer)
-    return elements * KV_TYPES[kv_type].bytes_per_element
+    return n_head_kv * (head_k + head_v)
 
 
 def _is_mla(header: GGUFHeader) -> bool:
@@ -89,8 +95,7 @@ def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int 
     n_embd = _size(header, "embedding_length", 0)
     n_head = _size(header, "attention.head_count", 1)
     n_vocab = len(header.get("tokenizer.ggml.tokens") or [])
-    if n_ctx > 256:
-        n_ctx = -(-n_ctx // 256) * 256  # llama.cpp pads the context to a multiple of 256
+    n_ctx = padded_context(n_ctx)
     n_ub = min(n_batch, n_ctx) if n_ctx else n_batch
     n_ff = _size(header, "feed_forward_length", 4 * n_embd)
     hidden = 3 * n_ub * n_embd * 4  # the residual stream and the few hidden-state tensors alive beside it
@@ -112,6 +117,57 @@ def estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_batch: int 
     work = 0 if flash_attn or glm1 else n_head * n_ctx * n_ub * 2
     kv_cache = int(kv_per_token(header, kv_type) * n_ctx) + state_bytes(header, kv_type)
     return MemoryEstimate(weights, kv_cache, compute, work)
+
+
+def padded_context(n_ctx: int) -> int:
+    """The context llama.cpp allocates for ``n_ctx`` tokens (a multiple of 256 above 256)."""
+    return -(-n_ctx // 256) * 256 if n_ctx > 256 else n_ctx
+
+
+@dataclass(frozen=True)
+class SpeculationEstimate:
+    """What speculative decoding adds to the model's estimate (docs/speculative.md)."""
+
+    draft: Optional[MemoryEstimate] = None  # the draft model: its weights, its KV cache at the same context, compute
+    mtp_kv: int = 0  # the MTP context's cache: the NextN layer(s) at the context
+    mtp_compute: int = 0  # the MTP graph's buffer (one layer and the logits of a micro-batch)
+    mtp_states: int = 0  # the hidden state of every position, kept to pair with the next token
+    outputs: int = 0  # the target's logits (and hidden states for MTP) at every position evaluated at once
+    snapshots: int = 0  # copies of a recurrent state kept to roll rejected drafts back
+
+    @property
+    def total(self) -> int:
+        draft = self.draft.total if self.draft is not None else 0
+        return draft + self.mtp_kv + self.mtp_compute + self.mtp_states + self.outputs + self.snapshots
+
+    @property
+    def resident(self) -> int:
+        """Beyond the mapped weights: what must fit in memory beside the model's own KV cache and buffers."""
+        return self.total - (self.draft.weights if self.draft is not None else 0)
+
+
+def speculation_estimate(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", flash_attn: bool = True, *,
+                         draft: Optional[GGUFHeader] = None, mtp: bool = False, n_max: int = 0,
+                         n_batch: int = 512) -> SpeculationEstimate:
+    """The draft model runs on a context as long as the model's, with the same KV type; the MTP drafter keeps a
+    second context of the same model whose cache holds only the NextN layers (llama-model.cpp's create_memory
+    filters the layers by context type), and the hidden state of each position (f32, ``speculative_mtp.py``).
+    A verification outputs logits at each of its ``n_max`` + 1 positions; with MTP every evaluated position gives
+    logits and its hidden state (up to a batch of ``n_batch``)."""
+    check_kv_type(kv_type)
+    n_vocab = len(header.get("tokenizer.ggml.tokens") or [])
+    n_embd = _size(header, "embedding_length", 0)
+    rows = max(n_max + 1, min(n_batch, n_ctx) if mtp else 0)
+    outputs = (rows - 1) * n_vocab * 4 + (rows * n_embd * 4 if mtp else 0)  # one row of logits is the model's own
+    est = SpeculationEstimate(
+        draft=estimate(draft, n_ctx, kv_type, n_batch, flash_attn) if draft is not None else None,
+        outputs=outputs, snapshots=state_bytes(header, kv_type) * n_max)
+    if not mtp:
+        return est
+    n_nextn = min(_size(header, "nextn_predict_layers", 0), _size(header, "block_count", 0))
+    kv = int(n_nextn * _kv_per_layer(header) * KV_TYPES[kv_type].bytes_per_element) * padded_context(n_ctx)
+    return replace(est, mtp_kv=kv, mtp_compute=estimate(header, n_ctx, kv_type, n_batch, flash_attn).compute,
+                   mtp_states=n_ctx * n_embd * 4)
 
 
 def state_bytes(header: GGUFHeader, kv_type: str = "f16") -> int:

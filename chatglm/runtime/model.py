@@ -27,8 +27,8 @@ from chatglm.runtime.jinja_chat import chat_format as make_format
 from chatglm.runtime.jinja_chat import media_format
 from chatglm.runtime.prompts import ChatFormat, split_options, template_options
 from chatglm.runtime.sampling import SamplingParams
-from chatglm.runtime.speculative import (DEFAULT_DRAFT, SpeculativeConfig, check_speculation, open_drafter, plain_tokens,
-                                         same_vocabulary, speculative_tokens)
+from chatglm.runtime.speculative import (DEFAULT_DRAFT, SpeculativeConfig, check_speculation, memory_estimate,
+                                         open_drafter, plain_tokens, same_vocabulary, speculative_tokens)
 
 if TYPE_CHECKING:  # pragma: no cover
     from chatglm.runtime.media import Media
@@ -375,6 +375,18 @@ def check_draft_model(path: Path, spec: SpeculativeConfig) -> None:
         same_vocabulary(read_header(path), draft)
 
 
+def speculation_memory(path: Path, spec: SpeculativeConfig, n_ctx: Optional[int], kv_type: str,
+                       flash_attn: Optional[bool]) -> int:
+    """The memory a draft model or the MTP context holds beside the model (not its mapped weights), so that the
+    fit check before loading counts it."""
+    from chatglm.gguf_file import read_header
+    from chatglm.runtime.memory import default_context
+
+    header = read_header(path)
+    ctx = n_ctx or default_context(header, kv_type)
+    return memory_estimate(header, spec, ctx, kv_type, flash_attn is not False).resident
+
+
 def _relay_growth(now: str, before: str, sink: Callable[[str], None]) -> str:
     """Send what ``now`` adds to ``before`` (when it only grows); returns what has been sent."""
     if len(now) > len(before) and now.startswith(before):
@@ -390,7 +402,7 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
          lora: Sequence[tuple[os.PathLike | str, float]] = (),
          mmproj: Optional[os.PathLike | str] = None, rpc: Sequence[str] = (),
          tensor_split: Sequence[float] | str = (), lookup: int = 0, draft: Optional[os.PathLike | str] = None,
-         draft_max: int = DEFAULT_DRAFT, mtp: bool = False) -> Model:
+         draft_max: int = DEFAULT_DRAFT, mtp: bool = False, adaptive: bool = False) -> Model:
     """Load a GGUF and return a :class:`Model` (``chatglm.load``, :mod:`chatglm.api`, adds the demo model).
 
     ``n_ctx`` defaults to the model's training context capped at 4096; ``n_threads`` to the physical cores;
@@ -400,7 +412,7 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
     the engine loads and then opened with libmtmd; ``rpc`` (``host:port`` of ``chatglm rpc-server`` processes)
     splits the model over those servers by ``tensor_split``, the engine in a worker process (text only). Speculative decoding (docs/speculative.md): ``lookup=N`` drafts up
     to N tokens by prompt lookup, ``draft`` is a small GGUF with the same vocabulary drafting up to ``draft_max``,
-    ``mtp=True`` lets the model's own MTP layer draft one token a step.
+    ``mtp=True`` lets the model's own MTP layer draft one token a step; ``adaptive`` drafts only as many as pay.
     """
     from chatglm.runtime.mtmd import check_projector, find_projector, projector_estimate
 
@@ -419,13 +431,15 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
         projector = check_projector(projector_path, read_header(Path(path)))
     extra = projector_estimate(Path(path), projector.path).total if projector is not None else 0
     spec: Optional[SpeculativeConfig] = SpeculativeConfig(
-        lookup=lookup, draft=Path(draft) if draft is not None else None, draft_max=draft_max, mtp=mtp)
+        lookup=lookup, draft=Path(draft) if draft is not None else None, draft_max=draft_max, mtp=mtp,
+        adaptive=adaptive)
     spec = spec if spec.enabled else None
     if spec is not None and rpc:
         raise UnsupportedModelError("speculative decoding does not run over RPC yet: give --rpc or "
                                     "--lookup/--draft/--mtp, not both", Path(path))
     if spec is not None:
         check_draft_model(Path(path), spec)
+        extra += speculation_memory(Path(path), spec, n_ctx, kv_type, flash_attn)
     engine = open_engine(Path(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                          flash_attn=flash_attn, kv_type=kv_type, on_progress=on_progress, extra_memory=extra,
                          rpc=rpc, tensor_split=tensor_split, n_rollback=spec.n_max if spec is not None else 0,

@@ -17,11 +17,13 @@ speculation, up to float rounding differences between batched and one-token eval
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol, Sequence
 
 from chatglm.errors import InputError, UnsupportedModelError
+from chatglm.runtime.speculative_adapt import AdaptiveDrafter
 
 if TYPE_CHECKING:  # pragma: no cover
     from chatglm.gguf_file import GGUFHeader
@@ -47,6 +49,7 @@ class SpeculativeConfig:
     draft: Optional[Path] = None
     draft_max: int = DEFAULT_DRAFT
     mtp: bool = False
+    adaptive: bool = False  # draft only as many tokens as pay (runtime/speculative_adapt.py; the CLI's default)
 
     def __post_init__(self) -> None:
         for name, value in (("lookup", self.lookup), ("draft_max", self.draft_max)):
@@ -57,7 +60,8 @@ class SpeculativeConfig:
 
     def options(self) -> dict:
         """The keywords of ``load`` that ask for this."""
-        return {"lookup": self.lookup, "draft": self.draft, "draft_max": self.draft_max, "mtp": self.mtp}
+        return {"lookup": self.lookup, "draft": self.draft, "draft_max": self.draft_max, "mtp": self.mtp,
+                "adaptive": self.adaptive}
 
     @property
     def enabled(self) -> bool:
@@ -71,6 +75,8 @@ class SpeculativeConfig:
 
 class Drafter(Protocol):
     name: str
+    cheap: bool  # whether a guess costs next to nothing (it can be made first and judged after)
+    kind: int  # after draft(): which kind of guess it made (lookup: the n-gram's length), tracked apart
 
     def draft(self, history: Sequence[int], n: int) -> list[int]:
         """Up to ``n`` guesses of the tokens after ``history`` (the cache's tokens and the pending one)."""
@@ -84,8 +90,10 @@ class LookupDrafter:
     is rebuilt only when the history changes before its end (a new conversation)."""
 
     name = "lookup"
+    cheap = True
 
     def __init__(self) -> None:
+        self.kind = 0  # the length of the last draft's n-gram
         self._seen: list[int] = []  # the history the index covers
         self._index: dict[tuple[int, ...], int] = {}  # n-gram -> the position after its latest indexed occurrence
 
@@ -96,6 +104,7 @@ class LookupDrafter:
         for size in range(min(NGRAM_MAX, len(history) - 1), NGRAM_MIN - 1, -1):
             after = self._index.get(tuple(history[-size:]))
             if after is not None:
+                self.kind = size
                 return [t for t in history[after:after + n]]
         return []
 
@@ -119,6 +128,7 @@ class ModelDrafter:
     """A small model with the same vocabulary, run greedily on its own cache (which keeps the common prefix)."""
 
     name = "draft model"
+    cheap, kind = False, 0
 
     def __init__(self, engine: "Engine"):
         self.engine = engine
@@ -176,16 +186,24 @@ def speculative_tokens(engine: "Engine", sampler, drafter: Drafter, n_max: int, 
     """The tokens ``plain_tokens`` would give, several per evaluation when the drafts are right. ``limit``: the most
     tokens the consumer takes (no draft reaches past it)."""
     token, emitted = sampler(), 0
+    learn = drafter if isinstance(drafter, AdaptiveDrafter) else None  # a fixed drafter measures nothing
+    lengths = stats.draft_lengths
     while True:
         yield token
         emitted += 1
         room = min(n_max, limit - emitted - 1, engine.info.n_ctx - len(engine.tokens) - engine.extra_cells - 1)
         draft = drafter.draft([*engine.tokens, token], room)[:max(room, 0)] if room > 0 else []
+        lengths[len(draft)] = lengths.get(len(draft), 0) + 1
+        start = time.perf_counter()
         if not draft:
             engine.step(token)
             token = sampler()
+            if learn is not None:
+                learn.stepped(time.perf_counter() - start)
             continue
         accepted, token = verify(engine, sampler, token, draft, stop_ids)
+        if learn is not None:
+            learn.verified(len(draft), len(accepted), time.perf_counter() - start)
         stats.drafted_tokens += len(draft)
         stats.accepted_tokens += len(accepted)
         stats.verifications += 1
@@ -269,4 +287,18 @@ def open_drafter(engine: "Engine", config: SpeculativeConfig, open_draft: Callab
     except BaseException:
         ChainDrafter(drafters).close()  # the ones made so far (an MTP context) go with the failed load
         raise
+    if config.adaptive:
+        return AdaptiveDrafter(drafters)
     return drafters[0][0] if len(drafters) == 1 else ChainDrafter(drafters)
+
+
+def memory_estimate(header: "GGUFHeader", config: SpeculativeConfig, n_ctx: int, kv_type: str = "f16",
+                    flash_attn: bool = True, n_batch: int = 512):
+    """What ``config`` adds to the model's memory at ``n_ctx`` (``memory.speculation_estimate``): the draft model's
+    weights, KV cache and buffers at the same context; the MTP context's cache, buffer and hidden states."""
+    from chatglm.gguf_file import read_header
+    from chatglm.runtime.memory import speculation_estimate
+
+    draft = read_header(Path(config.draft)) if config.draft is not None else None
+    return speculation_estimate(header, n_ctx, kv_type, flash_attn, draft=draft, mtp=config.mtp,
+                                n_max=config.n_max, n_batch=n_batch)

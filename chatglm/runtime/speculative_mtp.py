@@ -65,6 +65,7 @@ class MtpDrafter:
     """Drafts with the target model's MTP layer; follows every evaluation of the target (``LlamaEngine.observer``)."""
 
     name = "mtp"
+    cheap, kind = False, 0
 
     def __init__(self, engine: "LlamaEngine"):
         ll = native.lib()
