@@ -20,13 +20,13 @@ def load(path: Optional[os.PathLike | str] = None, *, n_ctx: Optional[int] = Non
          lora: Sequence[tuple[os.PathLike | str, float]] = (),
          mmproj: Optional[os.PathLike | str] = None, rpc: Sequence[str] = (),
          tensor_split: Sequence[float] = (), lookup: int = 0, draft: Optional[os.PathLike | str] = None,
-         draft_max: int = DEFAULT_DRAFT, mtp: bool = False, adaptive: bool = False) -> runtime.Model:
+         draft_max: int = DEFAULT_DRAFT, mtp: bool = False, adaptive: bool = True) -> runtime.Model:
     """Load a GGUF (a path, or a store name such as ``ORG/REPO:q4_k_m``; a path that exists wins; with no path, the
     bundled demo model, converted into the cache on first use) and return a
     :class:`~chatglm.runtime.model.Model`; the keywords are :func:`chatglm.runtime.model.load`'s, and for
     speculative decoding (docs/speculative.md): ``lookup=N`` drafts up to N tokens by prompt lookup, ``draft`` names a
     small GGUF with the same vocabulary that drafts up to ``draft_max`` tokens (a path or a store name), ``mtp=True``
-    lets a GLM-4.5-style model's own MTP layer draft one token a step; ``adaptive=True`` drafts only as many as pay
+    lets a GLM-4.5-style model's own MTP layer draft one token a step; ``adaptive`` (the default) drafts only as many as pay
     (as the CLI does)."""
     if path is None:
         from chatglm.demo import demo_gguf

@@ -266,6 +266,7 @@ def test_the_server_takes_input_audio(asr):
                                                    "format": "wav"}}
     loaded = []  # the server owns (and closes) the model it serves
     with serve(lambda: loaded.append(load(asr.gguf, n_ctx=1024, kv_type="f32", n_threads=2)) or loaded) as live:
+        assert live.wait_ready().get("status") == "ok"  # the loader runs in the background: wait for it
         reply = openai_client(live).chat.completions.create(
             model="tiny", max_tokens=2, temperature=0.0,
             messages=[{"role": "user", "content": [part, {"type": "text", "text": PROMPT}]}])

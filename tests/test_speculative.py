@@ -1,6 +1,7 @@
 """Speculative decoding (chatglm/runtime/speculative.py) on tiny random GGUFs: prompt lookup and draft models give
 exactly the tokens plain decoding gives (greedy, and seeded sampling), the cache holds exactly ``Engine.tokens``
-after every reply, and a draft model with another vocabulary is refused in one line before anything native runs."""
+after every reply, and a draft model with another vocabulary is refused in one line before anything native runs. These tests fix the draft length (adaptive=False); the adaptive controller, the
+default, is tested in test_speculative_adapt.py."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def same_output(path, spec: SpeculativeConfig, params=GREEDY, rounds=2):
 
 # ----------------------------------------------------------------------------------------------- greedy identity
 def test_lookup_greedy_identical_chatglm3(glm3_gguf):
-    want, got, stats = same_output(glm3_gguf, SpeculativeConfig(lookup=6))
+    want, got, stats = same_output(glm3_gguf, SpeculativeConfig(lookup=6, adaptive=False))
     assert got == want
     s = stats[0]
     assert s.verifications > 0
@@ -115,7 +116,7 @@ def glm4_ggufs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["glm4", "glm4-0414"])
 def test_lookup_greedy_identical_glm4(name, glm4_ggufs):
-    want, got, stats = same_output(glm4_ggufs[name], SpeculativeConfig(lookup=8))
+    want, got, stats = same_output(glm4_ggufs[name], SpeculativeConfig(lookup=8, adaptive=False))
     assert got == want
     assert all(0 < s.accepted_tokens < s.drafted_tokens for s in stats)
 
@@ -123,7 +124,7 @@ def test_lookup_greedy_identical_glm4(name, glm4_ggufs):
 def test_draft_model_itself_accepts_everything(glm4_ggufs):
     """The model drafting for itself: every greedy draft is the model's own choice, so all are accepted."""
     path = glm4_ggufs["glm4-0414"]
-    want, got, stats = same_output(path, SpeculativeConfig(draft=path, draft_max=4))
+    want, got, stats = same_output(path, SpeculativeConfig(draft=path, draft_max=4, adaptive=False))
     assert got == want
     s = stats[0]
     assert s.drafted_tokens >= 20 and s.accepted_tokens == s.drafted_tokens
@@ -131,14 +132,14 @@ def test_draft_model_itself_accepts_everything(glm4_ggufs):
 
 def test_disagreeing_draft_model_changes_nothing(glm4_ggufs):
     """Another model's drafts are mostly rejected: the output is still the target's."""
-    want, got, stats = same_output(glm4_ggufs["glm4-0414"], SpeculativeConfig(draft=glm4_ggufs["other"], draft_max=3))
+    want, got, stats = same_output(glm4_ggufs["glm4-0414"], SpeculativeConfig(draft=glm4_ggufs["other"], draft_max=3, adaptive=False))
     assert got == want
     assert stats[0].accepted_tokens < stats[0].drafted_tokens
 
 
 def test_lookup_and_draft_model_together(glm4_ggufs):
     path = glm4_ggufs["glm4-0414"]
-    want, got, _ = same_output(path, SpeculativeConfig(lookup=5, draft=glm4_ggufs["other"], draft_max=2))
+    want, got, _ = same_output(path, SpeculativeConfig(lookup=5, draft=glm4_ggufs["other"], draft_max=2, adaptive=False))
     assert got == want
 
 
@@ -146,7 +147,7 @@ def test_seeded_sampling_identical(glm4_ggufs):
     """One draw per token, in order, from the same logits: a seeded sampled reply is the same with speculation."""
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=7, repeat_penalty=1.1, max_tokens=40)
     path = glm4_ggufs["glm4-0414"]
-    want, got, stats = same_output(path, SpeculativeConfig(draft=path, draft_max=4), params)
+    want, got, stats = same_output(path, SpeculativeConfig(draft=path, draft_max=4, adaptive=False), params)
     assert got == want
     assert stats[0].drafted_tokens > 0
 
@@ -157,7 +158,7 @@ def test_chat_session_and_stats_line(glm4_ggufs, capsys):
 
     path = glm4_ggufs["glm4"]
     replies = []
-    for spec in (None, SpeculativeConfig(lookup=4)):
+    for spec in (None, SpeculativeConfig(lookup=4, adaptive=False)):
         with load(path, **opts(spec), **SETTINGS) as m:
             s = m.session(temperature=0, max_tokens=24)
             replies.append([s.chat("hello hello hello"), s.chat("again: hello hello")])
@@ -170,7 +171,7 @@ def test_chat_session_and_stats_line(glm4_ggufs, capsys):
 
 def test_max_tokens_and_stop_respected(glm4_ggufs):
     path = glm4_ggufs["glm4-0414"]
-    with load(path, draft=path, draft_max=8, **SETTINGS) as m:
+    with load(path, draft=path, draft_max=8, adaptive=False, **SETTINGS) as m:
         ids = repetitive_prompt(m)
         for n in (0, 1, 2, 5):
             tokens, stats = generate(m, ids, SamplingParams(temperature=0, max_tokens=n))
@@ -180,7 +181,7 @@ def test_max_tokens_and_stop_respected(glm4_ggufs):
 
 def test_cancel_stops(glm4_ggufs):
     path = glm4_ggufs["glm4-0414"]
-    with load(path, lookup=4, **SETTINGS) as m:
+    with load(path, lookup=4, adaptive=False, **SETTINGS) as m:
         cancel = threading.Event()
         stream = m.run(repetitive_prompt(m), GREEDY, cancel)
         next(stream)
@@ -352,7 +353,7 @@ def test_mtp_drafts_what_the_layer_predicts(glm45):
     in torch from the checkpoint: the pairs llama.cpp's MTP context sees are the right ones."""
     model, path = glm45
     drafts = []
-    with load(path, mtp=True, **SETTINGS) as m:
+    with load(path, mtp=True, adaptive=False, **SETTINGS) as m:
         ids = repetitive_prompt(m)[:60]
         drafter, inner = m.drafter, m.drafter.draft
 
@@ -374,14 +375,14 @@ def test_mtp_drafts_what_the_layer_predicts(glm45):
 def test_mtp_greedy_identical(glm45_gguf):
     """The MTP layer drafts one token per step (through the public C API: the target's output embeddings are its
     hidden state, the pairs go into an MTP context with llama_batch_ext); the output is plain decoding's."""
-    want, got, stats = same_output(glm45_gguf, SpeculativeConfig(mtp=True))
+    want, got, stats = same_output(glm45_gguf, SpeculativeConfig(mtp=True, adaptive=False))
     assert got == want
     for s in stats:  # one draft per verification, each a vocabulary id
         assert s.verifications == s.drafted_tokens > 20
 
 
 def test_mtp_with_lookup(glm45_gguf):
-    want, got, _ = same_output(glm45_gguf, SpeculativeConfig(mtp=True, lookup=4))
+    want, got, _ = same_output(glm45_gguf, SpeculativeConfig(mtp=True, lookup=4, adaptive=False))
     assert got == want
 
 

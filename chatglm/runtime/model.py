@@ -402,7 +402,7 @@ def load(path: os.PathLike | str, *, n_ctx: Optional[int] = None, n_threads: Opt
          lora: Sequence[tuple[os.PathLike | str, float]] = (),
          mmproj: Optional[os.PathLike | str] = None, rpc: Sequence[str] = (),
          tensor_split: Sequence[float] | str = (), lookup: int = 0, draft: Optional[os.PathLike | str] = None,
-         draft_max: int = DEFAULT_DRAFT, mtp: bool = False, adaptive: bool = False) -> Model:
+         draft_max: int = DEFAULT_DRAFT, mtp: bool = False, adaptive: bool = True) -> Model:
     """Load a GGUF and return a :class:`Model` (``chatglm.load``, :mod:`chatglm.api`, adds the demo model).
 
     ``n_ctx`` defaults to the model's training context capped at 4096; ``n_threads`` to the physical cores;

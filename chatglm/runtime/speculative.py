@@ -49,7 +49,7 @@ class SpeculativeConfig:
     draft: Optional[Path] = None
     draft_max: int = DEFAULT_DRAFT
     mtp: bool = False
-    adaptive: bool = False  # draft only as many tokens as pay (runtime/speculative_adapt.py; the CLI's default)
+    adaptive: bool = True  # draft only as many tokens as pay (runtime/speculative_adapt.py); False: always the most
 
     def __post_init__(self) -> None:
         for name, value in (("lookup", self.lookup), ("draft_max", self.draft_max)):
