@@ -1,7 +1,8 @@
 """Speculative decoding (chatglm/runtime/speculative.py) on tiny random GGUFs: prompt lookup and draft models give
 exactly the tokens plain decoding gives (greedy, and seeded sampling), the cache holds exactly ``Engine.tokens``
-after every reply, and a draft model with another vocabulary is refused in one line before anything native runs. These tests fix the draft length (adaptive=False); the adaptive controller, the
-default, is tested in test_speculative_adapt.py."""
+after every reply, and a draft model with another vocabulary is refused in one line before anything native runs.
+These tests fix the draft length (adaptive=False); the adaptive controller, the default, is tested in
+test_speculative_adapt.py."""
 
 from __future__ import annotations
 
