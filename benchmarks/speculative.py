@@ -84,9 +84,9 @@ TASKS = {
 def configs(draft: Path, n: int, d: int) -> dict[str, SpeculativeConfig | None]:
     """The main comparison: each drafter with its fixed length (the old behaviour) and adaptive."""
     return {"none": None,
-            f"lookup {n} fixed": SpeculativeConfig(lookup=n), f"lookup {n} adaptive": SpeculativeConfig(lookup=n,
-                                                                                                    adaptive=True),
-            f"draft {d} fixed": SpeculativeConfig(draft=draft, draft_max=d),
+            f"lookup {n} fixed": SpeculativeConfig(lookup=n, adaptive=False),
+            f"lookup {n} adaptive": SpeculativeConfig(lookup=n, adaptive=True),
+            f"draft {d} fixed": SpeculativeConfig(draft=draft, draft_max=d, adaptive=False),
             f"draft {d} adaptive": SpeculativeConfig(draft=draft, draft_max=d, adaptive=True)}
 
 
@@ -96,15 +96,15 @@ def copy_configs(target: Path, copy: Path, n: int, d: int) -> dict[str, Speculat
     lookup does when a trained model copies the file)."""
     out: dict[str, SpeculativeConfig | None] = {"none": None}
     for name, path in (("self", target), ("q4_0 copy", copy)):
-        out[f"{name} {d} fixed"] = SpeculativeConfig(draft=path, draft_max=d)
+        out[f"{name} {d} fixed"] = SpeculativeConfig(draft=path, draft_max=d, adaptive=False)
         out[f"{name} {d} adaptive"] = SpeculativeConfig(draft=path, draft_max=d, adaptive=True)
-    out[f"oracle {n} fixed"] = SpeculativeConfig(lookup=n)
+    out[f"oracle {n} fixed"] = SpeculativeConfig(lookup=n, adaptive=False)
     out[f"oracle {n} adaptive"] = SpeculativeConfig(lookup=n, adaptive=True)
     return out
 
 
 def mtp_configs(n: int) -> dict[str, SpeculativeConfig | None]:
-    return {"none": None, "mtp fixed": SpeculativeConfig(mtp=True),
+    return {"none": None, "mtp fixed": SpeculativeConfig(mtp=True, adaptive=False),
             "mtp adaptive": SpeculativeConfig(mtp=True, adaptive=True),
             f"lookup {n} + mtp adaptive": SpeculativeConfig(lookup=n, mtp=True, adaptive=True)}
 

@@ -373,6 +373,32 @@ def test_mtp_drafts_what_the_layer_predicts(glm45):
         assert guess and row[guess[0]] >= row.max() - 1e-4 * np.abs(row).max(), (pos, guess, int(row.argmax()))
 
 
+def test_mtp_drafts_right_after_steps_without_drafting(glm45):
+    """While no draft is asked for (the adaptive controller resting) the MTP layer is not run: the pairs wait and
+    go into its cache in one batch at the next draft, which is still the layer's argmax computed in torch."""
+    model, path = glm45
+    drafts = []
+    with load(path, mtp=True, adaptive=False, **SETTINGS) as m:
+        ids = repetitive_prompt(m)[:60]
+        drafter, inner = m.drafter, m.drafter.draft
+
+        def sometimes(history, n):
+            if len(history) % 5:
+                return []
+            fed = drafter.fed
+            guess = inner(history, n)
+            drafts.append((len(history) - 1, guess, fed))
+            return guess
+
+        drafter.draft = sometimes
+        tokens, _ = generate(m, ids, SamplingParams(temperature=0.0, max_tokens=24))
+    ref = mtp_reference(model, ids + tokens)
+    assert len(drafts) >= 3 and all(pos - fed >= 4 for pos, _, fed in drafts[1:])  # pairs were caught up
+    for pos, guess, _ in drafts:
+        row = ref[pos]
+        assert guess and row[guess[0]] >= row.max() - 1e-4 * np.abs(row).max(), (pos, guess, int(row.argmax()))
+
+
 def test_mtp_greedy_identical(glm45_gguf):
     """The MTP layer drafts one token per step (through the public C API: the target's output embeddings are its
     hidden state, the pairs go into an MTP context with llama_batch_ext); the output is plain decoding's."""

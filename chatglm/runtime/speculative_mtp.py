@@ -73,7 +73,9 @@ class MtpDrafter:
         self._ctx = self._batch = None
         self.n_embd = ll.llama_model_n_embd(engine.native_model)
         self._h = np.zeros((engine.info.n_ctx + engine.n_prefix, self.n_embd), dtype=np.float32)
+        self._tok = np.zeros(engine.info.n_ctx + engine.n_prefix, dtype=np.int64)
         self.fed = 0  # positions of the target whose pairs the MTP cache holds
+        self.known = 0  # positions whose token and h are kept here (fed to the MTP cache when a draft needs them)
         try:
             self._ctx = native.new_context(engine.native_model, n_ctx=engine.info.n_ctx + engine.n_prefix,
                                            n_batch=engine.n_batch, n_threads=engine.n_threads,
@@ -91,30 +93,37 @@ class MtpDrafter:
 
     # -- following the target ---------------------------------------------------------------------------------
     def evaluated(self, tokens: Sequence[int], pos0: int) -> None:
-        """The target evaluated ``tokens`` at positions pos0...: keep their ``h`` rows, feed their pairs."""
+        """The target evaluated ``tokens`` at positions pos0...: keep their tokens and ``h`` rows. The pairs reach
+        the MTP cache only when a draft is asked for, in one batch: while the adaptive controller does not draft,
+        the MTP layer costs nothing per token."""
         ll = native.lib()
-        if pos0 != self.fed:  # the cache was filled behind our back (all_logits): stop until it starts over
+        if pos0 != self.known:  # the cache was filled behind our back (all_logits): stop until it starts over
             return
         for i in range(len(tokens)):
             ptr = ll.llama_get_embeddings_ith(self.engine.native_context, i)
             if not ptr:
                 raise ModelRuntimeError("the model gave no hidden state for MTP drafting")
             self._h[pos0 + i] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
-        self._process([(t, pos0 + i) for i, t in enumerate(tokens)], output=False)
-        self.fed = pos0 + len(tokens)
+        self._tok[pos0:pos0 + len(tokens)] = tokens
+        self.known = pos0 + len(tokens)
 
     def dropped(self, pos: int) -> None:
         """The target dropped its cells from ``pos`` on: so does the MTP cache."""
         if pos < self.fed:
             native.lib().llama_memory_seq_rm(self._mem, 0, pos, -1)
             self.fed = pos
+        self.known = min(self.known, pos)
 
     # -- drafting ---------------------------------------------------------------------------------------------
     def draft(self, history: Sequence[int], n: int) -> list[int]:
         ll = native.lib()
         pos = self.engine.n_prefix + len(history) - 1  # the pending token's position
-        if n <= 0 or pos != self.fed or pos == 0:
+        if n <= 0 or pos != self.known or pos == 0:
             return []
+        for start in range(self.fed, pos, self.engine.n_batch):  # the pairs kept since the last draft
+            stop = min(pos, start + self.engine.n_batch)
+            self._process([(int(self._tok[p]), p) for p in range(start, stop)], output=False)
+            self.fed = stop
         self._process([(history[-1], pos)], output=True)
         ptr = ll.llama_get_logits_ith(self._ctx, 0)
         guess = int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.engine.info.n_vocab,)))) if ptr else -1
