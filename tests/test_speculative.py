@@ -349,54 +349,43 @@ def mtp_reference(model, ids):
         return (out @ head_parts["shared_head.head.weight"].T).numpy()  # (T, V)
 
 
-def test_mtp_drafts_what_the_layer_predicts(glm45):
-    """Each draft is the argmax of the MTP layer for the pending token and the hidden state before it, as computed
-    in torch from the checkpoint: the pairs llama.cpp's MTP context sees are the right ones."""
+def mtp_drafts(glm45, every: int, n_gen: int) -> list[tuple[int, list[int], int]]:
+    """Generate greedily with MTP asked for a draft only every ``every`` steps; check each draft against the layer
+    computed in torch (argmax within 1e-4); return (position, draft, MTP cache fill before it) per draft."""
     model, path = glm45
     drafts = []
     with load(path, mtp=True, adaptive=False, **SETTINGS) as m:
         ids = repetitive_prompt(m)[:60]
         drafter, inner = m.drafter, m.drafter.draft
 
-        def logged(history, n):
-            guess = inner(history, n)
-            drafts.append((len(history) - 1, guess))
-            return guess
-
-        drafter.draft = logged
-        tokens, _ = generate(m, ids, SamplingParams(temperature=0.0, max_tokens=16))
-    full = ids + tokens
-    ref = mtp_reference(model, full)
-    assert len(drafts) >= 10
-    for pos, guess in drafts:
-        row = ref[pos]
-        assert guess and row[guess[0]] >= row.max() - 1e-4 * np.abs(row).max(), (pos, guess, int(row.argmax()))
-
-
-def test_mtp_drafts_right_after_steps_without_drafting(glm45):
-    """While no draft is asked for (the adaptive controller resting) the MTP layer is not run: the pairs wait and
-    go into its cache in one batch at the next draft, which is still the layer's argmax computed in torch."""
-    model, path = glm45
-    drafts = []
-    with load(path, mtp=True, adaptive=False, **SETTINGS) as m:
-        ids = repetitive_prompt(m)[:60]
-        drafter, inner = m.drafter, m.drafter.draft
-
-        def sometimes(history, n):
-            if len(history) % 5:
+        def asked(history, n):
+            if len(history) % every:
                 return []
             fed = drafter.fed
             guess = inner(history, n)
             drafts.append((len(history) - 1, guess, fed))
             return guess
 
-        drafter.draft = sometimes
-        tokens, _ = generate(m, ids, SamplingParams(temperature=0.0, max_tokens=24))
+        drafter.draft = asked
+        tokens, _ = generate(m, ids, SamplingParams(temperature=0.0, max_tokens=n_gen))
     ref = mtp_reference(model, ids + tokens)
-    assert len(drafts) >= 3 and all(pos - fed >= 4 for pos, _, fed in drafts[1:])  # pairs were caught up
     for pos, guess, _ in drafts:
         row = ref[pos]
         assert guess and row[guess[0]] >= row.max() - 1e-4 * np.abs(row).max(), (pos, guess, int(row.argmax()))
+    return drafts
+
+
+def test_mtp_drafts_what_the_layer_predicts(glm45):
+    """Each draft is the argmax of the MTP layer for the pending token and the hidden state before it, as computed
+    in torch from the checkpoint: the pairs llama.cpp's MTP context sees are the right ones."""
+    assert len(mtp_drafts(glm45, every=1, n_gen=16)) >= 10
+
+
+def test_mtp_drafts_right_after_steps_without_drafting(glm45):
+    """While no draft is asked for (the adaptive controller resting) the MTP layer is not run: the pairs wait and
+    go into its cache in one batch at the next draft, which is still the layer's argmax computed in torch."""
+    drafts = mtp_drafts(glm45, every=5, n_gen=24)
+    assert len(drafts) >= 3 and all(pos - fed >= 4 for pos, _, fed in drafts[1:])  # pairs were caught up
 
 
 def test_mtp_greedy_identical(glm45_gguf):
