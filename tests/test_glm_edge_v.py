@@ -26,6 +26,7 @@ from chatglm.gguf_file import read_header
 from chatglm.runtime.media import load_media
 from chatglm.runtime.messages import Message
 from chatglm.runtime.model import load
+from fixtures_vision import check_text_alone, relative
 from tests.fixtures_glm5_next import rewrite_gguf
 
 F32 = {"n_ctx": 256, "n_threads": 1, "kv_type": "f32", "flash_attn": False}
@@ -51,10 +52,6 @@ def edge(tok, tmp_path_factory):
 def engine(edge):
     with load(edge[2], **F32) as model:
         yield model
-
-
-def relative(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
 def template_ids(folder, n_images: int) -> list[int]:
@@ -141,16 +138,7 @@ def test_prompt_ids_and_logits_after_the_images(edge, engine, n_images):
 
 
 def test_the_language_model_alone_takes_text(edge, tmp_path):
-    import torch
-
-    alone = tmp_path / "alone.gguf"  # no projector beside it
-    alone.symlink_to(edge[2])
-    with load(alone, **F32) as model:
-        assert model.media is None
-        ids = model.prompt_ids([Message("user", QUESTION)])
-        with torch.no_grad():
-            ref = edge[0].lm(input_ids=torch.tensor([ids])).logits[0].numpy()
-        assert relative(model.engine.all_logits(ids), ref) < 1e-4
+    check_text_alone(edge[2], edge[0].lm, QUESTION, tmp_path, **F32)
 
 
 def test_mmproj_of_another_model_is_refused_before_libmtmd(edge, tok, tmp_path):

@@ -28,6 +28,7 @@ from chatglm.gguf_file import read_header
 from chatglm.runtime.media import load_media
 from chatglm.runtime.messages import Message
 from chatglm.runtime.model import load
+from fixtures_vision import check_text_alone, relative
 
 F32 = {"n_ctx": 256, "n_threads": 1, "kv_type": "f32", "flash_attn": False}
 QUESTION = "What is written here? 你好"
@@ -60,10 +61,6 @@ def vision(request, tok, tmp_path_factory):
 def engine(vision):
     with load(vision[3], **F32) as model:
         yield model
-
-
-def relative(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
 def test_metadata_and_projector(vision):
@@ -180,16 +177,7 @@ def test_the_embedding_gap_is_ggml_conv_2d_rounding_to_f16(vision, engine):
 
 
 def test_the_language_model_alone_takes_text(vision, tmp_path):
-    import torch
-
-    alone = tmp_path / "alone.gguf"  # no projector beside it
-    alone.symlink_to(vision[3])
-    with load(alone, **F32) as model:
-        assert model.media is None
-        ids = model.prompt_ids([Message("user", QUESTION)])
-        with torch.no_grad():
-            ref = vision[1](input_ids=torch.tensor([ids])).logits[0].numpy()
-        assert relative(model.engine.all_logits(ids), ref) < 1e-4
+    check_text_alone(vision[3], vision[1], QUESTION, tmp_path, **F32)
 
 
 def edited(vision, tmp_path, edit):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from chatglm.families.glm_asr.rope_layout import require_tensor
+
 FORMATS = ()
 
 GGML_F32 = 0
@@ -58,11 +60,7 @@ def check_projector(header, fail: Callable[[str], Exception]) -> None:
         check_header(header, fail)
         return
     for name, (shape, f32) in _glma_tensors(header, fail).items():
-        t = header.tensors.get(name)
-        if t is None:
-            raise fail(f"projector lacks tensor {name}")
-        if shape is not None and tuple(t.shape) != shape:
-            raise fail(f"projector tensor {name} is {list(t.shape)}, expected {list(shape)}")
+        t = require_tensor(header, name, shape, fail)
         if f32 and t.ggml_type != GGML_F32:
             raise fail(f"projector tensor {name} must be f32")
     pos = header.tensors["a.position_embd.weight"].shape

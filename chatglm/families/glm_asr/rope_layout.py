@@ -6,6 +6,7 @@ that runs it (chatglm/runtime/glmasr/): the header keys (:data:`KEYS`), the enco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from chatglm.families.glm_asr import ROPE_PROJECTOR
 
@@ -73,3 +74,14 @@ def expected_tensors(p: RopeEncoderParams) -> dict[str, tuple[int, ...]]:
         if p.k_bias:
             shapes[b + "attn_k.bias"] = (kv,)
     return shapes
+
+
+def require_tensor(header, name: str, shape: Optional[tuple[int, ...]], fail: Callable[[str], Exception]):
+    """The header's entry of tensor ``name``, shaped ``shape`` (ggml order; None: any), else ``fail``'s exception:
+    what both GLM-ASR projector checks (libmtmd's glma, our rotary encoder) ask of each tensor first."""
+    t = header.tensors.get(name)
+    if t is None:
+        raise fail(f"projector lacks tensor {name}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise fail(f"projector tensor {name} is {list(t.shape)}, expected {list(shape)}")
+    return t

@@ -13,7 +13,7 @@ import numpy as np
 
 from chatglm.errors import InputError
 from chatglm.families.glm_asr.rope_layout import (KEY_BOA, KEY_EPS, KEY_K_BIAS, KEY_THETA, KEYS, POSITIONS,
-                                                  RopeEncoderParams, expected_tensors)
+                                                  RopeEncoderParams, expected_tensors, require_tensor)
 from chatglm.fsutil import open_regular
 from chatglm.ggml.backend import Buffer, cpu_buffer_type, tensor_set
 from chatglm.ggml.ops import F16, F32, Graph, Tensor
@@ -54,11 +54,7 @@ def check_header(header: GGUFHeader, fail: Callable[[str], Exception]) -> RopeEn
 
 
 def _check_tensor(header: GGUFHeader, name: str, shape: tuple[int, ...], fail) -> None:
-    t = header.tensors.get(name)
-    if t is None:
-        raise fail(f"projector lacks tensor {name}")
-    if tuple(t.shape) != shape:
-        raise fail(f"projector tensor {name} is {list(t.shape)}, expected {list(shape)}")
+    t = require_tensor(header, name, shape, fail)
     allowed = (F32,) if len(shape) == 1 else KERNEL_TYPES if len(shape) == 3 else tuple(MATRIX_TYPES)
     if t.ggml_type not in allowed or shape[0] % MATRIX_TYPES.get(t.ggml_type, 1):
         raise fail(f"projector tensor {name} has ggml type {t.ggml_type}, which the encoder graph does not take "
