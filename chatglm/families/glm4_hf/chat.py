@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 from chatglm.errors import InputError
 from chatglm.families.glm4_hf import FAMILY
+from chatglm.families.glm4v.tower import require_tensor
 from chatglm.runtime.jinja_chat import JinjaFormat, added_token_ids, hf_messages, render, template_kwargs
 from chatglm.runtime.messages import Message
 from chatglm.runtime.prompts import Tokenizer, check_roles
@@ -102,11 +103,7 @@ def check_projector(header, fail: Callable[[str], Exception]) -> None:
     down = header.tensors.get("adapter.linear.dense_4h_to_h.weight")
     f = down.shape[0] if down is not None and len(down.shape) == 2 else 0
     for name, (shape, f32) in projector_shapes(d, ff, n, f, p, grid * grid, n_layer).items():
-        t = header.tensors.get(name)
-        if t is None:
-            raise fail(f"lacks tensor {name}")
-        if tuple(t.shape) != shape or 0 in shape:
-            raise fail(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+        t = require_tensor(header.tensors, name, shape, fail)
         if f32 and t.ggml_type != 0:
             raise fail(f"tensor {name} must be f32 (libmtmd joins it to f32 embeddings)")
     if "v.class_embd" in header.tensors:

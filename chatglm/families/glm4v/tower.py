@@ -135,6 +135,17 @@ def _header_sizes(header, fail: Callable[[str], Exception]) -> tuple[dict[str, i
             "n_pos": n_pos, "rgb": 3}, depth
 
 
+def require_tensor(tensors: dict, name: str, shape: tuple[int, ...], fail: Callable[[str], Exception]):
+    """The header's entry of tensor ``name`` if it has ``shape`` (ggml order, no zero), else ``fail``'s exception:
+    what every projector check built on libmtmd's vision graphs asks of each tensor first."""
+    t = tensors.get(name)
+    if t is None:
+        raise fail(f"lacks tensor {name}")
+    if tuple(t.shape) != shape or 0 in shape:
+        raise fail(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+    return t
+
+
 def check_tower(header, fail: Callable[[str], Exception]) -> None:
     """Every tensor of :func:`layout` for the parts the file has, with the shapes (ggml order) its keys give."""
     sizes, depth = _header_sizes(header, fail)
@@ -145,9 +156,4 @@ def check_tower(header, fail: Callable[[str], Exception]) -> None:
     parts = {part for part in PARTS
              if any(r.name in tensors and r.name not in always for r in layout(sizes, depth, (part,)))}
     for row in layout(sizes, depth, parts):
-        t = tensors.get(row.name)
-        if t is None:
-            raise fail(f"lacks tensor {row.name}")
-        shape = row.shape[::-1]
-        if tuple(t.shape) != shape or 0 in shape:
-            raise fail(f"tensor {row.name} has shape {list(t.shape)}, expected {list(shape)}")
+        require_tensor(tensors, row.name, row.shape[::-1], fail)
